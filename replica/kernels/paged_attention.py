@@ -1,0 +1,54 @@
+"""Attention over the paged KV cache for a flat batch of mixed prefill chunks and decodes.
+
+The reference gathers every sequence's context into a padded [B, max_seq_len] view and runs one
+masked SDPA call. New token i of sequence b (query row i, 0-based) sits at position
+ctx_len[b] + i, where ctx_len = seq_len - query_len, and may attend keys 0..ctx_len[b] + i.
+The gather indices and the mask depend only on the step, not the layer, so they are built once
+per step and kept in `extras`.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def build_ref_extras(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    max_query_len: int, max_seq_len: int, block_size: int,
+) -> dict:
+    device = seq_lens.device
+    num_seqs = seq_lens.numel()
+    query_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    ctx_lens = seq_lens.long() - query_lens
+    key_pos = torch.arange(max_seq_len, device=device)
+    # slots: [B, max_seq_len]; positions past seq_len point at whatever block 0 holds and are masked
+    slots = block_tables.long().index_select(1, key_pos // block_size) * block_size + key_pos % block_size
+    query_row = torch.arange(max_query_len, device=device)
+    # mask: [B, 1, max_query_len, max_seq_len]
+    limit = ctx_lens[:, None] + query_row[None, :]  # last key each query row may see
+    mask = key_pos[None, None, :] <= limit[:, :, None]
+    mask &= (query_row[None, :] < query_lens[:, None])[:, :, None]
+    # token t of the flat batch → (sequence, row) in the padded layout
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
+    row_of_token = torch.arange(int(query_lens.sum()), device=device) - query_start_loc.long()[seq_of_token]
+    return {
+        "slots": slots, "mask": mask[:, None], "seq_of_token": seq_of_token,
+        "row_of_token": row_of_token, "num_seqs": num_seqs,
+    }
+
+
+def paged_attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, extras: dict,
+    max_query_len: int, scale: float,
+) -> torch.Tensor:
+    # q: [T, H, D]; caches: [num_blocks, block_size, Hkv, D] → out: [T, H, D]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    slots = extras["slots"]
+    keys = k_cache.view(-1, num_kv_heads, head_dim)[slots]      # [B, L, Hkv, D]
+    values = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+    padded_q = q.new_zeros(extras["num_seqs"], max_query_len, num_heads, head_dim)
+    padded_q[extras["seq_of_token"], extras["row_of_token"]] = q
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=extras["mask"], scale=scale, enable_gqa=num_heads != num_kv_heads,
+    )                                                              # [B, H, Qmax, D]
+    return out.transpose(1, 2)[extras["seq_of_token"], extras["row_of_token"]]
