@@ -1,0 +1,62 @@
+"""Engine, cache and scheduler settings, validated once at start-up."""
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2"            # a checkpoint folder, a .gguf file, or "smollm2" (bundled)
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"               # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    max_model_len: int | None = None  # default: the model's max positions, capped at 8192
+    block_size: int = 16              # tokens per KV block
+    num_kv_blocks: int | None = None  # default: from kv_cache_memory_bytes / gpu_memory_utilization
+    kv_cache_memory_bytes: int | None = None   # CPU default: 1 GiB worth of blocks
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256           # sequences in one step
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"   # auto (triton on CUDA, torch otherwise) | torch | triton
+    enforce_eager: bool = False       # disable CUDA graphs
+    seed: int = 0                     # seed of unseeded sampling
+    max_num_waiting: int = 1024       # bound of the waiting queue (server answers 503 above)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but CUDA is not available: use --device cpu")
+        return device
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+    def resolve_attention_backend(self, device: torch.device) -> str:
+        if self.attention_backend == "auto":
+            return "triton" if device.type == "cuda" else "torch"
+        return self.attention_backend

@@ -1,0 +1,86 @@
+"""LLM: the offline front door (`LLM(model).generate(prompts, params)`)."""
+import itertools
+from dataclasses import dataclass
+
+from replica.config import EngineConfig
+from replica.engine.engine import LLMEngine
+from replica.outputs import TokenLogprob
+from replica.sampling_params import SamplingParams
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    num_cached_tokens: int
+    outputs: list[Completion]       # ordered by sample index
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2", **config):
+        self.engine = LLMEngine(EngineConfig(model=model, **config))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[GenerationResult]:
+        """prompts: a string, a list of strings, a list of token ids, or a list of those lists."""
+        prompts = _as_prompt_list(prompts)
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams or one per prompt")
+        results: dict[str, GenerationResult] = {}
+        order = []
+        for prompt, p in zip(prompts, params_list):
+            ids = self._encode(prompt)
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, ids, p)
+            results[request_id] = GenerationResult(request_id, ids, 0, [])
+            order.append(request_id)
+        self.run_until_done(results)
+        return [results[r] for r in order]
+
+    def run_until_done(self, results: dict[str, GenerationResult]) -> None:
+        samples: dict[tuple[str, int], Completion] = {}
+        while self.engine.has_unfinished:
+            for out in self.engine.step():
+                result = results[out.request_id]
+                result.num_cached_tokens = out.num_cached_tokens
+                for c in out.outputs:
+                    key = (out.request_id, c.index)
+                    if key not in samples:
+                        samples[key] = Completion(c.index, "", [], None, None,
+                                                  [] if c.new_logprobs is not None else None)
+                        result.outputs.append(samples[key])
+                    s = samples[key]
+                    s.text += c.new_text
+                    s.token_ids += c.new_token_ids
+                    if c.new_logprobs is not None:
+                        s.logprobs += c.new_logprobs
+                    s.finish_reason, s.stop_reason = c.finish_reason, c.stop_reason
+                result.outputs.sort(key=lambda c: c.index)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return list(prompts)

@@ -1,0 +1,132 @@
+"""Checkpoints on disk → (ModelConfig, a stream of (HF parameter name, tensor)).
+
+Two formats: Hugging Face folders (config.json + *.safetensors) and GGUF files. Tensors stream one
+at a time (safetensors and GGUF are memory-mapped), so peak host memory stays near one tensor.
+GGUF names are mapped to HF names, quantised tensors are dequantised, and the Q/K rows that
+llama.cpp's converter permutes for its interleaved rotary layout are put back in HF's order.
+"""
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from replica.models.model_config import ModelConfig
+from replica.models.registry import resolve_model_path
+
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs",
+}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str            # "hf" or "gguf"
+    config: ModelConfig
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.format == "hf":
+            return _hf_weights(self.path)
+        return _gguf_weights(self.path, self.config)
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    path = resolve_model_path(model)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path.name}: a model file must be .gguf; otherwise give a checkpoint folder")
+        fields, names = _read_gguf_header(path)
+        return Checkpoint(path, "gguf", ModelConfig.from_gguf_fields(fields, names))
+    config = ModelConfig.from_hf_folder(path)
+    if not list(path.glob("*.safetensors")):
+        raise ValueError(f"{path.name}: no *.safetensors files (only safetensors checkpoints are loaded)")
+    return Checkpoint(path, "hf", config)
+
+
+def _hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file.name} is corrupt or unreadable ({type(err).__name__}); "
+                             "re-download the checkpoint") from None
+
+
+def _gguf_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # the reader raises many kinds on a truncated or foreign file
+        raise ValueError(f"{path.name} is not a readable GGUF file ({type(err).__name__}); "
+                         "re-download it") from None
+
+
+def _read_gguf_header(path: Path) -> tuple[dict, set[str]]:
+    reader = _gguf_reader(path)
+    fields = {}
+    for key, field in reader.fields.items():
+        if key == "tokenizer.ggml.tokens":
+            fields[key] = range(len(field.data))  # only its length is needed here
+            continue
+        if key.startswith("tokenizer.ggml.") and key not in (
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+            continue
+        try:
+            fields[key] = field.contents()
+        except Exception:
+            continue
+    return fields, {t.name for t in reader.tensors}
+
+
+def _gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf
+
+    reader = _gguf_reader(path)
+    for tensor in reader.tensors:
+        name = _gguf_to_hf_name(tensor.name)
+        if name is None:
+            continue
+        if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                                  gguf.GGMLQuantizationType.BF16):
+            array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+        else:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        weight = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # a writable copy
+        if config.architecture == "llama":
+            if name.endswith("q_proj.weight"):
+                weight = _unpermute_rows(weight, config.num_heads)
+            elif name.endswith("k_proj.weight"):
+                weight = _unpermute_rows(weight, config.num_kv_heads)
+        yield name, weight
+
+
+def _gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # llama.cpp stores each head's rows as interleaved (x0, x_half, x1, x_half+1, ...) pairs;
+    # HF's rotate_half layout keeps the two halves apart.
+    rows = weight.shape[0]
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
