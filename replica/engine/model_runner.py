@@ -39,9 +39,9 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         input_ids, positions, meta = self._prepare(plan)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
-        ends = meta.query_start_loc[1:] - 1
-        rows = ends[torch.tensor([entry for _, entry in plan.samplers], device=self.device)]
-        return self.model.compute_logits(hidden.index_select(0, rows.long()))
+        ends = meta.query_start_loc[1:].long() - 1
+        entries = torch.tensor([entry for _, entry in plan.samplers], dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, ends[entries]))
 
     def _prepare(self, plan: StepPlan):
         size = self.block_size

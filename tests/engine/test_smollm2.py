@@ -1,0 +1,40 @@
+"""The bundled SmolLM2-135M-Instruct GGUF: same greedy answer as transformers on the same weights."""
+import pytest
+import torch
+
+from replica.engine.llm import LLM
+from replica.models.registry import resolve_model_path
+from replica.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return LLM("smollm2", max_model_len=2048)
+
+
+def test_greedy_chat_answer_equals_transformers_and_is_sensible(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    tok = smollm2.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    result = smollm2.generate([ids], SamplingParams(temperature=0.0, max_tokens=32))[0]
+    answer = result.outputs[0]
+    assert "Paris" in answer.text
+    assert answer.finish_reason == "stop"
+
+    gguf = resolve_model_path("smollm2")
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    assert answer.token_ids == ref
+    assert answer.text == tok.decode(ref)
+
+
+def test_batch_of_questions_each_answered(smollm2):
+    tok = smollm2.tokenizer
+    questions = {"What is 2 + 2?": "4", "What color is the sky on a clear day?": "blue"}
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    results = smollm2.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48))
+    for (question, expected), result in zip(questions.items(), results):
+        assert expected in result.outputs[0].text.lower(), question
+    bm = smollm2.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
