@@ -51,16 +51,19 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, checkpoint=None):
+        """checkpoint: an already opened checkpoint (e.g. in-memory weights for benchmarks);
+        by default `config.model` is opened from disk."""
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         started = time.monotonic()
-        checkpoint = open_checkpoint(config.model)
+        checkpoint = checkpoint or open_checkpoint(config.model)
         self.model_config = cfg = checkpoint.config
         self.model_path = checkpoint.path
         self.model_name = default_served_name(config.model)
-        self.tokenizer = Tokenizer.load(checkpoint.path, checkpoint.format, cfg.eos_token_ids)
+        self.tokenizer = (Tokenizer.load(checkpoint.path, checkpoint.format, cfg.eos_token_ids)
+                          if checkpoint.path is not None else None)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
         self.max_model_len = self._resolve_max_model_len()
         backend = get_attention_backend(config.resolve_attention_backend(self.device))
@@ -69,7 +72,10 @@ class LLMEngine:
         num_blocks = self._resolve_num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(
+            self.model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
+            use_cuda_graphs=(self.device.type == "cuda" and backend.name == "triton"
+                             and not config.enforce_eager))
         self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, config.seed, self.device)
         self.requests: dict[str, _Request] = {}
         self.pending_outputs: list[RequestOutput] = []
@@ -79,7 +85,7 @@ class LLMEngine:
         kv_bytes = num_blocks * ModelRunner.kv_bytes_per_block(cfg, config.block_size, self.dtype)
         log.info("loaded %s (%s, %s layers) on %s in %.1fs; KV cache %.1f MiB: %d blocks of %d tokens "
                  "= %d tokens, %.1f concurrent sequences of max_model_len %d",
-                 checkpoint.path.name, cfg.architecture, cfg.num_layers, self.device, self.load_s,
+                 config.model, cfg.architecture, cfg.num_layers, self.device, self.load_s,
                  kv_bytes / 2**20, num_blocks, config.block_size, num_blocks * config.block_size,
                  num_blocks * config.block_size / self.max_model_len, self.max_model_len)
 

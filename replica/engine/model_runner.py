@@ -15,16 +15,24 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
+                 max_num_seqs: int = 256, max_model_len: int = 2048, use_cuda_graphs: bool = False):
         self.model = model
         self.device = model.device
         self.block_size = block_size
         cfg = model.cfg
-        # [layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]. Zeroed: the reference
-        # attention reads padding slots (masked), and garbage there could be NaN.
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
+        # [layers, 2 (k, v), num_blocks + 1, block_size, num_kv_heads, head_dim]. The extra block is
+        # scratch for CUDA-graph padding rows; the block manager never hands it out. Zeroed: the
+        # reference attention reads padding slots (masked), and garbage there could be NaN.
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads,
                                     cfg.head_dim, dtype=model.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        self.graphs = None
+        if use_cuda_graphs:
+            from replica.engine.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(model, self.kv_caches, num_blocks, block_size, max_num_seqs,
+                                       max_model_len)
+            self.graphs.capture()
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -37,13 +45,18 @@ class ModelRunner:
             src = torch.tensor([s for s, _ in plan.block_copies], device=self.device)
             dst = torch.tensor([d for _, d in plan.block_copies], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        input_ids, positions, meta = self._prepare(plan)
+        lists = self._flatten(plan)
+        entries = torch.tensor([entry for _, entry in plan.samplers], dtype=torch.long, device=self.device)
+        is_decode_only = len(lists[0]) == len(plan.scheduled)
+        if self.graphs is not None and is_decode_only and self.graphs.can_run(len(plan.scheduled)):
+            hidden = self.graphs.run(*lists[:4], lists[5])
+            return self.model.compute_logits(hidden.index_select(0, entries))
+        input_ids, positions, meta = self._tensors(plan, *lists)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
         ends = meta.query_start_loc[1:].long() - 1
-        entries = torch.tensor([entry for _, entry in plan.samplers], dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, ends[entries]))
 
-    def _prepare(self, plan: StepPlan):
+    def _flatten(self, plan: StepPlan):
         size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -61,6 +74,10 @@ class ModelRunner:
             query_start.append(query_start[-1] + entry.num_new_tokens)
             seq_lens.append(end)
             tables.append(table)
+        return input_ids, positions, slots, seq_lens, query_start, tables
+
+    def _tensors(self, plan: StepPlan, input_ids, positions, slots, seq_lens, query_start, tables):
+        size = self.block_size
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         device = self.device

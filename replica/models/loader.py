@@ -130,3 +130,24 @@ def _unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     rows = weight.shape[0]
     return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
             .transpose(1, 2).reshape(weight.shape))
+
+
+@dataclass
+class InMemoryCheckpoint:
+    """Weights that already live in memory (benchmarks, tests): no files, no tokenizer."""
+    config: ModelConfig
+    weight_source: object           # a callable returning an iterator of (HF name, tensor)
+    path: None = None
+    format: str = "memory"
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.weight_source()
+
+
+def checkpoint_from_hf_model(hf_model) -> InMemoryCheckpoint:
+    """Share a live transformers model's weights (copied into the engine's own layout)."""
+    cfg = hf_model.config.to_dict()
+    cfg.setdefault("architectures", [type(hf_model).__name__])
+    if not cfg["architectures"]:
+        cfg["architectures"] = [type(hf_model).__name__]
+    return InMemoryCheckpoint(ModelConfig.from_hf_dict(cfg), lambda: iter(hf_model.state_dict().items()))

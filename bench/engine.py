@@ -1,0 +1,241 @@
+"""Engine benchmark on one GPU: W1, W2, W3, W5 of ../shared/WORKLOADS.md, side by side with the
+transformers baselines in the same process run, plus a bf16 logits check against transformers.
+
+    python3 bench/engine.py                      # everything (about 5 minutes on an H100)
+    python3 bench/engine.py --skip-hf --size 1b  # quick: our engine only, a smaller model
+
+Prints a table last; writes bench/results/engine-<gpu>-<date>.json (and a PNG if matplotlib is
+there). Random bf16 weights (Llama-3-8B shape), random prompts, EOS ignored.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from replica.config import EngineConfig  # noqa: E402
+from replica.engine.engine import LLMEngine  # noqa: E402
+from replica.models.loader import InMemoryCheckpoint, checkpoint_from_hf_model  # noqa: E402
+from replica.models.model_config import ModelConfig  # noqa: E402
+from replica.sampling_params import SamplingParams  # noqa: E402
+
+SHAPES = {
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, rope_theta=10000.0),
+}
+RESULTS: dict = {}
+
+
+def emit(name: str, **values) -> None:
+    RESULTS[name] = values
+    print(json.dumps({"what": name, **values}), flush=True)
+
+
+def hf_config(size: str):
+    import transformers
+    return transformers.LlamaConfig(max_position_embeddings=8192, **SHAPES[size])
+
+
+def random_checkpoint(size: str, seed: int = 0) -> InMemoryCheckpoint:
+    cfg = hf_config(size).to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    model_cfg = ModelConfig.from_hf_dict(cfg)
+
+    def weights():
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        h, i = model_cfg.hidden_size, model_cfg.intermediate_size
+        q, kv = model_cfg.num_heads * model_cfg.head_dim, model_cfg.num_kv_heads * model_cfg.head_dim
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+        yield "model.embed_tokens.weight", rand(model_cfg.vocab_size, h)
+        yield "lm_head.weight", rand(model_cfg.vocab_size, h)
+        yield "model.norm.weight", torch.ones(h, device="cuda")
+        for n in range(model_cfg.num_layers):
+            p = f"model.layers.{n}."
+            for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)),
+                                ("self_attn.v_proj", (kv, h)), ("self_attn.o_proj", (h, q)),
+                                ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)), ("mlp.down_proj", (h, i))):
+                yield p + name + ".weight", rand(*shape)
+            yield p + "input_layernorm.weight", torch.ones(h, device="cuda")
+            yield p + "post_attention_layernorm.weight", torch.ones(h, device="cuda")
+    return InMemoryCheckpoint(model_cfg, weights)
+
+
+def prompts(n: int, lengths, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab - 10, (int(length),), generator=gen).tolist() for length in lengths]
+
+
+def run(engine: LLMEngine, reqs: list[tuple[list[int], int]], track_waste: bool = False) -> dict:
+    """Submit all at once, step to the end; returns wall time, token counts, TTFT and GPU busy share."""
+    busy = {"gpu_s": 0.0, "steps": 0}
+    execute = engine.runner.execute
+
+    def timed_execute(plan):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        logits = execute(plan)
+        end.record()
+        busy["events"].append((start, end))
+        return logits
+    busy["events"] = []
+    engine.runner.execute = timed_execute
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i, (prompt, out_len) in enumerate(reqs):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
+    first, last, num_out, waste = {}, {}, 0, None
+    while engine.has_unfinished:
+        for out in engine.step():
+            now = time.perf_counter()
+            first.setdefault(out.request_id, now)
+            last[out.request_id] = now
+            num_out += sum(len(c.new_token_ids) for c in out.outputs)
+        if track_waste and waste is None and not engine.scheduler.waiting:
+            bm = engine.block_manager
+            allocated = (bm.num_blocks - bm.num_free_blocks) * bm.block_size
+            used = sum(s.num_tokens for s in engine.scheduler.running)
+            waste = (allocated - used) / allocated if allocated else 0.0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    engine.runner.execute = execute
+    gpu_s = sum(s.elapsed_time(e) for s, e in busy["events"]) / 1e3
+    ttft = sorted(first[k] - t0 for k in first)
+    return dict(wall_s=wall, num_out=num_out, ttft_first_s=ttft[0], first=first, last=last,
+                gpu_busy_share=gpu_s / wall, steps=len(busy["events"]), kv_waste=waste)
+
+
+def bench_engine(args) -> None:
+    engine = LLMEngine(EngineConfig(model="bench", device="cuda", dtype="bfloat16",
+                                    max_num_batched_tokens=args.token_budget, max_num_seqs=256,
+                                    max_model_len=4096), checkpoint=random_checkpoint(args.size))
+    vocab = engine.model_config.vocab_size
+    emit("engine_config", num_kv_blocks=engine.block_manager.num_blocks, block_size=engine.config.block_size,
+         token_budget=args.token_budget, cuda_graphs=engine.runner.graphs is not None,
+         load_s=round(engine.load_s, 1))
+    run(engine, [(p, 16) for p in prompts(32, [512] * 32, vocab, 9)])                  # warm-up
+    w2 = run(engine, [(prompts(1, [512], vocab, 1)[0], 128)])
+    ttft = w2["ttft_first_s"]
+    emit("W2_ours", ttft_ms=round(ttft * 1e3, 1),
+         decode_tok_per_s=round(127 / (w2["last"]["0"] - w2["first"]["0"]), 1),
+         gpu_busy_share=round(w2["gpu_busy_share"], 3))
+    w1 = run(engine, [(p, 128) for p in prompts(256, [512] * 256, vocab, 2)])
+    emit("W1_ours", req_per_s=round(256 / w1["wall_s"], 2), out_tok_per_s=round(w1["num_out"] / w1["wall_s"], 1),
+         wall_s=round(w1["wall_s"], 2), steps=w1["steps"], gpu_busy_share=round(w1["gpu_busy_share"], 3))
+    gen = torch.Generator().manual_seed(0)
+    in_lens = torch.randint(64, 1025, (1000,), generator=gen).tolist()
+    out_lens = torch.randint(16, 513, (1000,), generator=gen).tolist()
+    w3 = run(engine, list(zip(prompts(1000, in_lens, vocab, 3), out_lens)), track_waste=True)
+    emit("W3_ours", req_per_s=round(1000 / w3["wall_s"], 2), out_tok_per_s=round(w3["num_out"] / w3["wall_s"], 1),
+         wall_s=round(w3["wall_s"], 2), kv_waste_at_admission_end=round(w3["kv_waste"] or 0.0, 4),
+         gpu_busy_share=round(w3["gpu_busy_share"], 3), preemptions=engine.stats().num_preemptions)
+    prefix = prompts(1, [1024], vocab, 4)[0]
+    w5_reqs = [(prefix + p, 64) for p in prompts(256, [64] * 256, vocab, 5)]
+    figures = {}
+    for caching in (True, False):
+        bm = engine.block_manager
+        bm.enable_prefix_caching = caching
+        bm.hash_to_block.clear()
+        for block in bm.blocks:
+            block.hash = block.token_ids = None
+        w5 = run(engine, w5_reqs)
+        figures[caching] = 256 / w5["wall_s"]
+    emit("W5_ours", req_per_s_cached=round(figures[True], 2), req_per_s_uncached=round(figures[False], 2),
+         speedup=round(figures[True] / figures[False], 2))
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@torch.inference_mode()
+def bench_hf_and_check(args) -> None:
+    import transformers
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = transformers.LlamaForCausalLM(hf_config(args.size)).to(torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = -1
+    hf.generation_config.pad_token_id = 0
+    vocab = hf.config.vocab_size
+    # correctness at W1's shape: first-step logits of 8 prompts of 512 tokens
+    engine = LLMEngine(EngineConfig(model="bench", device="cuda", dtype="bfloat16", num_kv_blocks=600,
+                                    max_model_len=1024, max_num_batched_tokens=4096, enforce_eager=True),
+                       checkpoint=checkpoint_from_hf_model(hf))
+    ps = prompts(8, [512] * 8, vocab, 6)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=1))
+    plan = engine.scheduler.schedule()
+    ours = engine.runner.execute(plan)
+    ref = hf(torch.tensor(ps, device="cuda")).logits[:, -1].float()
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    same_top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    emit("check_logits_bf16_W1_shape", rel_error=round(rel, 5), top1_agreement=same_top1, ok=rel < 2e-2)
+    del engine, ours
+    torch.cuda.empty_cache()
+    ids = torch.tensor([prompts(1, [512], vocab, 1)[0]], device="cuda")
+    hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    hf.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+    torch.cuda.synchronize()
+    emit("W2_hf_generate", tok_per_s=round(128 / (time.perf_counter() - t), 1))
+    hf.set_attn_implementation("paged|sdpa") if hasattr(hf, "set_attn_implementation") else None
+    gc = transformers.GenerationConfig(max_new_tokens=128, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batch = prompts(args.hf_requests, [512] * args.hf_requests, vocab, 2)
+    hf.generate_batch(batch[:8], generation_config=gc)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = hf.generate_batch(batch, generation_config=gc)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    ntok = sum(len(r.generated_tokens) for r in res.values())
+    emit("W1_hf_generate_batch", nreq=args.hf_requests, req_per_s=round(args.hf_requests / dt, 2),
+         out_tok_per_s=round(ntok / dt, 1))
+    del hf
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="8b", choices=sorted(SHAPES))
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-requests", type=int, default=64, help="requests in the generate_batch baseline")
+    parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    import transformers
+    import triton
+    emit("env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+         transformers=transformers.__version__, python=platform.python_version(),
+         date=datetime.date.today().isoformat(), size=args.size)
+    if not args.skip_hf:
+        bench_hf_and_check(args)
+    bench_engine(args)
+    table = [("W1 requests/s", "W1_ours", "req_per_s", "W1_hf_generate_batch", "req_per_s"),
+             ("W1 output tok/s", "W1_ours", "out_tok_per_s", "W1_hf_generate_batch", "out_tok_per_s"),
+             ("W2 decode tok/s", "W2_ours", "decode_tok_per_s", "W2_hf_generate", "tok_per_s"),
+             ("W3 requests/s", "W3_ours", "req_per_s", None, None),
+             ("W5 cached / uncached", "W5_ours", "speedup", None, None),
+             ("W3 KV waste", "W3_ours", "kv_waste_at_admission_end", None, None)]
+    print(f"\n{'figure':<22}{'pagefleet':>12}{'transformers':>14}{'ratio':>8}")
+    for label, ours_key, ours_field, hf_key, hf_field in table:
+        ours = RESULTS.get(ours_key, {}).get(ours_field)
+        ref = RESULTS.get(hf_key, {}).get(hf_field) if hf_key else None
+        ratio = f"{ours / ref:.1f}x" if ours and ref else ""
+        print(f"{label:<22}{ours!s:>12}{ref if ref is not None else '':>14}{ratio:>8}")
+    out = Path(os.environ.get("OUT") or args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    path = out / f"engine-{gpu}-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(RESULTS, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

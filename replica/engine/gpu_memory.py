@@ -1,0 +1,63 @@
+"""KV-cache sizing on the GPU: profile the peak activation memory once, give the rest to the cache.
+
+budget = total * gpu_memory_utilization - (memory in use after loading the weights, torch and
+non-torch alike) - (peak extra memory of one forward at the full token budget and of the logits
+of max_num_seqs rows) - a margin for CUDA graphs.
+"""
+import logging
+
+import torch
+
+from replica.layers.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+_GRAPH_MARGIN_BYTES = 512 << 20
+
+
+@torch.inference_mode()
+def kv_cache_bytes_from_profile(engine) -> int:
+    model, config = engine.model, engine.config
+    device = engine.device
+    cfg = model.cfg
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    free_before, total = torch.cuda.mem_get_info(device)
+    in_use_after_weights = total - free_before
+    base_allocated = torch.cuda.memory_allocated(device)
+
+    num_tokens = min(config.max_num_batched_tokens, engine.max_model_len)
+    block_size = config.block_size
+    num_blocks = -(-num_tokens // block_size)
+    cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                        dtype=model.dtype, device=device)
+    cache_bytes = cache.numel() * cache.element_size()
+    kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(cfg.num_layers)]
+    positions = torch.arange(num_tokens, device=device)
+    meta = AttentionMetadata(
+        slot_mapping=positions.clone(),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        max_query_len=num_tokens, max_seq_len=num_tokens, is_decode_only=False, block_size=block_size)
+    input_ids = torch.randint(0, cfg.vocab_size, (num_tokens,), device=device)
+    hidden = model.forward(input_ids, positions, meta, kv_caches)
+    rows = min(config.max_num_seqs, num_tokens)
+    logits = model.compute_logits(hidden[:rows])
+    torch.softmax(logits, dim=-1)           # the sampler's largest temporary
+    torch.cuda.synchronize(device)
+    activation_peak = torch.cuda.max_memory_allocated(device) - base_allocated - cache_bytes
+    del cache, kv_caches, hidden, logits, meta
+    torch.cuda.empty_cache()
+
+    budget = int(total * config.gpu_memory_utilization - in_use_after_weights - activation_peak
+                 - _GRAPH_MARGIN_BYTES)
+    log.info("GPU memory: total %.1f GiB x %.2f; in use after weights %.1f GiB; activation peak "
+             "%.2f GiB (%d tokens); KV cache gets %.1f GiB", total / 2**30, config.gpu_memory_utilization,
+             in_use_after_weights / 2**30, activation_peak / 2**30, num_tokens, budget / 2**30)
+    if budget <= 0:
+        raise ValueError(f"no GPU memory left for the KV cache: the weights use "
+                         f"{in_use_after_weights / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; raise "
+                         "--gpu-memory-utilization or lower --max-num-batched-tokens")
+    return budget

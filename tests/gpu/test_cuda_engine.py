@@ -1,0 +1,73 @@
+"""The engine on a CUDA GPU: Triton backend, CUDA graphs. Skipped without CUDA."""
+import pytest
+import torch
+
+from replica.config import EngineConfig
+from replica.engine.engine import LLMEngine
+from replica.engine.llm import LLM
+from replica.models.loader import checkpoint_from_hf_model
+from replica.sampling_params import SamplingParams
+from tests.tiny_models import load_hf_model, make_tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(length),), generator=gen).tolist()
+            for length in torch.randint(1, 200, (n,), generator=gen)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fp32_greedy_tokens_equal_transformers_on_gpu(tmp_path, arch):
+    path = make_tiny_model(tmp_path / arch, arch, with_tokenizer=False, hidden_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
+    hf = load_hf_model(path).cuda()
+    llm = LLM(str(path), device="cuda", dtype="float32", block_size=16, num_kv_blocks=512,
+              max_model_len=512, max_num_batched_tokens=256)
+    prompts = _prompts(12, 512)
+    results = llm.generate(prompts, GREEDY)
+    for prompt, result in zip(prompts, results):
+        ref = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32, min_new_tokens=32,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert result.outputs[0].token_ids == ref
+    assert llm.engine.runner.graphs is not None, "decode ran through CUDA graphs"
+
+
+def test_cuda_graphs_and_eager_give_the_same_tokens(tmp_path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816,
+                                   num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                                   max_position_embeddings=2048, initializer_range=0.05)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    prompts = _prompts(40, 4096, seed=1)
+    tokens = {}
+    for eager in (False, True):
+        engine = LLMEngine(EngineConfig(model="bench", device="cuda", dtype="bfloat16", num_kv_blocks=2048,
+                                        max_model_len=1024, enforce_eager=eager),
+                           checkpoint=checkpoint_from_hf_model(hf))
+        assert (engine.runner.graphs is None) == eager
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, GREEDY)
+        got: dict[str, list[int]] = {}
+        while engine.has_unfinished:
+            for out in engine.step():
+                got.setdefault(out.request_id, []).extend(out.outputs[0].new_token_ids)
+        tokens[eager] = got
+        del engine
+        torch.cuda.empty_cache()
+    assert tokens[False] == tokens[True]
+
+
+def test_gpu_memory_profile_sizes_the_cache(tmp_path):
+    path = make_tiny_model(tmp_path / "m", "llama", with_tokenizer=False)
+    engine = LLMEngine(EngineConfig(model=str(path), device="cuda", gpu_memory_utilization=0.3,
+                                    max_model_len=512))
+    free, total = torch.cuda.mem_get_info()
+    kv_bytes = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
+    assert kv_bytes > 0.1 * total, "most of the 30% budget went to the KV cache"
+    assert torch.cuda.memory_allocated() < 0.3 * total + (512 << 20)
