@@ -37,17 +37,20 @@ def test_fp32_greedy_tokens_equal_transformers_on_gpu(tmp_path, arch):
 
 
 def test_cuda_graphs_and_eager_give_the_same_tokens(tmp_path):
+    # fp32: in bf16 the eager path's split-KV count (from this step's max_seq_len) and cuBLAS's
+    # choice of kernel by exact batch size round differently from the padded graph, and random
+    # weights turn those last-bit differences into different near-tie tokens.
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816,
                                    num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
                                    max_position_embeddings=2048, initializer_range=0.05)
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    hf = transformers.LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.float32).eval()
     prompts = _prompts(40, 4096, seed=1)
     tokens = {}
     for eager in (False, True):
-        engine = LLMEngine(EngineConfig(model="bench", device="cuda", dtype="bfloat16", num_kv_blocks=2048,
+        engine = LLMEngine(EngineConfig(model="bench", device="cuda", dtype="float32", num_kv_blocks=2048,
                                         max_model_len=1024, enforce_eager=eager),
                            checkpoint=checkpoint_from_hf_model(hf))
         assert (engine.runner.graphs is None) == eager
