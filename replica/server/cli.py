@@ -1,0 +1,121 @@
+"""`replica serve`: load a model, serve the OpenAI and Ollama APIs, drain on SIGTERM.
+
+  replica serve                                   # bundled SmolLM2 on 127.0.0.1:8000
+  replica serve --model ./Qwen2.5-0.5B-Instruct --host 0.0.0.0 --port 8001 --device cuda
+  replica serve --served-model-name chat --api-key "$KEY" --drain-timeout 60
+  PAGEFLEET_API_KEYS=k1,k2 replica serve          # keys from the environment
+
+Exit codes: 0 after a drain (SIGTERM/SIGINT), 2 for invalid settings, 1 when the port cannot
+be bound or the model cannot be loaded.
+"""
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from replica.server.config import ServerConfig
+
+log = logging.getLogger("replica.server")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="replica serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2",
+                   help="checkpoint folder, .gguf file, or 'smollm2' (the bundled GGUF)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--served-model-name", help="the name clients send in `model` "
+                   "(default: derived from --model)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept this bearer key (repeatable; also PAGEFLEET_API_KEYS=k1,k2); "
+                        "none: no authentication")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds SIGTERM waits for requests in flight (default 30)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's, "
+                   "capped at 8192)")
+    p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized from memory)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one step")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="waiting requests before new ones get 503 + Retry-After (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="larger request bodies get 413 (default 4 MiB)")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (samples per request)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _configs(args: argparse.Namespace):
+    from replica.config import EngineConfig
+
+    env_keys = [k.strip() for k in os.environ.get("PAGEFLEET_API_KEYS", "").split(",")]
+    server = ServerConfig(
+        host=args.host, port=args.port, served_model_name=args.served_model_name,
+        api_keys=tuple(args.api_key) + tuple(k for k in env_keys if k),
+        drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
+        max_n=args.max_n, log_level=args.log_level)
+    if args.max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {args.max_queue}")
+    engine = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_waiting=args.max_queue)
+    return server, engine
+
+
+async def serve(engine, config: ServerConfig) -> int:
+    """Serves until SIGTERM/SIGINT, then drains: refuse new work, let requests in flight end
+    (up to the drain timeout), cancel the rest (which aborts them in the engine), stop."""
+    from replica.server.app import build_app
+    from replica.server.serving import REPLICA
+
+    app = build_app(engine, config)
+    lifecycle = app[REPLICA].lifecycle
+    # handler_cancellation: a client that hangs up cancels its handler, which aborts its request.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as err:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, err.strerror)
+        await runner.cleanup()
+        return 1
+    lifecycle.install_signal_handlers(asyncio.get_running_loop())
+    log.info("serving %s on http://%s:%d", app[REPLICA].served_model_name, config.host, config.port)
+    await lifecycle.wait_for_stop()
+    if not await lifecycle.drain(config.drain_timeout_s):
+        log.warning("drain timeout (%.0f s): aborting %d request(s)", config.drain_timeout_s,
+                    lifecycle.num_in_flight)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Until the event loop owns the signals, a SIGTERM during loading just ends the process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server_config, engine_config = _configs(args)
+    except ValueError as err:
+        print(f"replica serve: {err}", file=sys.stderr)
+        return 2
+    from replica.engine.async_engine import AsyncEngine
+    try:
+        engine = AsyncEngine(engine_config)
+    except ValueError as err:
+        print(f"replica serve: {err}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(serve(engine, server_config))
+    except KeyboardInterrupt:        # a second Ctrl-C before the handlers were installed
+        return 0

@@ -1,0 +1,77 @@
+"""Readiness, requests in flight, and the drain that SIGTERM/SIGINT start.
+
+States, in order: loading → ready → draining → stopped.
+- `/ready` answers 200 only in `ready`; `/health` follows the engine thread, not this state.
+- In `draining` new work is refused with 503 while requests already admitted run to the end,
+  for at most `drain_timeout_s`; those still running then are aborted (their blocks freed)
+  and the process exits 0.
+"""
+import asyncio
+import enum
+import logging
+import signal
+from contextlib import contextmanager
+
+log = logging.getLogger("replica.server")
+
+
+class Phase(enum.IntEnum):
+    LOADING = 0
+    READY = 1
+    DRAINING = 2
+    STOPPED = 3
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.phase = Phase.LOADING
+        self.num_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stop_requested = asyncio.Event()
+
+    @property
+    def is_ready(self) -> bool:
+        return self.phase == Phase.READY
+
+    @property
+    def is_draining(self) -> bool:
+        return self.phase >= Phase.DRAINING
+
+    def mark_ready(self) -> None:
+        if self.phase == Phase.LOADING:
+            self.phase = Phase.READY
+
+    @contextmanager
+    def track(self):
+        """Counts one admitted HTTP request until its response is fully written."""
+        self.num_in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.num_in_flight -= 1
+            if self.num_in_flight == 0:
+                self._idle.set()
+
+    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
+        if self.phase < Phase.DRAINING:
+            name = signal.Signals(sig).name if sig is not None else "stop"
+            log.info("%s: draining %d request(s) in flight", name, self.num_in_flight)
+            self.phase = Phase.DRAINING
+        self._stop_requested.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop_requested.wait()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Waits until nothing is in flight; False when the timeout came first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False

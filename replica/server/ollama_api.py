@@ -1,0 +1,215 @@
+"""Ollama-compatible routes: /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version.
+
+As in Ollama: responses stream as NDJSON unless `"stream": false`; the last object has
+`done: true`, `done_reason` and the counts and durations (nanoseconds); an empty prompt (or no
+messages) only "loads" the model and answers `done_reason: "load"`; sampling defaults are
+Ollama's (temperature 0.8, top_k 40, top_p 0.9, repeat_penalty 1.1).
+"""
+import time
+from contextlib import aclosing
+from datetime import datetime, timedelta, timezone
+
+from aiohttp import web
+
+from replica.outputs import RequestOutput, TokenLogprob
+from replica.server.ollama_protocol import (OllamaChatRequest, OllamaGenerateRequest,
+                                            OllamaModelRequest, OllamaOptions)
+from replica.server.serving import REPLICA, Replica, new_request_id, read_body, started
+from replica.server.streaming import DISCONNECTED, EventStream
+
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1}
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ns(seconds: float | None) -> int:
+    return max(0, int((seconds or 0.0) * 1e9))
+
+
+def _sampling_params(replica: Replica, options: OllamaOptions | None, num_prompt_tokens: int,
+                     logprobs: int | None):
+    o = options or OllamaOptions()
+    room = replica.resolve_max_tokens(num_prompt_tokens, None)
+    # Ollama never refuses a long num_predict: it stops at the context's end ("length").
+    max_tokens = room if o.num_predict is None or o.num_predict < 0 else min(o.num_predict, room)
+    if o.num_predict == 0:
+        max_tokens = 1          # Ollama's 0 answers at once; one token is the least we sample
+    return replica.sampling_params(
+        max_tokens=max_tokens,
+        temperature=o.temperature if o.temperature is not None else OLLAMA_DEFAULTS["temperature"],
+        top_k=o.top_k if o.top_k is not None else OLLAMA_DEFAULTS["top_k"],
+        top_p=o.top_p if o.top_p is not None else OLLAMA_DEFAULTS["top_p"],
+        min_p=o.min_p, seed=o.seed, stop=o.stop,
+        repetition_penalty=(o.repeat_penalty if o.repeat_penalty is not None
+                            else OLLAMA_DEFAULTS["repetition_penalty"]),
+        presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
+        logprobs=logprobs)
+
+
+def _logprob_items(replica: Replica, logprobs: list[TokenLogprob]) -> list[dict]:
+    def entry(token_id: int, logprob: float) -> dict:
+        token = replica.token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, l) for t, l in lp.top]}
+            for lp in logprobs]
+
+
+def _final_stats(out: RequestOutput, start_s: float, num_output_tokens: int) -> dict:
+    m = out.metrics
+    first_token_s = m.first_token_s or m.finished_s or time.monotonic()
+    last_token_s = m.last_token_s or first_token_s
+    return {
+        "total_duration": _ns(time.monotonic() - start_s),
+        "load_duration": _ns(m.arrival_s - start_s),     # weights are loaded at start-up
+        "prompt_eval_count": out.num_prompt_tokens,
+        "prompt_eval_duration": _ns(first_token_s - (m.first_scheduled_s or m.arrival_s)),
+        "eval_count": num_output_tokens,
+        "eval_duration": _ns(last_token_s - first_token_s),
+    }
+
+
+async def _respond(request: web.Request, replica: Replica, *, stream: bool, prompt_ids: list[int],
+                   params, shape, final_extra=None) -> web.StreamResponse:
+    """Runs one request; `shape(text, done)` builds the chat or generate object."""
+    start_s = request["start_s"]
+    want_logprobs = params.logprobs is not None
+    outputs = await started(replica.generate(new_request_id("ollama"), prompt_ids, params))
+    text, token_ids, logprobs, last = [], [], [], None
+    events = EventStream(request, ndjson=True) if stream else None
+    try:
+        if events:
+            await events.open()
+        async with aclosing(outputs):
+            async for out in outputs:
+                last = out
+                for o in out.outputs:
+                    token_ids.extend(o.new_token_ids)
+                    items = _logprob_items(replica, o.new_logprobs or []) if want_logprobs else []
+                    if events is None:
+                        text.append(o.new_text)
+                        logprobs.extend(items)
+                    elif o.new_text or items:
+                        await events.send({**shape(o.new_text, False),
+                                           **({"logprobs": items} if want_logprobs else {})})
+        o = last.outputs[-1] if last and last.outputs else None
+        final = {**shape("" if events else "".join(text), True),
+                 "done_reason": (o.finish_reason if o else None) or "stop",
+                 **_final_stats(last, start_s, len(token_ids))}
+        if final_extra:
+            final.update(final_extra(prompt_ids + token_ids))
+        if want_logprobs and not events:
+            final["logprobs"] = logprobs
+        if not events:
+            return web.json_response(final)
+        await events.send(final)
+        await events.close()
+    except DISCONNECTED:
+        pass                  # closing `outputs` aborted the engine request
+    return events.response
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    replica: Replica = request.app[REPLICA]
+    body = await read_body(request, OllamaGenerateRequest)
+    replica.check_model(body.model)
+    name = replica.served_model_name
+
+    def shape(text: str, done: bool) -> dict:
+        return {"model": name, "created_at": _now_rfc3339(), "response": text, "done": done}
+
+    if not body.prompt and not body.context:
+        return web.json_response({**shape("", True), "done_reason": "load"})
+    if body.raw or not body.prompt:
+        prompt_ids = await replica.encode(body.prompt or "", "prompt") if body.prompt else []
+    elif replica.tokenizer is not None and replica.tokenizer.has_chat_template:
+        messages = ([{"role": "system", "content": body.system}] if body.system else [])
+        prompt_ids = await replica.encode_chat(messages + [{"role": "user", "content": body.prompt}],
+                                               "prompt")
+    else:
+        prompt_ids = await replica.encode(body.prompt, "prompt")
+    if body.context:
+        replica.check_token_ids(body.context, "context")
+        prompt_ids = list(body.context) + prompt_ids
+    params = _sampling_params(replica, body.options, len(prompt_ids), body.num_logprobs)
+    return await _respond(request, replica, stream=body.stream is not False, prompt_ids=prompt_ids,
+                          params=params, shape=shape, final_extra=lambda ids: {"context": ids})
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    replica: Replica = request.app[REPLICA]
+    body = await read_body(request, OllamaChatRequest)
+    replica.check_model(body.model)
+    name = replica.served_model_name
+
+    def shape(text: str, done: bool) -> dict:
+        return {"model": name, "created_at": _now_rfc3339(),
+                "message": {"role": "assistant", "content": text}, "done": done}
+
+    if not body.messages:
+        return web.json_response({**shape("", True), "done_reason": "load"})
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    prompt_ids = await replica.encode_chat(messages)
+    params = _sampling_params(replica, body.options, len(prompt_ids), body.num_logprobs)
+    return await _respond(request, replica, stream=body.stream is not False, prompt_ids=prompt_ids,
+                          params=params, shape=shape)
+
+
+# ---- model listing -----------------------------------------------------------------------
+
+def _details(replica: Replica) -> dict:
+    info = replica.model_info
+    return {"parent_model": "", "format": info.format, "family": info.family,
+            "families": [info.family], "parameter_size": info.parameter_size,
+            "quantization_level": info.quantization_level}
+
+
+def _entry(replica: Replica) -> dict:
+    info = replica.model_info
+    return {"name": replica.served_model_name, "model": replica.served_model_name,
+            "modified_at": info.modified_at, "size": info.size_bytes, "digest": info.digest,
+            "details": _details(replica)}
+
+
+async def tags(request: web.Request) -> web.Response:
+    return web.json_response({"models": [_entry(request.app[REPLICA])]})
+
+
+async def ps(request: web.Request) -> web.Response:
+    replica: Replica = request.app[REPLICA]
+    # The model stays loaded for the life of the process: it never expires.
+    expires_at = (datetime.now(timezone.utc) + timedelta(days=365 * 100)).isoformat()
+    on_gpu = replica.device.startswith("cuda")
+    return web.json_response({"models": [{
+        **_entry(replica), "expires_at": expires_at.replace("+00:00", "Z"),
+        "size_vram": replica.model_info.size_bytes if on_gpu else 0,
+        "context_length": replica.max_model_len}]})
+
+
+async def show(request: web.Request) -> web.Response:
+    replica: Replica = request.app[REPLICA]
+    body = await read_body(request, OllamaModelRequest)
+    replica.check_model(body.model or body.name)
+    info = replica.model_info
+    template = ""
+    if replica.tokenizer is not None and replica.tokenizer.has_chat_template:
+        template = replica.tokenizer.hf.chat_template
+    parameters = "\n".join(f"{k} {v}" for k, v in (
+        ("temperature", OLLAMA_DEFAULTS["temperature"]), ("top_k", OLLAMA_DEFAULTS["top_k"]),
+        ("top_p", OLLAMA_DEFAULTS["top_p"]), ("repeat_penalty", OLLAMA_DEFAULTS["repetition_penalty"]),
+        ("num_ctx", replica.max_model_len)))
+    return web.json_response({
+        "modelfile": f"# served by pagefleet\nFROM {info.weights_name}\n",
+        "parameters": parameters,
+        "template": template,
+        "details": _details(replica),
+        "model_info": info.model_info,
+        "capabilities": ["completion"],
+        "modified_at": info.modified_at,
+    })
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": request.app[REPLICA].config.version})

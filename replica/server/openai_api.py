@@ -1,0 +1,269 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Shapes follow OpenAI's: ids `cmpl-…` / `chatcmpl-…`, one choice per (prompt, sample) with
+`index = prompt_index * n + sample_index`, usage counting each prompt once and every sampled
+token, SSE chunks ending with `data: [DONE]`. With `stream_options.include_usage` every chunk
+carries `"usage": null` and one last chunk with no choices carries the totals.
+"""
+import time
+from contextlib import aclosing
+
+from aiohttp import web
+
+from replica.outputs import RequestOutput, TokenLogprob
+from replica.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from replica.server.serving import (REPLICA, Replica, SampleState, new_request_id, read_body,
+                                    started)
+from replica.server.streaming import DISCONNECTED, EventStream
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for the legacy completions API
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str] | None:
+    return [stop] if isinstance(stop, str) else stop
+
+
+def _sampling_params(replica: Replica, body: SamplingFields, max_tokens: int, logprobs: int | None):
+    return replica.sampling_params(
+        n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        top_k=body.top_k, min_p=body.min_p, seed=body.seed, stop=_stop_list(body.stop),
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, logprobs=logprobs)
+
+
+class _Usage:
+    """Prompt tokens per prompt (counted once whatever n is) and sampled tokens per choice."""
+
+    def __init__(self) -> None:
+        self.prompt: dict[int, tuple[int, int]] = {}     # prompt index → (tokens, cached)
+        self.num_completion_tokens = 0
+
+    def add(self, prompt_index: int, out: RequestOutput) -> None:
+        self.prompt[prompt_index] = (out.num_prompt_tokens, out.num_cached_tokens)
+        self.num_completion_tokens += sum(len(o.new_token_ids) for o in out.outputs)
+
+    def as_dict(self) -> dict:
+        num_prompt = sum(p for p, _ in self.prompt.values())
+        num_cached = sum(c for _, c in self.prompt.values())
+        return {"prompt_tokens": num_prompt, "completion_tokens": self.num_completion_tokens,
+                "total_tokens": num_prompt + self.num_completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": num_cached}}
+
+
+# ---- logprobs ----------------------------------------------------------------------------
+
+def _completion_logprobs(replica: Replica, logprobs: list[TokenLogprob], offset: int) -> dict:
+    """OpenAI's legacy shape; `text_offset` counts characters from the completion's start."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for lp in logprobs:
+        token = replica.token_text(lp.token_id)
+        tokens.append(token)
+        token_logprobs.append(lp.logprob)
+        top = {replica.token_text(tid): tlp for tid, tlp in lp.top}
+        top.setdefault(token, lp.logprob)
+        top_logprobs.append(top)
+        text_offset.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def _chat_logprob_items(replica: Replica, logprobs: list[TokenLogprob]) -> list[dict]:
+    def entry(token_id: int, logprob: float) -> dict:
+        token = replica.token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, l) for t, l in lp.top]}
+            for lp in logprobs]
+
+
+# ---- /v1/completions ---------------------------------------------------------------------
+
+async def _completion_prompts(replica: Replica, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [await replica.encode(prompt, "prompt")]
+    elif prompt and isinstance(prompt[0], str):
+        prompts = [await replica.encode(p, "prompt") for p in prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = prompt
+    for ids in prompts:
+        replica.check_token_ids(ids, "prompt")
+    return prompts
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    replica: Replica = request.app[REPLICA]
+    body = await read_body(request, CompletionRequest)
+    replica.check_model(body.model)
+    replica.check_n(body.n)
+    prompts = await _completion_prompts(replica, body.prompt)
+    if body.max_tokens is None:
+        rooms = [replica.resolve_max_tokens(len(ids), None) for ids in prompts]
+        max_tokens = min([COMPLETIONS_DEFAULT_MAX_TOKENS, *rooms])
+    else:
+        max_tokens = body.max_tokens
+        for ids in prompts:
+            replica.resolve_max_tokens(len(ids), max_tokens)
+    params = _sampling_params(replica, body, max_tokens, body.logprobs)
+    request_id = new_request_id("cmpl")
+    head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": replica.served_model_name}
+    outputs = await started(replica.generate_many(prompts, params, request_id))
+    if body.stream:
+        return await _stream_completion(request, replica, body, head, outputs)
+
+    usage, samples = _Usage(), {}
+    async with aclosing(outputs):
+        async for i, out in outputs:
+            usage.add(i, out)
+            for o in out.outputs:
+                _accumulate(samples.setdefault(i * body.n + o.index, SampleState()), o)
+    choices = []
+    for index in sorted(samples):
+        s = samples[index]
+        logprobs = (_completion_logprobs(replica, s.logprobs, 0)
+                    if body.logprobs is not None else None)
+        choices.append({"index": index, "text": s.text, "logprobs": logprobs,
+                        "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
+    return web.json_response({**head, "choices": choices, "usage": usage.as_dict()})
+
+
+def _accumulate(state: SampleState, o) -> None:
+    state.text += o.new_text
+    state.token_ids.extend(o.new_token_ids)
+    if o.new_logprobs:
+        state.logprobs.extend(o.new_logprobs)
+    if o.finish_reason is not None:
+        state.finish_reason, state.stop_reason = o.finish_reason, o.stop_reason
+
+
+async def _stream_completion(request, replica, body, head, outputs) -> web.StreamResponse:
+    stream = EventStream(request)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    each_usage = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+    usage = _Usage()
+    text_offsets: dict[int, int] = {}
+    await stream.open()
+    try:
+        async with aclosing(outputs):
+            async for i, out in outputs:
+                usage.add(i, out)
+                for o in out.outputs:
+                    index = i * body.n + o.index
+                    if not (o.new_text or o.new_token_ids or o.finish_reason):
+                        continue
+                    logprobs = None
+                    if body.logprobs is not None and o.new_logprobs:
+                        logprobs = _completion_logprobs(replica, o.new_logprobs,
+                                                        text_offsets.get(index, 0))
+                        text_offsets[index] = text_offsets.get(index, 0) + sum(
+                            len(t) for t in logprobs["tokens"])
+                    chunk = {**head, "choices": [{
+                        "index": index, "text": o.new_text, "logprobs": logprobs,
+                        "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}]}
+                    if include_usage:
+                        chunk["usage"] = usage.as_dict() if each_usage else None
+                    await stream.send(chunk)
+        if include_usage:
+            await stream.send({**head, "choices": [], "usage": usage.as_dict()})
+        await stream.close()
+    except DISCONNECTED:
+        pass                       # the engine request was aborted when `outputs` closed
+    return stream.response
+
+
+# ---- /v1/chat/completions ----------------------------------------------------------------
+
+def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages]
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    replica: Replica = request.app[REPLICA]
+    body = await read_body(request, ChatCompletionRequest)
+    replica.check_model(body.model)
+    replica.check_n(body.n)
+    prompt_ids = await replica.encode_chat(_chat_messages(body))
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = replica.resolve_max_tokens(len(prompt_ids), body.max_new_tokens, param)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling_params(replica, body, max_tokens, logprobs)
+    request_id = new_request_id("chatcmpl")
+    created = int(time.time())
+    outputs = await started(replica.generate_many([prompt_ids], params, request_id))
+    if body.stream:
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                "model": replica.served_model_name}
+        return await _stream_chat(request, replica, body, head, outputs)
+
+    usage, samples = _Usage(), {}
+    async with aclosing(outputs):
+        async for i, out in outputs:
+            usage.add(i, out)
+            for o in out.outputs:
+                _accumulate(samples.setdefault(o.index, SampleState()), o)
+    choices = []
+    for index in sorted(samples):
+        s = samples[index]
+        logprobs = ({"content": _chat_logprob_items(replica, s.logprobs)} if body.logprobs else None)
+        choices.append({"index": index, "message": {"role": "assistant", "content": s.text},
+                        "logprobs": logprobs, "finish_reason": s.finish_reason,
+                        "stop_reason": s.stop_reason})
+    return web.json_response({"id": request_id, "object": "chat.completion", "created": created,
+                              "model": replica.served_model_name, "choices": choices,
+                              "usage": usage.as_dict()})
+
+
+async def _stream_chat(request, replica, body, head, outputs) -> web.StreamResponse:
+    stream = EventStream(request)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    each_usage = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+    usage = _Usage()
+
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None):
+        c = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason, "stop_reason": stop_reason}]}
+        if include_usage:
+            c["usage"] = usage.as_dict() if each_usage else None
+        return c
+
+    await stream.open()
+    try:
+        # OpenAI opens every choice with the role before any content.
+        for index in range(body.n):
+            await stream.send(chunk(index, {"role": "assistant", "content": ""}))
+        async with aclosing(outputs):
+            async for i, out in outputs:
+                usage.add(i, out)
+                for o in out.outputs:
+                    logprobs = None
+                    if body.logprobs and o.new_logprobs:
+                        logprobs = {"content": _chat_logprob_items(replica, o.new_logprobs)}
+                    if o.new_text or logprobs:
+                        await stream.send(chunk(o.index, {"content": o.new_text}, logprobs))
+                    if o.finish_reason is not None:
+                        await stream.send(chunk(o.index, {}, None, o.finish_reason, o.stop_reason))
+        if include_usage:
+            await stream.send({**head, "choices": [], "usage": usage.as_dict()})
+        await stream.close()
+    except DISCONNECTED:
+        pass
+    return stream.response
+
+
+# ---- /v1/models --------------------------------------------------------------------------
+
+async def list_models(request: web.Request) -> web.Response:
+    replica: Replica = request.app[REPLICA]
+    return web.json_response({"object": "list", "data": [model_card(replica)]})
+
+
+def model_card(replica: Replica) -> dict:
+    return {"id": replica.served_model_name, "object": "model", "created": replica.created_s,
+            "owned_by": "pagefleet", "root": replica.weights_name,
+            "max_model_len": replica.max_model_len}
+

@@ -1,0 +1,110 @@
+"""The OpenAPI 3.1 document of the replica, generated from the pydantic bodies.
+
+`ROUTES` is the single list of what the server exposes; a test checks that the app's router
+and this list agree, so the document cannot silently fall behind the code.
+"""
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from replica.server import ollama_protocol as ollama
+from replica.server import protocol as openai
+from replica.server.config import ServerConfig
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    stream_type: str | None = None          # content type of the streamed variant
+    is_open: bool = False                   # no API key needed
+
+
+ROUTES = (
+    Route("post", "/v1/completions", "Text completion (OpenAI)", openai.CompletionRequest,
+          openai.CompletionResponse, "text/event-stream"),
+    Route("post", "/v1/chat/completions", "Chat completion (OpenAI)",
+          openai.ChatCompletionRequest, openai.ChatCompletionResponse, "text/event-stream"),
+    Route("get", "/v1/models", "The served model (OpenAI)", None, openai.ModelList),
+    Route("post", "/api/generate", "Generate (Ollama)", ollama.OllamaGenerateRequest,
+          ollama.OllamaGenerateResponse, "application/x-ndjson"),
+    Route("post", "/api/chat", "Chat (Ollama)", ollama.OllamaChatRequest,
+          ollama.OllamaChatResponse, "application/x-ndjson"),
+    Route("get", "/api/tags", "Local models (Ollama)", None, ollama.TagsResponse),
+    Route("post", "/api/show", "Model details (Ollama)", ollama.OllamaModelRequest,
+          ollama.ShowResponse),
+    Route("get", "/api/ps", "Loaded models (Ollama)", None, ollama.PsResponse),
+    Route("get", "/api/version", "Server version (Ollama)", None, ollama.VersionResponse),
+    Route("post", "/tokenize", "Prompt or messages to token ids", openai.TokenizeRequest,
+          openai.TokenizeResponse),
+    Route("post", "/detokenize", "Token ids to text", openai.DetokenizeRequest,
+          openai.DetokenizeResponse),
+    Route("get", "/health", "200 while the engine loop lives", is_open=True),
+    Route("get", "/ready", "200 when loaded and not draining", is_open=True),
+    Route("get", "/metrics", "Prometheus metrics", is_open=True),
+    Route("get", "/openapi.json", "This document"),
+)
+
+_ERRORS = {"400": "invalid JSON or parameters", "401": "missing or wrong API key",
+           "404": "unknown model", "413": "body over the size limit",
+           "503": "waiting queue full (Retry-After) or draining"}
+
+
+def _ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _operation(route: Route, has_keys: bool) -> dict:
+    error_schema = ollama.OllamaError if route.path.startswith("/api/") else openai.ErrorResponse
+    op: dict = {"summary": route.summary, "operationId": route.method + route.path.replace("/", "_")}
+    if route.request is not None:
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": _ref(route.request)}}}
+    ok: dict = {"description": "OK"}
+    if route.response is not None:
+        ok["content"] = {"application/json": {"schema": _ref(route.response)}}
+        if route.stream_type:
+            ok["content"][route.stream_type] = {"schema": {"type": "string"}}
+    elif route.path == "/metrics":
+        ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    elif route.path in ("/health", "/ready"):
+        ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+    responses = {"200": ok}
+    for status, why in _ERRORS.items():
+        if route.is_open and status != "503":
+            continue
+        if status == "401" and not has_keys:
+            continue
+        if route.request is None and status in ("400", "413"):
+            continue
+        responses[status] = {"description": why,
+                             "content": {"application/json": {"schema": _ref(error_schema)}}}
+    op["responses"] = responses
+    if has_keys:
+        op["security"] = [] if route.is_open else [{"bearer": []}]
+    return op
+
+
+def build_openapi(config: ServerConfig) -> dict:
+    models = {m for r in ROUTES for m in (r.request, r.response) if m is not None}
+    models |= {openai.ErrorResponse, ollama.OllamaError}
+    pairs = [(m, "validation" if m in {r.request for r in ROUTES} else "serialization")
+             for m in sorted(models, key=lambda m: m.__name__)]
+    _, schema = models_json_schema(pairs, ref_template="#/components/schemas/{model}")
+    paths: dict = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = _operation(route, bool(config.api_keys))
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": "pagefleet replica", "version": config.version,
+                 "description": "OpenAI- and Ollama-compatible inference server of one replica."},
+        "paths": paths,
+        "components": {"schemas": schema.get("$defs", {})},
+    }
+    if config.api_keys:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return doc
