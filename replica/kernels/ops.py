@@ -1,0 +1,64 @@
+"""Dispatch of the small fused ops: the Triton kernel for CUDA tensors, the torch reference
+(the CPU path) otherwise, or everywhere when PAGEFLEET_DISABLE_TRITON is set to a non-empty
+value other than "0".
+
+The Triton modules are imported on first CUDA use only: a CPU process never imports Triton, and
+the kernel tests can switch on TRITON_INTERPRET before the kernels are defined (Triton decides
+between compiling and interpreting when a kernel is decorated, i.e. at import).
+"""
+import importlib
+import os
+
+import torch
+
+from replica.kernels.kv_cache_write import write_kv_cache_ref
+from replica.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
+from replica.kernels.rotary import apply_rotary_ref
+from replica.kernels.silu_mul import silu_and_mul_ref
+
+
+def is_triton_enabled(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and os.environ.get("PAGEFLEET_DISABLE_TRITON", "") in ("", "0")
+
+
+def _triton(module: str):
+    return importlib.import_module(f"replica.kernels.{module}_triton")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [..., hidden]; weight: [hidden]
+    if is_triton_enabled(x):
+        return _triton("rms_norm").rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    if is_triton_enabled(x):
+        return _triton("rms_norm").fused_add_rms_norm(x, residual, weight, eps)
+    return fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [T, num_heads, head_dim]; k: [T, num_kv_heads, head_dim]; positions: [T]
+    if is_triton_enabled(q):
+        return _triton("rotary").apply_rotary(q, k, positions, cos_sin_cache)
+    return apply_rotary_ref(q, k, positions, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    # x: [..., 2 * intermediate] as [gate | up] → [..., intermediate]
+    if is_triton_enabled(x):
+        return _triton("silu_mul").silu_and_mul(x)
+    return silu_and_mul_ref(x)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    # k, v: [T, num_kv_heads, head_dim] → caches [num_blocks, block_size, num_kv_heads, head_dim]
+    if is_triton_enabled(k):
+        _triton("kv_cache_write").write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,228 @@
+"""Triton: paged decode attention with split-KV (flash-decoding), GQA-aware (reference:
+`paged_attention.paged_attention_ref` with one query token per sequence).
+
+Grid (num_seqs, num_kv_heads, num_splits). One program takes every query head of one KV head
+group (the group's rows padded to BLOCK_G ≥ 16 for the tensor cores), so each K/V tile is read
+from memory once per group, not once per query head. Each sequence's context is cut into
+`num_splits` equal runs of whole BLOCK_N tiles, computed in the kernel from that sequence's own
+length; a split writes its partial result (output normalised by its own softmax sum, and the
+log2-sum-exp of its scores) and a second kernel combines the splits:
+
+    context  0 ........................................... seq_len
+    splits   |  split 0  |  split 1  |  split 2  | (empty) |
+    each     o_s = softmax_s(q·K_s) V_s,  lse_s = log2 Σ exp2(scores_s)
+    reduce   out = Σ_s o_s · 2^(lse_s - max lse) / Σ_s 2^(lse_s - max lse)
+
+The grid depends only on (num_seqs, num_kv_heads, num_splits), never on seq_lens, so the launch
+is valid for CUDA-graph capture: replays may change seq_lens and block_tables freely (a
+split past the end of a short sequence is empty and costs one early exit). Choose num_splits
+from a static upper bound on the context length (`choose_num_splits(.., max_model_len, ..)`)
+when capturing. A sequence with seq_len 0 (padding rows of a graph bucket) gets zeros.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from replica.kernels.checks import (
+    FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_last_dim_contiguous, check_same_device,
+    check_same_dtype, check_shape, dot_precision,
+)
+
+LOG2_E = 1.4426950408889634
+MAX_SPLITS = 64
+_MIN_TOKENS_PER_SPLIT = 256   # below this the partial-result traffic outweighs the gain
+_DEFAULT_BLOCK_N = 64
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2, num_splits,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_ot, stride_oh,
+    BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    groups = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP_SIZE + groups
+    g_mask = groups < GROUP_SIZE
+    d_mask = dims < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_G, BLOCK_D]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)    # running max of scores (log2 units)
+    l_i = tl.zeros([BLOCK_G], tl.float32)                  # running sum of 2^(score - m_i)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    block_table = block_tables_ptr + seq * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + offs_n
+        n_mask = pos < end
+        # token pos lives in block block_table[pos // BLOCK_SIZE], slot pos % BLOCK_SIZE
+        block_ids = tl.load(block_table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        offsets = pos % BLOCK_SIZE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_head + block_ids[:, None] * stride_kb + offsets[:, None] * stride_ks
+                    + dims[None, :], mask=kv_mask, other=0.0)      # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_head + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vs
+                    + dims[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))          # finite: the tile has ≥ 1 key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)                    # empty split or seq_len 0 → zeros
+    out = acc / l_safe[:, None]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if IS_SINGLE_SPLIT:
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :], out,
+                 mask=out_mask)
+    else:
+        # partials: part_out [num_seqs, num_heads, num_splits, HEAD_DIM], part_lse [.., num_splits]
+        row = (seq * (tl.num_programs(1) * GROUP_SIZE) + heads) * num_splits + split
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    s_mask = splits < num_splits
+    row = (seq * tl.num_programs(1) + head) * num_splits
+    lse = tl.load(part_lse_ptr + row + splits, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)   # every split empty (seq_len 0)
+    weights = tl.exp2(lse - lse_max)
+    denom = tl.sum(weights, 0)
+    denom = tl.where(denom > 0, denom, 1.0)
+    parts = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=s_mask[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(parts * weights[:, None], 0) / denom
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out, mask=dims < HEAD_DIM)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8   # the interpreter: any small number
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                      device: torch.device) -> int:
+    """Enough (seq, kv head, split) programs for about two waves over the GPU's SMs, but no
+    split shorter than _MIN_TOKENS_PER_SPLIT tokens of the longest context. Pure host arithmetic
+    on static sizes: pass a static bound (max_model_len) as max_seq_len for CUDA graphs."""
+    num_groups = max(1, num_seqs * num_kv_heads)
+    wanted = triton.cdiv(2 * _num_sms(device), num_groups)
+    useful = triton.cdiv(max(1, max_seq_len), _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+    max_seq_len: int | None = None, out: torch.Tensor | None = None,
+    block_n: int = _DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 2,
+) -> torch.Tensor:
+    """One new token per sequence attends its whole cached context (its own key included, so
+    write the cache first).
+
+    q: [B, num_heads, head_dim] (last dim contiguous); k_cache, v_cache:
+    [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [B, max_blocks] int32;
+    seq_lens: [B] int32, context length including the new token, ≤ max_blocks * block_size
+    (not checked: that would need a host sync). Returns out [B, num_heads, head_dim] (or fills
+    `out`).
+
+    num_splits: None → `choose_num_splits` from max_seq_len (or, if that is None too, from the
+    largest context the block table can hold). Launch shapes depend only on B, the head counts and
+    num_splits, never on tensor contents: safe inside a CUDA graph with a fixed num_splits.
+    """
+    check_shape("q", q, (None, None, None))
+    num_seqs, num_heads, head_dim = q.shape
+    check_shape("k_cache", k_cache, (None, None, None, head_dim))
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    check_shape("block_tables", block_tables, (num_seqs, None))
+    check_shape("seq_lens", seq_lens, (num_seqs,))
+    if num_heads % num_kv_heads:
+        raise ValueError(f"q: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    check_dtype("q", q, FLOAT_DTYPES)
+    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    check_dtype("block_tables", block_tables, (torch.int32,))
+    check_dtype("seq_lens", seq_lens, INDEX_DTYPES)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
+        check_last_dim_contiguous(name, t)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                      seq_lens=seq_lens)
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        check_shape("out", out, tuple(q.shape))
+        check_same_dtype(q=q, out=out)
+        check_last_dim_contiguous("out", out)
+    if num_splits is None:
+        bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
+    if num_seqs == 0:
+        return out
+
+    group_size = num_heads // num_kv_heads
+    is_single_split = num_splits == 1
+    if is_single_split:
+        part_out = part_lse = out   # unused
+    else:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        scale * LOG2_E, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        BLOCK_SIZE=block_size, GROUP_SIZE=group_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group_size)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        IS_SINGLE_SPLIT=is_single_split, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not is_single_split:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,40 @@
+"""Triton: SiLU-and-multiply of the fused gate/up projection (reference:
+`silu_mul.silu_and_mul_ref`).
+
+x: [..., 2 * intermediate] laid out as [gate | up] → silu(gate) * up, computed in float32 and
+rounded once (the reference rounds silu(gate) first, so the two may differ by one unit in the
+last place of 16-bit dtypes). One pass: each element of x is read once, the output written once.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from replica.kernels.checks import FLOAT_DTYPES, check_dtype, check_last_dim_contiguous
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, intermediate, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + row * intermediate + cols, out, mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., 2 * intermediate], last dim contiguous → new [..., intermediate], dtype of x."""
+    check_dtype("x", x, FLOAT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"x: last dimension must be even ([gate | up]), got shape {list(x.shape)}")
+    check_last_dim_contiguous("x", x)
+    intermediate = x.shape[-1] // 2
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    out = torch.empty((*x.shape[:-1], intermediate), dtype=x.dtype, device=x.device)
+    if rows.shape[0] > 0 and intermediate > 0:
+        grid = (rows.shape[0], triton.cdiv(intermediate, _BLOCK))
+        _silu_and_mul_kernel[grid](rows, out, rows.stride(0), intermediate, BLOCK=_BLOCK, num_warps=4)
+    return out

@@ -1,0 +1,19 @@
+"""Kernel tests run the Triton kernels compiled on a CUDA GPU, or through Triton's interpreter
+on the CPU. The interpreter must be switched on before any kernel is defined (Triton chooses
+between compiling and interpreting when a kernel is decorated, i.e. when its module is imported),
+hence this file sets TRITON_INTERPRET before the test modules import replica.kernels.*_triton.
+If some other test imported a Triton kernel module first, it is reloaded here.
+"""
+import importlib
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in sorted(sys.modules):
+        if name.startswith("replica.kernels.") and name.endswith("_triton"):
+            importlib.reload(sys.modules[name])
+    if "replica.kernels.triton_backend" in sys.modules:
+        importlib.reload(sys.modules["replica.kernels.triton_backend"])

@@ -1,0 +1,114 @@
+"""Split-KV paged decode attention against the torch reference."""
+import pytest
+import torch
+
+from replica.kernels.paged_decode_triton import choose_num_splits, paged_decode_attention
+from tests.kernels.paged_batch import (
+    DEVICE, ON_GPU, assert_close_rel, head_scale, make_batch, reference_attention,
+)
+
+# (seq_lens, num_heads, num_kv_heads, head_dim, block_size, num_splits); None = the heuristic
+if ON_GPU:
+    CASES = [
+        ([1, 17, 300, 4096, 1025], 32, 8, 128, 16, None),      # Llama-3-8B shapes, ragged
+        ([1, 17, 300, 4096, 1025], 32, 8, 128, 16, 1),
+        ([8191, 77], 32, 8, 128, 32, 7),                          # few seqs, long context
+        ([5, 2000, 513] * 11, 32, 8, 128, 16, None),             # 33 seqs
+        ([33, 700, 1500], 16, 16, 64, 16, 3),                     # no GQA, head_dim 64
+        ([1000, 64, 3], 28, 4, 128, 32, None),                   # group of 7 (not a power of 2)
+    ]
+else:
+    CASES = [
+        ([1, 9, 30], 2, 2, 64, 4, None),
+        ([1, 17, 150], 8, 2, 128, 16, 1),
+        ([1, 17, 150], 8, 2, 128, 16, 4),                        # more splits than some seqs have tiles
+        ([33, 64, 5, 200], 8, 2, 64, 32, 3),
+        ([70, 3], 6, 2, 64, 4, 2),                                # group of 3 (padded rows)
+    ]
+
+
+@pytest.mark.parametrize("seq_lens,num_heads,num_kv_heads,head_dim,block_size,num_splits", CASES)
+def test_decode_matches_reference(seq_lens, num_heads, num_kv_heads, head_dim, block_size, num_splits):
+    batch = make_batch(seq_lens, [1] * len(seq_lens), num_heads=num_heads,
+                       num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
+    out = torch.full_like(batch.q, float("nan"))
+    block_n = 64 if ON_GPU else 16          # small tiles on the CPU: several tiles per split
+    paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
+                           batch.seq_lens, head_scale(head_dim), num_splits=num_splits,
+                           max_seq_len=batch.max_seq_len, out=out, block_n=block_n)
+    assert_close_rel(out, reference_attention(batch), batch.q.dtype)
+
+
+def test_float32_is_exact_to_float32_rounding():
+    batch = make_batch([40, 200, 3], [1, 1, 1], num_heads=8, num_kv_heads=2, head_dim=64,
+                       block_size=16, dtype=torch.float32)
+    out = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
+                                 batch.seq_lens, head_scale(64), num_splits=3)
+    assert_close_rel(out, reference_attention(batch), torch.float32)
+
+
+def test_zero_length_padding_rows_give_zeros():
+    # CUDA-graph buckets pad the batch with seq_len 0 rows: they must not produce NaN.
+    batch = make_batch([20, 1], [1, 1], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
+    seq_lens = torch.tensor([20, 0], dtype=torch.int32, device=DEVICE)
+    for num_splits in (1, 2):
+        out = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
+                                     seq_lens, 0.125, num_splits=num_splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert not out.isnan().any()
+
+
+def test_num_splits_heuristic_fills_the_gpu_only_when_needed():
+    device = torch.device("cuda") if ON_GPU else torch.device("cpu")
+    assert choose_num_splits(64, 8, 8192, device) == 1 or not ON_GPU
+    assert choose_num_splits(1, 8, 8192, device) > 1
+    assert choose_num_splits(1, 8, 100, device) == 1        # one short context: no split
+    assert 1 <= choose_num_splits(1, 1, 10 ** 6, device) <= 64
+
+
+def test_rejects_bad_arguments():
+    batch = make_batch([5, 6], [1, 1], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, 0.125)
+    with pytest.raises(ValueError, match="block_tables: dtype int64"):
+        paged_decode_attention(*args[:3], batch.block_tables.long(), *args[4:])
+    with pytest.raises(ValueError, match="seq_lens: expected shape"):
+        paged_decode_attention(*args[:4], batch.seq_lens[:1], args[5])
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        paged_decode_attention(batch.q[:, :3], *args[1:])
+    with pytest.raises(ValueError, match="dtypes must match"):
+        paged_decode_attention(batch.q.half(), *args[1:])
+    with pytest.raises(ValueError, match="last dimension must be contiguous"):
+        paged_decode_attention(batch.q.transpose(1, 2).contiguous().transpose(1, 2), *args[1:])
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_decode_attention(*args, num_splits=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_cuda_graph_replay_with_new_lengths_matches_eager():
+    # Capture once with a static num_splits, then change seq_lens and block tables in place.
+    num_heads, num_kv_heads, head_dim, block_size = 32, 8, 128, 16
+    first = make_batch([100, 2000, 7, 900], [1] * 4, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, block_size=block_size, spare_blocks=200, seed=1)
+    num_splits = choose_num_splits(4, num_kv_heads, 8192, DEVICE)
+    q, seq_lens, block_tables = first.q.clone(), first.seq_lens.clone(), first.block_tables.clone()
+    out = torch.empty_like(q)
+
+    def step():
+        paged_decode_attention(q, first.k_cache, first.v_cache, block_tables, seq_lens,
+                               head_scale(head_dim), num_splits=num_splits, out=out)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    max_blocks = block_tables.shape[1]     # 125: contexts up to 2000 tokens
+    seq_lens.copy_(torch.tensor([101, 1500, 8, 1999], dtype=torch.int32, device=DEVICE))
+    block_tables.copy_(torch.randint(0, first.k_cache.shape[0], (4, max_blocks), device=DEVICE))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    replayed = out.clone()
+    eager = paged_decode_attention(q, first.k_cache, first.v_cache, block_tables, seq_lens,
+                                   head_scale(head_dim), num_splits=num_splits)
+    assert torch.equal(replayed, eager)
