@@ -40,6 +40,10 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.full((max_bs, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_bs, model.cfg.hidden_size, dtype=model.dtype, device=device)
+        # Pinned staging, allocated once (pinning per step costs more than the copy). Reusing it
+        # is safe: every step ends with a host sync on the sampled tokens before the next fill.
+        self.host_ints = torch.zeros(4, max_bs, dtype=torch.int64).pin_memory()
+        self.host_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32).pin_memory()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
@@ -77,26 +81,27 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """Returns hidden states [len(input_ids), hidden]."""
+    def prepare(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+                tables: list[list[int]]) -> int:
+        """Fills the static inputs; returns the bucket to replay."""
         num_seqs = len(input_ids)
         bs = next(b for b in self.buckets if b >= num_seqs)
         pad = bs - num_seqs
         width = max(len(t) for t in tables)
-        host = torch.empty(4, bs, dtype=torch.int64, pin_memory=True)
-        host[0] = torch.tensor(input_ids + [0] * pad)
-        host[1] = torch.tensor(positions + [0] * pad)
-        host[2] = torch.tensor(slots + [self.scratch_slot] * pad)
-        host[3] = torch.tensor(seq_lens + [1] * pad)
+        self.host_ints[:, :bs] = torch.tensor([input_ids + [0] * pad, positions + [0] * pad,
+                                               slots + [self.scratch_slot] * pad, seq_lens + [1] * pad])
         scratch_block = self.scratch_slot // self.block_size
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables]
-                             + [[scratch_block] * width] * pad, dtype=torch.int32).pin_memory()
-        device_host = host.to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:bs].copy_(device_host[0])
-        self.positions[:bs].copy_(device_host[1])
-        self.slot_mapping[:bs].copy_(device_host[2])
-        self.seq_lens[:bs].copy_(device_host[3])
-        self.block_tables[:bs, :width].copy_(table, non_blocking=True)
+        self.host_tables[:bs, :width] = torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables] + [[scratch_block] * width] * pad, dtype=torch.int32)
+        ints = self.host_ints[:, :bs].to(self.input_ids.device, non_blocking=True)
+        self.input_ids[:bs].copy_(ints[0])
+        self.positions[:bs].copy_(ints[1])
+        self.slot_mapping[:bs].copy_(ints[2])
+        self.seq_lens[:bs].copy_(ints[3])
+        self.block_tables[:bs, :width].copy_(self.host_tables[:bs, :width], non_blocking=True)
+        return bs
+
+    def replay(self, bs: int, num_seqs: int) -> torch.Tensor:
+        """Returns hidden states [num_seqs, hidden]."""
         self.graphs[bs].replay()
         return self.hidden[:num_seqs]

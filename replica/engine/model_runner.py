@@ -27,6 +27,9 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads,
                                     cfg.head_dim, dtype=model.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        # Benchmarks set this to a list to collect (start, end) CUDA events around each step's GPU
+        # work (forward and logits), which gives the GPU's idle share between steps.
+        self.step_events: list | None = None
         self.graphs = None
         if use_cuda_graphs:
             from replica.engine.cuda_graphs import DecodeGraphs
@@ -49,12 +52,26 @@ class ModelRunner:
         entries = torch.tensor([entry for _, entry in plan.samplers], dtype=torch.long, device=self.device)
         is_decode_only = len(lists[0]) == len(plan.scheduled)
         if self.graphs is not None and is_decode_only and self.graphs.can_run(len(plan.scheduled)):
-            hidden = self.graphs.run(*lists[:4], lists[5])
-            return self.model.compute_logits(hidden.index_select(0, entries))
-        input_ids, positions, meta = self._tensors(plan, *lists)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
-        ends = meta.query_start_loc[1:].long() - 1
-        return self.model.compute_logits(hidden.index_select(0, ends[entries]))
+            bs = self.graphs.prepare(*lists[:4], lists[5])
+            start = self._record()
+            hidden = self.graphs.replay(bs, len(plan.scheduled))
+            logits = self.model.compute_logits(hidden.index_select(0, entries))
+        else:
+            input_ids, positions, meta = self._tensors(plan, *lists)
+            start = self._record()
+            hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+            ends = meta.query_start_loc[1:].long() - 1
+            logits = self.model.compute_logits(hidden.index_select(0, ends[entries]))
+        if start is not None:
+            self.step_events.append((start, self._record()))
+        return logits
+
+    def _record(self):
+        if self.step_events is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _flatten(self, plan: StepPlan):
         size = self.block_size
