@@ -32,8 +32,8 @@ from replica.kernels.checks import (
 
 LOG2_E = 1.4426950408889634
 MAX_SPLITS = 64
-_MIN_TOKENS_PER_SPLIT = 256   # below this the partial-result traffic outweighs the gain
 _DEFAULT_BLOCK_N = 64
+_MIN_TOKENS_PER_SPLIT = _DEFAULT_BLOCK_N   # at least one whole tile per split
 
 
 @triton.jit
@@ -138,11 +138,13 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                       device: torch.device) -> int:
-    """Enough (seq, kv head, split) programs for about two waves over the GPU's SMs, but no
-    split shorter than _MIN_TOKENS_PER_SPLIT tokens of the longest context. Pure host arithmetic
-    on static sizes: pass a static bound (max_model_len) as max_seq_len for CUDA graphs."""
+    """About two waves of (seq, KV head, split) programs over the GPU's SMs, rounded down to a
+    power of two, and no split shorter than one tile of the longest context. Measured on an H100
+    at Llama-3-8B shapes (bench/NOTES.md): batch 1 wants 8 splits at ctx 512 and 32 from ctx 2048
+    on; batch 64 (512 programs) wants 1. Pure host arithmetic on static sizes: pass a static
+    bound (max_model_len) as max_seq_len for CUDA graphs."""
     num_groups = max(1, num_seqs * num_kv_heads)
-    wanted = triton.cdiv(2 * _num_sms(device), num_groups)
+    wanted = 1 << (max(1, triton.cdiv(2 * _num_sms(device), num_groups)).bit_length() - 1)
     useful = triton.cdiv(max(1, max_seq_len), _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, MAX_SPLITS))
 

@@ -100,7 +100,7 @@ def paged_prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     max_query_len: int, scale: float, out: torch.Tensor | None = None,
-    block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    block_m: int = 64, block_n: int = 32, num_warps: int = 4, num_stages: int = 2,
 ) -> torch.Tensor:
     """Causal attention of T new tokens from B sequences over their paged context (write the
     cache first: the new keys are read from it).
@@ -110,6 +110,7 @@ def paged_prefill_attention(
     new-token counts; seq_lens: [B] int32 (cached + new); block_tables: [B, max_blocks] int32;
     max_query_len: a host int ≥ every query length (it sizes the grid; a larger bound only adds
     programs that exit at once). Returns out [T, num_heads, head_dim] (or fills `out`).
+    Tiles: block_m=64, block_n=32, 4 warps measured fastest of seven on an H100 (bench/NOTES.md).
     """
     check_shape("q", q, (None, None, None))
     num_tokens, num_heads, head_dim = q.shape

@@ -62,7 +62,8 @@ def test_num_splits_heuristic_fills_the_gpu_only_when_needed():
     device = torch.device("cuda") if ON_GPU else torch.device("cpu")
     assert choose_num_splits(64, 8, 8192, device) == 1 or not ON_GPU
     assert choose_num_splits(1, 8, 8192, device) > 1
-    assert choose_num_splits(1, 8, 100, device) == 1        # one short context: no split
+    assert choose_num_splits(1, 8, 64, device) == 1         # one tile of context: no split
+    assert choose_num_splits(1, 8, 100, device) <= 2        # never a split without a whole tile
     assert 1 <= choose_num_splits(1, 1, 10 ** 6, device) <= 64
 
 
