@@ -33,7 +33,9 @@ DASHBOARDS_DIR = Path(__file__).resolve().parent.parent / "grafana" / "dashboard
 
 _DS = {"type": "prometheus", "uid": DATASOURCE_UID}
 _RATE = "[$__rate_interval]"
-_NON_2XX = 'status!~"2.."'
+# Prometheus' scrapes and the health checks are HTTP requests too; the traffic panels leave them out.
+_API = 'route!~"/metrics|/health|/ready"'
+_NON_2XX = f'{_API}, status!~"2.."'
 _PANEL_WIDTH = 24                         # Grafana's grid is 24 columns wide
 
 
@@ -149,8 +151,8 @@ def _panels(s: _Scope) -> list[dict]:
         _timeseries("Finished requests/s by finish reason",
                     [(s.sum(s.rate("pagefleet_request_success_total"), "finished_reason"),
                       s.label("{{finished_reason}}"))], unit="reqps"),
-        _timeseries("HTTP responses/s by status",
-                    [(s.sum(s.rate("pagefleet_http_requests_total"), "status"), s.label("{{status}}"))],
+        _timeseries("HTTP responses/s by status (API routes)",
+                    [(s.sum(s.rate("pagefleet_http_requests_total", _API), "status"), s.label("{{status}}"))],
                     unit="reqps"),
         _timeseries("Errors/s by route and status (non-2xx)",
                     [(s.sum(s.rate("pagefleet_http_requests_total", _NON_2XX), "route, status"),
@@ -241,6 +243,14 @@ DASHBOARDS: dict[str, Callable[[], dict]] = {
 def render_dashboards() -> dict[str, str]:
     """File name → JSON text of every dashboard (stable: sorted keys, trailing newline)."""
     return {name: json.dumps(build(), indent=2, sort_keys=True) + "\n" for name, build in DASHBOARDS.items()}
+
+
+def expand_variables(expr: str, rate_interval: str = "1m") -> str:
+    """A panel's PromQL as Grafana sends it with every variable on "All" (for tools and tests)."""
+    expr = expr.replace("$__rate_interval", rate_interval)
+    for name in ("model_name", "instance"):
+        expr = expr.replace(f"${name}", ".*")
+    return expr
 
 
 def main(argv: list[str] | None = None) -> int:
