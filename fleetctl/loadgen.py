@@ -2,9 +2,9 @@
 
 Requests are the workloads of WORKLOADS.md: random token-id prompts (sent as `prompt: [ids]`, so
 no tokenizer is involved) and exact output lengths (`max_tokens: n` with `ignore_eos: true`, the
-vLLM extension that pagefleet's server accepts too). Arrivals are open loop (Poisson at `request_rate` requests/s; `inf`: all at
-once) and optionally capped at `concurrency` requests in flight; a cap with `inf` rate is the
-fixed-concurrency mode of W4. Timing starts when a request is sent (after waiting for the cap).
+vLLM extension that pagefleet's server accepts too). Arrivals are open loop (Poisson at
+`request_rate` requests/s; `inf`: all at once) and optionally capped at `concurrency` requests in
+flight; a cap with `inf` rate is the fixed-concurrency mode of W4. Timing starts when a request is sent (after waiting for the cap).
 
 What is measured, per request: TTFT (send → first token chunk), the gaps between token chunks
 (inter-token latency; one chunk normally carries one token), e2e, output tokens (the server's
@@ -254,8 +254,10 @@ def _parse_range(text: str) -> tuple[int, int]:
 @click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="W4", show_default=True,
               help="Preset from WORKLOADS.md; the options below override its fields.")
 @click.option("--num-requests", type=click.IntRange(min=1), help="Requests to send.")
-@click.option("--prompt-len", type=_parse_range, metavar="N|LOW:HIGH", help="Prompt tokens: N or LOW:HIGH (uniform).")
-@click.option("--output-len", type=_parse_range, metavar="N|LOW:HIGH", help="Output tokens, exact: N or LOW:HIGH (uniform).")
+@click.option("--prompt-len", type=_parse_range, metavar="N|LOW:HIGH",
+              help="Prompt tokens: N or LOW:HIGH (uniform).")
+@click.option("--output-len", type=_parse_range, metavar="N|LOW:HIGH",
+              help="Output tokens, exact: N or LOW:HIGH (uniform).")
 @click.option("--concurrency", type=click.IntRange(min=0), help="Cap on requests in flight; 0: no cap.")
 @click.option("--request-rate", type=float, default=math.inf, show_default=True,
               help="Open-loop Poisson arrivals, requests/s; inf sends all at once.")

@@ -5,7 +5,6 @@ import json
 import math
 import threading
 
-import numpy as np
 import pytest
 from aiohttp import web
 
