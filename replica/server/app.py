@@ -144,7 +144,7 @@ def build_app(engine, config: ServerConfig) -> web.Application:
 
     app = web.Application(middlewares=[front_door], client_max_size=config.max_body_bytes)
     app[REPLICA] = replica
-    app[OPENAPI] = build_openapi(config)
+    app[OPENAPI] = build_openapi(config, replica.served_model_name)
     app.router.add_post("/v1/completions", openai_api.create_completion)
     app.router.add_post("/v1/chat/completions", openai_api.create_chat_completion)
     app.router.add_get("/v1/models", openai_api.list_models)

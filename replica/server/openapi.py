@@ -67,8 +67,16 @@ def _operation(route: Route, has_keys: bool) -> dict:
     ok: dict = {"description": "OK"}
     if route.response is not None:
         ok["content"] = {"application/json": {"schema": _ref(route.response)}}
-        if route.stream_type:
-            ok["content"][route.stream_type] = {"schema": {"type": "string"}}
+        if route.stream_type == "text/event-stream":
+            # OpenAPI 3.1: the schema of an event stream describes one event.
+            ok["content"][route.stream_type] = {"schema": {
+                "type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string", "description": (
+                    f"one {route.response.__name__} chunk as JSON (chat: `delta` in place of "
+                    "`message`), then [DONE]")}}}}
+        elif route.stream_type:
+            ok["content"][route.stream_type] = {"schema": {
+                **_ref(route.response), "description": "one such object a line (stream: true)"}}
     elif route.path == "/metrics":
         ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
     elif route.path in ("/health", "/ready"):
@@ -89,12 +97,28 @@ def _operation(route: Route, has_keys: bool) -> dict:
     return op
 
 
-def build_openapi(config: ServerConfig) -> dict:
+def _pin_model_names(schemas: dict, served_name: str) -> None:
+    """A replica accepts one model name (or Ollama's `name:latest`): say so in request bodies,
+    so that clients and fuzzers see the only value that does not answer 404."""
+    names = [served_name, f"{served_name}:latest"]
+    for name, schema in schemas.items():
+        props = schema.get("properties", {})
+        for field in ("model", "name"):
+            if field in props and name.endswith("Request"):
+                nullable = any(alt.get("type") == "null" for alt in props[field].get("anyOf", []))
+                pinned = {"type": "string", "enum": names}
+                props[field] = ({"anyOf": [pinned, {"type": "null"}], "default": None}
+                                if nullable else pinned)
+
+
+def build_openapi(config: ServerConfig, served_name: str) -> dict:
     models = {m for r in ROUTES for m in (r.request, r.response) if m is not None}
     models |= {openai.ErrorResponse, ollama.OllamaError}
     pairs = [(m, "validation" if m in {r.request for r in ROUTES} else "serialization")
              for m in sorted(models, key=lambda m: m.__name__)]
     _, schema = models_json_schema(pairs, ref_template="#/components/schemas/{model}")
+    schemas = schema.get("$defs", {})
+    _pin_model_names(schemas, served_name)
     paths: dict = {}
     for route in ROUTES:
         paths.setdefault(route.path, {})[route.method] = _operation(route, bool(config.api_keys))
@@ -103,7 +127,7 @@ def build_openapi(config: ServerConfig) -> dict:
         "info": {"title": "pagefleet replica", "version": config.version,
                  "description": "OpenAI- and Ollama-compatible inference server of one replica."},
         "paths": paths,
-        "components": {"schemas": schema.get("$defs", {})},
+        "components": {"schemas": schemas},
     }
     if config.api_keys:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

@@ -1,0 +1,57 @@
+"""Pure pieces of the server, without a process: auth, error messages, settings, the document."""
+import pytest
+from pydantic import ValidationError
+
+from replica.server.auth import is_authorized
+from replica.server.config import ServerConfig
+from replica.server.errors import from_validation_error
+from replica.server.model_info import _human_count
+from replica.server.openapi import ROUTES, build_openapi
+from replica.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def test_api_keys_match_exactly():
+    keys = ("alpha", "beta")
+    assert is_authorized("beta", keys)
+    assert not is_authorized("bet", keys) and not is_authorized("betaa", keys)
+    assert not is_authorized(None, keys) and not is_authorized("", keys)
+    assert not is_authorized("\udcff", keys)              # undecodable header bytes
+
+
+def _error(model, raw: bytes):
+    with pytest.raises(ValidationError) as err:
+        model.model_validate_json(raw)
+    return from_validation_error(err.value)
+
+
+def test_validation_errors_name_the_field_not_the_input():
+    err = _error(CompletionRequest, b'{"prompt": "secret", "temperature": 7}')
+    assert err.status == 400 and err.param == "temperature"
+    assert err.message == "temperature: Input should be less than or equal to 2"
+    err = _error(ChatCompletionRequest, b'{"messages": [{"role": "user", "content": 5}]}')
+    assert err.param == "messages[0].content"
+    err = _error(CompletionRequest, b'{"prompt": "x", "secret_field": 1}')
+    assert err.param == "secret_field" and "unknown field" in err.message
+    err = _error(CompletionRequest, b'{"prompt": "secret", ')
+    assert "JSON" in err.message and "secret" not in err.message
+
+
+def test_server_config_is_validated():
+    with pytest.raises(ValueError, match="max_n"):
+        ServerConfig(max_n=0)
+    with pytest.raises(ValueError, match="drain_timeout"):
+        ServerConfig(drain_timeout_s=-1)
+    assert ServerConfig(api_keys=("", "k")).api_keys == ("k",)
+
+
+def test_document_security_follows_the_keys():
+    assert "securitySchemes" not in build_openapi(ServerConfig(), "m")["components"]
+    doc = build_openapi(ServerConfig(api_keys=("k",)), "m")
+    assert doc["paths"]["/health"]["get"]["security"] == []
+    assert doc["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
+    assert len({(r.method, r.path) for r in ROUTES}) == len(ROUTES)
+
+
+def test_parameter_sizes_read_like_ollama():
+    assert [_human_count(n) for n in (134_515_008, 1_700_000_000, 7_241_000_000)] == \
+        ["135M", "1.7B", "7.2B"]
