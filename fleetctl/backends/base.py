@@ -1,0 +1,115 @@
+"""The one interface every backend implements: start, stop, list, logs.
+
+A backend knows how to run one replica (`replica serve ...`) somewhere and how to find the ones
+it runs; it knows nothing of NGINX, readiness or the desired count: `fleetctl/fleet.py` does.
+A later backend (or `fleetctl update`) only needs these methods.
+"""
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterator
+
+REPLICA_PORT_IN_CONTAINER = 8000
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What to run for one replica; built by the fleet from its config."""
+
+    id: str
+    model: str  # a path or the bundled alias, as the operator gave it
+    served_model_name: str
+    device: str  # cpu | cuda
+    gpu: str = ""  # GPU index or UUID this replica is pinned to; "" for CPU
+    api_keys: tuple[str, ...] = ()
+    max_model_len: int = 0
+    num_kv_blocks: int = 0
+    drain_timeout_s: float = 30.0
+
+
+@dataclass
+class Replica:
+    """A replica as its backend sees it."""
+
+    id: str
+    host: str  # where NGINX and fleetctl reach it
+    port: int
+    handle: str  # pid:starttime, container id, task id
+    is_alive: bool  # its process exists (it may still be loading); False once it exited or crashed
+    started_at_s: float
+    detail: str = ""  # backend's own words: "exited (137)", "restarting", ...
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    name: str = ""
+    # True when the engine itself restarts a crashed replica (Docker restart policy, Swarm);
+    # the watcher then waits for it instead of restarting it.
+    restarts_on_crash: bool = False
+
+    @abstractmethod
+    def start(self, spec: ReplicaSpec, port: int | None = None) -> Replica:
+        """Starts one replica and returns at once (loading continues); `port` reuses an address.
+        The returned replica's id is spec.id, except on backends that name replicas themselves
+        (Swarm: the task slot)."""
+
+    def start_many(self, specs: list[ReplicaSpec]) -> list[Replica]:
+        """Starts several; a backend that can do it in one step (Swarm) overrides this."""
+        return [self.start(spec) for spec in specs]
+
+    @abstractmethod
+    def stop(self, replica_id: str, timeout_s: float) -> None:
+        """SIGTERM (the replica drains its requests), SIGKILL after timeout_s, then forget it."""
+
+    @abstractmethod
+    def list(self) -> dict[str, Replica]:
+        """Every replica of this fleet the backend runs or still knows about, by id."""
+
+    @abstractmethod
+    def logs(self, replica_id: str, follow: bool = False, tail: int = 200) -> Iterator[str]:
+        """The replica's output, line by line; with follow, until interrupted."""
+
+    def needs_restart(self, replica: Replica | None) -> bool:
+        """True when the replica is gone or dead and this backend will not bring it back itself."""
+        return replica is None or not replica.is_alive
+
+    def restart(self, spec: ReplicaSpec, port: int | None, timeout_s: float) -> Replica:
+        self.stop(spec.id, timeout_s)
+        return self.start(spec, port)
+
+    def teardown(self) -> None:
+        """Removes what the fleet holds beyond its replicas (a Swarm service); after `down`."""
+
+    def close(self) -> None:
+        pass
+
+
+def serve_args(spec: ReplicaSpec, model: str, host: str, port: int) -> list[str]:
+    """`replica serve` arguments per the replica contract (ARCHITECTURE.md); keys: `replica_env`."""
+    args = ["serve", "--model", model, "--host", host, "--port", str(port),
+            "--served-model-name", spec.served_model_name, "--device", spec.device,
+            "--drain-timeout", f"{spec.drain_timeout_s:g}"]
+    if spec.max_model_len:
+        args += ["--max-model-len", str(spec.max_model_len)]
+    if spec.num_kv_blocks:
+        args += ["--num-kv-blocks", str(spec.num_kv_blocks)]
+    return args
+
+
+def replica_env(spec: ReplicaSpec) -> dict[str, str]:
+    """Environment of a replica. The API keys go here (PAGEFLEET_API_KEYS, which `replica serve`
+    reads like its --api-key options), not on the command line that `ps` shows to every user."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if spec.api_keys:
+        env["PAGEFLEET_API_KEYS"] = ",".join(spec.api_keys)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it; a race with another process is possible
+    but harmless: the replica then fails to bind, and the fleet restarts it on another port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,244 @@
+"""Replicas as the tasks of one Docker Swarm service (pagefleet-<fleet>), through the `docker` SDK.
+
+Swarm schedules the tasks over its nodes, restarts failed ones (restart condition on-failure) and
+runs rolling updates (parallelism 1, start-first, rollback on failure); fleetctl does not
+schedule anything itself. Each task publishes the replica port in host mode at a port Swarm
+picks, so NGINX reaches a task at <its node's address>:<published port>; a replica's id is its
+task slot ("r3" is slot 3), which stays the same when Swarm replaces the task.
+
+With --gpus, each task reserves one `NVIDIA-GPU` generic resource (nodes advertise theirs in
+daemon.json `node-generic-resources`) and, unless --constraint says otherwise, is placed on nodes
+labelled `pagefleet.gpu=true`. The model path must exist on every node (it is bind-mounted
+read-only), as must the paths given with --mount.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator
+
+from fleetctl.backends.base import REPLICA_PORT_IN_CONTAINER, Backend, Replica, ReplicaSpec, replica_env, serve_args
+from fleetctl.backends.docker import LABEL_FLEET, LABEL_MODEL, _parse_time, connect, extra_mounts, model_mount
+from fleetctl.config import FleetConfig
+from fleetctl.errors import FleetError, UnavailableError
+
+GPU_RESOURCE = "NVIDIA-GPU"
+DEFAULT_GPU_CONSTRAINT = "node.labels.pagefleet.gpu==true"
+TASK_START_TIMEOUT_S = 120.0
+# Task states in which the replica's process exists or is about to (it may still be loading).
+ALIVE_STATES = ("new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running")
+
+
+def check_swarm_manager(client) -> None:
+    swarm = client.info().get("Swarm", {})
+    if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+        raise UnavailableError("this Docker engine is not a Swarm manager; run "
+                               "`docker swarm init --advertise-addr <ip>` or use --backend docker")
+
+
+class SwarmBackend(Backend):
+    name = "swarm"
+    restarts_on_crash = True
+
+    def __init__(self, fleet_id: str, config: FleetConfig, client=None):
+        self.fleet_id = fleet_id
+        self.config = config
+        self.client = client or connect(config.docker_host)
+        self.service_name = f"pagefleet-{fleet_id}"
+        self._scale_lock = threading.Lock()
+        check_swarm_manager(self.client)
+
+    def start(self, spec: ReplicaSpec, port: int | None = None) -> Replica:
+        return self.start_many([spec])[0]
+
+    def start_many(self, specs: list[ReplicaSpec]) -> list[Replica]:
+        """Adds len(specs) tasks in one service update (creating the service first) and returns
+        them once each has a published port; their ids are their slots, whatever the specs said.
+        All tasks share the first spec (one service, one task template)."""
+        service = self._service()
+        before = set(self.list())
+        if service is None:
+            self._create_service(specs[0], num_replicas=len(specs))
+        else:
+            self._scale_by(len(specs))
+        deadline = time.monotonic() + TASK_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            new = [r for rid, r in self.list().items() if rid not in before and r.port]
+            if len(new) >= len(specs):
+                return new[: len(specs)]
+            time.sleep(0.3)
+        raise FleetError(f"Swarm did not start {len(specs)} task(s) within {TASK_START_TIMEOUT_S:.0f} s; "
+                         f"see `docker service ps {self.service_name} --no-trunc`")
+
+    def stop(self, replica_id: str, timeout_s: float) -> None:
+        """Stops this slot's task (SIGTERM: it drains) and then scales the service down by one.
+        A task that exits 0 is not restarted (on-failure) and Swarm removes non-running slots
+        first, so the slot that goes is this one. A task on another node cannot be stopped from
+        here; Swarm then picks which task goes."""
+        service = self._service()
+        replica = self.list().get(replica_id)
+        if service is None:
+            return
+        if replica is not None:
+            for container in self.client.containers.list(
+                    filters={"label": f"com.docker.swarm.task.id={replica.labels['task_id']}"}):
+                container.stop(timeout=max(1, int(timeout_s)))
+        self._scale_by(-1)
+        deadline = time.monotonic() + timeout_s + 10
+        while replica_id in self.list() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def list(self) -> dict[str, Replica]:
+        """One replica per slot, from the slot's newest task. A slot whose newest task failed is
+        still listed (not alive) while Swarm waits out the restart delay; only a slot that was
+        scaled away (desired state "remove") is gone."""
+        service = self._service()
+        if service is None:
+            return {}
+        node_addrs = {n.id: n.attrs.get("Status", {}).get("Addr", "127.0.0.1") for n in self.client.nodes.list()}
+        latest: dict[int, dict] = {}
+        for task in service.tasks():
+            slot = task.get("Slot")
+            if slot is not None and (slot not in latest or task["CreatedAt"] > latest[slot]["CreatedAt"]):
+                latest[slot] = task
+        replicas = {}
+        for slot, task in sorted(latest.items()):
+            if task.get("DesiredState") == "remove":
+                continue
+            status = task.get("Status", {})
+            state = status.get("State", "")
+            is_alive = state in ALIVE_STATES and task.get("DesiredState") in ("running", "ready")
+            ports = status.get("PortStatus", {}).get("Ports") or []
+            port = next((p["PublishedPort"] for p in ports if p.get("TargetPort") == REPLICA_PORT_IN_CONTAINER), 0)
+            if not port and is_alive:
+                port = self._local_port(task["ID"])
+            replicas[f"r{slot}"] = Replica(
+                f"r{slot}", node_addrs.get(task.get("NodeID"), "127.0.0.1"), port, task["ID"][:12],
+                is_alive, _parse_time(status.get("Timestamp")), state,
+                {"task_id": task["ID"], "node_id": task.get("NodeID", "")})
+        return replicas
+
+    def _local_port(self, task_id: str) -> int:
+        """The published port of a task's container on this node. Swarm reports a task's ports
+        only once its health check passed; the container has them from its start, and fleetctl
+        does its own /ready gating."""
+        for container in self.client.containers.list(filters={"label": f"com.docker.swarm.task.id={task_id}"}):
+            for binding in (container.ports.get(f"{REPLICA_PORT_IN_CONTAINER}/tcp") or []):
+                return int(binding["HostPort"])
+        return 0
+
+    def logs(self, replica_id: str, follow: bool = False, tail: int = 200) -> Iterator[str]:
+        replica = self.list().get(replica_id)
+        if replica is None:
+            return
+        api = self.client.api
+        # The SDK wraps /services/{id}/logs but not /tasks/{id}/logs; the same call shape works.
+        response = api._get(api._url("/tasks/{0}/logs", replica.labels["task_id"]), stream=True,
+                            params={"follow": follow, "stdout": True, "stderr": True, "tail": tail})
+        buffer = b""
+        for chunk in api._get_result_tty(True, response, False):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            yield from (line.decode(errors="replace") for line in lines)
+
+    def needs_restart(self, replica: Replica | None) -> bool:
+        return False  # Swarm replaces failed tasks of a slot itself
+
+    def teardown(self) -> None:
+        import docker
+
+        service = self._service()
+        if service is None:
+            return
+        service.remove()
+        deadline = time.monotonic() + self.config.drain_timeout_s + 30
+        label = f"com.docker.swarm.service.name={self.service_name}"
+        while self.client.containers.list(filters={"label": label}) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        for container in self.client.containers.list(all=True, filters={"label": label}):
+            try:  # exited task containers; Swarm would prune them too, a little later
+                container.remove(force=True)
+            except docker.errors.APIError:
+                pass
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _service(self):
+        import docker
+
+        try:
+            return self.client.services.get(self.service_name)
+        except docker.errors.NotFound:
+            return None
+
+    def _scale(self, service, num_replicas: int) -> None:
+        """Changes only the number of replicas. (The SDK's Service.scale re-sends the spec with
+        the engine's defaults filled in, which Swarm takes for a changed task template and
+        answers with a rolling replacement of every task.)"""
+        spec = service.attrs["Spec"]
+        self.client.api.update_service(
+            service.id, service.version, task_template=spec["TaskTemplate"], name=spec["Name"],
+            labels=spec.get("Labels"), mode={"Replicated": {"Replicas": num_replicas}},
+            update_config=spec.get("UpdateConfig"), rollback_config=spec.get("RollbackConfig"),
+            endpoint_spec=spec.get("EndpointSpec"))
+
+    def _scale_by(self, delta: int) -> None:
+        """Read-modify-write of the replica count, serialised here and retried when another
+        client updated the service in between (Swarm rejects an update of a stale version)."""
+        import docker
+
+        with self._scale_lock:
+            for attempt in range(5):
+                service = self._service()
+                if service is None:
+                    return
+                try:
+                    self._scale(service, max(0, self._num_replicas(service) + delta))
+                    return
+                except docker.errors.APIError as exc:
+                    if "out of sequence" not in str(exc) or attempt == 4:
+                        raise
+                    time.sleep(0.1)
+
+    @staticmethod
+    def _num_replicas(service) -> int:
+        return service.attrs["Spec"]["Mode"].get("Replicated", {}).get("Replicas", 0)
+
+    def _create_service(self, spec: ReplicaSpec, num_replicas: int) -> None:
+        import docker
+        from docker.types import EndpointSpec, Healthcheck, Resources, RestartPolicy, ServiceMode, UpdateConfig
+
+        model_arg, mount = model_mount(spec.model)
+        command = self.config.replica_command
+        python = command[0] if "python" in command[0].rsplit("/", 1)[-1] else "python3"
+        probe = (f"import urllib.request; urllib.request.urlopen("
+                 f"'http://127.0.0.1:{REPLICA_PORT_IN_CONTAINER}/ready', timeout=2)")
+        constraints = list(self.config.constraints) or ([DEFAULT_GPU_CONSTRAINT] if self.config.gpus else [])
+        ns = 1_000_000_000
+        try:
+            self.client.services.create(
+                self.config.image,
+                command=command,
+                args=serve_args(spec, model_arg, "0.0.0.0", REPLICA_PORT_IN_CONTAINER),
+                name=self.service_name,
+                labels={LABEL_FLEET: self.fleet_id, LABEL_MODEL: spec.served_model_name},
+                container_labels={LABEL_FLEET: self.fleet_id},
+                mode=ServiceMode("replicated", replicas=num_replicas),
+                endpoint_spec=EndpointSpec(ports=[{"Protocol": "tcp", "TargetPort": REPLICA_PORT_IN_CONTAINER,
+                                                   "PublishMode": "host"}]),
+                mounts=[mount, *extra_mounts(self.config.mounts)],
+                env=[f"{k}={v}" for k, v in {**replica_env(spec), **self.config.env}.items()],
+                restart_policy=RestartPolicy(condition="on-failure", delay=1 * ns),
+                update_config=UpdateConfig(parallelism=1, order="start-first", failure_action="rollback",
+                                           monitor=10 * ns),
+                rollback_config=UpdateConfig(parallelism=1, order="start-first"),
+                healthcheck=Healthcheck(test=["CMD", python, "-c", probe], interval=3 * ns, timeout=3 * ns,
+                                        retries=3, start_period=int(self.config.ready_timeout_s * ns)),
+                stop_grace_period=int(spec.drain_timeout_s * ns) + 5 * ns,
+                stop_signal="SIGTERM",
+                resources=Resources(generic_resources={GPU_RESOURCE: 1}) if self.config.gpus else None,
+                constraints=constraints or None,
+            )
+        except docker.errors.APIError as exc:
+            raise FleetError(f"Swarm refused the service {self.service_name}: {exc.explanation or exc}") from None

@@ -1,0 +1,323 @@
+"""fleetctl: run a fleet of pagefleet replicas behind NGINX with TLS, and keep it healthy.
+
+Commands only; the work lives in fleet.py, lifecycle.py, health.py, status.py and render.py.
+Errors are one line saying what to do, with the exit codes listed in errors.py.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+
+import click
+from rich.console import Console
+
+from fleetctl import output
+from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig, parse_gpus
+from fleetctl.errors import EXIT_DEGRADED, ConfigError, FleetError
+from fleetctl.fleet import Fleet
+from fleetctl.state import StateDir
+
+console = Console()
+err = Console(stderr=True)
+
+# CLI option → FleetConfig field, for the options of `up`.
+UP_FIELDS = {
+    "replicas": "num_replicas", "model": "model", "served_model_name": "served_model_name",
+    "backend": "backend", "gpus": "gpus", "routing": "routing", "listen": "listen", "port": "https_port",
+    "http_port": "http_port", "internal_port": "internal_port", "tls_name": "tls_names", "tls_cert": "tls_cert",
+    "tls_key": "tls_key", "api_key": "api_keys", "rate_limit": "rate_limit_per_s", "burst": "rate_limit_burst",
+    "max_body_size": "client_max_body_size", "read_timeout": "read_timeout_s", "device": "device",
+    "max_model_len": "max_model_len", "num_kv_blocks": "num_kv_blocks", "drain_timeout": "drain_timeout_s",
+    "ready_timeout": "ready_timeout_s", "image": "image", "replica_command": "replica_command",
+    "mount": "mounts", "env": "env", "constraint": "constraints", "docker_host": "docker_host",
+}
+
+
+class FleetGroup(click.Group):
+    """Turns a FleetError into its one-line message and exit code (also under CliRunner)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FleetError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=FleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=output.version(), message="fleetctl %(version)s")
+def cli() -> None:
+    """Run pagefleet replicas behind NGINX with TLS, on local processes, Docker or Swarm.
+
+    \b
+    Quick start (no GPU, no Docker needed):
+      fleetctl up --replicas 2        # 2 replicas of the bundled SmolLM2, https://localhost:8443
+      fleetctl status
+      fleetctl scale 3
+      fleetctl down
+
+    State (config, TLS, logs, NGINX) lives in $PAGEFLEET_HOME, default ~/.pagefleet.
+    Exit codes: 0 ok, 1 failed, 2 usage, 3 not ready in time, 4 nginx/Docker missing,
+    5 NGINX rejected the config (the old one keeps serving), 6 no fleet, 7 degraded.
+    """
+
+
+def _state_dir() -> StateDir:
+    return StateDir()
+
+
+def _fleet(say=None) -> Fleet:
+    return Fleet(_state_dir(), say=say or (lambda line: err.print(line, highlight=False, soft_wrap=True)))
+
+
+@cli.command()
+@click.option("--replicas", "-n", type=click.IntRange(0, 256), help="Number of replicas [default: 2].")
+@click.option("--model", "-m", help="Safetensors folder, GGUF file, or the bundled alias [default: smollm2].")
+@click.option("--served-model-name", help="Name clients put in `model` [default: derived from --model].")
+@click.option("--backend", "-b", type=click.Choice(BACKENDS), help="[default: docker if an engine answers, else local]")
+@click.option("--gpus", help="GPUs to use, one replica each, round-robin: 0,1,2 or all [default: none, CPU].")
+@click.option("--routing", type=click.Choice(ROUTINGS), help="least_conn, or session: hash on X-Session-ID.")
+@click.option("--listen", help="Address of the public listeners [default: 127.0.0.1; 0.0.0.0 for all].")
+@click.option("--port", type=int, help="Public HTTPS port [default: 8443].")
+@click.option("--http-port", type=int, help="HTTP port that redirects to HTTPS with 308 [default: 8080].")
+@click.option("--internal-port", type=int, help="Loopback port for /metrics, /health, stub_status [default: 8081].")
+@click.option("--tls-name", multiple=True, help="Host name or IP for the certificate (repeat) [default: localhost, 127.0.0.1].")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Your own certificate chain (PEM) instead of the local CA.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
+@click.option("--api-key", multiple=True, help="Key clients must send as `Authorization: Bearer KEY` (repeat).")
+@click.option("--rate-limit", type=float, help="Requests/s per API key (or per IP without one) [default: 50].")
+@click.option("--burst", type=int, help="Requests allowed above the rate before 429 [default: 100].")
+@click.option("--max-body-size", help="Largest request body, e.g. 8m [default: 8m].")
+@click.option("--read-timeout", type=int, help="Seconds NGINX waits for a replica's next bytes [default: 600].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda with --gpus, else cpu]")
+@click.option("--max-model-len", type=int, help="Passed to each replica.")
+@click.option("--num-kv-blocks", type=int, help="Passed to each replica.")
+@click.option("--drain-timeout", type=float, help="Seconds a stopping replica may finish requests [default: 30].")
+@click.option("--ready-timeout", type=float, help="Seconds to wait for a replica's /ready [default: 600].")
+@click.option("--image", help="Docker/Swarm: replica image [default: pagefleet-replica:latest].")
+@click.option("--replica-command", help="Docker/Swarm: command that runs `replica` in the image [default: replica].")
+@click.option("--mount", multiple=True, help="Docker/Swarm: extra host path to mount read-only, SRC[:DST] (repeat).")
+@click.option("--env", multiple=True, help="Docker/Swarm: KEY=VALUE for the replica containers (repeat).")
+@click.option("--constraint", multiple=True, help="Swarm: placement constraint, e.g. node.labels.gpu==true (repeat).")
+@click.option("--docker-host", help="Docker engine URL [default: $DOCKER_HOST or the local socket].")
+@click.option("--watch", "then_watch", is_flag=True, help="Keep running as the health watcher afterwards.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def up(then_watch: bool, as_json: bool, **options) -> None:
+    """Start (or converge) the fleet: TLS, N replicas, NGINX in front.
+
+    Idempotent: run it again and it converges to N without touching healthy replicas.
+
+    \b
+    Examples:
+      fleetctl up --replicas 2
+      fleetctl up --replicas 4 --backend docker --gpus 0,1,2,3 --api-key "$KEY"
+      fleetctl up --listen 0.0.0.0 --tls-name llm.example.com --port 443 --http-port 80
+    """
+    from fleetctl.backends import default_backend
+    from fleetctl.lifecycle import open_or_create, preflight, up as up_fleet
+
+    given = _given(options)
+    state_dir = _state_dir()
+    if not state_dir.has_fleet():
+        if "backend" not in given:
+            given["backend"] = default_backend(given.get("docker_host", ""))
+        preflight(FleetConfig(**given))
+    state = open_or_create(state_dir, FleetConfig(**given), set(given))
+    fleet = _fleet()
+    with output.ready_progress(err, state.config.num_replicas) as progress:
+        up_fleet(fleet, progress)
+    from fleetctl.status import collect
+
+    report = collect(fleet)
+    if as_json:
+        report["examples"] = output.examples(state_dir, report)
+        console.print_json(json.dumps(report))
+    else:
+        output.print_up(console, state_dir, report)
+    if then_watch:
+        _watch(fleet, interval=2.0, threshold=2, restart_after=30.0)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(as_json: bool) -> None:
+    """One row per replica (address, model, ready, running/waiting requests, KV-cache use,
+    uptime) and the NGINX state. Exit code 7 when fewer replicas are ready than asked for.
+
+    \b
+    Examples:
+      fleetctl status
+      fleetctl status --json | jq '.replicas[] | {id, is_ready}'
+    """
+    from fleetctl.status import collect
+
+    report = collect(_fleet())
+    if as_json:
+        console.print_json(json.dumps(report))
+    else:
+        output.print_status(console, report)
+    if report["is_degraded"]:
+        sys.exit(EXIT_DEGRADED)
+
+
+@cli.command()
+@click.argument("replicas", type=click.IntRange(0, 256))
+@click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
+def scale(replicas: int, as_json: bool) -> None:
+    """Change the number of replicas. New ones get traffic only once ready; removed ones leave
+    NGINX first, finish their requests, then stop.
+
+    \b
+    Examples:
+      fleetctl scale 3
+      fleetctl scale 1
+    """
+    from fleetctl.lifecycle import converge
+    from fleetctl.status import collect
+
+    fleet = _fleet()
+    fleet.state_dir.load()  # NoFleetError early
+    with output.ready_progress(err, replicas) as progress:
+        converge(fleet, replicas, progress)
+    report = collect(fleet)
+    if as_json:
+        console.print_json(json.dumps(report))
+    else:
+        output.print_status(console, report)
+
+
+@cli.command()
+@click.option("--purge", is_flag=True, help="Also delete the state directory (CA, logs).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was stopped as JSON.")
+def down(purge: bool, as_json: bool) -> None:
+    """Stop NGINX and every replica (each drains its requests first). Safe to run twice.
+
+    \b
+    Examples:
+      fleetctl down
+      fleetctl down --purge     # forget the CA and the logs too
+    """
+    from fleetctl.lifecycle import down as down_fleet
+
+    state_dir = _state_dir()
+    had_fleet = state_dir.has_fleet()
+    stopped = down_fleet(_fleet(), purge=purge)
+    if as_json:
+        console.print_json(json.dumps({"stopped": stopped, "state_dir": str(state_dir.root)}))
+    else:
+        console.print(f"stopped NGINX and {len(stopped)} replica(s)" if had_fleet else "no fleet was running")
+
+
+@cli.command()
+@click.argument("replica")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
+@click.option("--tail", "-t", type=int, default=200, show_default=True, help="Lines of history.")
+def logs(replica: str, follow: bool, tail: int) -> None:
+    """Print a replica's output. REPLICA is an id from `fleetctl status` (r1, r2, ...),
+    `nginx` (NGINX's error log), `access` (its access log) or `events` (the fleet's actions).
+
+    \b
+    Examples:
+      fleetctl logs r1 -f
+      fleetctl logs events
+    """
+    from fleetctl.output import follow_file
+
+    state_dir = _state_dir()
+    files = {"nginx": state_dir.nginx_dir / "logs" / "error.log",
+             "access": state_dir.nginx_dir / "logs" / "access.log", "events": state_dir.events_file}
+    lines = follow_file(files[replica], follow, tail) if replica in files else None
+    if lines is None:
+        fleet = _fleet()
+        if replica not in fleet.state_dir.load().replicas and replica not in fleet.backend.list():
+            raise FleetError(f"no replica {replica!r}; `fleetctl status` lists them")
+        lines = fleet.backend.logs(replica, follow=follow, tail=tail)
+    try:
+        for line in lines:
+            click.echo(line)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.argument("what", default="nginx")
+@click.option("--replicas", "-n", type=int, default=2, show_default=True,
+              help="Placeholder replicas when there is no fleet yet.")
+def render(what: str, replicas: int) -> None:
+    """Print a generated file without starting anything: the NGINX config of the current fleet
+    (or of a default one).
+
+    \b
+    Examples:
+      fleetctl render > nginx.conf
+      fleetctl render nginx
+    """
+    from fleetctl.render import RENDERERS
+
+    if what not in RENDERERS:
+        raise click.BadParameter(f"choose one of {', '.join(RENDERERS)}", param_hint="WHAT")
+    click.echo(RENDERERS[what](_state_dir(), replicas), nl=False)
+
+
+@cli.command()
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between polls.")
+@click.option("--threshold", type=int, default=2, show_default=True, help="Failed polls before a replica leaves NGINX.")
+@click.option("--restart-after", type=float, default=30.0, show_default=True,
+              help="Seconds an unhealthy replica gets to recover before it is restarted.")
+def watch(interval: float, threshold: int, restart_after: float) -> None:
+    """Keep the fleet healthy: poll /health and /ready, take failing replicas out of NGINX,
+    restart them, put them back once ready. Every action is printed with its reason and kept
+    in `fleetctl logs events`. Stops on Ctrl-C or SIGTERM.
+
+    \b
+    Examples:
+      fleetctl watch
+      fleetctl watch --interval 1 --threshold 1
+    """
+    fleet = _fleet(say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    fleet.state_dir.load()
+    _watch(fleet, interval, threshold, restart_after)
+
+
+def _watch(fleet: Fleet, interval: float, threshold: int, restart_after: float) -> None:
+    from fleetctl.health import Watcher
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    fleet.event("watch", "started", f"every {interval:g} s")
+    Watcher(fleet, interval, threshold, restart_after).run(stop)
+    if stop.is_set():
+        fleet.event("watch", "stopped", "signal")
+
+
+def _given(options: dict) -> dict:
+    """The `up` options set on the command line, as FleetConfig fields."""
+    given = {}
+    for name, value in options.items():
+        if value is None or value == ():
+            continue
+        if name == "gpus":
+            value = parse_gpus(value)
+        elif name == "replica_command":
+            import shlex
+
+            value = shlex.split(value)
+        elif name == "env":
+            if any("=" not in item for item in value):
+                raise ConfigError("--env takes KEY=VALUE")
+            value = dict(item.split("=", 1) for item in value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        given[UP_FIELDS[name]] = value
+    return given
+
+
+def main() -> None:
+    cli(prog_name="fleetctl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""`FleetConfig`: what the operator asked for, validated once when `up` reads the options.
+
+The config is saved in the state directory (`fleet.json`), so `scale`, `watch`, `status` and a
+later `up` all work from the same desired state. Only `up` and `scale` change it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleetctl.errors import ConfigError
+
+BACKENDS = ("local", "docker", "swarm")
+ROUTINGS = ("least_conn", "session")
+DEFAULT_MODEL = "smollm2"
+DEFAULT_IMAGE = "pagefleet-replica:latest"
+# Unprivileged defaults, so that `fleetctl up` needs no root and clashes with no system web server.
+DEFAULT_HTTPS_PORT = 8443
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_INTERNAL_PORT = 8081
+# API keys end up in the NGINX config (to rate-limit per key) and on replica command lines.
+_API_KEY_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{8,200}$")
+_SIZE_RE = re.compile(r"^[0-9]+[kKmMgG]?$")
+_SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+def default_served_model_name(model: str) -> str:
+    """The name clients send in `model`: the bundled alias, or the weights' file/folder name."""
+    name = Path(model).name if ("/" in model or model.endswith(".gguf")) else model
+    for suffix in (".gguf", ".safetensors"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9._:/-]", "-", name) or "model"
+
+
+@dataclass
+class FleetConfig:
+    backend: str = "local"
+    model: str = DEFAULT_MODEL
+    served_model_name: str = ""
+    num_replicas: int = 2
+    gpus: list[str] = field(default_factory=list)  # e.g. ["0", "1"]; empty means CPU
+    routing: str = "least_conn"
+    listen: str = "127.0.0.1"  # address of the public listeners; 0.0.0.0 to serve other hosts
+    https_port: int = DEFAULT_HTTPS_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    internal_port: int = DEFAULT_INTERNAL_PORT
+    tls_names: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    tls_cert: str = ""  # operator-provided certificate chain (PEM); empty: fleetctl's own CA
+    tls_key: str = ""
+    api_keys: list[str] = field(default_factory=list)
+    rate_limit_per_s: float = 50.0  # per API key, or per client IP without one
+    rate_limit_burst: int = 100
+    client_max_body_size: str = "8m"
+    read_timeout_s: int = 600  # a slow first token must not cut a stream
+    device: str = ""  # cpu|cuda; empty: cuda when GPUs are given, else cpu
+    max_model_len: int = 0  # 0: the replica's default
+    num_kv_blocks: int = 0
+    drain_timeout_s: float = 30.0
+    ready_timeout_s: float = 600.0
+    # Docker and Swarm only.
+    image: str = DEFAULT_IMAGE
+    replica_command: list[str] = field(default_factory=lambda: ["replica"])
+    mounts: list[str] = field(default_factory=list)  # extra host paths bind-mounted read-only
+    env: dict[str, str] = field(default_factory=dict)
+    constraints: list[str] = field(default_factory=list)  # Swarm placement constraints
+    docker_host: str = ""  # the engine the fleet lives on; empty: DOCKER_HOST or the default socket
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            self.served_model_name = default_served_model_name(self.model)
+        self.validate()
+
+    def validate(self) -> None:
+        _check(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        _check(self.routing in ROUTINGS, f"--routing must be one of least_conn, session, not {self.routing!r}")
+        _check(0 <= self.num_replicas <= 256, "--replicas must be between 0 and 256")
+        for name in ("https_port", "http_port", "internal_port"):
+            port = getattr(self, name)
+            _check(1 <= port <= 65535, f"--{name.replace('_', '-')} must be a TCP port (1-65535), not {port}")
+        ports = [self.https_port, self.http_port, self.internal_port]
+        _check(len(set(ports)) == 3, f"HTTPS, HTTP and internal ports must differ, got {ports}")
+        _check(_is_ip(self.listen), f"--listen must be an IP address such as 127.0.0.1 or 0.0.0.0, not {self.listen!r}")
+        _check(bool(self.tls_names), "--tls-name needs at least one host name or IP")
+        for name in self.tls_names:
+            _check(re.fullmatch(r"[A-Za-z0-9.*:-]+", name) is not None, f"--tls-name {name!r} is not a host name or IP")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "give both --tls-cert and --tls-key, or neither")
+        for key in self.api_keys:
+            _check(_API_KEY_RE.match(key) is not None,
+                   "--api-key must be 8-200 characters of A-Z a-z 0-9 . _ ~ + / = -")
+        _check(_SERVED_NAME_RE.match(self.served_model_name) is not None,
+               f"--served-model-name {self.served_model_name!r} may use only A-Z a-z 0-9 . _ : / -")
+        _check(self.rate_limit_per_s > 0 and self.rate_limit_burst >= 0, "--rate-limit must be > 0 and --burst >= 0")
+        _check(_SIZE_RE.match(self.client_max_body_size) is not None,
+               f"--max-body-size must look like 8m or 512k, not {self.client_max_body_size!r}")
+        _check(self.device in ("", "cpu", "cuda"), f"--device must be cpu or cuda, not {self.device!r}")
+        _check(self.read_timeout_s >= 1 and self.drain_timeout_s >= 0 and self.ready_timeout_s > 0,
+               "timeouts must be positive")
+        _check(bool(self.replica_command), "--replica-command must not be empty")
+        for gpu in self.gpus:
+            _check(re.fullmatch(r"[A-Za-z0-9-]+", gpu) is not None, f"--gpus entry {gpu!r} is not a GPU index or UUID")
+
+    @property
+    def replica_device(self) -> str:
+        return self.device or ("cuda" if self.gpus else "cpu")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FleetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes) -> "FleetConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_gpus(text: str | None) -> list[str]:
+    """`--gpus 0,1` → ["0", "1"]; `--gpus all` → every GPU nvidia-smi lists; empty → []."""
+    if not text:
+        return []
+    if text.strip() == "all":
+        from fleetctl.gpus import list_gpus
+
+        gpus = list_gpus()
+        _check(bool(gpus), "--gpus all: nvidia-smi lists no GPU; leave --gpus out to run on CPU")
+        return gpus
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

@@ -1,0 +1,278 @@
+"""The fleet: the desired state (config, number of replicas) made real on a backend behind NGINX.
+
+Every command and the watcher work through these methods; they hold no state of their own
+between calls (the state directory does). Two rules keep traffic safe:
+  * a replica enters NGINX only after its /ready answered 200 (`put_in_rotation`);
+  * a replica leaves NGINX before it is stopped, and is stopped only after its in-flight requests
+    drained (`remove_replicas`).
+Every NGINX change goes through `_commit`: change the state, render, `nginx -t`, reload, save;
+if NGINX refuses, nothing is saved and the running NGINX keeps its config.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from fleetctl import nginx as nginx_mod
+from fleetctl.backends import make_backend
+from fleetctl.backends.base import Backend, Replica, ReplicaSpec
+from fleetctl.errors import NotReadyError
+from fleetctl.probe import load, probe
+from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
+from fleetctl.tls import planned_paths
+
+POLL_S = 0.25
+RESTART_STOP_TIMEOUT_S = 5.0  # a failed replica serves nothing: no long drain
+
+
+class Fleet:
+    def __init__(self, state_dir: StateDir, say: Callable[[str], None] = lambda line: None,
+                 backend: Backend | None = None):
+        self.state_dir = state_dir
+        self.say = say
+        self._backend = backend
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            state = self.state_dir.load()
+            self._backend = make_backend(state.config, state.fleet_id, self.state_dir)
+        return self._backend
+
+    def nginx(self) -> nginx_mod.Nginx:
+        return nginx_mod.Nginx(self.state_dir.nginx_dir)
+
+    def event(self, replica_id: str, action: str, reason: str = "") -> None:
+        self.say(self.state_dir.log_event(replica_id, action, reason))
+
+    # NGINX --------------------------------------------------------------------------------
+    def render_nginx(self, state: FleetState) -> str:
+        config = state.config
+        tls = planned_paths(self.state_dir.tls_dir, config.tls_cert, config.tls_key)
+        upstreams = [nginx_mod.Upstream(r.id, r.address) for r in state.serving()]
+        return nginx_mod.render(nginx_mod.site_context(config, state.fleet_id, upstreams, tls,
+                                                       self.state_dir.nginx_dir))
+
+    def _commit(self, change: Callable[[FleetState], None]) -> FleetState:
+        """Changes the saved state and brings NGINX in line with it, or neither."""
+        with self.state_dir.transaction() as state:
+            change(state)
+            outcome = self.nginx().apply(self.render_nginx(state))
+        if outcome != "unchanged":
+            self.event("nginx", outcome, f"{len(state.serving())} replica(s) in rotation")
+        return state
+
+    def sync_nginx(self) -> FleetState:
+        return self._commit(lambda state: None)
+
+    # Replicas -----------------------------------------------------------------------------
+    def spec(self, state: FleetState, replica_id: str, gpu: str) -> ReplicaSpec:
+        c = state.config
+        return ReplicaSpec(replica_id, c.model, c.served_model_name, c.replica_device, gpu, tuple(c.api_keys),
+                           c.max_model_len, c.num_kv_blocks, c.drain_timeout_s)
+
+    @staticmethod
+    def pick_gpu(state: FleetState, also_used: list[str] = ()) -> str:
+        """Round-robin over --gpus: the GPU that the fewest active replicas use."""
+        gpus = state.config.gpus
+        if not gpus:
+            return ""
+        used = [r.gpu for r in state.active()] + list(also_used)
+        return min(gpus, key=lambda g: (used.count(g), gpus.index(g)))
+
+    def start_missing(self, num_wanted: int) -> list[str]:
+        """Starts replicas until num_wanted are active. Counting and starting happen under the
+        lock, so `scale` and the watcher never both start the same missing replica."""
+        with self.state_dir.transaction() as state:
+            specs = []
+            for _ in range(max(0, num_wanted - len(state.active()))):
+                gpu = self.pick_gpu(state, [s.gpu for s in specs])
+                specs.append(self.spec(state, state.new_replica_id(), gpu))
+            replicas = self.backend.start_many(specs) if specs else []
+            for spec, replica in zip(specs, replicas):
+                state.replicas[replica.id] = ReplicaRecord(
+                    replica.id, replica.host, replica.port, replica.handle, spec.gpu, state.config.model,
+                    state.config.served_model_name, Phase.STARTING, "started", time.time())
+        for spec, replica in zip(specs, replicas):
+            self.event(replica.id, f"started on {self.backend.name} at {replica.host}:{replica.port}",
+                       f"GPU {spec.gpu}" if spec.gpu else "CPU")
+        return [r.id for r in replicas]
+
+    def restart_replica(self, replica_id: str, reason: str) -> bool:
+        """Out of NGINX, then stop and start again (same id, same address where possible).
+        Holds the lock throughout, so a concurrent `scale` cannot remove it half-way; a replica
+        that is draining or gone is left alone (returns False)."""
+        with self.state_dir.locked():
+            if not self.take_out(replica_id, Phase.FAILED, reason):
+                return False
+            state = self.state_dir.load()
+            record = state.replicas[replica_id]
+            replica = self.backend.restart(self.spec(state, replica_id, record.gpu), record.port,
+                                           min(state.config.drain_timeout_s, RESTART_STOP_TIMEOUT_S))
+
+            def restarted(state: FleetState) -> None:
+                rec = state.replicas[replica_id]
+                rec.host, rec.port, rec.handle = replica.host, replica.port, replica.handle
+                rec.phase, rec.reason, rec.started_at_s = Phase.STARTING, f"restarted: {reason}", time.time()
+                rec.num_restarts += 1
+
+            self._commit(restarted)
+        self.event(replica_id, f"restarted at {replica.host}:{replica.port}", reason)
+        return True
+
+    def put_in_rotation(self, replica_id: str, reason: str) -> bool:
+        def change(state: FleetState) -> None:
+            rec = state.replicas.get(replica_id)
+            if rec is not None and rec.phase in (Phase.STARTING, Phase.FAILED):
+                rec.phase, rec.reason = Phase.SERVING, reason
+                changed.append(replica_id)
+
+        changed: list[str] = []
+        self._commit(change)
+        if changed:
+            self.event(replica_id, "in NGINX", reason)
+        return bool(changed)
+
+    def take_out(self, replica_id: str, phase: Phase, reason: str) -> bool:
+        """Out of NGINX into `phase`; False (nothing done) if it is gone or draining."""
+        def change(state: FleetState) -> None:
+            rec = state.replicas.get(replica_id)
+            if rec is not None and rec.phase is not Phase.DRAINING:
+                was_serving = rec.phase is Phase.SERVING
+                rec.phase, rec.reason = phase, reason
+                changed.append(was_serving)
+
+        changed: list[bool] = []
+        self._commit(change)
+        if changed and changed[0]:
+            self.event(replica_id, "out of NGINX", reason)
+        return bool(changed)
+
+    def remove_surplus(self, num_wanted: int, reason: str) -> list[str]:
+        """Removes replicas beyond num_wanted: not-ready ones first, then the newest."""
+        with self.state_dir.locked():
+            active = self.state_dir.load().active()
+            surplus = sorted(active, key=lambda r: (r.phase is Phase.SERVING, -_index(r.id)))
+            ids = [r.id for r in surplus[: max(0, len(active) - num_wanted)]]
+            self._mark_draining(ids, reason)
+        self._stop_drained(ids, reason)
+        return ids
+
+    def remove_replicas(self, ids: list[str], reason: str) -> None:
+        """Out of NGINX (one reload), wait for in-flight requests to finish, SIGTERM, forget."""
+        self._mark_draining(ids, reason)
+        self._stop_drained(ids, reason)
+
+    def _mark_draining(self, ids: list[str], reason: str) -> None:
+        if not ids:
+            return
+
+        def drain(state: FleetState) -> None:
+            for rid in ids:
+                state.replicas[rid].phase, state.replicas[rid].reason = Phase.DRAINING, reason
+
+        self._commit(drain)
+        for rid in ids:
+            self.event(rid, "out of NGINX, draining", reason)
+
+    def _stop_drained(self, ids: list[str], reason: str) -> None:
+        if not ids:
+            return
+        state = self.state_dir.load()
+        timeout_s = state.config.drain_timeout_s
+        key = (state.config.api_keys or [""])[0]
+
+        def stop(record: ReplicaRecord) -> None:
+            # NGINX sends it nothing new now; let what it runs finish, then SIGTERM (which
+            # drains too, for a replica whose /metrics does not answer).
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and (load(record.url, key).num_in_flight or 0) > 0:
+                time.sleep(POLL_S)
+            self.backend.stop(record.id, timeout_s)
+            with self.state_dir.transaction() as st:
+                st.replicas.pop(record.id, None)
+            self.event(record.id, "stopped", reason)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(stop, [state.replicas[rid] for rid in ids if rid in state.replicas]))
+
+    def refresh(self) -> dict[str, Replica]:
+        """Reconciles the records with what the backend runs (Swarm replaces tasks on its own:
+        a new task of a slot means a new address, which must pass /ready again)."""
+        seen = self.backend.list()
+        names_itself = self.backend.name == "swarm"
+        changes: list[tuple[str, str]] = []
+
+        def change(state: FleetState) -> None:
+            for rid, rec in list(state.replicas.items()):
+                replica = seen.get(rid)
+                if replica is None:
+                    if names_itself and rec.phase is not Phase.DRAINING:
+                        del state.replicas[rid]
+                        changes.append((rid, "gone from the swarm"))
+                elif (replica.host, replica.port, replica.handle) != (rec.host, rec.port, rec.handle) and replica.port:
+                    rec.host, rec.port, rec.handle = replica.host, replica.port, replica.handle
+                    rec.started_at_s = replica.started_at_s or time.time()
+                    changes.append((rid, f"replaced by {self.backend.name}: now {replica.handle} at {rec.address}"))
+                    if rec.phase is Phase.SERVING:
+                        rec.phase, rec.reason = Phase.STARTING, "replaced by the backend"
+                        changes.append((rid, "out of NGINX until ready"))
+            if names_itself:
+                for rid, replica in seen.items():
+                    if rid not in state.replicas and replica.port:
+                        state.replicas[rid] = ReplicaRecord(rid, replica.host, replica.port, replica.handle, "",
+                                                            state.config.model, state.config.served_model_name,
+                                                            Phase.STARTING, "found on the swarm",
+                                                            replica.started_at_s or time.time())
+
+        self._commit(change)
+        for rid, what in changes:
+            self.event(rid, what)
+        return seen
+
+    def wait_ready(self, ids: list[str], timeout_s: float, on_ready: Callable[[str], None] = lambda rid: None) -> None:
+        """Polls each replica's /ready; each goes into NGINX as soon as it answers 200. Raises
+        NotReadyError when one exits during start-up or the time runs out."""
+        pending = set(ids)
+        deadline = time.monotonic() + timeout_s
+        next_liveness_check = 0.0
+        while pending:
+            state = self.state_dir.load()
+            key = (state.config.api_keys or [""])[0]
+            for rid in sorted(pending):
+                rec = state.replicas.get(rid)
+                if rec is None or rec.phase in (Phase.SERVING, Phase.DRAINING):
+                    pending.discard(rid)  # someone else (the watcher, a scale) took care of it
+                    on_ready(rid)
+                elif probe(rec.url, key).is_ready:
+                    self.put_in_rotation(rid, "/ready 200")
+                    pending.discard(rid)
+                    on_ready(rid)
+            if pending and time.monotonic() > next_liveness_check:
+                seen = self.backend.list()
+                for rid in pending:
+                    replica, rec = seen.get(rid), state.replicas.get(rid)
+                    if replica is None or not replica.is_alive or (rec and replica.handle != rec.handle):
+                        last = _last_line(self.backend, rid)
+                        raise NotReadyError(f"replica {rid} exited while loading ({last}); "
+                                            f"see `fleetctl logs {rid}`")
+                next_liveness_check = time.monotonic() + 1.0
+            if pending and time.monotonic() > deadline:
+                raise NotReadyError(f"{', '.join(sorted(pending))} not ready after {timeout_s:.0f} s; "
+                                    f"see `fleetctl logs {min(pending)}` or raise --ready-timeout")
+            if pending:
+                time.sleep(POLL_S)
+
+
+def _index(replica_id: str) -> int:
+    digits = "".join(c for c in replica_id if c.isdigit())
+    return int(digits) if digits else 0
+
+
+def _last_line(backend: Backend, replica_id: str) -> str:
+    try:
+        lines = [line for line in backend.logs(replica_id, tail=20) if line.strip()]
+    except Exception:  # logs are a courtesy here; the error message must still come out
+        lines = []
+    return lines[-1].strip()[:200] if lines else "no output"

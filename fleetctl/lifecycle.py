@@ -1,0 +1,135 @@
+"""`up`, `scale` and `down` as functions of a Fleet: converge to N replicas, or tear down.
+
+Converging never touches a healthy replica: it restarts only replicas whose process is gone
+(on backends that do not restart them themselves), starts the missing ones, removes the surplus
+(not-ready ones first, then the newest), and waits for every replica not yet in NGINX.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from fleetctl.config import FleetConfig
+from fleetctl.errors import ConfigError
+from fleetctl.fleet import Fleet
+from fleetctl.probe import probe
+from fleetctl.state import FleetState, Phase, StateDir
+from fleetctl.tls import ensure_tls
+
+# Changing these needs new replicas: `fleetctl down` then `up` (or `fleetctl update` for the model).
+REPLICA_FIELDS = ("backend", "model", "served_model_name", "api_keys", "device", "gpus", "max_model_len",
+                  "num_kv_blocks", "image", "replica_command", "mounts", "env", "constraints", "docker_host")
+
+
+def preflight(config: FleetConfig) -> None:
+    """What a new fleet needs, checked before anything is saved or started: nginx, the model's
+    weights, and for docker/swarm an engine that answers (a swarm manager for swarm)."""
+    from fleetctl.models import resolve_model_path
+    from fleetctl.nginx import Nginx
+
+    Nginx(Path(".")).require_binary()
+    resolve_model_path(config.model)
+    if config.backend in ("docker", "swarm"):
+        from fleetctl.backends.docker import connect
+
+        client = connect(config.docker_host)
+        try:
+            if config.backend == "swarm":
+                from fleetctl.backends.swarm import check_swarm_manager
+
+                check_swarm_manager(client)
+        finally:
+            client.close()
+
+
+def open_or_create(state_dir: StateDir, config: FleetConfig, given: set[str]) -> FleetState:
+    """The saved fleet with the options given on this command line applied, or a new one.
+    `given` names the config fields the operator set explicitly; the rest keep their saved values."""
+    state_dir.ensure()
+    with state_dir.locked():
+        if not state_dir.has_fleet():
+            state = FleetState(config)
+        else:
+            state = state_dir.load()
+            saved = state.config.to_dict()
+            wanted = config.to_dict()
+            for name in sorted(given):
+                if name in REPLICA_FIELDS and wanted[name] != saved[name]:
+                    raise ConfigError(f"the fleet runs with {name}={saved[name]!r}; changing it needs new replicas: "
+                                      f"run `fleetctl down` first (or `fleetctl update` for the model)")
+                saved[name] = wanted[name]
+            state.config = FleetConfig.from_dict(saved)
+        state_dir.save(state)
+    return state
+
+
+def up(fleet: Fleet, progress: Callable[[int, int], None]) -> FleetState:
+    state = fleet.state_dir.load()
+    config = state.config
+    ensure_tls(fleet.state_dir.tls_dir, config.tls_names, config.tls_cert, config.tls_key)
+    fleet.sync_nginx()  # NGINX up first (with whatever is ready), so the endpoint exists at once
+    return converge(fleet, config.num_replicas, progress)
+
+
+def converge(fleet: Fleet, num_replicas: int, progress: Callable[[int, int], None]) -> FleetState:
+    """Brings the fleet to num_replicas ready replicas in NGINX. progress(num_ready, num_wanted)."""
+    with fleet.state_dir.transaction() as state:
+        state.config.num_replicas = num_replicas
+    seen = fleet.refresh()
+    state = fleet.state_dir.load()
+    key = (state.config.api_keys or [""])[0]
+
+    # Replicas in NGINX that stopped answering: out, and restarted if their process is gone.
+    active = state.active()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        probes = dict(zip([r.id for r in active], pool.map(lambda r: probe(r.url, key), active)))
+    for rec in active:
+        if fleet.backend.needs_restart(seen.get(rec.id)):
+            fleet.restart_replica(rec.id, "its process is gone")
+        elif rec.phase is Phase.SERVING and not probes[rec.id].is_ready:
+            fleet.take_out(rec.id, Phase.STARTING, probes[rec.id].reason or "not ready")
+
+    fleet.remove_surplus(num_replicas, f"scale to {num_replicas}")
+    fleet.start_missing(num_replicas)
+
+    state = fleet.state_dir.load()
+    waiting = [r.id for r in state.active() if r.phase is not Phase.SERVING]
+    num_ready = len(state.active()) - len(waiting)
+    progress(num_ready, num_replicas)
+
+    def on_ready(replica_id: str) -> None:
+        nonlocal num_ready
+        num_ready += 1
+        progress(num_ready, num_replicas)
+
+    fleet.wait_ready(waiting, state.config.ready_timeout_s, on_ready)
+    return fleet.sync_nginx()
+
+
+def down(fleet: Fleet, purge: bool = False) -> list[str]:
+    """NGINX stops taking requests (finishing those in flight), then every replica drains and
+    stops, then the backend's own objects go. All under the state lock, so a running watcher
+    cannot restart anything meanwhile (it finds no fleet afterwards and stops). The CA is kept,
+    so clients keep trusting it, unless purge."""
+    state_dir = fleet.state_dir
+    stopped: list[str] = []
+    with state_dir.locked():
+        if state_dir.has_fleet():
+            state = state_dir.load()
+            if fleet.nginx().stop(timeout_s=state.config.drain_timeout_s):
+                fleet.event("nginx", "stopped", "fleetctl down")
+            stopped = list(state.replicas) + [rid for rid in fleet.backend.list() if rid not in state.replicas]
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda rid: fleet.backend.stop(rid, state.config.drain_timeout_s), stopped))
+            for rid in stopped:
+                fleet.event(rid, "stopped", "fleetctl down")
+            fleet.backend.teardown()
+            fleet.backend.close()
+            state_dir.remove_fleet()
+        elif fleet.nginx().stop(timeout_s=5):
+            fleet.event("nginx", "stopped", "fleetctl down (no fleet)")
+    if purge and state_dir.root.exists():
+        shutil.rmtree(state_dir.root)
+    return stopped

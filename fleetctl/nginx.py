@@ -1,0 +1,249 @@
+"""NGINX in the state directory: render lb/nginx.conf.j2, `nginx -t`, start or reload, stop.
+
+`Nginx.apply(text)` is the only way a config reaches the running NGINX: the candidate is written
+next to the live one and checked with `nginx -t`; only a config that passes replaces nginx.conf
+and is loaded (start, or SIGHUP and wait for the new workers). A config that fails is never
+applied, and the running NGINX keeps serving with the previous one.
+
+NGINX runs unprivileged-style: `nginx -p PREFIX -c PREFIX/nginx.conf -e stderr`, with its pid
+file, logs and the five *_temp_path directories under PREFIX. Run as root, its workers drop to
+`nobody` (the temp dirs are given to that user); run as anyone else, it simply runs as them.
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from fleetctl.errors import FleetError, NginxConfigError, UnavailableError
+
+TEMPLATE_ENV = "PAGEFLEET_NGINX_TEMPLATE"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "lb" / "nginx.conf.j2"
+TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+RELOAD_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Upstream:
+    id: str  # replica id, e.g. "r1"
+    address: str  # host:port NGINX connects to
+
+
+def site_context(config, fleet_id: str, upstreams: list[Upstream], tls, prefix: Path) -> dict:
+    """Everything lb/nginx.conf.j2 reads: the fleet's config, the replicas in rotation, TLS paths."""
+    return {
+        "fleet_id": fleet_id,
+        "prefix": str(prefix),
+        "worker_user": Nginx.worker_user(),
+        "worker_processes": "auto",
+        "upstreams": upstreams,
+        "routing": config.routing,
+        "max_fails": 1,
+        "fail_timeout_s": 5,
+        "keepalive": 64,
+        "listen": config.listen,
+        "https_port": config.https_port,
+        "https_port_suffix": "" if config.https_port == 443 else f":{config.https_port}",
+        "http_port": config.http_port,
+        "internal_port": config.internal_port,
+        "tls": tls,
+        "api_keys": config.api_keys,
+        "rate_limit_per_min": max(1, round(config.rate_limit_per_s * 60)),
+        "rate_limit_burst": config.rate_limit_burst,
+        "client_max_body_size": config.client_max_body_size,
+        "read_timeout_s": config.read_timeout_s,
+    }
+
+
+def template_path() -> Path:
+    return Path(os.environ.get(TEMPLATE_ENV) or DEFAULT_TEMPLATE)
+
+
+def render(context: dict, template: Path | None = None) -> str:
+    """Fills the template; a template that does not render raises NginxConfigError."""
+    path = template or template_path()
+    if not path.is_file():
+        raise NginxConfigError(f"NGINX template {path} not found; restore lb/nginx.conf.j2 or unset ${TEMPLATE_ENV}")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(path.parent)), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    try:
+        return env.get_template(path.name).render(**context)
+    except jinja2.TemplateError as exc:
+        line = getattr(exc, "lineno", None)
+        where = f"{path}:{line}" if line else str(path)
+        raise NginxConfigError(f"template {where} does not render ({exc}); fix the template") from exc
+
+
+class Nginx:
+    def __init__(self, prefix: Path, binary: str | None = None):
+        self.prefix = Path(prefix)
+        self.conf = self.prefix / "nginx.conf"
+        self.candidate = self.prefix / "nginx.conf.candidate"
+        self.pid_file = self.prefix / "nginx.pid"
+        self.error_log = self.prefix / "logs" / "error.log"
+        self.access_log = self.prefix / "logs" / "access.log"
+        self.binary = binary or shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+    @staticmethod
+    def worker_user() -> str | None:
+        """`user` directive: only a root master switches users; workers then run as nobody."""
+        if os.geteuid() != 0:
+            return None
+        nobody = pwd.getpwnam("nobody")
+        return f"nobody {grp.getgrgid(nobody.pw_gid).gr_name}"
+
+    def prepare(self) -> None:
+        (self.prefix / "logs").mkdir(parents=True, exist_ok=True)
+        for name in TEMP_DIRS:
+            path = self.prefix / "tmp" / name
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+
+    def check(self, text: str) -> None:
+        """`nginx -t` on `text` as a candidate file; raises NginxConfigError with NGINX's reason."""
+        self.require_binary()
+        self.prepare()
+        self.candidate.write_text(text)
+        os.chmod(self.candidate, 0o600)
+        result = self._run("-t", "-c", str(self.candidate))
+        if result.returncode != 0:
+            reason = _first_error(result.stderr)
+            raise NginxConfigError(f"nginx -t rejected the new config: {reason}; "
+                                   "the running NGINX keeps the previous one; fix the template or the options")
+
+    def apply(self, text: str) -> str:
+        """Check, then start or reload. Returns "started", "reloaded" or "unchanged"."""
+        running = self.pid()
+        if running and self.conf.exists() and self.conf.read_text() == text:
+            return "unchanged"
+        self.check(text)
+        os.replace(self.candidate, self.conf)
+        if running:
+            self._reload(running)
+            return "reloaded"
+        self.start()
+        return "started"
+
+    def start(self) -> None:
+        result = self._run("-c", str(self.conf))
+        if result.returncode != 0:
+            reason = _first_error(result.stderr)
+            hint = "stop what uses the port or pick others with --port/--http-port/--internal-port" \
+                if "in use" in reason else "see " + str(self.error_log)
+            raise FleetError(f"NGINX did not start: {reason}; {hint}")
+        deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        while not self.pid() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.pid():
+            raise FleetError(f"NGINX did not start; see {self.error_log}")
+
+    def _reload(self, master_pid: int) -> None:
+        """SIGHUP, then wait until new workers run and every old one stopped accepting
+        connections (its title turns to "worker process is shutting down"; it finishes its
+        requests in the background). Afterwards every new connection gets the new config."""
+        old_workers = set(_children(master_pid))
+        log_size = self.error_log.stat().st_size if self.error_log.exists() else 0
+        os.kill(master_pid, signal.SIGHUP)
+        deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            workers = set(_children(master_pid))
+            if workers - old_workers and all(_is_shutting_down(pid) for pid in workers & old_workers):
+                return
+            failure = _new_emerg(self.error_log, log_size)
+            if failure:
+                raise FleetError(f"NGINX refused the reload: {failure}; it keeps serving the previous config")
+            time.sleep(0.02)
+        raise FleetError(f"NGINX did not reload within {RELOAD_TIMEOUT_S:.0f} s; see {self.error_log}")
+
+    def pid(self) -> int | None:
+        """The master's pid while it runs, else None (a stale pid file does not count)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if b"nginx" in cmdline and _is_alive(pid) else None
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Graceful stop (SIGQUIT: finish requests), SIGTERM after timeout_s. True if it was running."""
+        pid = self.pid()
+        if not pid:
+            return False
+        for sig, wait_s in ((signal.SIGQUIT, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while _is_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not _is_alive(pid):
+                break
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([self.binary, "-p", str(self.prefix), "-e", "stderr", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    def require_binary(self) -> None:
+        if not self.binary:
+            raise UnavailableError("nginx is not installed; install it (apt-get install -y nginx) or put it on PATH")
+
+
+def _first_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "[emerg]" in line or "[alert]" in line or "[crit]" in line]
+    line = (lines or [line for line in stderr.splitlines() if line.strip()] or ["unknown error"])[0]
+    return line.split("] ", 1)[-1].strip() if "] " in line else line.strip()
+
+
+def _new_emerg(error_log: Path, offset: int) -> str | None:
+    try:
+        with open(error_log) as log:
+            log.seek(offset)
+            for line in log:
+                if "[emerg]" in line:
+                    return _first_error(line)
+    except OSError:
+        pass
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[-1].split()
+            if len(fields) > 1 and fields[1] == str(pid) and fields[0] != "Z":
+                children.append(int(entry.name))
+    return children
+
+
+def _is_shutting_down(pid: int) -> bool:
+    try:
+        return b"shutting down" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # gone
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")

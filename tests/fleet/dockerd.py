@@ -1,0 +1,149 @@
+"""A private Docker engine for the tests: its own dockerd, data root, exec root, socket and
+bridges, started from scratch and removed afterwards without a trace.
+
+No registry is reachable, so the replica image is made locally: `docker import` of an almost
+empty root filesystem (mount points and the usual /bin, /lib symlinks into /usr); the containers
+bind-mount the host's /usr, its Python installation and the project (with its .venv) read-only,
+and so run the real `replica serve` of this working tree.
+
+The bridges get names of their own (not docker0 / docker_gwbridge), so that this engine cannot
+collide with another Docker engine on the machine.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "pagefleet-replica:dev"
+# Bind-mounted into the replica containers: the host's Python and the project with its venv.
+PYTHON_PREFIX = Path(os.path.realpath(sys.base_prefix))
+
+
+def dev_mounts() -> list[str]:
+    paths = ["/usr", str(REPO_ROOT)]
+    if not str(PYTHON_PREFIX).startswith("/usr/"):
+        paths.append(str(PYTHON_PREFIX))
+    venv = Path(sys.prefix).resolve()
+    if not str(venv).startswith(str(REPO_ROOT)):
+        paths.append(str(venv))
+    return paths
+
+
+def replica_command() -> str:
+    return f"{sys.executable} -m replica.cli"
+
+
+class Dockerd:
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="pfd-", dir="/tmp"))  # short: socket paths are limited
+        tag = secrets.token_hex(2)
+        self.bridge = f"pfb{tag}"
+        self.gw_bridge = f"pfg{tag}"
+        octet = 64 + secrets.randbelow(60)
+        self.bridge_cidr = f"10.{octet}.1.1/24"
+        self.gw_subnet = f"10.{octet}.2.0/24"
+        self.pool = f"10.{octet}.128.0/17"
+        self.socket = self.root / "docker.sock"
+        self.host = f"unix://{self.socket}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.root / "dockerd.log"
+
+    # lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout_s: float = 60.0) -> "Dockerd":
+        _ip("link", "add", "name", self.bridge, "type", "bridge")
+        _ip("addr", "add", self.bridge_cidr, "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            ["dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
+             "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host, "--bridge", self.bridge,
+             "--iptables=false", "--ip-masq=false", "--default-address-pool", f"base={self.pool},size=24"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dockerd exited:\n{self.log_tail()}")
+            if self.docker("version", check=False).returncode == 0:
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"dockerd did not answer in {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            ids = self.docker("ps", "-aq", check=False).stdout.split()
+            if self.docker("info", "--format", "{{.Swarm.LocalNodeState}}", check=False).stdout.strip() == "active":
+                self.docker("swarm", "leave", "--force", check=False, timeout=60)
+            if ids:
+                self.docker("rm", "-f", *ids, check=False, timeout=60)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+        for mount in reversed(Path("/proc/mounts").read_text().splitlines()):
+            target = mount.split()[1]
+            if target.startswith(str(self.root)):
+                subprocess.run(["umount", "-l", target], capture_output=True)
+        for name in (self.bridge, self.gw_bridge):
+            _ip("link", "del", name, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def init_swarm(self) -> None:
+        """A single-node swarm. docker_gwbridge is made first, with our own bridge name."""
+        self.docker("network", "create", "--subnet", self.gw_subnet,
+                    "--opt", f"com.docker.network.bridge.name={self.gw_bridge}",
+                    "--opt", "com.docker.network.bridge.enable_icc=false",
+                    "--opt", "com.docker.network.bridge.enable_ip_masquerade=false", "docker_gwbridge")
+        self.docker("swarm", "init", "--advertise-addr", "127.0.0.1", timeout=60)
+
+    def build_dev_image(self) -> str:
+        """The replica image: an empty root filesystem; everything else is bind-mounted."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, mode in (("tmp", 0o1777), ("proc", 0o755), ("sys", 0o755), ("dev", 0o755),
+                               ("etc", 0o755), ("usr", 0o755), ("root", 0o700), ("models", 0o755)):
+                info = tarfile.TarInfo(name)
+                info.type, info.mode = tarfile.DIRTYPE, mode
+                tar.addfile(info)
+            for link in ("bin", "lib", "lib64", "sbin"):
+                info = tarfile.TarInfo(link)
+                info.type, info.linkname = tarfile.SYMTYPE, f"usr/{link}"
+                tar.addfile(info)
+        subprocess.run(["docker", "-H", self.host, "import", "-", IMAGE], input=buf.getvalue(), check=True,
+                       capture_output=True, timeout=60)
+        return IMAGE
+
+    # helpers -----------------------------------------------------------------------------
+    def docker(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "-H", self.host, *args], capture_output=True, text=True, check=check,
+                              timeout=timeout)
+
+    def log_tail(self, num_chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-num_chars:] if self.log_path.exists() else ""
+
+
+def _ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], capture_output=True, check=check)
+
+
+def available() -> str:
+    """Why a private dockerd cannot run here ("" when it can)."""
+    for tool in ("dockerd", "docker", "ip"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed"
+    if os.geteuid() != 0:
+        return "dockerd needs root"
+    return ""
