@@ -96,7 +96,7 @@ class BlockManager:
 
     def admit(self, seq: Sequence, cached: list[int]) -> None:
         """Give a waiting `seq` its prefix-cache hits; the caller then calls `append_slots`."""
-        self.num_prefix_queries += seq.num_prompt_tokens
+        self.num_prefix_queries += seq.num_tokens   # a recomputed sequence looks up its output too
         self.num_prefix_hits += len(cached) * self.block_size
         for block_id in cached:
             self._take(block_id)

@@ -124,6 +124,9 @@ class LLMEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError (naming the limit) for a request that can never run."""
         num_prompt = len(prompt_token_ids)
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}), the most "
+                             "sequences one step can hold")
         if num_prompt == 0:
             raise ValueError("prompt must contain at least one token")
         vocab = self.model_config.vocab_size

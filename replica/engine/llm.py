@@ -41,8 +41,10 @@ class LLM:
             raise ValueError("give one SamplingParams or one per prompt")
         results: dict[str, GenerationResult] = {}
         order = []
-        for prompt, p in zip(prompts, params_list):
-            ids = self._encode(prompt)
+        encoded = [self._encode(prompt) for prompt in prompts]
+        for ids, p in zip(encoded, params_list):     # all or nothing: check before adding any
+            self.engine.validate(ids, p)
+        for ids, p in zip(encoded, params_list):
             request_id = f"offline-{next(self._ids)}"
             self.engine.add_request(request_id, ids, p)
             results[request_id] = GenerationResult(request_id, ids, 0, [])

@@ -100,7 +100,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     probs = torch.softmax(sorted_logits, dim=-1)
     # drop a token when the tokens before it already reach top_p (the first token always stays)
     before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(before >= p[:, None], float("-inf"))
+    # top_p == 1 keeps everything: `before` can round up to 1.0 far below float32 resolution
+    sorted_logits = sorted_logits.masked_fill((before >= p[:, None]) & (p[:, None] < 1.0), float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 

@@ -60,6 +60,10 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
         preempted = False
+        # Samples forked this step join `running` only after the step is planned: they have
+        # nothing to compute now (they sample from their parent's row) and must not be scheduled
+        # or preempted before they exist.
+        self._forked: list[Sequence] = []
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
@@ -79,7 +83,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
-            reserved = sum(s.num_pending_forks for s in self.running)
+            reserved = sum(s.num_pending_forks for s in self.running) + len(self._forked)
             if len(self.running) + reserved + 1 + seq.num_pending_forks > self.max_num_seqs:
                 break
             cached = bm.find_cached_prefix(seq)
@@ -93,6 +97,7 @@ class Scheduler:
             self.running.append(seq)
             self._add_to_plan(plan, seq, num_new)
             budget -= num_new
+        self.running.extend(self._forked)
         plan.num_batched_tokens = self.max_num_batched_tokens - budget
         return plan
 
@@ -108,7 +113,7 @@ class Scheduler:
             self.block_manager.fork(seq, child)
             child.status = SequenceStatus.RUNNING
             child.num_cached_tokens = seq.num_cached_tokens
-            self.running.append(child)
+            self._forked.append(child)
             plan.forks.append((seq, child))
             plan.samplers.append((child, entry))
         seq.num_pending_forks = 0

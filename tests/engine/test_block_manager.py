@@ -216,9 +216,6 @@ def test_fork_at_a_block_boundary_needs_no_copy():
     assert_all_free(bm)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: admit() counts only prompt tokens as queries but "
-                   "every cached block as hits, so a preempted sequence's output blocks push hits above "
-                   "queries (block_manager.py admit)")
 def test_prefix_cache_hits_never_exceed_queries_after_a_preempted_sequence_returns():
     bm = BlockManager(num_blocks=16, block_size=BLOCK_SIZE)
     seq = make_seq([10, 11, 12, 13, 14])

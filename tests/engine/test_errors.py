@@ -97,8 +97,6 @@ def test_sampling_params_min_tokens_over_max_tokens():
         SamplingParams(min_tokens=5, max_tokens=4)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: LLMEngine.validate accepts n > max_num_seqs, a "
-                   "request the scheduler can never admit; it blocks the FCFS queue forever (engine.py)")
 def test_more_samples_than_max_num_seqs_is_rejected(token_model_path):
     llm = LLM(str(token_model_path), **(TINY_ENGINE | dict(max_num_seqs=2)))   # private: left dirty
     with pytest.raises(ValueError, match="max_num_seqs"):

@@ -150,9 +150,6 @@ def test_n_samples_come_back_with_distinct_indices(token_llm, token_continuation
     assert [c.token_ids for c in result.outputs] == [token_continuation[:8]] * 2
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a sample forked when its parent's last prefill "
-                   "chunk runs in a later step is scheduled again in that step and samples twice "
-                   "(scheduler.py schedule())")
 def test_n_samples_of_a_prompt_chunked_behind_another_request_equal_the_single_answer(
         token_model_path, token_continuation):
     llm = LLM(str(token_model_path), **(TINY_ENGINE | dict(max_num_batched_tokens=32)))
@@ -209,8 +206,6 @@ def test_abort_mid_generation_frees_every_block(token_llm):
     assert_pool_free(engine)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: LLM.generate adds the prompts before an invalid "
-                   "one and leaves them in the engine; the next generate() raises KeyError (llm.py)")
 def test_an_invalid_prompt_in_a_batch_leaves_nothing_behind(token_model_path):
     llm = LLM(str(token_model_path), **TINY_ENGINE)       # its own engine: this one is left dirty
     with pytest.raises(ValueError, match="context"):

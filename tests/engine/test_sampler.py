@@ -62,9 +62,6 @@ def test_top_k_top_p_mask_matches_a_per_row_reference():
         assert torch.equal(masked[row, kept], logits[row, kept]), "kept logits are unchanged"
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: top_p=1.0 still masks tokens whose probability "
-                   "is below float32 resolution (sampler.py apply_top_k_top_p: cumsum - probs reaches "
-                   "1.0 by rounding, and `before >= p` drops the tail)")
 def test_top_p_of_one_masks_nothing_even_far_below_float32_resolution():
     logits = torch.tensor([[20.0, 0.0, 0.0, 0.0, 0.0]])     # p(token 1..4) ~ 2e-9 each
     masked = apply_top_k_top_p(logits, [3], [1.0])

@@ -189,9 +189,6 @@ def test_n_samples_fork_after_the_prompt_and_share_its_blocks():
     assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a sample forked while its parent is already "
-                   "running is scheduled again in the same step (scheduler.py schedule(), the "
-                   "running loop walks the children that _add_to_plan appends to self.running)")
 def test_samples_forked_after_a_chunked_prompt_are_not_scheduled_again_in_the_same_step():
     scheduler = Scheduler(BlockManager(64, BLOCK_SIZE), max_num_seqs=8, max_num_batched_tokens=32)
     x, a = make_seq("x", 28), make_seq("a", 10, n=2)
