@@ -78,7 +78,7 @@ async def serve(engine, config: ServerConfig) -> int:
     app = build_app(engine, config)
     lifecycle = app[REPLICA].lifecycle
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its request.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.25)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     try:

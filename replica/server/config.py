@@ -3,10 +3,18 @@
 The engine's own settings live in `replica.config.EngineConfig`; these are only what the
 server decides: who may call it, how big a request may be, and how long a drain may last.
 """
+import importlib.metadata
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20          # top alternatives per token (OpenAI's chat limit; vLLM's default)
 MAX_PROMPTS_PER_REQUEST = 32   # /v1/completions with a list of prompts
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("pagefleet")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 @dataclass
@@ -20,7 +28,7 @@ class ServerConfig:
     max_n: int = 16                          # samples per request (n)
     retry_after_s: int = 1                   # Retry-After of a 503 for a full queue
     log_level: str = "info"
-    version: str = field(default="0.1.0")
+    version: str = field(default_factory=_package_version)
 
     def __post_init__(self) -> None:
         self.api_keys = tuple(k for k in self.api_keys if k)

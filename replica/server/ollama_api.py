@@ -15,7 +15,7 @@ from replica.outputs import RequestOutput, TokenLogprob
 from replica.server.ollama_protocol import (OllamaChatRequest, OllamaGenerateRequest,
                                             OllamaModelRequest, OllamaOptions)
 from replica.server.serving import REPLICA, Replica, new_request_id, read_body, started
-from replica.server.streaming import DISCONNECTED, EventStream
+from replica.server.streaming import EventStream
 
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1}
 
@@ -73,41 +73,42 @@ def _final_stats(out: RequestOutput, start_s: float, num_output_tokens: int) -> 
 
 async def _respond(request: web.Request, replica: Replica, *, stream: bool, prompt_ids: list[int],
                    params, shape, final_extra=None) -> web.StreamResponse:
-    """Runs one request; `shape(text, done)` builds the chat or generate object."""
-    start_s = request["start_s"]
-    want_logprobs = params.logprobs is not None
+    """Runs one request; `shape(text, done)` builds the chat or the generate object."""
     outputs = await started(replica.generate(new_request_id("ollama"), prompt_ids, params))
-    text, token_ids, logprobs, last = [], [], [], None
-    events = EventStream(request, ndjson=True) if stream else None
-    try:
-        if events:
-            await events.open()
-        async with aclosing(outputs):
-            async for out in outputs:
-                last = out
-                for o in out.outputs:
-                    token_ids.extend(o.new_token_ids)
-                    items = _logprob_items(replica, o.new_logprobs or []) if want_logprobs else []
-                    if events is None:
-                        text.append(o.new_text)
-                        logprobs.extend(items)
-                    elif o.new_text or items:
-                        await events.send({**shape(o.new_text, False),
-                                           **({"logprobs": items} if want_logprobs else {})})
-        o = last.outputs[-1] if last and last.outputs else None
-        final = {**shape("" if events else "".join(text), True),
-                 "done_reason": (o.finish_reason if o else None) or "stop",
-                 **_final_stats(last, start_s, len(token_ids))}
+    want_logprobs = params.logprobs is not None
+    token_ids: list[int] = []
+
+    def final(last: RequestOutput, text: str) -> dict:
+        o = last.outputs[-1] if last.outputs else None
+        body = {**shape(text, True), "done_reason": (o.finish_reason if o else None) or "stop",
+                **_final_stats(last, request["start_s"], len(token_ids))}
         if final_extra:
-            final.update(final_extra(prompt_ids + token_ids))
-        if want_logprobs and not events:
-            final["logprobs"] = logprobs
-        if not events:
-            return web.json_response(final)
-        await events.send(final)
-        await events.close()
-    except DISCONNECTED:
-        pass                  # closing `outputs` aborted the engine request
+            body.update(final_extra(prompt_ids + token_ids))
+        return body
+
+    if not stream:
+        text, logprobs, last = [], [], None
+        async with aclosing(outputs):
+            async for last in outputs:
+                for o in last.outputs:
+                    token_ids.extend(o.new_token_ids)
+                    text.append(o.new_text)
+                    if want_logprobs:
+                        logprobs.extend(_logprob_items(replica, o.new_logprobs or []))
+        body = final(last, "".join(text))
+        if want_logprobs:
+            body["logprobs"] = logprobs
+        return web.json_response(body)
+
+    async with EventStream(request, ndjson=True) as events, aclosing(outputs):
+        async for last in outputs:
+            for o in last.outputs:
+                token_ids.extend(o.new_token_ids)
+                items = _logprob_items(replica, o.new_logprobs or []) if want_logprobs else None
+                if o.new_text or items:
+                    await events.send({**shape(o.new_text, False),
+                                       **({"logprobs": items} if want_logprobs else {})})
+        await events.send(final(last, ""))
     return events.response
 
 

@@ -7,14 +7,14 @@ carries `"usage": null` and one last chunk with no choices carries the totals.
 """
 import time
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from replica.outputs import RequestOutput, TokenLogprob
 from replica.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from replica.server.serving import (REPLICA, Replica, SampleState, new_request_id, read_body,
-                                    started)
-from replica.server.streaming import DISCONNECTED, EventStream
+from replica.server.serving import REPLICA, Replica, new_request_id, read_body, started
+from replica.server.streaming import EventStream
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for the legacy completions API
 
@@ -29,6 +29,16 @@ def _sampling_params(replica: Replica, body: SamplingFields, max_tokens: int, lo
         top_k=body.top_k, min_p=body.min_p, seed=body.seed, stop=_stop_list(body.stop),
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, logprobs=logprobs)
+
+
+@dataclass
+class SampleState:
+    """What a non-streaming response accumulates for one choice."""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)         # TokenLogprob items
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
 
 
 class _Usage:
@@ -140,37 +150,30 @@ def _accumulate(state: SampleState, o) -> None:
 
 
 async def _stream_completion(request, replica, body, head, outputs) -> web.StreamResponse:
-    stream = EventStream(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     each_usage = bool(body.stream_options and body.stream_options.continuous_usage_stats)
     usage = _Usage()
     text_offsets: dict[int, int] = {}
-    await stream.open()
-    try:
-        async with aclosing(outputs):
-            async for i, out in outputs:
-                usage.add(i, out)
-                for o in out.outputs:
-                    index = i * body.n + o.index
-                    if not (o.new_text or o.new_token_ids or o.finish_reason):
-                        continue
-                    logprobs = None
-                    if body.logprobs is not None and o.new_logprobs:
-                        logprobs = _completion_logprobs(replica, o.new_logprobs,
-                                                        text_offsets.get(index, 0))
-                        text_offsets[index] = text_offsets.get(index, 0) + sum(
-                            len(t) for t in logprobs["tokens"])
-                    chunk = {**head, "choices": [{
-                        "index": index, "text": o.new_text, "logprobs": logprobs,
-                        "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}]}
-                    if include_usage:
-                        chunk["usage"] = usage.as_dict() if each_usage else None
-                    await stream.send(chunk)
+    async with EventStream(request) as stream, aclosing(outputs):
+        async for i, out in outputs:
+            usage.add(i, out)
+            for o in out.outputs:
+                index = i * body.n + o.index
+                if not (o.new_text or o.new_token_ids or o.finish_reason):
+                    continue
+                logprobs = None
+                if body.logprobs is not None and o.new_logprobs:
+                    offset = text_offsets.get(index, 0)
+                    logprobs = _completion_logprobs(replica, o.new_logprobs, offset)
+                    text_offsets[index] = offset + sum(len(t) for t in logprobs["tokens"])
+                chunk = {**head, "choices": [{
+                    "index": index, "text": o.new_text, "logprobs": logprobs,
+                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}]}
+                if include_usage:
+                    chunk["usage"] = usage.as_dict() if each_usage else None
+                await stream.send(chunk)
         if include_usage:
             await stream.send({**head, "choices": [], "usage": usage.as_dict()})
-        await stream.close()
-    except DISCONNECTED:
-        pass                       # the engine request was aborted when `outputs` closed
     return stream.response
 
 
@@ -219,7 +222,6 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_chat(request, replica, body, head, outputs) -> web.StreamResponse:
-    stream = EventStream(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     each_usage = bool(body.stream_options and body.stream_options.continuous_usage_stats)
     usage = _Usage()
@@ -231,27 +233,22 @@ async def _stream_chat(request, replica, body, head, outputs) -> web.StreamRespo
             c["usage"] = usage.as_dict() if each_usage else None
         return c
 
-    await stream.open()
-    try:
+    async with EventStream(request) as stream, aclosing(outputs):
         # OpenAI opens every choice with the role before any content.
         for index in range(body.n):
             await stream.send(chunk(index, {"role": "assistant", "content": ""}))
-        async with aclosing(outputs):
-            async for i, out in outputs:
-                usage.add(i, out)
-                for o in out.outputs:
-                    logprobs = None
-                    if body.logprobs and o.new_logprobs:
-                        logprobs = {"content": _chat_logprob_items(replica, o.new_logprobs)}
-                    if o.new_text or logprobs:
-                        await stream.send(chunk(o.index, {"content": o.new_text}, logprobs))
-                    if o.finish_reason is not None:
-                        await stream.send(chunk(o.index, {}, None, o.finish_reason, o.stop_reason))
+        async for i, out in outputs:
+            usage.add(i, out)
+            for o in out.outputs:
+                logprobs = None
+                if body.logprobs and o.new_logprobs:
+                    logprobs = {"content": _chat_logprob_items(replica, o.new_logprobs)}
+                if o.new_text or logprobs:
+                    await stream.send(chunk(o.index, {"content": o.new_text}, logprobs))
+                if o.finish_reason is not None:
+                    await stream.send(chunk(o.index, {}, None, o.finish_reason, o.stop_reason))
         if include_usage:
             await stream.send({**head, "choices": [], "usage": usage.as_dict()})
-        await stream.close()
-    except DISCONNECTED:
-        pass
     return stream.response
 
 

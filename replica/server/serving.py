@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiohttp import web
@@ -27,7 +26,6 @@ from replica.server.errors import APIError, bad_request, from_validation_error, 
 from replica.server.lifecycle import Lifecycle
 from replica.server.metrics import ServerMetrics
 from replica.server.model_info import describe_model
-
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -44,16 +42,6 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         return model.model_validate_json(raw)
     except ValidationError as err:
         raise from_validation_error(err) from None
-
-
-@dataclass
-class SampleState:
-    """What a non-streaming response accumulates for one choice."""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)         # TokenLogprob items
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
 class Replica:

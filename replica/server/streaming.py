@@ -1,13 +1,23 @@
 """Streamed responses: Server-Sent Events for OpenAI routes, NDJSON for Ollama routes.
 
-Headers turn off proxy buffering (NGINX honours `X-Accel-Buffering: no`) so that every token
-reaches the client as soon as it is written. A client that goes away shows up as
-`ConnectionResetError` on write; callers let it end their loop, which closes the engine
-stream and so aborts the request.
+    async with EventStream(request) as stream:      # headers go out here
+        await stream.send({...})                      # one event / one line
+    # normal exit: `data: [DONE]` (SSE) and the end of the body
+
+Once headers are out, a failure can no longer change the status: it becomes a last error event
+(`{"error": {...}}` for SSE, Ollama's `{"error": "..."}` line for NDJSON), as vLLM and Ollama
+do. A client that went away shows up as `ConnectionResetError` on write; the stream ends
+quietly, and leaving the caller's loop closes the engine stream, which aborts the request.
+Headers turn off proxy buffering (NGINX honours `X-Accel-Buffering: no`).
 """
 import json
+import logging
 
 from aiohttp import web
+
+from replica.server.errors import APIError, openai_error_body
+
+log = logging.getLogger("replica.server")
 
 DISCONNECTED = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
@@ -17,8 +27,6 @@ def dumps(obj) -> bytes:
 
 
 class EventStream:
-    """`data: {...}\\n\\n` events ending with `data: [DONE]` (SSE), or one JSON object a line."""
-
     def __init__(self, request: web.Request, ndjson: bool = False) -> None:
         self._request = request
         self._ndjson = ndjson
@@ -29,8 +37,9 @@ class EventStream:
             "X-Accel-Buffering": "no",
         })
 
-    async def open(self) -> None:
+    async def __aenter__(self) -> "EventStream":
         await self.response.prepare(self._request)
+        return self
 
     async def send(self, obj) -> None:
         if self._ndjson:
@@ -38,7 +47,19 @@ class EventStream:
         else:
             await self.response.write(b"data: " + dumps(obj) + b"\n\n")
 
-    async def close(self) -> None:
-        if not self._ndjson:
-            await self.response.write(b"data: [DONE]\n\n")
-        await self.response.write_eof()
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and not isinstance(exc, Exception):
+            return False                  # cancellation and exits propagate
+        try:
+            if exc is not None and not isinstance(exc, DISCONNECTED):
+                if not isinstance(exc, APIError):
+                    log.error("stream failed on %s", self._request.path, exc_info=exc)
+                    exc = APIError(500, "internal server error")
+                await self.send({"error": exc.message} if self._ndjson else openai_error_body(exc))
+            if exc is None or not isinstance(exc, DISCONNECTED):
+                if not self._ndjson:
+                    await self.response.write(b"data: [DONE]\n\n")
+                await self.response.write_eof()
+        except DISCONNECTED:
+            pass
+        return True

@@ -2,7 +2,7 @@
 import httpx
 
 from replica.server.metrics import METRIC_NAMES
-from tests.server.conftest import TINY_NAME, engine_idle, scrape
+from tests.server.conftest import TINY_NAME, engine_idle
 
 
 def test_every_documented_metric_is_exported(tiny_server):

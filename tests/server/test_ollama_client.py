@@ -105,3 +105,14 @@ def test_missing_key_is_refused(tiny_server):
     with pytest.raises(ollama.ResponseError) as err:
         ollama.Client(host=tiny_server.url).list()
     assert err.value.status_code == 401
+
+
+def test_logprobs(client):
+    out = client.generate(model=TINY_NAME, prompt="Hi", options=GREEDY, logprobs=True,
+                          top_logprobs=2)
+    assert len(out.logprobs) == out.eval_count == 6
+    assert "".join(lp.token for lp in out.logprobs) == out.response
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in out.logprobs)
+    parts = list(client.chat(model=TINY_NAME, messages=MESSAGES, options=GREEDY, logprobs=True,
+                             stream=True))
+    assert sum(len(p.logprobs or []) for p in parts) == 6
