@@ -121,8 +121,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     def shape(text: str, done: bool) -> dict:
         return {"model": name, "created_at": _now_rfc3339(), "response": text, "done": done}
 
-    if not body.prompt and not body.context:
-        return web.json_response({**shape("", True), "done_reason": "load"})
+    if not body.prompt and not body.context:     # Ollama's "load" (or, keep_alive 0, "unload")
+        reason = "unload" if body.keep_alive in (0, "0", "0s") else "load"
+        return web.json_response({**shape("", True), "done_reason": reason})
     if body.raw or not body.prompt:
         prompt_ids = await replica.encode(body.prompt or "", "prompt") if body.prompt else []
     elif replica.tokenizer is not None and replica.tokenizer.has_chat_template:

@@ -42,6 +42,7 @@ def test_generate_raw_and_latest_tag(client, http):
 def test_empty_prompt_loads(client):
     out = client.generate(model=TINY_NAME, prompt="")
     assert out.done and out.done_reason == "load" and out.response == ""
+    assert client.generate(model=TINY_NAME, prompt="", keep_alive=0).done_reason == "unload"
 
 
 def test_chat_and_stream(client):
