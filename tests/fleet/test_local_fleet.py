@@ -12,7 +12,7 @@ import ollama
 import pytest
 from openai import OpenAI
 
-from tests.fleet.conftest import API_KEY, SERVED_NAME, FleetCtl, Load, is_running
+from tests.fleet.conftest import API_KEY, REPO_ROOT, SERVED_NAME, FleetCtl, Load, is_running
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,19 @@ def test_stream_chunks_arrive_one_by_one_through_nginx(openai_client):
                                                   temperature=0, stream=True)
         for chunk in stream:
             times.append(time.monotonic() - t0)
+        assert len(times) == 64
         return times
 
-    for _ in range(4):  # the first requests of a fresh replica may come out in bursts (warm-up)
-        arrivals()
-    runs = [arrivals() for _ in range(3)]
-    assert all(len(times) == 64 for times in runs)
-    # Buffered by the balancer, every stream's chunks would arrive together at its end.
-    best = max(runs, key=lambda times: len({round(t, 3) for t in times}))
-    assert len({round(t, 3) for t in best}) >= 8
-    assert best[-1] - best[0] > 0.02
+    def spread_out(times: list[float]) -> bool:
+        # Buffered into one, every chunk would arrive in the same few reads at the end.
+        return len({round(t, 3) for t in times}) >= 8 and times[-1] - times[0] > 0.02
+
+    # The tiny model sometimes generates all 64 tokens within 3 ms, too fast for any spacing
+    # to show; a run in which the replica took its time must show it through NGINX.
+    runs = []
+    while len(runs) < 10 and not any(map(spread_out, runs)):
+        runs.append(arrivals())
+    assert any(map(spread_out, runs)), [sorted({round(t, 3) for t in times}) for times in runs]
 
 
 def test_ollama_client_works_through_nginx(served):
@@ -97,6 +100,49 @@ def test_rate_limit_per_api_key_answers_429(served):
     finally:
         served("up", "--rate-limit", "1000", "--burst", "1000")
     assert all(r["num_restarts"] == 0 for r in served.status()["replicas"])
+
+
+def test_session_routing_keeps_a_session_on_one_replica(served):
+    served("up", "--routing", "session")  # NGINX-only change
+    try:
+        access_log = served.home / "nginx" / "logs" / "access.log"
+        offset = access_log.stat().st_size
+        with httpx.Client(verify=served.ssl_context(), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+            for session in ("alice", "bob", "carol", "dave"):
+                for _ in range(3):
+                    client.post(f"{served.url}/v1/completions", headers={"X-Session-ID": session},
+                                json={"model": SERVED_NAME, "prompt": "Hi", "max_tokens": 1}).raise_for_status()
+            for _ in range(3):  # no header: the body's "user" field is the session key
+                client.post(f"{served.url}/v1/completions",
+                            json={"model": SERVED_NAME, "prompt": "Hi", "max_tokens": 1, "user": "erin"})
+        lines = access_log.read_text()[offset:].splitlines()
+        upstreams = [line.split("upstream=")[1].split()[0] for line in lines if "POST /v1/completions" in line]
+        assert len(upstreams) == 15
+        groups = [set(upstreams[i:i + 3]) for i in range(0, 15, 3)]
+        assert all(len(group) == 1 for group in groups), groups
+    finally:
+        served("up", "--routing", "least_conn")
+
+
+def test_logs_show_a_replica_and_the_fleet_events(served):
+    assert "serving tiny-llama" in served("logs", "r1", "--tail", "1000").stdout
+    events = served("logs", "events").stdout
+    assert "r1: started on local" in events and "r1: in NGINX (/ready 200)" in events
+
+
+def test_a_broken_template_is_refused_and_nginx_keeps_serving(served, tmp_path):
+    broken = tmp_path / "nginx.conf.j2"
+    broken.write_text((REPO_ROOT / "lb" / "nginx.conf.j2").read_text().replace("least_conn;", "least_conn bogus;"))
+    pid, live = served.nginx_pid(), (served.home / "nginx" / "nginx.conf").read_text()
+    result = subprocess.run([sys.executable, "-m", "fleetctl", "up", "--rate-limit", "999"], cwd=REPO_ROOT,
+                            env={**served.env, "PAGEFLEET_NGINX_TEMPLATE": str(broken)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 5
+    assert "nginx -t rejected the new config" in result.stderr and "keeps the previous one" in result.stderr
+    assert served.nginx_pid() == pid and (served.home / "nginx" / "nginx.conf").read_text() == live
+    with httpx.Client(verify=served.ssl_context(), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        assert client.get(f"{served.url}/v1/models").status_code == 200
+    served("up", "--rate-limit", "1000")  # the fixed template applies the saved change
 
 
 def test_printed_openai_example_runs_as_is(served):

@@ -1,0 +1,50 @@
+"""Small pure pieces of the fleet: GPU round-robin, the replica command line, state round-trips."""
+from fleetctl.backends.base import ReplicaSpec, replica_env, serve_args
+from fleetctl.config import FleetConfig, default_served_model_name
+from fleetctl.fleet import Fleet
+from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
+
+
+def test_replicas_go_round_robin_over_the_gpus_asked_for():
+    state = FleetState(FleetConfig(gpus=["0", "1", "2"]))
+    picked = []
+    for index in range(5):
+        gpu = Fleet.pick_gpu(state)
+        picked.append(gpu)
+        state.replicas[f"r{index}"] = ReplicaRecord(f"r{index}", "127.0.0.1", 1, gpu=gpu)
+    assert picked == ["0", "1", "2", "0", "1"]
+    state.replicas["r1"].phase = Phase.DRAINING  # a draining replica frees its GPU
+    assert Fleet.pick_gpu(state) == "1"
+    assert Fleet.pick_gpu(FleetState(FleetConfig())) == ""
+
+
+def test_replica_command_line_follows_the_contract_and_keeps_keys_off_it():
+    spec = ReplicaSpec("r1", "smollm2", "smollm2", "cuda", gpu="1", api_keys=("secret-key-1",),
+                       max_model_len=256, num_kv_blocks=64, drain_timeout_s=12)
+    args = serve_args(spec, "/models/m.gguf", "0.0.0.0", 8000)
+    assert args == ["serve", "--model", "/models/m.gguf", "--host", "0.0.0.0", "--port", "8000",
+                    "--served-model-name", "smollm2", "--device", "cuda", "--drain-timeout", "12",
+                    "--max-model-len", "256", "--num-kv-blocks", "64"]
+    assert "secret-key-1" not in " ".join(args)
+    assert replica_env(spec)["PAGEFLEET_API_KEYS"] == "secret-key-1"
+
+
+def test_served_model_name_is_derived_from_the_model():
+    assert default_served_model_name("smollm2") == "smollm2"
+    assert default_served_model_name("/models/Qwen2.5-0.5B-Instruct/") == "Qwen2.5-0.5B-Instruct"
+    assert default_served_model_name("./SmolLM2-135M.Q4_1.gguf") == "SmolLM2-135M.Q4_1"
+    assert FleetConfig(device="", gpus=["0"]).replica_device == "cuda"
+    assert FleetConfig().replica_device == "cpu"
+
+
+def test_state_round_trips_through_the_state_dir(tmp_path):
+    state_dir = StateDir(tmp_path)
+    state = FleetState(FleetConfig(num_replicas=3, api_keys=["k" * 10]))
+    state.replicas["r1"] = ReplicaRecord("r1", "127.0.0.1", 9000, phase=Phase.SERVING)
+    state_dir.ensure()
+    state_dir.save(state)
+    with state_dir.transaction() as loaded:
+        assert loaded.to_dict() == state.to_dict()
+        loaded.replicas["r1"].phase = Phase.DRAINING
+    assert state_dir.load().replicas["r1"].phase is Phase.DRAINING
+    assert oct(state_dir.fleet_file.stat().st_mode & 0o777) == "0o600"
