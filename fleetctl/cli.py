@@ -124,7 +124,7 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
         if "backend" not in given:
             given["backend"] = default_backend(given.get("docker_host", ""))
         preflight(FleetConfig(**given))
-    state = open_or_create(state_dir, FleetConfig(**given), set(given))
+    state = open_or_create(state_dir, given)
     fleet = _fleet()
     with output.ready_progress(err, state.config.num_replicas) as progress:
         up_fleet(fleet, progress)

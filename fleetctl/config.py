@@ -16,6 +16,7 @@ from fleetctl.errors import ConfigError
 BACKENDS = ("local", "docker", "swarm")
 ROUTINGS = ("least_conn", "session")
 DEFAULT_MODEL = "smollm2"
+BUNDLED_MODELS = ("smollm2",)  # aliases `replica serve` resolves itself (fleetctl/models.py)
 DEFAULT_IMAGE = "pagefleet-replica:latest"
 # Unprivileged defaults, so that `fleetctl up` needs no root and clashes with no system web server.
 DEFAULT_HTTPS_PORT = 8443
@@ -70,6 +71,12 @@ class FleetConfig:
     docker_host: str = ""  # the engine the fleet lives on; empty: DOCKER_HOST or the default socket
 
     def __post_init__(self) -> None:
+        # Paths are stored absolute: the watcher restarts replicas from wherever it runs.
+        if self.model not in BUNDLED_MODELS:
+            self.model = _absolute(self.model)
+        self.tls_cert, self.tls_key = (_absolute(p) if p else "" for p in (self.tls_cert, self.tls_key))
+        self.mounts = [_absolute(src) + (":" + dst if dst else "")
+                       for src, _, dst in (m.partition(":") for m in self.mounts)]
         if not self.served_model_name:
             self.served_model_name = default_served_model_name(self.model)
         self.validate()
@@ -130,6 +137,10 @@ def parse_gpus(text: str | None) -> list[str]:
         _check(bool(gpus), "--gpus all: nvidia-smi lists no GPU; leave --gpus out to run on CPU")
         return gpus
     return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def _is_ip(text: str) -> bool:

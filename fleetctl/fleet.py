@@ -5,8 +5,10 @@ between calls (the state directory does). Two rules keep traffic safe:
   * a replica enters NGINX only after its /ready answered 200 (`put_in_rotation`);
   * a replica leaves NGINX before it is stopped, and is stopped only after its in-flight requests
     drained (`remove_replicas`).
-Every NGINX change goes through `_commit`: change the state, render, `nginx -t`, reload, save;
-if NGINX refuses, nothing is saved and the running NGINX keeps its config.
+Every NGINX change goes through `commit`: change the state, render, `nginx -t`, reload, save;
+if NGINX refuses, nothing is saved and the running NGINX keeps its config. A rolling update
+(fleetctl update) composes the same steps: `start_replicas(1, model=new)`, `wait_ready`,
+`remove_replicas([old])`.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class Fleet:
         return nginx_mod.render(nginx_mod.site_context(config, state.fleet_id, upstreams, tls,
                                                        self.state_dir.nginx_dir))
 
-    def _commit(self, change: Callable[[FleetState], None]) -> FleetState:
+    def commit(self, change: Callable[[FleetState], None]) -> FleetState:
         """Changes the saved state and brings NGINX in line with it, or neither."""
         with self.state_dir.transaction() as state:
             change(state)
@@ -64,13 +66,13 @@ class Fleet:
         return state
 
     def sync_nginx(self) -> FleetState:
-        return self._commit(lambda state: None)
+        return self.commit(lambda state: None)
 
     # Replicas -----------------------------------------------------------------------------
-    def spec(self, state: FleetState, replica_id: str, gpu: str) -> ReplicaSpec:
+    def spec(self, state: FleetState, replica_id: str, gpu: str, model: str = "") -> ReplicaSpec:
         c = state.config
-        return ReplicaSpec(replica_id, c.model, c.served_model_name, c.replica_device, gpu, tuple(c.api_keys),
-                           c.max_model_len, c.num_kv_blocks, c.drain_timeout_s)
+        return ReplicaSpec(replica_id, model or c.model, c.served_model_name, c.replica_device, gpu,
+                           tuple(c.api_keys), c.max_model_len, c.num_kv_blocks, c.drain_timeout_s)
 
     @staticmethod
     def pick_gpu(state: FleetState, also_used: list[str] = ()) -> str:
@@ -84,16 +86,23 @@ class Fleet:
     def start_missing(self, num_wanted: int) -> list[str]:
         """Starts replicas until num_wanted are active. Counting and starting happen under the
         lock, so `scale` and the watcher never both start the same missing replica."""
+        with self.state_dir.locked():
+            return self.start_replicas(num_wanted - len(self.state_dir.load().active()))
+
+    def start_replicas(self, count: int, model: str = "") -> list[str]:
+        """Starts `count` more replicas (of `model`, default the fleet's), not yet in NGINX."""
+        if count <= 0:
+            return []
         with self.state_dir.transaction() as state:
             specs = []
-            for _ in range(max(0, num_wanted - len(state.active()))):
+            for _ in range(count):
                 gpu = self.pick_gpu(state, [s.gpu for s in specs])
-                specs.append(self.spec(state, state.new_replica_id(), gpu))
-            replicas = self.backend.start_many(specs) if specs else []
+                specs.append(self.spec(state, state.new_replica_id(), gpu, model))
+            replicas = self.backend.start_many(specs)
             for spec, replica in zip(specs, replicas):
                 state.replicas[replica.id] = ReplicaRecord(
-                    replica.id, replica.host, replica.port, replica.handle, spec.gpu, state.config.model,
-                    state.config.served_model_name, Phase.STARTING, "started", time.time())
+                    replica.id, replica.host, replica.port, replica.handle, spec.gpu, spec.model,
+                    spec.served_model_name, Phase.STARTING, "started", time.time())
         for spec, replica in zip(specs, replicas):
             self.event(replica.id, f"started on {self.backend.name} at {replica.host}:{replica.port}",
                        f"GPU {spec.gpu}" if spec.gpu else "CPU")
@@ -108,7 +117,7 @@ class Fleet:
                 return False
             state = self.state_dir.load()
             record = state.replicas[replica_id]
-            replica = self.backend.restart(self.spec(state, replica_id, record.gpu), record.port,
+            replica = self.backend.restart(self.spec(state, replica_id, record.gpu, record.model), record.port,
                                            min(state.config.drain_timeout_s, RESTART_STOP_TIMEOUT_S))
 
             def restarted(state: FleetState) -> None:
@@ -117,7 +126,7 @@ class Fleet:
                 rec.phase, rec.reason, rec.started_at_s = Phase.STARTING, f"restarted: {reason}", time.time()
                 rec.num_restarts += 1
 
-            self._commit(restarted)
+            self.commit(restarted)
         self.event(replica_id, f"restarted at {replica.host}:{replica.port}", reason)
         return True
 
@@ -129,7 +138,7 @@ class Fleet:
                 changed.append(replica_id)
 
         changed: list[str] = []
-        self._commit(change)
+        self.commit(change)
         if changed:
             self.event(replica_id, "in NGINX", reason)
         return bool(changed)
@@ -144,7 +153,7 @@ class Fleet:
                 changed.append(was_serving)
 
         changed: list[bool] = []
-        self._commit(change)
+        self.commit(change)
         if changed and changed[0]:
             self.event(replica_id, "out of NGINX", reason)
         return bool(changed)
@@ -172,7 +181,7 @@ class Fleet:
             for rid in ids:
                 state.replicas[rid].phase, state.replicas[rid].reason = Phase.DRAINING, reason
 
-        self._commit(drain)
+        self.commit(drain)
         for rid in ids:
             self.event(rid, "out of NGINX, draining", reason)
 
@@ -226,7 +235,7 @@ class Fleet:
                                                             Phase.STARTING, "found on the swarm",
                                                             replica.started_at_s or time.time())
 
-        self._commit(change)
+        self.commit(change)
         for rid, what in changes:
             self.event(rid, what)
         return seen

@@ -44,23 +44,22 @@ def preflight(config: FleetConfig) -> None:
             client.close()
 
 
-def open_or_create(state_dir: StateDir, config: FleetConfig, given: set[str]) -> FleetState:
+def open_or_create(state_dir: StateDir, given: dict) -> FleetState:
     """The saved fleet with the options given on this command line applied, or a new one.
-    `given` names the config fields the operator set explicitly; the rest keep their saved values."""
+    `given` holds the config fields the operator set explicitly; the rest keep their saved
+    values (or the defaults, for a new fleet)."""
     state_dir.ensure()
     with state_dir.locked():
         if not state_dir.has_fleet():
-            state = FleetState(config)
+            state = FleetState(FleetConfig(**given))
         else:
             state = state_dir.load()
             saved = state.config.to_dict()
-            wanted = config.to_dict()
-            for name in sorted(given):
-                if name in REPLICA_FIELDS and wanted[name] != saved[name]:
+            for name, value in sorted(given.items()):
+                if name in REPLICA_FIELDS and value != saved[name]:
                     raise ConfigError(f"the fleet runs with {name}={saved[name]!r}; changing it needs new replicas: "
                                       f"run `fleetctl down` first (or `fleetctl update` for the model)")
-                saved[name] = wanted[name]
-            state.config = FleetConfig.from_dict(saved)
+            state.config = FleetConfig.from_dict({**saved, **given})
         state_dir.save(state)
     return state
 

