@@ -101,7 +101,7 @@ class ServerMetrics:
         self.e2e = histogram("pagefleet_e2e_request_latency_seconds",
                              "Arrival to the last output.", _REQUEST_BUCKETS)
         self.queue_time = histogram("pagefleet_request_queue_time_seconds",
-                                    "Arrival to first scheduled.", _REQUEST_BUCKETS)
+                                    "Arrival to first scheduled.", _TTFT_BUCKETS)
 
     def observe_tokens(self, prev_token_s: float | None, metrics: RequestMetrics,
                        num_new_tokens: int) -> None:

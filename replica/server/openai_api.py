@@ -28,7 +28,8 @@ def _sampling_params(replica: Replica, body: SamplingFields, max_tokens: int, lo
         n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         top_k=body.top_k, min_p=body.min_p, seed=body.seed, stop=_stop_list(body.stop),
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, logprobs=logprobs)
+        repetition_penalty=body.repetition_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens)
 
 
 @dataclass

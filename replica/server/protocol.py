@@ -44,6 +44,10 @@ class SamplingFields(RequestBody):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    # vLLM's extensions, which load generators rely on for exact output lengths
+    ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)")
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_INT)] = Field(0, description="EOS and stop ids are "
+                                                                 "masked until this many tokens")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = None

@@ -155,3 +155,12 @@ def test_async_client_concurrent_requests(async_client, tiny_server):
 
     assert asyncio.run(run()) == ["length"] * 8
     assert engine_idle(tiny_server.url)["pagefleet_kv_cache_usage_perc"] == 0
+
+
+def test_ignore_eos_and_min_tokens_give_exact_lengths(client):
+    """vLLM's extensions, sent as extra_body as load generators do."""
+    for extra in ({"ignore_eos": True}, {"min_tokens": 12}):
+        completion = client.completions.create(
+            model=TINY_NAME, prompt=[5, 6, 7], max_tokens=12, temperature=1.0, seed=3, extra_body=extra)
+        assert completion.usage.completion_tokens == 12, extra
+        assert completion.choices[0].finish_reason == "length"
