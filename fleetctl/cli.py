@@ -6,6 +6,7 @@ Errors are one line saying what to do, with the exit codes listed in errors.py.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -19,8 +20,9 @@ from fleetctl.errors import EXIT_DEGRADED, ConfigError, FleetError
 from fleetctl.fleet import Fleet
 from fleetctl.state import StateDir
 
-console = Console()
-err = Console(stderr=True)
+# Tables stay readable when piped (rich would fall back to 80 columns); a terminal sets its own.
+console = Console(width=None if sys.stdout.isatty() else shutil.get_terminal_size((160, 24)).columns)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else shutil.get_terminal_size((160, 24)).columns)
 
 # CLI option → FleetConfig field, for the options of `up`.
 UP_FIELDS = {
@@ -83,8 +85,8 @@ def _fleet(say=None) -> Fleet:
 @click.option("--port", type=int, help="Public HTTPS port [default: 8443].")
 @click.option("--http-port", type=int, help="HTTP port that redirects to HTTPS with 308 [default: 8080].")
 @click.option("--internal-port", type=int, help="Loopback port for /metrics, /health, stub_status [default: 8081].")
-@click.option("--tls-name", multiple=True, help="Host name or IP for the certificate (repeat) [default: localhost, 127.0.0.1].")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Your own certificate chain (PEM) instead of the local CA.")
+@click.option("--tls-name", multiple=True, help="Host name or IP in the certificate [default: localhost, 127.0.0.1].")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Your own certificate chain (PEM), not the local CA.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
 @click.option("--api-key", multiple=True, help="Key clients must send as `Authorization: Bearer KEY` (repeat).")
 @click.option("--rate-limit", type=float, help="Requests/s per API key (or per IP without one) [default: 50].")

@@ -7,8 +7,8 @@ Converging never touches a healthy replica: it restarts only replicas whose proc
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable
 
 from fleetctl.config import FleetConfig

@@ -80,8 +80,8 @@ def check_operator_pair(cert_path: Path, key_path: Path) -> None:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot read {cert_path} / {key_path} as PEM ({exc}); "
                           "give an unencrypted PEM key and certificate") from exc
-    if certs[0].public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
-            != key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if certs[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
         raise ConfigError(f"--tls-key {key_path} does not belong to --tls-cert {cert_path}")
 
 

@@ -28,8 +28,11 @@ LABEL_MODEL = "pagefleet.model"
 def connect(docker_host: str = "", timeout_s: float = 5.0):
     """A client for the engine at docker_host (else DOCKER_HOST, else the default socket) that
     answered a ping; UnavailableError otherwise."""
-    import docker
-
+    try:
+        import docker
+    except ImportError:
+        raise UnavailableError("the docker Python package is missing; pip install docker, "
+                               "or use --backend local") from None
     try:
         client = docker.DockerClient(base_url=docker_host, timeout=60) if docker_host \
             else docker.from_env(timeout=60)

@@ -60,13 +60,16 @@ class Dockerd:
 
     # lifecycle ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 60.0) -> "Dockerd":
-        _ip("link", "add", "name", self.bridge, "type", "bridge")
-        _ip("addr", "add", self.bridge_cidr, "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        bridge_args = []
+        if shutil.which("ip"):  # without iproute2: Docker's default bridge names (docker0)
+            _ip("link", "add", "name", self.bridge, "type", "bridge")
+            _ip("addr", "add", self.bridge_cidr, "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+            bridge_args = ["--bridge", self.bridge]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             ["dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
-             "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host, "--bridge", self.bridge,
+             "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host, *bridge_args,
              "--iptables=false", "--ip-masq=false", "--default-address-pool", f"base={self.pool},size=24"],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
@@ -97,16 +100,18 @@ class Dockerd:
             target = mount.split()[1]
             if target.startswith(str(self.root)):
                 subprocess.run(["umount", "-l", target], capture_output=True)
-        for name in (self.bridge, self.gw_bridge):
-            _ip("link", "del", name, check=False)
+        if shutil.which("ip"):
+            for name in (self.bridge, self.gw_bridge):
+                _ip("link", "del", name, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def init_swarm(self) -> None:
         """A single-node swarm. docker_gwbridge is made first, with our own bridge name."""
-        self.docker("network", "create", "--subnet", self.gw_subnet,
-                    "--opt", f"com.docker.network.bridge.name={self.gw_bridge}",
-                    "--opt", "com.docker.network.bridge.enable_icc=false",
-                    "--opt", "com.docker.network.bridge.enable_ip_masquerade=false", "docker_gwbridge")
+        if shutil.which("ip"):
+            self.docker("network", "create", "--subnet", self.gw_subnet,
+                        "--opt", f"com.docker.network.bridge.name={self.gw_bridge}",
+                        "--opt", "com.docker.network.bridge.enable_icc=false",
+                        "--opt", "com.docker.network.bridge.enable_ip_masquerade=false", "docker_gwbridge")
         self.docker("swarm", "init", "--advertise-addr", "127.0.0.1", timeout=60)
 
     def build_dev_image(self) -> str:
@@ -141,7 +146,7 @@ def _ip(*args: str, check: bool = True) -> None:
 
 def available() -> str:
     """Why a private dockerd cannot run here ("" when it can)."""
-    for tool in ("dockerd", "docker", "ip"):
+    for tool in ("dockerd", "docker"):
         if not shutil.which(tool):
             return f"{tool} is not installed"
     if os.geteuid() != 0:

@@ -144,8 +144,8 @@ def test_swarm_kill_9_under_load_swarm_replaces_the_task_and_nginx_follows(ctl, 
         load.wait_for_ok(20)
         t_kill = time.monotonic()
         os.kill(victim.attrs["State"]["Pid"], signal.SIGKILL)
-        restored = ctl.wait_status(lambda r: r["num_replicas_ready"] == 2 and r["replicas"][0]["address"] != old_address,
-                                   120)
+        restored = ctl.wait_status(
+            lambda r: r["num_replicas_ready"] == 2 and r["replicas"][0]["address"] != old_address, 120)
         load.wait_for_ok(20, since=time.monotonic())
     assert restored["num_replicas_ready"] == 2 and len(restored["replicas"]) == 2
     late = [f for f in load.failures() if f.t_start > t_kill + 0.5]
