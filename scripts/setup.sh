@@ -12,6 +12,7 @@ command -v nginx >/dev/null || missing+=(nginx)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v curl >/dev/null || missing+=(curl)
+command -v ip >/dev/null || missing+=(iproute2)   # the Docker tests give their dockerd its own bridge
 command -v docker-compose >/dev/null || missing+=(docker-compose)   # validates Compose files offline
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
