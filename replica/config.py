@@ -24,6 +24,7 @@ class EngineConfig:
     enforce_eager: bool = False       # disable CUDA graphs
     seed: int = 0                     # seed of unseeded sampling
     max_num_waiting: int = 1024       # bound of the waiting queue (server answers 503 above)
+    load_format: str = "auto"         # auto (the weight files) | dummy (random, from config.json)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -40,6 +41,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
 

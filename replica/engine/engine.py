@@ -58,11 +58,12 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         started = time.monotonic()
-        checkpoint = checkpoint or open_checkpoint(config.model)
+        checkpoint = checkpoint or open_checkpoint(config.model, config.load_format)
         self.model_config = cfg = checkpoint.config
         self.model_path = checkpoint.path
         self.model_name = default_served_name(config.model)
-        self.tokenizer = (Tokenizer.load(checkpoint.path, checkpoint.format, cfg.eos_token_ids)
+        self.tokenizer = (Tokenizer.load(checkpoint.path, "hf" if checkpoint.format == "dummy" else checkpoint.format,
+                                         cfg.eos_token_ids)
                           if checkpoint.path is not None else None)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
         self.max_model_len = self._resolve_max_model_len()

@@ -37,10 +37,12 @@ class Checkpoint:
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self.format == "hf":
             return _hf_weights(self.path)
+        if self.format == "dummy":
+            return _dummy_weights(self.config)
         return _gguf_weights(self.path, self.config)
 
 
-def open_checkpoint(model: str) -> Checkpoint:
+def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
     path = resolve_model_path(model)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -48,6 +50,8 @@ def open_checkpoint(model: str) -> Checkpoint:
         fields, names = _read_gguf_header(path)
         return Checkpoint(path, "gguf", ModelConfig.from_gguf_fields(fields, names))
     config = ModelConfig.from_hf_folder(path)
+    if load_format == "dummy":
+        return Checkpoint(path, "dummy", config)
     if not list(path.glob("*.safetensors")):
         raise ValueError(f"{path.name}: no *.safetensors files (only safetensors checkpoints are loaded)")
     return Checkpoint(path, "hf", config)
@@ -64,6 +68,35 @@ def _hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{file.name} is corrupt or unreadable ({type(err).__name__}); "
                              "re-download the checkpoint") from None
+
+
+def _dummy_weights(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights for every parameter the config implies (benchmarks: same cost per token as
+    real weights). Projections ~ N(0, 0.02), norms 1."""
+    gen = torch.Generator().manual_seed(seed)
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen) * 0.02
+    yield "model.embed_tokens.weight", rand(config.vocab_size, h)
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", rand(config.vocab_size, h)
+    yield "model.norm.weight", torch.ones(h)
+    for n in range(config.num_layers):
+        prefix = f"model.layers.{n}."
+        for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)),
+                            ("self_attn.v_proj", (kv, h)), ("self_attn.o_proj", (h, q)),
+                            ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)), ("mlp.down_proj", (h, i))):
+            yield prefix + name + ".weight", rand(*shape)
+        if config.qkv_bias:
+            for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                yield prefix + f"self_attn.{name}.bias", torch.zeros(size)
+        if config.qk_norm:
+            yield prefix + "self_attn.q_norm.weight", torch.ones(config.head_dim)
+            yield prefix + "self_attn.k_norm.weight", torch.ones(config.head_dim)
+        yield prefix + "input_layernorm.weight", torch.ones(h)
+        yield prefix + "post_attention_layernorm.weight", torch.ones(h)
 
 
 def _gguf_reader(path: Path):

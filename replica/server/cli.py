@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
                    "capped at 8192)")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized from memory)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step (prefill chunk size)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of GPU memory for weights, activations and the KV cache")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from config.json (benchmarks; no weight files needed)")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="waiting requests before new ones get 503 + Retry-After (default 1024)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
@@ -65,7 +72,9 @@ def _configs(args: argparse.Namespace):
     engine = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_waiting=args.max_queue)
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        load_format=args.load_format, max_num_waiting=args.max_queue)
     return server, engine
 
 

@@ -101,3 +101,22 @@ def test_more_samples_than_max_num_seqs_is_rejected(token_model_path):
     llm = LLM(str(token_model_path), **(TINY_ENGINE | dict(max_num_seqs=2)))   # private: left dirty
     with pytest.raises(ValueError, match="max_num_seqs"):
         llm.engine.add_request("wide", [5, 6, 7], SamplingParams(n=3, max_tokens=3))
+
+
+def test_dummy_load_format_needs_only_config_json(tmp_path):
+    """--load-format dummy: random weights of the configured shape, no weight files."""
+    import json
+
+    from replica.engine.llm import LLM
+    from replica.sampling_params import SamplingParams
+    from tests.tiny_models import _config
+
+    folder = tmp_path / "shape-only"
+    folder.mkdir()
+    config = _config("qwen2", 512).to_dict() | {"architectures": ["Qwen2ForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM(str(folder), num_kv_blocks=64, max_model_len=128)
+    llm = LLM(str(folder), load_format="dummy", num_kv_blocks=64, max_model_len=128)
+    [result] = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert len(result.outputs[0].token_ids) == 4
