@@ -69,7 +69,7 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         backend = get_attention_backend(config.resolve_attention_backend(self.device))
         self.model = LlamaForCausalLM(cfg, self.dtype, self.device, backend, self.max_model_len)
-        self.model.load_weights(checkpoint.weights())
+        self.model.load_weights(checkpoint.weights(self.device))
         num_blocks = self._resolve_num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

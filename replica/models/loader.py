@@ -34,11 +34,12 @@ class Checkpoint:
     format: str            # "hf" or "gguf"
     config: ModelConfig
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """device: where dummy weights are drawn (files are read on the host either way)."""
         if self.format == "hf":
             return _hf_weights(self.path)
         if self.format == "dummy":
-            return _dummy_weights(self.config)
+            return _dummy_weights(self.config, device)
         return _gguf_weights(self.path, self.config)
 
 
@@ -70,15 +71,15 @@ def _hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                              "re-download the checkpoint") from None
 
 
-def _dummy_weights(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def _dummy_weights(config: ModelConfig, device, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights for every parameter the config implies (benchmarks: same cost per token as
     real weights). Projections ~ N(0, 0.02), norms 1."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     h, i = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen) * 0.02
+        return torch.randn(*shape, generator=gen, device=device) * 0.02
     yield "model.embed_tokens.weight", rand(config.vocab_size, h)
     if not config.tie_word_embeddings:
         yield "lm_head.weight", rand(config.vocab_size, h)
@@ -173,7 +174,7 @@ class InMemoryCheckpoint:
     path: None = None
     format: str = "memory"
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
         return self.weight_source()
 
 
