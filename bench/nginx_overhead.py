@@ -93,6 +93,10 @@ def main() -> None:
                            "date": datetime.date.today().isoformat(), "model": args.model,
                            "workload": "W4 lengths: prompts 64-1024, outputs 16-512"},
                    "levels": []}
+        # Warm-up, measured nowhere: the first requests of a fresh replica compile kernels for new
+        # shapes, and whichever path ran first would pay for it.
+        for name, url, ca in (("warmup-direct", direct, None), ("warmup-nginx", via_nginx, tls.ca)):
+            load(url, 32, 64, args.vocab_size, ca, work / f"{name}.json")
         for level in args.levels.split(","):
             concurrency, num_requests = (int(x) for x in level.split(":"))
             row = {"concurrency": concurrency, "num_requests": num_requests}
