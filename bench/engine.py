@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from replica.config import EngineConfig  # noqa: E402
 from replica.engine.engine import LLMEngine  # noqa: E402
-from replica.models.loader import InMemoryCheckpoint, checkpoint_from_hf_model  # noqa: E402
+from replica.models.loader import Checkpoint, checkpoint_from_hf_model  # noqa: E402
 from replica.models.model_config import ModelConfig  # noqa: E402
 from replica.sampling_params import SamplingParams  # noqa: E402
 
@@ -45,29 +45,10 @@ def hf_config(size: str):
     return transformers.LlamaConfig(max_position_embeddings=8192, **SHAPES[size])
 
 
-def random_checkpoint(size: str, seed: int = 0) -> InMemoryCheckpoint:
+def random_checkpoint(size: str) -> Checkpoint:
+    """Random bf16-shaped weights drawn on the GPU (the loader's `dummy` format)."""
     cfg = hf_config(size).to_dict() | {"architectures": ["LlamaForCausalLM"]}
-    model_cfg = ModelConfig.from_hf_dict(cfg)
-
-    def weights():
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        h, i = model_cfg.hidden_size, model_cfg.intermediate_size
-        q, kv = model_cfg.num_heads * model_cfg.head_dim, model_cfg.num_kv_heads * model_cfg.head_dim
-
-        def rand(*shape):
-            return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
-        yield "model.embed_tokens.weight", rand(model_cfg.vocab_size, h)
-        yield "lm_head.weight", rand(model_cfg.vocab_size, h)
-        yield "model.norm.weight", torch.ones(h, device="cuda")
-        for n in range(model_cfg.num_layers):
-            p = f"model.layers.{n}."
-            for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)),
-                                ("self_attn.v_proj", (kv, h)), ("self_attn.o_proj", (h, q)),
-                                ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)), ("mlp.down_proj", (h, i))):
-                yield p + name + ".weight", rand(*shape)
-            yield p + "input_layernorm.weight", torch.ones(h, device="cuda")
-            yield p + "post_attention_layernorm.weight", torch.ones(h, device="cuda")
-    return InMemoryCheckpoint(model_cfg, weights)
+    return Checkpoint(path=None, format="dummy", config=ModelConfig.from_hf_dict(cfg))
 
 
 def prompts(n: int, lengths, vocab: int, seed: int) -> list[list[int]]:
