@@ -1,6 +1,7 @@
 """fleetctl: run a fleet of pagefleet replicas behind NGINX with TLS, and keep it healthy.
 
-Commands only; the work lives in fleet.py, lifecycle.py, health.py, status.py and render.py.
+Commands only; the work lives in fleet.py, lifecycle.py, rollout.py, health.py, status.py,
+render.py and loadgen.py (`bench`, loaded only when used: it brings numpy and aiohttp).
 Errors are one line saying what to do, with the exit codes listed in errors.py.
 """
 from __future__ import annotations
@@ -38,7 +39,18 @@ UP_FIELDS = {
 
 
 class FleetGroup(click.Group):
-    """Turns a FleetError into its one-line message and exit code (also under CliRunner)."""
+    """Turns a FleetError into its one-line message and exit code (also under CliRunner), and
+    loads `bench` (fleetctl/loadgen.py) only when it is asked for."""
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name == "bench":
+            from fleetctl.loadgen import bench_command
+
+            return bench_command
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "bench"])
 
     def invoke(self, ctx: click.Context):
         try:
@@ -50,7 +62,8 @@ class FleetGroup(click.Group):
 
 @click.group(cls=FleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=output.version(), message="fleetctl %(version)s")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Run pagefleet replicas behind NGINX with TLS, on local processes, Docker or Swarm.
 
     \b
@@ -58,12 +71,35 @@ def cli() -> None:
       fleetctl up --replicas 2        # 2 replicas of the bundled SmolLM2, https://localhost:8443
       fleetctl status
       fleetctl scale 3
+      fleetctl update --model ./new-weights
+      fleetctl bench --num-requests 100 --concurrency 8
       fleetctl down
 
     State (config, TLS, logs, NGINX) lives in $PAGEFLEET_HOME, default ~/.pagefleet.
     Exit codes: 0 ok, 1 failed, 2 usage, 3 not ready in time, 4 nginx/Docker missing,
     5 NGINX rejected the config (the old one keeps serving), 6 no fleet, 7 degraded.
     """
+    if ctx.invoked_subcommand == "bench":
+        ctx.default_map = {**(ctx.default_map or {}), "bench": _bench_defaults()}
+
+
+def _bench_defaults() -> dict:
+    """`fleetctl bench` aims at the fleet when there is one: its HTTPS URL, its CA and its first
+    API key (each still overridden by the option or its environment variable)."""
+    state_dir = _state_dir()
+    if not state_dir.has_fleet():
+        return {}
+    from fleetctl.status import public_url
+    from fleetctl.tls import planned_paths
+
+    config = state_dir.load().config
+    defaults = {"base_url": public_url(config)}
+    ca = planned_paths(state_dir.tls_dir, config.tls_cert, config.tls_key).ca
+    if ca and ca.exists():
+        defaults["ca_file"] = str(ca)
+    if config.api_keys:
+        defaults["api_key"] = config.api_keys[0]
+    return defaults
 
 
 def _state_dir() -> StateDir:
@@ -119,10 +155,13 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
     """
     from fleetctl.backends import default_backend
     from fleetctl.lifecycle import open_or_create, preflight, up as up_fleet
+    from fleetctl.rollout import refuse_during_update
 
     given = _given(options)
     state_dir = _state_dir()
-    if not state_dir.has_fleet():
+    if state_dir.has_fleet():
+        refuse_during_update(state_dir.load(), "run `fleetctl up`")
+    else:
         if "backend" not in given:
             given["backend"] = default_backend(given.get("docker_host", ""))
         preflight(FleetConfig(**given))
@@ -177,12 +216,53 @@ def scale(replicas: int, as_json: bool) -> None:
       fleetctl scale 1
     """
     from fleetctl.lifecycle import converge
+    from fleetctl.rollout import refuse_during_update
     from fleetctl.status import collect
 
     fleet = _fleet()
-    fleet.state_dir.load()  # NoFleetError early
+    refuse_during_update(fleet.state_dir.load(), "scale")  # NoFleetError early too
     with output.ready_progress(err, replicas) as progress:
         converge(fleet, replicas, progress)
+    report = collect(fleet)
+    if as_json:
+        console.print_json(json.dumps(report))
+    else:
+        output.print_status(console, report)
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="The new weights: safetensors folder, GGUF file or bundled alias.")
+@click.option("--max-surge", type=click.IntRange(0, 1), default=1, show_default=True,
+              help="1: each new replica starts beside the old one it replaces (CPU, or a free GPU in --gpus).")
+@click.option("--max-unavailable", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="1: with no room for one more replica, the old one leaves first (one fewer serves meanwhile).")
+@click.option("--timeout", "timeout_s", type=float,
+              help="Seconds each new replica gets to pass /ready and its test generation [default: --ready-timeout].")
+@click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
+def update(model: str, max_surge: int, max_unavailable: int, timeout_s: float | None, as_json: bool) -> None:
+    """Roll the fleet onto new weights, one replica at a time, without dropping a request.
+
+    For each old replica: a new one starts with --model, must answer /ready and generate a few
+    tokens, enters NGINX; then the old one leaves NGINX, finishes its requests and stops. The
+    served model name stays, so clients keep their `model` field. A new replica that fails its
+    check halts the update and rolls back: NGINX ends serving only the old weights, and the
+    command exits 1 with the reason. `fleetctl status` shows where an update stands and which
+    weights each replica serves; an interrupted update resumes when run again.
+
+    \b
+    Examples:
+      fleetctl update --model /models/Llama-3.1-8B-Instruct-v2
+      fleetctl update --model ./ckpt --max-surge 0 --max-unavailable 1   # no spare GPU
+      fleetctl status --json | jq '.update, [.replicas[] | {id, weights}]'
+    """
+    from fleetctl.rollout import Rollout, UpdateOptions
+    from fleetctl.status import collect
+
+    options = UpdateOptions(model, max_surge, max_unavailable, timeout_s or 0.0)
+    fleet = _fleet()
+    state = fleet.state_dir.load()
+    with output.update_progress(err, len(state.active())) as progress:
+        Rollout(fleet, options, progress).run()
     report = collect(fleet)
     if as_json:
         console.print_json(json.dumps(report))
@@ -233,9 +313,12 @@ def logs(replica: str, follow: bool, tail: int) -> None:
     lines = follow_file(files[replica], follow, tail) if replica in files else None
     if lines is None:
         fleet = _fleet()
-        if replica not in fleet.state_dir.load().replicas and replica not in fleet.backend.list():
+        if fleet.backend.name == "local" and state_dir.replica_log(replica).exists():
+            lines = follow_file(state_dir.replica_log(replica), follow, tail)  # also once it was removed
+        elif replica in fleet.state_dir.load().replicas or replica in fleet.backend.list():
+            lines = fleet.backend.logs(replica, follow=follow, tail=tail)
+        else:
             raise FleetError(f"no replica {replica!r}; `fleetctl status` lists them")
-        lines = fleet.backend.logs(replica, follow=follow, tail=tail)
     try:
         for line in lines:
             click.echo(line)

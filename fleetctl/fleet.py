@@ -6,20 +6,25 @@ between calls (the state directory does). Two rules keep traffic safe:
   * a replica leaves NGINX before it is stopped, and is stopped only after its in-flight requests
     drained (`remove_replicas`).
 Every NGINX change goes through `commit`: change the state, render, `nginx -t`, reload, save;
-if NGINX refuses, nothing is saved and the running NGINX keeps its config. A rolling update
-(fleetctl update) composes the same steps: `start_replicas(1, model=new)`, `wait_ready`,
-`remove_replicas([old])`.
+if NGINX refuses, nothing is saved and the running NGINX keeps its config. Every change of the
+replica set goes through `transaction` (which `commit` uses), so Prometheus' file_sd targets
+(state dir `prometheus/replicas.json`) follow up, scale, update and the watcher alike. A rolling
+update (fleetctl/rollout.py) composes the same steps: `start_replicas(1, model=new)`,
+`wait_ready(..., gate=...)`, `remove_replicas([old])`.
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from fleetctl import nginx as nginx_mod
 from fleetctl.backends import make_backend
 from fleetctl.backends.base import Backend, Replica, ReplicaSpec
 from fleetctl.errors import NotReadyError
+from fleetctl.observability import render_file_sd
 from fleetctl.probe import load, probe
 from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
 from fleetctl.tls import planned_paths
@@ -58,7 +63,7 @@ class Fleet:
 
     def commit(self, change: Callable[[FleetState], None]) -> FleetState:
         """Changes the saved state and brings NGINX in line with it, or neither."""
-        with self.state_dir.transaction() as state:
+        with self.transaction() as state:
             change(state)
             outcome = self.nginx().apply(self.render_nginx(state))
         if outcome != "unchanged":
@@ -67,6 +72,26 @@ class Fleet:
 
     def sync_nginx(self) -> FleetState:
         return self.commit(lambda state: None)
+
+    @contextmanager
+    def transaction(self) -> Iterator[FleetState]:
+        """The state dir's transaction, which also rewrites Prometheus' targets file (under the
+        same lock, so two writers never leave an older replica set behind)."""
+        with self.state_dir.transaction() as state:
+            yield state
+            self.write_scrape_targets(state)
+
+    def write_scrape_targets(self, state: FleetState) -> None:
+        """Every replica fleetctl runs (loading and draining ones too, so a dashboard sees them
+        come and go), as a file_sd document; written atomically and only when it changes."""
+        path = self.state_dir.scrape_targets_file
+        text = render_file_sd([r.address for r in state.sorted_replicas() if r.port], {"fleet": state.fleet_id})
+        if path.exists() and path.read_text() == text:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
     # Replicas -----------------------------------------------------------------------------
     def spec(self, state: FleetState, replica_id: str, gpu: str, model: str = "") -> ReplicaSpec:
@@ -93,7 +118,7 @@ class Fleet:
         """Starts `count` more replicas (of `model`, default the fleet's), not yet in NGINX."""
         if count <= 0:
             return []
-        with self.state_dir.transaction() as state:
+        with self.transaction() as state:
             specs = []
             for _ in range(count):
                 gpu = self.pick_gpu(state, [s.gpu for s in specs])
@@ -168,10 +193,31 @@ class Fleet:
         self._stop_drained(ids, reason)
         return ids
 
-    def remove_replicas(self, ids: list[str], reason: str) -> None:
-        """Out of NGINX (one reload), wait for in-flight requests to finish, SIGTERM, forget."""
+    def remove_replicas(self, ids: list[str], reason: str, forget: bool = True) -> None:
+        """Out of NGINX (one reload), wait for in-flight requests to finish, SIGTERM, forget.
+        With forget=False the record stays (DRAINING, stopped), so `start_again` can restore it."""
         self._mark_draining(ids, reason)
-        self._stop_drained(ids, reason)
+        self._stop_drained(ids, reason, forget)
+
+    def start_again(self, replica_id: str, reason: str) -> None:
+        """Starts a stopped replica again with its recorded model and GPU, on its old address
+        where it is free; not in NGINX until `wait_ready` puts it there."""
+        with self.state_dir.locked():
+            state = self.state_dir.load()
+            record = state.replicas[replica_id]
+            replica = self.backend.start(self.spec(state, replica_id, record.gpu, record.model), record.port)
+
+            def restarted(state: FleetState) -> None:
+                rec = state.replicas[replica_id]
+                rec.host, rec.port, rec.handle = replica.host, replica.port, replica.handle
+                rec.phase, rec.reason, rec.started_at_s = Phase.STARTING, reason, time.time()
+
+            self.commit(restarted)
+        self.event(replica_id, f"started again at {replica.host}:{replica.port}", reason)
+
+    def forget(self, replica_id: str) -> None:
+        with self.transaction() as state:
+            state.replicas.pop(replica_id, None)
 
     def _mark_draining(self, ids: list[str], reason: str) -> None:
         if not ids:
@@ -179,13 +225,16 @@ class Fleet:
 
         def drain(state: FleetState) -> None:
             for rid in ids:
+                if state.replicas[rid].phase is Phase.SERVING:
+                    was_serving.append(rid)
                 state.replicas[rid].phase, state.replicas[rid].reason = Phase.DRAINING, reason
 
+        was_serving: list[str] = []
         self.commit(drain)
         for rid in ids:
-            self.event(rid, "out of NGINX, draining", reason)
+            self.event(rid, "out of NGINX, draining" if rid in was_serving else "draining", reason)
 
-    def _stop_drained(self, ids: list[str], reason: str) -> None:
+    def _stop_drained(self, ids: list[str], reason: str, forget: bool = True) -> None:
         if not ids:
             return
         state = self.state_dir.load()
@@ -199,8 +248,8 @@ class Fleet:
             while time.monotonic() < deadline and (load(record.url, key).num_in_flight or 0) > 0:
                 time.sleep(POLL_S)
             self.backend.stop(record.id, timeout_s)
-            with self.state_dir.transaction() as st:
-                st.replicas.pop(record.id, None)
+            if forget:
+                self.forget(record.id)
             self.event(record.id, "stopped", reason)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -240,9 +289,12 @@ class Fleet:
             self.event(rid, what)
         return seen
 
-    def wait_ready(self, ids: list[str], timeout_s: float, on_ready: Callable[[str], None] = lambda rid: None) -> None:
-        """Polls each replica's /ready; each goes into NGINX as soon as it answers 200. Raises
-        NotReadyError when one exits during start-up or the time runs out."""
+    def wait_ready(self, ids: list[str], timeout_s: float, on_ready: Callable[[str], None] = lambda rid: None,
+                   gate: Callable[[ReplicaRecord, float], None] | None = None,
+                   timeout_option: str = "--ready-timeout") -> None:
+        """Polls each replica's /ready; each goes into NGINX as soon as it answers 200 (and,
+        given a `gate`, once gate(record, seconds_left) returned; it raises to keep the replica
+        out). Raises NotReadyError when one exits during start-up or the time runs out."""
         pending = set(ids)
         deadline = time.monotonic() + timeout_s
         next_liveness_check = 0.0
@@ -255,7 +307,9 @@ class Fleet:
                     pending.discard(rid)  # someone else (the watcher, a scale) took care of it
                     on_ready(rid)
                 elif probe(rec.url, key).is_ready:
-                    self.put_in_rotation(rid, "/ready 200")
+                    if gate is not None:
+                        gate(rec, max(1.0, deadline - time.monotonic()))
+                    self.put_in_rotation(rid, "/ready 200" + (" and its gate" if gate else ""))
                     pending.discard(rid)
                     on_ready(rid)
             if pending and time.monotonic() > next_liveness_check:
@@ -269,7 +323,7 @@ class Fleet:
                 next_liveness_check = time.monotonic() + 1.0
             if pending and time.monotonic() > deadline:
                 raise NotReadyError(f"{', '.join(sorted(pending))} not ready after {timeout_s:.0f} s; "
-                                    f"see `fleetctl logs {min(pending)}` or raise --ready-timeout")
+                                    f"see `fleetctl logs {min(pending)}` or raise {timeout_option}")
             if pending:
                 time.sleep(POLL_S)
 

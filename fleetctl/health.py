@@ -14,6 +14,10 @@ its reason (stdout and the state's logs/events.log):
 
 Docker and Swarm restart crashed containers themselves (restart policy); the watcher then only
 moves the replica out of NGINX and back in once it is ready (on Swarm, at its new task's address).
+
+While `fleetctl update` runs, the watcher pauses: the update owns the replica set (it starts,
+gates and removes replicas itself, and a replica that passed /ready must still pass its test
+generation before NGINX sees it). It resumes when the update ends or its process is gone.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from fleetctl.errors import NoFleetError
 from fleetctl.fleet import Fleet
 from fleetctl.probe import Probe, probe
+from fleetctl.rollout import is_update_running
 from fleetctl.state import Phase
 
 
@@ -36,6 +41,7 @@ class Watcher:
     restart_after_s: float = 30.0
     num_failures: dict[str, int] = field(default_factory=dict)
     out_since_s: dict[str, float] = field(default_factory=dict)  # when it left NGINX (or started)
+    is_paused: bool = False  # for a rolling update
 
     def run(self, stop: threading.Event | None = None, max_ticks: int | None = None) -> None:
         stop = stop or threading.Event()
@@ -54,6 +60,12 @@ class Watcher:
 
     def tick(self) -> None:
         fleet = self.fleet
+        if is_update_running(fleet.state_dir.load()) != self.is_paused:
+            self.is_paused = not self.is_paused
+            fleet.event("watch", "paused" if self.is_paused else "resumed",
+                        "fleetctl update is running" if self.is_paused else "the update ended")
+        if self.is_paused:
+            return
         seen = fleet.refresh()  # also restarts NGINX if it is not running
         state = fleet.state_dir.load()
         key = (state.config.api_keys or [""])[0]

@@ -35,15 +35,29 @@ def ready_progress(console: Console, num_wanted: int) -> Iterator[Callable[[int,
         yield progress
 
 
+@contextmanager
+def update_progress(console: Console, num_total: int) -> Iterator[Callable[[int, int], None]]:
+    """A bar of replicas moved to the new weights; yields progress(num_done, num_total)."""
+    with Progress(SpinnerColumn(), TextColumn("replicas updated"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("updated", total=num_total, completed=0)
+
+        def progress(num_done: int, num_total: int) -> None:
+            bar.update(task, completed=min(num_done, num_total), total=num_total)
+
+        yield progress
+
+
 def print_status(console: Console, report: dict) -> None:
     table = Table(title=f"fleet {report['fleet_id']} · {report['backend']} · {report['model']} · "
                         f"{report['num_replicas_ready']}/{report['num_replicas_wanted']} ready",
                   title_justify="left")
-    for column in ("id", "address", "model", "gpu", "ready", "nginx", "run", "wait", "kv", "up", "restarts", "note"):
+    for column in ("id", "address", "model", "weights", "gpu", "ready", "nginx", "run", "wait", "kv", "up", "restarts",
+                   "note"):
         table.add_column(column, justify="right" if column in ("run", "wait", "kv", "restarts") else "left")
     for row in report["replicas"]:
         table.add_row(
-            row["id"], row["address"], row["model"], row["gpu"] or "cpu",
+            row["id"], row["address"], row["model"], Path(row["weights"]).name, row["gpu"] or "cpu",
             "[green]yes[/]" if row["is_ready"] else "[red]no[/]",
             "in" if row["in_nginx"] else row["phase"],
             _num(row["num_requests_running"]), _num(row["num_requests_waiting"]),
@@ -52,6 +66,8 @@ def print_status(console: Console, report: dict) -> None:
             "" if row["is_ready"] else row["reason"],
         )
     console.print(table)
+    if report.get("update"):
+        console.print(_update_line(report["update"]), highlight=False)
     nginx = report["nginx"]
     if nginx["is_running"]:
         extra = f", {nginx['num_active_connections']} active connection(s)" \
@@ -60,6 +76,20 @@ def print_status(console: Console, report: dict) -> None:
                       f"{report['url']}  internal {nginx['internal_url']}", highlight=False)
     else:
         console.print("NGINX [red]not running[/]; `fleetctl up` starts it", highlight=False)
+
+
+def _update_line(update: dict) -> str:
+    """Where the last rolling update stands, in one line."""
+    target = Path(update["target_model"]).name
+    counts = f"{update['num_done']}/{update['num_total']} replicas"
+    if update["is_running"]:
+        return f"update to {target}: [yellow]{update['phase'].replace('_', ' ')}[/], {counts}; {update['step']}"
+    if update["is_interrupted"]:
+        return (f"update to {target}: [red]interrupted[/] at {counts} ({update['step']}); "
+                f"run `fleetctl update --model {update['target_model']}` again to resume")
+    if update["phase"] == "done":
+        return f"update to {target}: [green]done[/], {counts}"
+    return f"update to {target}: [red]{update['phase'].replace('_', ' ')}[/] ({update['reason']})"
 
 
 def examples(state_dir: StateDir, report: dict) -> dict:

@@ -28,9 +28,14 @@ def render_nginx(state_dir: StateDir, num_replicas: int) -> str:
 
 
 def render_prometheus(state_dir: StateDir, num_replicas: int) -> str:
-    """Prometheus scrape config with the fleet's replicas as targets (fleetctl/observability.py)."""
+    """Prometheus scrape config (fleetctl/observability.py). For a running fleet it reads the
+    replicas from the file_sd file that fleetctl rewrites whenever the replica set changes, so
+    Prometheus follows scale, update and the watcher without a reload; without a fleet, the
+    placeholder replicas are written in."""
     from fleetctl.observability import render_prometheus_config
 
+    if state_dir.has_fleet():
+        return render_prometheus_config([], targets_file=str(state_dir.scrape_targets_file))
     state = preview_state(state_dir, num_replicas)
     return render_prometheus_config([r.address for r in state.active()])
 

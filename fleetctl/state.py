@@ -2,11 +2,12 @@
 
 Layout of the state directory ($PAGEFLEET_HOME, default ~/.pagefleet), created 0700:
 
-    fleet.json        FleetState: the desired config and one record per replica
+    fleet.json        FleetState: the desired config, one record per replica, the rolling update's progress
     lock              flock(2) target; every read-modify-write of fleet.json holds it
     logs/             replica logs (local backend), events.log (every action, with its reason)
     nginx/            NGINX prefix: nginx.conf, nginx.pid, logs/, tmp/ (the *_temp_path dirs)
     tls/              ca.pem, ca.key, server.pem, server.key, dhparam.pem (keys 0600)
+    prometheus/       replicas.json: Prometheus file_sd targets, rewritten whenever the replica set changes
 
 Several fleetctl processes may run at once (`watch` in one terminal, `scale` in another): each
 mutation is a short `transaction()` under the lock; long waits (loading, draining) happen outside
@@ -82,6 +83,48 @@ class ReplicaRecord:
         return record
 
 
+class UpdatePhase(str, enum.Enum):
+    """Where a rolling update (`fleetctl update`, fleetctl/rollout.py) stands.
+
+    RUNNING → DONE, or RUNNING → ROLLING_BACK (a new replica failed its gate) → ROLLED_BACK, or
+    FAILED when the rollback could not finish either. RUNNING or ROLLING_BACK with its fleetctl
+    process gone means the update was interrupted; running it again resumes it.
+    """
+
+    RUNNING = "running"
+    ROLLING_BACK = "rolling_back"
+    DONE = "done"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+
+@dataclass
+class UpdateProgress:
+    target_model: str  # the weights the fleet moves to (absolute path or bundled alias)
+    from_model: str  # the fleet's model before; what a rollback restores
+    num_total: int  # replicas to replace
+    num_done: int = 0
+    phase: UpdatePhase = UpdatePhase.RUNNING
+    step: str = ""  # the action under way, e.g. "r3 (new) gating, then r1 leaves NGINX"
+    reason: str = ""  # why it halted
+    pid: int = 0  # the `fleetctl update` process and its start time: the update's owner
+    pid_start_ticks: int = 0
+    started_at_s: float = field(default_factory=time.time)
+    finished_at_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["phase"] = self.phase.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "UpdateProgress":
+        known = {f.name for f in dataclasses.fields(cls)}
+        progress = cls(**{k: v for k, v in data.items() if k in known})
+        progress.phase = UpdatePhase(progress.phase)
+        return progress
+
+
 @dataclass
 class FleetState:
     config: FleetConfig
@@ -89,6 +132,7 @@ class FleetState:
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
     next_index: int = 1
     created_at_s: float = field(default_factory=time.time)
+    update: UpdateProgress | None = None  # the last (or current) rolling update
 
     def new_replica_id(self) -> str:
         replica_id = f"r{self.next_index}"
@@ -112,6 +156,7 @@ class FleetState:
             "replicas": {rid: r.to_dict() for rid, r in self.replicas.items()},
             "next_index": self.next_index,
             "created_at_s": self.created_at_s,
+            "update": self.update.to_dict() if self.update else None,
         }
 
     @classmethod
@@ -122,6 +167,7 @@ class FleetState:
             replicas={rid: ReplicaRecord.from_dict(r) for rid, r in data.get("replicas", {}).items()},
             next_index=data.get("next_index", 1),
             created_at_s=data.get("created_at_s", time.time()),
+            update=UpdateProgress.from_dict(data["update"]) if data.get("update") else None,
         )
 
 
@@ -137,6 +183,7 @@ class StateDir:
         self.nginx_dir = self.root / "nginx"
         self.tls_dir = self.root / "tls"
         self.events_file = self.logs_dir / "events.log"
+        self.scrape_targets_file = self.root / "prometheus" / "replicas.json"
         self._lock_file = self.root / "lock"
         self._lock = threading.RLock()
         self._lock_depth = 0

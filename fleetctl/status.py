@@ -1,4 +1,5 @@
-"""What `fleetctl status` shows: one row per replica and the NGINX state. Read-only: it probes
+"""What `fleetctl status` shows: one row per replica (with the weights it serves), the rolling
+update's progress, and the NGINX state. Read-only: it probes
 the replicas and NGINX but changes nothing (the watcher and `up` act on what they find)."""
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from fleetctl.state import Phase
 
 
 def collect(fleet: Fleet) -> dict:
+    from fleetctl.rollout import describe
+
     state = fleet.state_dir.load()
     config = state.config
     key = (config.api_keys or [""])[0]
@@ -50,11 +53,13 @@ def collect(fleet: Fleet) -> dict:
         "fleet_id": state.fleet_id,
         "backend": config.backend,
         "model": config.served_model_name,
+        "weights": config.model,  # what new replicas start with; each row says what it serves
         "num_replicas_wanted": config.num_replicas,
         "num_replicas_ready": num_ready,
         "is_degraded": num_ready < config.num_replicas or not pid,
         "url": public_url(config),
         "replicas": rows,
+        "update": describe(state),  # the last rolling update: target, done/total, phase, step
         "nginx": {
             "is_running": bool(pid),
             "pid": pid,

@@ -13,6 +13,7 @@ read-only), as must the paths given with --mount.
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from typing import Iterator
@@ -25,6 +26,8 @@ from fleetctl.errors import FleetError, UnavailableError
 GPU_RESOURCE = "NVIDIA-GPU"
 DEFAULT_GPU_CONSTRAINT = "node.labels.pagefleet.gpu==true"
 TASK_START_TIMEOUT_S = 120.0
+# Replace one task at a time, start the new one first, and let Swarm roll back a failed update.
+ROLLING_UPDATE = {"Parallelism": 1, "Order": "start-first", "FailureAction": "rollback", "Monitor": 10_000_000_000}
 # Task states in which the replica's process exists or is about to (it may still be loading).
 ALIVE_STATES = ("new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running")
 
@@ -143,6 +146,69 @@ class SwarmBackend(Backend):
 
     def needs_restart(self, replica: Replica | None) -> bool:
         return False  # Swarm replaces failed tasks of a slot itself
+
+    # Rolling model update (fleetctl/rollout.py) ---------------------------------------------
+    def update_model(self, spec: ReplicaSpec) -> None:
+        """Swarm's own rolling update onto spec.model: the same service with the new --model and
+        its mount; one task at a time, each new task started before its slot's old one stops,
+        and the service rolled back by Swarm when a new task fails its health check."""
+        import docker
+
+        service = self._service()
+        if service is None:
+            raise FleetError(f"the Swarm service {self.service_name} is gone; run `fleetctl up` first")
+        current = service.attrs["Spec"]
+        model_arg, mount = model_mount(spec.model)
+        template = copy.deepcopy(current["TaskTemplate"])
+        template["ContainerSpec"]["Args"] = serve_args(spec, model_arg, "0.0.0.0", REPLICA_PORT_IN_CONTAINER)
+        template["ContainerSpec"]["Mounts"] = [dict(m) for m in (mount, *extra_mounts(self.config.mounts))]
+        try:
+            self.client.api.update_service(
+                service.id, service.version, task_template=template, name=current["Name"],
+                labels=current.get("Labels"), mode=current["Mode"], update_config=ROLLING_UPDATE,
+                rollback_config=current.get("RollbackConfig"), endpoint_spec=current.get("EndpointSpec"))
+        except docker.errors.APIError as exc:
+            raise FleetError(f"Swarm refused the update of {self.service_name}: {exc.explanation or exc}") from None
+
+    def update_status(self) -> dict:
+        """Swarm's UpdateStatus of the service: State (updating, paused, completed,
+        rollback_started, rollback_paused, rollback_completed), StartedAt, Message; {} before
+        any update."""
+        service = self._service()
+        return (service.attrs.get("UpdateStatus") or {}) if service else {}
+
+    def update_message(self) -> str:
+        """Why the last update stopped, in one line: Swarm's message, and the newest failed
+        task's error with the last line it printed."""
+        service = self._service()
+        if service is None:
+            return ""
+        message = (service.attrs.get("UpdateStatus") or {}).get("Message", "")
+        failed = [t for t in service.tasks() if t.get("Status", {}).get("State") in ("failed", "rejected")]
+        if not failed:
+            return message
+        task = max(failed, key=lambda t: t["CreatedAt"])
+        api = self.client.api
+        try:
+            response = api._get(api._url("/tasks/{0}/logs", task["ID"]), stream=True,
+                                params={"stdout": True, "stderr": True, "tail": 5})
+            lines = b"".join(api._get_result_tty(True, response, False)).decode(errors="replace").splitlines()
+        except Exception:  # the logs are a courtesy here; the message must still come out
+            lines = []
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        return "; ".join(part for part in (message, f"task {task['ID'][:12]}: {task['Status'].get('Err', '')}",
+                                           last[:200]) if part)
+
+    def roll_back_model(self) -> None:
+        """Asks Swarm to go back to the previous service spec (`docker service rollback`)."""
+        service = self._service()
+        if service is None or self.update_status().get("State", "").startswith("rollback"):
+            return
+        api = self.client.api
+        # The SDK has no rollback call; the API's update with rollback=previous ignores the body.
+        api._raise_for_status(api._post_json(api._url("/services/{0}/update", service.id),
+                                             data=service.attrs["Spec"],
+                                             params={"version": service.version, "rollback": "previous"}))
 
     def teardown(self) -> None:
         import docker
