@@ -10,11 +10,17 @@ import importlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 from replica.kernels.kv_cache_write import write_kv_cache_ref
 from replica.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 from replica.kernels.rotary import apply_rotary_ref
+from replica.kernels.rotary_kv_write import apply_rotary_and_write_kv_ref
 from replica.kernels.silu_mul import silu_and_mul_ref
+
+# The skinny-GEMM kernel takes 16-bit weights only: float32 models (the exact-token tests against
+# transformers) keep cuBLAS's fp32 GEMMs.
+_LINEAR_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def is_triton_enabled(tensor: torch.Tensor) -> bool:
@@ -23,6 +29,18 @@ def is_triton_enabled(tensor: torch.Tensor) -> bool:
 
 def _triton(module: str):
     return importlib.import_module(f"replica.kernels.{module}_triton")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but a 16-bit x of at most `linear_triton.MAX_ROWS` rows (decode at small batch)
+    on CUDA goes to the Triton skinny GEMM, which streams the weight at close to the memory
+    bandwidth; cuBLAS otherwise (prefill, large batches, float32, odd layouts)."""
+    # x: [M, K]; weight: [N, K]; bias: [N] or None → [M, N]
+    if x.dtype in _LINEAR_DTYPES and is_triton_enabled(x):
+        module = _triton("linear")
+        if module.is_supported(x, weight) and (bias is None or bias.is_contiguous()):
+            return module.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -62,3 +80,17 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         _triton("kv_cache_write").write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     else:
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> torch.Tensor:
+    """apply_rotary, then write_kv_cache of the rotated keys and the values, in one kernel on
+    CUDA. Returns the rotated q."""
+    # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]; positions, slot_mapping: [T]
+    if is_triton_enabled(q):
+        return _triton("rotary_kv_write").apply_rotary_and_write_kv(
+            q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    return apply_rotary_and_write_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
+                                         slot_mapping)

@@ -1,6 +1,7 @@
 """The Triton attention backend: the GPU path behind `AttentionBackend`.
 
-forward = write the new keys/values into the paged cache, then one attention launch:
+forward = write the new keys/values into the paged cache (unless `is_kv_written`: the model
+fused that write into its rotary kernel), then one attention launch:
 the split-KV decode kernel when every sequence has exactly one new token, else the
 variable-length prefill kernel (which takes decode rows mixed into a prefill batch too).
 
@@ -20,10 +21,12 @@ from replica.kernels.paged_prefill_triton import paged_prefill_attention
 class TritonAttentionBackend:
     name = "triton"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
-        # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] → out like q
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
+                is_kv_written: bool = False) -> torch.Tensor:
+        # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (None if written) → out like q
+        if not is_kv_written:
+            write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             params = meta.extras.setdefault("triton", {})
             if "decode_num_splits" not in params:

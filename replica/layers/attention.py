@@ -1,8 +1,9 @@
 """Attention backends behind one interface.
 
 The model runner builds one `AttentionMetadata` per step; every layer's attention calls
-`backend.forward`, which writes the new keys/values into that layer's paged cache and then
-attends each new token causally over its sequence's whole context. Backend-specific
+`backend.forward`, which writes the new keys/values into that layer's paged cache (unless the
+caller already did, `is_kv_written=True`, e.g. fused with rotary) and then attends each new
+token causally over its sequence's whole context. Backend-specific
 precomputation that depends only on the step (not the layer) goes into `meta.extras` on the
 first layer and is reused by the others.
 """
@@ -32,8 +33,9 @@ class AttentionBackend(Protocol):
     name: str
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
         k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        is_kv_written: bool = False,
     ) -> torch.Tensor: ...
 
 
@@ -42,8 +44,10 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        write_kv_cache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                is_kv_written: bool = False):
+        if not is_kv_written:
+            write_kv_cache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         if "ref" not in meta.extras:
             meta.extras["ref"] = build_ref_extras(
                 meta.query_start_loc, meta.seq_lens, meta.block_tables,

@@ -125,7 +125,7 @@ class LlamaForCausalLM:
                 x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
             else:
                 x, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+            qkv = ops.linear(x, layer.qkv_weight, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
             k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -133,15 +133,18 @@ class LlamaForCausalLM:
             if layer.q_norm is not None:
                 q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
                 k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            q, k = ops.apply_rotary(q, k, positions, self.cos_sin_cache)
-            attn = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-            hidden = F.linear(attn.reshape(num_tokens, q_size), layer.o_weight)
+            # rotary and the KV-cache write in one kernel: the backend must not write again
+            q = ops.apply_rotary_and_write_kv(q, k, v, positions, self.cos_sin_cache,
+                                              k_cache, v_cache, meta.slot_mapping)
+            attn = self.backend.forward(q, None, None, k_cache, v_cache, meta, self.scale,
+                                        is_kv_written=True)
+            hidden = ops.linear(attn.reshape(num_tokens, q_size), layer.o_weight)
             x, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
-            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up_weight)), layer.down_weight)
+            hidden = ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up_weight)), layer.down_weight)
         out, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
         return out
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [S, hidden] (only the rows that sample) → float32 logits [S, vocab]
-        return F.linear(hidden, self.lm_head).float()
+        return ops.linear(hidden, self.lm_head).float()

@@ -2,11 +2,13 @@
 Triton kernel on CUDA."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from replica.kernels import ops
 from replica.kernels.kv_cache_write import write_kv_cache_ref
 from replica.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 from replica.kernels.rotary import apply_rotary_ref
+from replica.kernels.rotary_kv_write import apply_rotary_and_write_kv_ref
 from replica.kernels.silu_mul import silu_and_mul_ref
 from tests.kernels.paged_batch import ON_GPU
 
@@ -39,6 +41,14 @@ def _check_all(device, exact):
     ops.write_kv_cache(t["k"], t["k"] * 2, k_cache, v_cache, t["slots"])
     write_kv_cache_ref(t["k"], t["k"] * 2, ref_k, ref_v, t["slots"])
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    q = ops.apply_rotary_and_write_kv(t["q"], t["k"], t["k"] * 2, t["positions"], t["cos_sin"],
+                                      k_cache, v_cache, t["slots"])
+    q_ref = apply_rotary_and_write_kv_ref(t["q"], t["k"], t["k"] * 2, t["positions"], t["cos_sin"],
+                                          ref_k, ref_v, t["slots"])
+    assert compare(q, q_ref) and compare(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    # float32 inputs: F.linear everywhere (the Triton GEMM takes 16-bit weights only)
+    assert torch.equal(ops.linear(t["x"], t["residual"], t["weight"][:5]),
+                       F.linear(t["x"], t["residual"], t["weight"][:5]))
 
 
 def test_cpu_tensors_take_the_reference_path():
@@ -55,3 +65,20 @@ def test_cuda_tensors_take_triton_unless_disabled(monkeypatch):
     monkeypatch.setenv("PAGEFLEET_DISABLE_TRITON", "1")
     assert not ops.is_triton_enabled(torch.zeros(1, device="cuda"))
     _check_all("cuda", exact=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_linear_takes_triton_for_few_16bit_rows(monkeypatch):
+    from replica.kernels import linear_triton
+
+    calls = []
+    real = linear_triton.skinny_linear
+    monkeypatch.setattr(linear_triton, "skinny_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.delenv("PAGEFLEET_DISABLE_TRITON", raising=False)
+    weight = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+    for num_rows in (1, 8, 9, 64):
+        x = torch.randn(num_rows, 128, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(ops.linear(x, weight), F.linear(x, weight))
+    ops.linear(torch.randn(1, 128, device="cuda"), weight.float())       # float32: cuBLAS
+    assert calls == [1, 8]

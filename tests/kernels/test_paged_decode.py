@@ -113,3 +113,21 @@ def test_cuda_graph_replay_with_new_lengths_matches_eager():
     eager = paged_decode_attention(q, first.k_cache, first.v_cache, block_tables, seq_lens,
                                    head_scale(head_dim), num_splits=num_splits)
     assert torch.equal(replayed, eager)
+
+
+def test_split_reduce_is_repeatable():
+    # The same inputs give bit-identical outputs call after call (a race between the split
+    # programs and the reduce would not). Batch 1 at W2's context with 32 splits (the CUDA-graph
+    # bucket's split count), then a batch of 3 with an uneven split.
+    cases = [([600], 32), ([1, 2000, 77], 5)] if ON_GPU else [([40], 4), ([1, 50, 9], 3)]
+    shapes = ({"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16} if ON_GPU
+              else {"num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "block_size": 4})
+    for seq_lens, num_splits in cases:
+        batch = make_batch(seq_lens, [1] * len(seq_lens), seed=len(seq_lens), **shapes)
+        block_n = 64 if ON_GPU else 16
+        outs = [paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
+                                       batch.seq_lens, head_scale(batch.q.shape[-1]),
+                                       num_splits=num_splits, block_n=block_n)
+                for _ in range(50 if ON_GPU else 3)]
+        assert_close_rel(outs[0], reference_attention(batch), batch.q.dtype)
+        assert all(torch.equal(out, outs[0]) for out in outs[1:])

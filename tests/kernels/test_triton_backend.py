@@ -48,3 +48,13 @@ def test_decode_num_splits_is_chosen_once_per_step():
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta, 0.125)
     assert meta.extras["triton"]["decode_num_splits"] == 3
     assert not out.isnan().any()
+
+
+def test_is_kv_written_skips_the_cache_write():
+    # the model writes K/V itself (fused with rotary) and passes is_kv_written=True, no k and v
+    batch = make_batch([40, 3], [1, 1], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
+    for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
+        k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+        backend.forward(batch.q, None, None, k_cache, v_cache, _meta(batch, True), 0.125,
+                        is_kv_written=True)
+        assert torch.equal(k_cache, batch.k_cache) and torch.equal(v_cache, batch.v_cache)
