@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from replica.config import EngineConfig  # noqa: E402
 from replica.engine.engine import LLMEngine  # noqa: E402
 from replica.models.loader import checkpoint_from_hf_model  # noqa: E402
+from bench.engine import exact_rope  # noqa: E402
 from replica.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -45,6 +46,7 @@ def main() -> None:
         torch.manual_seed(0)
         with torch.device("cuda"):
             hf = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+        exact_rope(hf)
         with torch.no_grad():
             ref = hf(torch.tensor(prompts, device="cuda")).logits[:, -1].float()
         row = {"layers": layers, "dtype": dtype}

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from replica.config import EngineConfig  # noqa: E402
 from replica.engine.engine import LLMEngine  # noqa: E402
 from replica.models.loader import checkpoint_from_hf_model  # noqa: E402
+from bench.engine import exact_rope  # noqa: E402
 from replica.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -36,12 +37,15 @@ def main():
         torch.manual_seed(0)
         with torch.device("cuda"):
             hf = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        exact_rope(hf)
         ids = torch.tensor(prompts, device="cuda")
         with torch.no_grad():
             hf16 = hf(ids).logits[:, -1].float().cpu()
             hf.float()
+            exact_rope(hf)
             truth = hf(ids).logits[:, -1].float().cpu()
             hf.to(torch.bfloat16)
+            exact_rope(hf)
 
         def rel(x):
             return round(((x - truth).norm() / truth.norm()).item(), 5)

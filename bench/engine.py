@@ -45,6 +45,19 @@ def hf_config(size: str):
     return transformers.LlamaConfig(max_position_embeddings=8192, **SHAPES[size])
 
 
+def exact_rope(hf) -> None:
+    """`model.to(bfloat16)` also rounds the rotary `inv_freq` buffer to bf16, and `.float()` cannot
+    undo it: at rope_theta 500000 that moves late positions' angles by radians. Restore the exact
+    float32 frequencies so transformers is a fair reference (its forward upcasts them anyway)."""
+    from replica.layers.rotary import compute_inv_freq
+    cfg = hf.config.to_dict() | {"architectures": ["LlamaForCausalLM"]}
+    exact = compute_inv_freq(ModelConfig.from_hf_dict(cfg)).to(hf.device)
+    rotary = hf.model.rotary_emb
+    rotary.inv_freq = exact.clone()
+    if hasattr(rotary, "original_inv_freq"):
+        rotary.original_inv_freq = exact.clone()
+
+
 def random_checkpoint(size: str) -> Checkpoint:
     """Random bf16-shaped weights drawn on the GPU (the loader's `dummy` format)."""
     cfg = hf_config(size).to_dict() | {"architectures": ["LlamaForCausalLM"]}
@@ -154,12 +167,13 @@ def bench_hf_and_check(args) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"), torch.no_grad():
         hf = transformers.LlamaForCausalLM(hf_config(args.size)).to(torch.bfloat16).eval()
+    exact_rope(hf)
     hf.generation_config.eos_token_id = -1
     hf.generation_config.pad_token_id = 0
     vocab = hf.config.vocab_size
     # Correctness at W1's shape (8 prompts of 512 tokens), first-step logits. The reference is an
-    # fp32 forward over the same bf16-rounded weights: transformers in bf16 is itself far from it
-    # (it rounds RoPE's cos/sin to bf16), so both bf16 implementations are measured against fp32.
+    # fp32 forward over the same bf16-rounded weights (with exact RoPE frequencies); both bf16
+    # implementations are measured against it.
     ps = prompts(8, [512] * 8, vocab, 6)
     with torch.no_grad():
         hf16_logits = hf(torch.tensor(ps, device="cuda")).logits[:, -1].float()
@@ -172,9 +186,11 @@ def bench_hf_and_check(args) -> None:
     del engine
     torch.cuda.empty_cache()
     hf.float()
+    exact_rope(hf)
     with torch.no_grad():
         truth = hf(torch.tensor(ps, device="cuda")).logits[:, -1].float()
     hf.to(torch.bfloat16)
+    exact_rope(hf)
     torch.cuda.empty_cache()
 
     def rel(a, b):
