@@ -93,3 +93,21 @@ def test_first_step_logits_match_transformers(tiny):
         engine.abort_request(str(i))
     engine.step()
     _assert_pool_free(llm)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "factor": 4.0},
+])
+def test_rope_scaling_greedy_equals_transformers(tmp_path, scaling):
+    """Llama 3.1's rope scaling (and linear scaling), with an original context short enough that
+    the test prompts reach the scaled frequencies."""
+    path = make_tiny_model(tmp_path / scaling["rope_type"], "llama", with_tokenizer=False,
+                           rope_theta=500000.0, rope_scaling=scaling)
+    hf = load_hf_model(path)
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=32, num_kv_blocks=300, max_model_len=256)
+    prompts = _prompts(seed=4)
+    for prompt, result in zip(prompts, llm.generate(prompts, GREEDY)):
+        assert result.outputs[0].token_ids == _hf_greedy(hf, prompt)
+    _assert_pool_free(llm)
