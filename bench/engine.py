@@ -3,6 +3,7 @@ transformers baselines in the same process run, plus a bf16 logits check against
 
     python3 bench/engine.py                      # everything (about 5 minutes on an H100)
     python3 bench/engine.py --skip-hf --size 1b  # quick: our engine only, a smaller model
+    python3 bench/engine.py --plot RESULTS.json  # draw the PNG of an earlier run
 
 Prints a table last; writes bench/results/engine-<gpu>-<date>.json (and a PNG if matplotlib is
 there). Random bf16 weights (Llama-3-8B shape), random prompts, EOS ignored.
@@ -225,6 +226,36 @@ def bench_hf_and_check(args) -> None:
     torch.cuda.empty_cache()
 
 
+def plot(results: dict, path: Path) -> bool:
+    """Bar charts of pagefleet vs transformers (W1, W2) and W5 with/without prefix caching."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    panels = [("W1 requests/s", results["W1_ours"]["req_per_s"], results.get("W1_hf_generate_batch", {}).get("req_per_s")),
+              ("W2 decode tokens/s", results["W2_ours"]["decode_tok_per_s"], results.get("W2_hf_generate", {}).get("tok_per_s"))]
+    for ax, (title, ours, ref) in zip(axes, panels):
+        labels, values = ["pagefleet"], [ours]
+        if ref:
+            labels, values = ["transformers", "pagefleet"], [ref, ours]
+        bars = ax.bar(labels, values, color=["#999999", "#2a6fdb"][-len(values):])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_title(title)
+    w5 = results["W5_ours"]
+    bars = axes[2].bar(["no prefix cache", "prefix cache"], [w5["req_per_s_uncached"], w5["req_per_s_cached"]],
+                       color=["#999999", "#2a6fdb"])
+    axes[2].bar_label(bars, fmt="%.1f")
+    axes[2].set_title(f"W5 requests/s ({w5['speedup']}x)")
+    env = results.get("env", {})
+    fig.suptitle(f"{env.get('gpu', '')}, Llama-3-8B shape, bf16, {env.get('date', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="8b", choices=sorted(SHAPES))
@@ -232,7 +263,12 @@ def main() -> None:
     parser.add_argument("--hf-requests", type=int, default=64, help="requests in the generate_batch baseline")
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--plot", metavar="RESULTS_JSON", help="only draw the PNG of an earlier run")
     args = parser.parse_args()
+    if args.plot:
+        source = Path(args.plot)
+        plot(json.loads(source.read_text()), source.with_suffix(".png"))
+        return
     import transformers
     import triton
     emit("env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -259,6 +295,8 @@ def main() -> None:
     path = out / f"engine-{gpu}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(RESULTS, indent=2))
     print(f"wrote {path}")
+    if plot(RESULTS, path.with_suffix(".png")):
+        print(f"wrote {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
