@@ -3,8 +3,8 @@
     .venv/bin/python bench/cpu.py [--threads 2]
 
 Same process, same fp32 weights (dequantised from the GGUF), 64-token prompts, 128 new tokens
-(EOS ignored), batch 1 and batch 16. Prints total tokens/s (new tokens over wall time) and writes
-bench/results/cpu-<date>.json.
+(EOS ignored), batch 1 and batch 16; also pagefleet at its default dtype (bf16 on CPUs with native
+bf16). Prints total tokens/s (new tokens over wall time) and writes bench/results/cpu-<date>.json.
 """
 import argparse
 import datetime
@@ -59,18 +59,21 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    llm = LLM("smollm2", max_model_len=1024)
+    llm = LLM("smollm2", max_model_len=1024, dtype="float32")
+    default_llm = LLM("smollm2", max_model_len=1024)
     ours(llm, 2)                                                    # warm-up
+    ours(default_llm, 2)
     gguf = resolve_model_path("smollm2")
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     transformers_generate(hf, 2)
     results = {"env": dict(cpu=platform.processor() or platform.machine(), threads=args.threads,
                            torch=torch.__version__, transformers=transformers.__version__,
-                           date=datetime.date.today().isoformat(),
+                           date=datetime.date.today().isoformat(), default_dtype=str(default_llm.engine.dtype),
                            workload=f"{PROMPT_TOKENS} prompt tokens, {NEW_TOKENS} new tokens, fp32")}
     for batch in (1, 16):
         results[f"batch{batch}"] = {"pagefleet_tok_per_s": round(ours(llm, batch), 1),
-                                    "transformers_tok_per_s": round(transformers_generate(hf, batch), 1)}
+                                    "transformers_tok_per_s": round(transformers_generate(hf, batch), 1),
+                                    "pagefleet_default_dtype_tok_per_s": round(ours(default_llm, batch), 1)}
         print(json.dumps({f"batch{batch}": results[f"batch{batch}"]}), flush=True)
     b1, b16 = results["batch1"], results["batch16"]
     print(f"\n{'':<10}{'pagefleet':>12}{'transformers':>14}{'ratio':>8}")
@@ -78,6 +81,8 @@ def main() -> None:
         ratio = row["pagefleet_tok_per_s"] / row["transformers_tok_per_s"]
         print(f"{name:<10}{row['pagefleet_tok_per_s']:>12}{row['transformers_tok_per_s']:>14}{ratio:>7.2f}x")
     print(f"pagefleet batch 16 / batch 1: {b16['pagefleet_tok_per_s'] / b1['pagefleet_tok_per_s']:.1f}x")
+    print(f"pagefleet at its default dtype ({default_llm.engine.dtype}): batch 1 "
+          f"{b1['pagefleet_default_dtype_tok_per_s']}, batch 16 {b16['pagefleet_default_dtype_tok_per_s']} tok/s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cpu-smollm2-{datetime.date.today().isoformat()}.json"

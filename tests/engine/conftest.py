@@ -13,7 +13,9 @@ from tests.tiny_models import make_tiny_model, smollm2_tokenizer_dir
 
 # Small enough that every test runs in well under a second on 2 cores; block_size 4 makes even
 # short prompts span several blocks.
-TINY_ENGINE = dict(block_size=4, num_kv_blocks=64, max_model_len=64)
+# float32: these tests compare exact tokens (with transformers, across batch compositions); the
+# engine's "auto" dtype is bf16 on CPUs with native bf16.
+TINY_ENGINE = dict(block_size=4, num_kv_blocks=64, max_model_len=64, dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +61,7 @@ def llm_factory(_tracked_llms):
     def make(model_path, **config) -> LLM:
         key = (str(model_path), tuple(sorted(config.items())))
         if key not in cache:
-            cache[key] = LLM(str(model_path), **config)
+            cache[key] = LLM(str(model_path), **({"dtype": "float32"} | config))
             _tracked_llms.append(cache[key])
         return cache[key]
 

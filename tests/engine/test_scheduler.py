@@ -242,7 +242,7 @@ def test_random_load_respects_budget_and_max_num_seqs_and_finishes_everything():
 
 def test_no_starvation_under_sustained_load_through_the_engine(token_model_path):
     # 16 blocks of 4 = 64 tokens of KV (one full-length sequence) for up to 8 sequences.
-    engine = LLMEngine(EngineConfig(model=str(token_model_path), block_size=4, num_kv_blocks=16,
+    engine = LLMEngine(EngineConfig(model=str(token_model_path), dtype="float32", block_size=4, num_kv_blocks=16,
                                     max_model_len=64, max_num_batched_tokens=16, max_num_seqs=8))
     rng = random.Random(1)
     plans = []

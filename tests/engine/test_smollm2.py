@@ -9,7 +9,7 @@ from replica.sampling_params import SamplingParams
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return LLM("smollm2", max_model_len=2048)
+    return LLM("smollm2", max_model_len=2048, dtype="float32")  # exact vs transformers fp32
 
 
 def test_greedy_chat_answer_equals_transformers_and_is_sensible(smollm2):

@@ -45,7 +45,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=T
 def test_greedy_tokens_equal_transformers_submitted_together(tiny, pool):
     arch, path, hf = tiny
     num_blocks = 400 if pool == "roomy" else 36   # tight: 36 x 4 = 144 tokens for 7 sequences
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=16, num_kv_blocks=num_blocks,
+    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=16, num_kv_blocks=num_blocks,
               max_model_len=128)
     prompts = _prompts(seed=1)
     results = llm.generate(prompts, GREEDY)
@@ -58,7 +58,7 @@ def test_greedy_tokens_equal_transformers_submitted_together(tiny, pool):
 
 def test_greedy_tokens_equal_transformers_staggered(tiny):
     arch, path, hf = tiny
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=8, num_kv_blocks=200, max_model_len=128)
+    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=8, num_kv_blocks=200, max_model_len=128)
     prompts = _prompts(seed=2)
     engine = llm.engine
     got: dict[str, list[int]] = {}
@@ -78,7 +78,7 @@ def test_greedy_tokens_equal_transformers_staggered(tiny):
 
 def test_first_step_logits_match_transformers(tiny):
     arch, path, hf = tiny
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=256, num_kv_blocks=200, max_model_len=128)
+    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=256, num_kv_blocks=200, max_model_len=128)
     engine = llm.engine
     prompts = _prompts(seed=3)
     for i, prompt in enumerate(prompts):
@@ -106,7 +106,7 @@ def test_rope_scaling_greedy_equals_transformers(tmp_path, scaling):
     path = make_tiny_model(tmp_path / scaling["rope_type"], "llama", with_tokenizer=False,
                            rope_theta=500000.0, rope_scaling=scaling)
     hf = load_hf_model(path)
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=32, num_kv_blocks=300, max_model_len=256)
+    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=32, num_kv_blocks=300, max_model_len=256)
     prompts = _prompts(seed=4)
     for prompt, result in zip(prompts, llm.generate(prompts, GREEDY)):
         assert result.outputs[0].token_ids == _hf_greedy(hf, prompt)

@@ -80,8 +80,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def tiny_server_args(model: Path, *extra: str) -> list[str]:
     # A small KV pool keeps memory low; 256 tokens of context keep generations short.
+    # float32: some tests compare tokens across batch compositions, exact only in float32.
     return ["--model", str(model), "--served-model-name", TINY_NAME, "--max-model-len", "256",
-            "--num-kv-blocks", "256", *extra]
+            "--num-kv-blocks", "256", "--dtype", "float32", *extra]
 
 
 @pytest.fixture(scope="session")
