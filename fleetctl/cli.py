@@ -20,6 +20,7 @@ from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig, parse_gpus
 from fleetctl.errors import EXIT_DEGRADED, ConfigError, FleetError
 from fleetctl.fleet import Fleet
 from fleetctl.state import StateDir
+from fleetctl.status import bench_defaults
 
 # Tables stay readable when piped (rich would fall back to 80 columns); a terminal sets its own.
 console = Console(width=None if sys.stdout.isatty() else shutil.get_terminal_size((160, 24)).columns)
@@ -80,26 +81,7 @@ def cli(ctx: click.Context) -> None:
     5 NGINX rejected the config (the old one keeps serving), 6 no fleet, 7 degraded.
     """
     if ctx.invoked_subcommand == "bench":
-        ctx.default_map = {**(ctx.default_map or {}), "bench": _bench_defaults()}
-
-
-def _bench_defaults() -> dict:
-    """`fleetctl bench` aims at the fleet when there is one: its HTTPS URL, its CA and its first
-    API key (each still overridden by the option or its environment variable)."""
-    state_dir = _state_dir()
-    if not state_dir.has_fleet():
-        return {}
-    from fleetctl.status import public_url
-    from fleetctl.tls import planned_paths
-
-    config = state_dir.load().config
-    defaults = {"base_url": public_url(config)}
-    ca = planned_paths(state_dir.tls_dir, config.tls_cert, config.tls_key).ca
-    if ca and ca.exists():
-        defaults["ca_file"] = str(ca)
-    if config.api_keys:
-        defaults["api_key"] = config.api_keys[0]
-    return defaults
+        ctx.default_map = {**(ctx.default_map or {}), "bench": bench_defaults(_state_dir())}
 
 
 def _state_dir() -> StateDir:

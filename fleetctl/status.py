@@ -87,3 +87,20 @@ def _stub_status(internal_port: int) -> dict:
     totals = re.search(r"\n\s*(\d+)\s+(\d+)\s+(\d+)", text)
     return {"num_active_connections": int(active.group(1)) if active else None,
             "num_requests": int(totals.group(3)) if totals else None}
+
+
+def bench_defaults(state_dir) -> dict:
+    """`fleetctl bench` aims at the fleet when there is one: its HTTPS URL, its CA and its first
+    API key (each still overridden by the option or its environment variable)."""
+    if not state_dir.has_fleet():
+        return {}
+    from fleetctl.tls import planned_paths
+
+    config = state_dir.load().config
+    defaults = {"base_url": public_url(config)}
+    ca = planned_paths(state_dir.tls_dir, config.tls_cert, config.tls_key).ca
+    if ca and ca.exists():
+        defaults["ca_file"] = str(ca)
+    if config.api_keys:
+        defaults["api_key"] = config.api_keys[0]
+    return defaults
