@@ -20,7 +20,7 @@ from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig, parse_gpus
 from fleetctl.errors import EXIT_DEGRADED, ConfigError, FleetError
 from fleetctl.fleet import Fleet
 from fleetctl.state import StateDir
-from fleetctl.status import bench_defaults
+from fleetctl.status import bench_defaults, collect
 
 # Tables stay readable when piped (rich would fall back to 80 columns); a terminal sets its own.
 console = Console(width=None if sys.stdout.isatty() else shutil.get_terminal_size((160, 24)).columns)
@@ -82,6 +82,15 @@ def cli(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand == "bench":
         ctx.default_map = {**(ctx.default_map or {}), "bench": bench_defaults(_state_dir())}
+
+
+def _print_report(fleet: Fleet, as_json: bool) -> None:
+
+    report = collect(fleet)
+    if as_json:
+        console.print_json(json.dumps(report))
+    else:
+        output.print_status(console, report)
 
 
 def _state_dir() -> StateDir:
@@ -151,7 +160,6 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
     fleet = _fleet()
     with output.ready_progress(err, state.config.num_replicas) as progress:
         up_fleet(fleet, progress)
-    from fleetctl.status import collect
 
     report = collect(fleet)
     if as_json:
@@ -174,7 +182,6 @@ def status(as_json: bool) -> None:
       fleetctl status
       fleetctl status --json | jq '.replicas[] | {id, is_ready}'
     """
-    from fleetctl.status import collect
 
     report = collect(_fleet())
     if as_json:
@@ -199,17 +206,12 @@ def scale(replicas: int, as_json: bool) -> None:
     """
     from fleetctl.lifecycle import converge
     from fleetctl.rollout import refuse_during_update
-    from fleetctl.status import collect
 
     fleet = _fleet()
     refuse_during_update(fleet.state_dir.load(), "scale")  # NoFleetError early too
     with output.ready_progress(err, replicas) as progress:
         converge(fleet, replicas, progress)
-    report = collect(fleet)
-    if as_json:
-        console.print_json(json.dumps(report))
-    else:
-        output.print_status(console, report)
+    _print_report(fleet, as_json)
 
 
 @cli.command()
@@ -238,18 +240,13 @@ def update(model: str, max_surge: int, max_unavailable: int, timeout_s: float | 
       fleetctl status --json | jq '.update, [.replicas[] | {id, weights}]'
     """
     from fleetctl.rollout import Rollout, UpdateOptions
-    from fleetctl.status import collect
 
     options = UpdateOptions(model, max_surge, max_unavailable, timeout_s or 0.0)
     fleet = _fleet()
     state = fleet.state_dir.load()
     with output.update_progress(err, len(state.active())) as progress:
         Rollout(fleet, options, progress).run()
-    report = collect(fleet)
-    if as_json:
-        console.print_json(json.dumps(report))
-    else:
-        output.print_status(console, report)
+    _print_report(fleet, as_json)
 
 
 @cli.command()
