@@ -84,13 +84,13 @@ def cli(ctx: click.Context) -> None:
         ctx.default_map = {**(ctx.default_map or {}), "bench": bench_defaults(_state_dir())}
 
 
-def _print_report(fleet: Fleet, as_json: bool) -> None:
-
+def _print_report(fleet: Fleet, as_json: bool) -> dict:
     report = collect(fleet)
     if as_json:
         console.print_json(json.dumps(report))
     else:
         output.print_status(console, report)
+    return report
 
 
 def _state_dir() -> StateDir:
@@ -160,7 +160,6 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
     fleet = _fleet()
     with output.ready_progress(err, state.config.num_replicas) as progress:
         up_fleet(fleet, progress)
-
     report = collect(fleet)
     if as_json:
         report["examples"] = output.examples(state_dir, report)
@@ -182,12 +181,7 @@ def status(as_json: bool) -> None:
       fleetctl status
       fleetctl status --json | jq '.replicas[] | {id, is_ready}'
     """
-
-    report = collect(_fleet())
-    if as_json:
-        console.print_json(json.dumps(report))
-    else:
-        output.print_status(console, report)
+    report = _print_report(_fleet(), as_json)
     if report["is_degraded"]:
         sys.exit(EXIT_DEGRADED)
 
