@@ -32,6 +32,17 @@ def _sampling_params(replica: Replica, body: SamplingFields, max_tokens: int, lo
         min_tokens=body.min_tokens)
 
 
+async def _gather(outputs, n: int) -> tuple["_Usage", dict[int, "SampleState"]]:
+    """A non-streaming response's samples: choice index = prompt index * n + sample index."""
+    usage, samples = _Usage(), {}
+    async with aclosing(outputs):
+        async for i, out in outputs:
+            usage.add(i, out)
+            for o in out.outputs:
+                _accumulate(samples.setdefault(i * n + o.index, SampleState()), o)
+    return usage, samples
+
+
 @dataclass
 class SampleState:
     """What a non-streaming response accumulates for one choice."""
@@ -125,12 +136,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     if body.stream:
         return await _stream_completion(request, replica, body, head, outputs)
 
-    usage, samples = _Usage(), {}
-    async with aclosing(outputs):
-        async for i, out in outputs:
-            usage.add(i, out)
-            for o in out.outputs:
-                _accumulate(samples.setdefault(i * body.n + o.index, SampleState()), o)
+    usage, samples = await _gather(outputs, body.n)
     choices = []
     for index in sorted(samples):
         s = samples[index]
@@ -204,12 +210,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                 "model": replica.served_model_name}
         return await _stream_chat(request, replica, body, head, outputs)
 
-    usage, samples = _Usage(), {}
-    async with aclosing(outputs):
-        async for i, out in outputs:
-            usage.add(i, out)
-            for o in out.outputs:
-                _accumulate(samples.setdefault(o.index, SampleState()), o)
+    usage, samples = await _gather(outputs, body.n)     # one prompt: choice index = sample index
     choices = []
     for index in sorted(samples):
         s = samples[index]
