@@ -49,6 +49,10 @@ class Sequence:
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         self.generator: torch.Generator | None = None
         self.stop_reason: str | int | None = None
+        # What the core has reported to its front end (EngineCore._collect).
+        self.num_reported_tokens = 0
+        self.new_logprobs: list = []          # TokenLogprob of tokens not yet reported
+        self.is_reported_finished = False
 
     @property
     def num_tokens(self) -> int:

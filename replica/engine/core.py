@@ -1,0 +1,262 @@
+"""EngineCore: the token-level step loop. Everything here runs on one thread of one process.
+
+step(): scheduler.schedule() → model_runner.execute() → sampler.sample() → append tokens, token
+stop checks (EOS, stop token ids, length) → one `SeqOutput` per sample that got news.
+
+The core knows no text: detokenisation and stop strings belong to the front end
+(`output_processor.py`), which ends a sample that matched a stop string with `stop_seq`. In
+`replica serve` the core runs in a child process (`core_proc.py`); offline, `LLMEngine` wraps it in
+the same process.
+"""
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from replica.config import EngineConfig
+from replica.engine.block_manager import BlockManager
+from replica.engine.messages import SeqOutput
+from replica.engine.model_runner import ModelRunner
+from replica.engine.sampler import Sampler
+from replica.engine.scheduler import Scheduler
+from replica.engine.sequence import Sequence, SequenceStatus
+from replica.layers.attention import get_attention_backend
+from replica.models.llama import LlamaForCausalLM
+from replica.models.loader import open_checkpoint
+from replica.models.registry import default_served_name
+from replica.models.tokenizer import Tokenizer
+from replica.outputs import EngineStats, TokenLogprob
+from replica.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_CPU_KV_CACHE_BYTES = 1 << 30
+_MAX_DEFAULT_MODEL_LEN = 8192
+
+_STATUS_OF_REASON = {"stop": SequenceStatus.FINISHED_STOPPED, "abort": SequenceStatus.FINISHED_ABORTED}
+
+
+@dataclass
+class _CoreRequest:
+    request_id: str
+    params: SamplingParams
+    seqs: list[Sequence]
+    first_scheduled_s: float | None = None
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, *, vocab_size: int,
+                     max_model_len: int, max_num_seqs: int) -> None:
+    """Raises ValueError (naming the limit) for a request that can never run. The front end
+    calls it before sending, the core again on arrival."""
+    num_prompt = len(prompt_token_ids)
+    if params.n > max_num_seqs:
+        raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs}), the most "
+                         "sequences one step can hold")
+    if num_prompt == 0:
+        raise ValueError("prompt must contain at least one token")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if num_prompt >= max_model_len:
+        raise ValueError(f"prompt has {num_prompt} tokens; this model's context is {max_model_len} "
+                         "tokens and at least one must be left to generate")
+    if params.max_tokens is not None and num_prompt + params.max_tokens > max_model_len:
+        raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                         f"context length of {max_model_len} tokens")
+
+
+def resolve_max_model_len(config: EngineConfig, model_config) -> int:
+    limit = model_config.max_position_embeddings
+    if model_config.sliding_window:
+        limit = min(limit, model_config.sliding_window)  # no sliding-window attention here
+    if config.max_model_len is None:
+        return min(limit, _MAX_DEFAULT_MODEL_LEN)
+    if config.max_model_len > limit:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit "
+                         f"of {limit} positions")
+    return config.max_model_len
+
+
+def load_tokenizer(checkpoint) -> Tokenizer | None:
+    if checkpoint.path is None:
+        return None
+    fmt = "hf" if checkpoint.format == "dummy" else checkpoint.format
+    return Tokenizer.load(checkpoint.path, fmt, checkpoint.config.eos_token_ids)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, checkpoint=None):
+        """checkpoint: an already opened checkpoint (e.g. in-memory weights for benchmarks);
+        by default `config.model` is opened from disk."""
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        started = time.monotonic()
+        checkpoint = checkpoint or open_checkpoint(config.model, config.load_format)
+        self.model_config = cfg = checkpoint.config
+        self.model_path = checkpoint.path
+        self.model_name = default_served_name(config.model)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
+        self.max_model_len = resolve_max_model_len(config, cfg)
+        backend = get_attention_backend(config.resolve_attention_backend(self.device))
+        self.model = LlamaForCausalLM(cfg, self.dtype, self.device, backend, self.max_model_len)
+        self.model.load_weights(checkpoint.weights(self.device))
+        num_blocks = self._resolve_num_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
+            use_cuda_graphs=(self.device.type == "cuda" and backend.name == "triton"
+                             and not config.enforce_eager))
+        self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, config.seed, self.device)
+        self.requests: dict[str, _CoreRequest] = {}
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self._pending: list[SeqOutput] = []     # outputs of aborts and stops, sent with the next step
+        self.load_s = time.monotonic() - started
+        kv_bytes = num_blocks * ModelRunner.kv_bytes_per_block(cfg, config.block_size, self.dtype)
+        log.info("loaded %s (%s, %s layers) on %s in %.1fs; KV cache %.1f MiB: %d blocks of %d tokens "
+                 "= %d tokens, %.1f concurrent sequences of max_model_len %d",
+                 config.model, cfg.architecture, cfg.num_layers, self.device, self.load_s,
+                 kv_bytes / 2**20, num_blocks, config.block_size, num_blocks * config.block_size,
+                 num_blocks * config.block_size / self.max_model_len, self.max_model_len)
+
+    def _resolve_num_blocks(self) -> int:
+        cfg, block_size = self.config, self.config.block_size
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, block_size, self.dtype)
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+        elif cfg.kv_cache_memory_bytes is not None:
+            num_blocks = cfg.kv_cache_memory_bytes // per_block
+        elif self.device.type == "cuda":
+            from replica.engine.gpu_memory import kv_cache_bytes_from_profile
+            num_blocks = kv_cache_bytes_from_profile(self) // per_block
+        else:
+            num_blocks = _CPU_KV_CACHE_BYTES // per_block
+        needed = -(-self.max_model_len // block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"KV cache too small: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} "
+                f"tokens, but one sequence of max_model_len {self.max_model_len} needs {needed} blocks "
+                f"({needed * per_block / 2**20:.1f} MiB); lower --max-model-len or give the cache more memory")
+        return int(num_blocks)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        validate_request(prompt_token_ids, params, vocab_size=self.model_config.vocab_size,
+                         max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_s: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        arrival_s = time.monotonic() if arrival_s is None else arrival_s
+        seq = Sequence(request_id, prompt_token_ids, params, arrival_s)
+        self._seed(seq)
+        self.requests[request_id] = _CoreRequest(request_id, params, [seq])
+        self.num_prompt_tokens += len(prompt_token_ids)
+        self.scheduler.add(seq)
+
+    def _seed(self, seq: Sequence) -> None:
+        if seq.params.seed is not None and not seq.params.is_greedy:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed((seq.params.seed * 1_000_003 + seq.index) % (1 << 63))
+
+    def stop_seq(self, request_id: str, index: int | None, reason: str) -> None:
+        """Ends one sample (or all of a request's, index None), freeing its blocks now. Idempotent.
+        The front end already knows; the ended samples are reported once more (no new tokens)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        if index is None:
+            request.seqs[0].num_pending_forks = 0      # samples not yet forked never will be
+        status = _STATUS_OF_REASON[reason]
+        for seq in request.seqs:
+            if index is None or seq.index == index:
+                self.scheduler.finish(seq, status)
+        self._pending += self._collect(request, request.seqs)
+
+    def abort_request(self, request_id: str) -> None:
+        self.stop_seq(request_id, None, "abort")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[SeqOutput]:
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        now = time.monotonic()
+        for entry in plan.scheduled:
+            request = self.requests[entry.seq.request_id]
+            if request.first_scheduled_s is None:
+                request.first_scheduled_s = now
+        logits = self.runner.execute(plan)
+        self.scheduler.finish_step(plan)
+        for parent, child in plan.forks:
+            self.requests[parent.request_id].seqs.append(child)
+            self._seed(child)
+        seqs = [seq for seq, _ in plan.samplers]
+        token_ids, logprobs = self.sampler.sample(logits, seqs)
+        touched: dict[str, list[Sequence]] = {}
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            self._append_token(seq, token_id, logprob)
+            touched.setdefault(seq.request_id, []).append(seq)
+        self.num_generation_tokens += len(seqs)
+        for request_id, changed in touched.items():
+            outputs += self._collect(self.requests[request_id], changed)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
+        params = seq.params
+        seq.token_ids.append(token_id)
+        if logprob is not None:
+            seq.new_logprobs.append(logprob)
+        status = None
+        if token_id in params.stop_token_ids:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token_id
+        elif token_id in self.eos_token_ids and not params.ignore_eos:
+            status = SequenceStatus.FINISHED_STOPPED
+        elif (seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
+              or seq.num_tokens >= self.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(seq, status)
+
+    def _collect(self, request: _CoreRequest, changed: list[Sequence]) -> list[SeqOutput]:
+        """The news of `changed` samples since they were last reported; forgets the request
+        once every sample has finished and been reported."""
+        outputs: list[SeqOutput] = []
+        for seq in changed:
+            if seq.is_reported_finished:
+                continue
+            new_ids = seq.output_token_ids[seq.num_reported_tokens:]
+            seq.num_reported_tokens = seq.num_output_tokens
+            logprobs, seq.new_logprobs = (seq.new_logprobs if seq.params.logprobs is not None else None), []
+            seq.is_reported_finished = seq.status.is_finished
+            stop_token = seq.stop_reason if isinstance(seq.stop_reason, int) else None
+            outputs.append(SeqOutput(request.request_id, seq.index, new_ids, logprobs,
+                                     seq.status.finish_reason, stop_token, seq.num_cached_tokens,
+                                     request.first_scheduled_s))
+        if (all(s.is_reported_finished for s in request.seqs)
+                and request.seqs[0].num_pending_forks == 0):
+            del self.requests[request.request_id]
+            if outputs:
+                outputs[-1].is_request_done = True
+            else:
+                outputs.append(SeqOutput(request.request_id, 0, [], None, "abort", None, 0, None, True))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage, num_blocks_total=bm.num_blocks, num_blocks_free=bm.num_free_blocks,
+            prefix_cache_queries=bm.num_prefix_queries, prefix_cache_hits=bm.num_prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens)
