@@ -1,24 +1,52 @@
-"""AsyncEngine: the engine's step loop on its own thread, with an asyncio face for the server.
+"""AsyncEngine: the server's face of an engine core that runs in its own child process.
 
-The event loop never waits on the model: requests and aborts go to the engine thread through a
-lock-protected inbox, and each step's outputs come back in one `call_soon_threadsafe` that fills
-the per-request asyncio queues. Leaving a `generate` loop early aborts the request.
+    server process (event loop)                          core process (core_proc.py)
+    ──────────────────────────                           ──────────────────────────
+    generate() ─ validate, OutputProcessor.add_request
+               ─ CoreInputs (all adds and stops of one loop tick) ──▶ scheduler, runner, sampler
+    reader task ◀── CoreOutputs (one per step: token ids, stats) ───  step()
+               ─ OutputProcessor.process: text, stop strings ─▶ per-request asyncio queues
+
+The event loop never waits on the model and the core never waits on HTTP: tokenisation,
+detokenisation, stop strings and JSON live here, the step loop there, and each side owns its
+state (the core: sequences, blocks; this side: text, queues). Leaving a `generate` loop early
+aborts the request; the core frees its blocks at its next step.
+
+If the core process dies, `is_alive` turns False at once, every open stream gets EngineDeadError,
+and `on_core_death` (set by the server) runs, so that the replica exits non-zero and is restarted.
 """
 import asyncio
 import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
 
 from replica.config import EngineConfig
-from replica.engine.engine import LLMEngine
+from replica.engine.core import load_tokenizer, resolve_max_model_len, validate_request
+from replica.engine.messages import (HANDSHAKE, AddRequest, CoreFailed, CoreInputs, CoreOutputs,
+                                     CoreStart, SeqStop)
+from replica.engine.output_processor import OutputProcessor
+from replica.models.loader import open_checkpoint
+from replica.models.registry import default_served_name
 from replica.outputs import EngineStats, RequestOutput
 from replica.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+_STARTUP_POLL_MS = 200
+
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped; the replica must be restarted."""
+    """The engine core stopped; the replica must be restarted."""
 
 
 class QueueFullError(RuntimeError):
@@ -27,60 +55,134 @@ class QueueFullError(RuntimeError):
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
+        """Starts the core process and waits until it has loaded the model. Raises ValueError
+        for settings the core refused, RuntimeError when it failed otherwise."""
         self.config = config
-        self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
-        self.model_config = self.engine.model_config
-        self.model_name = self.engine.model_name
-        self.model_path = self.engine.model_path
-        self.max_model_len = self.engine.max_model_len
-        self._lock = threading.Lock()
-        self._wakeup = threading.Event()
-        self._inbox_add: list[tuple[str, list[int], SamplingParams]] = []
-        self._inbox_abort: list[str] = []
+        checkpoint = open_checkpoint(config.model, config.load_format)
+        self.model_config = checkpoint.config
+        self.model_path = checkpoint.path
+        self.model_name = default_served_name(config.model)
+        self.max_model_len = resolve_max_model_len(config, self.model_config)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.on_core_death: Callable[[], None] | None = None
+        self._processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._outbox = CoreInputs([], [])
+        self._is_flush_scheduled = False
+        self._num_adds_since_stats = 0
         self._error: BaseException | None = None
-        self._stats = self.engine.stats()
+        self._is_shutting_down = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.Task | None = None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._start_core()
+
+    # ---- the core process ----------------------------------------------------------------------
+    def _start_core(self) -> None:
+        self._ipc_dir = tempfile.mkdtemp(prefix="pagefleet-core-")
+        input_addr, output_addr = f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out"
+        self._zmq = zmq.Context()
+        self._to_core = self._zmq.socket(zmq.PUSH)
+        self._to_core.setsockopt(zmq.SNDHWM, 0)
+        self._to_core.setsockopt(zmq.LINGER, 0)
+        self._to_core.bind(input_addr)
+        self._from_core = self._zmq.socket(zmq.PULL)
+        self._from_core.setsockopt(zmq.LINGER, 0)
+        self._from_core.bind(output_addr)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "replica.engine.core_proc", input_addr, output_addr],
+            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._to_core.send(self._encoder.encode(CoreStart(self.config)))
+        ready = self._wait_for_handshake()
+        self.device = ready.device
+        self.dtype = ready.dtype
+        self.load_s = ready.load_s
+        self.num_kv_blocks = ready.num_blocks
+        self._stats: EngineStats = ready.stats
+        if ready.max_model_len != self.max_model_len:
+            raise RuntimeError("the core and the front end disagree on max_model_len")
+
+    def _wait_for_handshake(self):
+        while not self._from_core.poll(_STARTUP_POLL_MS):
+            if self.process.poll() is not None:
+                self._close_core()
+                raise RuntimeError(f"the engine core exited with {self.process.returncode} while loading")
+        reply = msgspec.msgpack.decode(self._from_core.recv(), type=HANDSHAKE)
+        if isinstance(reply, CoreFailed):
+            self.process.wait(30)
+            self._close_core()
+            raise (ValueError if reply.is_config_error else RuntimeError)(reply.message)
+        return reply
+
+    def _close_core(self) -> None:
+        self._to_core.close(linger=0)
+        self._from_core.close(linger=0)
+        self._zmq.term()
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from inside the running event loop."""
+        """Starts reading the core's outputs; call from inside the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
+        self._reader = self._loop.create_task(self._read_outputs())
+        threading.Thread(target=self._watch_core, name="core-watch", daemon=True).start()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._error is None
+        return self._error is None and self.process.poll() is None
 
     async def shutdown(self) -> None:
-        self._stopping = True
-        self._wakeup.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+        self._is_shutting_down = True
+        if self.process.poll() is None:
+            try:
+                self._to_core.send(self._encoder.encode(CoreInputs(shutdown=True)), zmq.NOBLOCK)
+                await asyncio.to_thread(self.process.wait, 10)
+            except (zmq.ZMQError, subprocess.TimeoutExpired):
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._close_core()
+
+    def _watch_core(self) -> None:
+        code = self.process.wait()
+        self._loop.call_soon_threadsafe(self._on_core_exit, code)
+
+    def _on_core_exit(self, code: int) -> None:
+        if self._error is not None or self._is_shutting_down:
+            return
+        log.error("the engine core process exited with %s: failing %d open request(s)",
+                  code, len(self._queues))
+        self._fail_all(EngineDeadError(f"the engine core exited with {code}"))
+        if self.on_core_death is not None:
+            self.on_core_death()
 
     # ---- requests ----------------------------------------------------------------------------
     @property
     def num_unfinished(self) -> int:
         return len(self._queues)
 
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        validate_request(prompt_token_ids, params, vocab_size=self.model_config.vocab_size,
+                         max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs)
+
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
-        self.engine.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already running")
-        if self._stats.num_waiting + len(self._inbox_add) >= self.config.max_num_waiting:
+        if self._stats.num_waiting + self._num_adds_since_stats >= self.config.max_num_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_num_waiting} requests)")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        with self._lock:
-            self._inbox_add.append((request_id, list(prompt_token_ids), params))
-        self._wakeup.set()
+        arrival_s = time.monotonic()
+        self._processor.add_request(request_id, prompt_token_ids, params, arrival_s)
+        self._outbox.adds.append(AddRequest(request_id, list(prompt_token_ids), params, arrival_s))
+        self._num_adds_since_stats += 1
+        self._schedule_flush()
         finished = False
         try:
             while True:
@@ -99,56 +201,63 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Thread-safe and idempotent; the request's blocks are freed at the next step boundary."""
-        with self._lock:
-            self._inbox_abort.append(request_id)
-        self._wakeup.set()
+        """Idempotent; a consumer still reading gets a last output with finish_reason "abort".
+        The core frees the request's blocks at its next step."""
+        last = self._processor.abort(request_id)
+        queue = self._queues.get(request_id)
+        if last is not None and queue is not None:
+            queue.put_nowait(last)
+        self._outbox.stops.append(SeqStop(request_id, None, "abort"))
+        self._schedule_flush()
 
     def stats(self) -> EngineStats:
         return self._stats
 
-    # ---- the engine thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while not self._stopping:
-                with self._lock:
-                    adds, self._inbox_add = self._inbox_add, []
-                    aborts, self._inbox_abort = self._inbox_abort, []
-                for request_id, prompt, params in adds:
-                    try:
-                        engine.add_request(request_id, prompt, params)
-                    except ValueError as err:
-                        self._deliver_error(request_id, err)
-                for request_id in aborts:
-                    engine.abort_request(request_id)
-                if not engine.has_unfinished:
-                    self._stats = engine.stats()
-                    self._wakeup.wait(timeout=0.5)
-                    self._wakeup.clear()
-                    continue
-                outputs = engine.step()
-                self._stats = engine.stats()
-                if outputs:
-                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
-        except BaseException as err:  # the thread must report any death, whatever its kind
-            log.exception("engine loop died")
-            self._error = err
-            self._loop.call_soon_threadsafe(self._fail_all, err)
+    # ---- the two directions ------------------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        """Everything one loop tick adds or stops goes to the core as one message."""
+        if not self._is_flush_scheduled and self._loop is not None:
+            self._is_flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
+    def _flush(self) -> None:
+        self._is_flush_scheduled = False
+        outbox, self._outbox = self._outbox, CoreInputs([], [])
+        if (outbox.adds or outbox.stops) and self.is_alive:
+            self._to_core.send(self._encoder.encode(outbox), copy=False)
+
+    async def _read_outputs(self) -> None:
+        decoder = msgspec.msgpack.Decoder(CoreOutputs)
+        socket = zmq.asyncio.Socket.shadow(self._from_core.underlying)
+        while True:
+            frame = await socket.recv(copy=False)
+            try:
+                self._on_outputs(decoder.decode(frame.buffer))
+            except Exception as err:      # a bug here must not leave clients waiting forever
+                log.exception("processing the engine core's outputs failed")
+                self._fail_all(err)
+                if self.on_core_death is not None:
+                    self.on_core_death()
+                return
+
+    def _on_outputs(self, message: CoreOutputs) -> None:
+        self._stats = message.stats
+        self._num_adds_since_stats = 0
+        for error in message.errors:
+            self._processor.forget(error.request_id)
+            queue = self._queues.get(error.request_id)
+            if queue is not None:
+                queue.put_nowait(ValueError(error.message))
+        results, stops = self._processor.process(message.outputs)
+        for out in results:
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
-
-    def _deliver_error(self, request_id: str, err: Exception) -> None:
-        def put():
-            queue = self._queues.get(request_id)
-            if queue is not None:
-                queue.put_nowait(err)
-        self._loop.call_soon_threadsafe(put)
+        if stops:
+            self._outbox.stops += stops
+            self._schedule_flush()
 
     def _fail_all(self, err: BaseException) -> None:
+        self._error = err
         for queue in self._queues.values():
             queue.put_nowait(err)

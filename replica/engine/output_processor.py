@@ -53,6 +53,20 @@ class OutputProcessor:
         """The consumer left: nothing more is reported for this request."""
         self.requests.pop(request_id, None)
 
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Ends every unfinished sample with "abort" here and now; the last output, or None
+        for a request this side no longer knows."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if not request.samples:
+            request.samples[0] = self._new_sample(request)
+        for sample in request.samples.values():
+            if sample.finish_reason is None:
+                sample.finish_reason = "abort"
+        request.is_core_done = True
+        return self._collect(request, list(request.samples))
+
     @property
     def num_unfinished(self) -> int:
         return len(self.requests)

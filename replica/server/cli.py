@@ -6,7 +6,7 @@
   PAGEFLEET_API_KEYS=k1,k2 replica serve          # keys from the environment
 
 Exit codes: 0 after a drain (SIGTERM/SIGINT), 2 for invalid settings, 1 when the port cannot
-be bound or the model cannot be loaded.
+be bound, the model cannot be loaded, or the engine core process died while serving.
 """
 import argparse
 import asyncio
@@ -86,6 +86,7 @@ async def serve(engine, config: ServerConfig) -> int:
 
     app = build_app(engine, config)
     lifecycle = app[REPLICA].lifecycle
+    engine.on_core_death = lambda: lifecycle.fail("the engine core process died")
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its request.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.25)
     await runner.setup()
@@ -104,7 +105,7 @@ async def serve(engine, config: ServerConfig) -> int:
                     lifecycle.num_in_flight)
     await runner.cleanup()
     log.info("stopped")
-    return 0
+    return lifecycle.exit_code
 
 
 def main(argv: list[str]) -> int:
@@ -120,8 +121,8 @@ def main(argv: list[str]) -> int:
         return 2
     from replica.engine.async_engine import AsyncEngine
     try:
-        engine = AsyncEngine(engine_config)
-    except ValueError as err:
+        engine = AsyncEngine(engine_config)      # starts the engine core process; waits for the model
+    except (ValueError, RuntimeError) as err:
         print(f"replica serve: {err}", file=sys.stderr)
         return 1
     try:

@@ -25,6 +25,7 @@ class Phase(enum.IntEnum):
 class Lifecycle:
     def __init__(self) -> None:
         self.phase = Phase.LOADING
+        self.exit_code = 0                 # 1 once the engine died: the process must be restarted
         self.num_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -64,6 +65,13 @@ class Lifecycle:
             log.info("%s: draining %d request(s) in flight", name, self.num_in_flight)
             self.phase = Phase.DRAINING
         self._stop_requested.set()
+
+    def fail(self, reason: str) -> None:
+        """The replica cannot serve any more (its engine died): stop, and exit non-zero so that
+        fleetctl, Docker or Swarm restarts it."""
+        log.error("%s: stopping with exit code 1", reason)
+        self.exit_code = 1
+        self.request_stop()
 
     async def wait_for_stop(self) -> None:
         await self._stop_requested.wait()

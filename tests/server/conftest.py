@@ -31,7 +31,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m replica.cli serve ...` on a free port; `stop()` sends SIGTERM."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None,
+                 new_session: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -39,7 +40,7 @@ class ServerProcess:
                "--port", str(self.port), "--device", "cpu", "--log-level", "warning", *args]
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, start_new_session=new_session)
 
     def wait_ready(self, timeout_s: float = 180.0) -> "ServerProcess":
         deadline = time.monotonic() + timeout_s

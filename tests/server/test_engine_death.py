@@ -1,41 +1,102 @@
-"""/health turns 503 once the engine loop has died, and requests get a clean 503.
+"""The engine core runs in a child process of `replica serve`; neither side outlives the other.
 
-In-process: a real AsyncEngine on a tiny model behind the real app. The only way to kill the engine
-thread from a test is to make one of its steps fail, so the test replaces `LLMEngine.step` of this
-one engine with a function that raises (what a CUDA error or a bug in a step would do).
+- The core killed (kill -9, what a CUDA fault or the OOM killer does): every open stream gets an
+  error event and `[DONE]`, /health turns 503, and the replica exits non-zero so that fleetctl,
+  Docker or Swarm restarts it.
+- The server killed (kill -9: no handler runs): the core goes with it, never an orphan on a GPU.
+- SIGINT to the whole process group (Ctrl-C on a terminal): the server drains and the core keeps
+  serving the requests in flight until the drain ends.
 """
-import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
-from aiohttp.test_utils import TestClient, TestServer
+import httpx
 
-from replica.config import EngineConfig
-from replica.engine.async_engine import AsyncEngine
-from replica.server.app import build_app
-from replica.server.config import ServerConfig
-from tests.server.conftest import TINY_NAME
+from tests.server.conftest import TINY_NAME, ServerProcess, tiny_server_args
 
 
-def test_health_is_503_after_the_engine_loop_dies(tiny_model):
-    async def scenario():
-        engine = AsyncEngine(EngineConfig(model=str(tiny_model), max_model_len=256, num_kv_blocks=64))
-        app = build_app(engine, ServerConfig(served_model_name=TINY_NAME))
-        async with TestClient(TestServer(app)) as client:
-            assert (await client.get("/health")).status == 200
+def core_pid(server: ServerProcess) -> int:
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    assert len(children) == 1, f"expected one engine core process, found {children}"
+    return int(children[0])
 
-            def broken_step():
-                raise RuntimeError("simulated device failure")
-            engine.engine.step = broken_step
-            resp = await client.post("/v1/completions", json={"model": TINY_NAME, "prompt": [5, 6, 7],
-                                                               "max_tokens": 4})
-            body = await resp.json()
-            assert resp.status == 503, body
-            assert "simulated" not in str(body) and "Traceback" not in str(body)
-            for _ in range(50):
-                if (await client.get("/health")).status == 503:
-                    break
-                await asyncio.sleep(0.05)
-            assert (await client.get("/health")).status == 503
-            assert (await client.get("/ready")).status == 503
-            resp = await client.post("/v1/completions", json={"model": TINY_NAME, "prompt": [5], "max_tokens": 2})
-            assert resp.status == 503
-    asyncio.run(scenario())
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def read_stream(url: str, events: list, body: dict) -> None:
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60.0) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+
+
+def long_stream_body() -> dict:
+    return {"model": TINY_NAME, "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True,
+            "stream": True}
+
+
+def test_a_killed_core_ends_open_streams_with_an_error_and_the_replica_exits_1(tiny_model, tmp_path):
+    server = ServerProcess(tiny_server_args(tiny_model), tmp_path / "server.log").wait_ready()
+    try:
+        pid = core_pid(server)
+        events: list[str] = []
+        reader = threading.Thread(target=read_stream, args=(server.url, events, long_stream_body()))
+        reader.start()
+        assert wait_for(lambda: len(events) >= 3, 30), "the stream never started"
+        os.kill(pid, signal.SIGKILL)
+        reader.join(30)
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "engine_dead" and "Traceback" not in error["message"]
+        assert server.proc.wait(30) == 1, server.log_tail()
+    finally:
+        server.stop()
+
+
+def test_the_core_dies_with_a_killed_server(tiny_model, tmp_path):
+    server = ServerProcess(tiny_server_args(tiny_model), tmp_path / "server.log").wait_ready()
+    pid = core_pid(server)
+    server.proc.kill()
+    server.proc.wait()
+    assert wait_for(lambda: not is_running(pid), 10), "the engine core outlived its server"
+    server.stop()
+
+
+def test_ctrl_c_on_the_process_group_drains_with_the_core_still_serving(tiny_model, tmp_path):
+    server = ServerProcess(tiny_server_args(tiny_model, "--drain-timeout", "60"), tmp_path / "server.log",
+                           new_session=True).wait_ready()
+    try:
+        pid = core_pid(server)
+        events: list[str] = []
+        body = long_stream_body() | {"max_tokens": 60}
+        reader = threading.Thread(target=read_stream, args=(server.url, events, body))
+        reader.start()
+        assert wait_for(lambda: len(events) >= 2, 30), "the stream never started"
+        os.killpg(server.proc.pid, signal.SIGINT)      # what a terminal's Ctrl-C sends
+        reader.join(60)
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last["choices"][0]["finish_reason"] == "length", last
+        assert server.proc.wait(30) == 0, server.log_tail()
+        assert wait_for(lambda: not is_running(pid), 10)
+    finally:
+        server.stop()
