@@ -103,7 +103,10 @@ def graph_replay_time(engine: LLMEngine, size: str) -> dict:
     graphs = engine.runner.graphs
     if graphs is None:
         return {}
-    graphs.prepare([1], [600], [16 * 40 + 7], [601], [list(range(40))])
+    def ints(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device="cuda")
+    graphs.prepare(ints([1]), ints([600]), ints([16 * 40 + 7]), ints([601], torch.int32),
+                   ints([list(range(40))], torch.int32))
     for _ in range(3):
         engine.model.compute_logits(graphs.replay(1, 1)).argmax(-1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -32,6 +32,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"   # auto (triton on CUDA, torch otherwise) | torch | triton
     enforce_eager: bool = False       # disable CUDA graphs
+    enable_overlap: bool = True       # plan step t+1 while the device runs step t (core.py)
     seed: int = 0                     # seed of unseeded sampling
     max_num_waiting: int = 1024       # bound of the waiting queue (server answers 503 above)
     load_format: str = "auto"         # auto (the weight files) | dummy (random, from config.json)

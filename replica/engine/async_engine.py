@@ -89,9 +89,14 @@ class AsyncEngine:
         self._from_core = self._zmq.socket(zmq.PULL)
         self._from_core.setsockopt(zmq.LINGER, 0)
         self._from_core.bind(output_addr)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.config.resolve_device().type == "cpu":
+            # Two processes now share the cores: OpenMP workers that spin at barriers (libgomp's
+            # default) starve the server's event loop and each other; passive workers sleep.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "replica.engine.core_proc", input_addr, output_addr],
-            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdin=subprocess.DEVNULL, env=env)
         self._to_core.send(self._encoder.encode(CoreStart(self.config)))
         ready = self._wait_for_handshake()
         self.device = ready.device

@@ -18,15 +18,15 @@ from replica.config import EngineConfig
 from replica.engine.block_manager import BlockManager
 from replica.engine.messages import SeqOutput
 from replica.engine.model_runner import ModelRunner
-from replica.engine.sampler import Sampler
-from replica.engine.scheduler import Scheduler
-from replica.engine.sequence import Sequence, SequenceStatus
+from replica.engine.sampler import SampledBatch, Sampler
+from replica.engine.scheduler import Scheduler, StepPlan
+from replica.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SequenceStatus
 from replica.layers.attention import get_attention_backend
 from replica.models.llama import LlamaForCausalLM
 from replica.models.loader import open_checkpoint
 from replica.models.registry import default_served_name
 from replica.models.tokenizer import Tokenizer
-from replica.outputs import EngineStats, TokenLogprob
+from replica.outputs import EngineStats
 from replica.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,14 @@ _CPU_KV_CACHE_BYTES = 1 << 30
 _MAX_DEFAULT_MODEL_LEN = 8192
 
 _STATUS_OF_REASON = {"stop": SequenceStatus.FINISHED_STOPPED, "abort": SequenceStatus.FINISHED_ABORTED}
+
+
+@dataclass
+class _InFlight:
+    plan: StepPlan
+    seqs: list[Sequence]            # the sampled rows, in order
+    sampled: SampledBatch
+    rows: dict[int, int]            # seq_id → row of `sampled`
 
 
 @dataclass
@@ -108,12 +116,17 @@ class EngineCore:
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
             use_cuda_graphs=(self.device.type == "cuda" and backend.name == "triton"
-                             and not config.enforce_eager))
-        self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, config.seed, self.device)
+                             and not config.enforce_eager),
+            max_num_batched_tokens=config.max_num_batched_tokens)
+        self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, config.seed, self.device,
+                               max_num_rows=config.max_num_seqs)
         self.requests: dict[str, _CoreRequest] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._pending: list[SeqOutput] = []     # outputs of aborts and stops, sent with the next step
+        self._in_flight: _InFlight | None = None   # the launched step whose tokens are not read yet
+        self.is_overlapped = config.enable_overlap
+        self.num_overlapped_steps = 0        # steps launched before the previous one was read
         self.load_s = time.monotonic() - started
         kv_bytes = num_blocks * ModelRunner.kv_bytes_per_block(cfg, config.block_size, self.dtype)
         log.info("loaded %s (%s, %s layers) on %s in %.1fs; KV cache %.1f MiB: %d blocks of %d tokens "
@@ -175,7 +188,7 @@ class EngineCore:
         status = _STATUS_OF_REASON[reason]
         for seq in request.seqs:
             if index is None or seq.index == index:
-                self.scheduler.finish(seq, status)
+                self._finish(seq, status)
         self._pending += self._collect(request, request.seqs)
 
     def abort_request(self, request_id: str) -> None:
@@ -183,50 +196,97 @@ class EngineCore:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._pending)
+        return bool(self.requests) or bool(self._pending) or self._in_flight is not None
 
     # ---- the step ------------------------------------------------------------------------------
+    # Overlap scheduling: step() plans and launches step t+1 before it reads step t's sampled
+    # tokens, so the host's work for t+1 runs while the device still computes t:
+    #
+    #   host:   schedule t+1 │ launch t+1 (inputs, forward, sample) │ read t's tokens, stop checks
+    #   device: ─── t ──────────────────┤├──────────── t+1 ────────────────────────
+    #
+    # A sequence sampled at t has a PLACEHOLDER_TOKEN until then; its input at t+1 comes from t's
+    # sampled tensor on the device. A sequence that t ended (EOS, length) also computed a token
+    # at t+1, which is dropped, never reported. Rows that need the newest token ids on the host
+    # to sample (penalties) make a step read t's tokens before sampling t+1.
     def step(self) -> list[SeqOutput]:
         outputs, self._pending = self._pending, []
+        prev, self._in_flight = self._in_flight, None
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return outputs
-        now = time.monotonic()
-        for entry in plan.scheduled:
-            request = self.requests[entry.seq.request_id]
-            if request.first_scheduled_s is None:
-                request.first_scheduled_s = now
-        logits = self.runner.execute(plan)
-        self.scheduler.finish_step(plan)
-        for parent, child in plan.forks:
-            self.requests[parent.request_id].seqs.append(child)
-            self._seed(child)
-        seqs = [seq for seq, _ in plan.samplers]
-        token_ids, logprobs = self.sampler.sample(logits, seqs)
+        if not plan.is_empty:
+            now = time.monotonic()
+            for entry in plan.scheduled:
+                request = self.requests[entry.seq.request_id]
+                if request.first_scheduled_s is None:
+                    request.first_scheduled_s = now
+            logits = self.runner.execute(plan, prev.sampled.tokens if prev else None,
+                                         prev.rows if prev else None)
+            self.scheduler.finish_step(plan, cache_blocks=False)
+            for parent, child in plan.forks:
+                self.requests[parent.request_id].seqs.append(child)
+                self._seed(child)
+            seqs = [seq for seq, _ in plan.samplers]
+            if prev is not None and any(s.params.has_penalties for s in seqs):
+                outputs += self._resolve(prev)
+                prev = None
+            sampled = self.sampler.sample_async(logits, seqs)
+            for seq in seqs:
+                seq.token_ids.append(PLACEHOLDER_TOKEN)
+                seq.num_placeholders += 1
+            self._in_flight = _InFlight(plan, seqs, sampled, {s.seq_id: i for i, s in enumerate(seqs)})
+            if not self.is_overlapped:
+                outputs += self._resolve(self._in_flight)
+                self._in_flight = None
+        if prev is not None:
+            outputs += self._resolve(prev)
+            self.num_overlapped_steps += self._in_flight is not None
+        return outputs
+
+    def _resolve(self, step: "_InFlight") -> list[SeqOutput]:
+        """Reads a launched step's sampled tokens into its sequences, registers their full blocks
+        for prefix caching, checks EOS, stop token ids and length, and reports the news."""
+        token_ids, logprobs = step.sampled.to_host()
+        live = []
+        for seq, token_id, logprob in zip(step.seqs, token_ids, logprobs):
+            if seq.status.is_finished:
+                continue                  # ended meanwhile: this token is never reported
+            position = len(seq.token_ids) - seq.num_placeholders
+            seq.token_ids[position] = token_id
+            seq.num_placeholders -= 1
+            if logprob is not None:
+                seq.new_logprobs.append(logprob)
+            live.append((seq, token_id, position))
+        self.scheduler.cache_blocks(step.plan)
         touched: dict[str, list[Sequence]] = {}
-        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
-            self._append_token(seq, token_id, logprob)
+        for seq, token_id, position in live:
+            self._check_stop(seq, token_id, position)
             touched.setdefault(seq.request_id, []).append(seq)
-        self.num_generation_tokens += len(seqs)
+        self.num_generation_tokens += len(live)
+        outputs: list[SeqOutput] = []
         for request_id, changed in touched.items():
             outputs += self._collect(self.requests[request_id], changed)
         return outputs
 
-    def _append_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
+    def _check_stop(self, seq: Sequence, token_id: int, position: int) -> None:
         params = seq.params
-        seq.token_ids.append(token_id)
-        if logprob is not None:
-            seq.new_logprobs.append(logprob)
+        num_output_tokens = position + 1 - seq.num_prompt_tokens
         status = None
         if token_id in params.stop_token_ids:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token_id
         elif token_id in self.eos_token_ids and not params.ignore_eos:
             status = SequenceStatus.FINISHED_STOPPED
-        elif (seq.num_output_tokens >= (params.max_tokens or self.max_model_len)
-              or seq.num_tokens >= self.max_model_len):
+        elif (num_output_tokens >= (params.max_tokens or self.max_model_len)
+              or position + 1 >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
-            self.scheduler.finish(seq, status)
+            self._finish(seq, status)
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Ends a sequence; tokens sampled for it but not yet read are dropped."""
+        if seq.num_placeholders:
+            del seq.token_ids[-seq.num_placeholders:]
+            seq.num_placeholders = 0
+        self.scheduler.finish(seq, status)
 
     def _collect(self, request: _CoreRequest, changed: list[Sequence]) -> list[SeqOutput]:
         """The news of `changed` samples since they were last reported; forgets the request
@@ -235,8 +295,9 @@ class EngineCore:
         for seq in changed:
             if seq.is_reported_finished:
                 continue
-            new_ids = seq.output_token_ids[seq.num_reported_tokens:]
-            seq.num_reported_tokens = seq.num_output_tokens
+            num_known = seq.num_output_tokens - seq.num_placeholders
+            new_ids = seq.output_token_ids[seq.num_reported_tokens:num_known]
+            seq.num_reported_tokens = num_known
             logprobs, seq.new_logprobs = (seq.new_logprobs if seq.params.logprobs is not None else None), []
             seq.is_reported_finished = seq.status.is_finished
             stop_token = seq.stop_reason if isinstance(seq.stop_reason, int) else None

@@ -40,10 +40,6 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.full((max_bs, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_bs, model.cfg.hidden_size, dtype=model.dtype, device=device)
-        # Pinned staging, allocated once (pinning per step costs more than the copy). Reusing it
-        # is safe: every step ends with a host sync on the sampled tokens before the next fill.
-        self.host_ints = torch.zeros(4, max_bs, dtype=torch.int64).pin_memory()
-        self.host_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32).pin_memory()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
@@ -81,24 +77,24 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
-    def prepare(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-                tables: list[list[int]]) -> int:
-        """Fills the static inputs; returns the bucket to replay."""
-        num_seqs = len(input_ids)
+    def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                seq_lens: torch.Tensor, tables: torch.Tensor) -> int:
+        """Fills the static inputs from this step's device tensors (rows beyond them are padding
+        that attends over the scratch slot); returns the bucket to replay. No host sync."""
+        # input_ids, positions, slots: [N] int64; seq_lens: [N] int32; tables: [N, width] int32
+        num_seqs, width = tables.shape
         bs = next(b for b in self.buckets if b >= num_seqs)
-        pad = bs - num_seqs
-        width = max(len(t) for t in tables)
-        self.host_ints[:, :bs] = torch.tensor([input_ids + [0] * pad, positions + [0] * pad,
-                                               slots + [self.scratch_slot] * pad, seq_lens + [1] * pad])
-        scratch_block = self.scratch_slot // self.block_size
-        self.host_tables[:bs, :width] = torch.tensor(
-            [t + [0] * (width - len(t)) for t in tables] + [[scratch_block] * width] * pad, dtype=torch.int32)
-        ints = self.host_ints[:, :bs].to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:bs].copy_(ints[0])
-        self.positions[:bs].copy_(ints[1])
-        self.slot_mapping[:bs].copy_(ints[2])
-        self.seq_lens[:bs].copy_(ints[3])
-        self.block_tables[:bs, :width].copy_(self.host_tables[:bs, :width], non_blocking=True)
+        self.input_ids[:num_seqs].copy_(input_ids)
+        self.positions[:num_seqs].copy_(positions)
+        self.slot_mapping[:num_seqs].copy_(slots)
+        self.seq_lens[:num_seqs].copy_(seq_lens)
+        self.block_tables[:num_seqs, :width].copy_(tables)
+        if bs > num_seqs:
+            self.input_ids[num_seqs:bs].zero_()
+            self.positions[num_seqs:bs].zero_()
+            self.slot_mapping[num_seqs:bs].fill_(self.scratch_slot)
+            self.seq_lens[num_seqs:bs].fill_(1)
+            self.block_tables[num_seqs:bs].fill_(self.scratch_slot // self.block_size)
         return bs
 
     def replay(self, bs: int, num_seqs: int) -> torch.Tensor:

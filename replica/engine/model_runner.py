@@ -2,21 +2,72 @@
 
 The runner owns the KV cache tensors and the model; it reads sequences' token ids and block
 tables but never changes block ownership (that is the block manager's).
+
+No host sync on the way in: a step's integer inputs are written into preallocated host buffers
+(pinned on CUDA, two of them used in turn) and reach the device in one asynchronous copy per
+dtype. With overlap scheduling a decode row's newest token may not be known on the host yet
+(`PLACEHOLDER_TOKEN` in its token ids): its input is then read on the device from the previous
+step's sampled tokens (`prev_tokens`, row `prev_rows[seq_id]`), so the CPU can plan step t+1
+while the GPU still runs step t.
 """
 import logging
 
+import numpy as np
 import torch
 
 from replica.engine.scheduler import StepPlan
+from replica.engine.sequence import PLACEHOLDER_TOKEN
 from replica.layers.attention import AttentionMetadata
 from replica.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
+_RING = 2     # host buffers in flight: one is filled while the other's copy may still be queued
+
+
+class StepBuffers:
+    """Host staging for one step's integer inputs and its device copies.
+
+    int64 row: input_ids [T] | positions [T] | slots [T] | sample entries [S] | gather dst [G] |
+    gather src [G]; int32 row: query_start [B+1] | seq_lens [B] | block_tables [B, W].
+    """
+
+    def __init__(self, device: torch.device, max_tokens: int, max_seqs: int, max_blocks: int):
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.max_blocks = max_blocks
+        self.size64 = 3 * max_tokens + 3 * max_seqs
+        self.size32 = 2 * max_seqs + 1 + max_seqs * max_blocks
+        pin = self.is_cuda
+        self.host64 = [torch.zeros(self.size64, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
+        self.host32 = [torch.zeros(self.size32, dtype=torch.int32, pin_memory=pin) for _ in range(_RING)]
+        self.dev64 = torch.zeros(self.size64, dtype=torch.int64, device=device)
+        self.dev32 = torch.zeros(self.size32, dtype=torch.int32, device=device)
+        self.step = 0
+
+    def upload(self, parts64: list[np.ndarray], parts32: list[np.ndarray]) -> tuple[list, list]:
+        """Copies the parts to the device in two transfers; returns device views of each part."""
+        slot = self.step % _RING
+        self.step += 1
+        views = []
+        for parts, host, dev in ((parts64, self.host64[slot], self.dev64),
+                                 (parts32, self.host32[slot], self.dev32)):
+            sizes = [len(p) for p in parts]
+            total = sum(sizes)
+            if not self.is_cuda:          # the CPU computes from the host arrays directly
+                flat = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=host.numpy().dtype))
+                views.append(list(flat.split(sizes)))
+                continue
+            np.concatenate(parts, out=host.numpy()[:total])
+            dev[:total].copy_(host[:total], non_blocking=True)
+            views.append(list(dev[:total].split(sizes)))
+        return views[0], views[1]
+
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 max_num_seqs: int = 256, max_model_len: int = 2048, use_cuda_graphs: bool = False):
+                 max_num_seqs: int = 256, max_model_len: int = 2048, use_cuda_graphs: bool = False,
+                 max_num_batched_tokens: int = 8192):
         self.model = model
         self.device = model.device
         self.block_size = block_size
@@ -27,6 +78,10 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads,
                                     cfg.head_dim, dtype=model.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        max_blocks = -(-max_model_len // block_size)
+        # a step holds at most the token budget, plus one decode token per sequence beyond it
+        self.buffers = StepBuffers(self.device, max_num_batched_tokens + max_num_seqs, 2 * max_num_seqs,
+                                   max_blocks)
         # Benchmarks set this to a list to collect (start, end) CUDA events around each step's GPU
         # work (forward and logits), which gives the GPU's idle share between steps.
         self.step_events: list | None = None
@@ -42,25 +97,36 @@ class ModelRunner:
         return (2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim
                 * torch.empty((), dtype=dtype).element_size())
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Runs the plan; returns float32 logits [len(plan.samplers), vocab]."""
+    def execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None = None,
+                prev_rows: dict[int, int] | None = None) -> torch.Tensor:
+        """Runs the plan; returns float32 logits [len(plan.samplers), vocab]. `prev_tokens` [S']
+        (device) and `prev_rows` (seq_id → row) resolve the placeholder tokens of decode rows."""
         if plan.block_copies:
-            src = torch.tensor([s for s, _ in plan.block_copies], device=self.device)
-            dst = torch.tensor([d for _, d in plan.block_copies], device=self.device)
+            src = torch.tensor([s for s, _ in plan.block_copies]).to(self.device, non_blocking=True)
+            dst = torch.tensor([d for _, d in plan.block_copies]).to(self.device, non_blocking=True)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        lists = self._flatten(plan)
-        entries = torch.tensor([entry for _, entry in plan.samplers], dtype=torch.long, device=self.device)
-        is_decode_only = len(lists[0]) == len(plan.scheduled)
-        if self.graphs is not None and is_decode_only and self.graphs.can_run(len(plan.scheduled)):
-            bs = self.graphs.prepare(*lists[:4], lists[5])
+        inputs = self._flatten(plan, prev_rows or {})
+        (input_ids, positions, slots, entries, gather_dst, gather_src), (query_start, seq_lens, tables) = \
+            self.buffers.upload(inputs[0], inputs[1])
+        if len(gather_dst):
+            input_ids[gather_dst] = prev_tokens[gather_src]
+        num_seqs = len(plan.scheduled)
+        is_decode_only = len(input_ids) == num_seqs
+        width = inputs[2]
+        tables = tables.view(num_seqs, width)
+        if self.graphs is not None and is_decode_only and self.graphs.can_run(num_seqs):
+            bs = self.graphs.prepare(input_ids, positions, slots, seq_lens, tables)
             start = self._record()
-            hidden = self.graphs.replay(bs, len(plan.scheduled))
+            hidden = self.graphs.replay(bs, num_seqs)
             logits = self.model.compute_logits(hidden.index_select(0, entries))
         else:
-            input_ids, positions, meta = self._tensors(plan, *lists)
+            meta = AttentionMetadata(
+                slot_mapping=slots, query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,
+                max_query_len=inputs[3], max_seq_len=inputs[4],
+                is_decode_only=all(e.num_new_tokens == 1 for e in plan.scheduled), block_size=self.block_size)
             start = self._record()
             hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
-            ends = meta.query_start_loc[1:].long() - 1
+            ends = query_start[1:].long() - 1
             logits = self.model.compute_logits(hidden.index_select(0, ends[entries]))
         if start is not None:
             self.step_events.append((start, self._record()))
@@ -73,43 +139,47 @@ class ModelRunner:
         event.record()
         return event
 
-    def _flatten(self, plan: StepPlan):
+    def _flatten(self, plan: StepPlan, prev_rows: dict[int, int]):
+        """Host arrays of the step's inputs: ([int64 parts], [int32 parts], table width,
+        max query length, max sequence length)."""
         size = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens = []
-        tables = []
-        for entry in plan.scheduled:
-            seq, start = entry.seq, entry.seq.num_computed_tokens
-            end = start + entry.num_new_tokens
-            table = seq.block_table
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // size] * size + p % size for p in range(start, end))
-            query_start.append(query_start[-1] + entry.num_new_tokens)
-            seq_lens.append(end)
-            tables.append(table)
-        return input_ids, positions, slots, seq_lens, query_start, tables
-
-    def _tensors(self, plan: StepPlan, input_ids, positions, slots, seq_lens, query_start, tables):
-        size = self.block_size
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        device = self.device
-
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(query_start, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(padded, torch.int32),
-            max_query_len=max(e.num_new_tokens for e in plan.scheduled),
-            max_seq_len=max(seq_lens),
-            is_decode_only=all(e.num_new_tokens == 1 for e in plan.scheduled),
-            block_size=size,
-        )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
+        num_seqs = len(plan.scheduled)
+        num_new = np.fromiter((e.num_new_tokens for e in plan.scheduled), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((e.seq.num_computed_tokens for e in plan.scheduled), dtype=np.int64,
+                             count=num_seqs)
+        ends = starts + num_new
+        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start[1:])
+        width = max(len(e.seq.block_table) for e in plan.scheduled)
+        tables = np.zeros((num_seqs, width), dtype=np.int32)
+        gather_dst, gather_src = [], []
+        if int(num_new.max()) == 1:          # decode-only: one token per row, no Python per token
+            input_ids = np.fromiter((e.seq.token_ids[e.seq.num_computed_tokens] for e in plan.scheduled),
+                                    dtype=np.int64, count=num_seqs)
+            positions = starts
+            for i, entry in enumerate(plan.scheduled):
+                table = entry.seq.block_table
+                tables[i, :len(table)] = table
+            slots = tables[np.arange(num_seqs), positions // size].astype(np.int64) * size + positions % size
+        else:
+            input_ids = np.empty(int(query_start[-1]), dtype=np.int64)
+            positions = np.empty_like(input_ids)
+            slots = np.empty_like(input_ids)
+            for i, entry in enumerate(plan.scheduled):
+                seq, lo, hi = entry.seq, query_start[i], query_start[i + 1]
+                table = seq.block_table
+                tables[i, :len(table)] = table
+                input_ids[lo:hi] = seq.token_ids[starts[i]:ends[i]]
+                pos = np.arange(starts[i], ends[i])
+                positions[lo:hi] = pos
+                slots[lo:hi] = tables[i, pos // size].astype(np.int64) * size + pos % size
+        for i, entry in enumerate(plan.scheduled):
+            if input_ids[query_start[i + 1] - 1] == PLACEHOLDER_TOKEN:
+                gather_dst.append(query_start[i + 1] - 1)
+                gather_src.append(prev_rows[entry.seq.seq_id])
+                input_ids[query_start[i + 1] - 1] = 0
+        entries = np.fromiter((entry for _, entry in plan.samplers), dtype=np.int64, count=len(plan.samplers))
+        parts64 = [input_ids, positions, slots, entries, np.array(gather_dst, dtype=np.int64),
+                   np.array(gather_src, dtype=np.int64)]
+        parts32 = [query_start.astype(np.int32), ends.astype(np.int32), tables.reshape(-1)]
+        return parts64, parts32, width, int(num_new.max()), int(ends.max())

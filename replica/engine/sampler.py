@@ -1,4 +1,4 @@
-"""Per-request sampling over a batch of logits rows.
+"""Sampling for a whole batch on the device, from per-row parameter tensors.
 
 Order, as transformers and vLLM apply it: penalties and min_tokens masking on the raw logits,
 then greedy rows take the argmax; the others are divided by their temperature, cut by top-k,
@@ -6,40 +6,103 @@ top-p and min-p, and sampled. Sampling uses the exponential race (argmax of p / 
 E ~ Exp(1)), which draws from p; a seeded request draws E from its own generator, so its tokens
 do not depend on which other requests share the batch. Reported logprobs are those of the raw
 model distribution (before penalties and temperature), as vLLM reports them.
+
+`sample` launches everything and returns a `SampledBatch` without waiting for the device: the
+token ids stay on the device for the next step's inputs (overlap scheduling) while a copy to
+pinned host memory runs; `SampledBatch.to_host()` waits for that copy alone. Per-sequence
+Python runs only for rows that ask for penalties, min_tokens or a seed.
 """
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from replica.engine.sequence import Sequence
 from replica.outputs import TokenLogprob
 
+_RING = 2     # host buffers in flight: a step's copy is read before the step after next reuses it
+
+
+@dataclass
+class SampledBatch:
+    tokens: torch.Tensor                    # [S] int64 on the device: next step's inputs read it
+    host_tokens: torch.Tensor               # [S] int64 on the host, filled by an async copy
+    ready: torch.cuda.Event | None          # recorded after the copies; None on the CPU
+    logprob_rows: list[int]                 # rows that asked for logprobs
+    num_top: list[int]                      # alternatives each of those rows asked for
+    logprob_tensors: tuple | None = None    # host (chosen [L], top values [L, K], top ids [L, K])
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = self.host_tokens.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+        if self.logprob_tensors is not None:
+            chosen, top_values, top_ids = (t.tolist() for t in self.logprob_tensors)
+            for j, (row, num_top) in enumerate(zip(self.logprob_rows, self.num_top)):
+                top = list(zip(top_ids[j][:num_top], top_values[j][:num_top]))
+                logprobs[row] = TokenLogprob(tokens[row], chosen[j], top)
+        return tokens, logprobs
+
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device):
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device,
+                 max_num_rows: int = 1024):
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.is_cuda = device.type == "cuda"
+        self._step = 0
+        self._allocate(max_num_rows)
+
+    def _allocate(self, num_rows: int) -> None:
+        """Host buffers, allocated (pinned on CUDA) once: pinning per step costs more than the copy."""
+        self._max_rows = num_rows
+        pin = self.is_cuda
+        # per-row parameters: temperature, top_p, min_p (float32) and top_k (as float32)
+        self._params = [torch.zeros(num_rows, 4, pin_memory=pin) for _ in range(_RING)]
+        self._tokens = [torch.zeros(num_rows, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Samples and waits: (token ids, logprobs or None per row)."""
+        return self.sample_async(logits, seqs).to_host()
+
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
         # logits: [S, V] float32, one row per sequence in `seqs`
-        num_logprobs = [s.params.logprobs for s in seqs]
-        raw_logprobs = (torch.log_softmax(logits, dim=-1)
-                        if any(n is not None for n in num_logprobs) else None)
+        num_rows = len(seqs)
+        if num_rows > self._max_rows:
+            if self.is_cuda:
+                torch.cuda.synchronize()        # the old buffers may still be in a copy
+            self._allocate(num_rows)
+        slot = self._step % _RING
+        self._step += 1
+        params = [s.params for s in seqs]
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = (torch.log_softmax(logits.index_select(0, self._rows(logprob_rows)), dim=-1)
+                        if logprob_rows else None)
         logits = self._apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
-        random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            sampled = self._sample_random(logits.index_select(0, rows), [seqs[i] for i in random_rows])
-            tokens = tokens.index_copy(0, rows, sampled)
-        token_list = tokens.tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if any(not p.is_greedy for p in params):
+            tokens = self._sample_random(logits, seqs, tokens, slot)
+        host_tokens = self._tokens[slot][:num_rows]
+        host_tokens.copy_(tokens, non_blocking=self.is_cuda)
+        batch = SampledBatch(tokens, host_tokens, None, logprob_rows,
+                             [params[i].logprobs for i in logprob_rows])
         if raw_logprobs is not None:
-            for i, n in enumerate(num_logprobs):
-                if n is not None:
-                    logprobs[i] = _token_logprob(raw_logprobs[i], token_list[i], n)
-        return token_list, logprobs
+            num_top = max(max(batch.num_top), 1)
+            chosen = raw_logprobs.gather(1, tokens.index_select(0, self._rows(logprob_rows))[:, None])[:, 0]
+            top_values, top_ids = raw_logprobs.topk(num_top, dim=-1)
+            batch.logprob_tensors = tuple(t.to("cpu", non_blocking=self.is_cuda)
+                                          for t in (chosen, top_values, top_ids))
+        if self.is_cuda:
+            batch.ready = torch.cuda.Event()
+            batch.ready.record()
+        return batch
+
+    def _rows(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         needs = [i for i, s in enumerate(seqs)
@@ -50,53 +113,67 @@ class Sampler:
         for i in needs:
             seq, p, row = seqs[i], seqs[i].params, logits[i]
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.token_ids)), device=row.device, dtype=torch.long)
+                seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long).to(row.device)
                 values = row[seen]
                 row[seen] = torch.where(values > 0, values / p.repetition_penalty,
                                         values * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-                out = torch.tensor(seq.output_token_ids, device=row.device, dtype=torch.long)
+                out = torch.tensor(seq.output_token_ids, dtype=torch.long).to(row.device)
                 counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
             if seq.num_output_tokens < p.min_tokens:
                 banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 if banned:
-                    row[torch.tensor(sorted(banned), device=row.device)] = float("-inf")
+                    row[torch.tensor(sorted(banned)).to(row.device)] = float("-inf")
         return logits
 
-    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        device = logits.device
-        temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
+    def _row_params(self, seqs: list[Sequence], slot: int) -> torch.Tensor:
+        """[4, S] on the device: temperature (1 for greedy rows), top_p, min_p, top_k (V when off)."""
+        host = self._params[slot][:len(seqs)]
+        host.numpy()[:] = np.array([(p.temperature or 1.0, p.top_p, p.min_p, p.top_k or self.vocab_size)
+                                    for p in (s.params for s in seqs)], dtype=np.float32)
+        return host.to(self.device, non_blocking=self.is_cuda).T
+
+    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor,
+                       slot: int) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        row_params = self._row_params(seqs, slot)
+        temperature, top_p, min_p, top_k = row_params
         logits = logits / temperature[:, None]
-        top_k = [s.params.top_k for s in seqs]
-        top_p = [s.params.top_p for s in seqs]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        if any(p.top_k > 0 for p in params) or any(p.top_p < 1.0 for p in params):
             logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
-        min_p = [s.params.min_p for s in seqs]
-        if any(m > 0 for m in min_p):
+        if any(p.min_p > 0 for p in params):
             probs = apply_min_p(probs, min_p)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_(
-                generator=self.generator)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 noise[i].exponential_(generator=s.generator)
         noise.clamp_(min=1e-30)         # a zero draw would turn a masked 0/0 into NaN
-        return (probs / noise).argmax(dim=-1)
+        sampled = (probs / noise).argmax(dim=-1)
+        if all(not p.is_greedy for p in params):
+            return sampled
+        is_greedy = torch.tensor([p.is_greedy for p in params]).to(self.device, non_blocking=True)
+        return torch.where(is_greedy, greedy, sampled)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Masks (to -inf) every token outside each row's top-k and top-p nucleus."""
+def _as_tensor(values, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device=like.device, dtype=dtype)
+    return torch.tensor(values, device=like.device, dtype=dtype)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """Masks (to -inf) every token outside each row's top-k and top-p nucleus. top_k: [S] (0 or
+    >= vocab: off), top_p: [S], as lists or tensors."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[1]
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device)
+    k = _as_tensor(top_k, logits, torch.long)
+    k = torch.where(k > 0, k, vocab)
     ranks = torch.arange(vocab, device=logits.device)
     remove = ranks[None, :] >= k[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    p = torch.tensor(top_p, device=logits.device, dtype=logits.dtype)
+    p = _as_tensor(top_p, logits, logits.dtype)
     probs = torch.softmax(sorted_logits, dim=-1)
     # drop a token when the tokens before it already reach top_p (the first token always stays)
     before = probs.cumsum(dim=-1) - probs
@@ -105,16 +182,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-def apply_min_p(probs: torch.Tensor, min_p: list[float]) -> torch.Tensor:
-    threshold = torch.tensor(min_p, device=probs.device, dtype=probs.dtype)[:, None] * probs.max(
-        dim=-1, keepdim=True).values
+def apply_min_p(probs: torch.Tensor, min_p) -> torch.Tensor:
+    threshold = _as_tensor(min_p, probs, probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
     probs = probs.masked_fill(probs < threshold, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
-
-
-def _token_logprob(row: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:
-    top = []
-    if num_top > 0:
-        values, ids = row.topk(num_top)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token_id, float(row[token_id]), top)

@@ -125,12 +125,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish_step(self, plan: StepPlan) -> None:
-        """After the forward: the scheduled tokens are in the cache."""
+    def finish_step(self, plan: StepPlan, cache_blocks: bool = True) -> None:
+        """After the forward is launched: the scheduled tokens are (or will be, in stream order)
+        in the cache. With overlap scheduling the engine registers full blocks for prefix
+        caching later (`cache_blocks=False`), once every computed token's id is known."""
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens += entry.num_new_tokens
         for parent, child in plan.forks:
             child.num_computed_tokens = parent.num_computed_tokens
+        if cache_blocks:
+            self.cache_blocks(plan)
+
+    def cache_blocks(self, plan: StepPlan) -> None:
         for entry in plan.scheduled:
             self.block_manager.cache_full_blocks(entry.seq)
 

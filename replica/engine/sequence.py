@@ -30,6 +30,10 @@ class SequenceStatus(IntEnum):
 
 _seq_ids = itertools.count()
 
+# Stands in a sequence's token ids for a token the device has sampled but the host has not read
+# yet (overlap scheduling); the next step's input for it comes from the device.
+PLACEHOLDER_TOKEN = -1
+
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -49,6 +53,8 @@ class Sequence:
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         self.generator: torch.Generator | None = None
         self.stop_reason: str | int | None = None
+        # Trailing PLACEHOLDER_TOKENs in token_ids: sampled on the device, not yet read (0 to 2).
+        self.num_placeholders = 0
         # What the core has reported to its front end (EngineCore._collect).
         self.num_reported_tokens = 0
         self.new_logprobs: list = []          # TokenLogprob of tokens not yet reported

@@ -1,0 +1,208 @@
+"""The served path against the engine offline, on one GPU, in one run (issue 11's benchmark).
+
+    python3 bench/served.py                      # 8B shape, random bf16 weights (about 6 minutes on an H200)
+    python3 bench/served.py --size 1b --num-requests 200     # quick
+    python3 bench/served.py --device cpu --size tiny --num-requests 40   # the same flow on a CPU
+
+1. W3 offline: `LLMEngine` in this process, the load generator's W3 requests all at once; GPU-busy
+   share and host time per step from CUDA events around each step's GPU work.
+2. W3 over HTTP: `replica serve` (engine core in its own process) on the same random weights, the
+   same 1000 requests all at once, streaming, through the project's load generator.
+3. W4: the same requests at concurrency 128 (TTFT and inter-token latency p50/p99).
+The replica's own generation-token counter over each HTTP run is reported beside the load
+generator's figure: when they agree, the load generator was not the bottleneck.
+W1, W2 and W5 come from `bench/engine.py --skip-hf` in the same device run.
+Writes bench/results/served-<gpu>-<date>.json (or into $OUT).
+"""
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fleetctl.loadgen import BenchConfig, make_requests, run_benchmark  # noqa: E402
+from fleetctl.loadgen_report import summarize  # noqa: E402
+from replica.config import EngineConfig  # noqa: E402
+from replica.engine.engine import LLMEngine  # noqa: E402
+from replica.sampling_params import SamplingParams  # noqa: E402
+
+SHAPES = {
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, rope_theta=10000.0),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
+}
+RESULTS: dict = {}
+
+
+def emit(name: str, **values) -> None:
+    RESULTS[name] = values
+    print(json.dumps({"what": name, **values}), flush=True)
+
+
+def model_folder(size: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=f"served-{size}-"))
+    config = SHAPES[size] | {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                             "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def engine_settings(args) -> dict:
+    return dict(max_model_len=4096, max_num_batched_tokens=args.token_budget, max_num_seqs=256)
+
+
+def offline_w3(args, folder: Path, requests) -> None:
+    engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", device=args.device,
+                                    dtype=args.dtype, **engine_settings(args)))
+    is_cuda = engine.device.type == "cuda"
+
+    def run(reqs) -> dict:
+        engine.runner.step_events = events = [] if is_cuda else None
+        if is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i, spec in enumerate(reqs):
+            engine.add_request(str(i), list(spec.prompt_token_ids),
+                               SamplingParams(temperature=0.0, max_tokens=spec.num_output_tokens, ignore_eos=True))
+        num_out = num_steps = 0
+        while engine.has_unfinished:
+            num_steps += 1
+            for out in engine.step():
+                num_out += sum(len(c.new_token_ids) for c in out.outputs)
+        if is_cuda:
+            torch.cuda.synchronize()
+        wall_s = time.perf_counter() - t0
+        gpu_s = sum(s.elapsed_time(e) for s, e in events) / 1e3 if is_cuda else float("nan")
+        engine.runner.step_events = None
+        return dict(req_per_s=round(len(reqs) / wall_s, 2), out_tok_per_s=round(num_out / wall_s, 1),
+                    wall_s=round(wall_s, 2), steps=num_steps, gpu_busy_share=round(gpu_s / wall_s, 3),
+                    host_ms_per_step=round((wall_s - gpu_s) / num_steps * 1e3, 3))
+
+    run(requests[:32])                                   # warm-up: Triton compiles, graphs replay
+    emit("W3_offline", **run(requests))
+    del engine
+    gc.collect()
+    if is_cuda:
+        torch.cuda.empty_cache()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generation_tokens(url: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    match = re.search(r"^pagefleet_generation_tokens_total\{[^}]*\} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else float("nan")
+
+
+def start_server(args, folder: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    settings = engine_settings(args)
+    cmd = [sys.executable, "-m", "replica.cli", "serve", "--model", str(folder), "--load-format", "dummy",
+           "--served-model-name", "bench", "--port", str(port), "--device", args.device,
+           "--dtype", args.dtype, "--max-model-len", str(settings["max_model_len"]),
+           "--max-num-batched-tokens", str(settings["max_num_batched_tokens"]),
+           "--max-num-seqs", str(settings["max_num_seqs"]), "--max-queue", "100000",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"replica serve exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            if urllib.request.urlopen(url + "/ready", timeout=2).status == 200:
+                return proc, url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("replica serve was not ready in 600 s")
+
+
+def http_run(name: str, url: str, requests, concurrency: int | None) -> None:
+    config = BenchConfig(url, "bench", concurrency=concurrency, timeout_s=1800)
+    before = generation_tokens(url)
+    run = asyncio.run(run_benchmark(config, requests))
+    replica_tokens = generation_tokens(url) - before
+    s = summarize(run)
+    emit(name, req_per_s=round(s["requests_per_s"], 2), out_tok_per_s=round(s["output_tokens_per_s"], 1),
+         replica_out_tok_per_s=round(replica_tokens / run.duration_s, 1), num_errors=s["num_errors"],
+         ttft_ms_p50=round(s["ttft_ms"]["p50"], 1), ttft_ms_p99=round(s["ttft_ms"]["p99"], 1),
+         itl_ms_p50=round(s["itl_ms"]["p50"], 2), itl_ms_p99=round(s["itl_ms"]["p99"], 2),
+         wall_s=round(run.duration_s, 2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="8b", choices=sorted(SHAPES))
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    is_cuda = args.device.startswith("cuda")
+    emit("env", gpu=torch.cuda.get_device_name() if is_cuda else platform.processor() or "cpu",
+         torch=torch.__version__, python=platform.python_version(), date=datetime.date.today().isoformat(),
+         size=args.size, num_requests=args.num_requests, token_budget=args.token_budget)
+    folder = model_folder(args.size)
+    requests = make_requests(args.num_requests, (64, 1024), (16, 512), vocab_size=SHAPES[args.size]["vocab_size"],
+                             seed=0)
+    if args.size == "tiny":        # 4096 positions of context are more than a CPU wants to fill
+        requests = make_requests(args.num_requests, (8, 64), (4, 32), vocab_size=512, seed=0)
+    if not args.skip_offline:
+        offline_w3(args, folder, requests)
+    log_path = folder / "serve.log"
+    proc, url = start_server(args, folder, log_path)
+    try:
+        http_run("warmup_http", url, requests[:64], 64)
+        http_run("W3_http", url, requests, None)
+        http_run("W4_http_c128", url, requests, 128)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    if "W3_offline" in RESULTS:
+        ratio = RESULTS["W3_http"]["req_per_s"] / RESULTS["W3_offline"]["req_per_s"]
+        emit("W3_http_over_offline", ratio=round(ratio, 3), target=0.95)
+    print(f"\n{'figure':<28}{'value':>12}")
+    for key, field in [("W3_offline", "req_per_s"), ("W3_offline", "gpu_busy_share"),
+                       ("W3_offline", "host_ms_per_step"), ("W3_http", "req_per_s"),
+                       ("W3_http", "replica_out_tok_per_s"), ("W3_http", "out_tok_per_s"),
+                       ("W3_http_over_offline", "ratio"), ("W4_http_c128", "req_per_s"),
+                       ("W4_http_c128", "itl_ms_p50"), ("W4_http_c128", "itl_ms_p99"),
+                       ("W4_http_c128", "ttft_ms_p99")]:
+        print(f"{key + ' ' + field:<40}{RESULTS.get(key, {}).get(field, '')!s:>12}")
+    out = Path(os.environ.get("OUT") or args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = RESULTS["env"]["gpu"].replace(" ", "-")
+    path = out / f"served-{gpu}-{args.size}-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(RESULTS, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
