@@ -130,21 +130,24 @@ def q4_k_scale_min(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpack_values(packed: PackedGGUF) -> torch.Tensor:
-    """The integer codes in element order: int16 [N, K] (4-bit: 0..15; 8-bit: -128..127)."""
+    """The integer codes in element order: [N, K] (4-bit: uint8 0..15; 8-bit: int8)."""
     n, k = packed.shape
     if packed.bits == 8:
-        return packed.qweight.to(torch.int16)
+        return packed.qweight
     q = packed.qweight.reshape(n, k // GROUP_SIZE, GROUP_SIZE // 2)
-    return torch.cat([q & 0x0F, q >> 4], dim=-1).reshape(n, k).to(torch.int16)
+    return torch.cat([q & 0x0F, q >> 4], dim=-1).reshape(n, k)
 
 
 def dequantize_packed(packed: PackedGGUF, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The torch reference of the packed layout (and the CPU path): float [N, K] in `dtype`."""
+    """The torch reference of the packed layout (and the CPU path): float [N, K] in `dtype`,
+    computed in fp32 as (q - zero_point) · scale (+ min), in place to keep the passes few."""
     n, k = packed.shape
-    q = unpack_values(packed).float().reshape(n, k // GROUP_SIZE, GROUP_SIZE) - packed.zero_point
-    w = q * packed.scales.float()[..., None]
+    w = unpack_values(packed).to(torch.float32).reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    if packed.zero_point:
+        w -= packed.zero_point
+    w *= packed.scales.float()[..., None]
     if packed.mins is not None:
-        w = w + packed.mins.float()[..., None]
+        w += packed.mins.float()[..., None]
     return w.reshape(n, k).to(dtype)
 
 
