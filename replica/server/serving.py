@@ -66,6 +66,10 @@ class Replica:
             engine.config.model, engine.model_path, engine.model_config, self.max_model_len,
             str(getattr(core, "dtype", "unknown")).removeprefix("torch."))
         self.weights_name = self.model_info.weights_name
+        model = getattr(core, "model", None)
+        if hasattr(model, "num_weight_bytes"):     # weights as held on the device (quantised or not)
+            self.model_info.model_info["pagefleet.weights_device_bytes"] = model.num_weight_bytes
+            self.model_info.model_info["pagefleet.quantization"] = model.quantization or "none"
         # One worker: the HF tokenizer is not safe for concurrent encodes, and long prompts
         # must not hold the event loop.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
