@@ -147,11 +147,12 @@ def _row_bucket(num_rows: int) -> int:
 
 
 def choose_config(num_rows: int, n: int, k: int, bits: int, device: torch.device) -> GGUFLinearConfig:
-    """A measured entry of TUNED, else a heuristic after linear_triton's bf16 sweep, scaled to
-    the packed bytes: one row the fma path with 16 KiB... (bf16: 4 rows x 2048 columns = 16 KiB a
-    tile, 8 warps) → 4-bit 8 rows x 2048 columns (8 KiB of nibbles), 8-bit 4 x 2048; split-K while
-    N gives fewer than ~4 programs per SM. 2..8 rows: 64 x 128 dot tiles as linear_triton.
-    More rows (prefill): 64 x 64 tiles over N and 64 rows of x, 3 stages."""
+    """A measured entry of TUNED, else a heuristic from linear_triton's bf16 sweep (4 rows x 2048
+    columns, 8 warps, 16 KiB of weight a tile) kept at 2048 columns a tile: 8 rows at 4 bits
+    (8 KiB of nibbles), 4 rows at 8 bits; split-K while N gives fewer than ~4 programs per SM.
+    Not yet measured on a GPU: bench/quant.py sweeps tiles at the 8B shapes and reports both.
+    2..8 rows: 64 x 128 dot tiles as linear_triton. More rows (prefill): 64 x 64 tiles over N
+    and 64 rows of x, 3 stages."""
     tuned = TUNED.get((bits, _row_bucket(num_rows), n, k))
     if tuned is not None:
         return tuned
