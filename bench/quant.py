@@ -121,11 +121,11 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
             from replica.kernels.ops import linear
             figures = {"bf16_us": 1e3 * _time_ms(lambda: linear(x1, bf16)),
                        "default_us": 1e3 * _time_ms(lambda: glt.gguf_linear(x1, packed))}
-            default = glt.choose_config(1, n, k, 4, x1.device)
+            default = glt.choose_config(1, n, k, 4, x1.device, qtype)
+            figures["default_config"] = str(default)
             if sweep:
                 best = (figures["default_us"], default)
                 for block_n, block_k, warps in tiles:
-                    probe = glt.GGUFLinearConfig(block_n, block_k, 1, 1, warps)
                     num_programs = -(-n // block_n)
                     split = 1
                     while num_programs * split < 4 * glt._num_sms(x1.device) and k >= 2 * split * block_k and split < 8:
@@ -135,7 +135,7 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
                     if us < best[0]:
                         best = (us, probe)
                 figures["best_us"], figures["best_config"] = best[0], str(best[1])
-                glt.TUNED[(4, 1, n, k)] = best[1]
+                glt.TUNED[(qtype, 1, n, k)] = best[1]
             us = figures.get("best_us", figures["default_us"])
             figures["weights_TBps"] = packed.num_bytes / (us * 1e-6) / 1e12
             figures["speedup_vs_bf16"] = figures["bf16_us"] / us

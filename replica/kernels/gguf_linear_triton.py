@@ -49,9 +49,9 @@ class GGUFLinearConfig:
     num_stages: int = 1
 
 
-# (bits, num_rows bucket, N, K) → config, filled by a measured sweep (bench/quant.py --sweep
-# prints one); shapes not listed use the heuristic in choose_config.
-TUNED: dict[tuple[int, int, int, int], GGUFLinearConfig] = {}
+# (GGML type, num_rows bucket, N, K) → config, filled by a measured sweep (bench/quant.py runs
+# one and reports it); shapes not listed use the heuristic in choose_config.
+TUNED: dict[tuple[str, int, int, int], GGUFLinearConfig] = {}
 
 
 @triton.jit
@@ -146,14 +146,15 @@ def _row_bucket(num_rows: int) -> int:
     return 1 if num_rows == 1 else (8 if num_rows <= MAX_GEMV_ROWS else 64)
 
 
-def choose_config(num_rows: int, n: int, k: int, bits: int, device: torch.device) -> GGUFLinearConfig:
+def choose_config(num_rows: int, n: int, k: int, bits: int, device: torch.device,
+                  qtype: str = "") -> GGUFLinearConfig:
     """A measured entry of TUNED, else a heuristic from linear_triton's bf16 sweep (4 rows x 2048
     columns, 8 warps, 16 KiB of weight a tile) kept at 2048 columns a tile: 8 rows at 4 bits
     (8 KiB of nibbles), 4 rows at 8 bits; split-K while N gives fewer than ~4 programs per SM.
     Not yet measured on a GPU: bench/quant.py sweeps tiles at the 8B shapes and reports both.
     2..8 rows: 64 x 128 dot tiles as linear_triton. More rows (prefill): 64 x 64 tiles over N
     and 64 rows of x, 3 stages."""
-    tuned = TUNED.get((bits, _row_bucket(num_rows), n, k))
+    tuned = TUNED.get((qtype, _row_bucket(num_rows), n, k))
     if tuned is not None:
         return tuned
     if num_rows == 1:
@@ -207,7 +208,7 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
         check_same_device(x=x, qweight=packed.qweight, bias=bias)
     else:
         check_same_device(x=x, qweight=packed.qweight)
-    config = config or choose_config(num_rows, n, k, packed.bits, x.device)
+    config = config or choose_config(num_rows, n, k, packed.bits, x.device, packed.qtype)
     use_dot = config.block_m > 1
     if config.block_k % GROUP_SIZE:
         raise ValueError(f"config: block_k must be a multiple of {GROUP_SIZE}, got {config.block_k}")
