@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from replica.quantization.methods import QUANTIZATION_METHODS
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -36,6 +38,7 @@ class EngineConfig:
     seed: int = 0                     # seed of unseeded sampling
     max_num_waiting: int = 1024       # bound of the waiting queue (server answers 503 above)
     load_format: str = "auto"         # auto (the weight files) | dummy (random, from config.json)
+    quantization: str | None = None   # None (as the checkpoint declares) | fp8 | gguf (replica.quantization.methods)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -54,6 +57,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} "
+                             f"(or left out), got {self.quantization!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
 

@@ -27,6 +27,7 @@ from replica.models.loader import open_checkpoint
 from replica.models.registry import default_served_name
 from replica.models.tokenizer import Tokenizer
 from replica.outputs import EngineStats
+from replica.quantization.methods import resolve_quantization
 from replica.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,10 @@ class EngineCore:
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
         self.max_model_len = resolve_max_model_len(config, cfg)
         backend = get_attention_backend(config.resolve_attention_backend(self.device))
-        self.model = LlamaForCausalLM(cfg, self.dtype, self.device, backend, self.max_model_len)
-        self.model.load_weights(checkpoint.weights(self.device))
+        quantization = resolve_quantization(config.quantization, checkpoint, self.device)
+        self.model = LlamaForCausalLM(cfg, self.dtype, self.device, backend, self.max_model_len,
+                                      quantization=quantization)
+        self.model.load_weights(checkpoint.weights(self.device, keep_quantized=quantization == "gguf"))
         num_blocks = self._resolve_num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

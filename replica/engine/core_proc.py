@@ -68,7 +68,8 @@ def main(argv: list[str]) -> int:
         outputs.send(encoder.encode(CoreFailed(f"{type(err).__name__}: {err}", False)))
         return 1
     outputs.send(encoder.encode(CoreReady(core.max_model_len, core.block_manager.num_blocks,
-                                          str(core.device), str(core.dtype), core.load_s, core.stats())))
+                                          str(core.device), str(core.dtype), core.load_s, core.stats(),
+                                          core.model.num_weight_bytes, core.model.quantization)))
     try:
         return run(core, inputs, outputs, encoder, parent_pid)
     except Exception:

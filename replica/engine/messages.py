@@ -70,6 +70,8 @@ class CoreReady(msgspec.Struct, tag=True):
     dtype: str
     load_s: float
     stats: EngineStats
+    weights_device_bytes: int               # the weights as held on the device (quantised or not)
+    quantization: str | None
 
 
 class CoreFailed(msgspec.Struct, tag=True):

@@ -1,9 +1,12 @@
 """Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) over the paged KV cache.
 
 Weights are plain tensors with fused projections: qkv = [q | k | v] rows, gate_up = [gate | up].
+With a quantisation method the seven projections are weight objects instead
+(`replica/layers/quantized_linear.py`); embeddings, lm_head and norms stay in the model dtype.
 One forward takes a flat batch of T tokens (prefill chunks and decodes mixed) with their positions;
 attention reads and writes the paged cache through the attention backend.
 """
+import logging
 import re
 from collections.abc import Iterable
 
@@ -12,27 +15,34 @@ import torch.nn.functional as F
 
 from replica.kernels import ops
 from replica.layers.attention import AttentionBackend, AttentionMetadata
+from replica.layers.quantized_linear import linear, make_weight, weight_bytes
 from replica.layers.rotary import build_cos_sin_cache, compute_inv_freq
 from replica.models.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None):
         def empty(*shape):
             return torch.empty(*shape, dtype=dtype, device=device)
 
+        def projection(num_rows, num_cols):
+            return make_weight(quantization, num_rows, num_cols, dtype, device)
+
         q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_weight = empty(q_rows + 2 * kv_rows, cfg.hidden_size)
+        self.qkv_weight = projection(q_rows + 2 * kv_rows, cfg.hidden_size)
         self.qkv_bias = empty(q_rows + 2 * kv_rows) if cfg.qkv_bias else None
-        self.o_weight = empty(cfg.hidden_size, q_rows)
+        self.o_weight = projection(cfg.hidden_size, q_rows)
         self.q_norm = empty(cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = empty(cfg.head_dim) if cfg.qk_norm else None
         self.input_norm = empty(cfg.hidden_size)
         self.post_norm = empty(cfg.hidden_size)
-        self.gate_up_weight = empty(2 * cfg.intermediate_size, cfg.hidden_size)
-        self.down_weight = empty(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up_weight = projection(2 * cfg.intermediate_size, cfg.hidden_size)
+        self.down_weight = projection(cfg.hidden_size, cfg.intermediate_size)
         # HF name (after "model.layers.N.") → (tensor, row offset); row offset None means whole
         inter = cfg.intermediate_size
         self.targets = {
@@ -55,14 +65,26 @@ class DecoderLayer:
         if cfg.qk_norm:
             self.targets |= {"self_attn.q_norm.weight": (self.q_norm, None, None),
                              "self_attn.k_norm.weight": (self.k_norm, None, None)}
+        # An FP8 checkpoint's per-channel or per-tensor scales, beside each projection's weight
+        # (optional names: a float checkpoint quantised on load has none).
+        self.scale_targets = {name.removesuffix("weight") + "weight_scale": target
+                              for name, target in self.targets.items()
+                              if name.endswith("proj.weight") and not isinstance(target[0], torch.Tensor)}
+
+    @property
+    def projections(self) -> list:
+        return [self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight]
 
 
 class LlamaForCausalLM:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 backend: AttentionBackend, max_positions: int):
+                 backend: AttentionBackend, max_positions: int, quantization: str | None = None):
+        """quantization: None, "fp8" or "gguf" (`replica.quantization.methods`), already
+        resolved against the checkpoint and the device."""
         self.cfg, self.dtype, self.device, self.backend = cfg, dtype, device, backend
+        self.quantization = quantization
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = [DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers)]
+        self.layers = [DecoderLayer(cfg, dtype, device, quantization) for _ in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
         self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
         self.scale = cfg.head_dim ** -0.5
@@ -86,16 +108,44 @@ class LlamaForCausalLM:
             if target is None:
                 continue
             dest, offset, rows = target
-            if offset is not None:
-                dest = dest.narrow(0, offset, rows)
-            if tuple(dest.shape) != tuple(tensor.shape):
+            if offset is None:
+                offset, rows = 0, dest.shape[0]
+            if name.endswith(".weight_scale"):
+                dest.load_scale(offset, rows, tensor)
+                continue
+            shape = (rows, *dest.shape[1:])
+            if tuple(shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, the config implies "
-                                 f"{tuple(dest.shape)}: the checkpoint does not match its config")
-            dest.copy_(tensor)
+                                 f"{tuple(shape)}: the checkpoint does not match its config")
+            if isinstance(dest, torch.Tensor):
+                if not isinstance(tensor, torch.Tensor) or tensor.dtype == torch.float8_e4m3fn:
+                    raise ValueError(f"weight {name} is quantised ({_describe(tensor)}); this model "
+                                     "was built without a quantisation method for it")
+                dest.narrow(0, offset, rows).copy_(tensor)
+            else:
+                dest.load_rows(offset, rows, tensor)
             loaded.add(name)
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+        for i, layer in enumerate(self.layers):
+            for weight in layer.projections:
+                if not isinstance(weight, torch.Tensor):
+                    weight.finish(f"model.layers.{i}")
+        log.info("weights on %s: %.2f GiB (%s)", self.device, self.num_weight_bytes / 2**30,
+                 self.quantization or str(self.dtype).removeprefix("torch."))
+
+    @property
+    def num_weight_bytes(self) -> int:
+        """Bytes the weights take on the device: every tensor once (a tied lm_head is the
+        embedding), projections in whatever form they are held."""
+        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        total = sum(weight_bytes(t) for t in tensors)
+        for layer in self.layers:
+            total += sum(weight_bytes(w) for w in layer.projections)
+            total += sum(weight_bytes(t) for t in (layer.qkv_bias, layer.q_norm, layer.k_norm,
+                                                   layer.input_norm, layer.post_norm) if t is not None)
+        return total
 
     def _target(self, name: str):
         if name == "model.embed_tokens.weight":
@@ -107,7 +157,8 @@ class LlamaForCausalLM:
         match = _LAYER_NAME.fullmatch(name)
         if match is None or int(match[1]) >= len(self.layers):
             return None
-        return self.layers[int(match[1])].targets.get(match[2])
+        layer = self.layers[int(match[1])]
+        return layer.targets.get(match[2]) or layer.scale_targets.get(match[2])
 
     # ---- forward -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -125,7 +176,7 @@ class LlamaForCausalLM:
                 x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
             else:
                 x, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
-            qkv = ops.linear(x, layer.qkv_weight, layer.qkv_bias)
+            qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
             k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -138,9 +189,9 @@ class LlamaForCausalLM:
                                               k_cache, v_cache, meta.slot_mapping)
             attn = self.backend.forward(q, None, None, k_cache, v_cache, meta, self.scale,
                                         is_kv_written=True)
-            hidden = ops.linear(attn.reshape(num_tokens, q_size), layer.o_weight)
+            hidden = linear(attn.reshape(num_tokens, q_size), layer.o_weight)
             x, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
-            hidden = ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up_weight)), layer.down_weight)
+            hidden = linear(ops.silu_and_mul(linear(x, layer.gate_up_weight)), layer.down_weight)
         out, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
         return out
 
@@ -148,3 +199,8 @@ class LlamaForCausalLM:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [S, hidden] (only the rows that sample) → float32 logits [S, vocab]
         return ops.linear(hidden, self.lm_head).float()
+
+
+def _describe(tensor) -> str:
+    qtype = getattr(tensor, "qtype", None)
+    return qtype or str(tensor.dtype).removeprefix("torch.")

@@ -2,8 +2,10 @@
 
 Two formats: Hugging Face folders (config.json + *.safetensors) and GGUF files. Tensors stream one
 at a time (safetensors and GGUF are memory-mapped), so peak host memory stays near one tensor.
-GGUF names are mapped to HF names, quantised tensors are dequantised, and the Q/K rows that
-llama.cpp's converter permutes for its interleaved rotary layout are put back in HF's order.
+GGUF names are mapped to HF names, quantised tensors are dequantised (or, with
+`keep_quantized`, projections of a type the GGUF kernels read are yielded as `GGUFTensor` block
+data), and the Q/K rows that llama.cpp's converter permutes for its interleaved rotary layout are
+put back in HF's order.
 """
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,13 +36,16 @@ class Checkpoint:
     format: str            # "hf" or "gguf"
     config: ModelConfig
 
-    def weights(self, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """device: where dummy weights are drawn (files are read on the host either way)."""
+    def weights(self, device: torch.device | str = "cpu",
+                keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """device: where dummy weights are drawn (files are read on the host either way).
+        keep_quantized: GGUF projections of a `gguf_packed.SUPPORTED_TYPES` type come as
+        `GGUFTensor` (block data, rows in HF order) instead of dequantised tensors."""
         if self.format == "hf":
             return _hf_weights(self.path)
         if self.format == "dummy":
             return _dummy_weights(self.config, device)
-        return _gguf_weights(self.path, self.config)
+        return _gguf_weights(self.path, self.config, keep_quantized)
 
 
 def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
@@ -127,13 +132,28 @@ def _read_gguf_header(path: Path) -> tuple[dict, set[str]]:
     return fields, {t.name for t in reader.tensors}
 
 
-def _gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(path: Path, config: ModelConfig,
+                  keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
+
+    from replica.quantization.gguf_packed import SUPPORTED_TYPES, GGUFTensor
 
     reader = _gguf_reader(path)
     for tensor in reader.tensors:
         name = _gguf_to_hf_name(tensor.name)
         if name is None:
+            continue
+        if (keep_quantized and name.endswith("proj.weight")
+                and tensor.tensor_type.name in SUPPORTED_TYPES):
+            # tensor.data: uint8 [rows, row bytes] of GGML blocks; rows permute as whole rows
+            data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, order="C"))
+            if config.architecture == "llama":
+                if name.endswith("q_proj.weight"):
+                    data = _unpermute_rows(data, config.num_heads)
+                elif name.endswith("k_proj.weight"):
+                    data = _unpermute_rows(data, config.num_kv_heads)
+            rows, cols = int(tensor.shape[1]), int(tensor.shape[0])   # GGUF lists dims fastest first
+            yield name, GGUFTensor(tensor.tensor_type.name, data.contiguous(), (rows, cols))
             continue
         if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                                   gguf.GGMLQuantizationType.BF16):
@@ -174,7 +194,8 @@ class InMemoryCheckpoint:
     path: None = None
     format: str = "memory"
 
-    def weights(self, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, device: torch.device | str = "cpu",
+                keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         return self.weight_source()
 
 

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from config.json (benchmarks; no weight files needed)")
+    p.add_argument("--quantization", choices=["fp8", "gguf"],
+                   help="fp8: W8A8 FP8 on Ada/Hopper (bf16 weights quantised on load; FP8 "
+                        "checkpoints need no flag); gguf: keep a GGUF's Q4_0/Q4_1/Q4_K/Q8_0 "
+                        "weights quantised on the GPU (default: GGUF dequantised on load)")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="waiting requests before new ones get 503 + Retry-After (default 1024)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
@@ -74,7 +78,8 @@ def _configs(args: argparse.Namespace):
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        load_format=args.load_format, max_num_waiting=args.max_queue)
+        load_format=args.load_format, max_num_waiting=args.max_queue,
+        quantization=args.quantization)
     return server, engine
 
 

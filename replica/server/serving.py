@@ -60,12 +60,14 @@ class Replica:
         if self.tokenizer is not None:
             vocab_sizes.append(self.tokenizer.vocab_size)
         self.vocab_size = min(vocab_sizes)
-        core = getattr(engine, "engine", engine)          # the LLMEngine: device and dtype
-        self.device = str(getattr(core, "device", "cpu"))
+        self.device = engine.device
         self.model_info = describe_model(
             engine.config.model, engine.model_path, engine.model_config, self.max_model_len,
-            str(getattr(core, "dtype", "unknown")).removeprefix("torch."))
+            engine.dtype.removeprefix("torch."))
         self.weights_name = self.model_info.weights_name
+        # the weights as held on the device (quantised or not), from the engine core's handshake
+        self.model_info.model_info["pagefleet.weights_device_bytes"] = engine.weights_device_bytes
+        self.model_info.model_info["pagefleet.quantization"] = engine.quantization or "none"
         # One worker: the HF tokenizer is not safe for concurrent encodes, and long prompts
         # must not hold the event loop.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")

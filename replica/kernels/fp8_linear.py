@@ -1,0 +1,34 @@
+"""FP8 W8A8 linear: out = (x quantised per token) @ (W quantised per output channel)^T.
+
+    x  [M, K] bf16 ──per-token absmax──▶ x_q [M, K] e4m3, x_scale [M, 1] fp32 (x ≈ x_q · x_scale)
+    W  [N, K]      (at load)           ▶ w_q [N, K] e4m3, w_scale [N]    fp32 (W ≈ w_q · w_scale)
+    out[m, n] = x_scale[m] · w_scale[n] · Σ_k x_q[m, k] · w_q[n, k]   (fp32 accumulation)
+
+On CUDA the product is `torch._scaled_mm` (cuBLASLt FP8 on the tensor cores) with both scales
+applied in its epilogue where the GPU supports row-wise scales (Hopper), else scaled after an
+fp32-output FP8 product (Ada). The torch functions here are the reference and the CPU path.
+"""
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max        # 448
+MIN_SCALE = 1e-12                           # an all-zero row gets this scale instead of 0 / 0
+
+
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row FP8: x [R, K] float → (q [R, K] e4m3, scale [R, 1] fp32) with
+    |x / scale| ≤ 448. Used for activations per token (each call) and weights per output
+    channel (once, at load)."""
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K]; w_q: [N, K] e4m3; w_scale: [N] fp32; bias: [N] or None → [M, N] in x's dtype
+    x_q, x_scale = quantize_rows_ref(x)
+    out = (x_q.float() @ w_q.float().t()) * x_scale * w_scale[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

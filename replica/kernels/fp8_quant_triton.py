@@ -1,0 +1,82 @@
+"""Triton: dynamic per-token FP8 quantisation of activations (reference:
+`fp8_linear.quantize_rows_ref`), then the FP8 product through `torch._scaled_mm`.
+
+One program per row of x: pass 1 finds the row's absmax tile by tile, pass 2 writes x / scale
+in e4m3 (saturated to ±448) and the scale. Two reads of a row that is at most a few tens of KB,
+so the second read comes from L2; one launch instead of torch's four (abs, amax, div, cast).
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from replica.kernels.checks import check_dtype, check_last_dim_contiguous, check_shape, check_contiguous
+from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
+
+
+@triton.jit
+def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+                            FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_, MIN_SCALE_)
+    for k in range(0, K, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = tl.clamp(x / scale, -FP8_MAX_, FP8_MAX_)
+        tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_per_token(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] float, last dim contiguous → (x_q [M, K] e4m3, x_scale [M, 1] fp32)."""
+    check_shape("x", x, (None, None))
+    check_dtype("x", x, (torch.bfloat16, torch.float16, torch.float32))
+    check_last_dim_contiguous("x", x)
+    num_rows, k = x.shape
+    x_q = torch.empty(num_rows, k, dtype=FP8_DTYPE, device=x.device)
+    x_scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+    if num_rows:
+        _per_token_quant_kernel[(num_rows,)](
+            x, x_q, x_scale, k, x.stride(0), x_q.stride(0),
+            FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
+            num_warps=4)
+    return x_q, x_scale
+
+
+@functools.cache
+def has_rowwise_scaled_mm(device: torch.device) -> bool:
+    """cuBLASLt takes per-row / per-column scales on Hopper (sm90) and later."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] float on CUDA; w_q: [N, K] e4m3 contiguous; w_scale: [N] fp32; bias: [N] or
+    None → [M, N] in x's dtype. K and N must be multiples of 16 (cuBLASLt's FP8 rule)."""
+    check_shape("x", x, (None, None))
+    n, k = w_q.shape
+    check_shape("w_q", w_q, (None, x.shape[1]))
+    check_dtype("w_q", w_q, (FP8_DTYPE,))
+    check_contiguous("w_q", w_q)
+    check_shape("w_scale", w_scale, (n,))
+    check_dtype("w_scale", w_scale, (torch.float32,))
+    if k % 16 or n % 16:
+        raise ValueError(f"w_q: FP8 matmuls need K and N multiples of 16, got [{n}, {k}]")
+    x_q, x_scale = quantize_per_token(x)
+    if x.dtype == torch.bfloat16 and has_rowwise_scaled_mm(x.device):
+        out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, n),
+                               out_dtype=x.dtype)
+    else:
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        out = (torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+               * x_scale * w_scale.view(1, n)).to(x.dtype)
+    if bias is not None:
+        out += bias
+    return out

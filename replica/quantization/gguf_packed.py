@@ -1,0 +1,159 @@
+"""GGUF weights kept quantised on the device: the raw GGML blocks → one packed layout the
+Triton kernels read (`replica/kernels/gguf_linear_triton.py`), and its torch dequantisation.
+
+Every supported type is a grid of 32-element groups along K (a weight row), each with one scale
+and, for the asymmetric types, one offset ("min"):
+
+    w[n, 32 g + i] = (q[n, 32 g + i] - zero_point) * scales[n, g]  (+ mins[n, g])
+
+    type   bits  zero_point  mins   from the GGML block
+    Q4_0    4        8        -      d
+    Q4_1    4        0       yes     d, m
+    Q4_K    4        0       yes     d·sc_j, -dmin·m_j  (the 256-superblock's 6-bit sub-scales folded in)
+    Q8_0    8        0        -      d (q signed)
+
+Layout (row-major, one row per output feature n):
+
+    4-bit  qweight uint8 [N, K/2]: byte b of group g holds element 32g + b  in its low nibble
+                                                   and element 32g + b+16 in its high nibble
+           (GGML's own Q4_0/Q4_1 order, so those two repack by slicing; Q4_K is re-nibbled)
+    8-bit  qweight int8  [N, K]
+    scales fp16 [N, K/32]; mins fp16 [N, K/32] or None
+
+Exactness: Q4_0, Q4_1 and Q8_0 keep GGML's fp16 d and m, so the dequantised values equal gguf's
+bit for bit (in fp32). Q4_K's group scale d·sc (fp16 × 6-bit int) is rounded to fp16 once at
+repack: a relative error ≤ 2⁻¹¹ of the group's scale, under 0.05 % of one quantisation step.
+Q4_K repacked is 5.0 bits a weight (4.5 in the file): the kernels read one scale per group
+instead of decoding the 12-byte sub-scale field.
+"""
+from dataclasses import dataclass
+
+import torch
+
+GROUP_SIZE = 32
+# GGML type name → (bytes per block, elements per block)
+BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (144, 256)}
+SUPPORTED_TYPES = tuple(BLOCK_BYTES)
+
+
+@dataclass
+class GGUFTensor:
+    """A GGUF tensor still in its GGML block encoding, as the loader yields it with
+    `keep_quantized`. data: uint8 [rows, row_bytes]; shape: (rows, cols) as HF orients the weight
+    (out_features, in_features); rows may be any subset of a projection's rows (fused parts)."""
+    qtype: str
+    data: torch.Tensor
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if self.qtype not in BLOCK_BYTES:
+            raise ValueError(f"GGUF type {self.qtype} cannot stay quantised (supported: {SUPPORTED_TYPES})")
+        block_bytes, block_size = BLOCK_BYTES[self.qtype]
+        rows, cols = self.shape
+        if cols % block_size or tuple(self.data.shape) != (rows, cols // block_size * block_bytes):
+            raise ValueError(f"{self.qtype} tensor of shape {self.shape}: expected uint8 data "
+                             f"[{rows}, {cols // block_size * block_bytes}], got {list(self.data.shape)}")
+
+
+@dataclass
+class PackedGGUF:
+    """The packed layout above. `qtype` names the GGML type it came from."""
+    qtype: str
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.qtype == "Q8_0" else 4
+
+    @property
+    def zero_point(self) -> int:
+        return 8 if self.qtype == "Q4_0" else 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scales.shape[0], self.scales.shape[1] * GROUP_SIZE
+
+    @property
+    def num_bytes(self) -> int:
+        tensors = [self.qweight, self.scales] + ([self.mins] if self.mins is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def layout(self) -> tuple[int, int, bool]:
+        """Parts with the same layout can share one fused matrix (qkv, gate_up)."""
+        return self.bits, self.zero_point, self.mins is not None
+
+
+def _fp16(raw: torch.Tensor) -> torch.Tensor:
+    # raw: uint8 [..., 2] little-endian halves → float16 [...]
+    return raw.contiguous().view(torch.float16).squeeze(-1)
+
+
+def pack(tensor: GGUFTensor) -> PackedGGUF:
+    """GGML blocks (on any device) → the packed layout, on the same device."""
+    rows, cols = tensor.shape
+    block_bytes, block_size = BLOCK_BYTES[tensor.qtype]
+    blocks = tensor.data.reshape(rows, cols // block_size, block_bytes)
+    groups = cols // GROUP_SIZE
+    if tensor.qtype == "Q8_0":
+        qweight = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
+        return PackedGGUF("Q8_0", qweight, _fp16(blocks[..., 0:2]), None)
+    if tensor.qtype == "Q4_0":
+        return PackedGGUF("Q4_0", blocks[..., 2:].reshape(rows, cols // 2).contiguous(),
+                          _fp16(blocks[..., 0:2]), None)
+    if tensor.qtype == "Q4_1":
+        return PackedGGUF("Q4_1", blocks[..., 4:].reshape(rows, cols // 2).contiguous(),
+                          _fp16(blocks[..., 0:2]), _fp16(blocks[..., 2:4]))
+    # Q4_K: d, dmin (fp16), 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles where
+    # byte 32c + l holds element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c+1) high.
+    d = _fp16(blocks[..., 0:2]).float()[..., None]
+    dmin = _fp16(blocks[..., 2:4]).float()[..., None]
+    sc, mn = q4_k_scale_min(blocks[..., 4:16])
+    scales = (d * sc.float()).reshape(rows, groups).half()
+    mins = (-(dmin * mn.float())).reshape(rows, groups).half()
+    qs = blocks[..., 16:].reshape(rows, -1, 4, 32)
+    values = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(rows, groups, GROUP_SIZE)
+    qweight = (values[..., :16] | (values[..., 16:] << 4)).reshape(rows, cols // 2)
+    return PackedGGUF("Q4_K", qweight.contiguous(), scales, mins)
+
+
+def q4_k_scale_min(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """raw: uint8 [..., 12] → (scales, mins) uint8 [..., 8]: sub-blocks 0-3 keep 6 bits of bytes
+    0-3 (scales) and 4-7 (mins); sub-blocks 4-7 take their low 4 bits from bytes 8-11 and their
+    top 2 bits from the top bits of bytes 0-3 (scales) and 4-7 (mins)."""
+    a, b, c = raw[..., 0:4], raw[..., 4:8], raw[..., 8:12]
+    scales = torch.cat([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], dim=-1)
+    mins = torch.cat([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], dim=-1)
+    return scales, mins
+
+
+def unpack_values(packed: PackedGGUF) -> torch.Tensor:
+    """The integer codes in element order: [N, K] (4-bit: uint8 0..15; 8-bit: int8)."""
+    n, k = packed.shape
+    if packed.bits == 8:
+        return packed.qweight
+    q = packed.qweight.reshape(n, k // GROUP_SIZE, GROUP_SIZE // 2)
+    return torch.cat([q & 0x0F, q >> 4], dim=-1).reshape(n, k)
+
+
+def dequantize_packed(packed: PackedGGUF, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The torch reference of the packed layout (and the CPU path): float [N, K] in `dtype`,
+    computed in fp32 as (q - zero_point) · scale (+ min), in place to keep the passes few."""
+    n, k = packed.shape
+    w = unpack_values(packed).to(torch.float32).reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    if packed.zero_point:
+        w -= packed.zero_point
+    w *= packed.scales.float()[..., None]
+    if packed.mins is not None:
+        w += packed.mins.float()[..., None]
+    return w.reshape(n, k).to(dtype)
+
+
+def with_mins(packed: PackedGGUF) -> PackedGGUF:
+    """A Q4_0 part re-expressed with explicit mins (-8·d, exact in fp16), so it can share a fused
+    matrix with Q4_1/Q4_K parts. Other layouts are returned unchanged."""
+    if packed.qtype != "Q4_0":
+        return packed
+    return PackedGGUF("Q4_1", packed.qweight, packed.scales, -8 * packed.scales)

@@ -1,0 +1,86 @@
+"""Float weights → GGML blocks (Q4_0, Q8_0, Q4_K), in torch so it runs on the GPU.
+
+For benchmarks and tests, which need GGUF-encoded weights without a GGUF file (the GPU machine has
+no `gguf` package and no downloads). The encodings are GGML's; tests decode them with gguf's own
+`dequantize`. Q4_0 and Q8_0 follow gguf-py's reference quantisers (same rounding); Q4_K uses a
+plain min/max fit per 32-element sub-block, not llama.cpp's iterative search, so its error is a
+little larger than a real Q4_K_M file's (a benchmark's speed does not depend on it).
+
+Every function takes w: float [rows, cols] with cols a multiple of the block size and returns
+uint8 [rows, cols / block_size * block_bytes] (a `GGUFTensor`'s data).
+"""
+import torch
+
+from replica.quantization.gguf_packed import BLOCK_BYTES, GGUFTensor
+
+
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    # float [...] → uint8 [..., 2]
+    return values.half().contiguous().view(torch.uint8).reshape(*values.shape, 2)
+
+
+def _pair_nibbles(q: torch.Tensor) -> torch.Tensor:
+    # q: uint8 [..., 32] codes 0..15 → [..., 16]: byte i = q[i] | q[i + 16] << 4 (GGML's order)
+    return q[..., :16] | (q[..., 16:] << 4)
+
+
+def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
+    rows, cols = w.shape
+    blocks = w.float().reshape(rows, cols // 32, 32)
+    index = blocks.abs().argmax(-1, keepdim=True)
+    d = (blocks.gather(-1, index) / -8)[..., 0]                      # signed, largest magnitude → -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)[..., None]
+    q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
+    return torch.cat([_fp16_bytes(d), _pair_nibbles(q)], dim=-1).reshape(rows, -1)
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    rows, cols = w.shape
+    blocks = w.float().reshape(rows, cols // 32, 32)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)[..., None]
+    scaled = blocks * inv
+    q = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).to(torch.int8)   # roundf: half away
+    return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], dim=-1).reshape(rows, -1)
+
+
+def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
+    rows, cols = w.shape
+    sub = w.float().reshape(rows, cols // 256, 8, 32)                 # superblocks of 8 sub-blocks
+    low = sub.amin(-1).clamp(max=0)                                    # offsets are ≤ 0 in Q4_K
+    sub_scale = (sub.amax(-1) - low) / 15
+    sub_min = -low
+    d = (sub_scale.amax(-1) / 63).half().float()                       # [rows, nsb]
+    dmin = (sub_min.amax(-1) / 63).half().float()
+    safe_d = torch.where(d == 0, torch.ones_like(d), d)[..., None]
+    safe_dmin = torch.where(dmin == 0, torch.ones_like(dmin), dmin)[..., None]
+    sc = torch.round(sub_scale / safe_d).clamp(0, 63)
+    mn = torch.round(sub_min / safe_dmin).clamp(0, 63)
+    step = (d[..., None] * sc)[..., None]
+    offset = (dmin[..., None] * mn)[..., None]
+    step_safe = torch.where(step == 0, torch.ones_like(step), step)
+    q = torch.round((sub + offset) / step_safe).clamp(0, 15).to(torch.uint8)   # [rows, nsb, 8, 32]
+    sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
+    packed_scales = torch.cat([
+        (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6),
+        (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6),
+        (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4),
+    ], dim=-1)                                                         # [rows, nsb, 12]
+    chunks = q.reshape(rows, -1, 4, 2, 32)                             # chunk c: sub-blocks 2c, 2c+1
+    qs = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(rows, -1, 128)
+    out = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), packed_scales, qs], dim=-1)
+    return out.reshape(rows, -1)
+
+
+QUANTIZERS = {"Q4_0": quantize_q4_0, "Q8_0": quantize_q8_0, "Q4_K": quantize_q4_k}
+
+
+def quantize(w: torch.Tensor, qtype: str) -> GGUFTensor:
+    """float [rows, cols] → a GGUFTensor of `qtype` on w's device."""
+    if qtype not in QUANTIZERS:
+        raise ValueError(f"no quantiser for {qtype} (have {sorted(QUANTIZERS)})")
+    block_size = BLOCK_BYTES[qtype][1]
+    if w.dim() != 2 or w.shape[1] % block_size:
+        raise ValueError(f"{qtype}: expected [rows, cols] with cols a multiple of {block_size}, "
+                         f"got {list(w.shape)}")
+    return GGUFTensor(qtype, QUANTIZERS[qtype](w), tuple(w.shape))

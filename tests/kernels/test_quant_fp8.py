@@ -1,0 +1,106 @@
+"""FP8 W8A8: the per-token activation quantiser (Triton) against its torch reference, the FP8
+product's reference against the float product, and on Ada/Hopper `fp8_linear` (torch._scaled_mm)
+against the reference at the Llama-3-8B shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from replica.kernels.fp8_linear import FP8_DTYPE, fp8_linear_ref, quantize_rows_ref
+from replica.kernels.fp8_quant_triton import quantize_per_token
+from tests.kernels.paged_batch import DEVICE, DTYPE, ON_GPU
+
+HAS_FP8_GPU = ON_GPU and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@triton.jit
+def _cast_to_e4m3(x_ptr, q_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(q_ptr + offs, tl.load(x_ptr + offs).to(q_ptr.dtype.element_ty))
+
+
+def _platform_e4m3(values: torch.Tensor) -> torch.Tensor:
+    """Triton's own fp32 → e4m3 cast. The GPU rounds to nearest even, as torch does; Triton's
+    interpreter rounds ties away and drops the carry into the exponent (124..128 → 64), so on the
+    CPU the quantiser's codes are compared with this cast of the reference's x / scale."""
+    flat = values.float().contiguous().reshape(-1)
+    size = triton.next_power_of_2(flat.numel())
+    padded = torch.zeros(size, device=flat.device)
+    padded[:flat.numel()] = flat
+    out = torch.empty(size, dtype=FP8_DTYPE, device=flat.device)
+    _cast_to_e4m3[(1,)](padded, out, N=size)
+    return out[:flat.numel()].reshape(values.shape)
+
+
+@pytest.mark.parametrize("num_rows,k,block_k", [(1, 64, 32), (3, 100, 64), (5, 256, 1024), (2, 48, 16)])
+def test_per_token_quantiser_matches_reference(num_rows, k, block_k):
+    gen = torch.Generator().manual_seed(num_rows * 100 + k)
+    x = (torch.randn(num_rows, k, generator=gen) * torch.logspace(-3, 2, num_rows)[:, None]).to(DTYPE)
+    x[0, :] = 0.0 if num_rows > 2 else x[0, :]          # an all-zero row keeps a finite scale
+    x = x.to(DEVICE)
+    q, scale = quantize_per_token(x, block_k=block_k)
+    ref_q, ref_scale = quantize_rows_ref(x)
+    assert q.dtype == FP8_DTYPE and scale.shape == (num_rows, 1)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    scaled = (x.float() / ref_scale).clamp(-448, 448)
+    assert torch.equal(q.float(), _platform_e4m3(scaled).float())
+    if ON_GPU:
+        assert torch.equal(q.float(), ref_q.float())
+
+
+def test_reference_product_is_close_to_the_float_product():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 256, generator=gen), torch.randn(48, 256, generator=gen) * 0.02
+    w_q, w_scale = quantize_rows_ref(w)
+    out = fp8_linear_ref(x, w_q, w_scale[:, 0])
+    ref = F.linear(x, w)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05       # two e4m3 roundings: ~2-3 %
+
+
+def test_rows_scale_so_the_largest_value_is_fp8s_largest():
+    w = torch.tensor([[1.0, -896.0, 3.0], [0.0, 0.0, 0.0]])
+    q, scale = quantize_rows_ref(w)
+    assert scale[0, 0].item() == 2.0 and q[0, 1].float().item() == -448.0
+    assert torch.isfinite(scale).all() and torch.equal(q[1].float(), torch.zeros(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs an Ada or Hopper GPU")
+@pytest.mark.parametrize("num_rows,n,k", [(1, 6144, 4096), (8, 4096, 14336), (256, 28672, 4096),
+                                          (2048, 4096, 4096), (3, 1024, 512)])
+def test_scaled_mm_matches_reference(num_rows, n, k):
+    from replica.kernels.fp8_quant_triton import fp8_linear
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(num_rows, k, generator=gen).to(torch.bfloat16).cuda()
+    w_q, w_scale = quantize_rows_ref((torch.randn(n, k, generator=gen) * 0.02).cuda())
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16).cuda()
+    out = fp8_linear(x, w_q, w_scale[:, 0], bias)
+    ref = fp8_linear_ref(x.float(), w_q, w_scale[:, 0], bias.float())
+    assert out.dtype == torch.bfloat16 and out.shape == (num_rows, n)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_FP8_GPU, reason="needs an Ada or Hopper GPU")
+def test_fp8_linear_in_a_cuda_graph_equals_eager():
+    from replica.kernels.fp8_quant_triton import fp8_linear
+    gen = torch.Generator().manual_seed(1)
+    w_q, w_scale = quantize_rows_ref((torch.randn(4096, 4096, generator=gen) * 0.02).cuda())
+    static_x = torch.randn(4, 4096, generator=gen).to(torch.bfloat16).cuda()
+    fp8_linear(static_x, w_q, w_scale[:, 0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fp8_linear(static_x, w_q, w_scale[:, 0])
+    static_x.copy_(torch.randn(4, 4096, generator=gen).to(torch.bfloat16))
+    graph.replay()
+    assert torch.equal(static_out, fp8_linear(static_x, w_q, w_scale[:, 0]))
+
+
+def test_fp8_linear_rejects_shapes_cublas_cannot_take():
+    from replica.kernels.fp8_quant_triton import fp8_linear
+    w_q = torch.zeros(24, 40, dtype=FP8_DTYPE)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp8_linear(torch.zeros(2, 40), w_q, torch.ones(24))
+    with pytest.raises(ValueError, match="w_scale: expected shape"):
+        fp8_linear(torch.zeros(2, 40), w_q, torch.ones(23))

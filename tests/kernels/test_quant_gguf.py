@@ -1,0 +1,150 @@
+"""GGUF weights kept packed: the repacked layout decodes to exactly what gguf's own `dequantize`
+gives (Q4_K within the documented fp16 rounding of its group scales), our GGML encoder writes
+gguf's bytes, and the Triton dequantise-and-multiply kernel matches its torch reference on the
+fma (one row), dot (2..8 rows) and GEMM (prefill) tilings, with split-K, ragged N, a bias."""
+import numpy as np
+import pytest
+import torch
+
+from replica.kernels.gguf_linear import gguf_linear_ref
+from replica.kernels.gguf_linear_triton import GGUFLinearConfig, gguf_linear
+from replica.quantization.gguf_packed import GGUFTensor, dequantize_packed, pack, with_mins
+from replica.quantization.gguf_quantize import quantize
+from tests.kernels.paged_batch import DEVICE, DTYPE, ON_GPU
+
+try:                       # the GPU machine has no gguf package: its tests skip there
+    import gguf
+except ImportError:
+    gguf = None
+needs_gguf = pytest.mark.skipif(gguf is None, reason="needs the gguf package")
+
+
+def _gguf_dequantize(tensor: GGUFTensor) -> torch.Tensor:
+    values = gguf.quants.dequantize(tensor.data.cpu().numpy(), gguf.GGMLQuantizationType[tensor.qtype])
+    return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(tensor.shape)
+
+
+def _weights(rows: int, cols: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * 0.02
+    w[0, :64] = 0.0                                      # an all-zero group (scale 0)
+    w[1, 32:64] = torch.linspace(-0.5, 0.1, 32)          # a group with an outlier-sized range
+    return w
+
+
+@needs_gguf
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_repacked_layout_decodes_exactly_as_gguf(qtype):
+    w = _weights(6, 256, seed=1)
+    data = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
+    tensor = GGUFTensor(qtype, torch.from_numpy(np.ascontiguousarray(data)), (6, 256))
+    assert torch.equal(dequantize_packed(pack(tensor)), _gguf_dequantize(tensor))
+
+
+@needs_gguf
+def test_q4_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
+    w = _weights(5, 512, seed=2)
+    tensor = quantize(w, "Q4_K")
+    packed = pack(tensor)
+    ours, theirs = dequantize_packed(packed), _gguf_dequantize(tensor)
+    # d·sc and dmin·m rounded to fp16 once: ≤ 2^-11 relative of each, times |q| ≤ 15
+    bound = (2.0 ** -11) * (15 * packed.scales.float().abs() + packed.mins.float().abs())
+    assert ((ours - theirs).abs().reshape(5, -1, 32) <= bound[..., None] + 1e-12).all()
+    assert ((theirs - w).norm() / w.norm()).item() < 0.1      # a sane 4-bit fit
+
+
+@needs_gguf
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_encoder_writes_the_bytes_gguf_writes(qtype):
+    w = _weights(4, 256, seed=3)
+    ours = quantize(w, qtype).data.numpy()
+    theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
+    assert np.array_equal(ours, theirs.reshape(ours.shape))
+
+
+def test_q4_0_with_explicit_mins_decodes_the_same():
+    packed = pack(quantize(_weights(3, 64, seed=4), "Q4_0"))
+    assert torch.equal(dequantize_packed(with_mins(packed)), dequantize_packed(packed))
+
+
+def test_malformed_block_data_is_refused():
+    with pytest.raises(ValueError, match="expected uint8 data"):
+        GGUFTensor("Q4_0", torch.zeros(4, 17, dtype=torch.uint8), (4, 32))
+    with pytest.raises(ValueError, match="cannot stay quantised"):
+        GGUFTensor("Q6_K", torch.zeros(4, 210, dtype=torch.uint8), (4, 256))
+
+
+# (qtype, num_rows, n, k, has_bias, config); config None = choose_config
+if ON_GPU:
+    CASES = [pytest.param(qtype, m, n, k, bias, None, marks=pytest.mark.gpu)
+             for qtype in ("Q4_K", "Q4_0", "Q8_0")
+             for m, n, k, bias in ((1, 6144, 4096, False), (1, 28672, 4096, False),
+                                   (1, 4096, 14336, False), (8, 4096, 4096, False),
+                                   (64, 6144, 4096, False), (5, 1000, 2048, True))]
+else:
+    C = GGUFLinearConfig
+    CASES = [
+        ("Q4_0", 1, 40, 512, False, C(8, 64)),
+        ("Q4_1", 1, 37, 256, True, C(4, 128, split_k=2)),      # ragged N, split-K, bias
+        ("Q4_K", 1, 24, 512, False, C(8, 128, split_k=3)),     # split into uneven runs
+        ("Q8_0", 1, 40, 96, True, C(8, 64)),                    # ragged K tile
+        ("Q4_K", 3, 48, 256, True, C(16, 64, 16)),
+        ("Q8_0", 8, 40, 128, False, C(16, 32, 16, split_k=2)),
+        ("Q4_0", 20, 40, 256, False, C(16, 64, 16)),           # the GEMM tiling over M
+        ("Q4_K", 5, 24, 256, False, None),
+    ]
+
+
+@pytest.mark.parametrize("qtype,num_rows,n,k,has_bias,config", CASES)
+def test_kernel_matches_torch_reference(qtype, num_rows, n, k, has_bias, config):
+    gen = torch.Generator().manual_seed(num_rows * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    if qtype == "Q4_1":
+        if gguf is None:
+            pytest.skip("needs the gguf package")
+        data = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_1)
+        tensor = GGUFTensor("Q4_1", torch.from_numpy(np.ascontiguousarray(data)), (n, k))
+    else:
+        tensor = quantize(w, qtype)
+    packed = pack(GGUFTensor(tensor.qtype, tensor.data.to(DEVICE), tensor.shape))
+    x = torch.randn(num_rows, k, generator=gen).to(DTYPE).to(DEVICE)
+    bias = torch.randn(n, generator=gen).to(DTYPE).to(DEVICE) if has_bias else None
+    out = gguf_linear(x, packed, bias, config=config)
+    ref = gguf_linear_ref(x.double(), packed, None if bias is None else bias.double())
+    assert out.shape == (num_rows, n) and out.dtype == DTYPE
+    assert not out.isnan().any()
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if DTYPE == torch.float32 else 1e-2), rel
+
+
+def test_rejects_bad_arguments():
+    packed = pack(quantize(torch.randn(32, 64), "Q4_0"))
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="x: expected 64 columns"):
+        gguf_linear(torch.randn(2, 96), packed)
+    with pytest.raises(ValueError, match="fma path"):
+        gguf_linear(x, packed, config=GGUFLinearConfig(8, 32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gguf_linear(x[:1], packed, config=GGUFLinearConfig(8, 48))
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        gguf_linear(x, packed, torch.randn(31))
+    broken = pack(quantize(torch.randn(32, 64), "Q4_0"))
+    broken.scales = broken.scales.float()
+    with pytest.raises(ValueError, match="scales: dtype float32 not supported"):
+        gguf_linear(x, broken)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_cuda_graph_replay_equals_eager():
+    gen = torch.Generator().manual_seed(7)
+    packed = pack(quantize((torch.randn(4096, 4096, generator=gen) * 0.02).to(DEVICE), "Q4_K"))
+    static_x = torch.randn(1, 4096, generator=gen).to(DTYPE).to(DEVICE)
+    gguf_linear(static_x, packed)                             # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = gguf_linear(static_x, packed)
+    for _ in range(3):
+        static_x.copy_(torch.randn(1, 4096, generator=gen).to(DTYPE))
+        graph.replay()
+        assert torch.equal(static_out, gguf_linear(static_x, packed))

@@ -1,0 +1,87 @@
+"""Quantised projection weights fill row ranges part by part, as fused qkv / gate_up load: FP8
+parts quantised on arrival or taken as FP8 with per-channel or per-tensor scales; GGUF parts
+packed, brought to one 4-bit layout, or the projection turned dense when parts cannot share one."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from replica.kernels.fp8_linear import FP8_DTYPE, quantize_rows_ref
+from replica.layers.quantized_linear import Fp8Weight, GGUFWeight, linear
+from replica.quantization.gguf_packed import dequantize_packed, pack
+from replica.quantization.gguf_quantize import quantize
+
+CPU = torch.device("cpu")
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def test_fp8_float_parts_are_quantised_per_row_on_arrival():
+    q, k = _randn(32, 64, seed=1), _randn(16, 64, seed=2)
+    weight = Fp8Weight(48, 64, CPU)
+    weight.load_rows(32, 16, k)                       # parts in any order
+    weight.load_rows(0, 32, q)
+    weight.finish("qkv")
+    whole_q, whole_scale = quantize_rows_ref(torch.cat([q, k]))
+    assert torch.equal(weight.qweight.float(), whole_q.float())
+    assert torch.equal(weight.scale, whole_scale[:, 0])
+    assert weight.num_bytes == 48 * 64 + 4 * 48
+
+
+def test_fp8_checkpoint_parts_keep_their_own_per_tensor_scales():
+    weight = Fp8Weight(48, 64, CPU)
+    for offset, rows, scale in ((0, 32, 0.5), (32, 8, 0.25), (40, 8, 2.0)):
+        weight.load_rows(offset, rows, torch.full((rows, 64), 1.0).to(FP8_DTYPE))
+        weight.load_scale(offset, rows, torch.tensor(scale))
+    weight.finish("qkv")
+    assert weight.scale.tolist() == [0.5] * 32 + [0.25] * 8 + [2.0] * 8
+    out = linear(torch.ones(1, 64), weight)
+    # x = ones → x_q = 448 at scale 1/448: out[n] = 64 · w_scale[n]
+    torch.testing.assert_close(out[0], 64 * weight.scale, rtol=1e-6, atol=0)
+
+
+def test_fp8_weight_without_its_scale_is_refused():
+    weight = Fp8Weight(16, 32, CPU)
+    weight.load_rows(0, 16, torch.ones(16, 32).to(FP8_DTYPE))
+    with pytest.raises(ValueError, match="without a weight_scale"):
+        weight.finish("model.layers.0")
+    with pytest.raises(ValueError, match="3 values for 16 rows"):
+        weight.load_scale(0, 16, torch.ones(3))
+
+
+def test_gguf_parts_of_one_layout_stay_packed():
+    gate, up = _randn(64, 256, seed=3), _randn(64, 256, seed=4)
+    weight = GGUFWeight(128, 256, torch.float32, CPU)
+    weight.load_rows(64, 64, quantize(up, "Q4_K"))
+    weight.load_rows(0, 64, quantize(gate, "Q4_K"))
+    assert weight.dense is None and weight.packed.qtype == "Q4_K"
+    expected = torch.cat([dequantize_packed(pack(quantize(w, "Q4_K"))) for w in (gate, up)])
+    assert torch.equal(dequantize_packed(weight.packed), expected)
+    assert weight.num_bytes == 128 * 256 // 2 + 2 * 2 * 128 * 256 // 32     # 5 bits a weight
+    x = _randn(3, 256, seed=5)
+    torch.testing.assert_close(linear(x, weight), F.linear(x, expected))
+
+
+def test_gguf_q4_0_beside_q4_k_gains_mins_and_stays_packed():
+    q, k = _randn(32, 256, seed=6), _randn(32, 256, seed=7)
+    weight = GGUFWeight(64, 256, torch.float32, CPU)
+    weight.load_rows(0, 32, quantize(q, "Q4_0"))
+    weight.load_rows(32, 32, quantize(k, "Q4_K"))
+    assert weight.dense is None and weight.packed.mins is not None
+    expected = torch.cat([dequantize_packed(pack(quantize(q, "Q4_0"))),
+                          dequantize_packed(pack(quantize(k, "Q4_K")))])
+    assert torch.equal(dequantize_packed(weight.packed), expected)
+
+
+@pytest.mark.parametrize("second", ["Q8_0", "dense"])
+def test_gguf_parts_that_cannot_share_a_layout_turn_the_projection_dense(second):
+    first, other = _randn(32, 256, seed=8), _randn(16, 256, seed=9)
+    weight = GGUFWeight(48, 256, torch.float32, CPU)
+    weight.load_rows(0, 32, quantize(first, "Q4_K"))
+    weight.load_rows(32, 16, quantize(other, "Q8_0") if second == "Q8_0" else other)
+    assert weight.packed is None and weight.dense.dtype == torch.float32
+    tail = dequantize_packed(pack(quantize(other, "Q8_0"))) if second == "Q8_0" else other
+    expected = torch.cat([dequantize_packed(pack(quantize(first, "Q4_K"))), tail])
+    assert torch.equal(weight.dense, expected)
+    assert weight.num_bytes == 48 * 256 * 4
