@@ -4,15 +4,18 @@
     python3 bench/served.py --size 1b --num-requests 200     # quick
     python3 bench/served.py --device cpu --size tiny --num-requests 40   # the same flow on a CPU
 
-1. W3 offline: `LLMEngine` in this process, the load generator's W3 requests all at once; GPU-busy
-   share and host time per step from CUDA events around each step's GPU work.
-2. W3 over HTTP: `replica serve` (engine core in its own process) on the same random weights, the
-   same 1000 requests all at once, streaming, through the project's load generator.
-3. W4: the same requests at concurrency 128 (TTFT and inter-token latency p50/p99).
+1. Offline, `LLMEngine` in this process: W1, W2, W5 and KV waste (bench/engine.py's runs), then W3
+   with the load generator's own 1000 requests all at once, run twice (the first pays for Triton
+   compilation and is reported as `W3_offline_cold`); GPU-busy share from CUDA events around each
+   step's GPU work, host time per step = (wall - GPU busy) / steps.
+2. W3 over HTTP: `replica serve` (engine core in its own process) on the same random weights and
+   settings, the same 1000 requests all at once, streaming, through the project's load generator
+   (after a warm-up pass of the same requests).
+3. W4: the same requests at concurrency 128 against `replica serve` with its default token budget
+   (2048: shorter mixed steps, so a running stream waits less behind others' prefills).
 The replica's own generation-token counter over each HTTP run is reported beside the load
 generator's figure: when they agree, the load generator was not the bottleneck.
-W1, W2 and W5 come from `bench/engine.py --skip-hf` in the same device run.
-Writes bench/results/served-<gpu>-<date>.json (or into $OUT).
+Writes bench/results/served-<gpu>-<size>-<date>.json and .png (or into $OUT).
 """
 import argparse
 import asyncio
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fleetctl.loadgen import BenchConfig, make_requests, run_benchmark  # noqa: E402
 from fleetctl.loadgen_report import summarize  # noqa: E402
@@ -96,12 +100,60 @@ def offline_w3(args, folder: Path, requests) -> None:
                     wall_s=round(wall_s, 2), steps=num_steps, gpu_busy_share=round(gpu_s / wall_s, 3),
                     host_ms_per_step=round((wall_s - gpu_s) / num_steps * 1e3, 3))
 
-    run(requests[:32])                                   # warm-up: Triton compiles, graphs replay
+    if args.with_engine_workloads and is_cuda:
+        bench_engine_workloads(engine, args.size)
+    emit("W3_offline_cold", **run(requests))
     emit("W3_offline", **run(requests))
     del engine
     gc.collect()
     if is_cuda:
         torch.cuda.empty_cache()
+
+
+def bench_engine_workloads(engine: LLMEngine, size: str) -> None:
+    """W2, W1, W5 and the W3 KV waste as bench/engine.py measures them, on this engine."""
+    import engine as engine_bench                    # bench/engine.py
+    engine_bench.RESULTS = RESULTS
+    engine_bench.emit = emit
+    vocab = engine.model_config.vocab_size
+    prompts, run = engine_bench.prompts, engine_bench.run
+    run(engine, [(p, 16) for p in prompts(32, [512] * 32, vocab, 9)])
+    w2 = run(engine, [(prompts(1, [512], vocab, 1)[0], 128)])
+    emit("W2", ttft_ms=round(w2["ttft_first_s"] * 1e3, 1),
+         decode_tok_per_s=round(127 / (w2["last"]["0"] - w2["first"]["0"]), 1),
+         gpu_busy_share=round(w2["gpu_busy_share"], 3),
+         host_ms_per_step=round(w2["wall_s"] * (1 - w2["gpu_busy_share"]) / w2["steps"] * 1e3, 3))
+    emit("W2_graph_replay_only", **engine_bench.graph_replay_time(engine, size))
+    w1 = run(engine, [(p, 128) for p in prompts(256, [512] * 256, vocab, 2)])
+    emit("W1", req_per_s=round(256 / w1["wall_s"], 2), out_tok_per_s=round(w1["num_out"] / w1["wall_s"], 1),
+         gpu_busy_share=round(w1["gpu_busy_share"], 3),
+         host_ms_per_step=round(w1["wall_s"] * (1 - w1["gpu_busy_share"]) / w1["steps"] * 1e3, 3))
+    prefix = prompts(1, [1024], vocab, 4)[0]
+    w5_reqs = [(prefix + p, 64) for p in prompts(256, [64] * 256, vocab, 5)]
+    figures = {}
+    for caching in (True, False):
+        bm = engine.block_manager
+        bm.enable_prefix_caching = caching
+        bm.hash_to_block.clear()
+        for block in bm.blocks:
+            block.hash = block.token_ids = None
+        figures[caching] = 256 / run(engine, w5_reqs)["wall_s"]
+    engine.block_manager.enable_prefix_caching = True
+    emit("W5", req_per_s_cached=round(figures[True], 2), req_per_s_uncached=round(figures[False], 2),
+         speedup=round(figures[True] / figures[False], 2))
+    gen = torch.Generator().manual_seed(0)
+    in_lens = torch.randint(64, 1025, (1000,), generator=gen).tolist()
+    out_lens = torch.randint(16, 513, (1000,), generator=gen).tolist()
+    w3 = run(engine, list(zip(prompts(1000, in_lens, vocab, 3), out_lens)), track_waste=True)
+    emit("KV_waste", at_w3_admission_end=round(w3["kv_waste"] or 0.0, 4))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def free_port() -> int:
@@ -116,9 +168,9 @@ def generation_tokens(url: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def start_server(args, folder: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, folder: Path, log_path: Path, token_budget: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    settings = engine_settings(args)
+    settings = engine_settings(args) | {"max_num_batched_tokens": token_budget}
     cmd = [sys.executable, "-m", "replica.cli", "serve", "--model", str(folder), "--load-format", "dummy",
            "--served-model-name", "bench", "--port", str(port), "--device", args.device,
            "--dtype", args.dtype, "--max-model-len", str(settings["max_model_len"]),
@@ -163,12 +215,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--serve-token-budget", type=int, default=2048,
+                        help="token budget of the replica W4 runs against (replica serve's default)")
+    parser.add_argument("--no-engine-workloads", dest="with_engine_workloads", action="store_false",
+                        help="skip W1, W2, W5 (the offline engine's own workloads)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     is_cuda = args.device.startswith("cuda")
     emit("env", gpu=torch.cuda.get_device_name() if is_cuda else platform.processor() or "cpu",
          torch=torch.__version__, python=platform.python_version(), date=datetime.date.today().isoformat(),
-         size=args.size, num_requests=args.num_requests, token_budget=args.token_budget)
+         size=args.size, num_requests=args.num_requests, token_budget=args.token_budget,
+         serve_token_budget=args.serve_token_budget, commit=git_commit())
     folder = model_folder(args.size)
     requests = make_requests(args.num_requests, (64, 1024), (16, 512), vocab_size=SHAPES[args.size]["vocab_size"],
                              seed=0)
@@ -176,20 +233,22 @@ def main() -> None:
         requests = make_requests(args.num_requests, (8, 64), (4, 32), vocab_size=512, seed=0)
     if not args.skip_offline:
         offline_w3(args, folder, requests)
-    log_path = folder / "serve.log"
-    proc, url = start_server(args, folder, log_path)
-    try:
-        http_run("warmup_http", url, requests[:64], 64)
-        http_run("W3_http", url, requests, None)
-        http_run("W4_http_c128", url, requests, 128)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    for budget, runs in ((args.token_budget, [("W3_http_cold", None), ("W3_http", None)]),
+                         (args.serve_token_budget, [("warmup_w4", 128), ("W4_http_c128", 128)])):
+        proc, url = start_server(args, folder, folder / f"serve-{budget}.log", budget)
+        try:
+            for name, concurrency in runs:
+                http_run(name, url, requests, concurrency)
+        finally:
+            proc.terminate()
+            proc.wait(60)
     if "W3_offline" in RESULTS:
         ratio = RESULTS["W3_http"]["req_per_s"] / RESULTS["W3_offline"]["req_per_s"]
         emit("W3_http_over_offline", ratio=round(ratio, 3), target=0.95)
     print(f"\n{'figure':<28}{'value':>12}")
-    for key, field in [("W3_offline", "req_per_s"), ("W3_offline", "gpu_busy_share"),
+    for key, field in [("W1", "req_per_s"), ("W1", "gpu_busy_share"), ("W2", "decode_tok_per_s"),
+                       ("W2_graph_replay_only", "tok_per_s"), ("W5", "speedup"), ("KV_waste", "at_w3_admission_end"),
+                       ("W3_offline", "req_per_s"), ("W3_offline", "gpu_busy_share"),
                        ("W3_offline", "host_ms_per_step"), ("W3_http", "req_per_s"),
                        ("W3_http", "replica_out_tok_per_s"), ("W3_http", "out_tok_per_s"),
                        ("W3_http_over_offline", "ratio"), ("W4_http_c128", "req_per_s"),
@@ -202,6 +261,39 @@ def main() -> None:
     path = out / f"served-{gpu}-{args.size}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(RESULTS, indent=2))
     print(f"wrote {path}")
+    if plot(RESULTS, path.with_suffix(".png")):
+        print(f"wrote {path.with_suffix('.png')}")
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Offline against served (W3 req/s), and W4's latency percentiles."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if "W3_http" not in results:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    labels = ["W3 offline", "W3 over HTTP", "W4 at 128"]
+    values = [results.get("W3_offline", {}).get("req_per_s", 0), results["W3_http"]["req_per_s"],
+              results.get("W4_http_c128", {}).get("req_per_s", 0)]
+    bars = axes[0].bar(labels, values, color=["#999999", "#2a6fdb", "#2a6fdb"])
+    axes[0].bar_label(bars, fmt="%.1f")
+    axes[0].set_title("requests/s")
+    w4 = results.get("W4_http_c128", {})
+    names = ["TTFT p50", "TTFT p99", "ITL p50", "ITL p99"]
+    vals = [w4.get("ttft_ms_p50", 0), w4.get("ttft_ms_p99", 0), w4.get("itl_ms_p50", 0), w4.get("itl_ms_p99", 0)]
+    bars = axes[1].bar(names, vals, color="#2a6fdb")
+    axes[1].bar_label(bars, fmt="%.1f")
+    axes[1].set_yscale("log")
+    axes[1].set_title("W4 at concurrency 128, ms")
+    env = results.get("env", {})
+    fig.suptitle(f"{env.get('gpu', '')}, {env.get('size', '')} shape, {env.get('date', '')}: served vs offline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 if __name__ == "__main__":
