@@ -24,7 +24,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from replica.kernels import ops  # noqa: E402
-from replica.kernels.paged_attention import build_ref_extras, paged_attention_ref  # noqa: E402
+from replica.kernels.paged_attention import build_ref_plan, paged_attention_ref  # noqa: E402
 from replica.kernels.paged_decode_triton import choose_num_splits, paged_decode_attention  # noqa: E402
 from replica.kernels.paged_prefill_triton import paged_prefill_attention  # noqa: E402
 from replica.kernels.rms_norm import fused_add_rms_norm_ref  # noqa: E402
@@ -143,10 +143,10 @@ def bench_decode_reference() -> list[dict]:
         seq_lens = torch.full((num_seqs,), ctx, dtype=torch.int32, device="cuda")
         qsl = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda")
         q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-        extras = build_ref_extras(qsl, seq_lens, block_tables, 1, ctx, BLOCK_SIZE)
-        ref = paged_attention_ref(q, k_cache, v_cache, extras, 1, HEAD_DIM ** -0.5)
+        plan = build_ref_plan(qsl, seq_lens, block_tables, 1, ctx, BLOCK_SIZE)
+        ref = paged_attention_ref(q, k_cache, v_cache, plan, 1, HEAD_DIM ** -0.5)
         tri = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, HEAD_DIM ** -0.5)
-        us = median_us(lambda: paged_attention_ref(q, k_cache, v_cache, extras, 1, HEAD_DIM ** -0.5))
+        us = median_us(lambda: paged_attention_ref(q, k_cache, v_cache, plan, 1, HEAD_DIM ** -0.5))
         rows.append({"kernel": "decode_torch_reference", "batch": num_seqs, "context": ctx,
                      "time_us": round(us, 2),
                      "max_abs_diff_vs_triton": (ref.float() - tri.float()).abs().max().item()})

@@ -50,8 +50,8 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
             max_seq_len=self.max_model_len, is_decode_only=True, block_size=self.block_size)
-        meta.extras["triton"] = {"decode_num_splits": choose_num_splits(
-            bs, self.model.cfg.num_kv_heads, self.max_model_len, self.model.device)}
+        meta.decode_num_splits = choose_num_splits(bs, self.model.cfg.num_kv_heads, self.max_model_len,
+                                                   self.model.device)
         return meta
 
     @torch.inference_mode()

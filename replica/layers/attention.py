@@ -1,19 +1,18 @@
 """Attention backends behind one interface.
 
 The model runner builds one `AttentionMetadata` per step; every layer's attention calls
-`backend.forward`, which writes the new keys/values into that layer's paged cache (unless the
-caller already did, `is_kv_written=True`, e.g. fused with rotary) and then attends each new
-token causally over its sequence's whole context. Backend-specific
-precomputation that depends only on the step (not the layer) goes into `meta.extras` on the
-first layer and is reused by the others.
+`backend.forward`, which attends each new token causally over its sequence's whole context. The
+new keys and values are already in that layer's paged cache: the model writes them in the same
+kernel that applies rotary (`ops.apply_rotary_and_write_kv`). Per-step precomputation that
+depends only on the step, not the layer, lives in typed fields of the metadata, filled by the
+first layer and reused by the others.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from replica.kernels.kv_cache_write import write_kv_cache_ref
-from replica.kernels.paged_attention import build_ref_extras, paged_attention_ref
+from replica.kernels.paged_attention import RefAttentionPlan, build_ref_plan, paged_attention_ref
 
 
 @dataclass
@@ -26,17 +25,17 @@ class AttentionMetadata:
     max_seq_len: int
     is_decode_only: bool
     block_size: int
-    extras: dict = field(default_factory=dict)
+    # Triton decode: how many KV splits each sequence's attention uses. CUDA graphs fix it per
+    # batch-size bucket from static sizes; otherwise the first layer picks it from this step.
+    decode_num_splits: int | None = None
+    ref_plan: RefAttentionPlan | None = None    # the torch reference's gather indices and mask
 
 
 class AttentionBackend(Protocol):
     name: str
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-        is_kv_written: bool = False,
-    ) -> torch.Tensor: ...
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
 
 
 class TorchAttentionBackend:
@@ -44,16 +43,12 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                is_kv_written: bool = False):
-        if not is_kv_written:
-            write_kv_cache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        if "ref" not in meta.extras:
-            meta.extras["ref"] = build_ref_extras(
-                meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                meta.max_query_len, meta.max_seq_len, meta.block_size,
-            )
-        return paged_attention_ref(q, k_cache, v_cache, meta.extras["ref"], meta.max_query_len, scale)
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        # q: [T, num_heads, head_dim] → like q
+        if meta.ref_plan is None:
+            meta.ref_plan = build_ref_plan(meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                           meta.max_query_len, meta.max_seq_len, meta.block_size)
+        return paged_attention_ref(q, k_cache, v_cache, meta.ref_plan, meta.max_query_len, scale)
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -184,11 +184,10 @@ class LlamaForCausalLM:
             if layer.q_norm is not None:
                 q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
                 k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            # rotary and the KV-cache write in one kernel: the backend must not write again
+            # rotary and the KV-cache write in one kernel; attention then reads the cache
             q = ops.apply_rotary_and_write_kv(q, k, v, positions, self.cos_sin_cache,
                                               k_cache, v_cache, meta.slot_mapping)
-            attn = self.backend.forward(q, None, None, k_cache, v_cache, meta, self.scale,
-                                        is_kv_written=True)
+            attn = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
             hidden = linear(attn.reshape(num_tokens, q_size), layer.o_weight)
             x, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
             hidden = linear(ops.silu_and_mul(linear(x, layer.gate_up_weight)), layer.down_weight)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replica.kernels.paged_attention import build_ref_extras, paged_attention_ref
+from replica.kernels.paged_attention import build_ref_plan, paged_attention_ref
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -84,9 +84,9 @@ def make_batch(seq_lens: list[int], query_lens: list[int], *, num_heads: int, nu
 def reference_attention(batch: PagedBatch, q: torch.Tensor | None = None) -> torch.Tensor:
     """The torch reference in float32 over the batch's (already written) cache."""
     q = batch.q if q is None else q
-    extras = build_ref_extras(batch.query_start_loc, batch.seq_lens, batch.block_tables,
+    plan = build_ref_plan(batch.query_start_loc, batch.seq_lens, batch.block_tables,
                               batch.max_query_len, batch.max_seq_len, batch.block_size)
-    return paged_attention_ref(q.float(), batch.k_cache.float(), batch.v_cache.float(), extras,
+    return paged_attention_ref(q.float(), batch.k_cache.float(), batch.v_cache.float(), plan,
                                batch.max_query_len, head_scale(q.shape[-1]))
 
 

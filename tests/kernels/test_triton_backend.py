@@ -1,7 +1,9 @@
 """TritonAttentionBackend against TorchAttentionBackend over two engine-like steps: a mixed
-batch (a prompt chunk after a cached prefix, a whole prompt, a decode), then a decode-only step."""
+batch (a prompt chunk after a cached prefix, a whole prompt, a decode), then a decode-only step.
+Both read the new keys and values from the cache, where the model's rotary kernel wrote them."""
 import torch
 
+from replica.kernels.kv_cache_write import write_kv_cache_ref
 from replica.kernels.triton_backend import TritonAttentionBackend
 from replica.layers.attention import AttentionMetadata, TorchAttentionBackend
 from tests.kernels.paged_batch import ON_GPU, assert_close_rel, head_scale, make_batch
@@ -18,13 +20,11 @@ def _meta(batch, is_decode_only):
 
 def _run_both(batch, is_decode_only):
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    write_kv_cache_ref(batch.k, batch.v, k_cache, v_cache, batch.slot_mapping)
     scale = head_scale(batch.q.shape[-1])
-    out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, k_cache, v_cache,
-                                           _meta(batch, is_decode_only), scale)
-    ref_k, ref_v = batch.k_cache.float(), batch.v_cache.float()
-    ref = TorchAttentionBackend().forward(batch.q.float(), batch.k.float(), batch.v.float(),
-                                          ref_k, ref_v, _meta(batch, is_decode_only), scale)
-    assert torch.equal(k_cache.float(), ref_k) and torch.equal(v_cache.float(), ref_v)
+    out = TritonAttentionBackend().forward(batch.q, k_cache, v_cache, _meta(batch, is_decode_only), scale)
+    ref = TorchAttentionBackend().forward(batch.q.float(), k_cache.float(), v_cache.float(),
+                                          _meta(batch, is_decode_only), scale)
     assert_close_rel(out, ref, batch.q.dtype)
 
 
@@ -43,18 +43,19 @@ def test_mixed_step_then_decode_step():
 def test_decode_num_splits_is_chosen_once_per_step():
     batch = make_batch([40, 3], [1, 1], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
     meta = _meta(batch, True)
-    meta.extras["triton"] = {"decode_num_splits": 3}      # e.g. a CUDA-graph bucket's static value
+    meta.decode_num_splits = 3           # e.g. a CUDA-graph bucket's static value
     backend = TritonAttentionBackend()
-    out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta, 0.125)
-    assert meta.extras["triton"]["decode_num_splits"] == 3
+    out = backend.forward(batch.q, batch.k_cache, batch.v_cache, meta, 0.125)
+    assert meta.decode_num_splits == 3
     assert not out.isnan().any()
+    fresh = _meta(batch, True)
+    backend.forward(batch.q, batch.k_cache, batch.v_cache, fresh, 0.125)
+    assert fresh.decode_num_splits is not None, "the first layer picks it for the others"
 
 
-def test_is_kv_written_skips_the_cache_write():
-    # the model writes K/V itself (fused with rotary) and passes is_kv_written=True, no k and v
+def test_attention_reads_the_cache_and_never_writes_it():
     batch = make_batch([40, 3], [1, 1], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
     for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
         k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
-        backend.forward(batch.q, None, None, k_cache, v_cache, _meta(batch, True), 0.125,
-                        is_kv_written=True)
+        backend.forward(batch.q, k_cache, v_cache, _meta(batch, True), 0.125)
         assert torch.equal(k_cache, batch.k_cache) and torch.equal(v_cache, batch.v_cache)
