@@ -4,10 +4,9 @@
 
 For the Llama-3-8B layer shape at 2 and 32 layers, in float32 and bfloat16: relative error
 ‖ours − transformers‖ / ‖transformers‖ of the last-token logits of 4 prompts of 512 tokens, for the
-Triton path and for the pure-torch path (PAGEFLEET_DISABLE_TRITON=1, torch attention backend).
+Triton path and for the pure-torch path (kernel_backend="torch": every op and attention).
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from replica.sampling_params import SamplingParams  # noqa: E402
 
 
 def logits_of(hf, prompts, dtype: str, backend: str) -> torch.Tensor:
-    os.environ["PAGEFLEET_DISABLE_TRITON"] = "1" if backend == "torch" else ""
+    # kernel_backend below switches every op and attention together
     engine = LLMEngine(EngineConfig(model="check", device="cuda", dtype=dtype, num_kv_blocks=200,
                                     max_model_len=1024, max_num_batched_tokens=4096, enforce_eager=True,
-                                    attention_backend=backend), checkpoint=checkpoint_from_hf_model(hf))
+                                    kernel_backend=backend), checkpoint=checkpoint_from_hf_model(hf))
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=1))
     out = engine.runner.execute(engine.scheduler.schedule())

@@ -1,6 +1,5 @@
 """Which part of the bf16 path drifts from an fp32 reference on the GPU (8B layer shape)."""
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from replica.sampling_params import SamplingParams  # noqa: E402
 
 
 def ours(hf, prompts, device, backend="torch", **cfg):
-    os.environ["PAGEFLEET_DISABLE_TRITON"] = "1" if backend == "torch" else ""
+    # kernel_backend below switches every op and attention together
     engine = LLMEngine(EngineConfig(model="d", device=device, dtype="bfloat16", num_kv_blocks=200, max_model_len=1024,
-                                    max_num_batched_tokens=4096, enforce_eager=True, attention_backend=backend),
+                                    max_num_batched_tokens=4096, enforce_eager=True, kernel_backend=backend),
                        checkpoint=checkpoint_from_hf_model(hf))
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=1))

@@ -1,4 +1,5 @@
 """Engine, cache and scheduler settings, validated once at start-up."""
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ class EngineConfig:
     max_num_seqs: int = 256           # sequences in one step
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"   # auto (triton on CUDA, torch otherwise) | torch | triton
+    kernel_backend: str = "auto"      # every op and attention: auto (triton on CUDA, torch otherwise) | torch | triton
     enforce_eager: bool = False       # disable CUDA graphs
     enable_overlap: bool = True       # plan step t+1 while the device runs step t (core.py)
     seed: int = 0                     # seed of unseeded sampling
@@ -60,8 +61,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} "
                              f"(or left out), got {self.quantization!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -80,7 +81,10 @@ class EngineConfig:
             return torch.float32
         return _DTYPES[self.dtype]
 
-    def resolve_attention_backend(self, device: torch.device) -> str:
-        if self.attention_backend == "auto":
-            return "triton" if device.type == "cuda" else "torch"
-        return self.attention_backend
+    def resolve_kernel_backend(self, device: torch.device) -> str:
+        """The one switch between the Triton kernels and the torch reference, for every op and
+        attention alike. PAGEFLEET_DISABLE_TRITON=1 makes "auto" mean torch (debugging)."""
+        if self.kernel_backend == "auto":
+            disabled = os.environ.get("PAGEFLEET_DISABLE_TRITON", "") not in ("", "0")
+            return "triton" if device.type == "cuda" and not disabled else "torch"
+        return self.kernel_backend

@@ -21,6 +21,7 @@ from replica.engine.model_runner import ModelRunner
 from replica.engine.sampler import SampledBatch, Sampler
 from replica.engine.scheduler import Scheduler, StepPlan
 from replica.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SequenceStatus
+from replica.kernels import ops
 from replica.layers.attention import get_attention_backend
 from replica.models.llama import LlamaForCausalLM
 from replica.models.loader import open_checkpoint
@@ -108,7 +109,9 @@ class EngineCore:
         self.tokenizer = load_tokenizer(checkpoint)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
         self.max_model_len = resolve_max_model_len(config, cfg)
-        backend = get_attention_backend(config.resolve_attention_backend(self.device))
+        kernel_backend = config.resolve_kernel_backend(self.device)
+        ops.select_kernel_backend(kernel_backend)
+        backend = get_attention_backend(kernel_backend)
         quantization = resolve_quantization(config.quantization, checkpoint, self.device)
         self.model = LlamaForCausalLM(cfg, self.dtype, self.device, backend, self.max_model_len,
                                       quantization=quantization)

@@ -1,13 +1,15 @@
 """Dispatch of the small fused ops: the Triton kernel for CUDA tensors, the torch reference
-(the CPU path) otherwise, or everywhere when PAGEFLEET_DISABLE_TRITON is set to a non-empty
-value other than "0".
+(the CPU path) otherwise, or everywhere once the engine selected the "torch" kernel backend.
+
+`select_kernel_backend` is the one switch (EngineConfig.kernel_backend, resolved by the engine at
+start-up, which also picks the attention backend by the same name): one engine per process, so
+the choice is the process's.
 
 The Triton modules are imported on first CUDA use only: a CPU process never imports Triton, and
 the kernel tests can switch on TRITON_INTERPRET before the kernels are defined (Triton decides
 between compiling and interpreting when a kernel is decorated, i.e. at import).
 """
 import importlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,18 @@ from replica.kernels.silu_mul import silu_and_mul_ref
 _LINEAR_DTYPES = (torch.bfloat16, torch.float16)
 
 
+_selected = {"backend": "triton"}
+
+
+def select_kernel_backend(name: str) -> None:
+    """"triton" (CUDA tensors take the kernels) or "torch" (the reference everywhere)."""
+    if name not in ("triton", "torch"):
+        raise ValueError(f"kernel backend must be triton or torch, got {name!r}")
+    _selected["backend"] = name
+
+
 def is_triton_enabled(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda and os.environ.get("PAGEFLEET_DISABLE_TRITON", "") in ("", "0")
+    return tensor.is_cuda and _selected["backend"] == "triton"
 
 
 def _triton(module: str):

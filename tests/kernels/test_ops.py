@@ -1,4 +1,4 @@
-"""ops dispatch: the torch reference on the CPU or when PAGEFLEET_DISABLE_TRITON is set, the
+"""ops dispatch: the torch reference on the CPU or when the "torch" kernel backend is selected, the
 Triton kernel on CUDA."""
 import pytest
 import torch
@@ -58,13 +58,16 @@ def test_cpu_tensors_take_the_reference_path():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-def test_cuda_tensors_take_triton_unless_disabled(monkeypatch):
-    monkeypatch.delenv("PAGEFLEET_DISABLE_TRITON", raising=False)
+def test_cuda_tensors_take_triton_unless_the_torch_backend_is_selected():
+    ops.select_kernel_backend("triton")
     assert ops.is_triton_enabled(torch.zeros(1, device="cuda"))
     _check_all("cuda", exact=False)
-    monkeypatch.setenv("PAGEFLEET_DISABLE_TRITON", "1")
-    assert not ops.is_triton_enabled(torch.zeros(1, device="cuda"))
-    _check_all("cuda", exact=True)
+    try:
+        ops.select_kernel_backend("torch")
+        assert not ops.is_triton_enabled(torch.zeros(1, device="cuda"))
+        _check_all("cuda", exact=True)
+    finally:
+        ops.select_kernel_backend("triton")
 
 
 @pytest.mark.gpu
@@ -75,7 +78,7 @@ def test_linear_takes_triton_for_few_16bit_rows(monkeypatch):
     calls = []
     real = linear_triton.skinny_linear
     monkeypatch.setattr(linear_triton, "skinny_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    monkeypatch.delenv("PAGEFLEET_DISABLE_TRITON", raising=False)
+    ops.select_kernel_backend("triton")
     weight = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
     for num_rows in (1, 8, 9, 64):
         x = torch.randn(num_rows, 128, device="cuda", dtype=torch.bfloat16)
