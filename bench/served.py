@@ -104,10 +104,6 @@ def offline_w3(args, folder: Path, requests) -> None:
         bench_engine_workloads(engine, args.size)
     emit("W3_offline_cold", **run(requests))
     emit("W3_offline", **run(requests))
-    del engine
-    gc.collect()
-    if is_cuda:
-        torch.cuda.empty_cache()
 
 
 def bench_engine_workloads(engine: LLMEngine, size: str) -> None:
@@ -233,6 +229,9 @@ def main() -> None:
         requests = make_requests(args.num_requests, (8, 64), (4, 32), vocab_size=512, seed=0)
     if not args.skip_offline:
         offline_w3(args, folder, requests)
+        gc.collect()                       # the offline engine's GPU memory goes back before serving
+        if is_cuda:
+            torch.cuda.empty_cache()
     for budget, runs in ((args.token_budget, [("W3_http_cold", None), ("W3_http", None)]),
                          (args.serve_token_budget, [("warmup_w4", 128), ("W4_http_c128", 128)])):
         proc, url = start_server(args, folder, folder / f"serve-{budget}.log", budget)
