@@ -38,6 +38,7 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._inbox_add: list[tuple[str, list[int], SamplingParams]] = []
         self._inbox_abort: list[str] = []
+        self._inbox_calls: list[tuple] = []     # (function, future): run between steps (embed)
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -107,6 +108,28 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    async def embed(self, token_lists: list[list[int]], pooling: str | None = None) -> list[list[float]]:
+        """`LLMEngine.embed` on the engine thread, between steps (issue 13)."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        future = self._loop.create_future()
+        with self._lock:
+            self._inbox_calls.append((lambda: self.engine.embed(token_lists, pooling), future))
+        self._wakeup.set()
+        return await future
+
+    def _run_calls(self, calls: list[tuple]) -> None:
+        for fn, future in calls:
+            try:
+                result, error = fn(), None
+            except ValueError as err:
+                result, error = None, err
+            except BaseException:
+                _settle_threadsafe = self._loop.call_soon_threadsafe
+                _settle_threadsafe(_settle, future, None, EngineDeadError("the engine stopped"))
+                raise
+            self._loop.call_soon_threadsafe(_settle, future, result, error)
+
     # ---- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
@@ -115,6 +138,7 @@ class AsyncEngine:
                 with self._lock:
                     adds, self._inbox_add = self._inbox_add, []
                     aborts, self._inbox_abort = self._inbox_abort, []
+                    calls, self._inbox_calls = self._inbox_calls, []
                 for request_id, prompt, params in adds:
                     try:
                         engine.add_request(request_id, prompt, params)
@@ -122,6 +146,7 @@ class AsyncEngine:
                         self._deliver_error(request_id, err)
                 for request_id in aborts:
                     engine.abort_request(request_id)
+                self._run_calls(calls)
                 if not engine.has_unfinished:
                     self._stats = engine.stats()
                     self._wakeup.wait(timeout=0.5)
@@ -152,3 +177,15 @@ class AsyncEngine:
     def _fail_all(self, err: BaseException) -> None:
         for queue in self._queues.values():
             queue.put_nowait(err)
+        with self._lock:
+            calls, self._inbox_calls = self._inbox_calls, []
+        for _, future in calls:
+            _settle(future, None, EngineDeadError("the engine stopped"))
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if not future.done():          # its caller may have gone (cancelled)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
