@@ -124,6 +124,7 @@ class OllamaModel:
     system: str | None = None
     template: str | None = None     # a Go template (Ollama's own format)
     license: str | None = None
+    config: dict = field(default_factory=dict)   # the config blob: model_family, file_type...
 
     @property
     def model_layer(self) -> Layer:
@@ -166,6 +167,12 @@ def read_manifest(store: Path, name: ModelName) -> OllamaModel:
         modified_at=datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
         .isoformat().replace("+00:00", "Z"),
         layers=layers)
+    if config.get("digest"):
+        try:
+            loaded = json.loads(Layer("", config["digest"], 0).path(store).read_text())
+            model.config = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            pass                      # optional: only the details shown by /api/show use it
     if not any(layer.media_type == MEDIA_MODEL for layer in layers):
         raise ValueError(f"{display}: its manifest has no model layer ({MEDIA_MODEL})")
     for layer in layers:

@@ -19,6 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from replica.engine.async_engine import EngineDeadError, QueueFullError
+from replica.models.ollama_store import same_model
 from replica.outputs import RequestOutput
 from replica.sampling_params import SamplingParams
 from replica.server.config import ServerConfig
@@ -26,6 +27,7 @@ from replica.server.errors import APIError, bad_request, from_validation_error, 
 from replica.server.lifecycle import Lifecycle
 from replica.server.metrics import ServerMetrics
 from replica.server.model_info import describe_model
+from replica.server.ollama_store_api import store_defaults
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -62,9 +64,10 @@ class Replica:
         self.vocab_size = min(vocab_sizes)
         core = getattr(engine, "engine", engine)          # the LLMEngine: device and dtype
         self.device = str(getattr(core, "device", "cpu"))
+        self.store = store_defaults(engine.config.model)     # Ollama's store: digest, defaults
         self.model_info = describe_model(
             engine.config.model, engine.model_path, engine.model_config, self.max_model_len,
-            str(getattr(core, "dtype", "unknown")).removeprefix("torch."))
+            str(getattr(core, "dtype", "unknown")).removeprefix("torch."), self.store.model)
         self.weights_name = self.model_info.weights_name
         # One worker: the HF tokenizer is not safe for concurrent encodes, and long prompts
         # must not hold the event loop.
@@ -75,10 +78,11 @@ class Replica:
 
     # ---- model names --------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
-        """None means the served model; Ollama-style tags (`name:latest`) match too."""
+        """None means the served model; Ollama's spellings of it (`name:latest`,
+        `library/name`) match too."""
         if name is None or name == self.served_model_name:
             return
-        if name.removesuffix(":latest") != self.served_model_name:
+        if not same_model(name, self.served_model_name):
             raise model_not_found(self.served_model_name)
 
     # ---- tokenisation -------------------------------------------------------------------

@@ -60,9 +60,9 @@ def add_model(store: Path, name: str, gguf_file: Path, *, family: str = "llama",
 
 
 ASSISTANT_NAME = "myorg/assistant:v1"
-ASSISTANT_SYSTEM = "You are a geography teacher. Answer in one sentence."
-# Greedy SmolLM2 answers "The capital of France is Paris." to the test question: the params'
-# stop word cuts the answer before "Paris", which shows the params layer took effect.
+ASSISTANT_SYSTEM = "You are a pirate."
+# Greedy SmolLM2 as a pirate answers the test question with "Paris" and then "Captain ...": the
+# params' stop word cuts the answer before "Paris", which shows the params layer took effect.
 ASSISTANT_PARAMS = {"stop": ["Paris"], "temperature": 0, "num_predict": 40, "top_k": 20}
 
 
