@@ -374,6 +374,20 @@ def _given(options: dict) -> dict:
     return given
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the store and its models as JSON.")
+def models(as_json: bool) -> None:
+    """List the models of Ollama's store on this host (the code of `replica models`).
+
+    \b
+      fleetctl models
+      fleetctl up --model llama3.2:3b      # serve one by its Ollama name
+    """
+    from replica.cli import print_models
+
+    raise SystemExit(print_models(as_json))
+
+
 def main() -> None:
     cli(prog_name="fleetctl")
 

@@ -242,28 +242,33 @@ def open_model(name: str, env: dict | None = None) -> OllamaModel:
     return model
 
 
-def lookup(model: str, env: dict | None = None) -> OllamaModel | None:
-    """The store model `model` names, or None when it names a path or no store model at all."""
-    if Path(model).expanduser().exists():
-        return None
+def lookup(model: str, env: dict | None = None, served_name: str | None = None) -> OllamaModel | None:
+    """The store model `model` names (a name, or the path of a model blob inside a store, as
+    fleetctl passes it; `served_name` picks among manifests that share the blob), or None."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return find_model_of_blob(path.resolve(), served_name) if path.is_file() else None
     try:
         return open_model(model, env)
     except ValueError:
         return None
 
 
-def find_model_of_blob(blob: Path) -> OllamaModel | None:
+def find_model_of_blob(blob: Path, prefer: str | None = None) -> OllamaModel | None:
     """A store model whose model layer is this blob (blobs are content-addressed, so the blob's
-    own store holds its manifests); None for a file outside a store."""
+    own store holds its manifests): the one named `prefer` if it is among them, else the first
+    by name; None for a file outside a store."""
     store = blob.parent.parent
     if blob.parent.name != "blobs" or not (store / "manifests").is_dir():
         return None
     digest = blob.name.replace("-", ":", 1)
+    found = []
     for name in list_names(store):
         try:
             model = read_manifest(store, name)
         except ValueError:
             continue
         if model.model_layer.digest == digest:
-            return model
-    return None
+            found.append(model)
+    preferred = [m for m in found if prefer and same_model(m.name.display, prefer)]
+    return (preferred or found or [None])[0]

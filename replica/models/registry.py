@@ -57,5 +57,7 @@ def default_served_name(model: str) -> str:
     if not path.expanduser().exists():
         if _is_ollama_name(model) and not model.endswith(".gguf"):
             return ollama_store.ModelName.parse(model).display
+    elif path.is_file() and (entry := ollama_store.find_model_of_blob(path.resolve())):
+        return entry.name.display                 # a blob of the store, as fleetctl passes it
     name = path.stem if path.suffix == ".gguf" else path.name
     return name.lower() or "model"

@@ -57,9 +57,10 @@ class StoreDefaults:
         return "\n".join(lines)
 
 
-def store_defaults(model: str) -> StoreDefaults:
-    """Reads the store once at start-up; a model given as a path or bundled name has none."""
-    entry = ollama_store.lookup(model)
+def store_defaults(model: str, served_name: str | None = None) -> StoreDefaults:
+    """Reads the store once at start-up: `model` is a store name or a blob of the store (then
+    `served_name` picks among the manifests sharing it); other models have no defaults."""
+    entry = ollama_store.lookup(model, served_name=served_name)
     if entry is None:
         return StoreDefaults()
     options = {}

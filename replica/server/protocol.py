@@ -105,7 +105,8 @@ class ChatMessage(BaseModel):
         parts = data.get("content") if isinstance(data, dict) else None
         if isinstance(parts, list) and any(isinstance(p, dict) and p.get("type") in
                                            ("image_url", "input_image") for p in parts):
-            raise ValueError("model has no vision: this model reads text only; send text parts only")
+            raise ValueError("model has no vision: image parts in content are not supported "
+                             "(this model reads text only)")
         return data
 
     def text(self) -> str:

@@ -64,7 +64,7 @@ class Replica:
         self.vocab_size = min(vocab_sizes)
         core = getattr(engine, "engine", engine)          # the LLMEngine: device and dtype
         self.device = str(getattr(core, "device", "cpu"))
-        self.store = store_defaults(engine.config.model)     # Ollama's store: digest, defaults
+        self.store = store_defaults(engine.config.model, self.served_model_name)     # Ollama's store: digest, defaults
         self.model_info = describe_model(
             engine.config.model, engine.model_path, engine.model_config, self.max_model_len,
             str(getattr(core, "dtype", "unknown")).removeprefix("torch."), self.store.model)

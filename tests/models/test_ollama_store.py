@@ -145,3 +145,11 @@ def test_a_gguf_without_chat_template_uses_its_ollama_template(tmp_path):
     assert not odd.has_chat_template
     with pytest.raises(ValueError, match="model odd:1: .*not one of the prompt formats"):
         odd.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_a_blob_path_as_fleetctl_passes_it_finds_its_manifest(store, env):
+    blob = open_model(ASSISTANT_NAME, env).model_path            # shared with smollm2:135m
+    assert ollama_store.lookup(str(blob), served_name=ASSISTANT_NAME).system == ASSISTANT_SYSTEM
+    assert ollama_store.lookup(str(blob), served_name="smollm2:135m").system is None
+    assert default_served_name(str(open_model("tiny:q8_0", env).model_path)) == "tiny:q8_0"
+    assert ollama_store.lookup(str(resolve_model_path("smollm2"))) is None
