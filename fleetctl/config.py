@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetctl.errors import ConfigError
-from fleetctl.models import BUNDLED, default_served_name
+from fleetctl.models import BUNDLED, default_served_name, is_store_name
 
 BACKENDS = ("local", "docker", "swarm")
 ROUTINGS = ("least_conn", "session")
@@ -63,7 +63,7 @@ class FleetConfig:
 
     def __post_init__(self) -> None:
         # Paths are stored absolute: the watcher restarts replicas from wherever it runs.
-        if self.model not in BUNDLED:
+        if self.model not in BUNDLED and not is_store_name(self.model):
             self.model = _absolute(self.model)
         self.tls_cert, self.tls_key = (_absolute(p) if p else "" for p in (self.tls_cert, self.tls_key))
         self.mounts = [_absolute(src) + (":" + dst if dst else "")

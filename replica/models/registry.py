@@ -43,7 +43,10 @@ def resolve_model_path(model: str) -> Path:
     if path.exists():
         return path.resolve()
     if _is_ollama_name(model) and not model.endswith(".gguf"):
-        return ollama_store.open_model(model).model_path
+        try:
+            return ollama_store.open_model(model).model_path
+        except ValueError as err:       # say also what else the name could have meant
+            raise ValueError(f"{err} (it is not a checkpoint folder or .gguf file either)") from None
     raise ValueError(f"model {model!r} not found: give a checkpoint folder, a .gguf file, "
                      f"a model of the Ollama store (e.g. llama3.2:3b), or one of {sorted(BUNDLED)}")
 
