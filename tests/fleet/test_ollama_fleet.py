@@ -1,5 +1,6 @@
 """A fleet serving a model of Ollama's store by its Ollama name (`fleetctl up --model
-myorg/assistant:v1`), used by the unchanged `ollama` client through NGINX and TLS."""
+myorg/assistant:v1`), used by the unchanged `ollama` client through NGINX and TLS, and on
+the plain-HTTP loopback port for apps that hard-code Ollama's (`--ollama-port`)."""
 import math
 
 import httpx
@@ -7,7 +8,7 @@ import ollama
 import pytest
 
 from replica.models.ollama_store import open_model
-from tests.fleet.conftest import API_KEY, FleetCtl
+from tests.fleet.conftest import API_KEY, FleetCtl, free_ports
 from tests.models.ollama_store_builder import ASSISTANT_NAME, ASSISTANT_SYSTEM, build_test_store
 
 pytestmark = pytest.mark.slow
@@ -18,8 +19,11 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def fleet(tmp_path_factory):
     store = build_test_store(tmp_path_factory.mktemp("ollama") / "models")
     ctl = FleetCtl(tmp_path_factory.mktemp("ollama-fleet") / "home", env={"OLLAMA_MODELS": str(store)})
+    # a port the OS hands out again can equal one of the fleet's own: pick another
+    taken = {ctl.https_port, ctl.http_port, ctl.internal_port}
+    ctl.ollama_port = next(p for p in free_ports(4) if p not in taken)
     try:
-        ctl(*ctl.up_args(ASSISTANT_NAME, 1, "local"))
+        ctl(*ctl.up_args(ASSISTANT_NAME, 1, "local", "--ollama-port", str(ctl.ollama_port)))
         yield ctl, store
     finally:
         ctl.cleanup()
@@ -55,3 +59,13 @@ def test_chat_generate_and_embed_through_nginx_apply_the_layers(fleet, client):
     assert parts[-1].done and parts[-1].eval_count == 8
     vectors = client.embed(model=ASSISTANT_NAME, input=["one", "two"]).embeddings
     assert len(vectors) == 2 and all(abs(math.hypot(*v) - 1) < 1e-3 for v in vectors)
+
+
+def test_ollama_port_serves_apps_that_hard_code_it(fleet):
+    ctl, _ = fleet
+    base = f"http://127.0.0.1:{ctl.ollama_port}"
+    assert httpx.get(base + "/").text == "Ollama is running"
+    client = ollama.Client(host=base, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert [m.model for m in client.list().models] == [ASSISTANT_NAME]
+    out = client.generate(model=ASSISTANT_NAME, prompt="Hello", options={"num_predict": 4, "stop": []})
+    assert out.done and out.eval_count == 4
