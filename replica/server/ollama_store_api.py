@@ -2,7 +2,8 @@
 routes that would change the store, refused.
 
 - The params layer gives default options and the system layer the default system message;
-  what a request sends wins, option by option, as in Ollama. Params this replica cannot honour
+  what a request sends wins, option by option, as in Ollama, on the Ollama routes and on
+  OpenAI's (whose bodies get the same options under their OpenAI names). Params this replica cannot honour
   (a value out of range) are dropped at start-up with a warning, never turned into a 400 for
   a request that did nothing wrong.
 - `/api/pull`, `/api/push`, `/api/create`, `/api/copy` and `/api/delete` answer 501 in Ollama's
@@ -22,6 +23,13 @@ from replica.server.ollama_protocol import OllamaOptions
 
 log = logging.getLogger("replica.server")
 
+# Ollama option → the OpenAI body field that means the same.
+_OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                  "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
+                  "frequency_penalty": "frequency_penalty", "repeat_penalty": "repetition_penalty",
+                  "num_predict": "max_tokens"}
+
+
 @dataclass
 class StoreDefaults:
     """The served model's entry in Ollama's store (None when it is not served from the store)
@@ -39,6 +47,17 @@ class StoreDefaults:
             return requested
         sent = requested.model_dump(exclude_unset=True) if requested is not None else {}
         return OllamaOptions.model_validate({**self.options, **sent})
+
+    def with_openai_defaults(self, body):
+        """An OpenAI request body with the params layer's options in the fields it left unset
+        (Ollama applies a model's params to its OpenAI routes too)."""
+        update = {}
+        for key, value in self.options.items():
+            name = _OPENAI_FIELDS.get(key)
+            if name and name not in body.model_fields_set and name in type(body).model_fields:
+                if key != "num_predict" or value > 0:
+                    update[name] = value
+        return body.model_copy(update=update) if update else body
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         """Chat messages with the model's system message first, unless they bring their own."""

@@ -174,3 +174,16 @@ def test_store_changing_routes_answer_501_with_what_to_do(client, server):
 
 def test_version_is_plain_semver(client):
     assert re.fullmatch(r"\d+\.\d+\.\d+", client._client.get("/api/version").json()["version"])
+
+
+def test_openai_routes_get_the_layers_too_as_in_ollama(server):
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with_system = [{"role": "system", "content": ASSISTANT_SYSTEM}] + QUESTION
+    count = httpx.post(server.url + "/tokenize", json={"messages": with_system}).json()["count"]
+    out = oai.chat.completions.create(model=ASSISTANT_NAME, messages=QUESTION)
+    assert out.usage.prompt_tokens == count                     # the system layer
+    assert out.choices[0].finish_reason == "stop" and "Paris" not in out.choices[0].message.content
+    again = oai.chat.completions.create(model=ASSISTANT_NAME, messages=QUESTION)
+    assert again.choices[0].message.content == out.choices[0].message.content   # temperature 0
+    out = oai.chat.completions.create(model=ASSISTANT_NAME, messages=QUESTION, stop=[], max_tokens=30)
+    assert "Paris" in out.choices[0].message.content            # the request's stop wins
