@@ -1,5 +1,6 @@
-"""`fleetctl up --ollama-port 11434`: a plain-HTTP listener on loopback for apps that hard-code
-Ollama's port, serving the same API routes (under the real NGINX)."""
+"""Fleet pieces for Ollama users: `--ollama-port 11434`, a plain-HTTP loopback listener for apps
+that hard-code Ollama's port (under the real NGINX); a store model given by its Ollama name stays
+a name, and Docker/Swarm replicas get the store mounted read-only."""
 import dataclasses
 
 import httpx
@@ -36,3 +37,18 @@ def test_ollama_port_must_differ_from_the_fleets_ports():
     config = make_config()
     with pytest.raises(ConfigError, match="--ollama-port"):
         dataclasses.replace(config, ollama_port=config.internal_port)
+
+
+def test_store_names_stay_names_and_docker_mounts_the_store_read_only(tmp_path, monkeypatch):
+    from fleetctl.backends.docker import model_mount
+    from fleetctl.config import FleetConfig
+    from tests.models.ollama_store_builder import ASSISTANT_NAME, build_test_store
+
+    store = build_test_store(tmp_path / "models")
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    config = FleetConfig(model=ASSISTANT_NAME)
+    assert config.model == ASSISTANT_NAME and config.served_model_name == ASSISTANT_NAME
+    model_arg, mount = model_mount(ASSISTANT_NAME)
+    assert mount["Source"] == str(store) and mount["Target"] == "/ollama/models" and mount["ReadOnly"]
+    blob = next(p.name for p in (store / "blobs").iterdir() if p.stat().st_size > 1_000_000)
+    assert model_arg == f"/ollama/models/blobs/{blob}"
