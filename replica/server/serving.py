@@ -107,8 +107,9 @@ class Replica:
                           add_generation_prompt: bool = True) -> list[int]:
         tokenizer = self._require_tokenizer(param)
         if not tokenizer.has_chat_template:
-            raise bad_request(f"{param}: this model has no chat template; use the completions API",
-                              param)
+            why = getattr(tokenizer, "chat_template_problem", None)   # e.g. an unknown Ollama template
+            raise bad_request(f"{param}: {why}" if why else
+                              f"{param}: this model has no chat template; use the completions API", param)
         try:
             return await self._run_tokenizer(tokenizer.apply_chat_template, messages,
                                              add_generation_prompt=add_generation_prompt)
