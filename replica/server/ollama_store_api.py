@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from replica.models import ollama_store
 from replica.models.ollama_store import OllamaModel
+from replica.models.registry import BUNDLED
 from replica.server.errors import APIError
 from replica.server.ollama_protocol import OllamaOptions
 
@@ -79,7 +80,7 @@ class StoreDefaults:
 def store_defaults(model: str, served_name: str | None = None) -> StoreDefaults:
     """Reads the store once at start-up: `model` is a store name or a blob of the store (then
     `served_name` picks among the manifests sharing it); other models have no defaults."""
-    entry = ollama_store.lookup(model, served_name=served_name)
+    entry = None if model in BUNDLED else ollama_store.lookup(model, served_name=served_name)
     if entry is None:
         return StoreDefaults()
     options = {}

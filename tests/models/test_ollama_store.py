@@ -153,3 +153,14 @@ def test_a_blob_path_as_fleetctl_passes_it_finds_its_manifest(store, env):
     assert ollama_store.lookup(str(blob), served_name="smollm2:135m").system is None
     assert default_served_name(str(open_model("tiny:q8_0", env).model_path)) == "tiny:q8_0"
     assert ollama_store.lookup(str(resolve_model_path("smollm2"))) is None
+
+
+def test_the_bundled_name_never_picks_up_a_store_model_of_that_name(tmp_path, monkeypatch):
+    from replica.server.ollama_store_api import store_defaults
+
+    store = tmp_path / "models"
+    add_model(store, "smollm2", resolve_model_path("smollm2"), system="shadow")
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    assert store_defaults("smollm2").model is None
+    assert store_defaults("smollm2:latest").system == "shadow"
+    assert resolve_model_path("smollm2").name.endswith(".gguf")     # the package's file
