@@ -48,6 +48,8 @@ def test_store_names_stay_names_and_docker_mounts_the_store_read_only(tmp_path, 
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
     config = FleetConfig(model=ASSISTANT_NAME)
     assert config.model == ASSISTANT_NAME and config.served_model_name == ASSISTANT_NAME
+    from fleetctl.rollout import UpdateOptions
+    assert UpdateOptions("smollm2:135m").target_model == "smollm2:135m"   # `fleetctl update`
     model_arg, mount = model_mount(ASSISTANT_NAME)
     assert mount["Source"] == str(store) and mount["Target"] == "/ollama/models" and mount["ReadOnly"]
     blob = next(p.name for p in (store / "blobs").iterdir() if p.stat().st_size > 1_000_000)
