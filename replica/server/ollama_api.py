@@ -208,7 +208,7 @@ async def show(request: web.Request) -> web.Response:
         ("top_p", OLLAMA_DEFAULTS["top_p"]), ("repeat_penalty", OLLAMA_DEFAULTS["repetition_penalty"]),
         ("num_ctx", replica.max_model_len)))
     return web.json_response({
-        "modelfile": f"# served by pagefleet\nFROM {info.weights_name}\n",
+        "modelfile": store.modelfile() or f"# served by pagefleet\nFROM {info.weights_name}\n",
         "parameters": parameters,
         "template": template,
         **({"system": store.system} if store.system else {}),

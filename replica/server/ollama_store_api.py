@@ -77,6 +77,24 @@ class StoreDefaults:
         return "\n".join(lines)
 
 
+    def modelfile(self) -> str | None:
+        """/api/show's `modelfile`, in Ollama's own syntax (FROM the blob, then the layers)."""
+        m = self.model
+        if m is None:
+            return None
+        lines = [f"# served by pagefleet from Ollama's store: {m.name.display}",
+                 f"FROM {m.model_path}"]
+        for keyword, text in (("TEMPLATE", m.template), ("SYSTEM", m.system)):
+            if text:
+                lines.append(f'{keyword} """{text}"""')
+        for key, value in m.params.items():
+            for item in value if isinstance(value, list) else [value]:
+                lines.append(f"PARAMETER {key} {item}")
+        if m.license:
+            lines.append(f'LICENSE """{m.license}"""')
+        return "\n".join(lines) + "\n"
+
+
 def store_defaults(model: str, served_name: str | None = None) -> StoreDefaults:
     """Reads the store once at start-up: `model` is a store name or a blob of the store (then
     `served_name` picks among the manifests sharing it); other models have no defaults."""

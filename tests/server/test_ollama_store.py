@@ -59,6 +59,7 @@ def test_show_has_what_strict_clients_read(client, server):
     assert show.modified_at is not None and show.details.parameter_size == "135M"
     raw = httpx.post(server.url + "/api/show", json={"model": ASSISTANT_NAME}).json()
     assert raw["system"] == ASSISTANT_SYSTEM
+    assert f'SYSTEM """{ASSISTANT_SYSTEM}"""' in show.modelfile and "PARAMETER stop Paris" in show.modelfile
     assert raw["model_info"]["pagefleet.embedding_pooling"] == "mean"
 
 
