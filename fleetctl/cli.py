@@ -30,7 +30,7 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else shutil.get_ter
 UP_FIELDS = {
     "replicas": "num_replicas", "model": "model", "served_model_name": "served_model_name",
     "backend": "backend", "gpus": "gpus", "routing": "routing", "listen": "listen", "port": "https_port",
-    "http_port": "http_port", "internal_port": "internal_port", "tls_name": "tls_names", "tls_cert": "tls_cert",
+    "http_port": "http_port", "internal_port": "internal_port", "ollama_port": "ollama_port", "tls_name": "tls_names", "tls_cert": "tls_cert",
     "tls_key": "tls_key", "api_key": "api_keys", "rate_limit": "rate_limit_per_s", "burst": "rate_limit_burst",
     "max_body_size": "client_max_body_size", "read_timeout": "read_timeout_s", "device": "device",
     "max_model_len": "max_model_len", "num_kv_blocks": "num_kv_blocks", "drain_timeout": "drain_timeout_s",
@@ -112,6 +112,7 @@ def _fleet(say=None) -> Fleet:
 @click.option("--port", type=int, help="Public HTTPS port [default: 8443].")
 @click.option("--http-port", type=int, help="HTTP port that redirects to HTTPS with 308 [default: 8080].")
 @click.option("--internal-port", type=int, help="Loopback port for /metrics, /health, stub_status [default: 8081].")
+@click.option("--ollama-port", type=int, help="Also serve the API in plain HTTP on 127.0.0.1:PORT, e.g. 11434 for Ollama apps.")
 @click.option("--tls-name", multiple=True, help="Host name or IP in the certificate [default: localhost, 127.0.0.1].")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="Your own certificate chain (PEM), not the local CA.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
@@ -372,6 +373,20 @@ def _given(options: dict) -> dict:
             value = list(value)
         given[UP_FIELDS[name]] = value
     return given
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the store and its models as JSON.")
+def models(as_json: bool) -> None:
+    """List the models of Ollama's store on this host (the code of `replica models`).
+
+    \b
+      fleetctl models
+      fleetctl up --model llama3.2:3b      # serve one by its Ollama name
+    """
+    from replica.cli import print_models
+
+    raise SystemExit(print_models(as_json))
 
 
 def main() -> None:

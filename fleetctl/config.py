@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetctl.errors import ConfigError
-from fleetctl.models import BUNDLED, default_served_name
+from fleetctl.models import BUNDLED, default_served_name, is_store_name
 
 BACKENDS = ("local", "docker", "swarm")
 ROUTINGS = ("least_conn", "session")
@@ -40,6 +40,7 @@ class FleetConfig:
     https_port: int = DEFAULT_HTTPS_PORT
     http_port: int = DEFAULT_HTTP_PORT
     internal_port: int = DEFAULT_INTERNAL_PORT
+    ollama_port: int = 0  # 0: none; else plain HTTP on loopback for apps that hard-code Ollama's 11434
     tls_names: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
     tls_cert: str = ""  # operator-provided certificate chain (PEM); empty: fleetctl's own CA
     tls_key: str = ""
@@ -63,7 +64,7 @@ class FleetConfig:
 
     def __post_init__(self) -> None:
         # Paths are stored absolute: the watcher restarts replicas from wherever it runs.
-        if self.model not in BUNDLED:
+        if self.model not in BUNDLED and not is_store_name(self.model):
             self.model = _absolute(self.model)
         self.tls_cert, self.tls_key = (_absolute(p) if p else "" for p in (self.tls_cert, self.tls_key))
         self.mounts = [_absolute(src) + (":" + dst if dst else "")
@@ -81,6 +82,8 @@ class FleetConfig:
             _check(1 <= port <= 65535, f"--{name.replace('_', '-')} must be a TCP port (1-65535), not {port}")
         ports = [self.https_port, self.http_port, self.internal_port]
         _check(len(set(ports)) == 3, f"HTTPS, HTTP and internal ports must differ, got {ports}")
+        _check(self.ollama_port == 0 or (1 <= self.ollama_port <= 65535 and self.ollama_port not in ports),
+               f"--ollama-port must be a TCP port other than the fleet's others, not {self.ollama_port}")
         _check(_is_ip(self.listen), f"--listen must be an IP address such as 127.0.0.1 or 0.0.0.0, not {self.listen!r}")
         _check(bool(self.tls_names), "--tls-name needs at least one host name or IP")
         for name in self.tls_names:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from replica.models import registry  # importlib + pathlib only: no torch
+from replica.models import ollama_store, registry  # importlib + pathlib only: no torch
 
 from fleetctl.errors import ConfigError
 
@@ -25,6 +25,12 @@ def resolve_model_path(model: str) -> Path:
 def default_served_name(model: str) -> str:
     """What clients put in `model` unless --served-model-name says otherwise (as `replica serve`)."""
     return registry.default_served_name(model)
+
+
+def is_store_name(model: str) -> bool:
+    """A model of Ollama's store named by its Ollama name (`llama3.2:3b`): kept as a name."""
+    return (model not in BUNDLED and not Path(model).expanduser().exists()
+            and ollama_store.lookup(model) is not None)
 
 
 def model_argument(model: str) -> str:

@@ -54,6 +54,7 @@ def site_context(config, fleet_id: str, upstreams: list[Upstream], tls, prefix: 
         "https_port_suffix": "" if config.https_port == 443 else f":{config.https_port}",
         "http_port": config.http_port,
         "internal_port": config.internal_port,
+        "ollama_port": getattr(config, "ollama_port", 0),
         "tls": tls,
         "api_keys": config.api_keys,
         "rate_limit_per_min": max(1, round(config.rate_limit_per_s * 60)),

@@ -37,7 +37,7 @@ from typing import Callable, NoReturn
 from fleetctl.backends.local import _start_ticks
 from fleetctl.errors import ConfigError, FleetError
 from fleetctl.fleet import POLL_S, Fleet
-from fleetctl.models import BUNDLED, resolve_model_path
+from fleetctl.models import BUNDLED, is_store_name, resolve_model_path
 from fleetctl.probe import probe
 from fleetctl.state import FleetState, Phase, ReplicaRecord, UpdatePhase, UpdateProgress
 
@@ -64,7 +64,9 @@ class UpdateOptions:
 
     @property
     def target_model(self) -> str:
-        return self.model if self.model in BUNDLED else str(Path(self.model).expanduser().resolve())
+        if self.model in BUNDLED or is_store_name(self.model):      # names stay names
+            return self.model
+        return str(Path(self.model).expanduser().resolve())
 
 
 def is_owner_alive(progress: UpdateProgress | None) -> bool:

@@ -3,6 +3,8 @@
   replica generate --prompt "What is the capital of France?"      # bundled SmolLM2, chat template
   replica generate --model ./Llama-3.2-1B-Instruct --raw --prompt "Once upon a time"
   replica serve --model smollm2 --port 8000
+  replica serve --model llama3.2:3b                 # a model of Ollama's store, by its Ollama name
+  replica models                                    # what Ollama's store holds (--json for scripts)
 """
 import argparse
 import logging
@@ -29,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--verbose", action="store_true", help="log loading and cache sizing")
+    models = sub.add_parser("models", help="list the models of Ollama's store (servable by name)")
+    models.add_argument("--json", action="store_true", help="print JSON (one object a model)")
     args = parser.parse_args(argv)
+    if args.command == "models":
+        return print_models(args.json)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -39,6 +45,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def store_rows(env: dict | None = None) -> tuple[str | None, list[dict]]:
+    """(the store's path, one row a model, newest first), as `ollama list` shows them."""
+    from replica.models import ollama_store
+
+    store = ollama_store.find_store(env)
+    if store is None:
+        return None, []
+    rows = [{"name": m.name.display, "id": m.digest[:12], "digest": m.digest,
+             "size_bytes": m.size_bytes, "modified_at": m.modified_at,
+             "family": m.config.get("model_family", ""), "quantization": m.config.get("file_type", "")}
+            for m in ollama_store.list_models(store)]
+    return str(store), rows
+
+
+def print_models(as_json: bool = False, env: dict | None = None) -> int:
+    """`replica models` and `fleetctl models`: exit 0 with the store's models, 1 with no store."""
+    import json
+
+    from replica.models import ollama_store
+
+    store, rows = store_rows(env)
+    if as_json:
+        print(json.dumps({"store": store, "models": rows}, indent=2))
+    elif store is None:
+        where = ", ".join(str(p) for p in ollama_store.store_candidates(env))
+        print(f"no Ollama store found (looked in {where}); set OLLAMA_MODELS", file=sys.stderr)
+    else:
+        print(f"{'NAME':<40} {'ID':<12} {'SIZE':>9}  {'QUANT':<7} MODIFIED")
+        for r in rows:
+            print(f"{r['name']:<40} {r['id']:<12} {r['size_bytes'] / 1e9:>6.2f} GB  "
+                  f"{r['quantization']:<7} {r['modified_at'][:19].replace('T', ' ')}")
+        print(f"({len(rows)} in {store}; serve one with `replica serve --model NAME`)")
+    return 0 if store is not None else 1
 
 
 def _generate(args) -> int:

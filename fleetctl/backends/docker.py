@@ -17,7 +17,7 @@ from fleetctl.backends.base import (REPLICA_PORT_IN_CONTAINER, Backend, Replica,
                                     serve_args)
 from fleetctl.config import FleetConfig
 from fleetctl.errors import FleetError, UnavailableError
-from fleetctl.models import resolve_model_path
+from fleetctl.models import is_store_name, resolve_model_path
 
 LABEL_FLEET = "pagefleet.fleet"
 LABEL_REPLICA = "pagefleet.replica"
@@ -59,6 +59,10 @@ def model_mount(model: str):
     from docker.types import Mount
 
     host_path = resolve_model_path(model)
+    if is_store_name(model):     # Ollama's store, read-only: the blob and the manifest's layers
+        store = "/ollama/models"
+        return (f"{store}/blobs/{host_path.name}",
+                Mount(target=store, source=str(host_path.parent.parent), type="bind", read_only=True))
     target = f"/models/{host_path.name}"
     return target, Mount(target=target, source=str(host_path), type="bind", read_only=True)
 

@@ -33,7 +33,7 @@ import zmq.asyncio
 from replica.config import EngineConfig
 from replica.engine.core import load_tokenizer, resolve_max_model_len, validate_request
 from replica.engine.messages import (HANDSHAKE, AddRequest, CoreFailed, CoreInputs, CoreOutputs,
-                                     CoreStart, SeqStop)
+                                     CoreStart, EmbedRequest, SeqStop)
 from replica.engine.output_processor import OutputProcessor
 from replica.models.loader import open_checkpoint
 from replica.models.registry import default_served_name
@@ -67,7 +67,9 @@ class AsyncEngine:
         self.on_core_death: Callable[[], None] | None = None
         self._processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}
-        self._outbox = CoreInputs([], [])
+        self._outbox = CoreInputs([], [], [])
+        self._embed_calls: dict[int, asyncio.Future] = {}
+        self._next_call_id = 0
         self._is_flush_scheduled = False
         self._num_adds_since_stats = 0
         self._error: BaseException | None = None
@@ -220,6 +222,21 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    async def embed(self, token_lists: list[list[int]], pooling: str | None = None) -> list[list[float]]:
+        """Unit vectors of the inputs' final hidden states, computed by the core between steps
+        (no KV blocks). ValueError names a bad input."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        call_id, self._next_call_id = self._next_call_id, self._next_call_id + 1
+        future = self._loop.create_future()
+        self._embed_calls[call_id] = future
+        self._outbox.embeds.append(EmbedRequest(call_id, token_lists, pooling))
+        self._schedule_flush()
+        try:
+            return await future
+        finally:
+            self._embed_calls.pop(call_id, None)
+
     # ---- the two directions ------------------------------------------------------------------
     def _schedule_flush(self) -> None:
         """Everything one loop tick adds or stops goes to the core as one message."""
@@ -229,8 +246,8 @@ class AsyncEngine:
 
     def _flush(self) -> None:
         self._is_flush_scheduled = False
-        outbox, self._outbox = self._outbox, CoreInputs([], [])
-        if (outbox.adds or outbox.stops) and self.is_alive:
+        outbox, self._outbox = self._outbox, CoreInputs([], [], [])
+        if (outbox.adds or outbox.stops or outbox.embeds) and self.is_alive:
             self._to_core.send(self._encoder.encode(outbox), copy=False)
 
     async def _read_outputs(self) -> None:
@@ -255,6 +272,13 @@ class AsyncEngine:
             queue = self._queues.get(error.request_id)
             if queue is not None:
                 queue.put_nowait(ValueError(error.message))
+        for result in message.embeddings:
+            future = self._embed_calls.get(result.call_id)
+            if future is not None and not future.done():
+                if result.error is not None:
+                    future.set_exception(ValueError(result.error))
+                else:
+                    future.set_result(result.vectors)
         results, stops = self._processor.process(message.outputs)
         for out in results:
             queue = self._queues.get(out.request_id)
@@ -268,3 +292,6 @@ class AsyncEngine:
         self._error = err
         for queue in self._queues.values():
             queue.put_nowait(err)
+        for future in self._embed_calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError("the engine stopped"))

@@ -319,6 +319,29 @@ class EngineCore:
                 outputs.append(SeqOutput(request.request_id, 0, [], None, "abort", None, 0, None, True))
         return outputs
 
+    # ---- embeddings (the computation lives in embedding.py) ------------------------------------
+    @property
+    def embedding_pooling(self) -> str:
+        """The pooling the checkpoint names (GGUF `pooling_type`), else mean."""
+        return self.model_config.pooling or "mean"
+
+    def embed(self, token_lists: list[list[int]], pooling: str | None = None) -> list[list[float]]:
+        """Unit vectors of the inputs' final hidden states; never touches the KV pool. Runs
+        between steps; ValueError names a bad input."""
+        from replica.engine import embedding
+
+        vocab = self.model_config.vocab_size
+        for ids in token_lists:
+            if not ids:
+                raise ValueError("input must contain at least one token")
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"input has {len(ids)} tokens; this model's context is "
+                                 f"{self.max_model_len} tokens")
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"input token ids must be in [0, {vocab})")
+        return embedding.embed(self.model, token_lists, pooling or self.embedding_pooling,
+                               self.config.max_num_batched_tokens, self.config.block_size)
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(

@@ -22,7 +22,8 @@ import sys
 import msgspec
 import zmq
 
-from replica.engine.messages import CoreFailed, CoreInputs, CoreOutputs, CoreReady, CoreStart, RequestError
+from replica.engine.messages import (CoreFailed, CoreInputs, CoreOutputs, CoreReady, CoreStart, EmbedResult,
+                                     RequestError)
 
 log = logging.getLogger("replica.engine.core")
 
@@ -92,6 +93,7 @@ def run(core, inputs, outputs, encoder, parent_pid: int) -> int:
                 return 0
             continue
         errors: list[RequestError] = []
+        embeddings: list[EmbedResult] = []
         while True:
             try:
                 frame = inputs.recv(zmq.NOBLOCK, copy=False)
@@ -107,10 +109,15 @@ def run(core, inputs, outputs, encoder, parent_pid: int) -> int:
                     errors.append(RequestError(add.request_id, str(err)))
             for stop in message.stops:
                 core.stop_seq(stop.request_id, stop.index, stop.reason)
+            for call in message.embeds:       # between steps: never shares the device with one
+                try:
+                    embeddings.append(EmbedResult(call.call_id, core.embed(call.token_lists, call.pooling), None))
+                except ValueError as err:
+                    embeddings.append(EmbedResult(call.call_id, None, str(err)))
         step_outputs = core.step() if core.has_unfinished else []
         stats = core.stats()
-        if step_outputs or errors or stats != last_stats:
-            outputs.send(encoder.encode(CoreOutputs(step_outputs, stats, errors)), copy=False)
+        if step_outputs or errors or embeddings or stats != last_stats:
+            outputs.send(encoder.encode(CoreOutputs(step_outputs, stats, errors, embeddings)), copy=False)
             last_stats = stats
 
 

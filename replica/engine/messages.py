@@ -45,9 +45,22 @@ class SeqStop(msgspec.Struct, array_like=True):
     reason: str
 
 
+class EmbedRequest(msgspec.Struct, array_like=True):
+    call_id: int
+    token_lists: list[list[int]]
+    pooling: str | None
+
+
+class EmbedResult(msgspec.Struct, array_like=True):
+    call_id: int
+    vectors: list[list[float]] | None
+    error: str | None                       # a ValueError's message (a bad input)
+
+
 class CoreInputs(msgspec.Struct, array_like=True):
     adds: list[AddRequest] = []
     stops: list[SeqStop] = []
+    embeds: list[EmbedRequest] = []
     shutdown: bool = False
 
 
@@ -60,6 +73,7 @@ class CoreOutputs(msgspec.Struct, array_like=True):
     outputs: list[SeqOutput]
     stats: EngineStats
     errors: list[RequestError] = []
+    embeddings: list[EmbedResult] = []
 
 
 class CoreReady(msgspec.Struct, tag=True):

@@ -51,8 +51,8 @@ class Checkpoint:
 def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
     path = resolve_model_path(model)
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"{path.name}: a model file must be .gguf; otherwise give a checkpoint folder")
+        if path.suffix != ".gguf" and not _has_gguf_magic(path):   # Ollama's blobs have no suffix
+            raise ValueError(f"{path.name}: a model file must be GGUF; otherwise give a checkpoint folder")
         fields, names = _read_gguf_header(path)
         return Checkpoint(path, "gguf", ModelConfig.from_gguf_fields(fields, names))
     config = ModelConfig.from_hf_folder(path)
@@ -61,6 +61,11 @@ def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
     if not list(path.glob("*.safetensors")):
         raise ValueError(f"{path.name}: no *.safetensors files (only safetensors checkpoints are loaded)")
     return Checkpoint(path, "hf", config)
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,6 +11,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# llama.cpp's `<arch>.pooling_type` enum; CLS pooling means nothing for a causal decoder.
+GGUF_POOLING = {1: "mean", 3: "last"}
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int | None = None
+    pooling: str | None = None     # embeddings: "mean" or "last" when the checkpoint names one
 
     @classmethod
     def from_hf_folder(cls, folder: Path) -> "ModelConfig":
@@ -119,4 +122,5 @@ class ModelConfig:
             rope_scaling=scaling,
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
+            pooling=GGUF_POOLING.get(key("pooling_type")),
         )

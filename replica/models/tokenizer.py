@@ -22,6 +22,7 @@ class Tokenizer:
         self.eos_token_ids = sorted(ids)
         self.vocab_size = len(hf_tokenizer)
         self.bos_token = hf_tokenizer.bos_token
+        self.chat_template_problem: str | None = None   # why there is no chat template, if known
 
     @classmethod
     def load(cls, path: Path, fmt: str, eos_token_ids: list[int]) -> "Tokenizer | None":
@@ -29,11 +30,28 @@ class Tokenizer:
 
         if fmt == "gguf":
             hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            return cls(hf, eos_token_ids)
+            tokenizer = cls(hf, eos_token_ids)
+            if not tokenizer.has_chat_template:
+                tokenizer._use_ollama_template(path)
+            return tokenizer
         if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
             log.warning("%s has no tokenizer files: only token-id prompts will work", path.name)
             return None
         return cls(AutoTokenizer.from_pretrained(str(path)), eos_token_ids)
+
+    def _use_ollama_template(self, blob: Path) -> None:
+        """A GGUF without `tokenizer.chat_template` that sits in Ollama's store: its template
+        layer's family, translated to Jinja (or the reason it cannot be)."""
+        from replica.models import ollama_store, ollama_template
+
+        model = ollama_store.find_model_of_blob(blob)
+        if model is None or not model.template:
+            return
+        try:
+            self.hf.chat_template = ollama_template.translate(model.template, model.name.display)
+        except ValueError as err:
+            self.chat_template_problem = str(err)
+            log.warning("%s", err)
 
     @property
     def has_chat_template(self) -> bool:
@@ -51,7 +69,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **template_kwargs) -> list[int]:
         if not self.has_chat_template:
-            raise ValueError("this model has no chat template: use the completions API with a raw prompt")
+            raise ValueError(self.chat_template_problem or
+                             "this model has no chat template: use the completions API with a raw prompt")
         text = self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs)
         # The template already wrote BOS where the model wants it.

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from replica.server import ollama_api, openai_api
+from replica.server import embeddings, ollama_api, ollama_store_api, openai_api
 from replica.server.auth import OPEN_PATHS, check_api_key
 from replica.server.config import ServerConfig
 from replica.server.errors import APIError, error_response
@@ -154,6 +154,8 @@ def build_app(engine, config: ServerConfig) -> web.Application:
     app.router.add_post("/api/show", ollama_api.show)
     app.router.add_get("/api/ps", ollama_api.ps)
     app.router.add_get("/api/version", ollama_api.version)
+    embeddings.add_routes(app)              # /api/embed, /api/embeddings, /v1/embeddings
+    ollama_store_api.add_routes(app)        # /api/pull, push, create, copy, delete: 501
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/health", health)

@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="replica serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2",
-                   help="checkpoint folder, .gguf file, or 'smollm2' (the bundled GGUF)")
+                   help="checkpoint folder, .gguf file, 'smollm2' (the bundled GGUF), or a model "
+                        "of Ollama's store by its Ollama name (llama3.2:3b; OLLAMA_MODELS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--served-model-name", help="the name clients send in `model` "

@@ -51,29 +51,36 @@ def _human_count(n: int) -> str:
 
 
 def describe_model(model: str, path: Path, model_config, max_model_len: int,
-                   dtype: str) -> ModelInfo:
-    """`model` as the operator named it (--model), `path` the checkpoint it resolved to."""
+                   dtype: str, store_model=None) -> ModelInfo:
+    """`model` as the operator named it (--model), `path` the checkpoint it resolved to;
+    `store_model` its Ollama store entry, whose digest, size and date are reported as Ollama's."""
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     size_bytes = sum(f.stat().st_size for f in files)
     mtime = max((f.stat().st_mtime for f in files), default=0.0)
-    is_gguf = path.suffix == ".gguf"
+    is_gguf = path.suffix == ".gguf" or store_model is not None
     quant = dtype
     if is_gguf:
         match = _GGUF_QUANT.search(path.name.replace(".", " "))
         quant = match.group(1).upper() if match else "unknown"
     num_parameters = count_parameters(model_config)
     arch = model_config.architecture
-    digest_source = f"{path}:{size_bytes}:{mtime}".encode()
+    digest = hashlib.sha256(f"{path}:{size_bytes}:{mtime}".encode()).hexdigest()
+    modified_at = _rfc3339(mtime)
+    weights_name = path.name if Path(model).exists() else model
+    if store_model is not None:
+        weights_name, digest = store_model.name.display, store_model.digest
+        size_bytes, modified_at = store_model.size_bytes, store_model.modified_at
+        quant = store_model.config.get("file_type") or quant
     return ModelInfo(
-        weights_name=path.name if Path(model).exists() else model,
+        weights_name=weights_name,
         format="gguf" if is_gguf else "safetensors",
         family=arch,
         parameter_size=_human_count(num_parameters),
         num_parameters=num_parameters,
         quantization_level=quant,
         size_bytes=size_bytes,
-        modified_at=_rfc3339(mtime),
-        digest=hashlib.sha256(digest_source).hexdigest(),
+        modified_at=modified_at,
+        digest=digest,
         context_length=max_model_len,
         model_info={
             "general.architecture": arch,
@@ -87,5 +94,8 @@ def describe_model(model: str, path: Path, model_config, max_model_len: int,
             f"{arch}.attention.head_count_kv": model_config.num_kv_heads,
             f"{arch}.vocab_size": model_config.vocab_size,
             f"{arch}.rope.freq_base": model_config.rope_theta,
+            # embeddings: llama.cpp's enum (1 mean, 3 last) and its name
+            f"{arch}.pooling_type": 3 if model_config.pooling == "last" else 1,
+            "pagefleet.embedding_pooling": model_config.pooling or "mean",
         },
     )

@@ -127,7 +127,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if body.raw or not body.prompt:
         prompt_ids = await replica.encode(body.prompt or "", "prompt") if body.prompt else []
     elif replica.tokenizer is not None and replica.tokenizer.has_chat_template:
-        messages = ([{"role": "system", "content": body.system}] if body.system else [])
+        system = body.system if body.system is not None else replica.store.system
+        messages = ([{"role": "system", "content": system}] if system else [])
         prompt_ids = await replica.encode_chat(messages + [{"role": "user", "content": body.prompt}],
                                                "prompt")
     else:
@@ -135,7 +136,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if body.context:
         replica.check_token_ids(body.context, "context")
         prompt_ids = list(body.context) + prompt_ids
-    params = _sampling_params(replica, body.options, len(prompt_ids), body.num_logprobs)
+    params = _sampling_params(replica, replica.store.options_for(body.options), len(prompt_ids),
+                              body.num_logprobs)
     return await _respond(request, replica, stream=body.stream is not False, prompt_ids=prompt_ids,
                           params=params, shape=shape, final_extra=lambda ids: {"context": ids})
 
@@ -152,9 +154,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     if not body.messages:
         return web.json_response({**shape("", True), "done_reason": "load"})
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    messages = replica.store.with_system([{"role": m.role, "content": m.content}
+                                          for m in body.messages])
     prompt_ids = await replica.encode_chat(messages)
-    params = _sampling_params(replica, body.options, len(prompt_ids), body.num_logprobs)
+    params = _sampling_params(replica, replica.store.options_for(body.options), len(prompt_ids),
+                              body.num_logprobs)
     return await _respond(request, replica, stream=body.stream is not False, prompt_ids=prompt_ids,
                           params=params, shape=shape)
 
@@ -195,17 +199,20 @@ async def show(request: web.Request) -> web.Response:
     body = await read_body(request, OllamaModelRequest)
     replica.check_model(body.model or body.name)
     info = replica.model_info
-    template = ""
-    if replica.tokenizer is not None and replica.tokenizer.has_chat_template:
+    store = replica.store
+    template = store.model.template if store.model and store.model.template else ""
+    if not template and replica.tokenizer is not None and replica.tokenizer.has_chat_template:
         template = replica.tokenizer.hf.chat_template
-    parameters = "\n".join(f"{k} {v}" for k, v in (
+    parameters = store.parameters_text() or "\n".join(f"{k} {v}" for k, v in (
         ("temperature", OLLAMA_DEFAULTS["temperature"]), ("top_k", OLLAMA_DEFAULTS["top_k"]),
         ("top_p", OLLAMA_DEFAULTS["top_p"]), ("repeat_penalty", OLLAMA_DEFAULTS["repetition_penalty"]),
         ("num_ctx", replica.max_model_len)))
     return web.json_response({
-        "modelfile": f"# served by pagefleet\nFROM {info.weights_name}\n",
+        "modelfile": store.modelfile() or f"# served by pagefleet\nFROM {info.weights_name}\n",
         "parameters": parameters,
         "template": template,
+        **({"system": store.system} if store.system else {}),
+        **({"license": store.model.license} if store.model and store.model.license else {}),
         "details": _details(replica),
         "model_info": info.model_info,
         "capabilities": ["completion"],

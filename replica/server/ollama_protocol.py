@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from replica.server.config import MAX_LOGPROBS
 
 MAX_INT = 2**31 - 1
+NO_VISION = "model has no vision: this model reads text only; send the request without images"
 
 
 class OllamaBody(BaseModel):
@@ -38,8 +39,13 @@ class OllamaOptions(OllamaBody):
 class OllamaMessage(OllamaBody):
     role: Literal["system", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=4 * 1024 * 1024)] = ""
-    images: Annotated[list[str], Field(max_length=0)] | None = Field(
-        None, description="only empty is supported (text-only model)")
+    images: list[str] | None = Field(None, description="only empty is supported (text-only model)")
+
+    @model_validator(mode="after")
+    def _no_images(self):
+        if self.images:
+            raise ValueError(NO_VISION)
+        return self
 
 
 class _GenerateFields(OllamaBody):
@@ -71,8 +77,13 @@ class OllamaGenerateRequest(_GenerateFields):
     context: Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]],
                        Field(max_length=1_000_000)] | None = None
     suffix: Annotated[str, Field(max_length=0)] | None = Field(None, description="only empty is supported")
-    images: Annotated[list[str], Field(max_length=0)] | None = Field(
-        None, description="only empty is supported (text-only model)")
+    images: list[str] | None = Field(None, description="only empty is supported (text-only model)")
+
+    @model_validator(mode="after")
+    def _no_images(self):
+        if self.images:
+            raise ValueError(NO_VISION)
+        return self
 
 
 class OllamaChatRequest(_GenerateFields):

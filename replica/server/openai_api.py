@@ -117,7 +117,7 @@ async def _completion_prompts(replica: Replica, prompt) -> list[list[int]]:
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
     replica: Replica = request.app[REPLICA]
-    body = await read_body(request, CompletionRequest)
+    body = replica.store.with_openai_defaults(await read_body(request, CompletionRequest))
     replica.check_model(body.model)
     replica.check_n(body.n)
     prompts = await _completion_prompts(replica, body.prompt)
@@ -194,10 +194,10 @@ def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     replica: Replica = request.app[REPLICA]
-    body = await read_body(request, ChatCompletionRequest)
+    body = replica.store.with_openai_defaults(await read_body(request, ChatCompletionRequest))
     replica.check_model(body.model)
     replica.check_n(body.n)
-    prompt_ids = await replica.encode_chat(_chat_messages(body))
+    prompt_ids = await replica.encode_chat(replica.store.with_system(_chat_messages(body)))
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = replica.resolve_max_tokens(len(prompt_ids), body.max_new_tokens, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

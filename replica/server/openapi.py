@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from replica.server import embeddings as emb
 from replica.server import ollama_protocol as ollama
 from replica.server import protocol as openai
 from replica.server.config import ServerConfig
@@ -47,6 +48,12 @@ ROUTES = (
     Route("get", "/ready", "200 when loaded and not draining", is_open=True),
     Route("get", "/metrics", "Prometheus metrics", is_open=True),
     Route("get", "/openapi.json", "This document"),
+    Route("post", "/api/embed", "Embeddings (Ollama)", emb.OllamaEmbedRequest,
+          emb.OllamaEmbedResponse),
+    Route("post", "/api/embeddings", "Embedding of one prompt (Ollama, older form)",
+          emb.OllamaEmbeddingsRequest, emb.OllamaEmbeddingsResponse),
+    Route("post", "/v1/embeddings", "Embeddings (OpenAI)", emb.EmbeddingRequest,
+          emb.EmbeddingResponse),
 )
 
 _ERRORS = {"400": "invalid JSON or parameters", "401": "missing or wrong API key",

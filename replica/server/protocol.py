@@ -98,6 +98,17 @@ class ChatMessage(BaseModel):
     content: Annotated[str, Field(max_length=4 * 1024 * 1024)] | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_vision(cls, data):
+        """An image part gets a message that says why, not a type error (no vision model yet)."""
+        parts = data.get("content") if isinstance(data, dict) else None
+        if isinstance(parts, list) and any(isinstance(p, dict) and p.get("type") in
+                                           ("image_url", "input_image") for p in parts):
+            raise ValueError("model has no vision: image parts in content are not supported "
+                             "(this model reads text only)")
+        return data
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)

@@ -19,6 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from replica.engine.async_engine import EngineDeadError, QueueFullError
+from replica.models.ollama_store import same_model
 from replica.outputs import RequestOutput
 from replica.sampling_params import SamplingParams
 from replica.server.config import ServerConfig
@@ -26,6 +27,7 @@ from replica.server.errors import APIError, bad_request, from_validation_error, 
 from replica.server.lifecycle import Lifecycle
 from replica.server.metrics import ServerMetrics
 from replica.server.model_info import describe_model
+from replica.server.ollama_store_api import store_defaults
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -61,9 +63,10 @@ class Replica:
             vocab_sizes.append(self.tokenizer.vocab_size)
         self.vocab_size = min(vocab_sizes)
         self.device = engine.device
+        self.store = store_defaults(engine.config.model, self.served_model_name)     # Ollama's store: digest, defaults
         self.model_info = describe_model(
             engine.config.model, engine.model_path, engine.model_config, self.max_model_len,
-            engine.dtype.removeprefix("torch."))
+            engine.dtype.removeprefix("torch."), self.store.model)
         self.weights_name = self.model_info.weights_name
         # the weights as held on the device (quantised or not), from the engine core's handshake
         self.model_info.model_info["pagefleet.weights_device_bytes"] = engine.weights_device_bytes
@@ -77,10 +80,11 @@ class Replica:
 
     # ---- model names --------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
-        """None means the served model; Ollama-style tags (`name:latest`) match too."""
+        """None means the served model; Ollama's spellings of it (`name:latest`,
+        `library/name`) match too."""
         if name is None or name == self.served_model_name:
             return
-        if name.removesuffix(":latest") != self.served_model_name:
+        if not same_model(name, self.served_model_name):
             raise model_not_found(self.served_model_name)
 
     # ---- tokenisation -------------------------------------------------------------------
@@ -105,8 +109,9 @@ class Replica:
                           add_generation_prompt: bool = True) -> list[int]:
         tokenizer = self._require_tokenizer(param)
         if not tokenizer.has_chat_template:
-            raise bad_request(f"{param}: this model has no chat template; use the completions API",
-                              param)
+            why = getattr(tokenizer, "chat_template_problem", None)   # e.g. an unknown Ollama template
+            raise bad_request(f"{param}: {why}" if why else
+                              f"{param}: this model has no chat template; use the completions API", param)
         try:
             return await self._run_tokenizer(tokenizer.apply_chat_template, messages,
                                              add_generation_prompt=add_generation_prompt)
