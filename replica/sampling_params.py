@@ -1,6 +1,8 @@
 """Per-request sampling settings, validated with errors that name the field."""
 from dataclasses import dataclass, field
 
+from replica.request_checks import RequestError
+
 MAX_LOGPROBS = 20
 
 
@@ -45,9 +47,9 @@ class SamplingParams:
         ]
         for ok, name, rule in checks:
             if not ok:
-                raise ValueError(f"{name} {rule}")
+                raise RequestError(name, rule)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError("min_tokens must be <= max_tokens")
+            raise RequestError("min_tokens", "must be <= max_tokens")
 
     @property
     def is_greedy(self) -> bool:

@@ -21,6 +21,7 @@ from replica.models.loader import open_checkpoint
 from replica.models.registry import default_served_name
 from replica.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from replica.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
+from replica.request_checks import check_context, check_num_samples, check_prompt_token_ids
 from replica.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -124,21 +125,10 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError (naming the limit) for a request that can never run."""
-        num_prompt = len(prompt_token_ids)
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}), the most "
-                             "sequences one step can hold")
-        if num_prompt == 0:
-            raise ValueError("prompt must contain at least one token")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if num_prompt >= self.max_model_len:
-            raise ValueError(f"prompt has {num_prompt} tokens; this model's context is {self.max_model_len} "
-                             "tokens and at least one must be left to generate")
-        if params.max_tokens is not None and num_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context length of {self.max_model_len} tokens")
+        check_num_samples(params.n, self.config.max_num_seqs,
+                          "max_num_seqs, the most sequences one step can hold")
+        check_context(len(prompt_token_ids), params.max_tokens, self.max_model_len)
+        check_prompt_token_ids(prompt_token_ids, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_s: float | None = None) -> None:

@@ -6,6 +6,7 @@ server decides: who may call it, how big a request may be, and how long a drain 
 import importlib.metadata
 from dataclasses import dataclass, field
 
+MAX_INT = 2**31 - 1       # the largest count a request field may hold (int32, as clients expect)
 MAX_LOGPROBS = 20          # top alternatives per token (OpenAI's chat limit; vLLM's default)
 MAX_PROMPTS_PER_REQUEST = 32   # /v1/completions with a list of prompts
 

@@ -11,7 +11,9 @@ from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
-from replica.outputs import RequestOutput, TokenLogprob
+from replica.outputs import Completion, RequestOutput
+from replica.server.logprobs import logprob_items
+from replica.server.messages import ollama_messages
 from replica.server.ollama_protocol import (OllamaChatRequest, OllamaGenerateRequest,
                                             OllamaModelRequest, OllamaOptions)
 from replica.server.serving import REPLICA, Replica, new_request_id, read_body, started
@@ -48,15 +50,6 @@ def _sampling_params(replica: Replica, options: OllamaOptions | None, num_prompt
         logprobs=logprobs)
 
 
-def _logprob_items(replica: Replica, logprobs: list[TokenLogprob]) -> list[dict]:
-    def entry(token_id: int, logprob: float) -> dict:
-        token = replica.token_text(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, l) for t, l in lp.top]}
-            for lp in logprobs]
-
-
 def _final_stats(out: RequestOutput, start_s: float, num_output_tokens: int) -> dict:
     m = out.metrics
     first_token_s = m.first_token_s or m.finished_s or time.monotonic()
@@ -87,24 +80,22 @@ async def _respond(request: web.Request, replica: Replica, *, stream: bool, prom
         return body
 
     if not stream:
-        text, logprobs, last = [], [], None
+        sample, last = Completion(0), None
         async with aclosing(outputs):
             async for last in outputs:
                 for o in last.outputs:
-                    token_ids.extend(o.new_token_ids)
-                    text.append(o.new_text)
-                    if want_logprobs:
-                        logprobs.extend(_logprob_items(replica, o.new_logprobs or []))
-        body = final(last, "".join(text))
+                    sample.add(o)
+        token_ids.extend(sample.token_ids)
+        body = final(last, sample.text)
         if want_logprobs:
-            body["logprobs"] = logprobs
+            body["logprobs"] = logprob_items(replica.token_text, sample.logprobs or [])
         return web.json_response(body)
 
     async with EventStream(request, ndjson=True) as events, aclosing(outputs):
         async for last in outputs:
             for o in last.outputs:
                 token_ids.extend(o.new_token_ids)
-                items = _logprob_items(replica, o.new_logprobs or []) if want_logprobs else None
+                items = logprob_items(replica.token_text, o.new_logprobs or []) if want_logprobs else None
                 if o.new_text or items:
                     await events.send({**shape(o.new_text, False),
                                        **({"logprobs": items} if want_logprobs else {})})
@@ -152,8 +143,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     if not body.messages:
         return web.json_response({**shape("", True), "done_reason": "load"})
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    prompt_ids = await replica.encode_chat(messages)
+    prompt_ids = await replica.encode_chat(ollama_messages(body.messages))
     params = _sampling_params(replica, body.options, len(prompt_ids), body.num_logprobs)
     return await _respond(request, replica, stream=body.stream is not False, prompt_ids=prompt_ids,
                           params=params, shape=shape)

@@ -8,9 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from replica.server.config import MAX_LOGPROBS
-
-MAX_INT = 2**31 - 1
+from replica.server.config import MAX_INT, MAX_LOGPROBS
 
 
 class OllamaBody(BaseModel):

@@ -7,11 +7,12 @@ carries `"usage": null` and one last chunk with no choices carries the totals.
 """
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from replica.outputs import RequestOutput, TokenLogprob
+from replica.outputs import Completion, RequestOutput
+from replica.server.logprobs import completion_logprobs, logprob_items
+from replica.server.messages import openai_messages
 from replica.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from replica.server.serving import REPLICA, Replica, new_request_id, read_body, started
 from replica.server.streaming import EventStream
@@ -32,25 +33,16 @@ def _sampling_params(replica: Replica, body: SamplingFields, max_tokens: int, lo
         min_tokens=body.min_tokens)
 
 
-async def _gather(outputs, n: int) -> tuple["_Usage", dict[int, "SampleState"]]:
+async def _gather(outputs, n: int) -> tuple["_Usage", dict[int, Completion]]:
     """A non-streaming response's samples: choice index = prompt index * n + sample index."""
     usage, samples = _Usage(), {}
     async with aclosing(outputs):
         async for i, out in outputs:
             usage.add(i, out)
             for o in out.outputs:
-                _accumulate(samples.setdefault(i * n + o.index, SampleState()), o)
+                index = i * n + o.index
+                samples.setdefault(index, Completion(index)).add(o)
     return usage, samples
-
-
-@dataclass
-class SampleState:
-    """What a non-streaming response accumulates for one choice."""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)         # TokenLogprob items
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
 class _Usage:
@@ -70,33 +62,6 @@ class _Usage:
         return {"prompt_tokens": num_prompt, "completion_tokens": self.num_completion_tokens,
                 "total_tokens": num_prompt + self.num_completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": num_cached}}
-
-
-# ---- logprobs ----------------------------------------------------------------------------
-
-def _completion_logprobs(replica: Replica, logprobs: list[TokenLogprob], offset: int) -> dict:
-    """OpenAI's legacy shape; `text_offset` counts characters from the completion's start."""
-    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    for lp in logprobs:
-        token = replica.token_text(lp.token_id)
-        tokens.append(token)
-        token_logprobs.append(lp.logprob)
-        top = {replica.token_text(tid): tlp for tid, tlp in lp.top}
-        top.setdefault(token, lp.logprob)
-        top_logprobs.append(top)
-        text_offset.append(offset)
-        offset += len(token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
-
-
-def _chat_logprob_items(replica: Replica, logprobs: list[TokenLogprob]) -> list[dict]:
-    def entry(token_id: int, logprob: float) -> dict:
-        token = replica.token_text(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, l) for t, l in lp.top]}
-            for lp in logprobs]
 
 
 # ---- /v1/completions ---------------------------------------------------------------------
@@ -140,20 +105,11 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     choices = []
     for index in sorted(samples):
         s = samples[index]
-        logprobs = (_completion_logprobs(replica, s.logprobs, 0)
+        logprobs = (completion_logprobs(replica.token_text, s.logprobs, 0)
                     if body.logprobs is not None else None)
         choices.append({"index": index, "text": s.text, "logprobs": logprobs,
                         "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
     return web.json_response({**head, "choices": choices, "usage": usage.as_dict()})
-
-
-def _accumulate(state: SampleState, o) -> None:
-    state.text += o.new_text
-    state.token_ids.extend(o.new_token_ids)
-    if o.new_logprobs:
-        state.logprobs.extend(o.new_logprobs)
-    if o.finish_reason is not None:
-        state.finish_reason, state.stop_reason = o.finish_reason, o.stop_reason
 
 
 async def _stream_completion(request, replica, body, head, outputs) -> web.StreamResponse:
@@ -171,7 +127,7 @@ async def _stream_completion(request, replica, body, head, outputs) -> web.Strea
                 logprobs = None
                 if body.logprobs is not None and o.new_logprobs:
                     offset = text_offsets.get(index, 0)
-                    logprobs = _completion_logprobs(replica, o.new_logprobs, offset)
+                    logprobs = completion_logprobs(replica.token_text, o.new_logprobs, offset)
                     text_offsets[index] = offset + sum(len(t) for t in logprobs["tokens"])
                 chunk = {**head, "choices": [{
                     "index": index, "text": o.new_text, "logprobs": logprobs,
@@ -186,18 +142,12 @@ async def _stream_completion(request, replica, body, head, outputs) -> web.Strea
 
 # ---- /v1/chat/completions ----------------------------------------------------------------
 
-def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
-    # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages]
-
-
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     replica: Replica = request.app[REPLICA]
     body = await read_body(request, ChatCompletionRequest)
     replica.check_model(body.model)
     replica.check_n(body.n)
-    prompt_ids = await replica.encode_chat(_chat_messages(body))
+    prompt_ids = await replica.encode_chat(openai_messages(body.messages))
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = replica.resolve_max_tokens(len(prompt_ids), body.max_new_tokens, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -214,7 +164,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     choices = []
     for index in sorted(samples):
         s = samples[index]
-        logprobs = ({"content": _chat_logprob_items(replica, s.logprobs)} if body.logprobs else None)
+        logprobs = ({"content": logprob_items(replica.token_text, s.logprobs or [])} if body.logprobs else None)
         choices.append({"index": index, "message": {"role": "assistant", "content": s.text},
                         "logprobs": logprobs, "finish_reason": s.finish_reason,
                         "stop_reason": s.stop_reason})
@@ -244,7 +194,7 @@ async def _stream_chat(request, replica, body, head, outputs) -> web.StreamRespo
             for o in out.outputs:
                 logprobs = None
                 if body.logprobs and o.new_logprobs:
-                    logprobs = {"content": _chat_logprob_items(replica, o.new_logprobs)}
+                    logprobs = {"content": logprob_items(replica.token_text, o.new_logprobs)}
                 if o.new_text or logprobs:
                     await stream.send(chunk(o.index, {"content": o.new_text}, logprobs))
                 if o.finish_reason is not None:

@@ -1,53 +1,15 @@
 """The OpenAPI 3.1 document of the replica, generated from the pydantic bodies.
 
-`ROUTES` is the single list of what the server exposes; a test checks that the app's router
-and this list agree, so the document cannot silently fall behind the code.
+Built from `replica.server.routes.ROUTES`, the table the router is built from too.
 """
-from dataclasses import dataclass
-
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from replica.server import ollama_protocol as ollama
 from replica.server import protocol as openai
 from replica.server.config import ServerConfig
+from replica.server.routes import ROUTES, Route
 
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    summary: str
-    request: type[BaseModel] | None = None
-    response: type[BaseModel] | None = None
-    stream_type: str | None = None          # content type of the streamed variant
-    is_open: bool = False                   # no API key needed
-
-
-ROUTES = (
-    Route("post", "/v1/completions", "Text completion (OpenAI)", openai.CompletionRequest,
-          openai.CompletionResponse, "text/event-stream"),
-    Route("post", "/v1/chat/completions", "Chat completion (OpenAI)",
-          openai.ChatCompletionRequest, openai.ChatCompletionResponse, "text/event-stream"),
-    Route("get", "/v1/models", "The served model (OpenAI)", None, openai.ModelList),
-    Route("post", "/api/generate", "Generate (Ollama)", ollama.OllamaGenerateRequest,
-          ollama.OllamaGenerateResponse, "application/x-ndjson"),
-    Route("post", "/api/chat", "Chat (Ollama)", ollama.OllamaChatRequest,
-          ollama.OllamaChatResponse, "application/x-ndjson"),
-    Route("get", "/api/tags", "Local models (Ollama)", None, ollama.TagsResponse),
-    Route("post", "/api/show", "Model details (Ollama)", ollama.OllamaModelRequest,
-          ollama.ShowResponse),
-    Route("get", "/api/ps", "Loaded models (Ollama)", None, ollama.PsResponse),
-    Route("get", "/api/version", "Server version (Ollama)", None, ollama.VersionResponse),
-    Route("post", "/tokenize", "Prompt or messages to token ids", openai.TokenizeRequest,
-          openai.TokenizeResponse),
-    Route("post", "/detokenize", "Token ids to text", openai.DetokenizeRequest,
-          openai.DetokenizeResponse),
-    Route("get", "/health", "200 while the engine loop lives", is_open=True),
-    Route("get", "/ready", "200 when loaded and not draining", is_open=True),
-    Route("get", "/metrics", "Prometheus metrics", is_open=True),
-    Route("get", "/openapi.json", "This document"),
-)
 
 _ERRORS = {"400": "invalid JSON or parameters", "401": "missing or wrong API key",
            "404": "unknown model", "413": "body over the size limit",

@@ -8,9 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from replica.server.config import MAX_LOGPROBS, MAX_PROMPTS_PER_REQUEST
+from replica.server.config import MAX_INT, MAX_LOGPROBS, MAX_PROMPTS_PER_REQUEST
 
-MAX_INT = 2**31 - 1
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=512)]],
                      Field(max_length=16)]
 StopField = Annotated[str, Field(min_length=1, max_length=512)] | StopList | None

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from typing import TypeVar
 
 from aiohttp import web
@@ -20,6 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from replica.engine.async_engine import EngineDeadError, QueueFullError
 from replica.outputs import RequestOutput
+from replica.request_checks import (RequestError, check_context, check_num_samples,
+                                    check_prompt_token_ids)
 from replica.sampling_params import SamplingParams
 from replica.server.config import ServerConfig
 from replica.server.errors import APIError, bad_request, from_validation_error, model_not_found
@@ -28,6 +30,15 @@ from replica.server.metrics import ServerMetrics
 from replica.server.model_info import describe_model
 
 M = TypeVar("M", bound=BaseModel)
+
+
+@contextmanager
+def request_errors_as_400():
+    """The shared request checks (`replica.request_checks`) answer 400 naming their field."""
+    try:
+        yield
+    except RequestError as err:
+        raise bad_request(str(err), err.param) from None
 
 
 def new_request_id(prefix: str) -> str:
@@ -124,39 +135,26 @@ class Replica:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        if any(t >= self.vocab_size for t in token_ids):
-            raise bad_request(f"{param}: token ids must be < the vocabulary size {self.vocab_size}",
-                              param)
+        with request_errors_as_400():
+            check_prompt_token_ids(token_ids, self.vocab_size, param)
 
     # ---- admission ----------------------------------------------------------------------
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None,
                            param: str = "max_tokens") -> int:
         """None → the rest of the context. Prompt + max_tokens must fit in the context."""
-        if num_prompt_tokens == 0:
-            raise bad_request("prompt: must not be empty", "prompt")
-        room = self.max_model_len - num_prompt_tokens
-        if room < 1:
-            raise bad_request(f"prompt: {num_prompt_tokens} tokens leave no room in this model's "
-                              f"context of {self.max_model_len} tokens", "prompt")
-        if max_tokens is None:
-            return room
-        if max_tokens > room:
-            raise bad_request(f"{param}: the prompt ({num_prompt_tokens} tokens) plus {param} "
-                              f"({max_tokens}) is over the context length {self.max_model_len}",
-                              param)
-        return max_tokens
+        with request_errors_as_400():
+            check_context(num_prompt_tokens, max_tokens, self.max_model_len, param)
+        return self.max_model_len - num_prompt_tokens if max_tokens is None else max_tokens
 
     def check_n(self, n: int) -> None:
-        if n > self.config.max_n:
-            raise bad_request(f"n: must be <= {self.config.max_n}", "n")
+        with request_errors_as_400():
+            check_num_samples(n, self.config.max_n, "this server's --max-n")
 
     @staticmethod
     def sampling_params(**kwargs) -> SamplingParams:
-        """Unset (None) fields keep SamplingParams' defaults; its ValueError names the field."""
-        try:
+        """Unset (None) fields keep SamplingParams' defaults; its errors name the field."""
+        with request_errors_as_400():
             return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
-        except ValueError as err:
-            raise bad_request(str(err), str(err).split(" ", 1)[0]) from None
 
     # ---- generation ---------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int],
@@ -172,7 +170,9 @@ class Replica:
                            headers={"Retry-After": str(self.config.retry_after_s)}) from None
         except EngineDeadError:
             raise APIError(503, "the engine is not running", code="engine_dead") from None
-        except ValueError as err:      # the engine's validation; its messages name the limit
+        except RequestError as err:    # the engine's validation, worded as the server's
+            raise bad_request(str(err), err.param) from None
+        except ValueError as err:
             raise bad_request(str(err)) from None
 
     async def _observed(self, request_id: str, prompt_ids: list[int],
