@@ -15,13 +15,14 @@ from replica.engine.model_runner import ModelRunner
 from replica.engine.sampler import Sampler
 from replica.engine.scheduler import Scheduler, StepPlan
 from replica.engine.sequence import Sequence, SequenceStatus
+from replica.engine.structured_output import StructuredOutputs
 from replica.layers.attention import get_attention_backend
 from replica.models.llama import LlamaForCausalLM
 from replica.models.loader import open_checkpoint
 from replica.models.registry import default_served_name
 from replica.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from replica.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
-from replica.request_checks import check_context, check_num_samples, check_prompt_token_ids
+from replica.request_checks import RequestError, check_context, check_num_samples, check_prompt_token_ids
 from replica.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class LLMEngine:
             use_cuda_graphs=(self.device.type == "cuda" and backend.name == "triton"
                              and not config.enforce_eager))
         self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, config.seed, self.device)
+        self.structured = (StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, self.device)
+                           if self.tokenizer is not None else None)     # structured outputs
         self.requests: dict[str, _Request] = {}
         self.pending_outputs: list[RequestOutput] = []
         self.num_prompt_tokens = 0
@@ -129,12 +132,16 @@ class LLMEngine:
                           "max_num_seqs, the most sequences one step can hold")
         check_context(len(prompt_token_ids), params.max_tokens, self.max_model_len)
         check_prompt_token_ids(prompt_token_ids, self.model_config.vocab_size)
+        if params.structured_output is not None and self.structured is None:
+            raise RequestError("response_format", "this model has no tokenizer to constrain output")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_s: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
+        if params.structured_output is not None:    # structured outputs: compile (cached) now
+            self.structured.compile(params.structured_output)
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
         seq = Sequence(request_id, prompt_token_ids, params, arrival_s)
         self._seed(seq)
@@ -190,7 +197,11 @@ class LLMEngine:
             self._seed(child)
             request.states[child.seq_id] = self._new_state(child)
         seqs = [seq for seq, _ in plan.samplers]
-        token_ids, logprobs = self.sampler.sample(logits, seqs)
+        # structured outputs: the bitmask is filled while the forward pass runs on the GPU
+        allowed = self.structured.allowed_mask(seqs) if self.structured is not None else None
+        token_ids, logprobs = self.sampler.sample(logits, seqs, allowed_mask=allowed)
+        if allowed is not None:
+            self.structured.accept(seqs, token_ids)
         now = time.monotonic()
         touched: dict[str, list[Sequence]] = {}
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):

@@ -10,6 +10,7 @@ model distribution (before penalties and temperature), as vLLM reports them.
 import torch
 
 from replica.engine.sequence import Sequence
+from replica.engine.structured_output import apply_allowed_mask
 from replica.outputs import TokenLogprob
 
 
@@ -21,11 +22,16 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], allowed_mask=None
+               ) -> tuple[list[int], list[TokenLogprob | None]]:
         # logits: [S, V] float32, one row per sequence in `seqs`
+        # allowed_mask: None, or structured outputs' (bitmask, constrained rows)
         num_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if any(n is not None for n in num_logprobs) else None)
+        if allowed_mask is not None:      # structured outputs: forbidden tokens → -inf
+            logits = logits.clone()
+            apply_allowed_mask(logits, allowed_mask)
         logits = self._apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]

@@ -1,7 +1,7 @@
 """Request and response bodies of the Ollama-compatible routes (`/api/...`).
 
 Ollama ignores fields it does not know, and so do these bodies; fields that would change the
-answer in a way this replica cannot honour (images, tools, a JSON format) are refused with 400
+answer in a way this replica cannot honour (images, thinking) are refused with 400
 rather than silently dropped. Durations in responses are nanoseconds, as in Ollama.
 """
 from typing import Annotated, Any, Literal
@@ -33,18 +33,45 @@ class OllamaOptions(OllamaBody):
     num_ctx: Annotated[int, Field(ge=0, le=MAX_INT)] | None = None
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class OllamaFunctionCall(OllamaBody):
+    name: FunctionName
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(OllamaBody):
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(OllamaBody):
     role: Literal["system", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=4 * 1024 * 1024)] = ""
     images: Annotated[list[str], Field(max_length=0)] | None = Field(
         None, description="only empty is supported (text-only model)")
+    tool_calls: Annotated[list[OllamaToolCall], Field(max_length=128)] | None = None
+    tool_name: Annotated[str, Field(max_length=256)] | None = Field(
+        None, description="on a tool message: the function whose result this is")
+
+
+class OllamaFunction(OllamaBody):
+    name: FunctionName
+    description: Annotated[str, Field(max_length=64 * 1024)] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class OllamaTool(OllamaBody):
+    type: Literal["function"] = "function"
+    function: OllamaFunction
 
 
 class _GenerateFields(OllamaBody):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     stream: bool | None = True
     options: OllamaOptions | None = None
-    format: Literal[""] | None = Field(None, description="only empty is supported")
+    format: Literal["", "json"] | dict[str, Any] | None = Field(
+        None, description='"json" (any JSON object) or a JSON schema the answer follows')
     keep_alive: float | int | str | None = None
     think: bool | None = Field(None, description="only false is supported")
     logprobs: bool | None = None
@@ -75,8 +102,7 @@ class OllamaGenerateRequest(_GenerateFields):
 
 class OllamaChatRequest(_GenerateFields):
     messages: Annotated[list[OllamaMessage], Field(max_length=4096)] | None = None
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(
-        None, description="only empty is supported (no tool calling)")
+    tools: Annotated[list[OllamaTool], Field(max_length=128)] | None = None
 
 
 class OllamaModelRequest(OllamaBody):
@@ -119,6 +145,7 @@ class OllamaGenerateResponse(Durations):
 class OllamaAssistantMessage(OllamaResponse):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[OllamaToolCall] | None = None
 
 
 class OllamaChatResponse(Durations):

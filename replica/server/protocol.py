@@ -4,7 +4,7 @@ Requests are validated strictly (no "1" for 1, no NaN, no unknown fields, as Ope
 static bounds live here, bounds that depend on the served model (context length, n limit)
 are checked by the handlers. The OpenAPI document is generated from these classes.
 """
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,6 +29,29 @@ class StreamOptions(RequestBody):
     continuous_usage_stats: bool = False
 
 
+JsonSchema = dict[str, Any] | bool
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class StructuredOutputs(RequestBody):
+    """vLLM's `structured_outputs`: exactly one of these constrains the output."""
+    json_: JsonSchema | Annotated[str, Field(max_length=256 * 1024)] | None = Field(None, alias="json")
+    regex: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]],
+                      Field(min_length=1, max_length=256)] | None = None
+    grammar: Annotated[str, Field(min_length=1, max_length=64 * 1024)] | None = None
+
+    @property
+    def json(self):          # the field's name in requests
+        return self.json_
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if sum(v is not None for v in (self.json_, self.regex, self.choice, self.grammar)) != 1:
+            raise ValueError("give exactly one of json, regex, choice or grammar")
+        return self
+
+
 class SamplingFields(RequestBody):
     """Parameters shared by /v1/completions and /v1/chat/completions."""
     model: str | None = Field(None, description="the served model name; omitted: the served model")
@@ -49,6 +72,14 @@ class SamplingFields(RequestBody):
                                                                  "masked until this many tokens")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's constraint on the output: json (a schema), regex, choice or grammar")
+    guided_json: JsonSchema | Annotated[str, Field(max_length=256 * 1024)] | None = Field(
+        None, description="older vLLM name of structured_outputs.json")
+    guided_regex: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]],
+                             Field(min_length=1, max_length=256)] | None = None
+    guided_grammar: Annotated[str, Field(min_length=1, max_length=64 * 1024)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     logit_bias: dict[str, float] | None = Field(
         None, description="accepted only when empty (token biasing is not supported)")
@@ -89,6 +120,20 @@ class TextPart(BaseModel):
     text: Annotated[str, Field(max_length=4 * 1024 * 1024)]
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: FunctionName
+    arguments: Annotated[str, Field(max_length=1024 * 1024)] = Field(
+        description="the arguments as a JSON object in a string")
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: Annotated[str, Field(max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     # Extra keys are ignored: clients send back the assistant message they received, with
     # fields such as refusal or annotations that do not matter for the prompt.
@@ -96,6 +141,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=4 * 1024 * 1024)] | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=128)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -103,8 +150,37 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class JsonSchemaFormat(RequestBody):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: Annotated[str, Field(max_length=4096)] | None = None
+    schema_: JsonSchema | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(RequestBody):
-    type: Literal["text"] = Field(description="only text is supported")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(RequestBody):
+    name: FunctionName
+    description: Annotated[str, Field(max_length=64 * 1024)] | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(RequestBody):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestBody):
+    name: FunctionName
+
+
+class NamedToolChoice(RequestBody):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -113,9 +189,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    tools: Annotated[list[dict], Field(max_length=0)] | None = Field(
-        None, description="only empty is supported (no tool calling)")
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -126,6 +201,13 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    @property
+    def tool_choice_name(self) -> str | None:
+        """"none", "auto", "required", a function's name, or None (not given)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -187,13 +269,14 @@ class ChatLogprobs(ResponseBody):
 class AssistantMessage(ResponseBody):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class ChatChoice(ResponseBody):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 

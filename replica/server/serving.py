@@ -28,6 +28,7 @@ from replica.server.errors import APIError, bad_request, from_validation_error, 
 from replica.server.lifecycle import Lifecycle
 from replica.server.metrics import ServerMetrics
 from replica.server.model_info import describe_model
+from replica.server.tools import ToolCalling
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -77,6 +78,9 @@ class Replica:
             engine.config.model, engine.model_path, engine.model_config, self.max_model_len,
             str(getattr(core, "dtype", "unknown")).removeprefix("torch."))
         self.weights_name = self.model_info.weights_name
+        self.chat_template = (self.tokenizer.hf.chat_template
+                              if self.tokenizer is not None and self.tokenizer.has_chat_template else None)
+        self.tools = ToolCalling(self.chat_template, config.tool_call_parser)
         # One worker: the HF tokenizer is not safe for concurrent encodes, and long prompts
         # must not hold the event loop.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -111,14 +115,17 @@ class Replica:
             raise bad_request(f"{param}: the text could not be tokenized", param) from None
 
     async def encode_chat(self, messages: list[dict], param: str = "messages",
-                          add_generation_prompt: bool = True) -> list[int]:
+                          add_generation_prompt: bool = True, tools: list[dict] | None = None
+                          ) -> list[int]:
+        """tools: OpenAI-shaped tool dicts for a template that renders them (see tools.py)."""
         tokenizer = self._require_tokenizer(param)
         if not tokenizer.has_chat_template:
             raise bad_request(f"{param}: this model has no chat template; use the completions API",
                               param)
         try:
+            extra = {"tools": tools} if tools else {}
             return await self._run_tokenizer(tokenizer.apply_chat_template, messages,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, **extra)
         except Exception:      # templates raise their own errors (e.g. role order rules)
             raise bad_request(f"{param}: the model's chat template rejected these messages "
                               "(check the roles and their order)", param) from None
