@@ -59,7 +59,8 @@ class StructuredOutputs:
         compiler = self._get_compiler()
         try:
             if spec.kind == "json_schema":
-                return compiler.compile_json_schema(spec.value, any_whitespace=False)
+                schema = _without_raw_control_chars(json.loads(spec.value))
+                return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
             if spec.kind == "json_object":
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
                                                     strict_mode=False)
@@ -124,6 +125,25 @@ def apply_allowed_mask(logits: torch.Tensor, allowed_mask: tuple[torch.Tensor, l
 
     bitmask, rows = allowed_mask
     xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+
+
+def _without_raw_control_chars(schema):
+    """Length-bounded strings written as an equivalent pattern without control characters.
+
+    xgrammar (0.2.9) writes `{"type": "string", "maxLength": n}` as n characters of
+    `[^"\\\r\n]`, which lets a raw tab or other control character into the string: invalid
+    JSON. The pattern keeps the bound and allows only characters JSON takes unescaped.
+    """
+    if isinstance(schema, list):
+        return [_without_raw_control_chars(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _without_raw_control_chars(v) for k, v in schema.items()}
+    is_bounded = "maxLength" in out or "minLength" in out
+    if out.get("type") == "string" and is_bounded and "pattern" not in out and "format" not in out:
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{lo},{hi}}}$'
+    return out
 
 
 def choice_ebnf(choices: tuple[str, ...]) -> str:

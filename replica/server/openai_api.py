@@ -12,15 +12,15 @@ from contextlib import aclosing
 from aiohttp import web
 
 from replica.outputs import Completion, RequestOutput
-from replica.server.logprobs import completion_logprobs, logprob_items
 from replica.server import structured
 from replica.server.errors import bad_request
+from replica.server.logprobs import completion_logprobs, logprob_items
 from replica.server.messages import openai_messages
-from replica.server.tool_parsers import ToolCall
-from replica.server.tools import ToolCallStream, ToolPlan, new_call_id
 from replica.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from replica.server.serving import REPLICA, Replica, new_request_id, read_body, started
 from replica.server.streaming import EventStream
+from replica.server.tool_parsers import ToolCall
+from replica.server.tools import ToolCallStream, ToolPlan, new_call_id
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for the legacy completions API
 

@@ -50,7 +50,7 @@ class ToolCalling:
         """functions: OpenAI `function` dicts (name, description, parameters); tool_choice:
         "none" | "auto" | "required" | a function name (named choice) | None (auto)."""
         if not functions:
-            if tool_choice in ("required",) or (tool_choice not in (None, "none", "auto")):
+            if tool_choice not in (None, "none", "auto"):       # required or a named function
                 raise bad_request("tool_choice: needs tools", "tool_choice")
             return None
         names = [f["name"] for f in functions]
@@ -73,8 +73,10 @@ class ToolCalling:
         tools = [{"type": "function", "function": f} for f in functions]
         if self.knows_tools:
             return ToolPlan(tools, None, spec, tool_choice != "none")
+        if tool_choice == "none":      # no call can follow: do not teach the format
+            return ToolPlan(None, None, None, False)
         listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-        return ToolPlan(None, _FALLBACK_PROMPT.format(tools=listing), spec, tool_choice != "none")
+        return ToolPlan(None, _FALLBACK_PROMPT.format(tools=listing), spec, True)
 
     # ---- prompt -------------------------------------------------------------------------
     def template_messages(self, messages: list[dict], plan: ToolPlan | None) -> list[dict]:
@@ -82,17 +84,19 @@ class ToolCalling:
         this template: kept when it knows tools, written as text when it does not."""
         if self.knows_tools:
             return messages
-        out = []
+        out, names = [], {}       # call id → function name, for the results that follow
         for m in messages:
             if m.get("tool_calls"):
                 calls = [ToolCall(c["function"]["name"], c["function"]["arguments"])
                          for c in m["tool_calls"]]
+                names.update((c.get("id"), c["function"]["name"]) for c in m["tool_calls"])
                 text = "\n".join(t for t in (m.get("content") or "", self.parser.render_calls(calls))
                                  if t)
                 out.append({"role": "assistant", "content": text})
             elif m["role"] == "tool":
+                name = m.get("name") or names.get(m.get("tool_call_id")) or "the function"
                 out.append({"role": "user",
-                            "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"})
+                            "content": f"{name} returned: {m.get('content') or ''}"})
             else:
                 out.append({k: v for k, v in m.items() if k in ("role", "content")})
         if plan is not None and plan.system_text:

@@ -36,8 +36,8 @@ async def tokenize(request: web.Request) -> web.Response:
     body = await read_body(request, TokenizeRequest)
     replica.check_model(body.model)
     if body.messages is not None:
-        ids = await replica.encode_chat(openai_messages(body.messages),
-                                        add_generation_prompt=body.add_generation_prompt)
+        messages = replica.tools.template_messages(openai_messages(body.messages), None)
+        ids = await replica.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
     else:
         ids = await replica.encode(body.prompt, "prompt", body.add_special_tokens)
     return web.json_response({"count": len(ids), "max_model_len": replica.max_model_len,
