@@ -59,11 +59,9 @@ class StructuredOutputs:
         compiler = self._get_compiler()
         try:
             if spec.kind == "json_schema":
-                schema = _without_raw_control_chars(json.loads(spec.value))
-                return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                return compiler.compile_grammar(json_schema_ebnf(spec.value))
             if spec.kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
-                                                    strict_mode=False)
+                return compiler.compile_grammar(json_schema_ebnf('{"type": "object"}', strict=False))
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.value)
             if spec.kind == "choice":
@@ -127,23 +125,19 @@ def apply_allowed_mask(logits: torch.Tensor, allowed_mask: tuple[torch.Tensor, l
     xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
 
 
-def _without_raw_control_chars(schema):
-    """Length-bounded strings written as an equivalent pattern without control characters.
+# xgrammar (0.2.9) writes a length-bounded string's characters as `[^"\\\r\n]`, which lets a
+# raw tab or other control character into the string: invalid JSON. Its unbounded strings
+# already exclude them; the bounded ones get the same class (checked by the property test).
+_LOOSE_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
 
-    xgrammar (0.2.9) writes `{"type": "string", "maxLength": n}` as n characters of
-    `[^"\\\r\n]`, which lets a raw tab or other control character into the string: invalid
-    JSON. The pattern keeps the bound and allows only characters JSON takes unescaped.
-    """
-    if isinstance(schema, list):
-        return [_without_raw_control_chars(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _without_raw_control_chars(v) for k, v in schema.items()}
-    is_bounded = "maxLength" in out or "minLength" in out
-    if out.get("type") == "string" and is_bounded and "pattern" not in out and "format" not in out:
-        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
-        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{lo},{hi}}}$'
-    return out
+
+def json_schema_ebnf(schema_text: str, strict: bool = True) -> str:
+    """The grammar of a JSON schema as EBNF (compact separators, strings valid JSON)."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema_text, any_whitespace=False, strict_mode=strict)
+    return str(grammar).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
 
 
 def choice_ebnf(choices: tuple[str, ...]) -> str:

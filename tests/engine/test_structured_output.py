@@ -46,7 +46,7 @@ def llm(text_model_path):
     return LLM(str(text_model_path), **ENGINE)
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(schema=SCHEMAS, seed=st.integers(0, 2**16))
 def test_constrained_output_always_validates_greedy_and_sampled(llm, schema, seed):
