@@ -4,20 +4,19 @@ Requests are validated strictly (no "1" for 1, no NaN, no unknown fields, as Ope
 static bounds live here, bounds that depend on the served model (context length, n limit)
 are checked by the handlers. The OpenAPI document is generated from these classes.
 """
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from replica.server.config import MAX_INT, MAX_LOGPROBS, MAX_PROMPTS_PER_REQUEST
+from replica.server.protocol_base import RequestBody
+from replica.server.protocol_formats import (JsonSchema, MessageToolCall, NamedToolChoice,
+                                             ResponseFormat, StructuredOutputs, Tool)
 
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=512)]],
                      Field(max_length=16)]
 StopField = Annotated[str, Field(min_length=1, max_length=512)] | StopList | None
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]], Field(min_length=1)]
-
-
-class RequestBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class ResponseBody(BaseModel):
@@ -27,29 +26,6 @@ class ResponseBody(BaseModel):
 class StreamOptions(RequestBody):
     include_usage: bool = False
     continuous_usage_stats: bool = False
-
-
-JsonSchema = dict[str, Any] | bool
-FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-
-
-class StructuredOutputs(RequestBody):
-    """vLLM's `structured_outputs`: exactly one of these constrains the output."""
-    json_: JsonSchema | Annotated[str, Field(max_length=256 * 1024)] | None = Field(None, alias="json")
-    regex: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
-    choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]],
-                      Field(min_length=1, max_length=256)] | None = None
-    grammar: Annotated[str, Field(min_length=1, max_length=64 * 1024)] | None = None
-
-    @property
-    def json(self):          # the field's name in requests
-        return self.json_
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        if sum(v is not None for v in (self.json_, self.regex, self.choice, self.grammar)) != 1:
-            raise ValueError("give exactly one of json, regex, choice or grammar")
-        return self
 
 
 class SamplingFields(RequestBody):
@@ -120,20 +96,6 @@ class TextPart(BaseModel):
     text: Annotated[str, Field(max_length=4 * 1024 * 1024)]
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    name: FunctionName
-    arguments: Annotated[str, Field(max_length=1024 * 1024)] = Field(
-        description="the arguments as a JSON object in a string")
-
-
-class MessageToolCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    id: Annotated[str, Field(max_length=256)]
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ChatMessage(BaseModel):
     # Extra keys are ignored: clients send back the assistant message they received, with
     # fields such as refusal or annotations that do not matter for the prompt.
@@ -148,39 +110,6 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
-
-
-class JsonSchemaFormat(RequestBody):
-    name: Annotated[str, Field(min_length=1, max_length=64)]
-    description: Annotated[str, Field(max_length=4096)] | None = None
-    schema_: JsonSchema | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(RequestBody):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class FunctionDefinition(RequestBody):
-    name: FunctionName
-    description: Annotated[str, Field(max_length=64 * 1024)] | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(RequestBody):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(RequestBody):
-    name: FunctionName
-
-
-class NamedToolChoice(RequestBody):
-    type: Literal["function"]
-    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -125,11 +125,9 @@ def from_openai(body) -> StructuredOutputSpec | None:
         schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {"type": "object"}
         specs.append(StructuredOutputSpec("json_schema", check_json_schema(
             schema, "response_format.json_schema.schema")))
-    so = body.structured_outputs
-    if so is not None:
-        for name in ("json", "regex", "choice", "grammar"):
-            if getattr(so, name) is not None:
-                specs.append(_vllm_spec(name, getattr(so, name), f"structured_outputs.{name}"))
+    if body.structured_outputs is not None:
+        for name, value in body.structured_outputs.given().items():
+            specs.append(_vllm_spec(name, value, f"structured_outputs.{name}"))
     for name in ("json", "regex", "choice", "grammar"):
         value = getattr(body, f"guided_{name}")
         if value is not None:
@@ -141,6 +139,8 @@ def from_openai(body) -> StructuredOutputSpec | None:
 
 
 def _vllm_spec(name: str, value, param: str) -> StructuredOutputSpec:
+    if name == "json_object":
+        return StructuredOutputSpec("json_object")
     if name == "json":
         return StructuredOutputSpec("json_schema", check_json_schema(value, param))
     if name == "regex":

@@ -34,6 +34,8 @@ OPENAI_CASES = [
     ("two constraints", dict(response_format={"type": "json_object"}, guided_regex="a+"),
      "response_format", "one constraint"),
     ("empty structured_outputs", dict(structured_outputs={}), "structured_outputs", "exactly one"),
+    ("structured_outputs json_object false only", dict(structured_outputs={"json_object": False}),
+     "structured_outputs", "exactly one"),
     ("tool without a name", dict(tools=[{"type": "function", "function": {"parameters": {}}}]),
      "tools[0].function.name", "required"),
     ("tool with a bad schema", dict(tools=[{"type": "function", "function": {
