@@ -130,10 +130,21 @@ def test_ollama_round_trip_with_a_past_call_and_its_result(smol):
         {"role": "assistant", "content": "",
          "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]},
         {"role": "tool", "content": "22 degrees and sunny", "tool_name": "get_weather"}]
-    reply = ollama.Client(host=smol.url).chat(model=NAME, messages=history, tools=[WEATHER],
-                                              options={"temperature": 0, "num_predict": 40})
+    client = ollama.Client(host=smol.url)
+    reply = client.chat(model=NAME, messages=history, tools=[WEATHER],
+                        options={"temperature": 0, "num_predict": 40})
     assert "22" in reply.message.content and not reply.message.tool_calls
     assert reply.done_reason == "stop"
+    # without the repetition penalty this model calls again: Ollama's shape, streamed or not
+    options = {"temperature": 0, "num_predict": 60, "repeat_penalty": 1.0}
+    again = client.chat(model=NAME, messages=history, tools=[WEATHER], options=options)
+    [call] = again.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(dict(call.function.arguments), WEATHER["function"]["parameters"])
+    streamed = [c for part in client.chat(model=NAME, messages=history, tools=[WEATHER],
+                                          options=options, stream=True)
+                for c in part.message.tool_calls or []]
+    assert streamed == again.message.tool_calls
 
 
 def test_show_lists_tools_only_for_templates_that_render_them(smol):
