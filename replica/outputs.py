@@ -51,3 +51,26 @@ class EngineStats:
     num_preemptions: int
     num_prompt_tokens: int
     num_generation_tokens: int
+
+
+@dataclass
+class Completion:
+    """One sample's deltas folded together: what a non-streaming answer reports.
+
+    The one accumulator of `CompletionOutput` deltas (the offline `LLM`, both server APIs).
+    `logprobs` stays None unless the deltas carry logprobs.
+    """
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: CompletionOutput) -> None:
+        self.text += delta.new_text
+        self.token_ids.extend(delta.new_token_ids)
+        if delta.new_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(delta.new_logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason

@@ -1,7 +1,35 @@
 """Per-request sampling settings, validated with errors that name the field."""
 from dataclasses import dataclass, field
 
+from replica.request_checks import RequestError
+
 MAX_LOGPROBS = 20
+
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """A constraint on the output, as plain data (picklable; compiled on the engine side).
+
+    kind: "json_schema" (value: the schema as a JSON string), "json_object" (any JSON object;
+    value ""), "regex" (value: the pattern), "choice" (value: a tuple of the allowed strings),
+    "grammar" (value: EBNF text) or "structural_tag" (value: xgrammar's structural-tag JSON,
+    which tool calls use). Frozen and hashable: the engine caches a compiled grammar per spec.
+    """
+    kind: str
+    value: str | tuple[str, ...] = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise RequestError("structured_output", f"kind must be one of {', '.join(STRUCTURED_KINDS)}")
+        if self.kind == "choice":
+            if isinstance(self.value, list):
+                object.__setattr__(self, "value", tuple(self.value))
+            if not self.value or not all(isinstance(c, str) and c for c in self.value):
+                raise RequestError("structured_output", "choice needs non-empty strings")
+        elif not isinstance(self.value, str):
+            raise RequestError("structured_output", f"{self.kind} needs a string")
 
 
 @dataclass
@@ -22,6 +50,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None        # number of top alternatives per token (0: only the chosen)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputSpec | None = None    # None: unconstrained (costs nothing)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,9 +74,9 @@ class SamplingParams:
         ]
         for ok, name, rule in checks:
             if not ok:
-                raise ValueError(f"{name} {rule}")
+                raise RequestError(name, rule)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError("min_tokens must be <= max_tokens")
+            raise RequestError("min_tokens", "must be <= max_tokens")
 
     @property
     def is_greedy(self) -> bool:

@@ -174,7 +174,8 @@ class AsyncEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_token_ids, params, vocab_size=self.model_config.vocab_size,
-                         max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs)
+                         max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
+                         has_tokenizer=self.tokenizer is not None)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:

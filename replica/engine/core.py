@@ -21,6 +21,7 @@ from replica.engine.model_runner import ModelRunner
 from replica.engine.sampler import SampledBatch, Sampler
 from replica.engine.scheduler import Scheduler, StepPlan
 from replica.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SequenceStatus
+from replica.engine.structured_output import StructuredOutputs
 from replica.kernels import ops
 from replica.layers.attention import get_attention_backend
 from replica.models.llama import LlamaForCausalLM
@@ -29,6 +30,7 @@ from replica.models.registry import default_served_name
 from replica.models.tokenizer import Tokenizer
 from replica.outputs import EngineStats
 from replica.quantization.methods import resolve_quantization
+from replica.request_checks import RequestError, check_context, check_num_samples, check_prompt_token_ids
 from replica.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -56,23 +58,14 @@ class _CoreRequest:
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, *, vocab_size: int,
-                     max_model_len: int, max_num_seqs: int) -> None:
-    """Raises ValueError (naming the limit) for a request that can never run. The front end
-    calls it before sending, the core again on arrival."""
-    num_prompt = len(prompt_token_ids)
-    if params.n > max_num_seqs:
-        raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs}), the most "
-                         "sequences one step can hold")
-    if num_prompt == 0:
-        raise ValueError("prompt must contain at least one token")
-    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-    if num_prompt >= max_model_len:
-        raise ValueError(f"prompt has {num_prompt} tokens; this model's context is {max_model_len} "
-                         "tokens and at least one must be left to generate")
-    if params.max_tokens is not None and num_prompt + params.max_tokens > max_model_len:
-        raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                         f"context length of {max_model_len} tokens")
+                     max_model_len: int, max_num_seqs: int, has_tokenizer: bool) -> None:
+    """Raises RequestError (a ValueError naming the field and the limit) for a request that can
+    never run. The front end calls it before sending, the core again on arrival."""
+    check_num_samples(params.n, max_num_seqs, "max_num_seqs, the most sequences one step can hold")
+    check_context(len(prompt_token_ids), params.max_tokens, max_model_len)
+    check_prompt_token_ids(prompt_token_ids, vocab_size)
+    if params.structured_output is not None and not has_tokenizer:
+        raise RequestError("response_format", "this model has no tokenizer to constrain output")
 
 
 def resolve_max_model_len(config: EngineConfig, model_config) -> int:
@@ -126,6 +119,8 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens)
         self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, config.seed, self.device,
                                max_num_rows=config.max_num_seqs)
+        self.structured = (StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, self.device)
+                           if self.tokenizer is not None else None)     # structured outputs
         self.requests: dict[str, _CoreRequest] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -164,13 +159,16 @@ class EngineCore:
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_token_ids, params, vocab_size=self.model_config.vocab_size,
-                         max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs)
+                         max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
+                         has_tokenizer=self.tokenizer is not None)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_s: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
+        if params.structured_output is not None:    # structured outputs: compile (cached) now
+            self.structured.compile(params.structured_output)
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
         seq = Sequence(request_id, prompt_token_ids, params, arrival_s)
         self._seed(seq)
@@ -214,7 +212,7 @@ class EngineCore:
     # A sequence sampled at t has a PLACEHOLDER_TOKEN until then; its input at t+1 comes from t's
     # sampled tensor on the device. A sequence that t ended (EOS, length) also computed a token
     # at t+1, which is dropped, never reported. Rows that need the newest token ids on the host
-    # to sample (penalties) make a step read t's tokens before sampling t+1.
+    # to sample (penalties, a grammar's matcher) make a step read t's tokens before sampling t+1.
     def step(self) -> list[SeqOutput]:
         outputs, self._pending = self._pending, []
         prev, self._in_flight = self._in_flight, None
@@ -232,10 +230,13 @@ class EngineCore:
                 self.requests[parent.request_id].seqs.append(child)
                 self._seed(child)
             seqs = [seq for seq, _ in plan.samplers]
-            if prev is not None and any(s.params.has_penalties for s in seqs):
+            if prev is not None and any(s.params.has_penalties or s.params.structured_output is not None
+                                        for s in seqs):
                 outputs += self._resolve(prev)
                 prev = None
-            sampled = self.sampler.sample_async(logits, seqs)
+            # structured outputs: the bitmask is filled while the forward pass runs on the device
+            allowed = self.structured.allowed_mask(seqs) if self.structured is not None else None
+            sampled = self.sampler.sample_async(logits, seqs, allowed_mask=allowed)
             for seq in seqs:
                 seq.token_ids.append(PLACEHOLDER_TOKEN)
                 seq.num_placeholders += 1
@@ -263,6 +264,8 @@ class EngineCore:
                 seq.new_logprobs.append(logprob)
             live.append((seq, token_id, position))
         self.scheduler.cache_blocks(step.plan)
+        if self.structured is not None:               # structured outputs: advance the matchers
+            self.structured.accept([seq for seq, _, _ in live], [token for _, token, _ in live])
         touched: dict[str, list[Sequence]] = {}
         for seq, token_id, position in live:
             self._check_stop(seq, token_id, position)

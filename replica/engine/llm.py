@@ -4,18 +4,8 @@ from dataclasses import dataclass
 
 from replica.config import EngineConfig
 from replica.engine.engine import LLMEngine
-from replica.outputs import TokenLogprob
+from replica.outputs import Completion
 from replica.sampling_params import SamplingParams
-
-
-@dataclass
-class Completion:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    stop_reason: str | int | None
-    logprobs: list[TokenLogprob] | None
 
 
 @dataclass
@@ -61,15 +51,9 @@ class LLM:
                 for c in out.outputs:
                     key = (out.request_id, c.index)
                     if key not in samples:
-                        samples[key] = Completion(c.index, "", [], None, None,
-                                                  [] if c.new_logprobs is not None else None)
+                        samples[key] = Completion(c.index)
                         result.outputs.append(samples[key])
-                    s = samples[key]
-                    s.text += c.new_text
-                    s.token_ids += c.new_token_ids
-                    if c.new_logprobs is not None:
-                        s.logprobs += c.new_logprobs
-                    s.finish_reason, s.stop_reason = c.finish_reason, c.stop_reason
+                    samples[key].add(c)
                 result.outputs.sort(key=lambda c: c.index)
 
     def _encode(self, prompt) -> list[int]:

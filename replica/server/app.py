@@ -1,4 +1,4 @@
-"""The replica's aiohttp application: routes, the front-door middleware, operator endpoints.
+"""The replica's aiohttp application: the front-door middleware around the routes of `routes.py`.
 
 Every request passes one middleware, in this order:
   count (pagefleet_http_requests_total{route,status}) → errors (no exception leaves as a trace)
@@ -11,20 +11,18 @@ import time
 from contextlib import nullcontext
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from replica.server import embeddings, ollama_api, ollama_store_api, openai_api
-from replica.server.auth import OPEN_PATHS, check_api_key
+from replica.server.auth import check_api_key
 from replica.server.config import ServerConfig
 from replica.server.errors import APIError, error_response
 from replica.server.openapi import build_openapi
-from replica.server.protocol import DetokenizeRequest, TokenizeRequest
-from replica.server.serving import REPLICA, Replica, read_body
+from replica.server.routes import OPEN_PATHS, add_routes
+from replica.server.serving import REPLICA, Replica
 from replica.server.streaming import DISCONNECTED
+from replica.server.utility_api import OPENAPI
 
 log = logging.getLogger("replica.server")
 
-OPENAPI = web.AppKey("openapi", dict)
 CLIENT_CLOSED = 499          # NGINX's status for a client that went away before the answer
 
 
@@ -87,55 +85,6 @@ async def _guarded(request: web.Request, handler, replica: Replica) -> web.Strea
         return await handler(request)
 
 
-# ---- operator and utility routes ---------------------------------------------------------
-
-async def health(request: web.Request) -> web.Response:
-    if request.app[REPLICA].engine.is_alive:
-        return web.json_response({"status": "ok"})
-    return web.json_response({"status": "engine dead"}, status=503)
-
-
-async def ready(request: web.Request) -> web.Response:
-    replica = request.app[REPLICA]
-    if not replica.engine.is_alive:
-        return web.json_response({"status": "engine dead"}, status=503)
-    if replica.lifecycle.is_draining:
-        return web.json_response({"status": "draining"}, status=503)
-    if not replica.lifecycle.is_ready:
-        return web.json_response({"status": "loading"}, status=503)
-    return web.json_response({"status": "ready"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = request.app[REPLICA].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def tokenize(request: web.Request) -> web.Response:
-    replica = request.app[REPLICA]
-    body = await read_body(request, TokenizeRequest)
-    replica.check_model(body.model)
-    if body.messages is not None:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        ids = await replica.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
-    else:
-        ids = await replica.encode(body.prompt, "prompt", body.add_special_tokens)
-    return web.json_response({"count": len(ids), "max_model_len": replica.max_model_len,
-                              "tokens": ids})
-
-
-async def detokenize(request: web.Request) -> web.Response:
-    replica = request.app[REPLICA]
-    body = await read_body(request, DetokenizeRequest)
-    replica.check_model(body.model)
-    return web.json_response({"prompt": replica.decode(body.tokens)})
-
-
-async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(request.app[OPENAPI])
-
-
 # ---- the app -----------------------------------------------------------------------------
 
 def build_app(engine, config: ServerConfig) -> web.Application:
@@ -145,23 +94,7 @@ def build_app(engine, config: ServerConfig) -> web.Application:
     app = web.Application(middlewares=[front_door], client_max_size=config.max_body_bytes)
     app[REPLICA] = replica
     app[OPENAPI] = build_openapi(config, replica.served_model_name)
-    app.router.add_post("/v1/completions", openai_api.create_completion)
-    app.router.add_post("/v1/chat/completions", openai_api.create_chat_completion)
-    app.router.add_get("/v1/models", openai_api.list_models)
-    app.router.add_post("/api/generate", ollama_api.generate)
-    app.router.add_post("/api/chat", ollama_api.chat)
-    app.router.add_get("/api/tags", ollama_api.tags)
-    app.router.add_post("/api/show", ollama_api.show)
-    app.router.add_get("/api/ps", ollama_api.ps)
-    app.router.add_get("/api/version", ollama_api.version)
-    embeddings.add_routes(app)              # /api/embed, /api/embeddings, /v1/embeddings
-    ollama_store_api.add_routes(app)        # /api/pull, push, create, copy, delete: 501
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi_json)
+    add_routes(app)
 
     async def start_engine(app: web.Application) -> None:
         engine.start()

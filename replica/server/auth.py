@@ -2,15 +2,14 @@
 
 Keys are compared in constant time against every configured key, so neither the position of
 the first wrong byte nor which key matched shows in the response time. The operator routes
-stay open so that the fleet and Prometheus need no secret.
+(`is_open` in `routes.py`) stay open so that the fleet and Prometheus need no secret: the app
+does not call `check_api_key` for them.
 """
 import hmac
 
 from aiohttp import web
 
 from replica.server.errors import APIError
-
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 def _presented_key(request: web.Request) -> str | None:
@@ -32,8 +31,8 @@ def is_authorized(presented: str | None, api_keys: tuple[str, ...]) -> bool:
 
 
 def check_api_key(request: web.Request, api_keys: tuple[str, ...]) -> None:
-    """Raises a 401 unless keys are off, the path is open, or the request carries a key."""
-    if not api_keys or request.path in OPEN_PATHS:
+    """Raises a 401 unless keys are off or the request carries a key."""
+    if not api_keys:
         return
     presented = _presented_key(request)
     if not is_authorized(presented, api_keys):

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--max-n", type=int, default=16, help="largest n (samples per request)")
+    p.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral"],
+                   help="how the model writes tool calls (default: picked from its chat template)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -71,7 +73,7 @@ def _configs(args: argparse.Namespace):
         host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_keys=tuple(args.api_key) + tuple(k for k in env_keys if k),
         drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
-        max_n=args.max_n, log_level=args.log_level)
+        max_n=args.max_n, log_level=args.log_level, tool_call_parser=args.tool_call_parser)
     if args.max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {args.max_queue}")
     engine = EngineConfig(

@@ -6,6 +6,7 @@ server decides: who may call it, how big a request may be, and how long a drain 
 import importlib.metadata
 from dataclasses import dataclass, field
 
+MAX_INT = 2**31 - 1       # the largest count a request field may hold (int32, as clients expect)
 MAX_LOGPROBS = 20          # top alternatives per token (OpenAI's chat limit; vLLM's default)
 MAX_PROMPTS_PER_REQUEST = 32   # /v1/completions with a list of prompts
 
@@ -28,6 +29,7 @@ class ServerConfig:
     max_n: int = 16                          # samples per request (n)
     retry_after_s: int = 1                   # Retry-After of a 503 for a full queue
     log_level: str = "info"
+    tool_call_parser: str | None = None      # None: picked from the chat template
     version: str = field(default_factory=_package_version)
 
     def __post_init__(self) -> None:
@@ -40,5 +42,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
+        if self.tool_call_parser not in (None, "hermes", "llama3_json", "mistral"):
+            raise ValueError("tool_call_parser must be hermes, llama3_json or mistral, "
+                             f"got {self.tool_call_parser!r}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("served_model_name must not be empty")

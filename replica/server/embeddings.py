@@ -174,8 +174,3 @@ async def openai_embeddings(request: web.Request) -> web.Response:
                  for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
 
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/embed", ollama_embed)
-    app.router.add_post("/api/embeddings", ollama_embeddings)
-    app.router.add_post("/v1/embeddings", openai_embeddings)

@@ -11,11 +11,15 @@ from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
-from replica.outputs import RequestOutput, TokenLogprob
+from replica.outputs import Completion, RequestOutput
+from replica.server import structured
+from replica.server.logprobs import logprob_items
+from replica.server.messages import ollama_messages
 from replica.server.ollama_protocol import (OllamaChatRequest, OllamaGenerateRequest,
                                             OllamaModelRequest, OllamaOptions)
 from replica.server.serving import REPLICA, Replica, new_request_id, read_body, started
 from replica.server.streaming import EventStream
+from replica.server.tools import ToolCallStream
 
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1}
 
@@ -29,7 +33,7 @@ def _ns(seconds: float | None) -> int:
 
 
 def _sampling_params(replica: Replica, options: OllamaOptions | None, num_prompt_tokens: int,
-                     logprobs: int | None):
+                     logprobs: int | None, structured_output=None, skip_special_tokens=None):
     o = options or OllamaOptions()
     room = replica.resolve_max_tokens(num_prompt_tokens, None)
     # Ollama never refuses a long num_predict: it stops at the context's end ("length").
@@ -45,16 +49,8 @@ def _sampling_params(replica: Replica, options: OllamaOptions | None, num_prompt
         repetition_penalty=(o.repeat_penalty if o.repeat_penalty is not None
                             else OLLAMA_DEFAULTS["repetition_penalty"]),
         presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
-        logprobs=logprobs)
-
-
-def _logprob_items(replica: Replica, logprobs: list[TokenLogprob]) -> list[dict]:
-    def entry(token_id: int, logprob: float) -> dict:
-        token = replica.token_text(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, l) for t, l in lp.top]}
-            for lp in logprobs]
+        logprobs=logprobs, structured_output=structured_output,
+        skip_special_tokens=skip_special_tokens)
 
 
 def _final_stats(out: RequestOutput, start_s: float, num_output_tokens: int) -> dict:
@@ -72,44 +68,56 @@ def _final_stats(out: RequestOutput, start_s: float, num_output_tokens: int) -> 
 
 
 async def _respond(request: web.Request, replica: Replica, *, stream: bool, prompt_ids: list[int],
-                   params, shape, final_extra=None) -> web.StreamResponse:
-    """Runs one request; `shape(text, done)` builds the chat or the generate object."""
+                   params, shape, final_extra=None, is_parsing: bool = False) -> web.StreamResponse:
+    """Runs one request; `shape(text, done, tool_calls=None)` builds the chat or the generate
+    object; `is_parsing`: tool calls are looked for in the text (chat with tools)."""
     outputs = await started(replica.generate(new_request_id("ollama"), prompt_ids, params))
     want_logprobs = params.logprobs is not None
     token_ids: list[int] = []
 
-    def final(last: RequestOutput, text: str) -> dict:
+    def final(last: RequestOutput, text: str, calls=None) -> dict:
         o = last.outputs[-1] if last.outputs else None
-        body = {**shape(text, True), "done_reason": (o.finish_reason if o else None) or "stop",
+        body = {**shape(text, True, calls), "done_reason": (o.finish_reason if o else None) or "stop",
                 **_final_stats(last, request["start_s"], len(token_ids))}
         if final_extra:
             body.update(final_extra(prompt_ids + token_ids))
         return body
 
     if not stream:
-        text, logprobs, last = [], [], None
+        sample, last = Completion(0), None
         async with aclosing(outputs):
             async for last in outputs:
                 for o in last.outputs:
-                    token_ids.extend(o.new_token_ids)
-                    text.append(o.new_text)
-                    if want_logprobs:
-                        logprobs.extend(_logprob_items(replica, o.new_logprobs or []))
-        body = final(last, "".join(text))
+                    sample.add(o)
+        token_ids.extend(sample.token_ids)
+        content, calls = replica.tools.extract(sample.text) if is_parsing else (sample.text, [])
+        body = final(last, content or "", _ollama_calls(calls))
         if want_logprobs:
-            body["logprobs"] = logprobs
+            body["logprobs"] = logprob_items(replica.token_text, sample.logprobs or [])
         return web.json_response(body)
 
+    calls_stream = ToolCallStream(replica.tools) if is_parsing else None
     async with EventStream(request, ndjson=True) as events, aclosing(outputs):
         async for last in outputs:
             for o in last.outputs:
                 token_ids.extend(o.new_token_ids)
-                items = _logprob_items(replica, o.new_logprobs or []) if want_logprobs else None
-                if o.new_text or items:
-                    await events.send({**shape(o.new_text, False),
+                items = logprob_items(replica.token_text, o.new_logprobs or []) if want_logprobs else None
+                text = calls_stream.feed(o.new_text) if calls_stream else o.new_text
+                if text or items:
+                    await events.send({**shape(text, False),
                                        **({"logprobs": items} if want_logprobs else {})})
+        if calls_stream is not None:
+            rest, calls = calls_stream.finish()
+            if rest or calls:       # Ollama sends the calls in a message of their own
+                await events.send(shape(rest, False, _ollama_calls(calls)))
         await events.send(final(last, ""))
     return events.response
+
+
+def _ollama_calls(calls) -> list[dict] | None:
+    """Ollama's shape: arguments as an object, no ids."""
+    return [{"function": {"index": k, "name": c.name, "arguments": c.arguments}}
+            for k, c in enumerate(calls)] or None
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -118,7 +126,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     replica.check_model(body.model)
     name = replica.served_model_name
 
-    def shape(text: str, done: bool) -> dict:
+    def shape(text: str, done: bool, calls=None) -> dict:
         return {"model": name, "created_at": _now_rfc3339(), "response": text, "done": done}
 
     if not body.prompt and not body.context:     # Ollama's "load" (or, keep_alive 0, "unload")
@@ -137,7 +145,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         replica.check_token_ids(body.context, "context")
         prompt_ids = list(body.context) + prompt_ids
     params = _sampling_params(replica, replica.store.options_for(body.options), len(prompt_ids),
-                              body.num_logprobs)
+                              body.num_logprobs, structured.from_ollama(body.format))
     return await _respond(request, replica, stream=body.stream is not False, prompt_ids=prompt_ids,
                           params=params, shape=shape, final_extra=lambda ids: {"context": ids})
 
@@ -148,19 +156,25 @@ async def chat(request: web.Request) -> web.StreamResponse:
     replica.check_model(body.model)
     name = replica.served_model_name
 
-    def shape(text: str, done: bool) -> dict:
-        return {"model": name, "created_at": _now_rfc3339(),
-                "message": {"role": "assistant", "content": text}, "done": done}
+    def shape(text: str, done: bool, calls=None) -> dict:
+        message = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = calls
+        return {"model": name, "created_at": _now_rfc3339(), "message": message, "done": done}
 
     if not body.messages:
         return web.json_response({**shape("", True), "done_reason": "load"})
-    messages = replica.store.with_system([{"role": m.role, "content": m.content}
-                                          for m in body.messages])
-    prompt_ids = await replica.encode_chat(messages)
+    spec = structured.from_ollama(body.format)
+    plan = replica.tools.plan([t.function.model_dump(exclude_none=True) for t in body.tools or []],
+                              None, True)
+    messages = replica.tools.template_messages(replica.store.with_system(ollama_messages(body.messages)),
+                                               plan)
+    prompt_ids = await replica.encode_chat(messages, tools=plan.template_tools if plan else None)
+    is_parsing = plan is not None and spec is None
     params = _sampling_params(replica, replica.store.options_for(body.options), len(prompt_ids),
-                              body.num_logprobs)
+                              body.num_logprobs, spec, skip_special_tokens=False if is_parsing else None)
     return await _respond(request, replica, stream=body.stream is not False, prompt_ids=prompt_ids,
-                          params=params, shape=shape)
+                          params=params, shape=shape, is_parsing=is_parsing)
 
 
 # ---- model listing -----------------------------------------------------------------------
@@ -215,7 +229,7 @@ async def show(request: web.Request) -> web.Response:
         **({"license": store.model.license} if store.model and store.model.license else {}),
         "details": _details(replica),
         "model_info": info.model_info,
-        "capabilities": ["completion"],
+        "capabilities": ["completion", *(["tools"] if replica.tools.knows_tools else [])],
         "modified_at": info.modified_at,
     })
 

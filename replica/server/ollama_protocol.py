@@ -1,16 +1,15 @@
 """Request and response bodies of the Ollama-compatible routes (`/api/...`).
 
 Ollama ignores fields it does not know, and so do these bodies; fields that would change the
-answer in a way this replica cannot honour (images, tools, a JSON format) are refused with 400
+answer in a way this replica cannot honour (images, thinking) are refused with 400
 rather than silently dropped. Durations in responses are nanoseconds, as in Ollama.
 """
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from replica.server.config import MAX_LOGPROBS
+from replica.server.config import MAX_INT, MAX_LOGPROBS
 
-MAX_INT = 2**31 - 1
 NO_VISION = "model has no vision: this model reads text only; send the request without images"
 
 
@@ -36,10 +35,25 @@ class OllamaOptions(OllamaBody):
     num_ctx: Annotated[int, Field(ge=0, le=MAX_INT)] | None = None
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class OllamaFunctionCall(OllamaBody):
+    name: FunctionName
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(OllamaBody):
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(OllamaBody):
     role: Literal["system", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=4 * 1024 * 1024)] = ""
     images: list[str] | None = Field(None, description="only empty is supported (text-only model)")
+    tool_calls: Annotated[list[OllamaToolCall], Field(max_length=128)] | None = None
+    tool_name: Annotated[str, Field(max_length=256)] | None = Field(
+        None, description="on a tool message: the function whose result this is")
 
     @model_validator(mode="after")
     def _no_images(self):
@@ -48,11 +62,23 @@ class OllamaMessage(OllamaBody):
         return self
 
 
+class OllamaFunction(OllamaBody):
+    name: FunctionName
+    description: Annotated[str, Field(max_length=64 * 1024)] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class OllamaTool(OllamaBody):
+    type: Literal["function"] = "function"
+    function: OllamaFunction
+
+
 class _GenerateFields(OllamaBody):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     stream: bool | None = True
     options: OllamaOptions | None = None
-    format: Literal[""] | None = Field(None, description="only empty is supported")
+    format: Literal["", "json"] | dict[str, Any] | None = Field(
+        None, description='"json" (any JSON object) or a JSON schema the answer follows')
     keep_alive: float | int | str | None = None
     think: bool | None = Field(None, description="only false is supported")
     logprobs: bool | None = None
@@ -88,8 +114,7 @@ class OllamaGenerateRequest(_GenerateFields):
 
 class OllamaChatRequest(_GenerateFields):
     messages: Annotated[list[OllamaMessage], Field(max_length=4096)] | None = None
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(
-        None, description="only empty is supported (no tool calling)")
+    tools: Annotated[list[OllamaTool], Field(max_length=128)] | None = None
 
 
 class OllamaModelRequest(OllamaBody):
@@ -132,6 +157,7 @@ class OllamaGenerateResponse(Durations):
 class OllamaAssistantMessage(OllamaResponse):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[OllamaToolCall] | None = None
 
 
 class OllamaChatResponse(Durations):

@@ -132,7 +132,4 @@ async def store_change_refused(request: web.Request) -> web.Response:
                         f"{_INSTEAD[request.path]}", code="not_implemented")
 
 
-def add_routes(app: web.Application) -> None:
-    for path in _INSTEAD:
-        method = "DELETE" if path == "/api/delete" else "POST"
-        app.router.add_route(method, path, store_change_refused)
+STORE_CHANGES = tuple(_INSTEAD)        # the paths; replica/server/routes.py registers them

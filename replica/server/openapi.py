@@ -1,60 +1,15 @@
 """The OpenAPI 3.1 document of the replica, generated from the pydantic bodies.
 
-`ROUTES` is the single list of what the server exposes; a test checks that the app's router
-and this list agree, so the document cannot silently fall behind the code.
+Built from `replica.server.routes.ROUTES`, the table the router is built from too.
 """
-from dataclasses import dataclass
-
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from replica.server import embeddings as emb
 from replica.server import ollama_protocol as ollama
 from replica.server import protocol as openai
 from replica.server.config import ServerConfig
+from replica.server.routes import ROUTES, Route
 
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    summary: str
-    request: type[BaseModel] | None = None
-    response: type[BaseModel] | None = None
-    stream_type: str | None = None          # content type of the streamed variant
-    is_open: bool = False                   # no API key needed
-
-
-ROUTES = (
-    Route("post", "/v1/completions", "Text completion (OpenAI)", openai.CompletionRequest,
-          openai.CompletionResponse, "text/event-stream"),
-    Route("post", "/v1/chat/completions", "Chat completion (OpenAI)",
-          openai.ChatCompletionRequest, openai.ChatCompletionResponse, "text/event-stream"),
-    Route("get", "/v1/models", "The served model (OpenAI)", None, openai.ModelList),
-    Route("post", "/api/generate", "Generate (Ollama)", ollama.OllamaGenerateRequest,
-          ollama.OllamaGenerateResponse, "application/x-ndjson"),
-    Route("post", "/api/chat", "Chat (Ollama)", ollama.OllamaChatRequest,
-          ollama.OllamaChatResponse, "application/x-ndjson"),
-    Route("get", "/api/tags", "Local models (Ollama)", None, ollama.TagsResponse),
-    Route("post", "/api/show", "Model details (Ollama)", ollama.OllamaModelRequest,
-          ollama.ShowResponse),
-    Route("get", "/api/ps", "Loaded models (Ollama)", None, ollama.PsResponse),
-    Route("get", "/api/version", "Server version (Ollama)", None, ollama.VersionResponse),
-    Route("post", "/tokenize", "Prompt or messages to token ids", openai.TokenizeRequest,
-          openai.TokenizeResponse),
-    Route("post", "/detokenize", "Token ids to text", openai.DetokenizeRequest,
-          openai.DetokenizeResponse),
-    Route("get", "/health", "200 while the engine loop lives", is_open=True),
-    Route("get", "/ready", "200 when loaded and not draining", is_open=True),
-    Route("get", "/metrics", "Prometheus metrics", is_open=True),
-    Route("get", "/openapi.json", "This document"),
-    Route("post", "/api/embed", "Embeddings (Ollama)", emb.OllamaEmbedRequest,
-          emb.OllamaEmbedResponse),
-    Route("post", "/api/embeddings", "Embedding of one prompt (Ollama, older form)",
-          emb.OllamaEmbeddingsRequest, emb.OllamaEmbeddingsResponse),
-    Route("post", "/v1/embeddings", "Embeddings (OpenAI)", emb.EmbeddingRequest,
-          emb.EmbeddingResponse),
-)
 
 _ERRORS = {"400": "invalid JSON or parameters", "401": "missing or wrong API key",
            "404": "unknown model", "413": "body over the size limit",
@@ -119,15 +74,16 @@ def _pin_model_names(schemas: dict, served_name: str) -> None:
 
 
 def build_openapi(config: ServerConfig, served_name: str) -> dict:
-    models = {m for r in ROUTES for m in (r.request, r.response) if m is not None}
+    documented = [r for r in ROUTES if r.in_openapi]
+    models = {m for r in documented for m in (r.request, r.response) if m is not None}
     models |= {openai.ErrorResponse, ollama.OllamaError}
-    pairs = [(m, "validation" if m in {r.request for r in ROUTES} else "serialization")
+    pairs = [(m, "validation" if m in {r.request for r in documented} else "serialization")
              for m in sorted(models, key=lambda m: m.__name__)]
     _, schema = models_json_schema(pairs, ref_template="#/components/schemas/{model}")
     schemas = schema.get("$defs", {})
     _pin_model_names(schemas, served_name)
     paths: dict = {}
-    for route in ROUTES:
+    for route in documented:
         paths.setdefault(route.path, {})[route.method] = _operation(route, bool(config.api_keys))
     doc = {
         "openapi": "3.1.0",

@@ -8,17 +8,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from replica.server.config import MAX_LOGPROBS, MAX_PROMPTS_PER_REQUEST
+from replica.server.config import MAX_INT, MAX_LOGPROBS, MAX_PROMPTS_PER_REQUEST
+from replica.server.protocol_base import RequestBody
+from replica.server.protocol_formats import (JsonSchema, MessageToolCall, NamedToolChoice,
+                                             ResponseFormat, StructuredOutputs, Tool)
 
-MAX_INT = 2**31 - 1
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=512)]],
                      Field(max_length=16)]
 StopField = Annotated[str, Field(min_length=1, max_length=512)] | StopList | None
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]], Field(min_length=1)]
-
-
-class RequestBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class ResponseBody(BaseModel):
@@ -50,6 +48,14 @@ class SamplingFields(RequestBody):
                                                                  "masked until this many tokens")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's constraint on the output: json (a schema), regex, choice or grammar")
+    guided_json: JsonSchema | Annotated[str, Field(max_length=256 * 1024)] | None = Field(
+        None, description="older vLLM name of structured_outputs.json")
+    guided_regex: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]],
+                             Field(min_length=1, max_length=256)] | None = None
+    guided_grammar: Annotated[str, Field(min_length=1, max_length=64 * 1024)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     logit_bias: dict[str, float] | None = Field(
         None, description="accepted only when empty (token biasing is not supported)")
@@ -97,6 +103,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=4 * 1024 * 1024)] | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=128)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -115,19 +123,14 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ResponseFormat(RequestBody):
-    type: Literal["text"] = Field(description="only text is supported")
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    tools: Annotated[list[dict], Field(max_length=0)] | None = Field(
-        None, description="only empty is supported (no tool calling)")
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -138,6 +141,13 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    @property
+    def tool_choice_name(self) -> str | None:
+        """"none", "auto", "required", a function's name, or None (not given)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -199,13 +209,14 @@ class ChatLogprobs(ResponseBody):
 class AssistantMessage(ResponseBody):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class ChatChoice(ResponseBody):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from typing import TypeVar
 
 from aiohttp import web
@@ -21,6 +21,8 @@ from pydantic import BaseModel, ValidationError
 from replica.engine.async_engine import EngineDeadError, QueueFullError
 from replica.models.ollama_store import same_model
 from replica.outputs import RequestOutput
+from replica.request_checks import (RequestError, check_context, check_num_samples,
+                                    check_prompt_token_ids)
 from replica.sampling_params import SamplingParams
 from replica.server.config import ServerConfig
 from replica.server.errors import APIError, bad_request, from_validation_error, model_not_found
@@ -28,8 +30,18 @@ from replica.server.lifecycle import Lifecycle
 from replica.server.metrics import ServerMetrics
 from replica.server.model_info import describe_model
 from replica.server.ollama_store_api import store_defaults
+from replica.server.tools import ToolCalling
 
 M = TypeVar("M", bound=BaseModel)
+
+
+@contextmanager
+def request_errors_as_400():
+    """The shared request checks (`replica.request_checks`) answer 400 naming their field."""
+    try:
+        yield
+    except RequestError as err:
+        raise bad_request(str(err), err.param) from None
 
 
 def new_request_id(prefix: str) -> str:
@@ -71,6 +83,9 @@ class Replica:
         # the weights as held on the device (quantised or not), from the engine core's handshake
         self.model_info.model_info["pagefleet.weights_device_bytes"] = engine.weights_device_bytes
         self.model_info.model_info["pagefleet.quantization"] = engine.quantization or "none"
+        self.chat_template = (self.tokenizer.hf.chat_template
+                              if self.tokenizer is not None and self.tokenizer.has_chat_template else None)
+        self.tools = ToolCalling(self.chat_template, config.tool_call_parser)
         # One worker: the HF tokenizer is not safe for concurrent encodes, and long prompts
         # must not hold the event loop.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -106,15 +121,18 @@ class Replica:
             raise bad_request(f"{param}: the text could not be tokenized", param) from None
 
     async def encode_chat(self, messages: list[dict], param: str = "messages",
-                          add_generation_prompt: bool = True) -> list[int]:
+                          add_generation_prompt: bool = True, tools: list[dict] | None = None
+                          ) -> list[int]:
+        """tools: OpenAI-shaped tool dicts for a template that renders them (see tools.py)."""
         tokenizer = self._require_tokenizer(param)
         if not tokenizer.has_chat_template:
             why = getattr(tokenizer, "chat_template_problem", None)   # e.g. an unknown Ollama template
             raise bad_request(f"{param}: {why}" if why else
                               f"{param}: this model has no chat template; use the completions API", param)
         try:
+            extra = {"tools": tools} if tools else {}
             return await self._run_tokenizer(tokenizer.apply_chat_template, messages,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, **extra)
         except Exception:      # templates raise their own errors (e.g. role order rules)
             raise bad_request(f"{param}: the model's chat template rejected these messages "
                               "(check the roles and their order)", param) from None
@@ -131,39 +149,26 @@ class Replica:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        if any(t >= self.vocab_size for t in token_ids):
-            raise bad_request(f"{param}: token ids must be < the vocabulary size {self.vocab_size}",
-                              param)
+        with request_errors_as_400():
+            check_prompt_token_ids(token_ids, self.vocab_size, param)
 
     # ---- admission ----------------------------------------------------------------------
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None,
                            param: str = "max_tokens") -> int:
         """None → the rest of the context. Prompt + max_tokens must fit in the context."""
-        if num_prompt_tokens == 0:
-            raise bad_request("prompt: must not be empty", "prompt")
-        room = self.max_model_len - num_prompt_tokens
-        if room < 1:
-            raise bad_request(f"prompt: {num_prompt_tokens} tokens leave no room in this model's "
-                              f"context of {self.max_model_len} tokens", "prompt")
-        if max_tokens is None:
-            return room
-        if max_tokens > room:
-            raise bad_request(f"{param}: the prompt ({num_prompt_tokens} tokens) plus {param} "
-                              f"({max_tokens}) is over the context length {self.max_model_len}",
-                              param)
-        return max_tokens
+        with request_errors_as_400():
+            check_context(num_prompt_tokens, max_tokens, self.max_model_len, param)
+        return self.max_model_len - num_prompt_tokens if max_tokens is None else max_tokens
 
     def check_n(self, n: int) -> None:
-        if n > self.config.max_n:
-            raise bad_request(f"n: must be <= {self.config.max_n}", "n")
+        with request_errors_as_400():
+            check_num_samples(n, self.config.max_n, "this server's --max-n")
 
     @staticmethod
     def sampling_params(**kwargs) -> SamplingParams:
-        """Unset (None) fields keep SamplingParams' defaults; its ValueError names the field."""
-        try:
+        """Unset (None) fields keep SamplingParams' defaults; its errors name the field."""
+        with request_errors_as_400():
             return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
-        except ValueError as err:
-            raise bad_request(str(err), str(err).split(" ", 1)[0]) from None
 
     # ---- generation ---------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int],
@@ -179,7 +184,9 @@ class Replica:
                            headers={"Retry-After": str(self.config.retry_after_s)}) from None
         except EngineDeadError:
             raise APIError(503, "the engine is not running", code="engine_dead") from None
-        except ValueError as err:      # the engine's validation; its messages name the limit
+        except RequestError as err:    # the engine's validation, worded as the server's
+            raise bad_request(str(err), err.param) from None
+        except ValueError as err:
             raise bad_request(str(err)) from None
 
     async def _observed(self, request_id: str, prompt_ids: list[int],

@@ -67,10 +67,10 @@ def test_kv_cache_too_small_for_one_full_length_sequence_prints_the_numbers(toke
 
 
 def test_prompt_plus_max_tokens_over_the_context(token_llm):
-    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) \+ max_tokens \(10\) exceeds the context "
-                                         r"length of 64 tokens"):
+    with pytest.raises(ValueError, match=r"^max_tokens: the prompt \(60 tokens\) plus max_tokens \(10\) is "
+                                         r"over the context length of 64 tokens"):
         token_llm.generate([[5] * 60], SamplingParams(max_tokens=10))
-    with pytest.raises(ValueError, match="prompt has 64 tokens; this model's context is 64 tokens"):
+    with pytest.raises(ValueError, match="prompt: 64 tokens leave no room to generate in this model's context of 64"):
         token_llm.generate([[5] * 64], SamplingParams(max_tokens=None))
     with pytest.raises(ValueError, match="at least one token"):
         token_llm.generate([[]], SamplingParams())
@@ -88,12 +88,12 @@ def test_prompt_plus_max_tokens_over_the_context(token_llm):
     ("stop", [""]),
 ])
 def test_sampling_params_validation_names_the_field(field, value):
-    with pytest.raises(ValueError, match=rf"^{field} must"):
+    with pytest.raises(ValueError, match=rf"^{field}: must"):
         SamplingParams(**{field: value})
 
 
 def test_sampling_params_min_tokens_over_max_tokens():
-    with pytest.raises(ValueError, match="min_tokens must be <= max_tokens"):
+    with pytest.raises(ValueError, match="^min_tokens: must be <= max_tokens"):
         SamplingParams(min_tokens=5, max_tokens=4)
 
 

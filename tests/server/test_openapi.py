@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from replica.server.openapi import ROUTES
+from replica.server.routes import ROUTES
 from tests.server.conftest import API_KEY, TINY_NAME, ServerProcess, engine_idle, tiny_server_args
 
 

@@ -6,7 +6,8 @@ from replica.server.auth import is_authorized
 from replica.server.config import ServerConfig
 from replica.server.errors import from_validation_error
 from replica.server.model_info import _human_count
-from replica.server.openapi import ROUTES, build_openapi
+from replica.server.openapi import build_openapi
+from replica.server.routes import ROUTES
 from replica.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
