@@ -39,17 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import engine as engine_bench  # noqa: E402  (bench/engine.py)
 from fleetctl.loadgen import BenchConfig, make_requests, run_benchmark  # noqa: E402
 from fleetctl.loadgen_report import summarize  # noqa: E402
 from replica.config import EngineConfig  # noqa: E402
 from replica.engine.engine import LLMEngine  # noqa: E402
 from replica.sampling_params import SamplingParams  # noqa: E402
 
-SHAPES = {
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-               num_attention_heads=32, num_key_value_heads=4, rope_theta=10000.0),
+# the shapes of bench/engine.py, plus one small enough for a CPU
+SHAPES = engine_bench.SHAPES | {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
 }
@@ -111,7 +109,6 @@ def offline_w3(args, folder: Path, requests, warmup_requests) -> None:
 
 def bench_engine_workloads(engine: LLMEngine, size: str) -> None:
     """W2, W1, W5 and the W3 KV waste as bench/engine.py measures them, on this engine."""
-    import engine as engine_bench                    # bench/engine.py
     engine_bench.RESULTS = RESULTS
     engine_bench.emit = emit
     vocab = engine.model_config.vocab_size

@@ -62,6 +62,14 @@ class ToolParser:
         return json.dumps({"type": "structural_tag", "format": self.calls_format(tags, is_parallel)})
 
 
+def call_from_json(obj) -> ToolCall | None:
+    """`{"name": ..., "arguments"|"parameters": {...}}` as a call; None when it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return ToolCall(obj["name"], args) if isinstance(args, dict) else None
+
+
 def json_object_prefix(text: str) -> tuple[dict | None, int]:
     """The JSON object at the start of `text` and where it ends (None, 0 when there is none)."""
     try:

@@ -9,7 +9,7 @@ one block per call, blocks separated by whitespace.
 import json
 import re
 
-from replica.server.tool_parsers.base import ToolCall, ToolParser, json_schema_content
+from replica.server.tool_parsers.base import ToolCall, ToolParser, call_from_json, json_schema_content
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -25,12 +25,10 @@ class HermesParser(ToolParser):
                 obj = json.loads(body)
             except ValueError:
                 return None
-            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            call = call_from_json(obj)
+            if call is None:
                 return None
-            args = obj.get("arguments", obj.get("parameters", {}))
-            if not isinstance(args, dict):
-                return None
-            calls.append(ToolCall(obj["name"], args))
+            calls.append(call)
         return calls or None
 
     def render_calls(self, calls: list[ToolCall]) -> str:

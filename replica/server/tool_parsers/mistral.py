@@ -4,7 +4,7 @@
 """
 import json
 
-from replica.server.tool_parsers.base import ToolCall, ToolParser, json_schema_content
+from replica.server.tool_parsers.base import ToolCall, ToolParser, call_from_json, json_schema_content
 
 TOOL_CALLS = "[TOOL_CALLS]"
 
@@ -22,12 +22,10 @@ class MistralParser(ToolParser):
         items = items if isinstance(items, list) else [items]
         calls = []
         for obj in items:
-            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            call = call_from_json(obj)
+            if call is None:
                 return None
-            args = obj.get("arguments", obj.get("parameters", {}))
-            if not isinstance(args, dict):
-                return None
-            calls.append(ToolCall(obj["name"], args))
+            calls.append(call)
         return calls or None
 
     def render_calls(self, calls: list[ToolCall]) -> str:
