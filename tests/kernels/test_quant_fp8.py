@@ -104,3 +104,23 @@ def test_fp8_linear_rejects_shapes_cublas_cannot_take():
         fp8_linear(torch.zeros(2, 40), w_q, torch.ones(24))
     with pytest.raises(ValueError, match="w_scale: expected shape"):
         fp8_linear(torch.zeros(2, 40), w_q, torch.ones(23))
+
+
+@pytest.mark.parametrize("num_rows,n,k,has_bias,config", [
+    (1, 40, 512, False, (8, 128, 1)), (3, 37, 256, True, (8, 64, 2)),   # ragged N, split-K, bias
+    (8, 24, 96, False, (8, 64, 1)),                                      # ragged K tile
+    (5, 48, 4096, True, None)])
+def test_weight_only_fp8_gemv_matches_dequantised_product(num_rows, n, k, has_bias, config):
+    """Decode rows skip the activation quantiser: out = x @ (w_q · w_scale)ᵀ exactly (fp32)."""
+    from replica.kernels.fp8_gemv_triton import Fp8GemvConfig, fp8_gemv
+    gen = torch.Generator().manual_seed(n + k)
+    w_q, w_scale = quantize_rows_ref(torch.randn(n, k, generator=gen) * 0.02)
+    x = torch.randn(num_rows, k, generator=gen).to(DTYPE)
+    bias = torch.randn(n, generator=gen).to(DTYPE) if has_bias else None
+    ref = F.linear(x.double(), w_q.double() * w_scale.double(), None if bias is None else bias.double())
+    out = fp8_gemv(x.to(DEVICE), w_q.to(DEVICE), w_scale[:, 0].contiguous().to(DEVICE),
+                   None if bias is None else bias.to(DEVICE),
+                   config=Fp8GemvConfig(*config) if config else None)
+    assert out.shape == (num_rows, n) and out.dtype == DTYPE
+    rel = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if DTYPE == torch.float32 else 1e-2), rel
