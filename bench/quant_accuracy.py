@@ -20,6 +20,8 @@ for the first step (prefill: GGUF dequantise + cuBLAS, FP8 _scaled_mm) and the f
 step (GGUF GEMV, FP8 weight-only GEMV, inside CUDA graphs on the GPU), rows whose first token
 agreed. `noise_floor` reports bf16 against bf16 with 1 % weight noise: the scale of the chaos.
 """
+import gc
+
 import torch
 
 from replica.config import EngineConfig
@@ -133,6 +135,7 @@ def accuracy(cfg: ModelConfig, device: str, formats, prompt_sets: list[list[list
         engine = build_engine(cfg, fmt, device, **args, **ckpt)
         result = [step_logits(engine, prompts) for prompts in prompt_sets]
         del engine
+        gc.collect()                     # the engine holds reference cycles: free its KV cache now
         if device != "cpu":
             torch.cuda.empty_cache()
         return result
