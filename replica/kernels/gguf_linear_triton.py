@@ -1,6 +1,11 @@
-"""Triton: out = x @ W^T (+ bias) with W kept in GGUF's 4- or 8-bit groups (the packed layout of
-`replica/quantization/gguf_packed.py`), dequantised in registers, never written out
-(reference: `gguf_linear.gguf_linear_ref`).
+"""Triton: out = x @ W^T (+ bias) with W kept in GGUF's 4- or 8-bit groups. `gguf_linear` is the
+entry point the engine calls: by default it takes `gguf_gemv_triton`'s GEMV (few rows) or its
+dequantise kernel + cuBLAS (more rows), both measured faster than this module's first kernel,
+which now runs only when a caller passes a `GGUFLinearConfig` (tests, bench/quant.py).
+
+The first kernel (the packed layout of `replica/quantization/gguf_packed.py`, dequantised in
+registers, never written out; reference: `gguf_linear.gguf_linear_ref`), 0.4-0.6 TB/s at one
+row on an H200 (bench/results/quant-issue15b-H200-8b-2026-11-28.json):
 
 Decode at batch 1..8 reads each weight byte once: the floor is packed bytes / bandwidth, about
 a third of bf16's at 4 bits (5.0 or 4.5 bits a weight with the scales). One kernel, three uses:
