@@ -1,6 +1,7 @@
 """FP8 W8A8: the per-token activation quantiser (Triton) against its torch reference, the FP8
-product's reference against the float product, and on Ada/Hopper `fp8_linear` (torch._scaled_mm)
-against the reference at the Llama-3-8B shapes."""
+product's reference against the float product, on Ada/Hopper `fp8_linear` (torch._scaled_mm, or
+the weight-only GEMV at 1-2 rows) against the reference at the Llama-3-8B shapes, and the GEMV
+alone (also under Triton's interpreter)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,16 +68,22 @@ def test_rows_scale_so_the_largest_value_is_fp8s_largest():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_FP8_GPU, reason="needs an Ada or Hopper GPU")
-@pytest.mark.parametrize("num_rows,n,k", [(1, 6144, 4096), (8, 4096, 14336), (256, 28672, 4096),
-                                          (2048, 4096, 4096), (3, 1024, 512)])
+@pytest.mark.parametrize("num_rows,n,k", [(1, 6144, 4096), (2, 4096, 14336), (8, 4096, 14336),
+                                          (256, 28672, 4096), (2048, 4096, 4096), (3, 1024, 512)])
 def test_scaled_mm_matches_reference(num_rows, n, k):
+    """W8A8 through _scaled_mm; up to GEMV_ROWS rows the weight-only GEMV, whose reference
+    keeps x unquantised."""
+    from replica.kernels.fp8_gemv_triton import GEMV_ROWS
     from replica.kernels.fp8_quant_triton import fp8_linear
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randn(num_rows, k, generator=gen).to(torch.bfloat16).cuda()
     w_q, w_scale = quantize_rows_ref((torch.randn(n, k, generator=gen) * 0.02).cuda())
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).cuda()
     out = fp8_linear(x, w_q, w_scale[:, 0], bias)
-    ref = fp8_linear_ref(x.float(), w_q, w_scale[:, 0], bias.float())
+    if num_rows <= GEMV_ROWS:
+        ref = F.linear(x.float(), w_q.float() * w_scale, bias.float())
+    else:
+        ref = fp8_linear_ref(x.float(), w_q, w_scale[:, 0], bias.float())
     assert out.dtype == torch.bfloat16 and out.shape == (num_rows, n)
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 

@@ -1,7 +1,8 @@
 """GGUF weights kept packed: the repacked layout decodes to exactly what gguf's own `dequantize`
 gives (Q4_K within the documented fp16 rounding of its group scales), our GGML encoder writes
-gguf's bytes, and the Triton dequantise-and-multiply kernel matches its torch reference on the
-fma (one row), dot (2..8 rows) and GEMM (prefill) tilings, with split-K, ragged N, a bias."""
+gguf's bytes, and the Triton kernels match their torch reference: the group-wise GEMV (1..16
+rows), dequantise + cuBLAS (the default above GEMV_ROWS), and the first kernel's fma, dot and GEMM
+tilings, with split-K, ragged N, partial K tiles, a bias."""
 import numpy as np
 import pytest
 import torch
@@ -81,7 +82,9 @@ if ON_GPU:
              for qtype in ("Q4_K", "Q4_0", "Q8_0")
              for m, n, k, bias in ((1, 6144, 4096, False), (1, 28672, 4096, False),
                                    (1, 4096, 14336, False), (8, 4096, 4096, False),
-                                   (64, 6144, 4096, False), (5, 1000, 2048, True))]
+                                   (64, 6144, 4096, False), (5, 1000, 2048, True),
+                                   (2, 4096, 14336, False), (4, 1000, 2048, True))]
+    CASES.append(pytest.param("Q4_K", 16, 4096, 4096, False, GemvConfig(8, 32, 4), marks=pytest.mark.gpu))
 else:
     C = GGUFLinearConfig
     G = GemvConfig
