@@ -91,7 +91,9 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
-    tiles = [(8, 32, 4), (16, 32, 4), (32, 32, 8), (64, 32, 8)]
+    # (rows, groups, warps): 1-2 warps keep the loop's layout conversions inside a warp (see
+    # bench/NOTES.md, "what limits the GEMV"); not yet measured
+    tiles = [(8, 32, 4), (16, 32, 4), (32, 32, 8), (64, 32, 8), (8, 32, 1), (4, 32, 1), (8, 32, 2), (16, 16, 2)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     gemv_rows = 8
     for qtype in ("Q4_K", "Q4_0"):
