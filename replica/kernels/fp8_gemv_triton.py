@@ -107,7 +107,8 @@ def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         x, w_q, w_scale, bias if bias is not None else out, out, partial,
         n, k, k_per_split, x.stride(0), w_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, M=num_rows, BLOCK_M=triton.next_power_of_2(num_rows),
-        BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_K=k % block_k == 0,
+        BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        EVEN_K=k % k_per_split == 0,      # else the last split's tiles may run past K: masked
         num_warps=config.num_warps, num_stages=1,
     )
     if split_k > 1:

@@ -116,6 +116,7 @@ def test_fp8_linear_rejects_shapes_cublas_cannot_take():
 @pytest.mark.parametrize("num_rows,n,k,has_bias,config", [
     (1, 40, 512, False, (8, 128, 1)), (3, 37, 256, True, (8, 64, 2)),   # ragged N, split-K, bias
     (8, 24, 96, False, (8, 64, 1)),                                      # ragged K tile
+    (2, 16, 320, False, (8, 64, 2)),                  # 5 tiles in 2 splits: the last split ends past K
     (5, 48, 4096, True, None)])
 def test_weight_only_fp8_gemv_matches_dequantised_product(num_rows, n, k, has_bias, config):
     """Decode rows skip the activation quantiser: out = x @ (w_q · w_scale)ᵀ exactly (fp32)."""
