@@ -142,7 +142,9 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
 
 def bench_fp8_kernels(size: str, sweep: bool) -> None:
     """FP8 at 1..2048 rows: `fp8_linear` as the engine calls it (weight-only GEMV up to
-    fp8_gemv_triton.GEMV_ROWS rows, W8A8 _scaled_mm above), _scaled_mm alone, bf16."""
+    fp8_gemv_triton.GEMV_ROWS rows, W8A8 _scaled_mm above), W8A8 alone, bf16, and at 4..16 rows
+    the weight-only tensor-core `fp8_dot` (off by default until measured: this sets DOT_ROWS for
+    the engines of the same run to the rows where it beat W8A8 on every shape)."""
     from replica.kernels import fp8_gemv_triton as fg
     from replica.kernels.fp8_linear import quantize_rows_ref
     from replica.kernels.fp8_quant_triton import fp8_linear, quantize_per_token
@@ -151,6 +153,7 @@ def bench_fp8_kernels(size: str, sweep: bool) -> None:
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     tiles = [(8, 1024, 4), (4, 2048, 8), (16, 512, 4), (8, 2048, 8), (16, 1024, 8), (4, 1024, 4)]
+    dot_rows = 16
     for label, (n, k) in {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         w_q, w_scale = quantize_rows_ref(w)
@@ -178,8 +181,15 @@ def bench_fp8_kernels(size: str, sweep: bool) -> None:
             quant_us = 1e3 * _time_ms(lambda: quantize_per_token(x))
             row[f"m{m}"] = dict(bf16_us=round(bf16_us, 2), fp8_us=round(fp8_us, 2),
                                 w8a8_us=round(mm_us + quant_us, 2), speedup=round(bf16_us / fp8_us, 2))
+            if 2 < m <= 16:
+                dot_us = 1e3 * _time_ms(lambda: fg.fp8_dot(x, w_q, w_scale))
+                row[f"m{m}"]["dot_us"] = round(dot_us, 2)
+                if dot_us >= mm_us + quant_us:
+                    dot_rows = min(dot_rows, m // 2)
         emit(f"kernel_fp8_{label}", n=n, k=k, **row)
         del w, w_q
+    fg.DOT_ROWS = max(dot_rows, fg.GEMV_ROWS)   # the engines below use the measured crossover
+    emit("fp8_dot_rows", measured=fg.DOT_ROWS)
     torch.cuda.empty_cache()
 
 

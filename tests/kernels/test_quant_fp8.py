@@ -73,14 +73,14 @@ def test_rows_scale_so_the_largest_value_is_fp8s_largest():
 def test_scaled_mm_matches_reference(num_rows, n, k):
     """W8A8 through _scaled_mm; up to GEMV_ROWS rows the weight-only GEMV, whose reference
     keeps x unquantised."""
-    from replica.kernels.fp8_gemv_triton import GEMV_ROWS
+    from replica.kernels.fp8_gemv_triton import DOT_ROWS, GEMV_ROWS
     from replica.kernels.fp8_quant_triton import fp8_linear
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randn(num_rows, k, generator=gen).to(torch.bfloat16).cuda()
     w_q, w_scale = quantize_rows_ref((torch.randn(n, k, generator=gen) * 0.02).cuda())
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).cuda()
     out = fp8_linear(x, w_q, w_scale[:, 0], bias)
-    if num_rows <= GEMV_ROWS:
+    if num_rows <= max(GEMV_ROWS, DOT_ROWS):             # weight-only paths
         ref = F.linear(x.float(), w_q.float() * w_scale, bias.float())
     else:
         ref = fp8_linear_ref(x.float(), w_q, w_scale[:, 0], bias.float())
@@ -130,5 +130,20 @@ def test_weight_only_fp8_gemv_matches_dequantised_product(num_rows, n, k, has_bi
                    None if bias is None else bias.to(DEVICE),
                    config=Fp8GemvConfig(*config) if config else None)
     assert out.shape == (num_rows, n) and out.dtype == DTYPE
+    rel = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if DTYPE == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.parametrize("num_rows,n,k,split_k", [(3, 64, 256, 1), (8, 72, 384, 2), (16, 64, 200, 1)])
+def test_weight_only_fp8_dot_matches_dequantised_product(num_rows, n, k, split_k):
+    """The tensor-core variant for 3..16 rows (ragged N, split-K, a partial K tile)."""
+    from replica.kernels.fp8_gemv_triton import fp8_dot
+    gen = torch.Generator().manual_seed(n + k)
+    w_q, w_scale = quantize_rows_ref(torch.randn(n, k, generator=gen) * 0.02)
+    x = torch.randn(num_rows, k, generator=gen).to(DTYPE)
+    bias = torch.randn(n, generator=gen).to(DTYPE)
+    ref = F.linear(x.double(), w_q.double() * w_scale.double(), bias.double())
+    out = fp8_dot(x.to(DEVICE), w_q.to(DEVICE), w_scale[:, 0].contiguous().to(DEVICE), bias.to(DEVICE),
+                  split_k=split_k)
     rel = ((out.cpu().double() - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if DTYPE == torch.float32 else 1e-2), rel
