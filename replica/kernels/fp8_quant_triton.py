@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import fp8_gemv_triton
 from replica.kernels.checks import check_dtype, check_last_dim_contiguous, check_shape, check_contiguous
 from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
@@ -59,7 +60,10 @@ def has_rowwise_scaled_mm(device: torch.device) -> bool:
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] float on CUDA; w_q: [N, K] e4m3 contiguous; w_scale: [N] fp32; bias: [N] or
-    None → [M, N] in x's dtype. K and N must be multiples of 16 (cuBLASLt's FP8 rule)."""
+    None → [M, N] in x's dtype. K and N must be multiples of 16 (cuBLASLt's FP8 rule).
+    Up to `fp8_gemv_triton.GEMV_ROWS` 16-bit rows (decode) run the weight-only FP8 GEMV
+    (x not quantised), up to `DOT_ROWS` (off until measured) its tensor-core variant; more rows
+    W8A8 through `torch._scaled_mm`."""
     check_shape("x", x, (None, None))
     n, k = w_q.shape
     check_shape("w_q", w_q, (None, x.shape[1]))
@@ -69,6 +73,10 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     check_dtype("w_scale", w_scale, (torch.float32,))
     if k % 16 or n % 16:
         raise ValueError(f"w_q: FP8 matmuls need K and N multiples of 16, got [{n}, {k}]")
+    if x.shape[0] <= fp8_gemv_triton.GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16):
+        return fp8_gemv_triton.fp8_gemv(x, w_q, w_scale, bias)   # decode: weight-only, faster
+    if x.shape[0] <= fp8_gemv_triton.DOT_ROWS and x.dtype in (torch.bfloat16, torch.float16):
+        return fp8_gemv_triton.fp8_dot(x, w_q, w_scale, bias)
     x_q, x_scale = quantize_per_token(x)
     if x.dtype == torch.bfloat16 and has_rowwise_scaled_mm(x.device):
         out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, n),

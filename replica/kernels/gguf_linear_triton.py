@@ -1,6 +1,11 @@
-"""Triton: out = x @ W^T (+ bias) with W kept in GGUF's 4- or 8-bit groups (the packed layout of
-`replica/quantization/gguf_packed.py`), dequantised in registers, never written out
-(reference: `gguf_linear.gguf_linear_ref`).
+"""Triton: out = x @ W^T (+ bias) with W kept in GGUF's 4- or 8-bit groups. `gguf_linear` is the
+entry point the engine calls: by default it takes `gguf_gemv_triton`'s GEMV (few rows) or its
+dequantise kernel + cuBLAS (more rows), both measured faster than this module's first kernel,
+which now runs only when a caller passes a `GGUFLinearConfig` (tests, bench/quant.py).
+
+The first kernel (the packed layout of `replica/quantization/gguf_packed.py`, dequantised in
+registers, never written out; reference: `gguf_linear.gguf_linear_ref`), 0.4-0.6 TB/s at one
+row on an H200 (bench/results/quant-issue15b-H200-8b-2026-11-28.json):
 
 Decode at batch 1..8 reads each weight byte once: the floor is packed bytes / bandwidth, about
 a third of bf16's at 4 bits (5.0 or 4.5 bits a weight with the scales). One kernel, three uses:
@@ -29,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import linear_triton
+from replica.kernels import gguf_gemv_triton, linear_triton
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_contiguous, check_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape, dot_precision,
@@ -190,9 +195,15 @@ def check_packed(packed: PackedGGUF) -> None:
 
 
 def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
-                config: GGUFLinearConfig | None = None) -> torch.Tensor:
+                config: "GGUFLinearConfig | gguf_gemv_triton.GemvConfig | None" = None) -> torch.Tensor:
     """x: [M, K], last dim contiguous, 16-bit or float32; packed: W [N, K]; bias: [N] in x's dtype
-    or None → new [M, N] in x's dtype. `config` overrides the tile choice (tests, sweeps)."""
+    or None → new [M, N] in x's dtype.
+
+    Without `config`, the fastest path measured on an H200 (bench/quant.py): up to
+    `gguf_gemv_triton.GEMV_ROWS` rows the group-wise GEMV (weight read once, packed), more
+    rows the weight dequantised by a Triton kernel into x's dtype and one cuBLAS GEMM (the tiled
+    GEMM of this module's kernel was 10-30x slower than bf16 at prefill). A `GemvConfig` forces
+    the GEMV, a `GGUFLinearConfig` this module's first kernel (tests, sweeps)."""
     check_shape("x", x, (None, None))
     check_dtype("x", x, FLOAT_DTYPES)
     check_last_dim_contiguous("x", x)
@@ -208,7 +219,15 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
         check_same_device(x=x, qweight=packed.qweight, bias=bias)
     else:
         check_same_device(x=x, qweight=packed.qweight)
-    config = config or choose_config(num_rows, n, k, packed.bits, x.device, packed.qtype)
+    if isinstance(config, gguf_gemv_triton.GemvConfig):
+        if num_rows > gguf_gemv_triton.MAX_ROWS:
+            raise ValueError(f"config: the GEMV takes at most {gguf_gemv_triton.MAX_ROWS} rows "
+                             f"of x, got {num_rows}")
+        return gguf_gemv_triton.gguf_gemv(x, packed, bias, config)
+    if config is None:
+        if num_rows <= gguf_gemv_triton.GEMV_ROWS:
+            return gguf_gemv_triton.gguf_gemv(x, packed, bias)
+        return torch.nn.functional.linear(x, gguf_gemv_triton.dequantize(packed, x.dtype), bias)
     use_dot = config.block_m > 1
     if config.block_k % GROUP_SIZE:
         raise ValueError(f"config: block_k must be a multiple of {GROUP_SIZE}, got {config.block_k}")

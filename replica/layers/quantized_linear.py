@@ -21,7 +21,6 @@ Invariant: after `LlamaForCausalLM.load_weights`, every row of every weight obje
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from replica.kernels import ops
 from replica.kernels.fp8_linear import FP8_DTYPE, fp8_linear_ref, quantize_rows_ref
@@ -30,10 +29,6 @@ from replica.quantization.gguf_packed import GGUFTensor, PackedGGUF, dequantize_
 
 log = logging.getLogger(__name__)
 
-# x rows up to which the packed GGUF product runs in the Triton kernel's tiled GEMM; above it
-# the layer's weight is dequantised to the model dtype for one cuBLAS GEMM (prefill), which is
-# cheaper once the GEMM's own time dwarfs the dequantisation (bench/quant.py measures both).
-GGUF_TRITON_MAX_ROWS = 64
 _logged_fallbacks: set[str] = set()
 
 
@@ -135,10 +130,8 @@ class GGUFWeight:
             return ops.linear(x, self.dense, bias)
         if not ops.is_triton_enabled(x):
             return gguf_linear_ref(x, self.packed, bias)
-        if x.shape[0] <= GGUF_TRITON_MAX_ROWS:
-            from replica.kernels.gguf_linear_triton import gguf_linear
-            return gguf_linear(x, self.packed, bias)
-        return F.linear(x, dequantize_packed(self.packed, x.dtype), bias)
+        from replica.kernels.gguf_linear_triton import gguf_linear
+        return gguf_linear(x, self.packed, bias)      # picks the GEMV or dequantise + cuBLAS
 
 
 def make_weight(quantization: str | None, num_rows: int, num_cols: int, dtype: torch.dtype,

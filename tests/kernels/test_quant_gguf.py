@@ -1,12 +1,14 @@
 """GGUF weights kept packed: the repacked layout decodes to exactly what gguf's own `dequantize`
 gives (Q4_K within the documented fp16 rounding of its group scales), our GGML encoder writes
-gguf's bytes, and the Triton dequantise-and-multiply kernel matches its torch reference on the
-fma (one row), dot (2..8 rows) and GEMM (prefill) tilings, with split-K, ragged N, a bias."""
+gguf's bytes, and the Triton kernels match their torch reference: the group-wise GEMV (1..16
+rows), dequantise + cuBLAS (the default above GEMV_ROWS), and the first kernel's fma, dot and GEMM
+tilings, with split-K, ragged N, partial K tiles, a bias."""
 import numpy as np
 import pytest
 import torch
 
 from replica.kernels.gguf_linear import gguf_linear_ref
+from replica.kernels.gguf_gemv_triton import GemvConfig, dequantize
 from replica.kernels.gguf_linear_triton import GGUFLinearConfig, gguf_linear
 from replica.quantization.gguf_packed import GGUFTensor, dequantize_packed, pack, with_mins
 from replica.quantization.gguf_quantize import quantize
@@ -80,9 +82,12 @@ if ON_GPU:
              for qtype in ("Q4_K", "Q4_0", "Q8_0")
              for m, n, k, bias in ((1, 6144, 4096, False), (1, 28672, 4096, False),
                                    (1, 4096, 14336, False), (8, 4096, 4096, False),
-                                   (64, 6144, 4096, False), (5, 1000, 2048, True))]
+                                   (64, 6144, 4096, False), (5, 1000, 2048, True),
+                                   (2, 4096, 14336, False), (4, 1000, 2048, True))]
+    CASES.append(pytest.param("Q4_K", 16, 4096, 4096, False, GemvConfig(8, 32, 4), marks=pytest.mark.gpu))
 else:
     C = GGUFLinearConfig
+    G = GemvConfig
     CASES = [
         ("Q4_0", 1, 40, 512, False, C(8, 64)),
         ("Q4_1", 1, 37, 256, True, C(4, 128, split_k=2)),      # ragged N, split-K, bias
@@ -92,6 +97,13 @@ else:
         ("Q8_0", 8, 40, 128, False, C(16, 32, 16, split_k=2)),
         ("Q4_0", 20, 40, 256, False, C(16, 64, 16)),           # the GEMM tiling over M
         ("Q4_K", 5, 24, 256, False, None),
+        # the group-wise GEMV (1..8 rows, weight read once) and dequantise + GEMM
+        ("Q4_0", 1, 40, 512, False, G(16, 4)),
+        ("Q4_1", 3, 37, 256, True, G(8, 4, split_k=2)),       # ragged N, split-K, bias
+        ("Q4_K", 8, 24, 768, False, G(8, 16, split_k=2)),     # 24 groups: a partial tile
+        ("Q8_0", 2, 40, 96, True, G(16, 2)),                   # 3 groups: a partial tile
+        ("Q4_K", 1, 24, 512, True, None),
+        ("Q4_0", 12, 40, 256, True, None),                     # dequantise + GEMM
     ]
 
 
@@ -115,6 +127,13 @@ def test_kernel_matches_torch_reference(qtype, num_rows, n, k, has_bias, config)
     assert not out.isnan().any()
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if DTYPE == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0"])
+def test_triton_dequantize_equals_torch_reference(qtype):
+    tensor = quantize(_weights(24, 768, 3), qtype)        # 24 groups a row: a partial tile
+    packed = pack(GGUFTensor(qtype, tensor.data.to(DEVICE), tensor.shape))
+    assert torch.equal(dequantize(packed, torch.float32), dequantize_packed(packed, torch.float32))
 
 
 def test_rejects_bad_arguments():
