@@ -6,6 +6,7 @@ Errors are one line saying what to do, with the exit codes listed in errors.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -19,8 +20,9 @@ from fleetctl import output
 from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig, parse_gpus
 from fleetctl.errors import EXIT_DEGRADED, ConfigError, FleetError
 from fleetctl.fleet import Fleet
+from fleetctl.health import DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL_S, DEFAULT_RESTART_AFTER_S
 from fleetctl.state import StateDir
-from fleetctl.status import bench_defaults, collect
+from fleetctl.status import collect
 
 # Tables stay readable when piped (rich would fall back to 80 columns); a terminal sets its own.
 console = Console(width=None if sys.stdout.isatty() else shutil.get_terminal_size((160, 24)).columns)
@@ -37,6 +39,30 @@ UP_FIELDS = {
     "ready_timeout": "ready_timeout_s", "image": "image", "replica_command": "replica_command",
     "mount": "mounts", "env": "env", "constraint": "constraints", "docker_host": "docker_host",
 }
+
+
+class ConfigOption(click.Option):
+    """An `up` option that sets a FleetConfig field. It has no default of its own (an option left
+    out keeps the saved fleet's value), yet --help shows FleetConfig's default for the field, or
+    `shown` where that default is derived from other settings."""
+
+    def __init__(self, *args, shown: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shown_default = shown or _config_default(UP_FIELDS[self.name])
+
+    def get_help_extra(self, ctx: click.Context):
+        extra = super().get_help_extra(ctx)
+        if self.shown_default:
+            extra["default"] = self.shown_default
+        return extra
+
+
+def _config_default(field_name: str) -> str:
+    field = next(f for f in dataclasses.fields(FleetConfig) if f.name == field_name)
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class FleetGroup(click.Group):
@@ -81,7 +107,9 @@ def cli(ctx: click.Context) -> None:
     5 NGINX rejected the config (the old one keeps serving), 6 no fleet, 7 degraded.
     """
     if ctx.invoked_subcommand == "bench":
-        ctx.default_map = {**(ctx.default_map or {}), "bench": bench_defaults(_state_dir())}
+        from fleetctl.loadgen import fleet_defaults
+
+        ctx.default_map = {**(ctx.default_map or {}), "bench": fleet_defaults(_state_dir())}
 
 
 def _print_report(fleet: Fleet, as_json: bool) -> dict:
@@ -102,35 +130,37 @@ def _fleet(say=None) -> Fleet:
 
 
 @cli.command()
-@click.option("--replicas", "-n", type=click.IntRange(0, 256), help="Number of replicas [default: 2].")
-@click.option("--model", "-m", help="Safetensors folder, GGUF file, or the bundled alias [default: smollm2].")
-@click.option("--served-model-name", help="Name clients put in `model` [default: derived from --model].")
-@click.option("--backend", "-b", type=click.Choice(BACKENDS), help="[default: docker if an engine answers, else local]")
-@click.option("--gpus", help="GPUs to use, one replica each, round-robin: 0,1,2 or all [default: none, CPU].")
-@click.option("--routing", type=click.Choice(ROUTINGS), help="least_conn, or session: hash on X-Session-ID.")
-@click.option("--listen", help="Address of the public listeners [default: 127.0.0.1; 0.0.0.0 for all].")
-@click.option("--port", type=int, help="Public HTTPS port [default: 8443].")
-@click.option("--http-port", type=int, help="HTTP port that redirects to HTTPS with 308 [default: 8080].")
-@click.option("--internal-port", type=int, help="Loopback port for /metrics, /health, stub_status [default: 8081].")
-@click.option("--tls-name", multiple=True, help="Host name or IP in the certificate [default: localhost, 127.0.0.1].")
+@click.option("--replicas", "-n", cls=ConfigOption, type=click.IntRange(0, 256), help="Number of replicas.")
+@click.option("--model", "-m", cls=ConfigOption, help="Safetensors folder, GGUF file, or the bundled alias.")
+@click.option("--served-model-name", cls=ConfigOption, shown="derived from --model",
+              help="Name clients put in `model`.")
+@click.option("--backend", "-b", cls=ConfigOption, type=click.Choice(BACKENDS),
+              shown="docker if an engine answers, else local")
+@click.option("--gpus", cls=ConfigOption, shown="none, CPU", help="GPUs to use, one replica each, round-robin: 0,1,2 or all.")
+@click.option("--routing", cls=ConfigOption, type=click.Choice(ROUTINGS), help="least_conn, or session: hash on X-Session-ID.")
+@click.option("--listen", cls=ConfigOption, help="Address of the public listeners; 0.0.0.0 for all.")
+@click.option("--port", cls=ConfigOption, type=int, help="Public HTTPS port.")
+@click.option("--http-port", cls=ConfigOption, type=int, help="HTTP port that redirects to HTTPS with 308.")
+@click.option("--internal-port", cls=ConfigOption, type=int, help="Loopback port for /metrics, /health, stub_status.")
+@click.option("--tls-name", cls=ConfigOption, multiple=True, help="Host name or IP in the certificate (repeat).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="Your own certificate chain (PEM), not the local CA.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
 @click.option("--api-key", multiple=True, help="Key clients must send as `Authorization: Bearer KEY` (repeat).")
-@click.option("--rate-limit", type=float, help="Requests/s per API key (or per IP without one) [default: 50].")
-@click.option("--burst", type=int, help="Requests allowed above the rate before 429 [default: 100].")
-@click.option("--max-body-size", help="Largest request body, e.g. 8m [default: 8m].")
-@click.option("--read-timeout", type=int, help="Seconds NGINX waits for a replica's next bytes [default: 600].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda with --gpus, else cpu]")
+@click.option("--rate-limit", cls=ConfigOption, type=float, help="Requests/s per API key (or per IP without one).")
+@click.option("--burst", cls=ConfigOption, type=int, help="Requests allowed above the rate before 429.")
+@click.option("--max-body-size", cls=ConfigOption, help="Largest request body, e.g. 8m.")
+@click.option("--read-timeout", cls=ConfigOption, type=int, help="Seconds NGINX waits for a replica's next bytes.")
+@click.option("--device", cls=ConfigOption, type=click.Choice(["cpu", "cuda"]), shown="cuda with --gpus, else cpu")
 @click.option("--max-model-len", type=int, help="Passed to each replica.")
 @click.option("--num-kv-blocks", type=int, help="Passed to each replica.")
-@click.option("--drain-timeout", type=float, help="Seconds a stopping replica may finish requests [default: 30].")
-@click.option("--ready-timeout", type=float, help="Seconds to wait for a replica's /ready [default: 600].")
-@click.option("--image", help="Docker/Swarm: replica image [default: pagefleet-replica:latest].")
-@click.option("--replica-command", help="Docker/Swarm: command that runs `replica` in the image [default: replica].")
+@click.option("--drain-timeout", cls=ConfigOption, type=float, help="Seconds a stopping replica may finish requests.")
+@click.option("--ready-timeout", cls=ConfigOption, type=float, help="Seconds to wait for a replica's /ready.")
+@click.option("--image", cls=ConfigOption, help="Docker/Swarm: replica image.")
+@click.option("--replica-command", cls=ConfigOption, help="Docker/Swarm: command that runs `replica` in the image.")
 @click.option("--mount", multiple=True, help="Docker/Swarm: extra host path to mount read-only, SRC[:DST] (repeat).")
 @click.option("--env", multiple=True, help="Docker/Swarm: KEY=VALUE for the replica containers (repeat).")
 @click.option("--constraint", multiple=True, help="Swarm: placement constraint, e.g. node.labels.gpu==true (repeat).")
-@click.option("--docker-host", help="Docker engine URL [default: $DOCKER_HOST or the local socket].")
+@click.option("--docker-host", cls=ConfigOption, shown="$DOCKER_HOST or the local socket", help="Docker engine URL.")
 @click.option("--watch", "then_watch", is_flag=True, help="Keep running as the health watcher afterwards.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def up(then_watch: bool, as_json: bool, **options) -> None:
@@ -146,12 +176,11 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
     """
     from fleetctl.backends import default_backend
     from fleetctl.lifecycle import open_or_create, preflight, up as up_fleet
-    from fleetctl.rollout import refuse_during_update
 
     given = _given(options)
     state_dir = _state_dir()
     if state_dir.has_fleet():
-        refuse_during_update(state_dir.load(), "run `fleetctl up`")
+        state_dir.load().refuse_during_update("run `fleetctl up`")
     else:
         if "backend" not in given:
             given["backend"] = default_backend(given.get("docker_host", ""))
@@ -167,7 +196,7 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
     else:
         output.print_up(console, state_dir, report)
     if then_watch:
-        _watch(fleet, interval=2.0, threshold=2, restart_after=30.0)
+        _watch(fleet)
 
 
 @cli.command()
@@ -199,10 +228,9 @@ def scale(replicas: int, as_json: bool) -> None:
       fleetctl scale 1
     """
     from fleetctl.lifecycle import converge
-    from fleetctl.rollout import refuse_during_update
 
     fleet = _fleet()
-    refuse_during_update(fleet.state_dir.load(), "scale")  # NoFleetError early too
+    fleet.state_dir.load().refuse_during_update("scale")  # NoFleetError early too
     with output.ready_progress(err, replicas) as progress:
         converge(fleet, replicas, progress)
     _print_report(fleet, as_json)
@@ -278,20 +306,17 @@ def logs(replica: str, follow: bool, tail: int) -> None:
       fleetctl logs r1 -f
       fleetctl logs events
     """
-    from fleetctl.output import follow_file
+    from fleetctl.follow import follow_file
 
-    state_dir = _state_dir()
-    files = {"nginx": state_dir.nginx_dir / "logs" / "error.log",
-             "access": state_dir.nginx_dir / "logs" / "access.log", "events": state_dir.events_file}
-    lines = follow_file(files[replica], follow, tail) if replica in files else None
-    if lines is None:
-        fleet = _fleet()
-        if fleet.backend.name == "local" and state_dir.replica_log(replica).exists():
-            lines = follow_file(state_dir.replica_log(replica), follow, tail)  # also once it was removed
-        elif replica in fleet.state_dir.load().replicas or replica in fleet.backend.list():
-            lines = fleet.backend.logs(replica, follow=follow, tail=tail)
-        else:
-            raise FleetError(f"no replica {replica!r}; `fleetctl status` lists them")
+    fleet = _fleet()
+    nginx = fleet.nginx()
+    files = {"nginx": nginx.error_log, "access": nginx.access_log, "events": fleet.state_dir.events_file}
+    if replica in files:
+        lines = follow_file(files[replica], follow, tail)
+    elif fleet.backend.has_logs(replica) or replica in fleet.state_dir.load().replicas:
+        lines = fleet.backend.logs(replica, follow=follow, tail=tail)  # a local log outlives its replica
+    else:
+        raise FleetError(f"no replica {replica!r}; `fleetctl status` lists them")
     try:
         for line in lines:
             click.echo(line)
@@ -321,9 +346,10 @@ def render(what: str, replicas: int) -> None:
 
 
 @cli.command()
-@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between polls.")
-@click.option("--threshold", type=int, default=2, show_default=True, help="Failed polls before a replica leaves NGINX.")
-@click.option("--restart-after", type=float, default=30.0, show_default=True,
+@click.option("--interval", type=float, default=DEFAULT_INTERVAL_S, show_default=True, help="Seconds between polls.")
+@click.option("--threshold", type=int, default=DEFAULT_FAILURE_THRESHOLD, show_default=True,
+              help="Failed polls before a replica leaves NGINX.")
+@click.option("--restart-after", type=float, default=DEFAULT_RESTART_AFTER_S, show_default=True,
               help="Seconds an unhealthy replica gets to recover before it is restarted.")
 def watch(interval: float, threshold: int, restart_after: float) -> None:
     """Keep the fleet healthy: poll /health and /ready, take failing replicas out of NGINX,
@@ -340,7 +366,8 @@ def watch(interval: float, threshold: int, restart_after: float) -> None:
     _watch(fleet, interval, threshold, restart_after)
 
 
-def _watch(fleet: Fleet, interval: float, threshold: int, restart_after: float) -> None:
+def _watch(fleet: Fleet, interval: float = DEFAULT_INTERVAL_S, threshold: int = DEFAULT_FAILURE_THRESHOLD,
+           restart_after: float = DEFAULT_RESTART_AFTER_S) -> None:
     from fleetctl.health import Watcher
 
     stop = threading.Event()

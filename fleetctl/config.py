@@ -105,6 +105,19 @@ class FleetConfig:
     def replica_device(self) -> str:
         return self.device or ("cuda" if self.gpus else "cpu")
 
+    @property
+    def client_api_key(self) -> str:
+        """The key fleetctl itself sends to replicas (probes, the update's test generation, bench):
+        the first --api-key, or "" when the fleet has none."""
+        return self.api_keys[0] if self.api_keys else ""
+
+    @property
+    def public_url(self) -> str:
+        """The fleet's HTTPS endpoint as clients write it."""
+        host = self.tls_names[0] if self.listen in ("0.0.0.0", "::", "127.0.0.1") else self.listen
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{host}{port}"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

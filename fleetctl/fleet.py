@@ -11,6 +11,10 @@ replica set goes through `transaction` (which `commit` uses), so Prometheus' fil
 (state dir `prometheus/replicas.json`) follow up, scale, update and the watcher alike. A rolling
 update (fleetctl/rollout.py) composes the same steps: `start_replicas(1, model=new)`,
 `wait_ready(..., gate=...)`, `remove_replicas([old])`.
+
+A Fleet reaches the world through three parts it is given or builds: the backend (replicas),
+`Nginx` (apply a config) and `ReplicaHttp` (probe, load, generate); the orchestration tests
+give it in-memory stand-ins for all three (tests/fleet/fakes.py).
 """
 from __future__ import annotations
 
@@ -18,27 +22,31 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from fleetctl import nginx as nginx_mod
 from fleetctl.backends import make_backend
 from fleetctl.backends.base import Backend, Replica, ReplicaSpec
 from fleetctl.errors import NotReadyError
 from fleetctl.observability import render_file_sd
-from fleetctl.probe import load, probe
+from fleetctl.probe import Probe, ReplicaHttp
 from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
 from fleetctl.tls import planned_paths
 
 POLL_S = 0.25
 RESTART_STOP_TIMEOUT_S = 5.0  # a failed replica serves nothing: no long drain
+T = TypeVar("T")
 
 
 class Fleet:
     def __init__(self, state_dir: StateDir, say: Callable[[str], None] = lambda line: None,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, nginx: nginx_mod.Nginx | None = None,
+                 http: ReplicaHttp | None = None):
         self.state_dir = state_dir
         self.say = say
         self._backend = backend
+        self._nginx = nginx
+        self.http = http or ReplicaHttp()
 
     @property
     def backend(self) -> Backend:
@@ -48,7 +56,7 @@ class Fleet:
         return self._backend
 
     def nginx(self) -> nginx_mod.Nginx:
-        return nginx_mod.Nginx(self.state_dir.nginx_dir)
+        return self._nginx or nginx_mod.Nginx(self.state_dir.nginx_dir)
 
     def event(self, replica_id: str, action: str, reason: str = "") -> None:
         self.say(self.state_dir.log_event(replica_id, action, reason))
@@ -61,17 +69,18 @@ class Fleet:
         return nginx_mod.render(nginx_mod.site_context(config, state.fleet_id, upstreams, tls,
                                                        self.state_dir.nginx_dir))
 
-    def commit(self, change: Callable[[FleetState], None]) -> FleetState:
-        """Changes the saved state and brings NGINX in line with it, or neither."""
+    def commit(self, change: Callable[[FleetState], T]) -> T:
+        """Changes the saved state and brings NGINX in line with it, or neither; returns what
+        change(state) returned (e.g. whether it found anything to change)."""
         with self.transaction() as state:
-            change(state)
+            result = change(state)
             outcome = self.nginx().apply(self.render_nginx(state))
         if outcome != "unchanged":
             self.event("nginx", outcome, f"{len(state.serving())} replica(s) in rotation")
-        return state
+        return result
 
     def sync_nginx(self) -> FleetState:
-        return self.commit(lambda state: None)
+        return self.commit(lambda state: state)
 
     @contextmanager
     def transaction(self) -> Iterator[FleetState]:
@@ -156,32 +165,33 @@ class Fleet:
         return True
 
     def put_in_rotation(self, replica_id: str, reason: str) -> bool:
-        def change(state: FleetState) -> None:
+        """Into NGINX; False (nothing done) unless it is STARTING or FAILED."""
+        def change(state: FleetState) -> bool:
             rec = state.replicas.get(replica_id)
-            if rec is not None and rec.phase in (Phase.STARTING, Phase.FAILED):
-                rec.phase, rec.reason = Phase.SERVING, reason
-                changed.append(replica_id)
+            if rec is None or rec.phase not in (Phase.STARTING, Phase.FAILED):
+                return False
+            rec.phase, rec.reason = Phase.SERVING, reason
+            return True
 
-        changed: list[str] = []
-        self.commit(change)
-        if changed:
-            self.event(replica_id, "in NGINX", reason)
-        return bool(changed)
+        if not self.commit(change):
+            return False
+        self.event(replica_id, "in NGINX", reason)
+        return True
 
     def take_out(self, replica_id: str, phase: Phase, reason: str) -> bool:
         """Out of NGINX into `phase`; False (nothing done) if it is gone or draining."""
-        def change(state: FleetState) -> None:
+        def change(state: FleetState) -> bool | None:  # None: left alone; else whether it was serving
             rec = state.replicas.get(replica_id)
-            if rec is not None and rec.phase is not Phase.DRAINING:
-                was_serving = rec.phase is Phase.SERVING
-                rec.phase, rec.reason = phase, reason
-                changed.append(was_serving)
+            if rec is None or rec.phase is Phase.DRAINING:
+                return None
+            was_serving = rec.phase is Phase.SERVING
+            rec.phase, rec.reason = phase, reason
+            return was_serving
 
-        changed: list[bool] = []
-        self.commit(change)
-        if changed and changed[0]:
+        was_serving = self.commit(change)
+        if was_serving:
             self.event(replica_id, "out of NGINX", reason)
-        return bool(changed)
+        return was_serving is not None
 
     def remove_surplus(self, num_wanted: int, reason: str) -> list[str]:
         """Removes replicas beyond num_wanted: not-ready ones first, then the newest."""
@@ -223,14 +233,13 @@ class Fleet:
         if not ids:
             return
 
-        def drain(state: FleetState) -> None:
+        def drain(state: FleetState) -> set[str]:  # the ones that were in NGINX
+            was_serving = {rid for rid in ids if state.replicas[rid].phase is Phase.SERVING}
             for rid in ids:
-                if state.replicas[rid].phase is Phase.SERVING:
-                    was_serving.append(rid)
                 state.replicas[rid].phase, state.replicas[rid].reason = Phase.DRAINING, reason
+            return was_serving
 
-        was_serving: list[str] = []
-        self.commit(drain)
+        was_serving = self.commit(drain)
         for rid in ids:
             self.event(rid, "out of NGINX, draining" if rid in was_serving else "draining", reason)
 
@@ -239,13 +248,13 @@ class Fleet:
             return
         state = self.state_dir.load()
         timeout_s = state.config.drain_timeout_s
-        key = (state.config.api_keys or [""])[0]
+        key = state.config.client_api_key
 
         def stop(record: ReplicaRecord) -> None:
             # NGINX sends it nothing new now; let what it runs finish, then SIGTERM (which
             # drains too, for a replica whose /metrics does not answer).
             deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and (load(record.url, key).num_in_flight or 0) > 0:
+            while time.monotonic() < deadline and (self.http.load(record.url, key).num_in_flight or 0) > 0:
                 time.sleep(POLL_S)
             self.backend.stop(record.id, timeout_s)
             if forget:
@@ -259,16 +268,16 @@ class Fleet:
         """Reconciles the records with what the backend runs (Swarm replaces tasks on its own:
         a new task of a slot means a new address, which must pass /ready again)."""
         seen = self.backend.list()
-        names_itself = self.backend.name == "swarm"
-        changes: list[tuple[str, str]] = []
+        names_itself = self.backend.info.names_replicas_itself
 
-        def change(state: FleetState) -> None:
+        def change(state: FleetState) -> list[tuple[str, str]]:  # (replica, what happened) for the log
+            changes = []
             for rid, rec in list(state.replicas.items()):
                 replica = seen.get(rid)
                 if replica is None:
                     if names_itself and rec.phase is not Phase.DRAINING:
                         del state.replicas[rid]
-                        changes.append((rid, "gone from the swarm"))
+                        changes.append((rid, f"gone from {self.backend.name}"))
                 elif (replica.host, replica.port, replica.handle) != (rec.host, rec.port, rec.handle) and replica.port:
                     rec.host, rec.port, rec.handle = replica.host, replica.port, replica.handle
                     rec.started_at_s = replica.started_at_s or time.time()
@@ -281,13 +290,20 @@ class Fleet:
                     if rid not in state.replicas and replica.port:
                         state.replicas[rid] = ReplicaRecord(rid, replica.host, replica.port, replica.handle, "",
                                                             state.config.model, state.config.served_model_name,
-                                                            Phase.STARTING, "found on the swarm",
+                                                            Phase.STARTING, f"found on {self.backend.name}",
                                                             replica.started_at_s or time.time())
+            return changes
 
-        self.commit(change)
-        for rid, what in changes:
+        for rid, what in self.commit(change):
             self.event(rid, what)
         return seen
+
+    def probe_active(self, state: FleetState) -> dict[str, Probe]:
+        """/health and /ready of every active replica, in parallel: what converge and the watcher
+        decide on."""
+        active, key = state.active(), state.config.client_api_key
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return dict(zip([r.id for r in active], pool.map(lambda r: self.http.probe(r.url, key), active)))
 
     def wait_ready(self, ids: list[str], timeout_s: float, on_ready: Callable[[str], None] = lambda rid: None,
                    gate: Callable[[ReplicaRecord, float], None] | None = None,
@@ -300,13 +316,13 @@ class Fleet:
         next_liveness_check = 0.0
         while pending:
             state = self.state_dir.load()
-            key = (state.config.api_keys or [""])[0]
+            key = state.config.client_api_key
             for rid in sorted(pending):
                 rec = state.replicas.get(rid)
                 if rec is None or rec.phase in (Phase.SERVING, Phase.DRAINING):
                     pending.discard(rid)  # someone else (the watcher, a scale) took care of it
                     on_ready(rid)
-                elif probe(rec.url, key).is_ready:
+                elif self.http.probe(rec.url, key).is_ready:
                     if gate is not None:
                         gate(rec, max(1.0, deadline - time.monotonic()))
                     self.put_in_rotation(rid, "/ready 200" + (" and its gate" if gate else ""))

@@ -14,7 +14,6 @@ from typing import Callable
 from fleetctl.config import FleetConfig
 from fleetctl.errors import ConfigError
 from fleetctl.fleet import Fleet
-from fleetctl.probe import probe
 from fleetctl.state import FleetState, Phase, StateDir
 from fleetctl.tls import ensure_tls
 
@@ -26,22 +25,13 @@ REPLICA_FIELDS = ("backend", "model", "served_model_name", "api_keys", "device",
 def preflight(config: FleetConfig) -> None:
     """What a new fleet needs, checked before anything is saved or started: nginx, the model's
     weights, and for docker/swarm an engine that answers (a swarm manager for swarm)."""
+    from fleetctl.backends import preflight as backend_preflight
     from fleetctl.models import resolve_model_path
     from fleetctl.nginx import Nginx
 
     Nginx(Path(".")).require_binary()
     resolve_model_path(config.model)
-    if config.backend in ("docker", "swarm"):
-        from fleetctl.backends.docker import connect
-
-        client = connect(config.docker_host)
-        try:
-            if config.backend == "swarm":
-                from fleetctl.backends.swarm import check_swarm_manager
-
-                check_swarm_manager(client)
-        finally:
-            client.close()
+    backend_preflight(config)
 
 
 def open_or_create(state_dir: StateDir, given: dict) -> FleetState:
@@ -78,13 +68,10 @@ def converge(fleet: Fleet, num_replicas: int, progress: Callable[[int, int], Non
         state.config.num_replicas = num_replicas
     seen = fleet.refresh()
     state = fleet.state_dir.load()
-    key = (state.config.api_keys or [""])[0]
 
     # Replicas in NGINX that stopped answering: out, and restarted if their process is gone.
-    active = state.active()
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        probes = dict(zip([r.id for r in active], pool.map(lambda r: probe(r.url, key), active)))
-    for rec in active:
+    probes = fleet.probe_active(state)
+    for rec in state.active():
         if fleet.backend.needs_restart(seen.get(rec.id)):
             fleet.restart_replica(rec.id, "its process is gone")
         elif rec.phase is Phase.SERVING and not probes[rec.id].is_ready:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jinja2
 
+from fleetctl import procs
 from fleetctl.errors import FleetError, NginxConfigError, UnavailableError
 
 TEMPLATE_ENV = "PAGEFLEET_NGINX_TEMPLATE"
@@ -152,12 +153,12 @@ class Nginx:
         """SIGHUP, then wait until new workers run and every old one stopped accepting
         connections (its title turns to "worker process is shutting down"; it finishes its
         requests in the background). Afterwards every new connection gets the new config."""
-        old_workers = set(_children(master_pid))
+        old_workers = set(procs.children(master_pid))
         log_size = self.error_log.stat().st_size if self.error_log.exists() else 0
         os.kill(master_pid, signal.SIGHUP)
         deadline = time.monotonic() + RELOAD_TIMEOUT_S
         while time.monotonic() < deadline:
-            workers = set(_children(master_pid))
+            workers = set(procs.children(master_pid))
             if workers - old_workers and all(_is_shutting_down(pid) for pid in workers & old_workers):
                 return
             failure = _new_emerg(self.error_log, log_size)
@@ -170,10 +171,9 @@ class Nginx:
         """The master's pid while it runs, else None (a stale pid file does not count)."""
         try:
             pid = int(self.pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid if b"nginx" in cmdline and _is_alive(pid) else None
+        return pid if b"nginx" in procs.cmdline(pid) and procs.is_alive(pid) else None
 
     def stop(self, timeout_s: float = 10.0) -> bool:
         """Graceful stop (SIGQUIT: finish requests), SIGTERM after timeout_s. True if it was running."""
@@ -186,9 +186,9 @@ class Nginx:
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait_s
-            while _is_alive(pid) and time.monotonic() < deadline:
+            while procs.is_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not _is_alive(pid):
+            if not procs.is_alive(pid):
                 break
         self.pid_file.unlink(missing_ok=True)
         return True
@@ -220,30 +220,8 @@ def _new_emerg(error_log: Path, offset: int) -> str | None:
     return None
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[-1].split()
-            if len(fields) > 1 and fields[1] == str(pid) and fields[0] != "Z":
-                children.append(int(entry.name))
-    return children
-
-
 def _is_shutting_down(pid: int) -> bool:
-    try:
-        return b"shutting down" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # gone
+    """An old worker after a reload: it accepts no new connection (its title says so) or is gone."""
+    title = procs.cmdline(pid)
+    return not title or b"shutting down" in title
 
-
-def _is_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")

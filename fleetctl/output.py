@@ -1,7 +1,6 @@
 """What fleetctl prints: the progress display, the status table, the `up` summary with examples."""
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -141,19 +140,6 @@ def print_up(console: Console, state_dir: StateDir, report: dict) -> None:
     console.print("\n[bold]openai[/] (Python)", highlight=False)
     console.print(ex["python"], highlight=False, soft_wrap=True)
     console.print("Next: `fleetctl status`, `fleetctl scale N`, `fleetctl watch`, `fleetctl down`.", highlight=False)
-
-
-def follow_file(path: Path, follow: bool, tail: int) -> Iterator[str]:
-    if not path.exists():
-        return
-    with open(path, errors="replace") as handle:
-        yield from (line.rstrip("\n") for line in handle.readlines()[-tail:] if tail > 0)
-        while follow:
-            line = handle.readline()
-            if line:
-                yield line.rstrip("\n")
-            else:
-                time.sleep(0.2)
 
 
 def _num(value) -> str:

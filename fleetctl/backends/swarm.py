@@ -18,8 +18,10 @@ import threading
 import time
 from typing import Iterator
 
-from fleetctl.backends.base import REPLICA_PORT_IN_CONTAINER, Backend, Replica, ReplicaSpec, replica_env, serve_args
-from fleetctl.backends.docker import LABEL_FLEET, LABEL_MODEL, _parse_time, connect, extra_mounts, model_mount
+from fleetctl.backends.base import (REPLICA_PORT_IN_CONTAINER, Backend, BackendInfo, Replica, ReplicaSpec, replica_env,
+                                    serve_args)
+from fleetctl.backends.docker import LABEL_FLEET, LABEL_MODEL, connect, extra_mounts, model_mount
+from fleetctl.backends.docker_api import EngineApi, lines, parse_time
 from fleetctl.config import FleetConfig
 from fleetctl.errors import FleetError, UnavailableError
 
@@ -41,15 +43,26 @@ def check_swarm_manager(client) -> None:
 
 class SwarmBackend(Backend):
     name = "swarm"
-    restarts_on_crash = True
+    # Swarm replaces failed tasks, names replicas by task slot and runs rolling updates itself
+    # (this class implements base.RollingUpdates).
+    info = BackendInfo(restarts_on_crash=True, names_replicas_itself=True, has_rolling_update=True)
 
     def __init__(self, fleet_id: str, config: FleetConfig, client=None):
         self.fleet_id = fleet_id
         self.config = config
         self.client = client or connect(config.docker_host)
+        self.engine_api = EngineApi(self.client)
         self.service_name = f"pagefleet-{fleet_id}"
         self._scale_lock = threading.Lock()
         check_swarm_manager(self.client)
+
+    @classmethod
+    def check_available(cls, config: FleetConfig) -> None:
+        client = connect(config.docker_host)
+        try:
+            check_swarm_manager(client)
+        finally:
+            client.close()
 
     def start(self, spec: ReplicaSpec, port: int | None = None) -> Replica:
         return self.start_many([spec])[0]
@@ -117,7 +130,7 @@ class SwarmBackend(Backend):
                 port = self._local_port(task["ID"])
             replicas[f"r{slot}"] = Replica(
                 f"r{slot}", node_addrs.get(task.get("NodeID"), "127.0.0.1"), port, task["ID"][:12],
-                is_alive, _parse_time(status.get("Timestamp")), state,
+                is_alive, parse_time(status.get("Timestamp")), state,
                 {"task_id": task["ID"], "node_id": task.get("NodeID", "")})
         return replicas
 
@@ -134,20 +147,12 @@ class SwarmBackend(Backend):
         replica = self.list().get(replica_id)
         if replica is None:
             return
-        api = self.client.api
-        # The SDK wraps /services/{id}/logs but not /tasks/{id}/logs; the same call shape works.
-        response = api._get(api._url("/tasks/{0}/logs", replica.labels["task_id"]), stream=True,
-                            params={"follow": follow, "stdout": True, "stderr": True, "tail": tail})
-        buffer = b""
-        for chunk in api._get_result_tty(True, response, False):
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            yield from (line.decode(errors="replace") for line in lines)
+        yield from lines(self.engine_api.task_logs(replica.labels["task_id"], follow=follow, tail=tail))
 
     def needs_restart(self, replica: Replica | None) -> bool:
         return False  # Swarm replaces failed tasks of a slot itself
 
-    # Rolling model update (fleetctl/rollout.py) ---------------------------------------------
+    # base.RollingUpdates (driven by fleetctl/backend_update.py) -----------------------------
     def update_model(self, spec: ReplicaSpec) -> None:
         """Swarm's own rolling update onto spec.model: the same service with the new --model and
         its mount; one task at a time, each new task started before its slot's old one stops,
@@ -188,14 +193,11 @@ class SwarmBackend(Backend):
         if not failed:
             return message
         task = max(failed, key=lambda t: t["CreatedAt"])
-        api = self.client.api
         try:
-            response = api._get(api._url("/tasks/{0}/logs", task["ID"]), stream=True,
-                                params={"stdout": True, "stderr": True, "tail": 5})
-            lines = b"".join(api._get_result_tty(True, response, False)).decode(errors="replace").splitlines()
+            printed = list(lines(self.engine_api.task_logs(task["ID"], tail=5)))
         except Exception:  # the logs are a courtesy here; the message must still come out
-            lines = []
-        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+            printed = []
+        last = next((line.strip() for line in reversed(printed) if line.strip()), "")
         return "; ".join(part for part in (message, f"task {task['ID'][:12]}: {task['Status'].get('Err', '')}",
                                            last[:200]) if part)
 
@@ -204,11 +206,7 @@ class SwarmBackend(Backend):
         service = self._service()
         if service is None or self.update_status().get("State", "").startswith("rollback"):
             return
-        api = self.client.api
-        # The SDK has no rollback call; the API's update with rollback=previous ignores the body.
-        api._raise_for_status(api._post_json(api._url("/services/{0}/update", service.id),
-                                             data=service.attrs["Spec"],
-                                             params={"version": service.version, "rollback": "previous"}))
+        self.engine_api.roll_back_service(service.id, service.version, service.attrs["Spec"])
 
     def teardown(self) -> None:
         import docker
