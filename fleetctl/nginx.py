@@ -11,6 +11,7 @@ file, logs and the five *_temp_path directories under PREFIX. Run as root, its w
 """
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -73,14 +74,23 @@ def render(context: dict, template: Path | None = None) -> str:
     path = template or template_path()
     if not path.is_file():
         raise NginxConfigError(f"NGINX template {path} not found; restore lb/nginx.conf.j2 or unset ${TEMPLATE_ENV}")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(path.parent)), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     try:
-        return env.get_template(path.name).render(**context)
+        stat = path.stat()
+        return _compiled(str(path), stat.st_mtime_ns, stat.st_size).render(**context)
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
         where = f"{path}:{line}" if line else str(path)
         raise NginxConfigError(f"template {where} does not render ({exc}); fix the template") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(path: str, mtime_ns: int, size: int) -> jinja2.Template:
+    """The template compiled once per version of its file (a render happens on every commit;
+    compiling is what costs), and again as soon as the file changes."""
+    folder, name = os.path.split(path)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(folder), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    return env.get_template(name)
 
 
 class Nginx:
