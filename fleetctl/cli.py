@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -328,7 +329,10 @@ def logs(replica: str, follow: bool, tail: int) -> None:
 @click.argument("what", default="nginx")
 @click.option("--replicas", "-n", type=int, default=2, show_default=True,
               help="Placeholder replicas when there is no fleet yet.")
-def render(what: str, replicas: int) -> None:
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="compose only: write the whole bundle into this folder (Compose file, nginx.conf, tls/, "
+                   "prometheus.yml, grafana/), ready for `docker compose up`.")
+def render(what: str, replicas: int, out: Path | None) -> None:
     """Print a generated file without starting anything, for the current fleet (or a default
     one): WHAT is nginx (the default), prometheus (scrape config) or compose (a Compose file).
 
@@ -336,13 +340,19 @@ def render(what: str, replicas: int) -> None:
     Examples:
       fleetctl render > nginx.conf
       fleetctl render prometheus > prometheus.yml
-      fleetctl render compose > docker-compose.yml
+      fleetctl render compose --out ./stack && (cd stack && docker compose up -d)
     """
-    from fleetctl.render import RENDERERS
+    from fleetctl.render import RENDERERS, write_compose_bundle
 
     if what not in RENDERERS:
         raise click.BadParameter(f"choose one of {', '.join(RENDERERS)}", param_hint="WHAT")
-    click.echo(RENDERERS[what](_state_dir(), replicas), nl=False)
+    if out is None:
+        click.echo(RENDERERS[what](_state_dir(), replicas), nl=False)
+        return
+    if what != "compose":
+        raise click.BadParameter("--out writes the Compose bundle: use it with `render compose`", param_hint="--out")
+    for path in write_compose_bundle(_state_dir(), replicas, out):
+        click.echo(path)
 
 
 @cli.command()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from fleetctl.dashboards import REPLICA_JOB
+from fleetctl.dashboards import DATASOURCE_UID, REPLICA_JOB
 
 COMPOSE_REPLICA_PORT = 8000   # every replica container listens here; only NGINX and Prometheus reach it
 
@@ -110,6 +110,9 @@ def render_compose(num_replicas: int, model: str, image: str, ports: ComposePort
             "image": nginx_image, "restart": "unless-stopped",
             "ports": [f"{ports.https}:443", f"{ports.http}:80"],
             "volumes": ["./nginx.conf:/etc/nginx/nginx.conf:ro", "./tls:/etc/pagefleet/tls:ro"],
+            # fleetctl's NGINX config keeps its pid, logs and temp files under one prefix.
+            "command": ["/bin/sh", "-c", "mkdir -p /var/cache/pagefleet/logs /var/cache/pagefleet/tmp "
+                        "&& chown nginx /var/cache/pagefleet/tmp && exec nginx -g 'daemon off;'"],
             "depends_on": {name: {"condition": "service_healthy"} for name in replicas},
         },
         "prometheus": {
@@ -144,6 +147,23 @@ def render_compose_bundle(num_replicas: int, model: str, image: str, **compose_k
         "docker-compose.yml": render_compose(num_replicas, model, image, **compose_kwargs),
         "prometheus.yml": render_prometheus_config(compose_replica_targets(num_replicas)),
     }
+
+
+def render_grafana_provisioning(dashboards_path: str = "/var/lib/grafana/dashboards") -> dict[str, str]:
+    """Path under the Grafana folder → text of its provisioning files: the Prometheus data source
+    (uid fixed: the dashboards refer to it; URL from $PAGEFLEET_PROMETHEUS_URL, which Grafana
+    expands) and the provider that loads the dashboards from `dashboards_path`."""
+    datasources = {"apiVersion": 1, "datasources": [{
+        "name": "pagefleet Prometheus", "uid": DATASOURCE_UID, "type": "prometheus", "access": "proxy",
+        "url": "${PAGEFLEET_PROMETHEUS_URL}", "isDefault": True, "editable": False,
+        "jsonData": {"timeInterval": "5s"}}]}
+    providers = {"apiVersion": 1, "providers": [{
+        "name": "pagefleet", "folder": "pagefleet", "type": "file", "disableDeletion": True,
+        "allowUiUpdates": False, "updateIntervalSeconds": 30,
+        "options": {"path": dashboards_path, "foldersFromFilesStructure": False}}]}
+    header = "# Rendered by fleetctl (fleetctl/observability.py); edits are overwritten.\n"
+    return {"provisioning/datasources/prometheus.yaml": header + _yaml(datasources),
+            "provisioning/dashboards/pagefleet.yaml": header + _yaml(providers)}
 
 
 def _replica_service(index: int, model: str, image: str, served_model_name: str | None,

@@ -1,15 +1,25 @@
-"""`fleetctl render WHAT`: print a generated file without starting anything.
+"""`fleetctl render WHAT`: print a generated file without starting anything, or (`render compose
+--out DIR`) write the whole Compose bundle.
 
 RENDERERS maps a name to a function of (state_dir, replicas_hint) returning the file's text; a
 new output (the Compose file, the Prometheus scrape config) is one more entry here.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
+from pathlib import Path
 from typing import Callable
 
+from fleetctl import nginx as nginx_mod
 from fleetctl.config import FleetConfig
 from fleetctl.fleet import Fleet
 from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
+
+# Inside the Compose stack's NGINX container (the official nginx image).
+COMPOSE_TLS_DIR = Path("/etc/pagefleet/tls")
+COMPOSE_NGINX_PREFIX = "/var/cache/pagefleet"
 
 
 def preview_state(state_dir: StateDir, num_replicas: int) -> FleetState:
@@ -40,15 +50,69 @@ def render_prometheus(state_dir: StateDir, num_replicas: int) -> str:
     return render_prometheus_config([r.address for r in state.active()])
 
 
+def _compose_args(config: FleetConfig) -> dict:
+    return {"served_model_name": config.served_model_name, "gpus": config.gpus or None,
+            "api_key_env": "PAGEFLEET_API_KEY" if config.api_keys else None,
+            "drain_timeout_s": int(config.drain_timeout_s)}
+
+
 def render_compose(state_dir: StateDir, num_replicas: int) -> str:
     """A Compose file for NGINX + the fleet's replicas + Prometheus + Grafana (observability.py)."""
     from fleetctl.observability import render_compose as compose
 
     config = preview_state(state_dir, num_replicas).config
-    return compose(max(1, config.num_replicas), config.model, config.image,
-                   served_model_name=config.served_model_name, gpus=config.gpus or None,
-                   api_key_env="PAGEFLEET_API_KEY" if config.api_keys else None,
-                   drain_timeout_s=int(config.drain_timeout_s))
+    return compose(max(1, config.num_replicas), config.model, config.image, **_compose_args(config))
+
+
+def compose_nginx_conf(config: FleetConfig, num_replicas: int) -> str:
+    """The fleet's NGINX config as the Compose stack's NGINX container runs it: the replicas are
+    the services replica-0.. on the Compose network, the listeners 443 and 80 on every address of
+    the container, TLS from the bundle's tls/ (mounted at COMPOSE_TLS_DIR)."""
+    from fleetctl.observability import compose_replica_targets
+    from fleetctl.tls import planned_paths
+
+    config = dataclasses.replace(config, listen="0.0.0.0", https_port=443, http_port=80)
+    upstreams = [nginx_mod.Upstream(f"r{i + 1}", target)
+                 for i, target in enumerate(compose_replica_targets(num_replicas))]
+    context = nginx_mod.site_context(config, "compose", upstreams, planned_paths(COMPOSE_TLS_DIR),
+                                     Path(COMPOSE_NGINX_PREFIX))
+    context["worker_user"] = "nginx nginx"  # the image's unprivileged user; its master runs as root
+    return nginx_mod.render(context)
+
+
+def write_compose_bundle(state_dir: StateDir, num_replicas: int, out: Path) -> list[Path]:
+    """Writes everything `docker compose up` in `out` needs: docker-compose.yml, nginx.conf,
+    tls/ (server certificate and key for the fleet's --tls-name, or the operator's own pair,
+    and ca.pem for clients), prometheus.yml, grafana/ (provisioning and dashboards); the local
+    CA's key stays in ca/. Returns the paths written."""
+    from fleetctl.dashboards import render_dashboards
+    from fleetctl.observability import render_compose_bundle, render_grafana_provisioning
+    from fleetctl.tls import ensure_tls
+
+    config = preview_state(state_dir, num_replicas).config
+    num = max(1, config.num_replicas)
+    files = render_compose_bundle(num, config.model, config.image, grafana_dir="./grafana", **_compose_args(config))
+    files["nginx.conf"] = compose_nginx_conf(config, num)
+    files.update({f"grafana/dashboards/{name}": text for name, text in render_dashboards().items()})
+    files.update({f"grafana/{name}": text for name, text in render_grafana_provisioning().items()})
+    written = []
+    for name, text in files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    os.chmod(out / "nginx.conf", 0o600)  # it holds the API keys (NGINX rate-limits per key)
+    # The CA (with its key) stays in ca/, which no container mounts; NGINX gets only what it
+    # serves. Writing the bundle again reuses the CA, so clients keep trusting it.
+    tls = ensure_tls(out / "ca", config.tls_names, config.tls_cert, config.tls_key)
+    (out / "tls").mkdir(exist_ok=True)
+    for source, name in ((tls.cert, "server.pem"), (tls.key, "server.key"), (tls.dhparam, "dhparam.pem"),
+                         (tls.ca, "ca.pem")):
+        if source is not None:
+            shutil.copyfile(source, out / "tls" / name)
+            written.append(out / "tls" / name)
+    os.chmod(out / "tls" / "server.key", 0o600)
+    return written
 
 
 RENDERERS: dict[str, Callable[[StateDir, int], str]] = {

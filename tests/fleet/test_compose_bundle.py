@@ -1,0 +1,95 @@
+"""`fleetctl render compose --out DIR` writes a bundle that `docker compose up` can run as is:
+every file the Compose file mounts exists, Compose accepts it, and NGINX accepts its config."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from fleetctl.cli import cli
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.fixture
+def bundle(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("PAGEFLEET_HOME", str(tmp_path / "home"))
+    out = tmp_path / "stack"
+    result = CliRunner().invoke(cli, ["render", "compose", "--replicas", "3", "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert str(out / "docker-compose.yml") in result.output.splitlines()
+    return out
+
+
+def bind_sources(compose: dict, folder: Path) -> list[Path]:
+    """The host side of every bind mount (volumes that start with . or /) in the Compose file."""
+    sources = []
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith((".", "/")):
+                sources.append((folder / source).resolve())
+    return sources
+
+
+def test_every_file_the_compose_file_mounts_is_in_the_bundle(bundle):
+    compose = yaml.safe_load((bundle / "docker-compose.yml").read_text())
+    sources = bind_sources(compose, bundle)
+    assert {p.relative_to(bundle).as_posix() for p in sources} == \
+        {"nginx.conf", "tls", "prometheus.yml", "grafana/provisioning", "grafana/dashboards"}
+    assert all(p.exists() for p in sources), [p for p in sources if not p.exists()]
+    assert sorted(p.name for p in (bundle / "tls").iterdir()) == ["ca.pem", "dhparam.pem", "server.key", "server.pem"]
+    assert oct((bundle / "tls" / "server.key").stat().st_mode & 0o777) == "0o600"
+    assert not list((bundle / "tls").glob("ca.key"))  # the CA's key is not mounted into NGINX
+    assert sorted(p.name for p in (bundle / "grafana" / "dashboards").iterdir()) == \
+        ["pagefleet-fleet.json", "pagefleet-replica.json"]
+    nginx_conf = (bundle / "nginx.conf").read_text()
+    assert re.findall(r"server (\S+) max_fails", nginx_conf) == ["replica-0:8000", "replica-1:8000", "replica-2:8000"]
+
+
+def test_writing_the_bundle_again_keeps_the_ca(bundle, tmp_path):
+    ca = (bundle / "tls" / "ca.pem").read_bytes()
+    result = CliRunner().invoke(cli, ["render", "compose", "--out", str(bundle)], catch_exceptions=False)
+    assert result.exit_code == 0 and (bundle / "tls" / "ca.pem").read_bytes() == ca
+
+
+def test_the_bundled_nginx_config_passes_nginx_t_with_the_containers_paths_on_this_host(bundle, tmp_path):
+    """The same text with the container's user, names and paths pointed at this host."""
+    prefix = tmp_path / "nginx-prefix"
+    (prefix / "logs").mkdir(parents=True)
+    (prefix / "tmp").mkdir()
+    text = (bundle / "nginx.conf").read_text()
+    text = re.sub(r"^user .*;\n", "", text, flags=re.M)
+    text = re.sub(r"replica-\d+:8000", "127.0.0.1:9", text)
+    text = text.replace("/etc/pagefleet/tls", str(bundle / "tls")).replace("/var/cache/pagefleet", str(prefix))
+    (tmp_path / "host.conf").write_text(text)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    result = subprocess.run([nginx, "-t", "-p", str(prefix), "-e", "stderr", "-c", str(tmp_path / "host.conf")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_docker_compose_accepts_the_bundle(bundle):
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    result = subprocess.run([*command, "-p", "pagefleet", "config"], cwd=bundle, capture_output=True, text=True,
+                            timeout=60, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert sorted(services) == ["grafana", "nginx", "prometheus", "replica-0", "replica-1", "replica-2"]
+
+
+def test_out_is_only_for_compose(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEFLEET_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(cli, ["render", "nginx", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "render compose" in result.output
