@@ -171,6 +171,8 @@ def _replica_service(index: int, model: str, image: str, served_model_name: str 
     command = ["replica", "serve", "--host", "0.0.0.0", "--port", str(COMPOSE_REPLICA_PORT),
                "--drain-timeout", str(drain_timeout_s)]
     service: dict = {"image": image, "restart": "unless-stopped", "expose": [str(COMPOSE_REPLICA_PORT)],
+                     # the image's HEALTHCHECK asks this port (compose/Dockerfile)
+                     "environment": {"PAGEFLEET_PORT": str(COMPOSE_REPLICA_PORT)},
                      # SIGTERM drains in-flight requests; give it that long before SIGKILL.
                      "stop_grace_period": f"{drain_timeout_s + 5}s",
                      "labels": {"pagefleet.replica": str(index)}}

@@ -110,7 +110,8 @@ class DockerBackend(Backend):
                 ports={f"{REPLICA_PORT_IN_CONTAINER}/tcp": ("127.0.0.1", port)},
                 restart_policy={"Name": "unless-stopped"},
                 mounts=[mount, *extra_mounts(self.config.mounts)],
-                environment={**replica_env(spec), **self.config.env},
+                environment={**replica_env(spec), "PAGEFLEET_PORT": str(REPLICA_PORT_IN_CONTAINER),
+                             **self.config.env},  # PAGEFLEET_PORT: the image's HEALTHCHECK asks that port
                 device_requests=device_requests,
                 stop_signal="SIGTERM",
             )

@@ -93,3 +93,22 @@ def test_out_is_only_for_compose(tmp_path, monkeypatch):
     monkeypatch.setenv("PAGEFLEET_HOME", str(tmp_path / "home"))
     result = CliRunner().invoke(cli, ["render", "nginx", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "render compose" in result.output
+
+
+def test_dockerignore_keeps_environments_keys_and_caches_out_of_the_build_context(tmp_path):
+    """Docker's own matching rules (the docker SDK's exclude_paths) over a small tree."""
+    from docker.utils.build import exclude_paths
+
+    repo = Path(__file__).resolve().parents[2]
+    files = [".venv/bin/python", "tls/server.key", "tls/ca.pem", "fleetctl/__pycache__/cli.cpython-311.pyc",
+             ".pytest_cache/v/x", ".git/HEAD", "bench/results/w4.json", "pyproject.toml", "README.md",
+             "replica/server/app.py", "fleetctl/cli.py", "lb/nginx.conf.j2", "compose/Dockerfile"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    patterns = [line.strip() for line in (repo / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    kept = set(exclude_paths(str(tmp_path), patterns, dockerfile="compose/Dockerfile"))
+    assert kept >= {"pyproject.toml", "README.md", "replica/server/app.py", "fleetctl/cli.py", "lb/nginx.conf.j2"}
+    assert not kept & {".venv/bin/python", "tls/server.key", "tls/ca.pem", ".git/HEAD", ".pytest_cache/v/x",
+                       "fleetctl/__pycache__/cli.cpython-311.pyc", "bench/results/w4.json"}, kept
