@@ -32,7 +32,8 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else shutil.get_ter
 # CLI option → FleetConfig field, for the options of `up`.
 UP_FIELDS = {
     "replicas": "num_replicas", "model": "model", "served_model_name": "served_model_name",
-    "backend": "backend", "gpus": "gpus", "routing": "routing", "listen": "listen", "port": "https_port",
+    "backend": "backend", "gpus": "gpus", "routing": "routing", "prefix_chars": "prefix_key_chars",
+    "prefix_max_conns": "prefix_max_conns", "listen": "listen", "port": "https_port",
     "http_port": "http_port", "internal_port": "internal_port", "tls_name": "tls_names", "tls_cert": "tls_cert",
     "tls_key": "tls_key", "api_key": "api_keys", "rate_limit": "rate_limit_per_s", "burst": "rate_limit_burst",
     "max_body_size": "client_max_body_size", "read_timeout": "read_timeout_s", "device": "device",
@@ -138,7 +139,12 @@ def _fleet(say=None) -> Fleet:
 @click.option("--backend", "-b", cls=ConfigOption, type=click.Choice(BACKENDS),
               shown="docker if an engine answers, else local")
 @click.option("--gpus", cls=ConfigOption, shown="none, CPU", help="GPUs to use, one replica each, round-robin: 0,1,2 or all.")
-@click.option("--routing", cls=ConfigOption, type=click.Choice(ROUTINGS), help="least_conn, or session: hash on X-Session-ID.")
+@click.option("--routing", cls=ConfigOption, type=click.Choice(ROUTINGS),
+              help="least_conn; session: hash on X-Session-ID; prefix: prompts that start alike go to one replica.")
+@click.option("--prefix-chars", cls=ConfigOption, type=click.IntRange(1), help="prefix routing: characters of the "
+              "prompt (tools, system prompt, messages) that pick the replica, ~4 per token.")
+@click.option("--prefix-max-conns", cls=ConfigOption, type=click.IntRange(1),
+              help="prefix routing: requests in flight a replica takes before the next one on the ring.")
 @click.option("--listen", cls=ConfigOption, help="Address of the public listeners; 0.0.0.0 for all.")
 @click.option("--port", cls=ConfigOption, type=int, help="Public HTTPS port.")
 @click.option("--http-port", cls=ConfigOption, type=int, help="HTTP port that redirects to HTTPS with 308.")

@@ -15,7 +15,7 @@ from fleetctl.errors import ConfigError
 from fleetctl.models import BUNDLED, default_served_name
 
 BACKENDS = ("local", "docker", "swarm")
-ROUTINGS = ("least_conn", "session")
+ROUTINGS = ("least_conn", "session", "prefix")
 DEFAULT_MODEL = "smollm2"
 DEFAULT_IMAGE = "pagefleet-replica:latest"
 # Unprivileged defaults, so that `fleetctl up` needs no root and clashes with no system web server.
@@ -35,7 +35,9 @@ class FleetConfig:
     served_model_name: str = ""
     num_replicas: int = 2
     gpus: list[str] = field(default_factory=list)  # e.g. ["0", "1"]; empty means CPU
-    routing: str = "least_conn"
+    routing: str = "least_conn"  # least_conn | session (X-Session-ID) | prefix (the prompt's first characters)
+    prefix_key_chars: int = 1024  # prefix routing: characters of the prompt that pick a replica (~4 per token)
+    prefix_max_conns: int = 32  # prefix routing: in-flight requests a replica takes before its ring neighbour
     listen: str = "127.0.0.1"  # address of the public listeners; 0.0.0.0 to serve other hosts
     https_port: int = DEFAULT_HTTPS_PORT
     http_port: int = DEFAULT_HTTP_PORT
@@ -74,7 +76,9 @@ class FleetConfig:
 
     def validate(self) -> None:
         _check(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        _check(self.routing in ROUTINGS, f"--routing must be one of least_conn, session, not {self.routing!r}")
+        _check(self.routing in ROUTINGS, f"--routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
+        _check(self.prefix_key_chars >= 1, f"--prefix-chars must be >= 1, not {self.prefix_key_chars}")
+        _check(self.prefix_max_conns >= 1, f"--prefix-max-conns must be >= 1, not {self.prefix_max_conns}")
         _check(0 <= self.num_replicas <= 256, "--replicas must be between 0 and 256")
         for name in ("https_port", "http_port", "internal_port"):
             port = getattr(self, name)

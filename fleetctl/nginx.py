@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -31,6 +32,7 @@ TEMPLATE_ENV = "PAGEFLEET_NGINX_TEMPLATE"
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "lb" / "nginx.conf.j2"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 RELOAD_TIMEOUT_S = 10.0
+NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"  # Debian's libnginx-mod-http-js
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,43 @@ class Upstream:
     address: str  # host:port NGINX connects to
 
 
-def site_context(config, fleet_id: str, upstreams: list[Upstream], tls, prefix: Path) -> dict:
-    """Everything lb/nginx.conf.j2 reads: the fleet's config, the replicas in rotation, TLS paths."""
+@dataclass(frozen=True)
+class ModelGroup:
+    """One served model and the replicas in rotation for it: upstream pf_g<number>."""
+
+    number: int  # 1, 2, ...: names the upstream and location; 1 is the default group
+    served_model_name: str  # what clients put in `model`
+    upstreams: tuple[Upstream, ...]
+
+
+def site_context(config, fleet_id: str, upstreams: list[Upstream], tls, prefix: Path,
+                 groups: list[ModelGroup] | None = None, njs_module: str = NJS_MODULE,
+                 njs_script: str | None = None) -> dict:
+    """Everything lb/nginx.conf.j2 reads: the fleet's config, the replicas in rotation, TLS paths.
+    `groups`: the model groups (default: one, the fleet's served model on `upstreams`). Several
+    groups, or prefix routing, route in njs (lb/pagefleet.js): `njs_module` is where this host's
+    NGINX finds ngx_http_js_module, `njs_script` the router (default: beside the template)."""
+    groups = groups or [ModelGroup(1, config.served_model_name, tuple(upstreams))]
+    use_njs = len(groups) > 1 or config.routing == "prefix"
+    if use_njs and Path(njs_module).is_absolute() and not Path(njs_module).exists():
+        raise UnavailableError(f"{njs_module} is missing: routing by model or prefix needs NGINX's njs module; "
+                               "install it (apt-get install -y libnginx-mod-http-js)")
+    routes = {"models": {g.served_model_name: g.number for g in groups}, "default": groups[0].number,
+              "num_groups": len(groups), "prefix_chars": config.prefix_key_chars}
     return {
         "fleet_id": fleet_id,
         "prefix": str(prefix),
         "worker_user": Nginx.worker_user(),
         "worker_processes": "auto",
-        "upstreams": upstreams,
+        "upstreams": [u for g in groups for u in g.upstreams],
+        "groups": groups,
+        "default_group": groups[0].number,
+        "use_njs": use_njs,
+        "njs_module": njs_module,
+        "njs_script": njs_script or str(template_path().parent / "pagefleet.js"),
+        # served names are [A-Za-z0-9._:/-]: the JSON holds no quote that would end the string
+        "routes_json": json.dumps(routes, separators=(",", ":")),
+        "prefix_max_conns": config.prefix_max_conns,
         "routing": config.routing,
         "max_fails": 1,
         "fail_timeout_s": 5,

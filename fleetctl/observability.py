@@ -109,7 +109,8 @@ def render_compose(num_replicas: int, model: str, image: str, ports: ComposePort
         "nginx": {
             "image": nginx_image, "restart": "unless-stopped",
             "ports": [f"{ports.https}:443", f"{ports.http}:80"],
-            "volumes": ["./nginx.conf:/etc/nginx/nginx.conf:ro", "./tls:/etc/pagefleet/tls:ro"],
+            "volumes": ["./nginx.conf:/etc/nginx/nginx.conf:ro", "./tls:/etc/pagefleet/tls:ro",
+                        "./pagefleet.js:/etc/pagefleet/pagefleet.js:ro"],  # njs router (lb/pagefleet.js)
             # fleetctl's NGINX config keeps its pid, logs and temp files under one prefix.
             "command": ["/bin/sh", "-c", "mkdir -p /var/cache/pagefleet/logs /var/cache/pagefleet/tmp "
                         "&& chown nginx /var/cache/pagefleet/tmp && exec nginx -g 'daemon off;'"],

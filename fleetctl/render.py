@@ -20,6 +20,8 @@ from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
 # Inside the Compose stack's NGINX container (the official nginx image).
 COMPOSE_TLS_DIR = Path("/etc/pagefleet/tls")
 COMPOSE_NGINX_PREFIX = "/var/cache/pagefleet"
+COMPOSE_NJS_MODULE = "modules/ngx_http_js_module.so"  # the nginx image ships njs under /etc/nginx
+COMPOSE_NJS_SCRIPT = "/etc/pagefleet/pagefleet.js"
 
 
 def preview_state(state_dir: StateDir, num_replicas: int) -> FleetState:
@@ -75,13 +77,15 @@ def compose_nginx_conf(config: FleetConfig, num_replicas: int) -> str:
     upstreams = [nginx_mod.Upstream(f"r{i + 1}", target)
                  for i, target in enumerate(compose_replica_targets(num_replicas))]
     context = nginx_mod.site_context(config, "compose", upstreams, planned_paths(COMPOSE_TLS_DIR),
-                                     Path(COMPOSE_NGINX_PREFIX))
+                                     Path(COMPOSE_NGINX_PREFIX), njs_module=COMPOSE_NJS_MODULE,
+                                     njs_script=COMPOSE_NJS_SCRIPT)
     context["worker_user"] = "nginx nginx"  # the image's unprivileged user; its master runs as root
     return nginx_mod.render(context)
 
 
 def write_compose_bundle(state_dir: StateDir, num_replicas: int, out: Path) -> list[Path]:
     """Writes everything `docker compose up` in `out` needs: docker-compose.yml, nginx.conf,
+    pagefleet.js (NGINX's router for prefix routing and model groups),
     tls/ (server certificate and key for the fleet's --tls-name, or the operator's own pair,
     and ca.pem for clients), prometheus.yml, grafana/ (provisioning and dashboards); the local
     CA's key stays in ca/. Returns the paths written."""
@@ -93,6 +97,7 @@ def write_compose_bundle(state_dir: StateDir, num_replicas: int, out: Path) -> l
     num = max(1, config.num_replicas)
     files = render_compose_bundle(num, config.model, config.image, grafana_dir="./grafana", **_compose_args(config))
     files["nginx.conf"] = compose_nginx_conf(config, num)
+    files["pagefleet.js"] = (Path(nginx_mod.DEFAULT_TEMPLATE).parent / "pagefleet.js").read_text()
     files.update({f"grafana/dashboards/{name}": text for name, text in render_dashboards().items()})
     files.update({f"grafana/{name}": text for name, text in render_grafana_provisioning().items()})
     written = []

@@ -45,7 +45,7 @@ def test_every_file_the_compose_file_mounts_is_in_the_bundle(bundle):
     compose = yaml.safe_load((bundle / "docker-compose.yml").read_text())
     sources = bind_sources(compose, bundle)
     assert {p.relative_to(bundle).as_posix() for p in sources} == \
-        {"nginx.conf", "tls", "prometheus.yml", "grafana/provisioning", "grafana/dashboards"}
+        {"nginx.conf", "pagefleet.js", "tls", "prometheus.yml", "grafana/provisioning", "grafana/dashboards"}
     assert all(p.exists() for p in sources), [p for p in sources if not p.exists()]
     assert sorted(p.name for p in (bundle / "tls").iterdir()) == ["ca.pem", "dhparam.pem", "server.key", "server.pem"]
     assert oct((bundle / "tls" / "server.key").stat().st_mode & 0o777) == "0o600"
