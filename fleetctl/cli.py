@@ -21,6 +21,7 @@ from fleetctl import output
 from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig, parse_gpus
 from fleetctl.errors import EXIT_DEGRADED, ConfigError, FleetError
 from fleetctl.fleet import Fleet
+from fleetctl.groups import DEFAULT_GROUP
 from fleetctl.health import DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL_S, DEFAULT_RESTART_AFTER_S
 from fleetctl.state import StateDir
 from fleetctl.status import collect
@@ -168,9 +169,12 @@ def _fleet(say=None) -> Fleet:
 @click.option("--env", multiple=True, help="Docker/Swarm: KEY=VALUE for the replica containers (repeat).")
 @click.option("--constraint", multiple=True, help="Swarm: placement constraint, e.g. node.labels.gpu==true (repeat).")
 @click.option("--docker-host", cls=ConfigOption, shown="$DOCKER_HOST or the local socket", help="Docker engine URL.")
+@click.option("--file", "-f", "fleet_file", type=click.Path(exists=True, dir_okay=False),
+              help="Fleet file (YAML; `fleetctl render fleet` prints one): settings and model groups; "
+                   "options given here override it.")
 @click.option("--watch", "then_watch", is_flag=True, help="Keep running as the health watcher afterwards.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def up(then_watch: bool, as_json: bool, **options) -> None:
+def up(then_watch: bool, as_json: bool, fleet_file: str | None, **options) -> None:
     """Start (or converge) the fleet: TLS, N replicas, NGINX in front.
 
     Idempotent: run it again and it converges to N without touching healthy replicas.
@@ -180,11 +184,13 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
       fleetctl up --replicas 2
       fleetctl up --replicas 4 --backend docker --gpus 0,1,2,3 --api-key "$KEY"
       fleetctl up --listen 0.0.0.0 --tls-name llm.example.com --port 443 --http-port 80
+      fleetctl up -f fleet.yaml     # several model groups; NGINX routes by `model`
     """
     from fleetctl.backends import default_backend
+    from fleetctl.config import load_fleet_file
     from fleetctl.lifecycle import open_or_create, preflight, up as up_fleet
 
-    given = _given(options)
+    given = {**(load_fleet_file(fleet_file) if fleet_file else {}), **_given(options)}
     state_dir = _state_dir()
     if state_dir.has_fleet():
         state_dir.load().refuse_during_update("run `fleetctl up`")
@@ -194,7 +200,7 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
         preflight(FleetConfig(**given))
     state = open_or_create(state_dir, given)
     fleet = _fleet()
-    with output.ready_progress(err, state.config.num_replicas) as progress:
+    with output.ready_progress(err, sum(g.num_replicas for g in state.config.model_groups())) as progress:
         up_fleet(fleet, progress)
     report = collect(fleet)
     if as_json:
@@ -224,22 +230,23 @@ def status(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("replicas", type=click.IntRange(0, 256))
+@click.option("--group", "-g", help="The model group to scale (a fleet with several must name one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
-def scale(replicas: int, as_json: bool) -> None:
+def scale(replicas: int, group: str | None, as_json: bool) -> None:
     """Change the number of replicas. New ones get traffic only once ready; removed ones leave
     NGINX first, finish their requests, then stop.
 
     \b
     Examples:
       fleetctl scale 3
-      fleetctl scale 1
+      fleetctl scale 1 --group small
     """
     from fleetctl.lifecycle import converge
 
     fleet = _fleet()
     fleet.state_dir.load().refuse_during_update("scale")  # NoFleetError early too
     with output.ready_progress(err, replicas) as progress:
-        converge(fleet, replicas, progress)
+        converge(fleet, replicas, progress, group)
     _print_report(fleet, as_json)
 
 
@@ -249,10 +256,12 @@ def scale(replicas: int, as_json: bool) -> None:
               help="1: each new replica starts beside the old one it replaces (CPU, or a free GPU in --gpus).")
 @click.option("--max-unavailable", type=click.IntRange(0, 1), default=0, show_default=True,
               help="1: with no room for one more replica, the old one leaves first (one fewer serves meanwhile).")
+@click.option("--group", "-g", default=DEFAULT_GROUP, help="The model group to move (a fleet of several).")
 @click.option("--timeout", "timeout_s", type=float,
               help="Seconds each new replica gets to pass /ready and its test generation [default: --ready-timeout].")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
-def update(model: str, max_surge: int, max_unavailable: int, timeout_s: float | None, as_json: bool) -> None:
+def update(model: str, max_surge: int, max_unavailable: int, group: str, timeout_s: float | None,
+           as_json: bool) -> None:
     """Roll the fleet onto new weights, one replica at a time, without dropping a request.
 
     For each old replica: a new one starts with --model, must answer /ready and generate a few
@@ -270,10 +279,11 @@ def update(model: str, max_surge: int, max_unavailable: int, timeout_s: float | 
     """
     from fleetctl.rollout import Rollout, UpdateOptions
 
-    options = UpdateOptions(model, max_surge, max_unavailable, timeout_s or 0.0)
+    options = UpdateOptions(model, max_surge, max_unavailable, timeout_s or 0.0, group)
     fleet = _fleet()
     state = fleet.state_dir.load()
-    with output.update_progress(err, len(state.active())) as progress:
+    state.config.group(group)  # ConfigError naming the groups there are
+    with output.update_progress(err, len(state.active(group))) as progress:
         Rollout(fleet, options, progress).run()
     _print_report(fleet, as_json)
 
@@ -340,13 +350,15 @@ def logs(replica: str, follow: bool, tail: int) -> None:
                    "prometheus.yml, grafana/), ready for `docker compose up`.")
 def render(what: str, replicas: int, out: Path | None) -> None:
     """Print a generated file without starting anything, for the current fleet (or a default
-    one): WHAT is nginx (the default), prometheus (scrape config) or compose (a Compose file).
+    one): WHAT is nginx (the default), fleet (a fleet file for `up -f`), prometheus (scrape
+    config) or compose (a Compose file).
 
     \b
     Examples:
       fleetctl render > nginx.conf
       fleetctl render prometheus > prometheus.yml
       fleetctl render compose --out ./stack && (cd stack && docker compose up -d)
+      fleetctl render fleet > fleet.yaml
     """
     from fleetctl.render import RENDERERS, write_compose_bundle
 

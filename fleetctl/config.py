@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetctl.errors import ConfigError
+from fleetctl.groups import DEFAULT_GROUP, ModelGroup, check_groups
 from fleetctl.models import BUNDLED, default_served_name
 
 BACKENDS = ("local", "docker", "swarm")
@@ -62,6 +63,8 @@ class FleetConfig:
     env: dict[str, str] = field(default_factory=dict)
     constraints: list[str] = field(default_factory=list)  # Swarm placement constraints
     docker_host: str = ""  # the engine the fleet lives on; empty: DOCKER_HOST or the default socket
+    # Several models side by side (fleetctl/groups.py); empty: one group made of the fields above.
+    groups: list[ModelGroup] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Paths are stored absolute: the watcher restarts replicas from wherever it runs.
@@ -72,6 +75,7 @@ class FleetConfig:
                        for src, _, dst in (m.partition(":") for m in self.mounts)]
         if not self.served_model_name:
             self.served_model_name = default_served_name(self.model)
+        self.groups = [g if isinstance(g, ModelGroup) else ModelGroup.from_dict(g) for g in self.groups]
         self.validate()
 
     def validate(self) -> None:
@@ -102,12 +106,28 @@ class FleetConfig:
         _check(self.read_timeout_s >= 1 and self.drain_timeout_s >= 0 and self.ready_timeout_s > 0,
                "timeouts must be positive")
         _check(bool(self.replica_command), "--replica-command must not be empty")
-        for gpu in self.gpus:
+        for gpu in self.gpus + [g for group in self.groups for g in group.gpus]:
             _check(re.fullmatch(r"[A-Za-z0-9-]+", gpu) is not None, f"--gpus entry {gpu!r} is not a GPU index or UUID")
+        check_groups(self.groups)
 
     @property
     def replica_device(self) -> str:
         return self.device or ("cuda" if self.gpus else "cpu")
+
+    def model_groups(self) -> list[ModelGroup]:
+        """The fleet's model groups; a fleet without `groups` is one group, "default", of the
+        fields above (so a single-model fleet behaves exactly as it always did)."""
+        if self.groups:
+            return self.groups
+        engine = {k: v for k, v in (("max_model_len", self.max_model_len), ("num_kv_blocks", self.num_kv_blocks)) if v}
+        return [ModelGroup(DEFAULT_GROUP, self.model, self.served_model_name, self.num_replicas, [], engine)]
+
+    def group(self, name: str) -> ModelGroup:
+        for group in self.model_groups():
+            if group.name == name:
+                return group
+        names = ", ".join(g.name for g in self.model_groups())
+        raise ConfigError(f"no model group {name!r} in this fleet; its groups: {names}")
 
     @property
     def client_api_key(self) -> str:
@@ -132,6 +152,34 @@ class FleetConfig:
 
     def replace(self, **changes) -> "FleetConfig":
         return dataclasses.replace(self, **changes)
+
+
+def load_fleet_file(path: str | Path) -> dict:
+    """A fleet file (YAML): FleetConfig's fields, `groups` among them, as `fleetctl render fleet`
+    prints them. Returns the fields it sets; ConfigError for anything else."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"-f {path}: cannot read it as YAML ({exc})") from None
+    known = {f.name for f in dataclasses.fields(FleetConfig)}
+    _check(isinstance(data, dict), f"-f {path}: expected a mapping of fleet settings")
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"-f {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return data
+
+
+def dump_fleet_file(config: FleetConfig) -> str:
+    """The fleet's settings as a fleet file that `fleetctl up -f` applies."""
+    import yaml
+
+    data = config.to_dict()
+    if data["groups"]:  # the groups name their own models; the single-model fields do not apply
+        for name in ("model", "served_model_name", "num_replicas", "max_model_len", "num_kv_blocks"):
+            data.pop(name)
+    return "# fleetctl fleet file: `fleetctl up -f FILE` applies it\n" + \
+        yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=120)
 
 
 def parse_gpus(text: str | None) -> list[str]:

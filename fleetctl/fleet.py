@@ -28,6 +28,7 @@ from fleetctl import nginx as nginx_mod
 from fleetctl.backends import make_backend
 from fleetctl.backends.base import Backend, Replica, ReplicaSpec
 from fleetctl.errors import NotReadyError
+from fleetctl.groups import DEFAULT_GROUP
 from fleetctl.observability import render_file_sd
 from fleetctl.probe import Probe, ReplicaHttp
 from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
@@ -63,11 +64,16 @@ class Fleet:
 
     # NGINX --------------------------------------------------------------------------------
     def render_nginx(self, state: FleetState) -> str:
+        """The config for the replicas in rotation, one upstream per model group."""
         config = state.config
         tls = planned_paths(self.state_dir.tls_dir, config.tls_cert, config.tls_key)
-        upstreams = [nginx_mod.Upstream(r.id, r.address) for r in state.serving()]
-        return nginx_mod.render(nginx_mod.site_context(config, state.fleet_id, upstreams, tls,
-                                                       self.state_dir.nginx_dir))
+        serving = state.serving()
+        groups = [nginx_mod.ModelGroup(number, g.served_model_name,
+                                       tuple(nginx_mod.Upstream(r.id, r.address) for r in serving
+                                             if r.group == g.name or not config.groups))
+                  for number, g in enumerate(config.model_groups(), start=1)]
+        return nginx_mod.render(nginx_mod.site_context(config, state.fleet_id, groups[0].upstreams, tls,
+                                                       self.state_dir.nginx_dir, groups=groups))
 
     def commit(self, change: Callable[[FleetState], T]) -> T:
         """Changes the saved state and brings NGINX in line with it, or neither; returns what
@@ -103,40 +109,47 @@ class Fleet:
         os.replace(tmp, path)
 
     # Replicas -----------------------------------------------------------------------------
-    def spec(self, state: FleetState, replica_id: str, gpu: str, model: str = "") -> ReplicaSpec:
+    def spec(self, state: FleetState, replica_id: str, gpu: str, model: str = "",
+             group: str = DEFAULT_GROUP) -> ReplicaSpec:
+        """What a replica of `group` runs (with `model` instead of the group's, in an update)."""
         c = state.config
-        return ReplicaSpec(replica_id, model or c.model, c.served_model_name, c.replica_device, gpu,
-                           tuple(c.api_keys), c.max_model_len, c.num_kv_blocks, c.drain_timeout_s)
+        if not c.groups:  # the implicit group: the fleet's own fields
+            return ReplicaSpec(replica_id, model or c.model, c.served_model_name, c.replica_device, gpu,
+                               tuple(c.api_keys), c.max_model_len, c.num_kv_blocks, c.drain_timeout_s)
+        g = c.group(group)
+        device = c.device or ("cuda" if g.gpus or c.gpus else "cpu")
+        return ReplicaSpec(replica_id, model or g.model, g.served_model_name, device, gpu, tuple(c.api_keys),
+                           drain_timeout_s=c.drain_timeout_s, engine_args=tuple(g.engine_args()))
 
     @staticmethod
-    def pick_gpu(state: FleetState, also_used: list[str] = ()) -> str:
-        """Round-robin over --gpus: the GPU that the fewest active replicas use."""
-        gpus = state.config.gpus
+    def pick_gpu(state: FleetState, also_used: list[str] = (), group: str = DEFAULT_GROUP) -> str:
+        """Round-robin over the group's GPUs (else --gpus): the one the fewest active replicas use."""
+        gpus = state.config.group(group).gpus or state.config.gpus
         if not gpus:
             return ""
         used = [r.gpu for r in state.active()] + list(also_used)
         return min(gpus, key=lambda g: (used.count(g), gpus.index(g)))
 
-    def start_missing(self, num_wanted: int) -> list[str]:
-        """Starts replicas until num_wanted are active. Counting and starting happen under the
-        lock, so `scale` and the watcher never both start the same missing replica."""
+    def start_missing(self, num_wanted: int, group: str = DEFAULT_GROUP) -> list[str]:
+        """Starts replicas of `group` until num_wanted are active. Counting and starting happen
+        under the lock, so `scale` and the watcher never both start the same missing replica."""
         with self.state_dir.locked():
-            return self.start_replicas(num_wanted - len(self.state_dir.load().active()))
+            return self.start_replicas(num_wanted - len(self.state_dir.load().active(group)), group=group)
 
-    def start_replicas(self, count: int, model: str = "") -> list[str]:
-        """Starts `count` more replicas (of `model`, default the fleet's), not yet in NGINX."""
+    def start_replicas(self, count: int, model: str = "", group: str = DEFAULT_GROUP) -> list[str]:
+        """Starts `count` more replicas of `group` (of `model`, default the group's), not yet in NGINX."""
         if count <= 0:
             return []
         with self.transaction() as state:
             specs = []
             for _ in range(count):
-                gpu = self.pick_gpu(state, [s.gpu for s in specs])
-                specs.append(self.spec(state, state.new_replica_id(), gpu, model))
+                gpu = self.pick_gpu(state, [s.gpu for s in specs], group)
+                specs.append(self.spec(state, state.new_replica_id(), gpu, model, group))
             replicas = self.backend.start_many(specs)
             for spec, replica in zip(specs, replicas):
                 state.replicas[replica.id] = ReplicaRecord(
                     replica.id, replica.host, replica.port, replica.handle, spec.gpu, spec.model,
-                    spec.served_model_name, Phase.STARTING, "started", time.time())
+                    spec.served_model_name, Phase.STARTING, "started", time.time(), group=group)
         for spec, replica in zip(specs, replicas):
             self.event(replica.id, f"started on {self.backend.name} at {replica.host}:{replica.port}",
                        f"GPU {spec.gpu}" if spec.gpu else "CPU")
@@ -151,7 +164,8 @@ class Fleet:
                 return False
             state = self.state_dir.load()
             record = state.replicas[replica_id]
-            replica = self.backend.restart(self.spec(state, replica_id, record.gpu, record.model), record.port,
+            replica = self.backend.restart(self.spec(state, replica_id, record.gpu, record.model, record.group),
+                                           record.port,
                                            min(state.config.drain_timeout_s, RESTART_STOP_TIMEOUT_S))
 
             def restarted(state: FleetState) -> None:
@@ -193,10 +207,10 @@ class Fleet:
             self.event(replica_id, "out of NGINX", reason)
         return was_serving is not None
 
-    def remove_surplus(self, num_wanted: int, reason: str) -> list[str]:
-        """Removes replicas beyond num_wanted: not-ready ones first, then the newest."""
+    def remove_surplus(self, num_wanted: int, reason: str, group: str = DEFAULT_GROUP) -> list[str]:
+        """Removes replicas of `group` beyond num_wanted: not-ready ones first, then the newest."""
         with self.state_dir.locked():
-            active = self.state_dir.load().active()
+            active = self.state_dir.load().active(group)
             surplus = sorted(active, key=lambda r: (r.phase is Phase.SERVING, -_index(r.id)))
             ids = [r.id for r in surplus[: max(0, len(active) - num_wanted)]]
             self._mark_draining(ids, reason)
@@ -215,7 +229,8 @@ class Fleet:
         with self.state_dir.locked():
             state = self.state_dir.load()
             record = state.replicas[replica_id]
-            replica = self.backend.start(self.spec(state, replica_id, record.gpu, record.model), record.port)
+            replica = self.backend.start(self.spec(state, replica_id, record.gpu, record.model, record.group),
+                                         record.port)
 
             def restarted(state: FleetState) -> None:
                 rec = state.replicas[replica_id]

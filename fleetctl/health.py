@@ -87,9 +87,12 @@ class Watcher:
                 fleet.restart_replica(rec.id, self._restart_reason(rec, result, now_s))
                 self._forget(rec.id)
         state = fleet.state_dir.load()
-        if len(state.active()) < state.config.num_replicas:
-            fleet.event("fleet", f"{len(state.active())} of {state.config.num_replicas} replicas", "starting more")
-            fleet.start_missing(state.config.num_replicas)
+        for group in state.config.model_groups():
+            num_active = len(state.active(group.name))
+            if num_active < group.num_replicas:
+                where = "" if len(state.config.model_groups()) == 1 else f" of {group.name}"
+                fleet.event("fleet", f"{num_active} of {group.num_replicas} replicas{where}", "starting more")
+                fleet.start_missing(group.num_replicas, group.name)
 
     def _check_serving(self, replica_id: str, result: Probe) -> None:
         if result.is_ready:

@@ -51,11 +51,13 @@ def print_status(console: Console, report: dict) -> None:
     table = Table(title=f"fleet {report['fleet_id']} · {report['backend']} · {report['model']} · "
                         f"{report['num_replicas_ready']}/{report['num_replicas_wanted']} ready",
                   title_justify="left")
-    for column in ("id", "address", "model", "weights", "gpu", "ready", "nginx", "run", "wait", "kv", "up", "restarts",
-                   "note"):
+    has_groups = len(report.get("groups", [])) > 1
+    for column in ("group",) * has_groups + ("id", "address", "model", "weights", "gpu", "ready", "nginx", "run",
+                                             "wait", "kv", "up", "restarts", "note"):
         table.add_column(column, justify="right" if column in ("run", "wait", "kv", "restarts") else "left")
     for row in report["replicas"]:
         table.add_row(
+            *(row["group"],) * has_groups,
             row["id"], row["address"], row["model"], Path(row["weights"]).name, row["gpu"] or "cpu",
             "[green]yes[/]" if row["is_ready"] else "[red]no[/]",
             "in" if row["in_nginx"] else row["phase"],

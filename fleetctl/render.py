@@ -120,8 +120,16 @@ def write_compose_bundle(state_dir: StateDir, num_replicas: int, out: Path) -> l
     return written
 
 
+def render_fleet(state_dir: StateDir, num_replicas: int) -> str:
+    """The fleet's settings as a fleet file (YAML) for `fleetctl up -f`."""
+    from fleetctl.config import dump_fleet_file
+
+    return dump_fleet_file(preview_state(state_dir, num_replicas).config)
+
+
 RENDERERS: dict[str, Callable[[StateDir, int], str]] = {
     "nginx": render_nginx,
+    "fleet": render_fleet,
     "prometheus": render_prometheus,
     "compose": render_compose,
 }

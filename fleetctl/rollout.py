@@ -33,6 +33,7 @@ from typing import Callable, NoReturn
 
 from fleetctl.errors import ConfigError, FleetError
 from fleetctl.fleet import Fleet
+from fleetctl.groups import DEFAULT_GROUP
 from fleetctl.models import BUNDLED, resolve_model_path, weights_name
 from fleetctl.probe import error_text
 from fleetctl.state import FleetState, Phase, ReplicaRecord, UpdatePhase, UpdateProgress
@@ -48,6 +49,7 @@ class UpdateOptions:
     max_surge: int = 1  # 1: the new replica starts beside the old one (needs room: CPU or a free GPU)
     max_unavailable: int = 0  # 1: without room, the old replica leaves first (one fewer serves meanwhile)
     timeout_s: float = 0.0  # per new replica, /ready plus the gate; 0: the fleet's --ready-timeout
+    group: str = DEFAULT_GROUP  # the model group to move (a fleet of one group: "default")
 
     def __post_init__(self) -> None:
         if self.max_surge not in (0, 1) or self.max_unavailable not in (0, 1):
@@ -73,6 +75,7 @@ class Rollout:
                  on_progress: Callable[[int, int], None] = lambda num_done, num_total: None):
         self.fleet = fleet
         self.options = options
+        self.group = options.group
         self.target = options.target_model
         self.on_progress = on_progress
         self.replaced: dict[str, str] = {}  # new replica → the weights it replaced (what a rollback restores)
@@ -98,9 +101,14 @@ class Rollout:
                 self.on_progress(progress.num_done + num_moved, progress.num_total)
 
         with self.fleet.transaction() as state:
-            state.config.model = self.target  # `scale` and the watcher start the new weights from now on
+            # `scale` and the watcher start the new weights from now on
+            if state.config.groups:
+                state.config.group(self.group).model = self.target
+            else:
+                state.config.model = self.target
             state.update.phase, state.update.step, state.update.finished_at_s = UpdatePhase.DONE, "", time.time()
-        self.fleet.event("update", f"done: {len(state.active())} replica(s) serve {weights_name(self.target)}")
+        self.fleet.event("update", f"done: {len(state.active(self.group))} replica(s) serve "
+                                   f"{weights_name(self.target)}")
         return state
 
     def _begin(self) -> list[str]:
@@ -110,12 +118,13 @@ class Rollout:
         with fleet.state_dir.locked():
             state = fleet.state_dir.load()
             state.refuse_during_update("run it again")
-            self.from_model = state.config.model
-            leftovers = [r.id for r in state.sorted_replicas()
+            self.from_model = state.config.group(self.group).model
+            mine = [r for r in state.sorted_replicas() if r.group == self.group]
+            leftovers = [r.id for r in mine
                          if r.phase is Phase.DRAINING or (r.model == self.target and r.phase is not Phase.SERVING)]
-            old_ids = [r.id for r in state.active() if r.model != self.target and r.id not in leftovers]
-            num_done = sum(1 for r in state.active() if r.model == self.target and r.id not in leftovers)
-            if not old_ids and not leftovers and state.config.model == self.target:
+            old_ids = [r.id for r in state.active(self.group) if r.model != self.target and r.id not in leftovers]
+            num_done = sum(1 for r in state.active(self.group) if r.model == self.target and r.id not in leftovers)
+            if not old_ids and not leftovers and self.from_model == self.target:
                 raise FleetError(f"every replica already serves {weights_name(self.target)}; nothing to update")
 
             with fleet.transaction() as st:
@@ -136,7 +145,7 @@ class Rollout:
         self.record(phase=UpdatePhase.ROLLING_BACK, reason=reason, step="rolling back")
         fleet.event("update", "halted, rolling back", reason)
         failure = ""
-        moved = [r.id for r in fleet.state_dir.load().active() if r.model == self.target]
+        moved = [r.id for r in fleet.state_dir.load().active(self.group) if r.model == self.target]
         for new_id in reversed(moved):
             old_model = self.replaced.get(new_id, self.from_model)
             if old_model == self.target:
@@ -146,10 +155,10 @@ class Rollout:
             except FleetError as exc:
                 failure = " ".join(str(exc).split())
                 break
-        state = fleet.state_dir.load()
-        serving = ", ".join(r.id for r in state.serving())
+        group_serving = [r for r in fleet.state_dir.load().serving() if r.group == self.group]
+        serving = ", ".join(r.id for r in group_serving)
         if failure:
-            mix = ", ".join(f"{r.id} {weights_name(r.model)}" for r in state.serving())
+            mix = ", ".join(f"{r.id} {weights_name(r.model)}" for r in group_serving)
             self.record(phase=UpdatePhase.FAILED, step="", finished_at_s=time.time())
             raise FleetError(f"update to {weights_name(self.target)} halted: {reason}; the rollback failed too "
                              f"({failure}); NGINX serves {mix}; run `fleetctl update --model "
@@ -168,7 +177,7 @@ class Rollout:
         name = weights_name(model)
         if self._has_room(fleet.state_dir.load()):
             self.record(step=f"starting a replica of {name} beside {old_id}")
-            new_id = fleet.start_replicas(1, model=model)[0]
+            new_id = fleet.start_replicas(1, model=model, group=self.group)[0]
             self.record(step=f"{new_id} ({name}) loading; {old_id} serves on")
             try:
                 self._gate(new_id)
@@ -181,7 +190,7 @@ class Rollout:
 
         self.record(step=f"{old_id} leaves NGINX and drains to make room for {name}")
         fleet.remove_replicas([old_id], f"making room for a replica of {name}", forget=False)
-        new_id = fleet.start_replicas(1, model=model)[0]
+        new_id = fleet.start_replicas(1, model=model, group=self.group)[0]
         self.record(step=f"{new_id} ({name}) loading in {old_id}'s place")
         try:
             self._gate(new_id)
@@ -196,7 +205,7 @@ class Rollout:
     def _has_room(self, state: FleetState) -> bool:
         """Whether one more replica fits beside the current ones; else --max-unavailable 1 must
         make room (or the update cannot proceed)."""
-        gpus = state.config.gpus
+        gpus = state.config.group(self.group).gpus or state.config.gpus
         is_free_gpu = not gpus or any(g not in {r.gpu for r in state.active()} for g in gpus)
         if self.options.max_surge and is_free_gpu:
             return True
@@ -215,7 +224,8 @@ class Rollout:
         """A short completion under the fleet's served name must come back with tokens: weights,
         tokenizer and name are all what clients will use."""
         config = self.fleet.state_dir.load().config
-        body = {"model": config.served_model_name, "prompt": GATE_PROMPT, "max_tokens": GATE_MAX_TOKENS,
+        served_name = config.group(record.group).served_model_name
+        body = {"model": served_name, "prompt": GATE_PROMPT, "max_tokens": GATE_MAX_TOKENS,
                 "temperature": 0}
         status, answer = self.fleet.http.post_json(f"{record.url}/v1/completions", body, config.client_api_key,
                                                    min(seconds_left, GATE_REQUEST_TIMEOUT_S))
@@ -224,7 +234,7 @@ class Rollout:
             raise FleetError(f"{record.id} ({weights_name(record.model)}) failed its test generation: "
                              f"POST /v1/completions answered {status or 'nothing'}: {error_text(answer)}")
         self.fleet.event(record.id, "passed its gate", f"/ready 200 and {usage['completion_tokens']} token(s) "
-                                                       f"generated as {config.served_model_name}")
+                                                       f"generated as {served_name}")
 
     def record(self, **changes) -> None:
         with self.fleet.state_dir.transaction() as state:

@@ -33,6 +33,7 @@ from typing import Iterator
 from fleetctl import procs
 from fleetctl.config import FleetConfig
 from fleetctl.errors import FleetError, NoFleetError
+from fleetctl.groups import DEFAULT_GROUP
 from fleetctl.models import weights_name
 
 HOME_ENV = "PAGEFLEET_HOME"
@@ -65,6 +66,7 @@ class ReplicaRecord:
     reason: str = ""  # why it entered its phase
     started_at_s: float = field(default_factory=time.time)
     num_restarts: int = 0
+    group: str = DEFAULT_GROUP  # the model group it serves (fleetctl/groups.py)
 
     @property
     def address(self) -> str:
@@ -165,9 +167,10 @@ class FleetState:
     def serving(self) -> list[ReplicaRecord]:
         return [r for r in self.sorted_replicas() if r.phase is Phase.SERVING]
 
-    def active(self) -> list[ReplicaRecord]:
-        """Replicas that count towards the desired number (all but the draining ones)."""
-        return [r for r in self.sorted_replicas() if r.phase is not Phase.DRAINING]
+    def active(self, group: str | None = None) -> list[ReplicaRecord]:
+        """Replicas that count towards the desired number (all but the draining ones), of one
+        model group or of all."""
+        return [r for r in self.sorted_replicas() if r.phase is not Phase.DRAINING and group in (None, r.group)]
 
     def sorted_replicas(self) -> list[ReplicaRecord]:
         return sorted(self.replicas.values(), key=lambda r: (len(r.id), r.id))

@@ -24,6 +24,7 @@ def collect(fleet: Fleet) -> dict:
         replica = seen.get(rec.id)
         return {
             "id": rec.id,
+            "group": rec.group,
             "backend": fleet.backend.name,
             "address": rec.address,
             "handle": rec.handle,
@@ -44,17 +45,25 @@ def collect(fleet: Fleet) -> dict:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         rows = list(pool.map(row, records))
+    groups = config.model_groups()
+    order = {g.name: index for index, g in enumerate(groups)}
+    rows.sort(key=lambda r: order.get(r["group"], len(order)))  # grouped, in the fleet's group order (stable)
     nginx = fleet.nginx()
     pid = nginx.pid()
     num_ready = sum(1 for r in rows if r["is_ready"] and r["in_nginx"])
+    num_wanted = sum(g.num_replicas for g in groups)
     return {
         "fleet_id": state.fleet_id,
         "backend": config.backend,
-        "model": config.served_model_name,
+        "model": ", ".join(g.served_model_name for g in groups),
         "weights": config.model,  # what new replicas start with; each row says what it serves
-        "num_replicas_wanted": config.num_replicas,
+        "groups": [{"name": g.name, "model": g.served_model_name, "weights": g.model,
+                    "num_replicas_wanted": g.num_replicas,
+                    "num_replicas_ready": sum(1 for r in rows if r["group"] == g.name and r["is_ready"]
+                                              and r["in_nginx"])} for g in groups],
+        "num_replicas_wanted": num_wanted,
         "num_replicas_ready": num_ready,
-        "is_degraded": num_ready < config.num_replicas or not pid,
+        "is_degraded": num_ready < num_wanted or not pid,
         "url": config.public_url,
         "replicas": rows,
         "update": state.describe_update(),  # the last rolling update: target, done/total, phase, step

@@ -32,6 +32,7 @@ class ReplicaSpec:
     max_model_len: int = 0
     num_kv_blocks: int = 0
     drain_timeout_s: float = 30.0
+    engine_args: tuple[str, ...] = ()  # the model group's other `replica serve` options
 
 
 @dataclass
@@ -60,6 +61,8 @@ class BackendInfo:
     names_replicas_itself: bool = False
     # The backend replaces replicas onto new weights itself: it implements `RollingUpdates`.
     has_rolling_update: bool = False
+    # Every replica runs one spec (a Swarm service's task template): one model group per fleet.
+    runs_one_spec: bool = False
 
 
 @runtime_checkable
@@ -146,7 +149,7 @@ def serve_args(spec: ReplicaSpec, model: str, host: str, port: int) -> list[str]
         args += ["--max-model-len", str(spec.max_model_len)]
     if spec.num_kv_blocks:
         args += ["--num-kv-blocks", str(spec.num_kv_blocks)]
-    return args
+    return args + list(spec.engine_args)
 
 
 def replica_env(spec: ReplicaSpec) -> dict[str, str]:

@@ -45,7 +45,8 @@ class SwarmBackend(Backend):
     name = "swarm"
     # Swarm replaces failed tasks, names replicas by task slot and runs rolling updates itself
     # (this class implements base.RollingUpdates).
-    info = BackendInfo(restarts_on_crash=True, names_replicas_itself=True, has_rolling_update=True)
+    info = BackendInfo(restarts_on_crash=True, names_replicas_itself=True, has_rolling_update=True,
+                       runs_one_spec=True)
 
     def __init__(self, fleet_id: str, config: FleetConfig, client=None):
         self.fleet_id = fleet_id
