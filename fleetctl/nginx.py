@@ -71,7 +71,9 @@ def site_context(config, fleet_id: str, upstreams: list[Upstream], tls, prefix: 
         "worker_processes": "auto",
         "upstreams": [u for g in groups for u in g.upstreams],
         "groups": groups,
-        "default_group": groups[0].number,
+        # /health, /ready, /metrics on the internal listener: the first group with replicas in rotation
+        "internal_upstream": next((f"pf_g{g.number}" for g in groups if g.upstreams), "") if use_njs
+        else "pf_replicas",
         "use_njs": use_njs,
         "njs_module": njs_module,
         "njs_script": njs_script or str(template_path().parent / "pagefleet.js"),
