@@ -11,11 +11,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleetctl.backends import BACKEND_CLASSES
 from fleetctl.errors import ConfigError
 from fleetctl.groups import DEFAULT_GROUP, ModelGroup, check_groups
 from fleetctl.models import BUNDLED, default_served_name
 
-BACKENDS = ("local", "docker", "swarm")
+BACKENDS = tuple(BACKEND_CLASSES)  # local, docker, swarm
 ROUTINGS = ("least_conn", "session", "prefix")
 DEFAULT_MODEL = "smollm2"
 DEFAULT_IMAGE = "pagefleet-replica:latest"
