@@ -133,3 +133,16 @@ def test_a_fleet_file_with_a_mistake_names_it(tmp_path, text, words):
     path.write_text(text)
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         FleetConfig(**load_fleet_file(path))
+
+
+def test_swarm_refuses_model_groups_before_anything_starts(tmp_path, monkeypatch, checkpoints):
+    from click.testing import CliRunner
+
+    from fleetctl.cli import cli
+
+    monkeypatch.setenv("PAGEFLEET_HOME", str(tmp_path / "home"))
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"groups": two_groups(checkpoints)}))
+    result = CliRunner().invoke(cli, ["up", "-f", str(path), "--backend", "swarm"])
+    assert result.exit_code == 2 and "--backend swarm runs one model per fleet" in result.output
+    assert not (tmp_path / "home" / "fleet.json").exists()
