@@ -6,7 +6,6 @@ Errors are one line saying what to do, with the exit codes listed in errors.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import signal
@@ -18,55 +17,18 @@ import click
 from rich.console import Console
 
 from fleetctl import output
-from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig, parse_gpus
-from fleetctl.errors import EXIT_DEGRADED, ConfigError, FleetError
+from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig
+from fleetctl.errors import EXIT_DEGRADED, FleetError
 from fleetctl.fleet import Fleet
 from fleetctl.groups import DEFAULT_GROUP
 from fleetctl.health import DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL_S, DEFAULT_RESTART_AFTER_S
 from fleetctl.state import StateDir
 from fleetctl.status import collect
+from fleetctl.up_options import ConfigOption, given_options
 
 # Tables stay readable when piped (rich would fall back to 80 columns); a terminal sets its own.
 console = Console(width=None if sys.stdout.isatty() else shutil.get_terminal_size((160, 24)).columns)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else shutil.get_terminal_size((160, 24)).columns)
-
-# CLI option → FleetConfig field, for the options of `up`.
-UP_FIELDS = {
-    "replicas": "num_replicas", "model": "model", "served_model_name": "served_model_name",
-    "backend": "backend", "gpus": "gpus", "routing": "routing", "prefix_chars": "prefix_key_chars",
-    "prefix_max_conns": "prefix_max_conns", "listen": "listen", "port": "https_port",
-    "http_port": "http_port", "internal_port": "internal_port", "tls_name": "tls_names", "tls_cert": "tls_cert",
-    "tls_key": "tls_key", "api_key": "api_keys", "rate_limit": "rate_limit_per_s", "burst": "rate_limit_burst",
-    "max_body_size": "client_max_body_size", "read_timeout": "read_timeout_s", "device": "device",
-    "max_model_len": "max_model_len", "num_kv_blocks": "num_kv_blocks", "drain_timeout": "drain_timeout_s",
-    "ready_timeout": "ready_timeout_s", "image": "image", "replica_command": "replica_command",
-    "mount": "mounts", "env": "env", "constraint": "constraints", "docker_host": "docker_host",
-}
-
-
-class ConfigOption(click.Option):
-    """An `up` option that sets a FleetConfig field. It has no default of its own (an option left
-    out keeps the saved fleet's value), yet --help shows FleetConfig's default for the field, or
-    `shown` where that default is derived from other settings."""
-
-    def __init__(self, *args, shown: str = "", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.shown_default = shown or _config_default(UP_FIELDS[self.name])
-
-    def get_help_extra(self, ctx: click.Context):
-        extra = super().get_help_extra(ctx)
-        if self.shown_default:
-            extra["default"] = self.shown_default
-        return extra
-
-
-def _config_default(field_name: str) -> str:
-    field = next(f for f in dataclasses.fields(FleetConfig) if f.name == field_name)
-    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    if isinstance(value, (list, tuple)):
-        return ", ".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
 
 class FleetGroup(click.Group):
     """Turns a FleetError into its one-line message and exit code (also under CliRunner), and
@@ -190,7 +152,7 @@ def up(then_watch: bool, as_json: bool, fleet_file: str | None, **options) -> No
     from fleetctl.config import load_fleet_file
     from fleetctl.lifecycle import open_or_create, preflight, up as up_fleet
 
-    given = {**(load_fleet_file(fleet_file) if fleet_file else {}), **_given(options)}
+    given = {**(load_fleet_file(fleet_file) if fleet_file else {}), **given_options(options)}
     state_dir = _state_dir()
     if state_dir.has_fleet():
         state_dir.load().refuse_during_update("run `fleetctl up`")
@@ -405,28 +367,6 @@ def _watch(fleet: Fleet, interval: float = DEFAULT_INTERVAL_S, threshold: int = 
     Watcher(fleet, interval, threshold, restart_after).run(stop)
     if stop.is_set():
         fleet.event("watch", "stopped", "signal")
-
-
-def _given(options: dict) -> dict:
-    """The `up` options set on the command line, as FleetConfig fields."""
-    given = {}
-    for name, value in options.items():
-        if value is None or value == ():
-            continue
-        if name == "gpus":
-            value = parse_gpus(value)
-        elif name == "replica_command":
-            import shlex
-
-            value = shlex.split(value)
-        elif name == "env":
-            if any("=" not in item for item in value):
-                raise ConfigError("--env takes KEY=VALUE")
-            value = dict(item.split("=", 1) for item in value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        given[UP_FIELDS[name]] = value
-    return given
 
 
 def main() -> None:
