@@ -2,13 +2,14 @@
 real CLI: each request reaches its group's replica, an unknown model gets NGINX's 404 with the
 list, the model lists merge, and scaling one group leaves the other's replica alone."""
 import json
+import threading
 
 import httpx
 import ollama
 import pytest
 import yaml
 
-from tests.fleet.conftest import API_KEY, SERVED_NAME, FleetCtl
+from tests.fleet.conftest import API_KEY, SERVED_NAME, FleetCtl, is_unanswered_stale_connection
 
 OTHER_NAME = "tiny-two"
 
@@ -76,3 +77,40 @@ def test_scaling_one_group_leaves_the_others_replica_alone(fleet, http):
     assert report["num_replicas_ready"] == 3
     answer = http.post("/v1/completions", json={"model": SERVED_NAME, "prompt": "Hello", "max_tokens": 2})
     assert answer.status_code == 200
+
+
+def test_updating_one_group_under_load_loses_nothing_in_either(fleet, tiny_model):
+    """`two` moves onto other weights while clients of both groups keep sending; every request
+    of either group succeeds (the one re-send allowed: a kept-alive connection NGINX closed on a
+    reload before answering a byte, as in the other fleet tests)."""
+    stop, results = threading.Event(), []
+
+    def client(model: str) -> None:
+        with httpx.Client(base_url=fleet.url, verify=fleet.ssl_context(), timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            while not stop.is_set():
+                send = lambda: http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2})
+                try:
+                    try:
+                        answer = send()
+                    except httpx.HTTPError as exc:
+                        if not is_unanswered_stale_connection(exc):
+                            raise
+                        answer = send()
+                    results.append((model, answer.status_code, answer.json().get("model")))
+                except httpx.HTTPError as exc:
+                    results.append((model, 0, str(exc)))
+
+    threads = [threading.Thread(target=client, args=(m,)) for m in (SERVED_NAME, OTHER_NAME)]
+    for thread in threads:
+        thread.start()
+    try:
+        report = json.loads(fleet("update", "--model", str(tiny_model), "--group", "two", "--json").stdout)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert report["update"]["phase"] == "done"
+    assert {r["weights"] for r in report["replicas"] if r["group"] == "two"} == {str(tiny_model)}
+    failures = [r for r in results if r[1] != 200 or r[2] != r[0]]
+    assert failures == [] and {m for m, _, _ in results} == {SERVED_NAME, OTHER_NAME}, failures[:3]
