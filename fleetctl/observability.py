@@ -65,6 +65,19 @@ def render_file_sd(targets: list[str], labels: dict[str, str] | None = None) -> 
 
 
 @dataclass(frozen=True)
+class ComposeGroup:
+    """One model group of a Compose stack: services replica-<name>-0, replica-<name>-1, ..."""
+    name: str
+    model: str
+    served_model_name: str
+    num_replicas: int
+    engine_args: tuple[str, ...] = ()  # more `replica serve` options
+
+    def targets(self, port: int = COMPOSE_REPLICA_PORT) -> list[str]:
+        return [f"replica-{self.name}-{i}:{port}" for i in range(self.num_replicas)]
+
+
+@dataclass(frozen=True)
 class ComposePorts:
     """Host ports the stack publishes. Prometheus and Grafana bind to loopback only."""
     https: int = 443
@@ -83,7 +96,7 @@ def render_compose(num_replicas: int, model: str, image: str, ports: ComposePort
                    api_key_env: str | None = None, drain_timeout_s: int = 30,
                    grafana_dir: str = "../grafana", nginx_image: str = "nginx:1.27",
                    prometheus_image: str = "prom/prometheus:v2.53.2",
-                   grafana_image: str = "grafana/grafana:11.2.0") -> str:
+                   grafana_image: str = "grafana/grafana:11.2.0", groups: list[ComposeGroup] | None = None) -> str:
     """A Compose file for NGINX + `num_replicas` replicas + Prometheus + Grafana.
 
     `model`: a name the replica image resolves itself (`smollm2`), or a host path (anything with
@@ -96,14 +109,23 @@ def render_compose(num_replicas: int, model: str, image: str, ports: ComposePort
     `tls/` (certificate and key it names), and `prometheus.yml`
     (`render_prometheus_config(compose_replica_targets(n))`). `grafana_dir` is this repository's
     `grafana/` folder relative to the Compose file.
+
+    `groups`: several model groups instead of `num_replicas` of `model` (services
+    replica-<group>-<i>, GPUs handed out round-robin over all of them).
     """
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
     if drain_timeout_s < 0:
         raise ValueError(f"drain_timeout_s must be >= 0, got {drain_timeout_s}")
     ports = ports or ComposePorts()
-    replicas = {f"replica-{i}": _replica_service(i, model, image, served_model_name, gpus, api_key_env,
-                                                 drain_timeout_s) for i in range(num_replicas)}
+    if groups:
+        members = [(f"replica-{g.name}-{i}", g) for g in groups for i in range(g.num_replicas)]
+        replicas = {name: _replica_service(index, g.model, image, g.served_model_name, gpus, api_key_env,
+                                           drain_timeout_s, g.engine_args)
+                    for index, (name, g) in enumerate(members)}
+    else:
+        replicas = {f"replica-{i}": _replica_service(i, model, image, served_model_name, gpus, api_key_env,
+                                                     drain_timeout_s) for i in range(num_replicas)}
     services = {
         **replicas,
         "nginx": {
@@ -144,9 +166,11 @@ def render_compose(num_replicas: int, model: str, image: str, ports: ComposePort
 
 def render_compose_bundle(num_replicas: int, model: str, image: str, **compose_kwargs) -> dict[str, str]:
     """File name → text for the files fleetctl owns in the Compose folder (NGINX's config aside)."""
+    groups = compose_kwargs.get("groups")
+    targets = [t for g in groups for t in g.targets()] if groups else compose_replica_targets(num_replicas)
     return {
         "docker-compose.yml": render_compose(num_replicas, model, image, **compose_kwargs),
-        "prometheus.yml": render_prometheus_config(compose_replica_targets(num_replicas)),
+        "prometheus.yml": render_prometheus_config(targets),
     }
 
 
@@ -168,7 +192,8 @@ def render_grafana_provisioning(dashboards_path: str = "/var/lib/grafana/dashboa
 
 
 def _replica_service(index: int, model: str, image: str, served_model_name: str | None,
-                     gpus: list[str] | None, api_key_env: str | None, drain_timeout_s: int) -> dict:
+                     gpus: list[str] | None, api_key_env: str | None, drain_timeout_s: int,
+                     engine_args: tuple[str, ...] = ()) -> dict:
     command = ["replica", "serve", "--host", "0.0.0.0", "--port", str(COMPOSE_REPLICA_PORT),
                "--drain-timeout", str(drain_timeout_s)]
     service: dict = {"image": image, "restart": "unless-stopped", "expose": [str(COMPOSE_REPLICA_PORT)],
@@ -186,6 +211,7 @@ def _replica_service(index: int, model: str, image: str, served_model_name: str 
         command += ["--served-model-name", served_model_name]
     if api_key_env:
         command += ["--api-key", f"${{{api_key_env}:?set {api_key_env} to the fleet's API key}}"]
+    command += list(engine_args)
     if gpus:
         command += ["--device", "cuda"]
         service["deploy"] = {"resources": {"reservations": {"devices": [

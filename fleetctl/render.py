@@ -53,9 +53,13 @@ def render_prometheus(state_dir: StateDir, num_replicas: int) -> str:
 
 
 def _compose_args(config: FleetConfig) -> dict:
+    from fleetctl.observability import ComposeGroup
+
+    groups = [ComposeGroup(g.name, g.model, g.served_model_name, max(1, g.num_replicas), tuple(g.engine_args()))
+              for g in config.groups] or None
     return {"served_model_name": config.served_model_name, "gpus": config.gpus or None,
             "api_key_env": "PAGEFLEET_API_KEY" if config.api_keys else None,
-            "drain_timeout_s": int(config.drain_timeout_s)}
+            "drain_timeout_s": int(config.drain_timeout_s), "groups": groups}
 
 
 def render_compose(state_dir: StateDir, num_replicas: int) -> str:
@@ -68,16 +72,23 @@ def render_compose(state_dir: StateDir, num_replicas: int) -> str:
 
 def compose_nginx_conf(config: FleetConfig, num_replicas: int) -> str:
     """The fleet's NGINX config as the Compose stack's NGINX container runs it: the replicas are
-    the services replica-0.. on the Compose network, the listeners 443 and 80 on every address of
-    the container, TLS from the bundle's tls/ (mounted at COMPOSE_TLS_DIR)."""
+    the services replica-0.. (replica-<group>-0.. for model groups) on the Compose network, the
+    listeners 443 and 80 on every address of the container, TLS from the bundle's tls/ (mounted
+    at COMPOSE_TLS_DIR)."""
     from fleetctl.observability import compose_replica_targets
     from fleetctl.tls import planned_paths
 
+    compose_groups = _compose_args(config)["groups"]
     config = dataclasses.replace(config, listen="0.0.0.0", https_port=443, http_port=80)
-    upstreams = [nginx_mod.Upstream(f"r{i + 1}", target)
-                 for i, target in enumerate(compose_replica_targets(num_replicas))]
-    context = nginx_mod.site_context(config, "compose", upstreams, planned_paths(COMPOSE_TLS_DIR),
-                                     Path(COMPOSE_NGINX_PREFIX), njs_module=COMPOSE_NJS_MODULE,
+    groups, number = [], 0
+    for index, group in enumerate(compose_groups or [None], start=1):
+        targets = group.targets() if group else compose_replica_targets(num_replicas)
+        upstreams = tuple(nginx_mod.Upstream(f"r{number + i + 1}", t) for i, t in enumerate(targets))
+        number += len(targets)
+        groups.append(nginx_mod.ModelGroup(index, group.served_model_name if group else config.served_model_name,
+                                           upstreams))
+    context = nginx_mod.site_context(config, "compose", [], planned_paths(COMPOSE_TLS_DIR),
+                                     Path(COMPOSE_NGINX_PREFIX), groups=groups, njs_module=COMPOSE_NJS_MODULE,
                                      njs_script=COMPOSE_NJS_SCRIPT)
     context["worker_user"] = "nginx nginx"  # the image's unprivileged user; its master runs as root
     return nginx_mod.render(context)
