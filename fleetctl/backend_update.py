@@ -29,16 +29,17 @@ def run_backend_update(rollout: "Rollout") -> None:
     fleet = rollout.fleet
     backend = fleet.backend
     state = fleet.state_dir.load()
-    previous_update = backend.update_status().get("StartedAt")
-    backend.update_model(fleet.spec(state, "", "", rollout.target))
+    group = rollout.group
+    previous_update = backend.update_status(group).get("StartedAt")
+    backend.update_model(fleet.spec(state, "", "", rollout.target, group))
     who = backend.name.capitalize()  # "Swarm"
     rollout.record(step=f"{who} replaces the replicas one at a time (start-first)")
     timeout_s = rollout.options.timeout_s or state.config.ready_timeout_s
-    deadline = time.monotonic() + timeout_s * max(1, len(state.active()))
+    deadline = time.monotonic() + timeout_s * max(1, len(state.active(group)))
     gated: set[str] = set()  # handles of the new replicas that passed their gate
 
     def halt(error: FleetError) -> None:
-        backend.roll_back_model()  # a no-op when the backend already rolls back
+        backend.roll_back_model(group)  # a no-op when the backend already rolls back
         _follow_rollback(rollout, previous_update)
         rollout.roll_back(error)
 
@@ -46,10 +47,11 @@ def run_backend_update(rollout: "Rollout") -> None:
         seen = backend.list()
         state = fleet.state_dir.load()
         for rid, rec in state.replicas.items():
-            replica = seen.get(rid)
+            replica = seen.get(rid) if rec.group == group else None
             if replica is None or not replica.port or replica.handle == rec.handle or replica.handle in gated:
                 continue  # not replaced yet, or already moved
-            candidate = ReplicaRecord(rid, replica.host, replica.port, replica.handle, rec.gpu, rollout.target)
+            candidate = ReplicaRecord(rid, replica.host, replica.port, replica.handle, rec.gpu, rollout.target,
+                                      group=group)
             if not fleet.http.probe(candidate.url, state.config.client_api_key).is_ready:
                 continue
             try:
@@ -60,12 +62,12 @@ def run_backend_update(rollout: "Rollout") -> None:
             _repoint(fleet, rid, candidate)
             rollout.record(num_done=len(gated))
             rollout.on_progress(len(gated), state.update.num_total)
-        update = backend.update_status()
+        update = backend.update_status(group)
         status = update.get("State", "") if update.get("StartedAt") != previous_update else ""  # not ours yet
         if status.startswith("rollback") or status == "paused":
             halt(FleetError(f"{who} {'rolled back' if status.startswith('rollback') else 'paused'} "
-                            f"the update: {backend.update_message()}"))
-        if status == "completed" and len(gated) >= len(state.active()):
+                            f"the update: {backend.update_message(group)}"))
+        if status == "completed" and len(gated) >= len(state.active(group)):
             return
         if time.monotonic() > deadline:
             halt(FleetError(f"the {who} update did not finish within {timeout_s:.0f} s per replica"))
@@ -90,14 +92,16 @@ def _follow_rollback(rollout: "Rollout", previous_update: str | None) -> None:
     backend = fleet.backend
     deadline = time.monotonic() + fleet.state_dir.load().config.ready_timeout_s
     while time.monotonic() < deadline:
-        update = backend.update_status()
+        update = backend.update_status(rollout.group)
         if update.get("StartedAt") != previous_update and \
                 update.get("State") in ("rollback_completed", "rollback_paused"):
             break
         time.sleep(POLL_S)
     fleet.refresh()
-    with fleet.transaction() as state:  # every replica runs the old spec again
+    with fleet.transaction() as state:  # every replica of the group runs the old spec again
         for rec in state.replicas.values():
-            rec.model = rollout.from_model
+            if rec.group == rollout.group:
+                rec.model = rollout.from_model
     state = fleet.state_dir.load()
-    fleet.wait_ready([r.id for r in state.active() if r.phase is not Phase.SERVING], state.config.ready_timeout_s)
+    fleet.wait_ready([r.id for r in state.active(rollout.group) if r.phase is not Phase.SERVING],
+                     state.config.ready_timeout_s)

@@ -119,7 +119,7 @@ class Fleet:
         g = c.group(group)
         device = c.device or ("cuda" if g.gpus or c.gpus else "cpu")
         return ReplicaSpec(replica_id, model or g.model, g.served_model_name, device, gpu, tuple(c.api_keys),
-                           drain_timeout_s=c.drain_timeout_s, engine_args=tuple(g.engine_args()))
+                           drain_timeout_s=c.drain_timeout_s, engine_args=tuple(g.engine_args()), group=g.name)
 
     @staticmethod
     def pick_gpu(state: FleetState, also_used: list[str] = (), group: str = DEFAULT_GROUP) -> str:
@@ -303,10 +303,11 @@ class Fleet:
             if names_itself:
                 for rid, replica in seen.items():
                     if rid not in state.replicas and replica.port:
+                        group = state.config.group(replica.labels.get("group", DEFAULT_GROUP))
                         state.replicas[rid] = ReplicaRecord(rid, replica.host, replica.port, replica.handle, "",
-                                                            state.config.model, state.config.served_model_name,
+                                                            group.model, group.served_model_name,
                                                             Phase.STARTING, f"found on {self.backend.name}",
-                                                            replica.started_at_s or time.time())
+                                                            replica.started_at_s or time.time(), group=group.name)
             return changes
 
         for rid, what in self.commit(change):

@@ -24,15 +24,8 @@ def make_backend(config, fleet_id: str, state_dir) -> Backend:
 
 
 def preflight(config) -> None:
-    """What the fleet's backend needs before anything starts (UnavailableError otherwise), and
-    whether it can run the fleet's model groups (ConfigError)."""
-    from fleetctl.errors import ConfigError
-
-    cls = backend_class(config.backend)
-    if cls.info.runs_one_spec and len(config.model_groups()) > 1:
-        raise ConfigError(f"--backend {config.backend} runs one model per fleet; model groups need "
-                          "--backend local or docker")
-    cls.check_available(config)
+    """What the fleet's backend needs before anything starts (UnavailableError otherwise)."""
+    backend_class(config.backend).check_available(config)
 
 
 def default_backend(docker_host: str = "") -> str:

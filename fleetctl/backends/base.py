@@ -33,6 +33,7 @@ class ReplicaSpec:
     num_kv_blocks: int = 0
     drain_timeout_s: float = 30.0
     engine_args: tuple[str, ...] = ()  # the model group's other `replica serve` options
+    group: str = "default"  # the model group (fleetctl/groups.py) it belongs to
 
 
 @dataclass
@@ -61,27 +62,26 @@ class BackendInfo:
     names_replicas_itself: bool = False
     # The backend replaces replicas onto new weights itself: it implements `RollingUpdates`.
     has_rolling_update: bool = False
-    # Every replica runs one spec (a Swarm service's task template): one model group per fleet.
-    runs_one_spec: bool = False
 
 
 @runtime_checkable
 class RollingUpdates(Protocol):
     """A backend's own rolling update (Swarm's service update), the optional part of the
     interface. `fleetctl update` gates each new replica and moves NGINX; the backend replaces
-    them, one at a time, and can go back to the previous spec."""
+    them, one at a time, and can go back to the previous spec. Each call concerns one model
+    group's replicas."""
 
     def update_model(self, spec: "ReplicaSpec") -> None:
-        """Starts replacing every replica with one of spec.model (returns at once)."""
+        """Starts replacing every replica of spec.group with one of spec.model (returns at once)."""
 
-    def update_status(self) -> dict:
+    def update_status(self, group: str = "default") -> dict:
         """{"State": updating | paused | completed | rollback_started | rollback_paused |
         rollback_completed, "StartedAt": ..., "Message": ...}; {} before any update."""
 
-    def update_message(self) -> str:
+    def update_message(self, group: str = "default") -> str:
         """Why the last update stopped, in one line."""
 
-    def roll_back_model(self) -> None:
+    def roll_back_model(self, group: str = "default") -> None:
         """Goes back to the spec before the last update (a no-op while already rolling back)."""
 
 

@@ -151,7 +151,7 @@ class FakeRollingBackend(FakeBackend):
         self._todo = sorted(self.replicas)
         self.status = {"State": "updating", "StartedAt": f"update {self._num_updates}", "Message": ""}
 
-    def update_status(self) -> dict:
+    def update_status(self, group: str = "default") -> dict:
         state = self.status.get("State")
         if state == "updating" and not self.stuck:
             num_done = len(self._previous) - len(self._todo)
@@ -169,10 +169,10 @@ class FakeRollingBackend(FakeBackend):
             self.status = {**self.status, "State": "rollback_completed"}
         return dict(self.status)
 
-    def update_message(self) -> str:
+    def update_message(self, group: str = "default") -> str:
         return self.status.get("Message", "")
 
-    def roll_back_model(self) -> None:
+    def roll_back_model(self, group: str = "default") -> None:
         if not self.status.get("State", "").startswith("rollback"):
             self.status = {**self.status, "State": "rollback_started"}
 

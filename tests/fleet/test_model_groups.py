@@ -135,14 +135,9 @@ def test_a_fleet_file_with_a_mistake_names_it(tmp_path, text, words):
         FleetConfig(**load_fleet_file(path))
 
 
-def test_swarm_refuses_model_groups_before_anything_starts(tmp_path, monkeypatch, checkpoints):
-    from click.testing import CliRunner
+def test_swarm_names_a_groups_replicas_after_the_group_and_the_task_slot():
+    from fleetctl.backends.swarm import group_of, replica_id
 
-    from fleetctl.cli import cli
-
-    monkeypatch.setenv("PAGEFLEET_HOME", str(tmp_path / "home"))
-    path = tmp_path / "fleet.yaml"
-    path.write_text(yaml.safe_dump({"groups": two_groups(checkpoints)}))
-    result = CliRunner().invoke(cli, ["up", "-f", str(path), "--backend", "swarm"])
-    assert result.exit_code == 2 and "--backend swarm runs one model per fleet" in result.output
-    assert not (tmp_path / "home" / "fleet.json").exists()
+    assert [replica_id("default", 3), replica_id("chat", 3), replica_id("x-r2", 1)] == ["r3", "chat-r3", "x-r2-r1"]
+    assert [group_of("r3"), group_of("chat-r3"), group_of("x-r2-r1"), group_of("my-rack")] == \
+        ["default", "chat", "x-r2", "default"]
