@@ -3,7 +3,8 @@
 //
 // route(r):  reads the JSON body, picks the model group from its `model` (OpenAI and Ollama
 //            routes alike; GET /v1/models/{id} by its path), sets $pf_prefix (the prompt's
-//            first characters, the key of prefix-aware routing) and redirects to @pf_g<N>.
+//            first characters, the key of prefix-aware routing) and $pf_session_key (session
+//            affinity's key) and redirects to @pf_g<N>.
 //            An unknown model gets a 404 in the route's own error shape, listing the models.
 // models(r): GET /v1/models and /api/tags: every group's answer, merged into one list.
 //
@@ -86,6 +87,20 @@ function prefixKey(body, numChars) {
     return parts.join('\n').slice(0, numChars);
 }
 
+// Session affinity: the X-Session-ID header, else the body's top-level "user", else the
+// client (its API key when it sends one of the fleet's, else its address).
+function sessionKey(r, body) {
+    var header = r.headersIn['X-Session-ID'];
+    if (header) {
+        return 'h:' + header;
+    }
+    if (body && typeof body.user === 'string' && body.user.length > 0) {
+        return 'u:' + body.user.slice(0, 256);
+    }
+    var client = r.variables.pf_client;
+    return (client && client.indexOf('key') === 0) ? 'c:' + client : 'a:' + r.remoteAddress;
+}
+
 function notFound(r, model, routes) {
     var names = Object.keys(routes.models).sort().join(', ');
     var body;
@@ -112,6 +127,7 @@ function route(r) {
         }
     }
     r.variables.pf_prefix = prefixKey(body, routes.prefix_chars) || r.variables.request_id;
+    r.variables.pf_session_key = sessionKey(r, body);
     r.internalRedirect('@pf_g' + group);
 }
 

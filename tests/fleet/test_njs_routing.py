@@ -243,3 +243,23 @@ def test_a_replica_at_its_load_bound_passes_a_hot_prefix_on_and_a_full_ring_spil
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     # one request in flight per replica, then the fourth spilled (least_conn) instead of a 502
     assert sorted(held.values()) == [1, 1, 2], held
+
+
+@pytest.mark.parametrize("body, same_as", [
+    ({"model": "chat", "prompt": "x", "metadata": {"user": "bob"}, "user": "alice"}, "alice"),
+    ({"model": "chat", "messages": [{"role": "user", "content": 'say "user": "bob"'}], "user": "alice"}, "alice"),
+    ({"user": "alice", "model": "chat", "messages": [{"role": "user", "content": "hi", "user": "bob"}]}, "alice"),
+], ids=["nested-user-field", "user-in-message-text", "user-first-then-nested"])
+def test_session_routing_keys_on_the_top_level_user_only(front, body, same_as):
+    client, _ = front({"chat": ["r1", "r2", "r3", "r4"], "small": ["r5"]}, routing="session")
+    homes = {}
+    for user in ("alice", "bob", "carol", "dave", "erin", "frank"):
+        replicas = {post(client, "/v1/completions", {"model": "chat", "prompt": "x", "user": user}).json()["replica"]
+                    for _ in range(3)}
+        assert len(replicas) == 1, (user, replicas)  # a session stays on one replica
+        homes[user] = replicas.pop()
+    assert len(set(homes.values())) >= 2  # sessions spread over the group
+    assert {post(client, "/v1/completions", body).json()["replica"] for _ in range(3)} == {homes[same_as]}
+    header = {"X-Session-ID": "s-42"}
+    assert len({client.post("/v1/completions", json={"model": "chat", "prompt": "x", "user": user},
+                            headers=header).json()["replica"] for user in homes}) == 1  # the header wins
