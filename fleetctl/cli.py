@@ -11,33 +11,24 @@ import shutil
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 from rich.console import Console
 
 from fleetctl import output
-from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig, parse_gpus
-from fleetctl.errors import EXIT_DEGRADED, ConfigError, FleetError
+from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig
+from fleetctl.errors import EXIT_DEGRADED, FleetError
 from fleetctl.fleet import Fleet
+from fleetctl.groups import DEFAULT_GROUP
+from fleetctl.health import DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL_S, DEFAULT_RESTART_AFTER_S
 from fleetctl.state import StateDir
-from fleetctl.status import bench_defaults, collect
+from fleetctl.status import collect
+from fleetctl.up_options import ConfigOption, given_options
 
 # Tables stay readable when piped (rich would fall back to 80 columns); a terminal sets its own.
 console = Console(width=None if sys.stdout.isatty() else shutil.get_terminal_size((160, 24)).columns)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else shutil.get_terminal_size((160, 24)).columns)
-
-# CLI option → FleetConfig field, for the options of `up`.
-UP_FIELDS = {
-    "replicas": "num_replicas", "model": "model", "served_model_name": "served_model_name",
-    "backend": "backend", "gpus": "gpus", "routing": "routing", "listen": "listen", "port": "https_port",
-    "http_port": "http_port", "internal_port": "internal_port", "ollama_port": "ollama_port", "tls_name": "tls_names", "tls_cert": "tls_cert",
-    "tls_key": "tls_key", "api_key": "api_keys", "rate_limit": "rate_limit_per_s", "burst": "rate_limit_burst",
-    "max_body_size": "client_max_body_size", "read_timeout": "read_timeout_s", "device": "device",
-    "max_model_len": "max_model_len", "num_kv_blocks": "num_kv_blocks", "drain_timeout": "drain_timeout_s",
-    "ready_timeout": "ready_timeout_s", "image": "image", "replica_command": "replica_command",
-    "mount": "mounts", "env": "env", "constraint": "constraints", "docker_host": "docker_host",
-}
-
 
 class FleetGroup(click.Group):
     """Turns a FleetError into its one-line message and exit code (also under CliRunner), and
@@ -81,7 +72,9 @@ def cli(ctx: click.Context) -> None:
     5 NGINX rejected the config (the old one keeps serving), 6 no fleet, 7 degraded.
     """
     if ctx.invoked_subcommand == "bench":
-        ctx.default_map = {**(ctx.default_map or {}), "bench": bench_defaults(_state_dir())}
+        from fleetctl.loadgen import fleet_defaults
+
+        ctx.default_map = {**(ctx.default_map or {}), "bench": fleet_defaults(_state_dir())}
 
 
 def _print_report(fleet: Fleet, as_json: bool) -> dict:
@@ -102,39 +95,50 @@ def _fleet(say=None) -> Fleet:
 
 
 @cli.command()
-@click.option("--replicas", "-n", type=click.IntRange(0, 256), help="Number of replicas [default: 2].")
-@click.option("--model", "-m", help="Safetensors folder, GGUF file, or the bundled alias [default: smollm2].")
-@click.option("--served-model-name", help="Name clients put in `model` [default: derived from --model].")
-@click.option("--backend", "-b", type=click.Choice(BACKENDS), help="[default: docker if an engine answers, else local]")
-@click.option("--gpus", help="GPUs to use, one replica each, round-robin: 0,1,2 or all [default: none, CPU].")
-@click.option("--routing", type=click.Choice(ROUTINGS), help="least_conn, or session: hash on X-Session-ID.")
-@click.option("--listen", help="Address of the public listeners [default: 127.0.0.1; 0.0.0.0 for all].")
-@click.option("--port", type=int, help="Public HTTPS port [default: 8443].")
-@click.option("--http-port", type=int, help="HTTP port that redirects to HTTPS with 308 [default: 8080].")
-@click.option("--internal-port", type=int, help="Loopback port for /metrics, /health, stub_status [default: 8081].")
-@click.option("--ollama-port", type=int, help="Also serve the API in plain HTTP on 127.0.0.1:PORT, e.g. 11434 for Ollama apps.")
-@click.option("--tls-name", multiple=True, help="Host name or IP in the certificate [default: localhost, 127.0.0.1].")
+@click.option("--replicas", "-n", cls=ConfigOption, type=click.IntRange(0, 256), help="Number of replicas.")
+@click.option("--model", "-m", cls=ConfigOption, help="Safetensors folder, GGUF file, or the bundled alias.")
+@click.option("--served-model-name", cls=ConfigOption, shown="derived from --model",
+              help="Name clients put in `model`.")
+@click.option("--backend", "-b", cls=ConfigOption, type=click.Choice(BACKENDS),
+              shown="docker if an engine answers, else local")
+@click.option("--gpus", cls=ConfigOption, shown="none, CPU", help="GPUs to use, one replica each, round-robin: 0,1,2 or all.")
+@click.option("--routing", cls=ConfigOption, type=click.Choice(ROUTINGS),
+              help="least_conn; session: hash on X-Session-ID; prefix: prompts that start alike go to one replica.")
+@click.option("--prefix-chars", cls=ConfigOption, type=click.IntRange(1), help="prefix routing: characters of the "
+              "prompt (tools, system prompt, messages) that pick the replica, ~4 per token.")
+@click.option("--prefix-max-conns", cls=ConfigOption, type=click.IntRange(1),
+              help="prefix routing: requests in flight a replica takes before the next one on the ring.")
+@click.option("--listen", cls=ConfigOption, help="Address of the public listeners; 0.0.0.0 for all.")
+@click.option("--port", cls=ConfigOption, type=int, help="Public HTTPS port.")
+@click.option("--http-port", cls=ConfigOption, type=int, help="HTTP port that redirects to HTTPS with 308.")
+@click.option("--internal-port", cls=ConfigOption, type=int, help="Loopback port for /metrics, /health, stub_status.")
+@click.option("--ollama-port", cls=ConfigOption, type=int,
+              help="Also serve the API in plain HTTP on 127.0.0.1:PORT, e.g. 11434 for Ollama apps.")
+@click.option("--tls-name", cls=ConfigOption, multiple=True, help="Host name or IP in the certificate (repeat).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="Your own certificate chain (PEM), not the local CA.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
 @click.option("--api-key", multiple=True, help="Key clients must send as `Authorization: Bearer KEY` (repeat).")
-@click.option("--rate-limit", type=float, help="Requests/s per API key (or per IP without one) [default: 50].")
-@click.option("--burst", type=int, help="Requests allowed above the rate before 429 [default: 100].")
-@click.option("--max-body-size", help="Largest request body, e.g. 8m [default: 8m].")
-@click.option("--read-timeout", type=int, help="Seconds NGINX waits for a replica's next bytes [default: 600].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda with --gpus, else cpu]")
+@click.option("--rate-limit", cls=ConfigOption, type=float, help="Requests/s per API key (or per IP without one).")
+@click.option("--burst", cls=ConfigOption, type=int, help="Requests allowed above the rate before 429.")
+@click.option("--max-body-size", cls=ConfigOption, help="Largest request body, e.g. 8m.")
+@click.option("--read-timeout", cls=ConfigOption, type=int, help="Seconds NGINX waits for a replica's next bytes.")
+@click.option("--device", cls=ConfigOption, type=click.Choice(["cpu", "cuda"]), shown="cuda with --gpus, else cpu")
 @click.option("--max-model-len", type=int, help="Passed to each replica.")
 @click.option("--num-kv-blocks", type=int, help="Passed to each replica.")
-@click.option("--drain-timeout", type=float, help="Seconds a stopping replica may finish requests [default: 30].")
-@click.option("--ready-timeout", type=float, help="Seconds to wait for a replica's /ready [default: 600].")
-@click.option("--image", help="Docker/Swarm: replica image [default: pagefleet-replica:latest].")
-@click.option("--replica-command", help="Docker/Swarm: command that runs `replica` in the image [default: replica].")
+@click.option("--drain-timeout", cls=ConfigOption, type=float, help="Seconds a stopping replica may finish requests.")
+@click.option("--ready-timeout", cls=ConfigOption, type=float, help="Seconds to wait for a replica's /ready.")
+@click.option("--image", cls=ConfigOption, help="Docker/Swarm: replica image.")
+@click.option("--replica-command", cls=ConfigOption, help="Docker/Swarm: command that runs `replica` in the image.")
 @click.option("--mount", multiple=True, help="Docker/Swarm: extra host path to mount read-only, SRC[:DST] (repeat).")
 @click.option("--env", multiple=True, help="Docker/Swarm: KEY=VALUE for the replica containers (repeat).")
 @click.option("--constraint", multiple=True, help="Swarm: placement constraint, e.g. node.labels.gpu==true (repeat).")
-@click.option("--docker-host", help="Docker engine URL [default: $DOCKER_HOST or the local socket].")
+@click.option("--docker-host", cls=ConfigOption, shown="$DOCKER_HOST or the local socket", help="Docker engine URL.")
+@click.option("--file", "-f", "fleet_file", type=click.Path(exists=True, dir_okay=False),
+              help="Fleet file (YAML; `fleetctl render fleet` prints one): settings and model groups; "
+                   "options given here override it.")
 @click.option("--watch", "then_watch", is_flag=True, help="Keep running as the health watcher afterwards.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def up(then_watch: bool, as_json: bool, **options) -> None:
+def up(then_watch: bool, as_json: bool, fleet_file: str | None, **options) -> None:
     """Start (or converge) the fleet: TLS, N replicas, NGINX in front.
 
     Idempotent: run it again and it converges to N without touching healthy replicas.
@@ -144,22 +148,23 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
       fleetctl up --replicas 2
       fleetctl up --replicas 4 --backend docker --gpus 0,1,2,3 --api-key "$KEY"
       fleetctl up --listen 0.0.0.0 --tls-name llm.example.com --port 443 --http-port 80
+      fleetctl up -f fleet.yaml     # several model groups; NGINX routes by `model`
     """
     from fleetctl.backends import default_backend
+    from fleetctl.config import load_fleet_file
     from fleetctl.lifecycle import open_or_create, preflight, up as up_fleet
-    from fleetctl.rollout import refuse_during_update
 
-    given = _given(options)
+    given = {**(load_fleet_file(fleet_file) if fleet_file else {}), **given_options(options)}
     state_dir = _state_dir()
     if state_dir.has_fleet():
-        refuse_during_update(state_dir.load(), "run `fleetctl up`")
+        state_dir.load().refuse_during_update("run `fleetctl up`")
     else:
         if "backend" not in given:
             given["backend"] = default_backend(given.get("docker_host", ""))
         preflight(FleetConfig(**given))
     state = open_or_create(state_dir, given)
     fleet = _fleet()
-    with output.ready_progress(err, state.config.num_replicas) as progress:
+    with output.ready_progress(err, sum(g.num_replicas for g in state.config.model_groups())) as progress:
         up_fleet(fleet, progress)
     report = collect(fleet)
     if as_json:
@@ -168,7 +173,7 @@ def up(then_watch: bool, as_json: bool, **options) -> None:
     else:
         output.print_up(console, state_dir, report)
     if then_watch:
-        _watch(fleet, interval=2.0, threshold=2, restart_after=30.0)
+        _watch(fleet)
 
 
 @cli.command()
@@ -189,23 +194,23 @@ def status(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("replicas", type=click.IntRange(0, 256))
+@click.option("--group", "-g", help="The model group to scale (a fleet with several must name one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
-def scale(replicas: int, as_json: bool) -> None:
+def scale(replicas: int, group: str | None, as_json: bool) -> None:
     """Change the number of replicas. New ones get traffic only once ready; removed ones leave
     NGINX first, finish their requests, then stop.
 
     \b
     Examples:
       fleetctl scale 3
-      fleetctl scale 1
+      fleetctl scale 1 --group small
     """
     from fleetctl.lifecycle import converge
-    from fleetctl.rollout import refuse_during_update
 
     fleet = _fleet()
-    refuse_during_update(fleet.state_dir.load(), "scale")  # NoFleetError early too
+    fleet.state_dir.load().refuse_during_update("scale")  # NoFleetError early too
     with output.ready_progress(err, replicas) as progress:
-        converge(fleet, replicas, progress)
+        converge(fleet, replicas, progress, group)
     _print_report(fleet, as_json)
 
 
@@ -215,10 +220,12 @@ def scale(replicas: int, as_json: bool) -> None:
               help="1: each new replica starts beside the old one it replaces (CPU, or a free GPU in --gpus).")
 @click.option("--max-unavailable", type=click.IntRange(0, 1), default=0, show_default=True,
               help="1: with no room for one more replica, the old one leaves first (one fewer serves meanwhile).")
+@click.option("--group", "-g", default=DEFAULT_GROUP, help="The model group to move (a fleet of several).")
 @click.option("--timeout", "timeout_s", type=float,
               help="Seconds each new replica gets to pass /ready and its test generation [default: --ready-timeout].")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
-def update(model: str, max_surge: int, max_unavailable: int, timeout_s: float | None, as_json: bool) -> None:
+def update(model: str, max_surge: int, max_unavailable: int, group: str, timeout_s: float | None,
+           as_json: bool) -> None:
     """Roll the fleet onto new weights, one replica at a time, without dropping a request.
 
     For each old replica: a new one starts with --model, must answer /ready and generate a few
@@ -236,10 +243,11 @@ def update(model: str, max_surge: int, max_unavailable: int, timeout_s: float | 
     """
     from fleetctl.rollout import Rollout, UpdateOptions
 
-    options = UpdateOptions(model, max_surge, max_unavailable, timeout_s or 0.0)
+    options = UpdateOptions(model, max_surge, max_unavailable, timeout_s or 0.0, group)
     fleet = _fleet()
     state = fleet.state_dir.load()
-    with output.update_progress(err, len(state.active())) as progress:
+    state.config.group(group)  # ConfigError naming the groups there are
+    with output.update_progress(err, len(state.active(group))) as progress:
         Rollout(fleet, options, progress).run()
     _print_report(fleet, as_json)
 
@@ -279,20 +287,17 @@ def logs(replica: str, follow: bool, tail: int) -> None:
       fleetctl logs r1 -f
       fleetctl logs events
     """
-    from fleetctl.output import follow_file
+    from fleetctl.follow import follow_file
 
-    state_dir = _state_dir()
-    files = {"nginx": state_dir.nginx_dir / "logs" / "error.log",
-             "access": state_dir.nginx_dir / "logs" / "access.log", "events": state_dir.events_file}
-    lines = follow_file(files[replica], follow, tail) if replica in files else None
-    if lines is None:
-        fleet = _fleet()
-        if fleet.backend.name == "local" and state_dir.replica_log(replica).exists():
-            lines = follow_file(state_dir.replica_log(replica), follow, tail)  # also once it was removed
-        elif replica in fleet.state_dir.load().replicas or replica in fleet.backend.list():
-            lines = fleet.backend.logs(replica, follow=follow, tail=tail)
-        else:
-            raise FleetError(f"no replica {replica!r}; `fleetctl status` lists them")
+    fleet = _fleet()
+    nginx = fleet.nginx()
+    files = {"nginx": nginx.error_log, "access": nginx.access_log, "events": fleet.state_dir.events_file}
+    if replica in files:
+        lines = follow_file(files[replica], follow, tail)
+    elif fleet.backend.has_logs(replica) or replica in fleet.state_dir.load().replicas:
+        lines = fleet.backend.logs(replica, follow=follow, tail=tail)  # a local log outlives its replica
+    else:
+        raise FleetError(f"no replica {replica!r}; `fleetctl status` lists them")
     try:
         for line in lines:
             click.echo(line)
@@ -304,27 +309,39 @@ def logs(replica: str, follow: bool, tail: int) -> None:
 @click.argument("what", default="nginx")
 @click.option("--replicas", "-n", type=int, default=2, show_default=True,
               help="Placeholder replicas when there is no fleet yet.")
-def render(what: str, replicas: int) -> None:
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="compose only: write the whole bundle into this folder (Compose file, nginx.conf, tls/, "
+                   "prometheus.yml, grafana/), ready for `docker compose up`.")
+def render(what: str, replicas: int, out: Path | None) -> None:
     """Print a generated file without starting anything, for the current fleet (or a default
-    one): WHAT is nginx (the default), prometheus (scrape config) or compose (a Compose file).
+    one): WHAT is nginx (the default), fleet (a fleet file for `up -f`), prometheus (scrape
+    config) or compose (a Compose file).
 
     \b
     Examples:
       fleetctl render > nginx.conf
       fleetctl render prometheus > prometheus.yml
-      fleetctl render compose > docker-compose.yml
+      fleetctl render compose --out ./stack && (cd stack && docker compose up -d)
+      fleetctl render fleet > fleet.yaml
     """
-    from fleetctl.render import RENDERERS
+    from fleetctl.render import RENDERERS, write_compose_bundle
 
     if what not in RENDERERS:
         raise click.BadParameter(f"choose one of {', '.join(RENDERERS)}", param_hint="WHAT")
-    click.echo(RENDERERS[what](_state_dir(), replicas), nl=False)
+    if out is None:
+        click.echo(RENDERERS[what](_state_dir(), replicas), nl=False)
+        return
+    if what != "compose":
+        raise click.BadParameter("--out writes the Compose bundle: use it with `render compose`", param_hint="--out")
+    for path in write_compose_bundle(_state_dir(), replicas, out):
+        click.echo(path)
 
 
 @cli.command()
-@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between polls.")
-@click.option("--threshold", type=int, default=2, show_default=True, help="Failed polls before a replica leaves NGINX.")
-@click.option("--restart-after", type=float, default=30.0, show_default=True,
+@click.option("--interval", type=float, default=DEFAULT_INTERVAL_S, show_default=True, help="Seconds between polls.")
+@click.option("--threshold", type=int, default=DEFAULT_FAILURE_THRESHOLD, show_default=True,
+              help="Failed polls before a replica leaves NGINX.")
+@click.option("--restart-after", type=float, default=DEFAULT_RESTART_AFTER_S, show_default=True,
               help="Seconds an unhealthy replica gets to recover before it is restarted.")
 def watch(interval: float, threshold: int, restart_after: float) -> None:
     """Keep the fleet healthy: poll /health and /ready, take failing replicas out of NGINX,
@@ -341,7 +358,8 @@ def watch(interval: float, threshold: int, restart_after: float) -> None:
     _watch(fleet, interval, threshold, restart_after)
 
 
-def _watch(fleet: Fleet, interval: float, threshold: int, restart_after: float) -> None:
+def _watch(fleet: Fleet, interval: float = DEFAULT_INTERVAL_S, threshold: int = DEFAULT_FAILURE_THRESHOLD,
+           restart_after: float = DEFAULT_RESTART_AFTER_S) -> None:
     from fleetctl.health import Watcher
 
     stop = threading.Event()
@@ -351,28 +369,6 @@ def _watch(fleet: Fleet, interval: float, threshold: int, restart_after: float) 
     Watcher(fleet, interval, threshold, restart_after).run(stop)
     if stop.is_set():
         fleet.event("watch", "stopped", "signal")
-
-
-def _given(options: dict) -> dict:
-    """The `up` options set on the command line, as FleetConfig fields."""
-    given = {}
-    for name, value in options.items():
-        if value is None or value == ():
-            continue
-        if name == "gpus":
-            value = parse_gpus(value)
-        elif name == "replica_command":
-            import shlex
-
-            value = shlex.split(value)
-        elif name == "env":
-            if any("=" not in item for item in value):
-                raise ConfigError("--env takes KEY=VALUE")
-            value = dict(item.split("=", 1) for item in value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        given[UP_FIELDS[name]] = value
-    return given
 
 
 @cli.command()

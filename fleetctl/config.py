@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleetctl.backends import BACKEND_CLASSES
 from fleetctl.errors import ConfigError
+from fleetctl.groups import DEFAULT_GROUP, ModelGroup, check_groups
 from fleetctl.models import BUNDLED, default_served_name, is_store_name
 
-BACKENDS = ("local", "docker", "swarm")
-ROUTINGS = ("least_conn", "session")
+BACKENDS = tuple(BACKEND_CLASSES)  # local, docker, swarm
+ROUTINGS = ("least_conn", "session", "prefix")
 DEFAULT_MODEL = "smollm2"
 DEFAULT_IMAGE = "pagefleet-replica:latest"
 # Unprivileged defaults, so that `fleetctl up` needs no root and clashes with no system web server.
@@ -35,7 +37,9 @@ class FleetConfig:
     served_model_name: str = ""
     num_replicas: int = 2
     gpus: list[str] = field(default_factory=list)  # e.g. ["0", "1"]; empty means CPU
-    routing: str = "least_conn"
+    routing: str = "least_conn"  # least_conn | session (X-Session-ID) | prefix (the prompt's first characters)
+    prefix_key_chars: int = 1024  # prefix routing: characters of the prompt that pick a replica (~4 per token)
+    prefix_max_conns: int = 32  # prefix routing: in-flight requests a replica takes before its ring neighbour
     listen: str = "127.0.0.1"  # address of the public listeners; 0.0.0.0 to serve other hosts
     https_port: int = DEFAULT_HTTPS_PORT
     http_port: int = DEFAULT_HTTP_PORT
@@ -61,6 +65,8 @@ class FleetConfig:
     env: dict[str, str] = field(default_factory=dict)
     constraints: list[str] = field(default_factory=list)  # Swarm placement constraints
     docker_host: str = ""  # the engine the fleet lives on; empty: DOCKER_HOST or the default socket
+    # Several models side by side (fleetctl/groups.py); empty: one group made of the fields above.
+    groups: list[ModelGroup] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Paths are stored absolute: the watcher restarts replicas from wherever it runs.
@@ -71,11 +77,14 @@ class FleetConfig:
                        for src, _, dst in (m.partition(":") for m in self.mounts)]
         if not self.served_model_name:
             self.served_model_name = default_served_name(self.model)
+        self.groups = [g if isinstance(g, ModelGroup) else ModelGroup.from_dict(g) for g in self.groups]
         self.validate()
 
     def validate(self) -> None:
         _check(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        _check(self.routing in ROUTINGS, f"--routing must be one of least_conn, session, not {self.routing!r}")
+        _check(self.routing in ROUTINGS, f"--routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
+        _check(self.prefix_key_chars >= 1, f"--prefix-chars must be >= 1, not {self.prefix_key_chars}")
+        _check(self.prefix_max_conns >= 1, f"--prefix-max-conns must be >= 1, not {self.prefix_max_conns}")
         _check(0 <= self.num_replicas <= 256, "--replicas must be between 0 and 256")
         for name in ("https_port", "http_port", "internal_port"):
             port = getattr(self, name)
@@ -101,12 +110,41 @@ class FleetConfig:
         _check(self.read_timeout_s >= 1 and self.drain_timeout_s >= 0 and self.ready_timeout_s > 0,
                "timeouts must be positive")
         _check(bool(self.replica_command), "--replica-command must not be empty")
-        for gpu in self.gpus:
+        for gpu in self.gpus + [g for group in self.groups for g in group.gpus]:
             _check(re.fullmatch(r"[A-Za-z0-9-]+", gpu) is not None, f"--gpus entry {gpu!r} is not a GPU index or UUID")
+        check_groups(self.groups)
 
     @property
     def replica_device(self) -> str:
         return self.device or ("cuda" if self.gpus else "cpu")
+
+    def model_groups(self) -> list[ModelGroup]:
+        """The fleet's model groups; a fleet without `groups` is one group, "default", of the
+        fields above (so a single-model fleet behaves exactly as it always did)."""
+        if self.groups:
+            return self.groups
+        engine = {k: v for k, v in (("max_model_len", self.max_model_len), ("num_kv_blocks", self.num_kv_blocks)) if v}
+        return [ModelGroup(DEFAULT_GROUP, self.model, self.served_model_name, self.num_replicas, [], engine)]
+
+    def group(self, name: str) -> ModelGroup:
+        for group in self.model_groups():
+            if group.name == name:
+                return group
+        names = ", ".join(g.name for g in self.model_groups())
+        raise ConfigError(f"no model group {name!r} in this fleet; its groups: {names}")
+
+    @property
+    def client_api_key(self) -> str:
+        """The key fleetctl itself sends to replicas (probes, the update's test generation, bench):
+        the first --api-key, or "" when the fleet has none."""
+        return self.api_keys[0] if self.api_keys else ""
+
+    @property
+    def public_url(self) -> str:
+        """The fleet's HTTPS endpoint as clients write it."""
+        host = self.tls_names[0] if self.listen in ("0.0.0.0", "::", "127.0.0.1") else self.listen
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{host}{port}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,6 +156,34 @@ class FleetConfig:
 
     def replace(self, **changes) -> "FleetConfig":
         return dataclasses.replace(self, **changes)
+
+
+def load_fleet_file(path: str | Path) -> dict:
+    """A fleet file (YAML): FleetConfig's fields, `groups` among them, as `fleetctl render fleet`
+    prints them. Returns the fields it sets; ConfigError for anything else."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"-f {path}: cannot read it as YAML ({exc})") from None
+    known = {f.name for f in dataclasses.fields(FleetConfig)}
+    _check(isinstance(data, dict), f"-f {path}: expected a mapping of fleet settings")
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"-f {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return data
+
+
+def dump_fleet_file(config: FleetConfig) -> str:
+    """The fleet's settings as a fleet file that `fleetctl up -f` applies."""
+    import yaml
+
+    data = config.to_dict()
+    if data["groups"]:  # the groups name their own models; the single-model fields do not apply
+        for name in ("model", "served_model_name", "num_replicas", "max_model_len", "num_kv_blocks"):
+            data.pop(name)
+    return "# fleetctl fleet file: `fleetctl up -f FILE` applies it\n" + \
+        yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=120)
 
 
 def parse_gpus(text: str | None) -> list[str]:

@@ -4,7 +4,8 @@ Two dashboards, both over the metric names of ARCHITECTURE.md (the contract with
 `replica/server/metrics.py`) and Prometheus' own `up`:
 
 - `pagefleet-fleet` (fleet overview): fleet totals, plus a per-replica breakdown where one
-  replica misbehaving is what an operator looks for (requests/s, KV use, replica state).
+  replica misbehaving is what an operator looks for (requests/s, KV use, replica state), and a
+  row per model group (repeated over `$model_name`) for fleets that serve several models.
 - `pagefleet-replica` (per replica): the same panels split by `instance`, filtered by an
   `$instance` variable.
 
@@ -188,6 +189,25 @@ def _panels(s: _Scope) -> list[dict]:
     ]
 
 
+def _model_groups(s: _Scope) -> list[dict]:
+    """A row per model group (Grafana repeats it for each value of $model_name): the group's
+    traffic, latency, KV-cache use and prefix-cache hit rate side by side."""
+    row = {**_row("Model group $model_name"), "repeat": "model_name"}
+    return [
+        row,
+        _timeseries("Requests/s", [(f"sum({s.rate('pagefleet_request_success_total')})", "$model_name")],
+                    unit="reqps", width=6),
+        _timeseries("Time to first token p50 / p99",
+                    [(s.quantile(q, "pagefleet_time_to_first_token_seconds", split=False), f"p{int(q * 100)}")
+                     for q in (0.5, 0.99)], unit="s", width=6),
+        _timeseries("KV-cache use", [(f"max(pagefleet_kv_cache_usage_perc{{{s.selector}}})", "max over replicas")],
+                    unit="percentunit", width=6),
+        _timeseries("Prefix-cache hit rate", [
+            (f"sum({s.rate('pagefleet_prefix_cache_hits_total')}) / "
+             f"sum({s.rate('pagefleet_prefix_cache_queries_total')})", "hit rate")], unit="percentunit", width=6),
+    ]
+
+
 def _layout(panels: list[dict]) -> list[dict]:
     """Give each panel an id and a grid position, filling rows left to right."""
     x = y = row_height = 0
@@ -222,7 +242,7 @@ def _dashboard(uid: str, title: str, per_replica: bool) -> dict:
         "links": [{"type": "link", "title": other[1], "url": f"/d/{other[0]}", "keepTime": True,
                    "includeVars": True}],
         "templating": {"list": variables},
-        "panels": _layout(_panels(_Scope(per_replica))),
+        "panels": _layout(_panels(_Scope(per_replica)) + ([] if per_replica else _model_groups(_Scope(False)))),
     }
 
 

@@ -23,22 +23,25 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fleetctl.errors import NoFleetError
 from fleetctl.fleet import Fleet
-from fleetctl.probe import Probe, probe
-from fleetctl.rollout import is_update_running
+from fleetctl.probe import Probe
 from fleetctl.state import Phase
+
+
+DEFAULT_INTERVAL_S = 2.0
+DEFAULT_FAILURE_THRESHOLD = 2
+DEFAULT_RESTART_AFTER_S = 30.0
 
 
 @dataclass
 class Watcher:
     fleet: Fleet
-    interval_s: float = 2.0
-    failure_threshold: int = 2
-    restart_after_s: float = 30.0
+    interval_s: float = DEFAULT_INTERVAL_S
+    failure_threshold: int = DEFAULT_FAILURE_THRESHOLD  # failed polls before a serving replica leaves NGINX
+    restart_after_s: float = DEFAULT_RESTART_AFTER_S  # an unhealthy replica out of NGINX gets this long
     num_failures: dict[str, int] = field(default_factory=dict)
     out_since_s: dict[str, float] = field(default_factory=dict)  # when it left NGINX (or started)
     is_paused: bool = False  # for a rolling update
@@ -60,7 +63,7 @@ class Watcher:
 
     def tick(self) -> None:
         fleet = self.fleet
-        if is_update_running(fleet.state_dir.load()) != self.is_paused:
+        if fleet.state_dir.load().is_update_running() != self.is_paused:
             self.is_paused = not self.is_paused
             fleet.event("watch", "paused" if self.is_paused else "resumed",
                         "fleetctl update is running" if self.is_paused else "the update ended")
@@ -68,12 +71,9 @@ class Watcher:
             return
         seen = fleet.refresh()  # also restarts NGINX if it is not running
         state = fleet.state_dir.load()
-        key = (state.config.api_keys or [""])[0]
-        active = state.active()
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            probes = dict(zip([r.id for r in active], pool.map(lambda r: probe(r.url, key), active)))
+        probes = fleet.probe_active(state)
         now_s = time.time()
-        for rec in active:
+        for rec in state.active():
             result: Probe = probes[rec.id]
             if fleet.backend.needs_restart(seen.get(rec.id)):
                 fleet.restart_replica(rec.id, f"process gone ({result.reason or 'not running'})")
@@ -87,9 +87,12 @@ class Watcher:
                 fleet.restart_replica(rec.id, self._restart_reason(rec, result, now_s))
                 self._forget(rec.id)
         state = fleet.state_dir.load()
-        if len(state.active()) < state.config.num_replicas:
-            fleet.event("fleet", f"{len(state.active())} of {state.config.num_replicas} replicas", "starting more")
-            fleet.start_missing(state.config.num_replicas)
+        for group in state.config.model_groups():
+            num_active = len(state.active(group.name))
+            if num_active < group.num_replicas:
+                where = "" if len(state.config.model_groups()) == 1 else f" of {group.name}"
+                fleet.event("fleet", f"{num_active} of {group.num_replicas} replicas{where}", "starting more")
+                fleet.start_missing(group.num_replicas, group.name)
 
     def _check_serving(self, replica_id: str, result: Probe) -> None:
         if result.is_ready:

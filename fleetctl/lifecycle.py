@@ -14,34 +14,26 @@ from typing import Callable
 from fleetctl.config import FleetConfig
 from fleetctl.errors import ConfigError
 from fleetctl.fleet import Fleet
-from fleetctl.probe import probe
+from fleetctl.groups import DEFAULT_GROUP
 from fleetctl.state import FleetState, Phase, StateDir
 from fleetctl.tls import ensure_tls
 
 # Changing these needs new replicas: `fleetctl down` then `up` (or `fleetctl update` for the model).
 REPLICA_FIELDS = ("backend", "model", "served_model_name", "api_keys", "device", "gpus", "max_model_len",
-                  "num_kv_blocks", "image", "replica_command", "mounts", "env", "constraints", "docker_host")
+                  "num_kv_blocks", "image", "replica_command", "mounts", "env", "constraints", "docker_host", "groups")
 
 
 def preflight(config: FleetConfig) -> None:
     """What a new fleet needs, checked before anything is saved or started: nginx, the model's
     weights, and for docker/swarm an engine that answers (a swarm manager for swarm)."""
+    from fleetctl.backends import preflight as backend_preflight
     from fleetctl.models import resolve_model_path
     from fleetctl.nginx import Nginx
 
     Nginx(Path(".")).require_binary()
-    resolve_model_path(config.model)
-    if config.backend in ("docker", "swarm"):
-        from fleetctl.backends.docker import connect
-
-        client = connect(config.docker_host)
-        try:
-            if config.backend == "swarm":
-                from fleetctl.backends.swarm import check_swarm_manager
-
-                check_swarm_manager(client)
-        finally:
-            client.close()
+    for group in config.model_groups():
+        resolve_model_path(group.model)
+    backend_preflight(config)
 
 
 def open_or_create(state_dir: StateDir, given: dict) -> FleetState:
@@ -69,39 +61,50 @@ def up(fleet: Fleet, progress: Callable[[int, int], None]) -> FleetState:
     config = state.config
     ensure_tls(fleet.state_dir.tls_dir, config.tls_names, config.tls_cert, config.tls_key)
     fleet.sync_nginx()  # NGINX up first (with whatever is ready), so the endpoint exists at once
-    return converge(fleet, config.num_replicas, progress)
+    return converge(fleet, None, progress)
 
 
-def converge(fleet: Fleet, num_replicas: int, progress: Callable[[int, int], None]) -> FleetState:
-    """Brings the fleet to num_replicas ready replicas in NGINX. progress(num_ready, num_wanted)."""
+def converge(fleet: Fleet, num_replicas: int | None, progress: Callable[[int, int], None],
+             group: str | None = None) -> FleetState:
+    """Brings every model group to its number of ready replicas in NGINX, after setting that
+    number to num_replicas (for `group`, or for a fleet of one group; None: keep the saved
+    numbers). progress(num_ready, num_wanted) counts all groups together."""
     with fleet.state_dir.transaction() as state:
-        state.config.num_replicas = num_replicas
+        if num_replicas is not None:
+            if state.config.groups:
+                if group is None:
+                    names = ", ".join(g.name for g in state.config.groups)
+                    raise ConfigError(f"this fleet has model groups ({names}); name one: --group NAME")
+                state.config.group(group).num_replicas = num_replicas
+            else:
+                state.config.group(group or DEFAULT_GROUP)  # ConfigError for a group that is not there
+                state.config.num_replicas = num_replicas
     seen = fleet.refresh()
     state = fleet.state_dir.load()
-    key = (state.config.api_keys or [""])[0]
 
     # Replicas in NGINX that stopped answering: out, and restarted if their process is gone.
-    active = state.active()
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        probes = dict(zip([r.id for r in active], pool.map(lambda r: probe(r.url, key), active)))
-    for rec in active:
+    probes = fleet.probe_active(state)
+    for rec in state.active():
         if fleet.backend.needs_restart(seen.get(rec.id)):
             fleet.restart_replica(rec.id, "its process is gone")
         elif rec.phase is Phase.SERVING and not probes[rec.id].is_ready:
             fleet.take_out(rec.id, Phase.STARTING, probes[rec.id].reason or "not ready")
 
-    fleet.remove_surplus(num_replicas, f"scale to {num_replicas}")
-    fleet.start_missing(num_replicas)
+    wanted = {g.name: g.num_replicas for g in state.config.model_groups()}
+    for name, num in wanted.items():
+        fleet.remove_surplus(num, f"scale to {num}" if len(wanted) == 1 else f"scale {name} to {num}", name)
+        fleet.start_missing(num, name)
 
     state = fleet.state_dir.load()
+    num_wanted = sum(wanted.values())
     waiting = [r.id for r in state.active() if r.phase is not Phase.SERVING]
     num_ready = len(state.active()) - len(waiting)
-    progress(num_ready, num_replicas)
+    progress(num_ready, num_wanted)
 
     def on_ready(replica_id: str) -> None:
         nonlocal num_ready
         num_ready += 1
-        progress(num_ready, num_replicas)
+        progress(num_ready, num_wanted)
 
     fleet.wait_ready(waiting, state.config.ready_timeout_s, on_ready)
     return fleet.sync_nginx()

@@ -239,6 +239,24 @@ async def fetch_model_name(base_url: str, api_key: str | None = None, ca_file: s
     return models[0]["id"]
 
 
+def fleet_defaults(state_dir) -> dict:
+    """`fleetctl bench` aims at the fleet when there is one: its HTTPS URL, its CA and the key
+    fleetctl sends (each still overridden by the option or its environment variable). The CLI
+    hands these to click as the command's default_map."""
+    if not state_dir.has_fleet():
+        return {}
+    from fleetctl.tls import planned_paths
+
+    config = state_dir.load().config
+    defaults = {"base_url": config.public_url}
+    ca = planned_paths(state_dir.tls_dir, config.tls_cert, config.tls_key).ca
+    if ca and ca.exists():
+        defaults["ca_file"] = str(ca)
+    if config.client_api_key:
+        defaults["api_key"] = config.client_api_key
+    return defaults
+
+
 def _parse_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition(":")
     try:

@@ -36,3 +36,8 @@ def is_store_name(model: str) -> bool:
 def model_argument(model: str) -> str:
     """What to pass to `replica serve --model` on this host: aliases stay, paths become absolute."""
     return model if model in BUNDLED else str(resolve_model_path(model))
+
+
+def weights_name(model: str) -> str:
+    """How messages name a model's weights: the folder or file name, or the bundled alias."""
+    return model if model in BUNDLED else Path(model).name

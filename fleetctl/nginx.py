@@ -11,7 +11,9 @@ file, logs and the five *_temp_path directories under PREFIX. Run as root, its w
 """
 from __future__ import annotations
 
+import functools
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -23,12 +25,14 @@ from pathlib import Path
 
 import jinja2
 
+from fleetctl import procs
 from fleetctl.errors import FleetError, NginxConfigError, UnavailableError
 
 TEMPLATE_ENV = "PAGEFLEET_NGINX_TEMPLATE"
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "lb" / "nginx.conf.j2"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 RELOAD_TIMEOUT_S = 10.0
+NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"  # Debian's libnginx-mod-http-js
 
 
 @dataclass(frozen=True)
@@ -37,14 +41,45 @@ class Upstream:
     address: str  # host:port NGINX connects to
 
 
-def site_context(config, fleet_id: str, upstreams: list[Upstream], tls, prefix: Path) -> dict:
-    """Everything lb/nginx.conf.j2 reads: the fleet's config, the replicas in rotation, TLS paths."""
+@dataclass(frozen=True)
+class ModelGroup:
+    """One served model and the replicas in rotation for it: upstream pf_g<number>."""
+
+    number: int  # 1, 2, ...: names the upstream and location; 1 is the default group
+    served_model_name: str  # what clients put in `model`
+    upstreams: tuple[Upstream, ...]
+
+
+def site_context(config, fleet_id: str, upstreams: list[Upstream], tls, prefix: Path,
+                 groups: list[ModelGroup] | None = None, njs_module: str = NJS_MODULE,
+                 njs_script: str | None = None) -> dict:
+    """Everything lb/nginx.conf.j2 reads: the fleet's config, the replicas in rotation, TLS paths.
+    `groups`: the model groups (default: one, the fleet's served model on `upstreams`). Several
+    groups, or prefix routing, route in njs (lb/pagefleet.js): `njs_module` is where this host's
+    NGINX finds ngx_http_js_module, `njs_script` the router (default: beside the template)."""
+    groups = groups or [ModelGroup(1, config.served_model_name, tuple(upstreams))]
+    use_njs = len(groups) > 1 or config.routing == "prefix"
+    if use_njs and Path(njs_module).is_absolute() and not Path(njs_module).exists():
+        raise UnavailableError(f"{njs_module} is missing: routing by model or prefix needs NGINX's njs module; "
+                               "install it (apt-get install -y libnginx-mod-http-js)")
+    routes = {"models": {g.served_model_name: g.number for g in groups}, "default": groups[0].number,
+              "num_groups": len(groups), "prefix_chars": config.prefix_key_chars}
     return {
         "fleet_id": fleet_id,
         "prefix": str(prefix),
         "worker_user": Nginx.worker_user(),
         "worker_processes": "auto",
-        "upstreams": upstreams,
+        "upstreams": [u for g in groups for u in g.upstreams],
+        "groups": groups,
+        # /health, /ready, /metrics on the internal listener: the first group with replicas in rotation
+        "internal_upstream": next((f"pf_g{g.number}" for g in groups if g.upstreams), "") if use_njs
+        else "pf_replicas",
+        "use_njs": use_njs,
+        "njs_module": njs_module,
+        "njs_script": njs_script or str(template_path().parent / "pagefleet.js"),
+        # served names are [A-Za-z0-9._:/-]: the JSON holds no quote that would end the string
+        "routes_json": json.dumps(routes, separators=(",", ":")),
+        "prefix_max_conns": config.prefix_max_conns,
         "routing": config.routing,
         "max_fails": 1,
         "fail_timeout_s": 5,
@@ -73,14 +108,23 @@ def render(context: dict, template: Path | None = None) -> str:
     path = template or template_path()
     if not path.is_file():
         raise NginxConfigError(f"NGINX template {path} not found; restore lb/nginx.conf.j2 or unset ${TEMPLATE_ENV}")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(path.parent)), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     try:
-        return env.get_template(path.name).render(**context)
+        stat = path.stat()
+        return _compiled(str(path), stat.st_mtime_ns, stat.st_size).render(**context)
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
         where = f"{path}:{line}" if line else str(path)
         raise NginxConfigError(f"template {where} does not render ({exc}); fix the template") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(path: str, mtime_ns: int, size: int) -> jinja2.Template:
+    """The template compiled once per version of its file (a render happens on every commit;
+    compiling is what costs), and again as soon as the file changes."""
+    folder, name = os.path.split(path)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(folder), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    return env.get_template(name)
 
 
 class Nginx:
@@ -153,12 +197,12 @@ class Nginx:
         """SIGHUP, then wait until new workers run and every old one stopped accepting
         connections (its title turns to "worker process is shutting down"; it finishes its
         requests in the background). Afterwards every new connection gets the new config."""
-        old_workers = set(_children(master_pid))
+        old_workers = set(procs.children(master_pid))
         log_size = self.error_log.stat().st_size if self.error_log.exists() else 0
         os.kill(master_pid, signal.SIGHUP)
         deadline = time.monotonic() + RELOAD_TIMEOUT_S
         while time.monotonic() < deadline:
-            workers = set(_children(master_pid))
+            workers = set(procs.children(master_pid))
             if workers - old_workers and all(_is_shutting_down(pid) for pid in workers & old_workers):
                 return
             failure = _new_emerg(self.error_log, log_size)
@@ -171,10 +215,9 @@ class Nginx:
         """The master's pid while it runs, else None (a stale pid file does not count)."""
         try:
             pid = int(self.pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid if b"nginx" in cmdline and _is_alive(pid) else None
+        return pid if b"nginx" in procs.cmdline(pid) and procs.is_alive(pid) else None
 
     def stop(self, timeout_s: float = 10.0) -> bool:
         """Graceful stop (SIGQUIT: finish requests), SIGTERM after timeout_s. True if it was running."""
@@ -187,9 +230,9 @@ class Nginx:
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait_s
-            while _is_alive(pid) and time.monotonic() < deadline:
+            while procs.is_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not _is_alive(pid):
+            if not procs.is_alive(pid):
                 break
         self.pid_file.unlink(missing_ok=True)
         return True
@@ -221,30 +264,8 @@ def _new_emerg(error_log: Path, offset: int) -> str | None:
     return None
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[-1].split()
-            if len(fields) > 1 and fields[1] == str(pid) and fields[0] != "Z":
-                children.append(int(entry.name))
-    return children
-
-
 def _is_shutting_down(pid: int) -> bool:
-    try:
-        return b"shutting down" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # gone
+    """An old worker after a reload: it accepts no new connection (its title says so) or is gone."""
+    title = procs.cmdline(pid)
+    return not title or b"shutting down" in title
 
-
-def _is_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")

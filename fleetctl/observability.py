@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from fleetctl.dashboards import REPLICA_JOB
+from fleetctl.dashboards import DATASOURCE_UID, REPLICA_JOB
 
 COMPOSE_REPLICA_PORT = 8000   # every replica container listens here; only NGINX and Prometheus reach it
 
@@ -65,6 +65,19 @@ def render_file_sd(targets: list[str], labels: dict[str, str] | None = None) -> 
 
 
 @dataclass(frozen=True)
+class ComposeGroup:
+    """One model group of a Compose stack: services replica-<name>-0, replica-<name>-1, ..."""
+    name: str
+    model: str
+    served_model_name: str
+    num_replicas: int
+    engine_args: tuple[str, ...] = ()  # more `replica serve` options
+
+    def targets(self, port: int = COMPOSE_REPLICA_PORT) -> list[str]:
+        return [f"replica-{self.name}-{i}:{port}" for i in range(self.num_replicas)]
+
+
+@dataclass(frozen=True)
 class ComposePorts:
     """Host ports the stack publishes. Prometheus and Grafana bind to loopback only."""
     https: int = 443
@@ -83,7 +96,7 @@ def render_compose(num_replicas: int, model: str, image: str, ports: ComposePort
                    api_key_env: str | None = None, drain_timeout_s: int = 30,
                    grafana_dir: str = "../grafana", nginx_image: str = "nginx:1.27",
                    prometheus_image: str = "prom/prometheus:v2.53.2",
-                   grafana_image: str = "grafana/grafana:11.2.0") -> str:
+                   grafana_image: str = "grafana/grafana:11.2.0", groups: list[ComposeGroup] | None = None) -> str:
     """A Compose file for NGINX + `num_replicas` replicas + Prometheus + Grafana.
 
     `model`: a name the replica image resolves itself (`smollm2`), or a host path (anything with
@@ -96,20 +109,33 @@ def render_compose(num_replicas: int, model: str, image: str, ports: ComposePort
     `tls/` (certificate and key it names), and `prometheus.yml`
     (`render_prometheus_config(compose_replica_targets(n))`). `grafana_dir` is this repository's
     `grafana/` folder relative to the Compose file.
+
+    `groups`: several model groups instead of `num_replicas` of `model` (services
+    replica-<group>-<i>, GPUs handed out round-robin over all of them).
     """
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
     if drain_timeout_s < 0:
         raise ValueError(f"drain_timeout_s must be >= 0, got {drain_timeout_s}")
     ports = ports or ComposePorts()
-    replicas = {f"replica-{i}": _replica_service(i, model, image, served_model_name, gpus, api_key_env,
-                                                 drain_timeout_s) for i in range(num_replicas)}
+    if groups:
+        members = [(f"replica-{g.name}-{i}", g) for g in groups for i in range(g.num_replicas)]
+        replicas = {name: _replica_service(index, g.model, image, g.served_model_name, gpus, api_key_env,
+                                           drain_timeout_s, g.engine_args)
+                    for index, (name, g) in enumerate(members)}
+    else:
+        replicas = {f"replica-{i}": _replica_service(i, model, image, served_model_name, gpus, api_key_env,
+                                                     drain_timeout_s) for i in range(num_replicas)}
     services = {
         **replicas,
         "nginx": {
             "image": nginx_image, "restart": "unless-stopped",
             "ports": [f"{ports.https}:443", f"{ports.http}:80"],
-            "volumes": ["./nginx.conf:/etc/nginx/nginx.conf:ro", "./tls:/etc/pagefleet/tls:ro"],
+            "volumes": ["./nginx.conf:/etc/nginx/nginx.conf:ro", "./tls:/etc/pagefleet/tls:ro",
+                        "./pagefleet.js:/etc/pagefleet/pagefleet.js:ro"],  # njs router (lb/pagefleet.js)
+            # fleetctl's NGINX config keeps its pid, logs and temp files under one prefix.
+            "command": ["/bin/sh", "-c", "mkdir -p /var/cache/pagefleet/logs /var/cache/pagefleet/tmp "
+                        "&& chown nginx /var/cache/pagefleet/tmp && exec nginx -g 'daemon off;'"],
             "depends_on": {name: {"condition": "service_healthy"} for name in replicas},
         },
         "prometheus": {
@@ -140,17 +166,39 @@ def render_compose(num_replicas: int, model: str, image: str, ports: ComposePort
 
 def render_compose_bundle(num_replicas: int, model: str, image: str, **compose_kwargs) -> dict[str, str]:
     """File name → text for the files fleetctl owns in the Compose folder (NGINX's config aside)."""
+    groups = compose_kwargs.get("groups")
+    targets = [t for g in groups for t in g.targets()] if groups else compose_replica_targets(num_replicas)
     return {
         "docker-compose.yml": render_compose(num_replicas, model, image, **compose_kwargs),
-        "prometheus.yml": render_prometheus_config(compose_replica_targets(num_replicas)),
+        "prometheus.yml": render_prometheus_config(targets),
     }
 
 
+def render_grafana_provisioning(dashboards_path: str = "/var/lib/grafana/dashboards") -> dict[str, str]:
+    """Path under the Grafana folder → text of its provisioning files: the Prometheus data source
+    (uid fixed: the dashboards refer to it; URL from $PAGEFLEET_PROMETHEUS_URL, which Grafana
+    expands) and the provider that loads the dashboards from `dashboards_path`."""
+    datasources = {"apiVersion": 1, "datasources": [{
+        "name": "pagefleet Prometheus", "uid": DATASOURCE_UID, "type": "prometheus", "access": "proxy",
+        "url": "${PAGEFLEET_PROMETHEUS_URL}", "isDefault": True, "editable": False,
+        "jsonData": {"timeInterval": "5s"}}]}
+    providers = {"apiVersion": 1, "providers": [{
+        "name": "pagefleet", "folder": "pagefleet", "type": "file", "disableDeletion": True,
+        "allowUiUpdates": False, "updateIntervalSeconds": 30,
+        "options": {"path": dashboards_path, "foldersFromFilesStructure": False}}]}
+    header = "# Rendered by fleetctl (fleetctl/observability.py); edits are overwritten.\n"
+    return {"provisioning/datasources/prometheus.yaml": header + _yaml(datasources),
+            "provisioning/dashboards/pagefleet.yaml": header + _yaml(providers)}
+
+
 def _replica_service(index: int, model: str, image: str, served_model_name: str | None,
-                     gpus: list[str] | None, api_key_env: str | None, drain_timeout_s: int) -> dict:
+                     gpus: list[str] | None, api_key_env: str | None, drain_timeout_s: int,
+                     engine_args: tuple[str, ...] = ()) -> dict:
     command = ["replica", "serve", "--host", "0.0.0.0", "--port", str(COMPOSE_REPLICA_PORT),
                "--drain-timeout", str(drain_timeout_s)]
     service: dict = {"image": image, "restart": "unless-stopped", "expose": [str(COMPOSE_REPLICA_PORT)],
+                     # the image's HEALTHCHECK asks this port (compose/Dockerfile)
+                     "environment": {"PAGEFLEET_PORT": str(COMPOSE_REPLICA_PORT)},
                      # SIGTERM drains in-flight requests; give it that long before SIGKILL.
                      "stop_grace_period": f"{drain_timeout_s + 5}s",
                      "labels": {"pagefleet.replica": str(index)}}
@@ -163,6 +211,7 @@ def _replica_service(index: int, model: str, image: str, served_model_name: str 
         command += ["--served-model-name", served_model_name]
     if api_key_env:
         command += ["--api-key", f"${{{api_key_env}:?set {api_key_env} to the fleet's API key}}"]
+    command += list(engine_args)
     if gpus:
         command += ["--device", "cuda"]
         service["deploy"] = {"resources": {"reservations": {"devices": [

@@ -1,7 +1,6 @@
 """What fleetctl prints: the progress display, the status table, the `up` summary with examples."""
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -52,11 +51,13 @@ def print_status(console: Console, report: dict) -> None:
     table = Table(title=f"fleet {report['fleet_id']} · {report['backend']} · {report['model']} · "
                         f"{report['num_replicas_ready']}/{report['num_replicas_wanted']} ready",
                   title_justify="left")
-    for column in ("id", "address", "model", "weights", "gpu", "ready", "nginx", "run", "wait", "kv", "up", "restarts",
-                   "note"):
+    has_groups = len(report.get("groups", [])) > 1
+    for column in ("group",) * has_groups + ("id", "address", "model", "weights", "gpu", "ready", "nginx", "run",
+                                             "wait", "kv", "up", "restarts", "note"):
         table.add_column(column, justify="right" if column in ("run", "wait", "kv", "restarts") else "left")
     for row in report["replicas"]:
         table.add_row(
+            *(row["group"],) * has_groups,
             row["id"], row["address"], row["model"], Path(row["weights"]).name, row["gpu"] or "cpu",
             "[green]yes[/]" if row["is_ready"] else "[red]no[/]",
             "in" if row["in_nginx"] else row["phase"],
@@ -141,19 +142,6 @@ def print_up(console: Console, state_dir: StateDir, report: dict) -> None:
     console.print("\n[bold]openai[/] (Python)", highlight=False)
     console.print(ex["python"], highlight=False, soft_wrap=True)
     console.print("Next: `fleetctl status`, `fleetctl scale N`, `fleetctl watch`, `fleetctl down`.", highlight=False)
-
-
-def follow_file(path: Path, follow: bool, tail: int) -> Iterator[str]:
-    if not path.exists():
-        return
-    with open(path, errors="replace") as handle:
-        yield from (line.rstrip("\n") for line in handle.readlines()[-tail:] if tail > 0)
-        while follow:
-            line = handle.readline()
-            if line:
-                yield line.rstrip("\n")
-            else:
-                time.sleep(0.2)
 
 
 def _num(value) -> str:

@@ -1,7 +1,8 @@
-"""HTTP probes of one replica: /health, /ready and the gauges of /metrics (plain HTTP, loopback
-or the swarm's nodes; never through NGINX)."""
+"""HTTP to one replica: /health, /ready, the gauges of /metrics, and a POST of JSON (the update's
+test generation); plain HTTP, loopback or the swarm's nodes, never through NGINX."""
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -69,3 +70,44 @@ def load(base_url: str, api_key: str = "") -> Load:
     except ValueError:
         pass
     return result
+
+
+def post_json(url: str, body: dict, api_key: str, timeout_s: float) -> tuple[int, dict | str]:
+    """(status, parsed JSON or text) of a POST; status 0 and the error's words when nothing answered."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, text = response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(getattr(exc, "reason", exc))
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def error_text(answer: dict | str) -> str:
+    """The words of an OpenAI-shaped error answer (or of whatever came back), on one line."""
+    if isinstance(answer, dict):
+        error = answer.get("error")
+        text = error.get("message") if isinstance(error, dict) else error or "no tokens generated"
+    else:
+        text = answer or "no body"
+    return " ".join(str(text).split())[:300]
+
+
+class ReplicaHttp:
+    """How the fleet talks to its replicas: these three calls and nothing else. `Fleet` holds one
+    (this one speaks HTTP); the orchestration tests give it an in-memory stand-in instead."""
+
+    def probe(self, base_url: str, api_key: str = "") -> Probe:
+        return probe(base_url, api_key)
+
+    def load(self, base_url: str, api_key: str = "") -> Load:
+        return load(base_url, api_key)
+
+    def post_json(self, url: str, body: dict, api_key: str, timeout_s: float) -> tuple[int, dict | str]:
+        return post_json(url, body, api_key, timeout_s)

@@ -16,29 +16,26 @@ NGINX ends serving only the old weights. Every replica keeps the fleet's served 
 clients never change their `model` field; each replica's record says which weights it serves.
 
 Progress lives in the fleet state (`FleetState.update`) and belongs to the `fleetctl update`
-process (pid and start time): while that process lives, the watcher pauses and `scale`/`up`
-refuse; once it is gone mid-way, the update counts as interrupted and running it again resumes
-(replicas already serving the new weights count as done, its leftovers are removed first).
+process (state.py: `UpdateProgress.is_owner_alive`): while that process lives, the watcher
+pauses and `scale`/`up` refuse; once it is gone mid-way, the update counts as interrupted and
+running it again resumes (replicas already serving the new weights count as done, its
+leftovers are removed first).
 
-Swarm replaces tasks itself (service update: parallelism 1, start-first, rollback on failure);
-fleetctl gates each new task the same way and moves a slot's NGINX address to it (`_run_swarm`).
+A backend with its own rolling update (`info.has_rolling_update`: Swarm) replaces the replicas
+itself; fleetctl gates each new one the same way (fleetctl/backend_update.py).
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from fleetctl.backends.local import _start_ticks
 from fleetctl.errors import ConfigError, FleetError
-from fleetctl.fleet import POLL_S, Fleet
-from fleetctl.models import BUNDLED, is_store_name, resolve_model_path
-from fleetctl.probe import probe
+from fleetctl.fleet import Fleet
+from fleetctl.groups import DEFAULT_GROUP
+from fleetctl.models import BUNDLED, is_store_name, resolve_model_path, weights_name
+from fleetctl.probe import error_text
 from fleetctl.state import FleetState, Phase, ReplicaRecord, UpdatePhase, UpdateProgress
 
 GATE_PROMPT = "Hello"
@@ -52,6 +49,7 @@ class UpdateOptions:
     max_surge: int = 1  # 1: the new replica starts beside the old one (needs room: CPU or a free GPU)
     max_unavailable: int = 0  # 1: without room, the old replica leaves first (one fewer serves meanwhile)
     timeout_s: float = 0.0  # per new replica, /ready plus the gate; 0: the fleet's --ready-timeout
+    group: str = DEFAULT_GROUP  # the model group to move (a fleet of one group: "default")
 
     def __post_init__(self) -> None:
         if self.max_surge not in (0, 1) or self.max_unavailable not in (0, 1):
@@ -69,38 +67,9 @@ class UpdateOptions:
         return str(Path(self.model).expanduser().resolve())
 
 
-def is_owner_alive(progress: UpdateProgress | None) -> bool:
-    """True while the `fleetctl update` process that owns this update runs (not a recycled pid)."""
-    return bool(progress and progress.pid and _start_ticks(progress.pid) == progress.pid_start_ticks)
-
-
-def is_update_running(state: FleetState) -> bool:
-    progress = state.update
-    return bool(progress and progress.phase in (UpdatePhase.RUNNING, UpdatePhase.ROLLING_BACK)
-                and is_owner_alive(progress))
-
-
-def refuse_during_update(state: FleetState, what: str) -> None:
-    """`scale`, `up` and a second `update` wait for a running update instead of fighting it."""
-    if is_update_running(state):
-        progress = state.update
-        raise FleetError(f"an update to {weights_name(progress.target_model)} is running "
-                         f"({progress.num_done}/{progress.num_total} replicas, pid {progress.pid}); "
-                         f"{what} after it ends (`fleetctl status` shows where it stands)")
-
-
 def describe(state: FleetState) -> dict | None:
-    """The update's progress for `status`, with whether its owner still runs."""
-    if state.update is None:
-        return None
-    progress = state.update
-    is_unfinished = progress.phase in (UpdatePhase.RUNNING, UpdatePhase.ROLLING_BACK)
-    return {**progress.to_dict(), "is_running": is_unfinished and is_owner_alive(progress),
-            "is_interrupted": is_unfinished and not is_owner_alive(progress)}
-
-
-def weights_name(model: str) -> str:
-    return Path(model).name if model not in BUNDLED else model
+    """The update's progress for `status` (state.py owns it; kept here for scripts that import it)."""
+    return state.describe_update()
 
 
 class Rollout:
@@ -108,6 +77,7 @@ class Rollout:
                  on_progress: Callable[[int, int], None] = lambda num_done, num_total: None):
         self.fleet = fleet
         self.options = options
+        self.group = options.group
         self.target = options.target_model
         self.on_progress = on_progress
         self.replaced: dict[str, str] = {}  # new replica → the weights it replaced (what a rollback restores)
@@ -118,22 +88,29 @@ class Rollout:
         old_ids = self._begin()
         progress = self.fleet.state_dir.load().update
         self.on_progress(progress.num_done, progress.num_total)
-        if self.fleet.backend.name == "swarm":
-            self._run_swarm()
+        if self.fleet.backend.info.has_rolling_update:
+            from fleetctl.backend_update import run_backend_update
+
+            run_backend_update(self)
         else:
             for num_moved, old_id in enumerate(old_ids, start=1):
                 old_model = self.fleet.state_dir.load().replicas[old_id].model
                 try:
                     self.replaced[self.replace(old_id, self.target)] = old_model
                 except FleetError as exc:
-                    self._roll_back(exc)
-                self._record(num_done=progress.num_done + num_moved)
+                    self.roll_back(exc)
+                self.record(num_done=progress.num_done + num_moved)
                 self.on_progress(progress.num_done + num_moved, progress.num_total)
 
         with self.fleet.transaction() as state:
-            state.config.model = self.target  # `scale` and the watcher start the new weights from now on
+            # `scale` and the watcher start the new weights from now on
+            if state.config.groups:
+                state.config.group(self.group).model = self.target
+            else:
+                state.config.model = self.target
             state.update.phase, state.update.step, state.update.finished_at_s = UpdatePhase.DONE, "", time.time()
-        self.fleet.event("update", f"done: {len(state.active())} replica(s) serve {weights_name(self.target)}")
+        self.fleet.event("update", f"done: {len(state.active(self.group))} replica(s) serve "
+                                   f"{weights_name(self.target)}")
         return state
 
     def _begin(self) -> list[str]:
@@ -142,35 +119,35 @@ class Rollout:
         fleet = self.fleet
         with fleet.state_dir.locked():
             state = fleet.state_dir.load()
-            refuse_during_update(state, "run it again")
-            self.from_model = state.config.model
-            leftovers = [r.id for r in state.sorted_replicas()
+            state.refuse_during_update("run it again")
+            self.from_model = state.config.group(self.group).model
+            mine = [r for r in state.sorted_replicas() if r.group == self.group]
+            leftovers = [r.id for r in mine
                          if r.phase is Phase.DRAINING or (r.model == self.target and r.phase is not Phase.SERVING)]
-            old_ids = [r.id for r in state.active() if r.model != self.target and r.id not in leftovers]
-            num_done = sum(1 for r in state.active() if r.model == self.target and r.id not in leftovers)
-            if not old_ids and not leftovers and state.config.model == self.target:
+            old_ids = [r.id for r in state.active(self.group) if r.model != self.target and r.id not in leftovers]
+            num_done = sum(1 for r in state.active(self.group) if r.model == self.target and r.id not in leftovers)
+            if not old_ids and not leftovers and self.from_model == self.target:
                 raise FleetError(f"every replica already serves {weights_name(self.target)}; nothing to update")
 
             with fleet.transaction() as st:
                 st.update = UpdateProgress(self.target, self.from_model, num_total=num_done + len(old_ids),
-                                           num_done=num_done, pid=os.getpid(),
-                                           pid_start_ticks=_start_ticks(os.getpid()) or 0)
+                                           num_done=num_done).claim()
         fleet.event("update", f"to {weights_name(self.target)}: {len(old_ids)} replica(s) to replace",
                     f"max-surge {self.options.max_surge}, max-unavailable {self.options.max_unavailable}")
         if leftovers:
             fleet.remove_replicas(leftovers, "left over from an interrupted update")
         return old_ids
 
-    def _roll_back(self, error: FleetError) -> NoReturn:
+    def roll_back(self, error: FleetError) -> NoReturn:
         """Moves every replica on the new weights back to the weights it replaced (newest
         first), then raises the one line that says what halted the update and where the fleet
         stands."""
         fleet = self.fleet
         reason = " ".join(str(error).split())
-        self._record(phase=UpdatePhase.ROLLING_BACK, reason=reason, step="rolling back")
+        self.record(phase=UpdatePhase.ROLLING_BACK, reason=reason, step="rolling back")
         fleet.event("update", "halted, rolling back", reason)
         failure = ""
-        moved = [r.id for r in fleet.state_dir.load().active() if r.model == self.target]
+        moved = [r.id for r in fleet.state_dir.load().active(self.group) if r.model == self.target]
         for new_id in reversed(moved):
             old_model = self.replaced.get(new_id, self.from_model)
             if old_model == self.target:
@@ -180,15 +157,15 @@ class Rollout:
             except FleetError as exc:
                 failure = " ".join(str(exc).split())
                 break
-        state = fleet.state_dir.load()
-        serving = ", ".join(r.id for r in state.serving())
+        group_serving = [r for r in fleet.state_dir.load().serving() if r.group == self.group]
+        serving = ", ".join(r.id for r in group_serving)
         if failure:
-            mix = ", ".join(f"{r.id} {weights_name(r.model)}" for r in state.serving())
-            self._record(phase=UpdatePhase.FAILED, step="", finished_at_s=time.time())
+            mix = ", ".join(f"{r.id} {weights_name(r.model)}" for r in group_serving)
+            self.record(phase=UpdatePhase.FAILED, step="", finished_at_s=time.time())
             raise FleetError(f"update to {weights_name(self.target)} halted: {reason}; the rollback failed too "
                              f"({failure}); NGINX serves {mix}; run `fleetctl update --model "
                              f"{self.from_model}` to finish it") from error
-        self._record(phase=UpdatePhase.ROLLED_BACK, step="", finished_at_s=time.time())
+        self.record(phase=UpdatePhase.ROLLED_BACK, step="", finished_at_s=time.time())
         fleet.event("update", "rolled back", f"NGINX serves {serving}")
         raise FleetError(f"update to {weights_name(self.target)} halted and rolled back: {reason}; "
                          f"NGINX serves only {weights_name(self.from_model)} ({serving})") from error
@@ -201,22 +178,22 @@ class Rollout:
         fleet = self.fleet
         name = weights_name(model)
         if self._has_room(fleet.state_dir.load()):
-            self._record(step=f"starting a replica of {name} beside {old_id}")
-            new_id = fleet.start_replicas(1, model=model)[0]
-            self._record(step=f"{new_id} ({name}) loading; {old_id} serves on")
+            self.record(step=f"starting a replica of {name} beside {old_id}")
+            new_id = fleet.start_replicas(1, model=model, group=self.group)[0]
+            self.record(step=f"{new_id} ({name}) loading; {old_id} serves on")
             try:
                 self._gate(new_id)
             except FleetError:
                 fleet.remove_replicas([new_id], "failed its gate")
                 raise
-            self._record(step=f"{new_id} in NGINX; {old_id} leaves NGINX and drains")
+            self.record(step=f"{new_id} in NGINX; {old_id} leaves NGINX and drains")
             fleet.remove_replicas([old_id], f"replaced by {new_id} ({name})")
             return new_id
 
-        self._record(step=f"{old_id} leaves NGINX and drains to make room for {name}")
+        self.record(step=f"{old_id} leaves NGINX and drains to make room for {name}")
         fleet.remove_replicas([old_id], f"making room for a replica of {name}", forget=False)
-        new_id = fleet.start_replicas(1, model=model)[0]
-        self._record(step=f"{new_id} ({name}) loading in {old_id}'s place")
+        new_id = fleet.start_replicas(1, model=model, group=self.group)[0]
+        self.record(step=f"{new_id} ({name}) loading in {old_id}'s place")
         try:
             self._gate(new_id)
         except FleetError:
@@ -230,7 +207,7 @@ class Rollout:
     def _has_room(self, state: FleetState) -> bool:
         """Whether one more replica fits beside the current ones; else --max-unavailable 1 must
         make room (or the update cannot proceed)."""
-        gpus = state.config.gpus
+        gpus = state.config.group(self.group).gpus or state.config.gpus
         is_free_gpu = not gpus or any(g not in {r.gpu for r in state.active()} for g in gpus)
         if self.options.max_surge and is_free_gpu:
             return True
@@ -243,130 +220,25 @@ class Rollout:
         """/ready, then one real generation; only then does the replica enter NGINX."""
         state = self.fleet.state_dir.load()
         timeout_s = self.options.timeout_s or state.config.ready_timeout_s
-        self.fleet.wait_ready([replica_id], timeout_s, gate=self._check_generation, timeout_option="--timeout")
+        self.fleet.wait_ready([replica_id], timeout_s, gate=self.check_generation, timeout_option="--timeout")
 
-    def _check_generation(self, record: ReplicaRecord, seconds_left: float) -> None:
+    def check_generation(self, record: ReplicaRecord, seconds_left: float) -> None:
         """A short completion under the fleet's served name must come back with tokens: weights,
         tokenizer and name are all what clients will use."""
         config = self.fleet.state_dir.load().config
-        body = {"model": config.served_model_name, "prompt": GATE_PROMPT, "max_tokens": GATE_MAX_TOKENS,
+        served_name = config.group(record.group).served_model_name
+        body = {"model": served_name, "prompt": GATE_PROMPT, "max_tokens": GATE_MAX_TOKENS,
                 "temperature": 0}
-        status, answer = post_json(f"{record.url}/v1/completions", body, (config.api_keys or [""])[0],
-                                   min(seconds_left, GATE_REQUEST_TIMEOUT_S))
+        status, answer = self.fleet.http.post_json(f"{record.url}/v1/completions", body, config.client_api_key,
+                                                   min(seconds_left, GATE_REQUEST_TIMEOUT_S))
         usage = answer.get("usage") if isinstance(answer, dict) else None
         if status != 200 or not usage or not usage.get("completion_tokens"):
             raise FleetError(f"{record.id} ({weights_name(record.model)}) failed its test generation: "
-                             f"POST /v1/completions answered {status or 'nothing'}: {_error_text(answer)}")
+                             f"POST /v1/completions answered {status or 'nothing'}: {error_text(answer)}")
         self.fleet.event(record.id, "passed its gate", f"/ready 200 and {usage['completion_tokens']} token(s) "
-                                                       f"generated as {config.served_model_name}")
+                                                       f"generated as {served_name}")
 
-    def _record(self, **changes) -> None:
+    def record(self, **changes) -> None:
         with self.fleet.state_dir.transaction() as state:
             for name, value in changes.items():
                 setattr(state.update, name, value)
-
-    # Swarm --------------------------------------------------------------------------------
-    def _run_swarm(self) -> None:
-        """Swarm's own rolling update; fleetctl gates each slot's new task and moves the slot's
-        NGINX address to it once it passed (the old task serves until then). Swarm stops the
-        old task when its new one is healthy, and rolls the service back when one is not."""
-        fleet = self.fleet
-        backend = fleet.backend
-        state = fleet.state_dir.load()
-        previous_update = backend.update_status().get("StartedAt")
-        backend.update_model(fleet.spec(state, "", "", self.target))
-        self._record(step="Swarm replaces the tasks one at a time (start-first)")
-        timeout_s = self.options.timeout_s or state.config.ready_timeout_s
-        deadline = time.monotonic() + timeout_s * max(1, len(state.active()))
-        gated: set[str] = set()
-        while True:
-            seen = backend.list()
-            state = fleet.state_dir.load()
-            for rid, rec in state.replicas.items():
-                task = seen.get(rid)
-                if task is None or not task.port or task.handle == rec.handle or task.handle in gated:
-                    continue
-                candidate = ReplicaRecord(rid, task.host, task.port, task.handle, rec.gpu, self.target)
-                if not probe(candidate.url, (state.config.api_keys or [""])[0]).is_ready:
-                    continue
-                try:
-                    self._check_generation(candidate, max(1.0, deadline - time.monotonic()))
-                except FleetError as exc:
-                    backend.roll_back_model()
-                    self._follow_swarm_rollback(previous_update)
-                    self._roll_back(exc)
-                gated.add(task.handle)
-                self._repoint(rid, candidate)
-                self._record(num_done=len(gated))
-                self.on_progress(len(gated), state.update.num_total)
-            update = backend.update_status()
-            status = update.get("State", "") if update.get("StartedAt") != previous_update else ""  # not ours yet
-            if status.startswith("rollback") or status == "paused":
-                why = FleetError(f"Swarm {'rolled back' if status.startswith('rollback') else 'paused'} "
-                                 f"the update: {backend.update_message()}")
-                backend.roll_back_model()  # a paused update, or one Swarm already rolls back (no-op)
-                self._follow_swarm_rollback(previous_update)
-                self._roll_back(why)
-            if status == "completed" and len(gated) >= len(state.active()):
-                return
-            if time.monotonic() > deadline:
-                backend.roll_back_model()
-                self._follow_swarm_rollback(previous_update)
-                self._roll_back(FleetError(f"the Swarm update did not finish within {timeout_s:.0f} s per replica"))
-            time.sleep(POLL_S)
-
-    def _repoint(self, replica_id: str, task: ReplicaRecord) -> None:
-        """One reload: the slot's old task leaves NGINX, its new one enters it."""
-        def change(state: FleetState) -> None:
-            rec = state.replicas[replica_id]
-            rec.host, rec.port, rec.handle, rec.model = task.host, task.port, task.handle, task.model
-            rec.phase, rec.reason, rec.started_at_s = Phase.SERVING, "new task passed its gate", time.time()
-
-        self.fleet.commit(change)
-        self.fleet.event(replica_id, f"now {task.handle} at {task.address} in NGINX", weights_name(task.model))
-
-    def _follow_swarm_rollback(self, previous_update: str | None) -> None:
-        """Waits for Swarm's rollback of this update (not an older one's status), then brings
-        NGINX to the tasks that run the old spec."""
-        fleet = self.fleet
-        backend = fleet.backend
-        deadline = time.monotonic() + fleet.state_dir.load().config.ready_timeout_s
-        while time.monotonic() < deadline:
-            update = backend.update_status()
-            if update.get("StartedAt") != previous_update and \
-                    update.get("State") in ("rollback_completed", "rollback_paused"):
-                break
-            time.sleep(POLL_S)
-        fleet.refresh()
-        with fleet.transaction() as state:  # every task runs the old spec again
-            for rec in state.replicas.values():
-                rec.model = self.from_model
-        state = fleet.state_dir.load()
-        fleet.wait_ready([r.id for r in state.active() if r.phase is not Phase.SERVING],
-                         state.config.ready_timeout_s)
-
-
-def post_json(url: str, body: dict, api_key: str, timeout_s: float) -> tuple[int, dict | str]:
-    """(status, parsed JSON or text) of a POST; status 0 and the error's words when nothing answered."""
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            status, text = response.status, response.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        status, text = exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        return 0, str(getattr(exc, "reason", exc))
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text
-
-
-def _error_text(answer: dict | str) -> str:
-    if isinstance(answer, dict):
-        error = answer.get("error")
-        text = error.get("message") if isinstance(error, dict) else error or "no tokens generated"
-    else:
-        text = answer or "no body"
-    return " ".join(str(text).split())[:300]

@@ -11,7 +11,9 @@ Layout of the state directory ($PAGEFLEET_HOME, default ~/.pagefleet), created 0
 
 Several fleetctl processes may run at once (`watch` in one terminal, `scale` in another): each
 mutation is a short `transaction()` under the lock; long waits (loading, draining) happen outside
-it, and a replica's `phase` says who owns it meanwhile (see `Phase`).
+it, and a replica's `phase` says who owns it meanwhile (see `Phase`). A rolling update is owned
+by its `fleetctl update` process (`UpdateProgress.is_owner_alive`): while that lives, the watcher
+pauses and `scale`/`up` refuse (`FleetState.refuse_during_update`).
 """
 from __future__ import annotations
 
@@ -28,8 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from fleetctl import procs
 from fleetctl.config import FleetConfig
-from fleetctl.errors import NoFleetError
+from fleetctl.errors import FleetError, NoFleetError
+from fleetctl.groups import DEFAULT_GROUP
+from fleetctl.models import weights_name
 
 HOME_ENV = "PAGEFLEET_HOME"
 
@@ -61,6 +66,7 @@ class ReplicaRecord:
     reason: str = ""  # why it entered its phase
     started_at_s: float = field(default_factory=time.time)
     num_restarts: int = 0
+    group: str = DEFAULT_GROUP  # the model group it serves (fleetctl/groups.py)
 
     @property
     def address(self) -> str:
@@ -112,6 +118,25 @@ class UpdateProgress:
     started_at_s: float = field(default_factory=time.time)
     finished_at_s: float = 0.0
 
+    @property
+    def is_unfinished(self) -> bool:
+        return self.phase in (UpdatePhase.RUNNING, UpdatePhase.ROLLING_BACK)
+
+    def is_owner_alive(self) -> bool:
+        """True while the `fleetctl update` process that owns this update runs (not a recycled pid)."""
+        return procs.is_same_process(self.pid, self.pid_start_ticks)
+
+    def claim(self) -> "UpdateProgress":
+        """Makes this process the owner."""
+        self.pid, self.pid_start_ticks = os.getpid(), procs.start_ticks(os.getpid()) or 0
+        return self
+
+    def describe(self) -> dict:
+        """The progress for `status`, with whether its owner still runs."""
+        is_owner_alive = self.is_owner_alive()
+        return {**self.to_dict(), "is_running": self.is_unfinished and is_owner_alive,
+                "is_interrupted": self.is_unfinished and not is_owner_alive}
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["phase"] = self.phase.value
@@ -142,12 +167,28 @@ class FleetState:
     def serving(self) -> list[ReplicaRecord]:
         return [r for r in self.sorted_replicas() if r.phase is Phase.SERVING]
 
-    def active(self) -> list[ReplicaRecord]:
-        """Replicas that count towards the desired number (all but the draining ones)."""
-        return [r for r in self.sorted_replicas() if r.phase is not Phase.DRAINING]
+    def active(self, group: str | None = None) -> list[ReplicaRecord]:
+        """Replicas that count towards the desired number (all but the draining ones), of one
+        model group or of all."""
+        return [r for r in self.sorted_replicas() if r.phase is not Phase.DRAINING and group in (None, r.group)]
 
     def sorted_replicas(self) -> list[ReplicaRecord]:
         return sorted(self.replicas.values(), key=lambda r: (len(r.id), r.id))
+
+    def is_update_running(self) -> bool:
+        """A rolling update is under way and its owner process lives."""
+        return bool(self.update and self.update.is_unfinished and self.update.is_owner_alive())
+
+    def refuse_during_update(self, what: str) -> None:
+        """`scale`, `up` and a second `update` wait for a running update instead of fighting it."""
+        if self.is_update_running():
+            progress = self.update
+            raise FleetError(f"an update to {weights_name(progress.target_model)} is running "
+                             f"({progress.num_done}/{progress.num_total} replicas, pid {progress.pid}); "
+                             f"{what} after it ends (`fleetctl status` shows where it stands)")
+
+    def describe_update(self) -> dict | None:
+        return self.update.describe() if self.update else None
 
     def to_dict(self) -> dict:
         return {

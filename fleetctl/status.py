@@ -1,6 +1,6 @@
 """What `fleetctl status` shows: one row per replica (with the weights it serves), the rolling
-update's progress, and the NGINX state. Read-only: it probes
-the replicas and NGINX but changes nothing (the watcher and `up` act on what they find)."""
+update's progress, and the NGINX state. Read-only: it probes the replicas and NGINX but changes
+nothing (the watcher and `up` act on what they find)."""
 from __future__ import annotations
 
 import re
@@ -8,24 +8,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fleetctl.fleet import Fleet
-from fleetctl.probe import get, load, probe
+from fleetctl.probe import get
 from fleetctl.state import Phase
 
 
 def collect(fleet: Fleet) -> dict:
-    from fleetctl.rollout import describe
-
     state = fleet.state_dir.load()
     config = state.config
-    key = (config.api_keys or [""])[0]
+    key = config.client_api_key
     seen = fleet.backend.list()
     records = state.sorted_replicas()
 
     def row(rec) -> dict:
-        result, gauges = probe(rec.url, key), load(rec.url, key)
+        result, gauges = fleet.http.probe(rec.url, key), fleet.http.load(rec.url, key)
         replica = seen.get(rec.id)
         return {
             "id": rec.id,
+            "group": rec.group,
             "backend": fleet.backend.name,
             "address": rec.address,
             "handle": rec.handle,
@@ -46,20 +45,28 @@ def collect(fleet: Fleet) -> dict:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         rows = list(pool.map(row, records))
+    groups = config.model_groups()
+    order = {g.name: index for index, g in enumerate(groups)}
+    rows.sort(key=lambda r: order.get(r["group"], len(order)))  # grouped, in the fleet's group order (stable)
     nginx = fleet.nginx()
     pid = nginx.pid()
     num_ready = sum(1 for r in rows if r["is_ready"] and r["in_nginx"])
+    num_wanted = sum(g.num_replicas for g in groups)
     return {
         "fleet_id": state.fleet_id,
         "backend": config.backend,
-        "model": config.served_model_name,
+        "model": ", ".join(g.served_model_name for g in groups),
         "weights": config.model,  # what new replicas start with; each row says what it serves
-        "num_replicas_wanted": config.num_replicas,
+        "groups": [{"name": g.name, "model": g.served_model_name, "weights": g.model,
+                    "num_replicas_wanted": g.num_replicas,
+                    "num_replicas_ready": sum(1 for r in rows if r["group"] == g.name and r["is_ready"]
+                                              and r["in_nginx"])} for g in groups],
+        "num_replicas_wanted": num_wanted,
         "num_replicas_ready": num_ready,
-        "is_degraded": num_ready < config.num_replicas or not pid,
-        "url": public_url(config),
+        "is_degraded": num_ready < num_wanted or not pid,
+        "url": config.public_url,
         "replicas": rows,
-        "update": describe(state),  # the last rolling update: target, done/total, phase, step
+        "update": state.describe_update(),  # the last rolling update: target, done/total, phase, step
         "nginx": {
             "is_running": bool(pid),
             "pid": pid,
@@ -72,12 +79,6 @@ def collect(fleet: Fleet) -> dict:
     }
 
 
-def public_url(config) -> str:
-    host = config.tls_names[0] if config.listen in ("0.0.0.0", "::", "127.0.0.1") else config.listen
-    port = "" if config.https_port == 443 else f":{config.https_port}"
-    return f"https://{host}{port}"
-
-
 def _stub_status(internal_port: int) -> dict:
     """NGINX's stub_status, e.g. {"num_active_connections": 3, "num_requests": 120}."""
     status, text = get(f"http://127.0.0.1:{internal_port}/stub_status", timeout_s=1.0)
@@ -88,19 +89,3 @@ def _stub_status(internal_port: int) -> dict:
     return {"num_active_connections": int(active.group(1)) if active else None,
             "num_requests": int(totals.group(3)) if totals else None}
 
-
-def bench_defaults(state_dir) -> dict:
-    """`fleetctl bench` aims at the fleet when there is one: its HTTPS URL, its CA and its first
-    API key (each still overridden by the option or its environment variable)."""
-    if not state_dir.has_fleet():
-        return {}
-    from fleetctl.tls import planned_paths
-
-    config = state_dir.load().config
-    defaults = {"base_url": public_url(config)}
-    ca = planned_paths(state_dir.tls_dir, config.tls_cert, config.tls_key).ca
-    if ca and ca.exists():
-        defaults["ca_file"] = str(ca)
-    if config.api_keys:
-        defaults["api_key"] = config.api_keys[0]
-    return defaults

@@ -14,6 +14,8 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 command -v curl >/dev/null || missing+=(curl)
 command -v ip >/dev/null || missing+=(iproute2)   # the Docker tests give their dockerd its own bridge
 command -v docker-compose >/dev/null || missing+=(docker-compose)   # validates Compose files offline
+# njs: NGINX reads `model` from the JSON body to route a request to its model group
+[ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || missing+=(libnginx-mod-http-js)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -q

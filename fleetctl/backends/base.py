@@ -1,15 +1,20 @@
-"""The one interface every backend implements: start, stop, list, logs.
+"""The one interface every backend implements: start, stop, list, logs; and what it can do, as data.
 
 A backend knows how to run one replica (`replica serve ...`) somewhere and how to find the ones
 it runs; it knows nothing of NGINX, readiness or the desired count: `fleetctl/fleet.py` does.
-A later backend (or `fleetctl update`) only needs these methods.
+
+Callers never branch on a backend's name: they read its `BackendInfo` (as kind's providers
+declare `ProviderInfo`). A backend that runs rolling updates itself (Swarm) also implements the
+`RollingUpdates` protocol below and says so with `info.has_rolling_update`; `fleetctl update`
+then drives that instead of replacing replicas one by one (fleetctl/backend_update.py).
+A new backend needs the four abstract methods and an honest `info`, nothing else.
 """
 from __future__ import annotations
 
 import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
 REPLICA_PORT_IN_CONTAINER = 8000
 
@@ -27,6 +32,8 @@ class ReplicaSpec:
     max_model_len: int = 0
     num_kv_blocks: int = 0
     drain_timeout_s: float = 30.0
+    engine_args: tuple[str, ...] = ()  # the model group's other `replica serve` options
+    group: str = "default"  # the model group (fleetctl/groups.py) it belongs to
 
 
 @dataclass
@@ -43,11 +50,54 @@ class Replica:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-class Backend(ABC):
-    name: str = ""
-    # True when the engine itself restarts a crashed replica (Docker restart policy, Swarm);
-    # the watcher then waits for it instead of restarting it.
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend does on its own; the fleet adapts to it, never to the backend's name."""
+
+    # The engine restarts a crashed replica itself (Docker restart policy, Swarm); the watcher
+    # then waits for it instead of restarting it.
     restarts_on_crash: bool = False
+    # Replica ids come from the backend (Swarm task slots), not from the fleet's spec ids; the
+    # backend may also add or drop replicas on its own, which `Fleet.refresh` takes over.
+    names_replicas_itself: bool = False
+    # The backend replaces replicas onto new weights itself: it implements `RollingUpdates`.
+    has_rolling_update: bool = False
+
+
+@runtime_checkable
+class RollingUpdates(Protocol):
+    """A backend's own rolling update (Swarm's service update), the optional part of the
+    interface. `fleetctl update` gates each new replica and moves NGINX; the backend replaces
+    them, one at a time, and can go back to the previous spec. Each call concerns one model
+    group's replicas."""
+
+    def update_model(self, spec: "ReplicaSpec") -> None:
+        """Starts replacing every replica of spec.group with one of spec.model (returns at once)."""
+
+    def update_status(self, group: str = "default") -> dict:
+        """{"State": updating | paused | completed | rollback_started | rollback_paused |
+        rollback_completed, "StartedAt": ..., "Message": ...}; {} before any update."""
+
+    def update_message(self, group: str = "default") -> str:
+        """Why the last update stopped, in one line."""
+
+    def roll_back_model(self, group: str = "default") -> None:
+        """Goes back to the spec before the last update (a no-op while already rolling back)."""
+
+
+class Backend(ABC):
+    name: str = ""  # for messages and `status`; never branched on
+    info: BackendInfo = BackendInfo()
+
+    @classmethod
+    def create(cls, config, fleet_id: str, state_dir) -> "Backend":
+        """The backend of a fleet, from its saved config (FleetConfig) and state directory."""
+        return cls(fleet_id, config)
+
+    @classmethod
+    def check_available(cls, config) -> None:
+        """Raises UnavailableError when what the backend needs does not answer (a Docker engine,
+        a Swarm manager); checked by `fleetctl up` before anything is saved or started."""
 
     @abstractmethod
     def start(self, spec: ReplicaSpec, port: int | None = None) -> Replica:
@@ -70,6 +120,10 @@ class Backend(ABC):
     @abstractmethod
     def logs(self, replica_id: str, follow: bool = False, tail: int = 200) -> Iterator[str]:
         """The replica's output, line by line; with follow, until interrupted."""
+
+    def has_logs(self, replica_id: str) -> bool:
+        """Whether `logs(replica_id)` has something to show (a replica it runs or still knows)."""
+        return replica_id in self.list()
 
     def needs_restart(self, replica: Replica | None) -> bool:
         """True when the replica is gone or dead and this backend will not bring it back itself."""
@@ -95,7 +149,7 @@ def serve_args(spec: ReplicaSpec, model: str, host: str, port: int) -> list[str]
         args += ["--max-model-len", str(spec.max_model_len)]
     if spec.num_kv_blocks:
         args += ["--num-kv-blocks", str(spec.num_kv_blocks)]
-    return args
+    return args + list(spec.engine_args)
 
 
 def replica_env(spec: ReplicaSpec) -> dict[str, str]:

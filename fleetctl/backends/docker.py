@@ -9,12 +9,12 @@ picks so that it survives restarts.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Iterator
 
-from fleetctl.backends.base import (REPLICA_PORT_IN_CONTAINER, Backend, Replica, ReplicaSpec, free_port, replica_env,
-                                    serve_args)
+from fleetctl.backends.base import (REPLICA_PORT_IN_CONTAINER, Backend, BackendInfo, Replica, ReplicaSpec, free_port,
+                                    replica_env, serve_args)
+from fleetctl.backends.docker_api import lines, parse_time
 from fleetctl.config import FleetConfig
 from fleetctl.errors import FleetError, UnavailableError
 from fleetctl.models import is_store_name, resolve_model_path
@@ -80,12 +80,16 @@ def extra_mounts(paths: list[str]):
 
 class DockerBackend(Backend):
     name = "docker"
-    restarts_on_crash = True
+    info = BackendInfo(restarts_on_crash=True)  # restart policy unless-stopped
 
     def __init__(self, fleet_id: str, config: FleetConfig, client=None):
         self.fleet_id = fleet_id
         self.config = config
         self.client = client or connect(config.docker_host)
+
+    @classmethod
+    def check_available(cls, config: FleetConfig) -> None:
+        connect(config.docker_host).close()
 
     def container_name(self, replica_id: str) -> str:
         return f"pagefleet-{self.fleet_id}-{replica_id}"
@@ -110,7 +114,8 @@ class DockerBackend(Backend):
                 ports={f"{REPLICA_PORT_IN_CONTAINER}/tcp": ("127.0.0.1", port)},
                 restart_policy={"Name": "unless-stopped"},
                 mounts=[mount, *extra_mounts(self.config.mounts)],
-                environment={**replica_env(spec), **self.config.env},
+                environment={**replica_env(spec), "PAGEFLEET_PORT": str(REPLICA_PORT_IN_CONTAINER),
+                             **self.config.env},  # PAGEFLEET_PORT: the image's HEALTHCHECK asks that port
                 device_requests=device_requests,
                 stop_signal="SIGTERM",
             )
@@ -154,13 +159,7 @@ class DockerBackend(Backend):
             container = self.client.containers.get(self.container_name(replica_id))
         except docker.errors.NotFound:
             return
-        buffer = b""
-        for chunk in container.logs(stream=True, follow=follow, tail=tail):
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            yield from (line.decode(errors="replace") for line in lines)
-        if buffer:
-            yield buffer.decode(errors="replace")
+        yield from lines(container.logs(stream=True, follow=follow, tail=tail))
 
     def needs_restart(self, replica: Replica | None) -> bool:
         # A crash is restarted by the restart policy ("restarting"); a container that stays
@@ -184,17 +183,5 @@ class DockerBackend(Backend):
         status = state.get("Status", container.status)
         detail = status if status != "exited" else f"exited ({state.get('ExitCode')})"
         return Replica(labels.get(LABEL_REPLICA, container.name), "127.0.0.1", int(labels.get(LABEL_PORT, 0)),
-                       container.id[:12], status == "running", _parse_time(state.get("StartedAt")), detail, labels)
+                       container.id[:12], status == "running", parse_time(state.get("StartedAt")), detail, labels)
 
-
-def _parse_time(text: str | None) -> float:
-    """Docker's RFC 3339 time (nanoseconds) → epoch seconds; 0 when unknown."""
-    if not text or text.startswith("0001"):
-        return 0.0
-    import datetime as dt
-
-    base = text.split(".")[0].rstrip("Z")
-    try:
-        return dt.datetime.fromisoformat(base).replace(tzinfo=dt.timezone.utc).timestamp()
-    except ValueError:
-        return time.time()

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
-from fleetctl.backends.base import Backend, Replica, ReplicaSpec, free_port, replica_env, serve_args
+from fleetctl import procs
+from fleetctl.backends.base import Backend, BackendInfo, Replica, ReplicaSpec, free_port, replica_env, serve_args
+from fleetctl.follow import follow_file
 from fleetctl.models import model_argument
 from fleetctl.state import StateDir
 
@@ -25,7 +27,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 class LocalBackend(Backend):
     name = "local"
-    restarts_on_crash = False
+    info = BackendInfo()  # a crashed process stays down until the watcher restarts it
+
+    @classmethod
+    def create(cls, config, fleet_id: str, state_dir: StateDir) -> "LocalBackend":
+        return cls(state_dir)
 
     def __init__(self, state_dir: StateDir, python: str = sys.executable):
         self.state_dir = state_dir
@@ -51,7 +57,7 @@ class LocalBackend(Backend):
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     env=env, cwd=str(self.state_dir.root), start_new_session=True)
         started_at_s = time.time()
-        entry = {"pid": proc.pid, "start_ticks": _start_ticks(proc.pid), "port": port,
+        entry = {"pid": proc.pid, "start_ticks": procs.start_ticks(proc.pid), "port": port,
                  "started_at_s": started_at_s, "gpu": spec.gpu}
         _write_json(self.registry / f"{spec.id}.json", entry)
         return Replica(spec.id, "127.0.0.1", port, _handle(entry), True, started_at_s)
@@ -60,7 +66,7 @@ class LocalBackend(Backend):
         path = self.registry / f"{replica_id}.json"
         entry = _read_json(path)
         if entry and _is_ours(entry):
-            _terminate(entry["pid"], timeout_s)
+            procs.terminate_group(entry["pid"], timeout_s)
         path.unlink(missing_ok=True)
 
     def list(self) -> dict[str, Replica]:
@@ -75,18 +81,10 @@ class LocalBackend(Backend):
         return replicas
 
     def logs(self, replica_id: str, follow: bool = False, tail: int = 200) -> Iterator[str]:
-        path = self.state_dir.replica_log(replica_id)
-        if not path.exists():
-            return
-        with open(path, errors="replace") as log:
-            lines = log.readlines()
-            yield from (line.rstrip("\n") for line in lines[-tail:] if tail > 0)
-            while follow:
-                line = log.readline()
-                if line:
-                    yield line.rstrip("\n")
-                else:
-                    time.sleep(0.2)
+        return follow_file(self.state_dir.replica_log(replica_id), follow, tail)
+
+    def has_logs(self, replica_id: str) -> bool:
+        return self.state_dir.replica_log(replica_id).exists()  # also once the replica was removed
 
 
 def _handle(entry: dict) -> str:
@@ -95,47 +93,11 @@ def _handle(entry: dict) -> str:
 
 def _is_ours(entry: dict) -> bool:
     """The recorded process still runs (not a zombie) and is the one we started."""
-    pid = entry["pid"]
-    _reap(pid)
-    ticks = _start_ticks(pid)
-    return ticks is not None and ticks == entry.get("start_ticks")
-
-
-def _terminate(pid: int, timeout_s: float) -> None:
-    """SIGTERM to the replica's process group (it drains, then exits), SIGKILL after timeout_s."""
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if _start_ticks(pid) is None:
-                return
-            time.sleep(0.05)
-
-
-def _reap(pid: int) -> None:
-    """Collects the exit status of a replica this process started (else it lingers as a zombie)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks); None if gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    procs.reap(entry["pid"])
+    return procs.is_same_process(entry["pid"], entry.get("start_ticks"))
 
 
 def _can_bind(port: int) -> bool:
-    import socket
-
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the replica's server does
         try:

@@ -4,7 +4,9 @@ Swarm schedules the tasks over its nodes, restarts failed ones (restart conditio
 runs rolling updates (parallelism 1, start-first, rollback on failure); fleetctl does not
 schedule anything itself. Each task publishes the replica port in host mode at a port Swarm
 picks, so NGINX reaches a task at <its node's address>:<published port>; a replica's id is its
-task slot ("r3" is slot 3), which stays the same when Swarm replaces the task.
+task slot ("r3" is slot 3), which stays the same when Swarm replaces the task. A fleet of model
+groups has one service per group: pagefleet-<fleet>-<group>, whose replicas are <group>-r<slot>
+(the default group keeps the names above).
 
 With --gpus, each task reserves one `NVIDIA-GPU` generic resource (nodes advertise theirs in
 daemon.json `node-generic-resources`) and, unless --constraint says otherwise, is placed on nodes
@@ -18,11 +20,15 @@ import threading
 import time
 from typing import Iterator
 
-from fleetctl.backends.base import REPLICA_PORT_IN_CONTAINER, Backend, Replica, ReplicaSpec, replica_env, serve_args
-from fleetctl.backends.docker import LABEL_FLEET, LABEL_MODEL, _parse_time, connect, extra_mounts, model_mount
+from fleetctl.backends.base import (REPLICA_PORT_IN_CONTAINER, Backend, BackendInfo, Replica, ReplicaSpec, replica_env,
+                                    serve_args)
+from fleetctl.backends.docker import LABEL_FLEET, LABEL_MODEL, connect, extra_mounts, model_mount
+from fleetctl.backends.docker_api import EngineApi, lines, parse_time
 from fleetctl.config import FleetConfig
 from fleetctl.errors import FleetError, UnavailableError
+from fleetctl.groups import DEFAULT_GROUP
 
+LABEL_GROUP = "pagefleet.group"
 GPU_RESOURCE = "NVIDIA-GPU"
 DEFAULT_GPU_CONSTRAINT = "node.labels.pagefleet.gpu==true"
 TASK_START_TIMEOUT_S = 120.0
@@ -30,6 +36,16 @@ TASK_START_TIMEOUT_S = 120.0
 ROLLING_UPDATE = {"Parallelism": 1, "Order": "start-first", "FailureAction": "rollback", "Monitor": 10_000_000_000}
 # Task states in which the replica's process exists or is about to (it may still be loading).
 ALIVE_STATES = ("new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running")
+
+
+def replica_id(group: str, slot: int) -> str:
+    """r<slot> in the default group's service, <group>-r<slot> in another group's."""
+    return f"r{slot}" if group == DEFAULT_GROUP else f"{group}-r{slot}"
+
+
+def group_of(replica_id: str) -> str:
+    group, sep, slot = replica_id.rpartition("-r")
+    return group if sep and slot.isdigit() else DEFAULT_GROUP
 
 
 def check_swarm_manager(client) -> None:
@@ -41,29 +57,41 @@ def check_swarm_manager(client) -> None:
 
 class SwarmBackend(Backend):
     name = "swarm"
-    restarts_on_crash = True
+    # Swarm replaces failed tasks, names replicas by task slot and runs rolling updates itself
+    # (this class implements base.RollingUpdates).
+    info = BackendInfo(restarts_on_crash=True, names_replicas_itself=True, has_rolling_update=True)
 
     def __init__(self, fleet_id: str, config: FleetConfig, client=None):
         self.fleet_id = fleet_id
         self.config = config
         self.client = client or connect(config.docker_host)
-        self.service_name = f"pagefleet-{fleet_id}"
+        self.engine_api = EngineApi(self.client)
         self._scale_lock = threading.Lock()
         check_swarm_manager(self.client)
+
+    @classmethod
+    def check_available(cls, config: FleetConfig) -> None:
+        client = connect(config.docker_host)
+        try:
+            check_swarm_manager(client)
+        finally:
+            client.close()
 
     def start(self, spec: ReplicaSpec, port: int | None = None) -> Replica:
         return self.start_many([spec])[0]
 
     def start_many(self, specs: list[ReplicaSpec]) -> list[Replica]:
-        """Adds len(specs) tasks in one service update (creating the service first) and returns
-        them once each has a published port; their ids are their slots, whatever the specs said.
-        All tasks share the first spec (one service, one task template)."""
-        service = self._service()
+        """Adds len(specs) tasks to the service of the specs' group in one service update
+        (creating the service first) and returns them once each has a published port; their ids
+        are their slots, whatever the specs said. All tasks share the first spec (one service,
+        one task template)."""
+        group = specs[0].group
+        service = self._service(group)
         before = set(self.list())
         if service is None:
             self._create_service(specs[0], num_replicas=len(specs))
         else:
-            self._scale_by(len(specs))
+            self._scale_by(len(specs), group)
         deadline = time.monotonic() + TASK_START_TIMEOUT_S
         while time.monotonic() < deadline:
             new = [r for rid, r in self.list().items() if rid not in before and r.port]
@@ -71,14 +99,15 @@ class SwarmBackend(Backend):
                 return new[: len(specs)]
             time.sleep(0.3)
         raise FleetError(f"Swarm did not start {len(specs)} task(s) within {TASK_START_TIMEOUT_S:.0f} s; "
-                         f"see `docker service ps {self.service_name} --no-trunc`")
+                         f"see `docker service ps {self.service_name(group)} --no-trunc`")
 
     def stop(self, replica_id: str, timeout_s: float) -> None:
         """Stops this slot's task (SIGTERM: it drains) and then scales the service down by one.
         A task that exits 0 is not restarted (on-failure) and Swarm removes non-running slots
         first, so the slot that goes is this one. A task on another node cannot be stopped from
         here; Swarm then picks which task goes."""
-        service = self._service()
+        group = group_of(replica_id)
+        service = self._service(group)
         replica = self.list().get(replica_id)
         if service is None:
             return
@@ -86,19 +115,26 @@ class SwarmBackend(Backend):
             for container in self.client.containers.list(
                     filters={"label": f"com.docker.swarm.task.id={replica.labels['task_id']}"}):
                 container.stop(timeout=max(1, int(timeout_s)))
-        self._scale_by(-1)
+        self._scale_by(-1, group)
         deadline = time.monotonic() + timeout_s + 10
         while replica_id in self.list() and time.monotonic() < deadline:
             time.sleep(0.2)
 
     def list(self) -> dict[str, Replica]:
-        """One replica per slot, from the slot's newest task. A slot whose newest task failed is
-        still listed (not alive) while Swarm waits out the restart delay; only a slot that was
-        scaled away (desired state "remove") is gone."""
-        service = self._service()
-        if service is None:
+        """One replica per slot of each group's service, from the slot's newest task. A slot
+        whose newest task failed is still listed (not alive) while Swarm waits out the restart
+        delay; only a slot that was scaled away (desired state "remove") is gone."""
+        services = self.client.services.list(filters={"label": f"{LABEL_FLEET}={self.fleet_id}"})
+        if not services:
             return {}
         node_addrs = {n.id: n.attrs.get("Status", {}).get("Addr", "127.0.0.1") for n in self.client.nodes.list()}
+        replicas = {}
+        for service in services:
+            group = (service.attrs["Spec"].get("Labels") or {}).get(LABEL_GROUP, DEFAULT_GROUP)
+            replicas.update(self._tasks_of(service, group, node_addrs))
+        return dict(sorted(replicas.items(), key=lambda item: (len(item[0]), item[0])))
+
+    def _tasks_of(self, service, group: str, node_addrs: dict[str, str]) -> dict[str, Replica]:
         latest: dict[int, dict] = {}
         for task in service.tasks():
             slot = task.get("Slot")
@@ -115,10 +151,11 @@ class SwarmBackend(Backend):
             port = next((p["PublishedPort"] for p in ports if p.get("TargetPort") == REPLICA_PORT_IN_CONTAINER), 0)
             if not port and is_alive:
                 port = self._local_port(task["ID"])
-            replicas[f"r{slot}"] = Replica(
-                f"r{slot}", node_addrs.get(task.get("NodeID"), "127.0.0.1"), port, task["ID"][:12],
-                is_alive, _parse_time(status.get("Timestamp")), state,
-                {"task_id": task["ID"], "node_id": task.get("NodeID", "")})
+            rid = replica_id(group, slot)
+            replicas[rid] = Replica(
+                rid, node_addrs.get(task.get("NodeID"), "127.0.0.1"), port, task["ID"][:12],
+                is_alive, parse_time(status.get("Timestamp")), state,
+                {"task_id": task["ID"], "node_id": task.get("NodeID", ""), "group": group})
         return replicas
 
     def _local_port(self, task_id: str) -> int:
@@ -134,29 +171,21 @@ class SwarmBackend(Backend):
         replica = self.list().get(replica_id)
         if replica is None:
             return
-        api = self.client.api
-        # The SDK wraps /services/{id}/logs but not /tasks/{id}/logs; the same call shape works.
-        response = api._get(api._url("/tasks/{0}/logs", replica.labels["task_id"]), stream=True,
-                            params={"follow": follow, "stdout": True, "stderr": True, "tail": tail})
-        buffer = b""
-        for chunk in api._get_result_tty(True, response, False):
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            yield from (line.decode(errors="replace") for line in lines)
+        yield from lines(self.engine_api.task_logs(replica.labels["task_id"], follow=follow, tail=tail))
 
     def needs_restart(self, replica: Replica | None) -> bool:
         return False  # Swarm replaces failed tasks of a slot itself
 
-    # Rolling model update (fleetctl/rollout.py) ---------------------------------------------
+    # base.RollingUpdates (driven by fleetctl/backend_update.py) -----------------------------
     def update_model(self, spec: ReplicaSpec) -> None:
         """Swarm's own rolling update onto spec.model: the same service with the new --model and
         its mount; one task at a time, each new task started before its slot's old one stops,
         and the service rolled back by Swarm when a new task fails its health check."""
         import docker
 
-        service = self._service()
+        service = self._service(spec.group)
         if service is None:
-            raise FleetError(f"the Swarm service {self.service_name} is gone; run `fleetctl up` first")
+            raise FleetError(f"the Swarm service {self.service_name(spec.group)} is gone; run `fleetctl up` first")
         current = service.attrs["Spec"]
         model_arg, mount = model_mount(spec.model)
         template = copy.deepcopy(current["TaskTemplate"])
@@ -168,19 +197,20 @@ class SwarmBackend(Backend):
                 labels=current.get("Labels"), mode=current["Mode"], update_config=ROLLING_UPDATE,
                 rollback_config=current.get("RollbackConfig"), endpoint_spec=current.get("EndpointSpec"))
         except docker.errors.APIError as exc:
-            raise FleetError(f"Swarm refused the update of {self.service_name}: {exc.explanation or exc}") from None
+            raise FleetError(f"Swarm refused the update of {self.service_name(spec.group)}: "
+                             f"{exc.explanation or exc}") from None
 
-    def update_status(self) -> dict:
+    def update_status(self, group: str = DEFAULT_GROUP) -> dict:
         """Swarm's UpdateStatus of the service: State (updating, paused, completed,
         rollback_started, rollback_paused, rollback_completed), StartedAt, Message; {} before
         any update."""
-        service = self._service()
+        service = self._service(group)
         return (service.attrs.get("UpdateStatus") or {}) if service else {}
 
-    def update_message(self) -> str:
+    def update_message(self, group: str = DEFAULT_GROUP) -> str:
         """Why the last update stopped, in one line: Swarm's message, and the newest failed
         task's error with the last line it printed."""
-        service = self._service()
+        service = self._service(group)
         if service is None:
             return ""
         message = (service.attrs.get("UpdateStatus") or {}).get("Message", "")
@@ -188,53 +218,49 @@ class SwarmBackend(Backend):
         if not failed:
             return message
         task = max(failed, key=lambda t: t["CreatedAt"])
-        api = self.client.api
         try:
-            response = api._get(api._url("/tasks/{0}/logs", task["ID"]), stream=True,
-                                params={"stdout": True, "stderr": True, "tail": 5})
-            lines = b"".join(api._get_result_tty(True, response, False)).decode(errors="replace").splitlines()
+            printed = list(lines(self.engine_api.task_logs(task["ID"], tail=5)))
         except Exception:  # the logs are a courtesy here; the message must still come out
-            lines = []
-        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+            printed = []
+        last = next((line.strip() for line in reversed(printed) if line.strip()), "")
         return "; ".join(part for part in (message, f"task {task['ID'][:12]}: {task['Status'].get('Err', '')}",
                                            last[:200]) if part)
 
-    def roll_back_model(self) -> None:
+    def roll_back_model(self, group: str = DEFAULT_GROUP) -> None:
         """Asks Swarm to go back to the previous service spec (`docker service rollback`)."""
-        service = self._service()
-        if service is None or self.update_status().get("State", "").startswith("rollback"):
+        service = self._service(group)
+        if service is None or self.update_status(group).get("State", "").startswith("rollback"):
             return
-        api = self.client.api
-        # The SDK has no rollback call; the API's update with rollback=previous ignores the body.
-        api._raise_for_status(api._post_json(api._url("/services/{0}/update", service.id),
-                                             data=service.attrs["Spec"],
-                                             params={"version": service.version, "rollback": "previous"}))
+        self.engine_api.roll_back_service(service.id, service.version, service.attrs["Spec"])
 
     def teardown(self) -> None:
         import docker
 
-        service = self._service()
-        if service is None:
-            return
-        service.remove()
+        services = self.client.services.list(filters={"label": f"{LABEL_FLEET}={self.fleet_id}"})
+        for service in services:
+            service.remove()
         deadline = time.monotonic() + self.config.drain_timeout_s + 30
-        label = f"com.docker.swarm.service.name={self.service_name}"
-        while self.client.containers.list(filters={"label": label}) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        for container in self.client.containers.list(all=True, filters={"label": label}):
-            try:  # exited task containers; Swarm would prune them too, a little later
-                container.remove(force=True)
-            except docker.errors.APIError:
-                pass
+        for service in services:
+            label = f"com.docker.swarm.service.name={service.name}"
+            while self.client.containers.list(filters={"label": label}) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            for container in self.client.containers.list(all=True, filters={"label": label}):
+                try:  # exited task containers; Swarm would prune them too, a little later
+                    container.remove(force=True)
+                except docker.errors.APIError:
+                    pass
 
     def close(self) -> None:
         self.client.close()
 
-    def _service(self):
+    def service_name(self, group: str = DEFAULT_GROUP) -> str:
+        return f"pagefleet-{self.fleet_id}" + ("" if group == DEFAULT_GROUP else f"-{group}")
+
+    def _service(self, group: str = DEFAULT_GROUP):
         import docker
 
         try:
-            return self.client.services.get(self.service_name)
+            return self.client.services.get(self.service_name(group))
         except docker.errors.NotFound:
             return None
 
@@ -249,14 +275,14 @@ class SwarmBackend(Backend):
             update_config=spec.get("UpdateConfig"), rollback_config=spec.get("RollbackConfig"),
             endpoint_spec=spec.get("EndpointSpec"))
 
-    def _scale_by(self, delta: int) -> None:
+    def _scale_by(self, delta: int, group: str = DEFAULT_GROUP) -> None:
         """Read-modify-write of the replica count, serialised here and retried when another
         client updated the service in between (Swarm rejects an update of a stale version)."""
         import docker
 
         with self._scale_lock:
             for attempt in range(5):
-                service = self._service()
+                service = self._service(group)
                 if service is None:
                     return
                 try:
@@ -287,14 +313,15 @@ class SwarmBackend(Backend):
                 self.config.image,
                 command=command,
                 args=serve_args(spec, model_arg, "0.0.0.0", REPLICA_PORT_IN_CONTAINER),
-                name=self.service_name,
-                labels={LABEL_FLEET: self.fleet_id, LABEL_MODEL: spec.served_model_name},
+                name=self.service_name(spec.group),
+                labels={LABEL_FLEET: self.fleet_id, LABEL_MODEL: spec.served_model_name, LABEL_GROUP: spec.group},
                 container_labels={LABEL_FLEET: self.fleet_id},
                 mode=ServiceMode("replicated", replicas=num_replicas),
                 endpoint_spec=EndpointSpec(ports=[{"Protocol": "tcp", "TargetPort": REPLICA_PORT_IN_CONTAINER,
                                                    "PublishMode": "host"}]),
                 mounts=[mount, *extra_mounts(self.config.mounts)],
-                env=[f"{k}={v}" for k, v in {**replica_env(spec), **self.config.env}.items()],
+                env=[f"{k}={v}" for k, v in {**replica_env(spec), "PAGEFLEET_PORT": str(REPLICA_PORT_IN_CONTAINER),
+                                              **self.config.env}.items()],
                 restart_policy=RestartPolicy(condition="on-failure", delay=1 * ns),
                 update_config=UpdateConfig(parallelism=1, order="start-first", failure_action="rollback",
                                            monitor=10 * ns),
@@ -307,4 +334,5 @@ class SwarmBackend(Backend):
                 constraints=constraints or None,
             )
         except docker.errors.APIError as exc:
-            raise FleetError(f"Swarm refused the service {self.service_name}: {exc.explanation or exc}") from None
+            raise FleetError(f"Swarm refused the service {self.service_name(spec.group)}: "
+                             f"{exc.explanation or exc}") from None

@@ -6,7 +6,9 @@ Two sources feed them:
 - per-request observations made by the server as outputs arrive (latency histograms,
   successes by finish reason) and per-response HTTP counts.
 
-Dashboards query only the names listed in `METRIC_NAMES` (a test checks them).
+Dashboards query only the names listed in `METRIC_NAMES` (a test checks them). The same values
+are also exported under vLLM's own names (`VLLM_METRIC_NAMES`): the Gateway API Inference
+Extension's model-server protocol, llm-d's endpoint picker and KEDA scalers read those.
 """
 from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
                                generate_latest)
@@ -23,6 +25,24 @@ METRIC_NAMES = (
     "pagefleet_time_to_first_token_seconds", "pagefleet_inter_token_latency_seconds",
     "pagefleet_e2e_request_latency_seconds", "pagefleet_request_queue_time_seconds",
 )
+
+# vLLM's names for what the gateway protocol and llm-d read: name → pagefleet's name for the same value.
+VLLM_METRIC_NAMES = {
+    "vllm:num_requests_running": "pagefleet_num_requests_running",
+    "vllm:num_requests_waiting": "pagefleet_num_requests_waiting",
+    "vllm:kv_cache_usage_perc": "pagefleet_kv_cache_usage_perc",
+    "vllm:prefix_cache_queries_total": "pagefleet_prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total": "pagefleet_prefix_cache_hits_total",
+    "vllm:prompt_tokens_total": "pagefleet_prompt_tokens_total",
+    "vllm:generation_tokens_total": "pagefleet_generation_tokens_total",
+    "vllm:num_preemptions_total": "pagefleet_num_preemptions_total",
+    "vllm:request_success_total": "pagefleet_request_success_total",
+    "vllm:time_to_first_token_seconds": "pagefleet_time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds": "pagefleet_inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds": "pagefleet_e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds": "pagefleet_request_queue_time_seconds",
+}
+_VLLM_NAME = {ours: theirs for theirs, ours in VLLM_METRIC_NAMES.items()}
 
 # vLLM's bucket edges, so that dashboards built for vLLM read the same.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -49,31 +69,44 @@ class _EngineCollector:
         values = [self._model_name]
 
         def gauge(name, doc, value):
-            family = GaugeMetricFamily(name, doc, labels=labels)
-            family.add_metric(values, value)
-            return family
+            for exported in (name, _VLLM_NAME[name]):
+                family = GaugeMetricFamily(exported, doc, labels=labels)
+                family.add_metric(values, value)
+                yield family
 
         def counter(name, doc, value):
-            family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels)
-            family.add_metric(values, value)
-            return family
+            for exported in (name, _VLLM_NAME[name]):
+                family = CounterMetricFamily(exported.removesuffix("_total"), doc, labels=labels)
+                family.add_metric(values, value)
+                yield family
 
-        yield gauge("pagefleet_num_requests_running", "Requests in the running batch.",
+        yield from gauge("pagefleet_num_requests_running", "Requests in the running batch.",
                     stats.num_running)
-        yield gauge("pagefleet_num_requests_waiting", "Requests waiting to be scheduled.",
+        yield from gauge("pagefleet_num_requests_waiting", "Requests waiting to be scheduled.",
                     stats.num_waiting)
-        yield gauge("pagefleet_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
+        yield from gauge("pagefleet_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
                     stats.kv_cache_usage)
-        yield counter("pagefleet_prefix_cache_queries_total",
+        yield from counter("pagefleet_prefix_cache_queries_total",
                       "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
-        yield counter("pagefleet_prefix_cache_hits_total",
+        yield from counter("pagefleet_prefix_cache_hits_total",
                       "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
-        yield counter("pagefleet_prompt_tokens_total", "Prefill tokens processed.",
+        yield from counter("pagefleet_prompt_tokens_total", "Prefill tokens processed.",
                       stats.num_prompt_tokens)
-        yield counter("pagefleet_generation_tokens_total", "Generation tokens produced.",
+        yield from counter("pagefleet_generation_tokens_total", "Generation tokens produced.",
                       stats.num_generation_tokens)
-        yield counter("pagefleet_num_preemptions_total", "Cumulative preemptions.",
+        yield from counter("pagefleet_num_preemptions_total", "Cumulative preemptions.",
                       stats.num_preemptions)
+
+
+class _Both:
+    """One observation into pagefleet's histogram and vLLM's of the same meaning."""
+
+    def __init__(self, histograms) -> None:
+        self._histograms = histograms
+
+    def observe(self, value: float) -> None:
+        for histogram in self._histograms:
+            histogram.observe(value)
 
 
 class ServerMetrics:
@@ -87,13 +120,20 @@ class ServerMetrics:
         self.request_success = Counter(
             "pagefleet_request_success", "Finished requests by finish reason.",
             ["model_name", "finished_reason"], registry=self.registry)
+        self.vllm_request_success = Counter(
+            "vllm:request_success", "Finished requests by finish reason.",
+            ["model_name", "finished_reason"], registry=self.registry)
         for reason in ("stop", "length", "abort"):      # exported at 0 before the first request
             self.request_success.labels(model_name, reason)
+            self.vllm_request_success.labels(model_name, reason)
         self.http_requests = Counter(
             "pagefleet_http_requests", "HTTP responses by route and status.",
             ["model_name", "route", "status"], registry=self.registry)
-        histogram = lambda name, doc, buckets: Histogram(  # noqa: E731
-            name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(model_name)
+        def histogram(name, doc, buckets):
+            return _Both([Histogram(exported, doc, ["model_name"], buckets=buckets,
+                                    registry=self.registry).labels(model_name)
+                          for exported in (name, _VLLM_NAME[name])])
+
         self.ttft = histogram("pagefleet_time_to_first_token_seconds",
                               "Arrival to first output token.", _TTFT_BUCKETS)
         self.itl = histogram("pagefleet_inter_token_latency_seconds",
@@ -124,6 +164,7 @@ class ServerMetrics:
             self.queue_time.observe(max(0.0, metrics.first_scheduled_s - metrics.arrival_s))
         for reason in finish_reasons:
             self.request_success.labels(self.model_name, reason).inc()
+            self.vllm_request_success.labels(self.model_name, reason).inc()
 
     def count_http(self, route: str, status: int) -> None:
         self.http_requests.labels(self.model_name, route, str(status)).inc()

@@ -1,0 +1,107 @@
+"""`fleetctl update` on a backend that runs rolling updates itself (`info.has_rolling_update`,
+the `RollingUpdates` protocol of backends/base.py; Swarm's service update).
+
+The backend replaces the replicas one at a time, each new one started before its old one stops
+(Swarm: parallelism 1, start-first, rollback on failure). fleetctl keeps the same guarantees as
+its own rollout (fleetctl/rollout.py): it gates each new replica (/ready, then one real
+generation) and only then moves that replica's NGINX address to it, in one reload; the old one
+serves until then. When a gate fails, the backend reports a rollback or pause, or the time runs
+out, the backend is asked to roll back, fleetctl waits for it, brings NGINX to the replicas of
+the old spec, and the rollout's `roll_back` raises the one-line error.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from fleetctl.errors import FleetError
+from fleetctl.fleet import POLL_S
+from fleetctl.models import weights_name
+from fleetctl.state import FleetState, Phase, ReplicaRecord
+
+if TYPE_CHECKING:
+    from fleetctl.rollout import Rollout
+
+
+def run_backend_update(rollout: "Rollout") -> None:
+    """Returns once every replica serves the rollout's target and passed its gate; raises the
+    rollout's FleetError after a rollback otherwise."""
+    fleet = rollout.fleet
+    backend = fleet.backend
+    state = fleet.state_dir.load()
+    group = rollout.group
+    previous_update = backend.update_status(group).get("StartedAt")
+    backend.update_model(fleet.spec(state, "", "", rollout.target, group))
+    who = backend.name.capitalize()  # "Swarm"
+    rollout.record(step=f"{who} replaces the replicas one at a time (start-first)")
+    timeout_s = rollout.options.timeout_s or state.config.ready_timeout_s
+    deadline = time.monotonic() + timeout_s * max(1, len(state.active(group)))
+    gated: set[str] = set()  # handles of the new replicas that passed their gate
+
+    def halt(error: FleetError) -> None:
+        backend.roll_back_model(group)  # a no-op when the backend already rolls back
+        _follow_rollback(rollout, previous_update)
+        rollout.roll_back(error)
+
+    while True:
+        seen = backend.list()
+        state = fleet.state_dir.load()
+        for rid, rec in state.replicas.items():
+            replica = seen.get(rid) if rec.group == group else None
+            if replica is None or not replica.port or replica.handle == rec.handle or replica.handle in gated:
+                continue  # not replaced yet, or already moved
+            candidate = ReplicaRecord(rid, replica.host, replica.port, replica.handle, rec.gpu, rollout.target,
+                                      group=group)
+            if not fleet.http.probe(candidate.url, state.config.client_api_key).is_ready:
+                continue
+            try:
+                rollout.check_generation(candidate, max(1.0, deadline - time.monotonic()))
+            except FleetError as exc:
+                halt(exc)
+            gated.add(replica.handle)
+            _repoint(fleet, rid, candidate)
+            rollout.record(num_done=len(gated))
+            rollout.on_progress(len(gated), state.update.num_total)
+        update = backend.update_status(group)
+        status = update.get("State", "") if update.get("StartedAt") != previous_update else ""  # not ours yet
+        if status.startswith("rollback") or status == "paused":
+            halt(FleetError(f"{who} {'rolled back' if status.startswith('rollback') else 'paused'} "
+                            f"the update: {backend.update_message(group)}"))
+        if status == "completed" and len(gated) >= len(state.active(group)):
+            return
+        if time.monotonic() > deadline:
+            halt(FleetError(f"the {who} update did not finish within {timeout_s:.0f} s per replica"))
+        time.sleep(POLL_S)
+
+
+def _repoint(fleet, replica_id: str, new: ReplicaRecord) -> None:
+    """One reload: the replica's old address leaves NGINX, its new one enters it."""
+    def change(state: FleetState) -> None:
+        rec = state.replicas[replica_id]
+        rec.host, rec.port, rec.handle, rec.model = new.host, new.port, new.handle, new.model
+        rec.phase, rec.reason, rec.started_at_s = Phase.SERVING, "new task passed its gate", time.time()
+
+    fleet.commit(change)
+    fleet.event(replica_id, f"now {new.handle} at {new.address} in NGINX", weights_name(new.model))
+
+
+def _follow_rollback(rollout: "Rollout", previous_update: str | None) -> None:
+    """Waits for the backend's rollback of this update (not an older one's status), then brings
+    NGINX to the replicas that run the old spec."""
+    fleet = rollout.fleet
+    backend = fleet.backend
+    deadline = time.monotonic() + fleet.state_dir.load().config.ready_timeout_s
+    while time.monotonic() < deadline:
+        update = backend.update_status(rollout.group)
+        if update.get("StartedAt") != previous_update and \
+                update.get("State") in ("rollback_completed", "rollback_paused"):
+            break
+        time.sleep(POLL_S)
+    fleet.refresh()
+    with fleet.transaction() as state:  # every replica of the group runs the old spec again
+        for rec in state.replicas.values():
+            if rec.group == rollout.group:
+                rec.model = rollout.from_model
+    state = fleet.state_dir.load()
+    fleet.wait_ready([r.id for r in state.active(rollout.group) if r.phase is not Phase.SERVING],
+                     state.config.ready_timeout_s)

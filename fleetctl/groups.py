@@ -1,0 +1,97 @@
+"""Model groups: one fleet serving several models side by side, each with its own replicas.
+
+A group is a model, the name clients put in `model`, a replica count, its GPUs and its engine
+settings (any `replica serve` option in ENGINE_OPTIONS). NGINX routes each request to the group
+its body names (lb/pagefleet.js). A fleet without groups has one implicit group, "default",
+made of FleetConfig's own model fields, so every single-model fleet reads as before.
+
+Invariants: group names are unique and DNS-label-like (they name replicas' records and
+upstreams); served names are unique across groups (they are the routing key).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleetctl.errors import ConfigError
+from fleetctl.models import BUNDLED, default_served_name
+
+DEFAULT_GROUP = "default"
+_GROUP_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+_SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+# `replica serve` options a group may set, with their types; passed as --name-with-dashes.
+ENGINE_OPTIONS: dict[str, type] = {
+    "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "num_kv_blocks": int,
+    "gpu_memory_utilization": float, "dtype": str, "enforce_eager": bool, "load_format": str,
+    "quantization": str, "max_queue": int, "max_body_bytes": int, "max_n": int,
+}
+
+
+@dataclass
+class ModelGroup:
+    name: str
+    model: str  # a path or the bundled alias
+    served_model_name: str = ""  # default: derived from the model, as `replica serve` does
+    num_replicas: int = 1
+    gpus: list[str] = field(default_factory=list)  # this group's GPUs; empty: the fleet's --gpus, or CPU
+    engine: dict[str, object] = field(default_factory=dict)  # ENGINE_OPTIONS → value
+
+    def __post_init__(self) -> None:
+        if self.model not in BUNDLED:
+            self.model = str(Path(self.model).expanduser().resolve())
+        if not self.served_model_name:
+            self.served_model_name = default_served_name(self.model)
+        self.gpus = [str(g) for g in self.gpus]
+        where = f"group {self.name!r}"
+        _check(bool(_GROUP_NAME_RE.match(self.name)),
+               f"{where}: a group name is 1-32 of a-z 0-9 - (starting and ending alphanumeric)")
+        _check(bool(_SERVED_NAME_RE.match(self.served_model_name)),
+               f"{where}: served_model_name {self.served_model_name!r} may use only A-Z a-z 0-9 . _ : / -")
+        _check(isinstance(self.num_replicas, int) and 0 <= self.num_replicas <= 256,
+               f"{where}: replicas must be between 0 and 256")
+        for key, value in self.engine.items():
+            kind = ENGINE_OPTIONS.get(key)
+            _check(kind is not None, f"{where}: unknown engine setting {key!r}; "
+                                     f"known: {', '.join(sorted(ENGINE_OPTIONS))}")
+            ok = isinstance(value, bool) if kind is bool else \
+                isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+                isinstance(value, kind) and not isinstance(value, bool)
+            _check(ok, f"{where}: engine setting {key} must be {kind.__name__}, not {value!r}")
+
+    def engine_args(self) -> list[str]:
+        """The engine settings as `replica serve` arguments (a False flag is left out)."""
+        args = []
+        for key, value in sorted(self.engine.items()):
+            option = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                args += [option] if value else []
+            else:
+                args += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+        return args
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "model": self.model, "served_model_name": self.served_model_name,
+                "num_replicas": self.num_replicas, "gpus": list(self.gpus), "engine": dict(self.engine)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelGroup":
+        known = {"name", "model", "served_model_name", "num_replicas", "gpus", "engine"}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"group {data.get('name')!r}: unknown field(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(known))}")
+        _check("name" in data and "model" in data, "every group needs a name and a model")
+        return cls(**data)
+
+
+def check_groups(groups: list[ModelGroup]) -> None:
+    names = [g.name for g in groups]
+    served = [g.served_model_name for g in groups]
+    _check(len(set(names)) == len(names), f"group names must differ, got {names}")
+    _check(len(set(served)) == len(served), f"served model names must differ across groups, got {served}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
