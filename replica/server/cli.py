@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="checkpoint folder, .gguf file, 'smollm2' (the bundled GGUF), or a model "
                         "of Ollama's store by its Ollama name (llama3.2:3b; OLLAMA_MODELS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PAGEFLEET_PORT") or 8000),
+                   help="port to listen on (default: $PAGEFLEET_PORT, else 8000; the image's "
+                        "HEALTHCHECK reads the same variable)")
     p.add_argument("--served-model-name", help="the name clients send in `model` "
                    "(default: derived from --model)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",

@@ -56,3 +56,13 @@ def test_document_security_follows_the_keys():
 def test_parameter_sizes_read_like_ollama():
     assert [_human_count(n) for n in (134_515_008, 1_700_000_000, 7_241_000_000)] == \
         ["135M", "1.7B", "7.2B"]
+
+
+def test_serve_port_defaults_to_pagefleet_port_as_the_image_healthcheck_reads_it(monkeypatch):
+    from replica.server.cli import _parser
+
+    monkeypatch.setenv("PAGEFLEET_PORT", "8123")
+    assert _parser().parse_args([]).port == 8123
+    assert _parser().parse_args(["--port", "9000"]).port == 9000
+    monkeypatch.delenv("PAGEFLEET_PORT")
+    assert _parser().parse_args([]).port == 8000
