@@ -26,6 +26,8 @@ ENGINE_OPTIONS: dict[str, type] = {
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "num_kv_blocks": int,
     "gpu_memory_utilization": float, "dtype": str, "enforce_eager": bool, "load_format": str,
     "quantization": str, "max_queue": int, "max_body_bytes": int, "max_n": int,
+    "enable_prefix_caching": bool, "enable_overlap": bool, "kernel_backend": str, "block_size": int,
+    "seed": int, "tool_call_parser": str,
 }
 
 
@@ -61,12 +63,12 @@ class ModelGroup:
             _check(ok, f"{where}: engine setting {key} must be {kind.__name__}, not {value!r}")
 
     def engine_args(self) -> list[str]:
-        """The engine settings as `replica serve` arguments (a False flag is left out)."""
+        """The engine settings as `replica serve` arguments (a False flag as --no-NAME)."""
         args = []
         for key, value in sorted(self.engine.items()):
             option = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                args += [option] if value else []
+            if isinstance(value, bool):      # replica serve's flags come as --x / --no-x
+                args += [option if value else "--no-" + key.replace("_", "-")]
             else:
                 args += [option, f"{value:g}" if isinstance(value, float) else str(value)]
         return args

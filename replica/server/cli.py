@@ -49,7 +49,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="token budget of one step (prefill chunk size)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of GPU memory for weights, activations and the KV cache")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of prompts that start alike (default on)")
+    p.add_argument("--enable-overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan step t+1 while the device runs step t (default on)")
+    p.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="Triton kernels or the torch reference for every op (default: triton on CUDA)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of requests that bring none (default 0)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="no CUDA graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from config.json (benchmarks; no weight files needed)")
     p.add_argument("--quantization", choices=["fp8", "gguf"],
@@ -84,7 +92,9 @@ def _configs(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         load_format=args.load_format, max_num_waiting=args.max_queue,
-        quantization=args.quantization)
+        quantization=args.quantization, enable_prefix_caching=args.enable_prefix_caching,
+        enable_overlap=args.enable_overlap, kernel_backend=args.kernel_backend,
+        block_size=args.block_size, seed=args.seed)
     return server, engine
 
 

@@ -66,3 +66,17 @@ def test_serve_port_defaults_to_pagefleet_port_as_the_image_healthcheck_reads_it
     assert _parser().parse_args(["--port", "9000"]).port == 9000
     monkeypatch.delenv("PAGEFLEET_PORT")
     assert _parser().parse_args([]).port == 8000
+
+
+def test_serve_exposes_the_engine_switches_a_fleet_group_may_set():
+    from fleetctl.groups import ENGINE_OPTIONS, ModelGroup
+    from replica.server.cli import _configs, _parser
+
+    group = ModelGroup("chat", "smollm2", engine={"enable_prefix_caching": False, "enforce_eager": True,
+                                                  "max_num_seqs": 8, "kernel_backend": "torch"})
+    args = _parser().parse_args(group.engine_args())
+    _, engine = _configs(args)
+    assert engine.enable_prefix_caching is False and engine.enforce_eager is True
+    assert engine.max_num_seqs == 8 and engine.kernel_backend == "torch"
+    known = {a.dest for a in _parser()._actions}
+    assert set(ENGINE_OPTIONS) <= known, "every group setting is a replica serve option"
