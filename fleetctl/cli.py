@@ -133,6 +133,9 @@ def _fleet(say=None) -> Fleet:
 @click.option("--env", multiple=True, help="Docker/Swarm: KEY=VALUE for the replica containers (repeat).")
 @click.option("--constraint", multiple=True, help="Swarm: placement constraint, e.g. node.labels.gpu==true (repeat).")
 @click.option("--docker-host", cls=ConfigOption, shown="$DOCKER_HOST or the local socket", help="Docker engine URL.")
+@click.option("--group", "-g", multiple=True, metavar="NAME=MODEL[,KEY=VALUE...]",
+              help="A model group (repeat for several; NGINX routes by `model`): "
+                   "NAME=MODEL[,replicas=N][,gpus=0:1][,served=NAME][,max_num_seqs=128...].")
 @click.option("--file", "-f", "fleet_file", type=click.Path(exists=True, dir_okay=False),
               help="Fleet file (YAML; `fleetctl render fleet` prints one): settings and model groups; "
                    "options given here override it.")
@@ -149,6 +152,8 @@ def up(then_watch: bool, as_json: bool, fleet_file: str | None, **options) -> No
       fleetctl up --replicas 4 --backend docker --gpus 0,1,2,3 --api-key "$KEY"
       fleetctl up --listen 0.0.0.0 --tls-name llm.example.com --port 443 --http-port 80
       fleetctl up -f fleet.yaml     # several model groups; NGINX routes by `model`
+      fleetctl up --group chat=/models/llama,replicas=2 --group small=smollm2
+    fleetctl up --group chat=/models/llama,replicas=2 --group small=smollm2
     """
     from fleetctl.backends import default_backend
     from fleetctl.config import load_fleet_file

@@ -87,6 +87,41 @@ class ModelGroup:
         return cls(**data)
 
 
+def parse_group_option(text: str) -> ModelGroup:
+    """`--group NAME=MODEL[,replicas=N][,gpus=0:1][,served=NAME][,SETTING=VALUE...]`, the command
+    line's form of one fleet-file group; SETTING is any of ENGINE_OPTIONS (true/false for flags).
+
+        --group chat=/models/Llama-3.1-8B-Instruct,replicas=2,gpus=0:1,max_num_seqs=128
+        --group small=smollm2,replicas=1
+    """
+    head, *rest = text.split(",")
+    name, sep, model = head.partition("=")
+    _check(bool(sep and name and model), f"--group {text!r}: start with NAME=MODEL, e.g. chat=smollm2")
+    group = ModelGroup(name=name.strip(), model=model.strip())
+    for item in rest:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        _check(bool(sep and key), f"--group {text!r}: {item!r} is not KEY=VALUE")
+        if key == "replicas":
+            _check(value.isdigit(), f"--group {text!r}: replicas must be a whole number")
+            group.num_replicas = int(value)
+        elif key == "gpus":
+            group.gpus = [g for g in value.split(":") if g]
+        elif key == "served":
+            group.served_model_name = value
+        elif key in ENGINE_OPTIONS:
+            kind = ENGINE_OPTIONS[key]
+            try:
+                group.engine[key] = ({"true": True, "false": False}[value.lower()] if kind is bool
+                                     else kind(value))
+            except (KeyError, ValueError):
+                raise ConfigError(f"--group {text!r}: {key} must be {kind.__name__}, not {value!r}") from None
+        else:
+            raise ConfigError(f"--group {text!r}: unknown setting {key!r}; known: replicas, gpus, served, "
+                              f"{', '.join(sorted(ENGINE_OPTIONS))}")
+    return group
+
+
 def check_groups(groups: list[ModelGroup]) -> None:
     names = [g.name for g in groups]
     served = [g.served_model_name for g in groups]

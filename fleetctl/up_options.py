@@ -22,7 +22,7 @@ UP_FIELDS = {
     "max_body_size": "client_max_body_size", "read_timeout": "read_timeout_s", "device": "device",
     "max_model_len": "max_model_len", "num_kv_blocks": "num_kv_blocks", "drain_timeout": "drain_timeout_s",
     "ready_timeout": "ready_timeout_s", "image": "image", "replica_command": "replica_command",
-    "mount": "mounts", "env": "env", "constraint": "constraints", "docker_host": "docker_host",
+    "mount": "mounts", "env": "env", "group": "groups", "constraint": "constraints", "docker_host": "docker_host",
 }
 
 
@@ -60,6 +60,10 @@ def given_options(options: dict) -> dict:
             value = parse_gpus(value)
         elif name == "replica_command":
             value = shlex.split(value)
+        elif name == "group":
+            from fleetctl.groups import parse_group_option
+
+            value = [parse_group_option(item).to_dict() for item in value]
         elif name == "env":
             if any("=" not in item for item in value):
                 raise ConfigError("--env takes KEY=VALUE")
