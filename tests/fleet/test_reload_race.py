@@ -17,57 +17,9 @@ import time
 import httpx
 import pytest
 
-from fleetctl.config import FleetConfig
-from fleetctl.nginx import Nginx, Upstream, render, site_context
-from fleetctl.tls import ensure_tls
 from tests.fleet.client_loops import KINDS, ClientLoops
-from tests.fleet.conftest import SERVED_NAME, free_ports
-from tests.server.conftest import ServerProcess
-
-API_KEY = "reload-race-key"
-
-
-class Front:
-    """One replica of the tiny model behind NGINX from the fleet's template; `reload()` applies
-    a changed config (the rate limit moves by one), as every fleetctl change does."""
-
-    def __init__(self, tmp_path, replica: ServerProcess) -> None:
-        https_port, http_port, internal_port = free_ports(3)
-        self.tls = ensure_tls(tmp_path / "tls", ["localhost", "127.0.0.1"])
-        self.nginx = Nginx(tmp_path / "nginx")
-        self.prefix = tmp_path / "nginx"
-        self.upstreams = [Upstream("r1", f"127.0.0.1:{replica.port}")]
-        self.config = dict(https_port=https_port, http_port=http_port, internal_port=internal_port,
-                           api_keys=[API_KEY], served_model_name=SERVED_NAME, rate_limit_burst=100000)
-        self.num_reloads = 0
-        assert self.nginx.apply(self._text()) == "started"
-        self.url = f"https://127.0.0.1:{https_port}"
-
-    def _text(self) -> str:
-        config = FleetConfig(**self.config, rate_limit_per_s=10000 + self.num_reloads % 2)
-        return render(site_context(config, "race", self.upstreams, self.tls, self.prefix))
-
-    def reload(self) -> None:
-        self.num_reloads += 1
-        assert self.nginx.apply(self._text()) == "reloaded"
-
-
-@pytest.fixture(scope="module")
-def replica(tiny_model, tmp_path_factory):
-    server = ServerProcess(["--model", str(tiny_model), "--served-model-name", SERVED_NAME, "--api-key", API_KEY,
-                            "--max-model-len", "256", "--num-kv-blocks", "64"],
-                           tmp_path_factory.mktemp("race") / "replica.log", env={"OMP_NUM_THREADS": "1"})
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def front(tmp_path, replica):
-    front = Front(tmp_path, replica)
-    yield front
-    front.nginx.stop(timeout_s=5)
+from tests.fleet.conftest import SERVED_NAME
+from tests.fleet.front import API_KEY, Front, front, replica  # noqa: F401 (fixtures)
 
 
 def reload_under_load(front: Front, kinds, num_reloads: int, gap_s: float) -> ClientLoops:
