@@ -160,9 +160,9 @@ async def run_benchmark(config: BenchConfig, requests: list[RequestSpec],
     async def one(index: int, spec: RequestSpec, send_at_s: float) -> RequestResult:
         await asyncio.sleep(max(0.0, send_at_s - (time.perf_counter() - run_start)))
         if cap is None:
-            return await _send(session, config, index, spec, headers, run_start)
+            return await send_request(session, config, index, spec, headers, run_start)
         async with cap:
-            return await _send(session, config, index, spec, headers, run_start)
+            return await send_request(session, config, index, spec, headers, run_start)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         arrivals = arrival_times_s(len(requests), config.request_rate, config.seed)
@@ -177,8 +177,9 @@ async def run_benchmark(config: BenchConfig, requests: list[RequestSpec],
     return BenchRun(config, results, duration_s=max(ends, default=first_send) - first_send)
 
 
-async def _send(session: aiohttp.ClientSession, config: BenchConfig, index: int, spec: RequestSpec,
-                headers: dict, run_start: float) -> RequestResult:
+async def send_request(session: aiohttp.ClientSession, config: BenchConfig, index: int, spec: RequestSpec,
+                       headers: dict, run_start: float) -> RequestResult:
+    """One request, measured; never raises (what went wrong is in the result's status)."""
     result = RequestResult(index, len(spec.prompt_token_ids), spec.num_output_tokens)
     sent = time.perf_counter()
     result.start_s = sent - run_start
