@@ -61,13 +61,21 @@ class SoakReport:
     end_kv_usage: dict[str, float] = field(default_factory=dict)
 
     def rss_drift(self) -> dict[str, float]:
-        """Per replica: (median of the last 3 samples) / (median of the first 3 after warm-up) - 1."""
+        return self._drift("rss_bytes")
+
+    def gpu_drift(self) -> dict[str, float]:
+        """As rss_drift, for the GPU memory of replicas that hold any."""
+        return {rid: d for rid, d in self._drift("gpu_bytes").items() if d == d}
+
+    def _drift(self, what: str) -> dict[str, float]:
+        """Per replica: (median of the last 3 samples) / (median of the first 3 after warm-up) - 1
+        (NaN where the first is 0: nothing to compare)."""
         warm = [s for s in self.samples if s.t_s >= WARMUP_FRACTION * self.duration_s]
         drift = {}
-        for rid in warm[0].rss_bytes if len(warm) >= 6 else []:
-            first = sorted(s.rss_bytes.get(rid, 0) for s in warm[:3])[1]
-            last = sorted(s.rss_bytes.get(rid, 0) for s in warm[-3:])[1]
-            drift[rid] = last / first - 1 if first else float("inf")
+        for rid in getattr(warm[0], what) if len(warm) >= 6 else []:
+            first = sorted(getattr(s, what).get(rid, 0) for s in warm[:3])[1]
+            last = sorted(getattr(s, what).get(rid, 0) for s in warm[-3:])[1]
+            drift[rid] = last / first - 1 if first else float("nan")
         return drift
 
     def problems(self) -> list[str]:
@@ -77,7 +85,9 @@ class SoakReport:
         drift = self.rss_drift()
         if not drift:
             found.append("too few samples after warm-up to judge RSS")
-        found += [f"{rid}: RSS drifted {d:+.1%}" for rid, d in drift.items() if abs(d) > MAX_RSS_DRIFT]
+        found += [f"{rid}: RSS drifted {d:+.1%}" for rid, d in drift.items() if not abs(d) <= MAX_RSS_DRIFT]
+        found += [f"{rid}: GPU memory drifted {d:+.1%}" for rid, d in self.gpu_drift().items()
+                  if abs(d) > MAX_RSS_DRIFT]
         found += [f"{rid}: {n:g} requests still running" for rid, n in self.end_running.items() if n]
         found += [f"{rid}: KV cache {u:.1%} used at the end" for rid, u in self.end_kv_usage.items() if u]
         return found
@@ -85,7 +95,7 @@ class SoakReport:
     def to_json(self) -> dict:
         return {"duration_s": self.duration_s, "concurrency": self.concurrency, "num_ok": self.num_ok,
                 "errors": self.errors, "num_unsent_retries": self.num_unsent_retries,
-                "rss_drift": self.rss_drift(), "end_running": self.end_running, "end_kv_usage": self.end_kv_usage,
+                "rss_drift": self.rss_drift(), "gpu_drift": self.gpu_drift(), "end_running": self.end_running, "end_kv_usage": self.end_kv_usage,
                 "problems": self.problems(), "samples": [s.__dict__ for s in self.samples]}
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.nginx_overhead import wait_ready  # noqa: E402
-from bench.soak import Target, soak  # noqa: E402
+from bench.soak import Target, _range, soak  # noqa: E402
 from fleetctl.config import FleetConfig  # noqa: E402
 from fleetctl.nginx import Nginx, Upstream, render, site_context  # noqa: E402
 from fleetctl.tls import ensure_tls  # noqa: E402
@@ -38,6 +38,9 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=600.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=49152)
+    parser.add_argument("--prompt-len", default="64:1024", help="LOW:HIGH tokens (W4's by default)")
+    parser.add_argument("--output-len", default="16:512", help="LOW:HIGH tokens (W4's by default)")
+    parser.add_argument("--device", default="cuda", help="cpu: try the script itself on a CPU machine")
     parser.add_argument("--nginx", default="nginx", help="the nginx binary")
     parser.add_argument("--replica-args", default="", help="extra `replica serve` arguments")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
@@ -48,7 +51,7 @@ def main() -> int:
         port = FIRST_REPLICA_PORT + gpu
         replicas[f"r{gpu + 1}"] = (port, subprocess.Popen(
             [sys.executable, "-m", "replica.cli", "serve", "--model", args.model, "--port", str(port),
-             "--device", "cuda", "--load-format", args.load_format, "--served-model-name", "bench",
+             "--device", args.device, "--load-format", args.load_format, "--served-model-name", "bench",
              "--max-queue", "100000", *args.replica_args.split()],
             cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)},
             stdout=open(work / f"r{gpu + 1}.log", "w"), stderr=subprocess.STDOUT))
@@ -64,7 +67,8 @@ def main() -> int:
         target = Target(f"https://127.0.0.1:{HTTPS_PORT}", str(tls.ca), None, "bench",
                         {rid: f"http://127.0.0.1:{port}/metrics" for rid, (port, _) in replicas.items()},
                         {rid: proc.pid for rid, (_, proc) in replicas.items()})
-        report = soak(target, args.duration_s, args.concurrency, (64, 1024), (16, 512), args.vocab_size)
+        report = soak(target, args.duration_s, args.concurrency, _range(args.prompt_len), _range(args.output_len),
+                      args.vocab_size, sample_every_s=min(10.0, args.duration_s / 20))
     finally:
         nginx.stop()
         for _, proc in replicas.values():

@@ -7,7 +7,6 @@ import os
 import pytest
 
 from bench.soak import soak
-from tests.fleet.conftest import SERVED_NAME  # noqa: F401 (the fleet's served name)
 
 SOAK_S = float(os.environ.get("PAGEFLEET_SOAK_S", "600"))
 
