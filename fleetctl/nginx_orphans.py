@@ -8,7 +8,7 @@ cache helpers), a parent that is no NGINX master (the kernel re-parented them), 
 listening on one of the fleet's ports. Nothing else on the host matches all three.
 
 Ending them: SIGQUIT first (a worker closes its listening sockets at once and finishes the
-requests it holds), SIGKILL for any still alive after the grace period.
+requests it holds), SIGKILL for any still listening after the grace period.
 """
 from __future__ import annotations
 
@@ -67,19 +67,26 @@ def orphan_workers(ports: set[int]) -> list[int]:
 
 
 def end_orphan_workers(ports: set[int], grace_s: float = 5.0) -> list[int]:
-    """Ends the orphaned workers on `ports` (SIGQUIT, SIGKILL after grace_s); returns their pids."""
+    """Ends the orphaned workers on `ports`; returns their pids. SIGQUIT, then up to grace_s
+    for them to exit; one still listening after that gets SIGKILL, while one that closed its
+    listening sockets but still finishes a long stream is left to end by itself (the ports are
+    free either way)."""
     pids = orphan_workers(ports)
-    for sig, wait_s in ((signal.SIGQUIT, grace_s), (signal.SIGKILL, 5.0)):
-        alive = [pid for pid in pids if procs.is_alive(pid)]
-        for pid in alive:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while any(procs.is_alive(pid) for pid in alive) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    for pid in pids:
+        _signal(pid, signal.SIGQUIT)
+    deadline = time.monotonic() + grace_s
+    while any(procs.is_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in orphan_workers(ports):
+        _signal(pid, signal.SIGKILL)
     return pids
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _has_master(pid: int) -> bool:
