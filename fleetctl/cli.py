@@ -157,10 +157,11 @@ def up(then_watch: bool, as_json: bool, fleet_file: str | None, **options) -> No
     """
     from fleetctl.backends import default_backend
     from fleetctl.config import load_fleet_file
-    from fleetctl.lifecycle import open_or_create, preflight, up as up_fleet
+    from fleetctl.lifecycle import fail_up, open_or_create, preflight, up as up_fleet
 
     given = {**(load_fleet_file(fleet_file) if fleet_file else {}), **given_options(options)}
     state_dir = _state_dir()
+    is_new_fleet = not state_dir.has_fleet()
     if state_dir.has_fleet():
         state_dir.load().refuse_during_update("run `fleetctl up`")
     else:
@@ -169,8 +170,11 @@ def up(then_watch: bool, as_json: bool, fleet_file: str | None, **options) -> No
         preflight(FleetConfig(**given))
     state = open_or_create(state_dir, given)
     fleet = _fleet()
-    with output.ready_progress(err, sum(g.num_replicas for g in state.config.model_groups())) as progress:
-        up_fleet(fleet, progress)
+    try:
+        with output.ready_progress(err, sum(g.num_replicas for g in state.config.model_groups())) as progress:
+            up_fleet(fleet, progress)
+    except (Exception, KeyboardInterrupt) as exc:
+        raise fail_up(fleet, is_new_fleet, exc) from exc
     report = collect(fleet)
     if as_json:
         report["examples"] = output.examples(state_dir, report)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from fleetctl.config import FleetConfig
-from fleetctl.errors import ConfigError
+from fleetctl.errors import ConfigError, FleetError
 from fleetctl.fleet import Fleet
 from fleetctl.groups import DEFAULT_GROUP
 from fleetctl.state import FleetState, Phase, StateDir
@@ -135,3 +135,24 @@ def down(fleet: Fleet, purge: bool = False) -> list[str]:
     if purge and state_dir.root.exists():
         shutil.rmtree(state_dir.root)
     return stopped
+
+
+def fail_up(fleet: Fleet, is_new_fleet: bool, exc: BaseException) -> FleetError:
+    """What a failed `up` leaves: a new fleet is torn down (NGINX, replicas, backend objects:
+    nothing keeps running, the logs stay); an existing one stays as far as it got, and the
+    error names the one command that stops it. Returns the error to raise (same exit code)."""
+    reason = str(exc) or type(exc).__name__
+    code = getattr(exc, "exit_code", FleetError.exit_code)
+    if is_new_fleet:
+        try:
+            down(fleet)
+            error = FleetError(f"{reason}; fleetctl stopped everything this `up` had started "
+                               f"(the replicas' logs stay in {fleet.state_dir.root})")
+        except Exception as cleanup_exc:
+            error = FleetError(f"{reason}; stopping what was started failed too ({cleanup_exc}): "
+                               "run `fleetctl down`")
+    else:
+        error = FleetError(f"{reason}; the fleet stays as far as it got (`fleetctl status`); "
+                           "`fleetctl down` stops all of it")
+    error.exit_code = code
+    return error

@@ -14,6 +14,8 @@ turns these into requests/s, output tokens/s, percentiles, errors by status and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import math
 import ssl
@@ -106,6 +108,9 @@ class RequestResult:
     e2e_s: float | None = None
     num_output_tokens: int = 0
     chunk_times_s: list[float] = field(default_factory=list)   # token chunk arrivals, since send
+    # Sends lost before NGINX answered a byte (the connection was closed or reset under the
+    # request, as at an NGINX reload), each re-sent as the openai client does (`is_unsent`).
+    num_unsent_retries: int = 0
 
     @property
     def is_ok(self) -> bool:
@@ -155,9 +160,9 @@ async def run_benchmark(config: BenchConfig, requests: list[RequestSpec],
     async def one(index: int, spec: RequestSpec, send_at_s: float) -> RequestResult:
         await asyncio.sleep(max(0.0, send_at_s - (time.perf_counter() - run_start)))
         if cap is None:
-            return await _send(session, config, index, spec, headers, run_start)
+            return await send_request(session, config, index, spec, headers, run_start)
         async with cap:
-            return await _send(session, config, index, spec, headers, run_start)
+            return await send_request(session, config, index, spec, headers, run_start)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         arrivals = arrival_times_s(len(requests), config.request_rate, config.seed)
@@ -172,13 +177,14 @@ async def run_benchmark(config: BenchConfig, requests: list[RequestSpec],
     return BenchRun(config, results, duration_s=max(ends, default=first_send) - first_send)
 
 
-async def _send(session: aiohttp.ClientSession, config: BenchConfig, index: int, spec: RequestSpec,
-                headers: dict, run_start: float) -> RequestResult:
+async def send_request(session: aiohttp.ClientSession, config: BenchConfig, index: int, spec: RequestSpec,
+                       headers: dict, run_start: float) -> RequestResult:
+    """One request, measured; never raises (what went wrong is in the result's status)."""
     result = RequestResult(index, len(spec.prompt_token_ids), spec.num_output_tokens)
     sent = time.perf_counter()
     result.start_s = sent - run_start
     try:
-        async with session.post(config.completions_url, json=request_body(config, spec), headers=headers) as resp:
+        async with _post_resending_unsent(session, config, spec, headers, result) as resp:
             result.status = resp.status
             if resp.status != 200:
                 result.error = (await resp.text())[:300]
@@ -188,6 +194,8 @@ async def _send(session: aiohttp.ClientSession, config: BenchConfig, index: int,
                 payload = await resp.json()
                 result.ttft_s = time.perf_counter() - sent
                 result.num_output_tokens = int((payload.get("usage") or {}).get("completion_tokens", 0))
+    except UnsentError as exc:
+        result.status, result.error = "unsent", str(exc)[:300]
     except asyncio.TimeoutError:
         result.status, result.error = "timeout", f"no data for {config.timeout_s:g} s"
     except aiohttp.ClientError as exc:
@@ -196,6 +204,48 @@ async def _send(session: aiohttp.ClientSession, config: BenchConfig, index: int,
         result.status, result.error = "bad_response", str(exc)[:300]
     result.e2e_s = time.perf_counter() - sent
     return result
+
+
+MAX_UNSENT_RETRIES = 2   # the openai client's default max_retries
+UNSENT_RETRY_DELAY_S = 0.5
+
+
+def is_unsent(exc: BaseException) -> bool:
+    """A request that never reached a server that could answer it: the connection was refused,
+    closed or reset before a single byte of the response came. Raised while `session.post`
+    waits for the status line, so nothing of the response was seen; NGINX had not accepted
+    the request (or had, on a connection it was closing, without passing it on)."""
+    if isinstance(exc, aiohttp.ClientSSLError):   # a certificate problem: sending again cannot help
+        return False
+    return isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectorError)) or (
+        isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED))
+
+
+@contextlib.asynccontextmanager
+async def _post_resending_unsent(session: aiohttp.ClientSession, config: BenchConfig, spec: RequestSpec,
+                                 headers: dict, result: RequestResult):
+    """POST, re-sent up to MAX_UNSENT_RETRIES times when it was never answered (`is_unsent`),
+    after UNSENT_RETRY_DELAY_S, on a new connection. A request that got any answer is never
+    re-sent (generations are not idempotent); an unsent one that still fails is an error of
+    status "unsent", apart from failures after NGINX answered."""
+    body = request_body(config, spec)
+    for attempt in range(MAX_UNSENT_RETRIES + 1):
+        try:
+            resp = await session.post(config.completions_url, json=body, headers=headers)
+            break
+        except aiohttp.ClientError as exc:
+            if not is_unsent(exc):
+                raise
+            if attempt == MAX_UNSENT_RETRIES:
+                raise UnsentError(f"{type(exc).__name__}: {exc}") from exc
+            result.num_unsent_retries += 1
+            await asyncio.sleep(UNSENT_RETRY_DELAY_S)
+    async with resp:
+        yield resp
+
+
+class UnsentError(Exception):
+    """Every send of a request was lost before any answer."""
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent: float) -> None:

@@ -47,6 +47,10 @@ def summarize(run: BenchRun) -> dict:
         "num_ok": len(ok),
         "num_errors": len(run.results) - len(ok),
         "errors_by_status": dict(sorted(errors.items())),
+        # Sends lost before any answer (status "unsent" when all of a request's sends were) and
+        # re-sent: a reload race or a replica gone, which a client that retries never sees.
+        "num_unsent_retries": sum(r.num_unsent_retries for r in run.results),
+        "num_unsent": errors.get("unsent", 0),
         # A server that ignored ignore_eos/min_tokens shows up here rather than as a fast benchmark.
         "num_short_outputs": sum(r.num_output_tokens < r.num_output_tokens_expected for r in ok),
         "duration_s": run.duration_s,
@@ -106,7 +110,9 @@ def print_report(summary: dict, console: Console | None = None, title: str = "pa
         f"[bold]{summary['output_tokens_per_s']:.1f} output tokens/s[/], "
         f"{summary['total_tokens_per_s']:.1f} total tokens/s | errors: {errors}"
         + (f" | [yellow]{summary['num_short_outputs']} outputs shorter than asked[/]"
-           if summary["num_short_outputs"] else ""))
+           if summary["num_short_outputs"] else "")
+        + (f" | {summary['num_unsent_retries']} sends lost before any answer, re-sent"
+           if summary["num_unsent_retries"] else ""))
 
 
 def _fmt(value: float | None) -> str:

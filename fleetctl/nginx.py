@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jinja2
 
-from fleetctl import procs
+from fleetctl import nginx_orphans, procs
 from fleetctl.errors import FleetError, NginxConfigError, UnavailableError
 
 TEMPLATE_ENV = "PAGEFLEET_NGINX_TEMPLATE"
@@ -181,6 +181,7 @@ class Nginx:
         return "started"
 
     def start(self) -> None:
+        self.end_orphans()  # workers of a killed master would hold the ports
         result = self._run("-c", str(self.conf))
         if result.returncode != 0:
             reason = _first_error(result.stderr)
@@ -223,7 +224,7 @@ class Nginx:
         """Graceful stop (SIGQUIT: finish requests), SIGTERM after timeout_s. True if it was running."""
         pid = self.pid()
         if not pid:
-            return False
+            return bool(self.end_orphans())
         for sig, wait_s in ((signal.SIGQUIT, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             try:
                 os.kill(pid, sig)
@@ -235,7 +236,16 @@ class Nginx:
             if not procs.is_alive(pid):
                 break
         self.pid_file.unlink(missing_ok=True)
+        self.end_orphans()
         return True
+
+    def end_orphans(self) -> list[int]:
+        """Ends workers left on this config's ports by a master that died (fleetctl/nginx_orphans.py)."""
+        try:
+            ports = nginx_orphans.config_ports(self.conf.read_text())
+        except OSError:
+            return []
+        return nginx_orphans.end_orphan_workers(ports)
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([self.binary, "-p", str(self.prefix), "-e", "stderr", *args],

@@ -38,6 +38,12 @@ def is_same_process(pid: int, ticks: int | None) -> bool:
     return bool(pid) and ticks is not None and start_ticks(pid) == ticks
 
 
+def parent(pid: int) -> int:
+    """The parent's pid; 0 when the process is gone."""
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields and len(fields) > 1 else 0
+
+
 def children(pid: int) -> list[int]:
     """The live (non-zombie) children of pid."""
     found = []
@@ -66,10 +72,14 @@ def reap(pid: int) -> None:
 
 
 def terminate_group(pid: int, timeout_s: float, poll_s: float = 0.05) -> None:
-    """SIGTERM to pid's process group (it drains, then exits), SIGKILL after timeout_s."""
+    """SIGTERM to pid's process group (it drains, then exits), SIGKILL after timeout_s.
+    SIGCONT follows the SIGTERM: a stopped (SIGSTOP, hung in a debugger) replica then drains
+    and exits too instead of sitting out the whole timeout."""
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
+            if sig == signal.SIGTERM:
+                os.killpg(pid, signal.SIGCONT)
         except (ProcessLookupError, PermissionError):
             return
         deadline = time.monotonic() + wait_s

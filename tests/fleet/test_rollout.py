@@ -104,6 +104,7 @@ def test_ten_nginx_reloads_under_load_fail_nothing(fleet):
     assert load.failures() == [], load.failures()[:3]
     assert all(n >= 5 for n in load.num_ok_by_kind().values()), load.num_ok_by_kind()
     assert load.num_raw_done >= 5
+    assert load.num_stale_connection_retries == 0  # no kept-alive connection to lose (test_reload_race.py)
 
 
 @pytest.mark.parametrize("broken, options, words", [
@@ -224,6 +225,7 @@ def test_rolling_update_under_load_drops_nothing_and_every_replica_serves_m2(fle
     during = load.num_ok_by_kind(since=t_update, until=t_updated)
     assert all(n >= 2 for n in during.values()), during  # every kind of client ran throughout
     assert load.num_raw_done >= 5
+    assert load.num_stale_connection_retries == 0  # no kept-alive connection to lose (test_reload_race.py)
 
     update = report["update"]
     assert update["phase"] == "done" and update["num_done"] == update["num_total"] == 2
