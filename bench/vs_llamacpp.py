@@ -164,7 +164,10 @@ def free_port() -> int:
 def llama_server_cmd(args, config: str, port: int) -> list[str]:
     ngl = "999" if args.device.startswith("cuda") else "0"
     cmd = [args.llama_server, "-m", str(args.gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-ngl", ngl, "--no-webui"]
+           "-ngl", ngl, "--no-webui",
+           # Random prompts never hit a cache: don't spend time copying finished slots to host RAM
+           # (Ollama's runner has no such cache either).
+           "--cache-ram", "0"]
     if args.threads:
         cmd += ["-t", str(args.threads), "-tb", str(args.threads)]
     if config == "ollama_defaults":
