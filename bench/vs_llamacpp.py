@@ -27,36 +27,54 @@ device (GPU name or CPU model), load average before and after each run (shared m
 versions (torch, pagefleet commit, `llama-server --version`, llama.cpp build flags from the
 build folder's CMakeCache.txt), and whether pagefleet kept the GGUF quantised.
 
-CPU (this repository's bundled SmolLM2, Q4_1 with a Q8_0 embedding; a few minutes on 2 cores):
+CPU (this repository's bundled SmolLM2, Q4_1 with a Q8_0 embedding; about 10 minutes on 2 cores):
 
-    python bench/vs_llamacpp.py --llama-server /path/to/llama.cpp/build/bin/llama-server \\
-        --gguf smollm2 --device cpu --concurrency 1,16 --num-requests 4,32 --w2-requests 2
+    pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/sd      # 73 MiB sdist
+    python bench/vs_llamacpp.py pack-llamacpp /tmp/sd/llama_cpp_python-0.3.36.tar.gz /tmp/llamacpp
+    cmake -S /tmp/llamacpp -B /tmp/llamacpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
+    cmake --build /tmp/llamacpp/build --target llama-server -j          # ~25 min on 2 busy cores
+    python bench/vs_llamacpp.py --llama-server /tmp/llamacpp/build/bin/llama-server --gguf smollm2 \
+        --device cpu --concurrency 1,16 --num-requests 3,16 --w2-requests 2 \
+        --one-slot-max-concurrency 16 --llama-source "llama-cpp-python 0.3.36 sdist"
 
-GPU (one H200; the device machine has no network, so llama.cpp is built there from the
-llama-cpp-python sdist, which vendors llama.cpp's source):
+GPU (one H200; the device machine has no network but has nvcc 13.0, CMake and ninja, so llama.cpp
+is built there from the llama-cpp-python sdist, which vendors llama.cpp's source).
 
-  Here, before the device call (once):
-    pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/sd   # 73 MiB
+  Here, before the device calls (once; .carry is git-ignored, ~32 MiB, so it is carried):
+    pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/sd
     python bench/vs_llamacpp.py pack-llamacpp /tmp/sd/llama_cpp_python-0.3.36.tar.gz .carry/llamacpp
-        # keeps ggml/, src/, include/, common/, vendor/, cmake/, tools/server, tools/quantize,
-        # tools/mtmd, tools/ui (no node build: a stub UI), convert_hf_to_gguf.py, gguf-py/,
-        # the models/ vocab files the converter may read, the CMake files: ~20 MiB
-    python bench/vs_llamacpp.py export-tokenizer .carry/tokenizer   # SmolLM2's tokenizer files
-        # (convert_hf_to_gguf.py needs a tokenizer it recognises; it pads the vocabulary to the
-        # checkpoint's 128256 entries with [PAD] tokens)
+        # drops docs, models, tests, examples, the web UI's sources and the non-CUDA GPU backends:
+        # 73 MiB of sdist -> 28 MiB; configures with tests, examples and the UI off
+    python bench/vs_llamacpp.py export-tokenizer .carry/tokenizer
+        # SmolLM2's tokenizer as HF files (3.4 MiB): convert_hf_to_gguf.py needs a tokenizer it
+        # recognises ("smollm"), and pads the vocabulary to the checkpoint's 128256 with [PAD] tokens
 
-  On the device (carry .carry), one call:
-    cd .carry/llamacpp && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \\
-      -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \\
-      && cmake --build build --target llama-server llama-quantize -j16 && cd ../.. \\
-    && python3 bench/vs_llamacpp.py make-checkpoint /tmp/ck8b --tokenizer .carry/tokenizer \\
-    && python3 .carry/llamacpp/convert_hf_to_gguf.py /tmp/ck8b --outtype bf16 --outfile /tmp/8b-bf16.gguf \\
-    && .carry/llamacpp/build/bin/llama-quantize /tmp/8b-bf16.gguf /tmp/8b-q4km.gguf Q4_K_M \\
-    && python3 bench/vs_llamacpp.py --llama-server .carry/llamacpp/build/bin/llama-server \\
-         --gguf /tmp/8b-bf16.gguf --pagefleet-model /tmp/ck8b --device cuda --out $OUT \\
-    && python3 bench/vs_llamacpp.py --llama-server .carry/llamacpp/build/bin/llama-server \\
-         --gguf /tmp/8b-q4km.gguf --pagefleet-quantization gguf --device cuda \\
-         --servers llamacpp_best,pagefleet --concurrency 1,32 --out $OUT
+  Device call 1 (carry .carry; ~5-8 min: the CUDA build for sm_90 only, two targets):
+    cmake -S .carry/llamacpp -B .carry/llamacpp/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+      -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF \
+      && cmake --build .carry/llamacpp/build --target llama-server llama-quantize -j16
+
+  Device call 2 (the same warm machine, with no carry: naming .carry again would replace the
+  build folder there; PYTHONPATH gives the converter and pagefleet's GGUF
+  loader the sdist's gguf-py, as the image has no `gguf`):
+    export PYTHONPATH=$PWD:$PWD/.carry/llamacpp/gguf-py L=.carry/llamacpp/build/bin
+    python3 bench/vs_llamacpp.py make-checkpoint /tmp/ck8b --tokenizer .carry/tokenizer \
+    && python3 .carry/llamacpp/convert_hf_to_gguf.py /tmp/ck8b --outtype bf16 --outfile /tmp/8b-bf16.gguf \
+    && $L/llama-quantize /tmp/8b-bf16.gguf /tmp/8b-q4km.gguf Q4_K_M \
+    && python3 bench/vs_llamacpp.py --llama-server $L/llama-server --gguf /tmp/8b-bf16.gguf \
+         --pagefleet-model /tmp/ck8b --device cuda --out $OUT --llama-source "llama-cpp-python 0.3.36 sdist"
+
+  Device call 3 (the same machine, no carry, the same exports; 4-bit; Q8_0 likewise with `llama-quantize ... Q8_0`):
+    python3 bench/vs_llamacpp.py --llama-server $L/llama-server --gguf /tmp/8b-q4km.gguf \
+         --pagefleet-quantization gguf --device cuda --servers llamacpp_best,pagefleet \
+         --concurrency 1,32,128 --out $OUT --tag q4km
+
+  Q4_K_M keeps a few tensors in Q6_K (attn_v and ffn_down of some layers, the output head):
+  pagefleet keeps the Q4_K ones packed and dequantises the Q6_K ones to bf16 (the JSON's
+  gguf_facts counts tensors by type).
 
 Invariants: every server sees the same request list at a given concurrency (the one-slot server
 the same list, or none); a run with errors or short outputs is reported, not hidden
@@ -417,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slot-ctx", type=int, default=1600, help="context per llama.cpp slot (longest request: 1536)")
     p.add_argument("--threads", type=int, help="llama.cpp threads (-t, -tb; CPU)")
     p.add_argument("--vocab-size", type=int, help="prompt ids are drawn below this (default: the GGUF's vocabulary)")
+    p.add_argument("--llama-source", default="",
+                   help="where the llama.cpp source came from, for the results (an sdist version, a commit)")
     p.add_argument("--tag", default="", help="added to the result file name")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
@@ -441,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                load_avg_start=load_average(), torch=torch.__version__, python=platform.python_version(),
                pagefleet_commit=git_commit(),
                llama_server_version=llama_server_version(args.llama_server) if uses_llama else None,
-               llama_build_flags=llama_build_flags(args.llama_server) if uses_llama else None, model_name=model_name,
+               llama_build_flags=llama_build_flags(args.llama_server) if uses_llama else None,
+               llama_source=args.llama_source, model_name=model_name,
                gguf=str(args.gguf), gguf_facts=facts, pagefleet_model=str(args.pagefleet_model or args.gguf),
                pagefleet_weights=("GGUF kept quantised (--quantization gguf)" if args.pagefleet_quantization
                                   else "HF folder, model dtype" if args.pagefleet_model
