@@ -287,6 +287,26 @@ def bench_server(args, name: str, runs, log_dir: Path) -> dict:
     return out
 
 
+def merge_earlier_rows(args, servers: dict, runs) -> None:
+    """Rows of servers this run did not start, from an earlier run's printed JSON lines."""
+    earlier: dict = {}
+    for line in args.earlier_rows.read_text().splitlines():
+        if line.startswith("{") and '"server"' in line:
+            row = json.loads(line)
+            earlier.setdefault(row.pop("server"), {})[row.pop("workload")] = row
+    for name, rows in earlier.items():
+        if name in servers:
+            continue
+        servers[name] = {"command": "an earlier run: " + str(args.earlier_rows), "runs": {},
+                         "note": "measured by an earlier run of this script, same machine, same requests"}
+        for wname, c, _ in runs:
+            if wname in rows:
+                servers[name]["runs"][wname] = rows[wname]
+            elif name == "ollama_defaults" and c > args.one_slot_max_concurrency:
+                servers[name]["runs"][wname] = {"skipped": "one slot serves one request at a time: its "
+                                                           "throughput is the W4_c1 figure"}
+
+
 def ratios(servers: dict) -> dict:
     """pagefleet / each llama.cpp configuration, per workload and figure."""
     figures = ("req_per_s", "out_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
@@ -309,8 +329,7 @@ def print_table(results: dict) -> None:
     cols = ("req_per_s", "out_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
     print("| workload | server | n | " + " | ".join(cols) + " |")
     print("|" + " --- |" * (len(cols) + 3))
-    names = [w for w in next(iter(servers.values()))["runs"]]
-    for w in names:
+    for w in results["workloads"]:
         for s, data in servers.items():
             row = data["runs"].get(w, {})
             if "skipped" in row:
@@ -328,7 +347,7 @@ def write_png(path: Path, results: dict) -> None:
         print("no PNG: matplotlib is not installed", flush=True)
         return
     servers = results["servers"]
-    names = list(next(iter(servers.values()))["runs"])
+    names = results["workloads"]
     panels = (("out_tok_per_s", "output tokens/s (higher is better)"),
               ("ttft_ms_p50", "TTFT p50, ms (log)"), ("itl_ms_p50", "ITL p50, ms (log)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
@@ -437,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, help="prompt ids are drawn below this (default: the GGUF's vocabulary)")
     p.add_argument("--llama-source", default="",
                    help="where the llama.cpp source came from, for the results (an sdist version, a commit)")
+    p.add_argument("--earlier-rows", type=Path,
+                   help="JSON lines this script printed in an earlier run on the same machine and requests "
+                        "({'server': ..., 'workload': ...}): servers not run now take their rows from it")
     p.add_argument("--tag", default="", help="added to the result file name")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
@@ -481,8 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         if name not in SERVERS:
             p.error(f"--servers: {name!r} is not one of {', '.join(SERVERS)}")
         servers[name] = bench_server(args, name, runs, log_dir)
+    if args.earlier_rows:
+        merge_earlier_rows(args, servers, runs)
     env["load_avg_end"] = load_average()
-    results = {"env": env, "servers": servers, "ratios": ratios(servers)}
+    results = {"env": env, "workloads": [w for w, _, _ in runs], "servers": servers, "ratios": ratios(servers)}
     dev = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"] if is_cuda else "cpu").strip("-")
     stem = f"vs-llamacpp-{dev}-{model_name}{'-' + args.tag if args.tag else ''}-{datetime.date.today()}"
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
