@@ -346,7 +346,7 @@ def write_png(path: Path, results: dict) -> None:
     except ImportError:
         print("no PNG: matplotlib is not installed", flush=True)
         return
-    servers = results["servers"]
+    servers = {k: results["servers"][k] for k in SERVERS if k in results["servers"]}
     names = results["workloads"]
     panels = (("out_tok_per_s", "output tokens/s (higher is better)"),
               ("ttft_ms_p50", "TTFT p50, ms (log)"), ("itl_ms_p50", "ITL p50, ms (log)"))
@@ -360,11 +360,11 @@ def write_png(path: Path, results: dict) -> None:
         ax.set_title(title, fontsize=10)
         if fig_key != "out_tok_per_s":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(servers), fontsize=8)
     env = results["env"]
     fig.suptitle(f"pagefleet vs llama-server, {env['model_name']} on {env['device_name']} ({env['date']})",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
