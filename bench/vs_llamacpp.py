@@ -27,17 +27,17 @@ device (GPU name or CPU model), load average before and after each run (shared m
 versions (torch, pagefleet commit, `llama-server --version`, llama.cpp build flags from the
 build folder's CMakeCache.txt), and whether pagefleet kept the GGUF quantised.
 
-CPU (this repository's bundled SmolLM2, Q4_1 with a Q8_0 embedding; about 10 minutes on 2 cores):
+CPU (this repository's bundled SmolLM2, Q4_1 with a Q8_0 embedding; about 20 minutes on 2 shared cores):
 
     pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/sd      # 73 MiB sdist
     python bench/vs_llamacpp.py pack-llamacpp /tmp/sd/llama_cpp_python-0.3.36.tar.gz /tmp/llamacpp
     cmake -S /tmp/llamacpp -B /tmp/llamacpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
         -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
-    cmake --build /tmp/llamacpp/build --target llama-server -j          # ~25 min on 2 busy cores
+    cmake --build /tmp/llamacpp/build --target llama-server -j          # 18 min on 2 busy cores
     python bench/vs_llamacpp.py --llama-server /tmp/llamacpp/build/bin/llama-server --gguf smollm2 \
         --device cpu --concurrency 1,16 --num-requests 3,16 --w2-requests 2 \
-        --one-slot-max-concurrency 16 --llama-source "llama-cpp-python 0.3.36 sdist"
+        --one-slot-max-concurrency 1 --llama-source "llama-cpp-python 0.3.36 sdist"
 
 GPU (one H200; the device machine has no network but has nvcc 13.0, CMake and ninja, so llama.cpp
 is built there from the llama-cpp-python sdist, which vendors llama.cpp's source).
