@@ -1,0 +1,51 @@
+"""bench/vs_llamacpp.py's pure parts: the llama-server settings it claims, the ratios, merging rows."""
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import vs_llamacpp  # noqa: E402
+
+
+def _args(**kw) -> Namespace:
+    base = dict(llama_server="llama-server", gguf=Path("m.gguf"), device="cpu", threads=2,
+                concurrency=[1, 16], slot_ctx=1600, one_slot_max_concurrency=1)
+    return Namespace(**(base | kw))
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_ollama_defaults_are_one_slot_4096_context_no_flash_attention():
+    cmd = vs_llamacpp.llama_server_cmd(_args(), "ollama_defaults", 9000)
+    assert (_flag(cmd, "--parallel"), _flag(cmd, "-c"), _flag(cmd, "-b"), _flag(cmd, "-fa")) == \
+        ("1", "4096", "512", "off")
+    assert _flag(cmd, "-ngl") == "0" and _flag(cmd, "-t") == "2"
+
+
+def test_tuned_llama_server_has_a_slot_per_stream_of_slot_ctx_each_on_the_gpu():
+    cmd = vs_llamacpp.llama_server_cmd(_args(device="cuda", concurrency=[1, 8, 32, 128]), "llamacpp_best", 9000)
+    assert _flag(cmd, "--parallel") == "128" and _flag(cmd, "-c") == str(128 * 1600)
+    assert _flag(cmd, "-fa") == "on" and "-cb" in cmd and _flag(cmd, "-ngl") == "999"
+
+
+def test_ratios_divide_pagefleet_by_each_llama_config_and_skip_unrun_rows():
+    row = dict(req_per_s=1.0, out_tok_per_s=10.0, ttft_ms_p50=100.0, ttft_ms_p99=200.0,
+               itl_ms_p50=10.0, itl_ms_p99=20.0)
+    servers = {"pagefleet": {"runs": {"W2": {k: v * 2 for k, v in row.items()}, "W4_c16": row}},
+               "ollama_defaults": {"runs": {"W2": row, "W4_c16": {"skipped": "one slot"}}}}
+    out = vs_llamacpp.ratios(servers)
+    assert out == {"pagefleet_over_ollama_defaults": {"W2": {k: 2.0 for k in row}}}
+
+
+def test_earlier_rows_fill_servers_not_run_now(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("[ollama_defaults] llama-server ...\n" + json.dumps(
+        {"server": "ollama_defaults", "workload": "W2", "out_tok_per_s": 11.0}) + "\n")
+    servers = {"pagefleet": {"runs": {}}}
+    runs = [("W2", 1, []), ("W4_c16", 16, [])]
+    vs_llamacpp.merge_earlier_rows(_args(earlier_rows=rows), servers, runs)
+    got = servers["ollama_defaults"]["runs"]
+    assert got["W2"] == {"out_tok_per_s": 11.0} and "skipped" in got["W4_c16"]
