@@ -51,12 +51,8 @@ SHAPES = engine_bench.SHAPES | {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
 }
-RESULTS: dict = {}
-
-
-def emit(name: str, **values) -> None:
-    RESULTS[name] = values
-    print(json.dumps({"what": name, **values}), flush=True)
+RESULTS = engine_bench.RESULTS       # one table of results for both scripts' workloads
+emit = engine_bench.emit
 
 
 def model_folder(size: str) -> Path:
@@ -109,8 +105,6 @@ def offline_w3(args, folder: Path, requests, warmup_requests) -> None:
 
 def bench_engine_workloads(engine: LLMEngine, size: str) -> None:
     """W2, W1, W5 and the W3 KV waste as bench/engine.py measures them, on this engine."""
-    engine_bench.RESULTS = RESULTS
-    engine_bench.emit = emit
     vocab = engine.model_config.vocab_size
     prompts, run = engine_bench.prompts, engine_bench.run
     run(engine, [(p, 16) for p in prompts(32, [512] * 32, vocab, 9)])
