@@ -159,7 +159,8 @@ def replica_env(spec: ReplicaSpec) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}
     # glibc's per-thread malloc arenas kept a replica's RSS climbing for ~8 minutes of load (the
     # 10-min soak at 64: +5.8% after warm-up, 1.23 GB and rising); one arena that returns freed
-    # memory early keeps it flat (+1.3%, 0.95 GB), same throughput within noise (bench/NOTES.md).
+    # memory early keeps it flat (+1.3%, 0.95 GB); a throughput change, if any, was within this
+    # machine's noise (bench/NOTES.md).
     # An operator's own settings win.
     env.update(malloc_env())
     if spec.api_keys:
