@@ -6,6 +6,8 @@ sampling each replica's RSS and GPU memory. Exit 0 when the soak passed (0 error
 
     python3 bench/soak_gpu.py --model DIR --load-format dummy --num-gpus 1 --duration-s 600 --concurrency 64
 
+Replicas get fleetctl's malloc settings (`malloc_env`); `MALLOC_ARENA_MAX=64 python3 ...`
+runs them with glibc's usual arena count instead, for comparison.
 Writes bench/results/soak-<gpu>-<date>.json (or under $OUT). DIR needs config.json (and the
 tokenizer files when --vocab-size is left at the tokenizer's size).
 """
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.nginx_overhead import wait_ready  # noqa: E402
 from bench.soak import Target, _range, soak  # noqa: E402
+from fleetctl.backends.base import malloc_env  # noqa: E402
 from fleetctl.config import FleetConfig  # noqa: E402
 from fleetctl.nginx import Nginx, Upstream, render, site_context  # noqa: E402
 from fleetctl.tls import ensure_tls  # noqa: E402
@@ -53,7 +56,7 @@ def main() -> int:
             [sys.executable, "-m", "replica.cli", "serve", "--model", args.model, "--port", str(port),
              "--device", args.device, "--load-format", args.load_format, "--served-model-name", "bench",
              "--max-queue", "100000", *args.replica_args.split()],
-            cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)},
+            cwd=ROOT, env={**os.environ, **malloc_env(), "CUDA_VISIBLE_DEVICES": str(gpu)},
             stdout=open(work / f"r{gpu + 1}.log", "w"), stderr=subprocess.STDOUT))
     nginx = Nginx(work / "nginx", binary=args.nginx)
     try:
