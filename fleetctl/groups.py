@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetctl.errors import ConfigError
-from fleetctl.models import BUNDLED, default_served_name
+from fleetctl.models import BUNDLED, default_served_name, is_store_name
 
 DEFAULT_GROUP = "default"
 _GROUP_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
@@ -41,7 +41,7 @@ class ModelGroup:
     engine: dict[str, object] = field(default_factory=dict)  # ENGINE_OPTIONS → value
 
     def __post_init__(self) -> None:
-        if self.model not in BUNDLED:
+        if self.model not in BUNDLED and not is_store_name(self.model):    # names stay names
             self.model = str(Path(self.model).expanduser().resolve())
         if not self.served_model_name:
             self.served_model_name = default_served_name(self.model)

@@ -27,3 +27,4 @@ def test_group_options_become_the_fleet_files_groups():
 def test_a_bad_group_option_says_what_to_write(text, words):
     with pytest.raises(ConfigError, match=words):
         parse_group_option(text)
+
