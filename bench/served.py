@@ -118,17 +118,7 @@ def bench_engine_workloads(engine: LLMEngine, size: str) -> None:
     emit("W1", req_per_s=round(256 / w1["wall_s"], 2), out_tok_per_s=round(w1["num_out"] / w1["wall_s"], 1),
          gpu_busy_share=round(w1["gpu_busy_share"], 3),
          host_ms_per_step=round(w1["wall_s"] * (1 - w1["gpu_busy_share"]) / w1["steps"] * 1e3, 3))
-    prefix = prompts(1, [1024], vocab, 4)[0]
-    w5_reqs = [(prefix + p, 64) for p in prompts(256, [64] * 256, vocab, 5)]
-    figures = {}
-    for caching in (True, False):
-        bm = engine.block_manager
-        bm.enable_prefix_caching = caching
-        bm.hash_to_block.clear()
-        for block in bm.blocks:
-            block.hash = block.token_ids = None
-        figures[caching] = 256 / run(engine, w5_reqs)["wall_s"]
-    engine.block_manager.enable_prefix_caching = True
+    figures = engine_bench.w5_req_per_s(engine, vocab)
     emit("W5", req_per_s_cached=round(figures[True], 2), req_per_s_uncached=round(figures[False], 2),
          speedup=round(figures[True] / figures[False], 2))
     gen = torch.Generator().manual_seed(0)
