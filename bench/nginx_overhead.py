@@ -51,7 +51,7 @@ def load(base_url: str, concurrency: int, num_requests: int, vocab: int, ca: Pat
             "--out", str(out), "--json"]
     if ca is not None:
         argv += ["--ca-file", str(ca)]
-    code = ("import sys; from fleetctl.loadgen import main; sys.exit(main(sys.argv[1:]))")
+    code = ("import sys; from fleetctl.bench_cli import main; sys.exit(main(sys.argv[1:]))")
     subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, check=False,
                    stdout=subprocess.DEVNULL, timeout=1800)
     return json.loads(out.read_text())["summary"]

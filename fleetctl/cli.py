@@ -1,7 +1,7 @@
 """fleetctl: run a fleet of pagefleet replicas behind NGINX with TLS, and keep it healthy.
 
 Commands only; the work lives in fleet.py, lifecycle.py, rollout.py, health.py, status.py,
-render.py and loadgen.py (`bench`, loaded only when used: it brings numpy and aiohttp).
+render.py and bench_cli.py (`bench`, loaded only when used: it brings numpy and aiohttp).
 Errors are one line saying what to do, with the exit codes listed in errors.py.
 """
 from __future__ import annotations
@@ -32,11 +32,11 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else shutil.get_ter
 
 class FleetGroup(click.Group):
     """Turns a FleetError into its one-line message and exit code (also under CliRunner), and
-    loads `bench` (fleetctl/loadgen.py) only when it is asked for."""
+    loads `bench` (fleetctl/bench_cli.py) only when it is asked for."""
 
     def get_command(self, ctx: click.Context, name: str):
         if name == "bench":
-            from fleetctl.loadgen import bench_command
+            from fleetctl.bench_cli import bench_command
 
             return bench_command
         return super().get_command(ctx, name)
@@ -72,7 +72,7 @@ def cli(ctx: click.Context) -> None:
     5 NGINX rejected the config (the old one keeps serving), 6 no fleet, 7 degraded.
     """
     if ctx.invoked_subcommand == "bench":
-        from fleetctl.loadgen import fleet_defaults
+        from fleetctl.bench_cli import fleet_defaults
 
         ctx.default_map = {**(ctx.default_map or {}), "bench": fleet_defaults(_state_dir())}
 

@@ -9,7 +9,8 @@ import pytest
 from aiohttp import web
 
 from fleetctl import loadgen_report
-from fleetctl.loadgen import (WORKLOADS, BenchConfig, arrival_times_s, main, make_requests, request_body,
+from fleetctl.bench_cli import main
+from fleetctl.loadgen import (WORKLOADS, BenchConfig, arrival_times_s, make_requests, request_body,
                               run_benchmark)
 from tests.ops.conftest import free_port
 
