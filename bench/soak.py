@@ -7,8 +7,11 @@ drifts by at most 2%, and every replica ends with 0 requests running and its KV 
         [--prompt-len 64:1024] [--output-len 16:512] [--out bench/results/soak-....json]
 
 The fleet comes from its state directory (URL, CA, API key, replicas, internal port); replica
-pids from the local backend's registry (DIR/local/rN.json). GPU memory per replica process from
-`nvidia-smi --query-compute-apps` when it exists. Used by tests/fleet/test_soak.py on the CPU
+pids from the local backend's registry (DIR/local/rN.json). A replica is a process tree (the
+server and its engine core child, which holds the weights and the KV cache): RSS and GPU memory
+are summed over the tree. GPU memory per process from `nvidia-smi --query-compute-apps`; where
+that lists no pid of the tree (some container runtimes hide pids), the GPU's own used memory
+when the replica is the only one on its GPU (`Target.gpu_index`). Used by tests/fleet/test_soak.py on the CPU
 fleet; the GPU command is in bench/NOTES.md (issue 18).
 """
 from __future__ import annotations
@@ -109,7 +112,8 @@ class Target:
     api_key: str | None
     model: str
     metrics_urls: dict[str, str]  # replica id → /metrics (through NGINX's internal listener)
-    pids: dict[str, int]          # replica id → process
+    pids: dict[str, int]          # replica id → process (the server; its children are counted too)
+    gpu_index: dict[str, int] = field(default_factory=dict)  # replica id → GPU it holds alone
 
     @classmethod
     def from_fleet(cls, home: Path) -> "Target":
@@ -142,12 +146,32 @@ class Target:
         return gauge("pagefleet_num_requests_running"), gauge("pagefleet_kv_cache_usage_perc")
 
     def sample(self, t_s: float) -> Sample:
-        rss, running, kv = {}, {}, {}
-        gpu = gpu_memory_bytes()
+        rss, gpu, running, kv = {}, {}, {}, {}
+        per_pid, per_gpu = gpu_memory_bytes(), gpu_used_bytes() if self.gpu_index else {}
         for rid in self.replica_ids:
-            rss[rid] = rss_bytes(self.pids[rid]) if rid in self.pids else 0
+            tree = process_tree(self.pids[rid]) if rid in self.pids else []
+            rss[rid] = sum(rss_bytes(pid) for pid in tree)
+            gpu[rid] = sum(per_pid.get(pid, 0) for pid in tree) or per_gpu.get(self.gpu_index.get(rid), 0)
             running[rid], kv[rid] = self.gauges(rid)
-        return Sample(t_s, rss, {rid: gpu.get(self.pids.get(rid), 0) for rid in self.replica_ids}, running, kv)
+        return Sample(t_s, rss, gpu, running, kv)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (from /proc's parent links), `pid` first; [] once it is gone."""
+    if not Path(f"/proc/{pid}").exists():
+        return []
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ...
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
 
 
 def rss_bytes(pid: int) -> int:
@@ -158,6 +182,15 @@ def rss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def gpu_used_bytes() -> dict[int, int]:
+    """Used memory per GPU index (all processes on it); empty without nvidia-smi."""
+    if not shutil.which("nvidia-smi"):
+        return {}
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return {int(i): int(m) * 2**20 for i, m in (line.split(", ") for line in out.splitlines() if ", " in line)}
 
 
 def gpu_memory_bytes() -> dict[int, int]:

@@ -69,7 +69,8 @@ def main() -> int:
                                                          for rid, (port, _) in replicas.items()], tls, nginx.prefix)))
         target = Target(f"https://127.0.0.1:{HTTPS_PORT}", str(tls.ca), None, "bench",
                         {rid: f"http://127.0.0.1:{port}/metrics" for rid, (port, _) in replicas.items()},
-                        {rid: proc.pid for rid, (_, proc) in replicas.items()})
+                        {rid: proc.pid for rid, (_, proc) in replicas.items()},
+                        {f"r{gpu + 1}": gpu for gpu in range(args.num_gpus)} if args.device == "cuda" else {})
         report = soak(target, args.duration_s, args.concurrency, _range(args.prompt_len), _range(args.output_len),
                       args.vocab_size, sample_every_s=min(10.0, args.duration_s / 20))
     finally:

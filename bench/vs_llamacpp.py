@@ -89,11 +89,9 @@ import json
 import os
 import platform
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.request
@@ -105,70 +103,15 @@ sys.path.insert(0, str(ROOT))
 from fleetctl.loadgen import BenchConfig, RequestSpec, make_requests, run_benchmark  # noqa: E402
 from fleetctl.loadgen_report import summarize  # noqa: E402
 
-SERVERS = ("ollama_defaults", "llamacpp_best", "pagefleet")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llamacpp_prep  # noqa: E402  (bench/llamacpp_prep.py)
+from vs_llamacpp_report import (SERVERS, device_name, gguf_facts, git_commit, llama_build_flags,  # noqa: E402
+                                llama_server_version, load_average, print_table, ratios, write_png)
+
 W4_PROMPT_LEN, W4_OUTPUT_LEN = (64, 1024), (16, 512)
 W2_PROMPT_LEN, W2_OUTPUT_LEN = 512, 128
 # Ollama's defaults (envconfig / api.DefaultOptions): num_ctx 4096, num_batch 512, one slot, no FA.
 OLLAMA_NUM_CTX, OLLAMA_NUM_BATCH = 4096, 512
-
-
-# ---------------------------------------------------------------- environment and versions
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-        return torch.cuda.get_device_name()
-    return cpu_model()
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return out.stdout.strip() or "unknown"
-
-
-def llama_server_version(binary: str) -> str:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
-    return (out.stdout + out.stderr).strip()
-
-
-def llama_build_flags(binary: str) -> dict[str, str]:
-    """The build choices that change speed, read from the CMake cache of the binary's build folder."""
-    keys = re.compile(r"^(CMAKE_BUILD_TYPE|CMAKE_CUDA_ARCHITECTURES|CMAKE_C_COMPILER|BUILD_SHARED_LIBS|"
-                      r"GGML_(CUDA|NATIVE|AVX\w*|F16C|FMA|BLAS|CUDA_\w+|CPU\w*|OPENMP|METAL|VULKAN)):\w+=(.*)$")
-    for folder in Path(binary).resolve().parents[:3]:
-        cache = folder / "CMakeCache.txt"
-        if cache.is_file():
-            return {m.group(1): m.group(3) for line in cache.read_text().splitlines() if (m := keys.match(line))}
-    return {}
-
-
-def gguf_facts(path: Path) -> dict:
-    """File type and vocabulary size of a GGUF (needs the `gguf` package; {} without it)."""
-    try:
-        import gguf
-    except ImportError:
-        return {"size_bytes": path.stat().st_size}
-    reader = gguf.GGUFReader(str(path))
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    return {"size_bytes": path.stat().st_size, "tensor_types": types,
-            "vocab_size": len(tokens.data) if tokens else None}
 
 
 # ---------------------------------------------------------------- servers
@@ -307,126 +250,6 @@ def merge_earlier_rows(args, servers: dict, runs) -> None:
                                                            "throughput is the W4_c1 figure"}
 
 
-def ratios(servers: dict) -> dict:
-    """pagefleet / each llama.cpp configuration, per workload and figure."""
-    figures = ("req_per_s", "out_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
-    out: dict = {}
-    pf = servers.get("pagefleet", {}).get("runs", {})
-    for other in ("ollama_defaults", "llamacpp_best"):
-        for wname, row in servers.get(other, {}).get("runs", {}).items():
-            mine = pf.get(wname)
-            if not mine or "skipped" in row or "skipped" in mine:
-                continue
-            out.setdefault(f"pagefleet_over_{other}", {})[wname] = {
-                f: round(mine[f] / row[f], 2) if mine.get(f) and row.get(f) else None for f in figures}
-    return out
-
-
-# ---------------------------------------------------------------- report
-
-def print_table(results: dict) -> None:
-    servers = results["servers"]
-    cols = ("req_per_s", "out_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
-    print("| workload | server | n | " + " | ".join(cols) + " |")
-    print("|" + " --- |" * (len(cols) + 3))
-    for w in results["workloads"]:
-        for s, data in servers.items():
-            row = data["runs"].get(w, {})
-            if "skipped" in row:
-                print(f"| {w} | {s} | - | " + " | ".join("not run" for _ in cols) + " |")
-            elif row:
-                print(f"| {w} | {s} | {row['num_requests']} | " + " | ".join(str(row[c]) for c in cols) + " |")
-
-
-def write_png(path: Path, results: dict) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no PNG: matplotlib is not installed", flush=True)
-        return
-    servers = {k: results["servers"][k] for k in SERVERS if k in results["servers"]}
-    names = results["workloads"]
-    panels = (("out_tok_per_s", "output tokens/s (higher is better)"),
-              ("ttft_ms_p50", "TTFT p50, ms (log)"), ("itl_ms_p50", "ITL p50, ms (log)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
-    width = 0.8 / len(servers)
-    for ax, (fig_key, title) in zip(axes, panels):
-        for i, (s, data) in enumerate(servers.items()):
-            vals = [data["runs"].get(w, {}).get(fig_key) or 0 for w in names]
-            ax.bar([x + i * width for x in range(len(names))], vals, width, label=s)
-        ax.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(names))], names)
-        ax.set_title(title, fontsize=10)
-        if fig_key != "out_tok_per_s":
-            ax.set_yscale("log")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(servers), fontsize=8)
-    env = results["env"]
-    fig.suptitle(f"pagefleet vs llama-server, {env['model_name']} on {env['device_name']} ({env['date']})",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------- GPU preparation helpers
-
-# What neither the llama-server/llama-quantize build (tests, examples off) nor the converter reads.
-PACK_DROP = ("docs", "models", "tests", "examples", "pocs", "benches", "media", ".github", "ci", "skills",
-             "ggml/src/ggml-vulkan", "ggml/src/ggml-sycl", "ggml/src/ggml-metal", "ggml/src/ggml-cann",
-             "ggml/src/ggml-musa", "ggml/src/ggml-opencl", "ggml/src/ggml-webgpu", "ggml/src/ggml-hexagon",
-             "ggml/src/ggml-zdnn", "ggml/src/ggml-kompute", "tools/server/tests", "tools/server/bench",
-             "tools/ui/src", "tools/ui/tests", "tools/ui/package-lock.json")
-
-
-def pack_llamacpp(sdist: Path, dest: Path) -> None:
-    """Unpack the llama.cpp tree vendored in a llama-cpp-python sdist into dest, keeping what the
-    CUDA build of llama-server and llama-quantize and the HF→GGUF converter need."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdist) as tar:
-        prefix = tar.getmembers()[0].name.split("/")[0] + "/vendor/llama.cpp"
-        for m in tar.getmembers():
-            if not m.name.startswith(prefix + "/"):
-                continue
-            rel = m.name[len(prefix) + 1:]
-            if not rel or any(rel == d or rel.startswith(d + "/") for d in PACK_DROP):
-                continue
-            m.name = rel
-            tar.extract(m, dest, filter="data")
-    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    print(f"{dest}: {size / 2**20:.1f} MiB")
-
-
-def export_tokenizer(dest: Path) -> None:
-    """SmolLM2's tokenizer as Hugging Face files (from the bundled GGUF, through transformers)."""
-    from transformers import AutoTokenizer
-    from replica.models.registry import resolve_model_path
-    gguf_path = resolve_model_path("smollm2")
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tok.save_pretrained(str(dest))
-    print(f"{dest}: {sorted(p.name for p in dest.iterdir())}")
-
-
-# Llama-3-8B's shape (bench/engine.py's "8b").
-SHAPE_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
-
-
-def make_checkpoint(dest: Path, tokenizer: Path, shape: dict) -> None:
-    """An HF Llama checkpoint with random bf16 weights (std 0.02) and the given tokenizer files."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(**shape, max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1,
-                         eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16")
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(str(dest))
-    for f in tokenizer.iterdir():
-        shutil.copy(f, dest / f.name)
-    print(f"{dest}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
-
-
 # ---------------------------------------------------------------- main
 
 def _ints(text: str) -> list[int]:
@@ -436,7 +259,7 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("pack-llamacpp", "export-tokenizer", "make-checkpoint"):
-        return prepare(argv)
+        return llamacpp_prep.main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-server", required=True, help="path to the llama-server binary")
     p.add_argument("--gguf", required=True, help="GGUF file both servers load ('smollm2': the bundled one)")
@@ -515,28 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out_dir / stem}.json and .png")
     bad = [(s, w) for s, d in servers.items() for w, r in d["runs"].items() if r.get("num_errors")]
     return 1 if bad else 0
-
-
-def prepare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vs_llamacpp.py " + argv[0])
-    if argv[0] == "pack-llamacpp":
-        p.add_argument("sdist", type=Path)
-        p.add_argument("dest", type=Path)
-        a = p.parse_args(argv[1:])
-        pack_llamacpp(a.sdist, a.dest)
-    elif argv[0] == "export-tokenizer":
-        p.add_argument("dest", type=Path)
-        export_tokenizer(p.parse_args(argv[1:]).dest)
-    else:
-        p.add_argument("dest", type=Path)
-        p.add_argument("--tokenizer", type=Path, required=True)
-        p.add_argument("--tiny", action="store_true", help="a 2-layer model (checks the flow on a CPU)")
-        a = p.parse_args(argv[1:])
-        shape = SHAPE_8B if not a.tiny else dict(SHAPE_8B, hidden_size=256, intermediate_size=512,
-                                                 num_hidden_layers=2, num_attention_heads=4,
-                                                 num_key_value_heads=2)
-        make_checkpoint(a.dest, a.tokenizer, shape)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,22 +1,22 @@
 """fleetctl: run a fleet of pagefleet replicas behind NGINX with TLS, and keep it healthy.
 
-Commands only; the work lives in fleet.py, lifecycle.py, rollout.py, health.py, status.py,
-render.py and bench_cli.py (`bench`, loaded only when used: it brings numpy and aiohttp).
+Commands only (their group: cli_group.py); the work lives in fleet.py, lifecycle.py, rollout.py,
+health.py, status.py, render.py and bench_cli.py (`bench`, loaded only when used: it brings numpy
+and aiohttp).
 Errors are one line saying what to do, with the exit codes listed in errors.py.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import sys
 import threading
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from fleetctl import output
+from fleetctl.cli_group import FleetGroup, console, err
 from fleetctl.config import BACKENDS, ROUTINGS, FleetConfig
 from fleetctl.errors import EXIT_DEGRADED, FleetError
 from fleetctl.fleet import Fleet
@@ -25,32 +25,6 @@ from fleetctl.health import DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL_S, DEFAU
 from fleetctl.state import StateDir
 from fleetctl.status import collect
 from fleetctl.up_options import ConfigOption, given_options
-
-# Tables stay readable when piped (rich would fall back to 80 columns); a terminal sets its own.
-console = Console(width=None if sys.stdout.isatty() else shutil.get_terminal_size((160, 24)).columns)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else shutil.get_terminal_size((160, 24)).columns)
-
-class FleetGroup(click.Group):
-    """Turns a FleetError into its one-line message and exit code (also under CliRunner), and
-    loads `bench` (fleetctl/bench_cli.py) only when it is asked for."""
-
-    def get_command(self, ctx: click.Context, name: str):
-        if name == "bench":
-            from fleetctl.bench_cli import bench_command
-
-            return bench_command
-        return super().get_command(ctx, name)
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "bench"])
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except FleetError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            ctx.exit(exc.exit_code)
-
 
 @click.group(cls=FleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=output.version(), message="fleetctl %(version)s")

@@ -32,6 +32,7 @@ TEMPLATE_ENV = "PAGEFLEET_NGINX_TEMPLATE"
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "lb" / "nginx.conf.j2"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 RELOAD_TIMEOUT_S = 10.0
+NJS_MODULE_ENV = "PAGEFLEET_NJS_MODULE"  # where another install keeps ngx_http_js_module.so
 NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"  # Debian's libnginx-mod-http-js
 
 
@@ -51,12 +52,14 @@ class ModelGroup:
 
 
 def site_context(config, fleet_id: str, upstreams: list[Upstream], tls, prefix: Path,
-                 groups: list[ModelGroup] | None = None, njs_module: str = NJS_MODULE,
+                 groups: list[ModelGroup] | None = None, njs_module: str | None = None,
                  njs_script: str | None = None) -> dict:
     """Everything lb/nginx.conf.j2 reads: the fleet's config, the replicas in rotation, TLS paths.
     `groups`: the model groups (default: one, the fleet's served model on `upstreams`). Several
     groups, or prefix routing, route in njs (lb/pagefleet.js): `njs_module` is where this host's
-    NGINX finds ngx_http_js_module, `njs_script` the router (default: beside the template)."""
+    NGINX finds ngx_http_js_module (default: $PAGEFLEET_NJS_MODULE, else Debian's path),
+    `njs_script` the router (default: beside the template)."""
+    njs_module = njs_module or os.environ.get(NJS_MODULE_ENV) or NJS_MODULE
     groups = groups or [ModelGroup(1, config.served_model_name, tuple(upstreams))]
     use_njs = len(groups) > 1 or config.routing == "prefix"
     if use_njs and Path(njs_module).is_absolute() and not Path(njs_module).exists():

@@ -23,3 +23,31 @@ def test_ten_minutes_at_concurrency_64_through_https_leave_no_error_no_growth_no
     print([(round(s.t_s), {k: v >> 20 for k, v in s.rss_bytes.items()}) for s in report.samples])
     assert report.problems() == [], summary
     assert report.num_ok > 0 and report.num_unsent_retries == 0, summary
+
+
+def test_a_replica_is_measured_as_its_whole_process_tree_server_and_engine_core():
+    import subprocess
+    import sys
+    import time
+
+    from bench.soak import process_tree, rss_bytes
+
+    # A parent that starts a child holding 64 MiB, as `replica serve` starts its engine core.
+    code = ("import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; b = bytearray(64 << 20); time.sleep(60)']); "
+            "time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tree = process_tree(parent.pid)
+        assert tree[0] == parent.pid and len(tree) == 2
+        while rss_bytes(tree[1]) < 64 << 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sum(rss_bytes(pid) for pid in tree) > rss_bytes(parent.pid) + (64 << 20) - (1 << 20)
+    finally:
+        for pid in process_tree(parent.pid)[::-1]:
+            subprocess.run(["kill", "-9", str(pid)])
+        parent.wait()
+    assert process_tree(parent.pid) == []
