@@ -49,7 +49,8 @@ _MAX_FILL_THREADS = 8       # 128 rows of a string state fill in ~0.1 ms on 8 th
 def default_fill_threads() -> int:
     """Half the cores this process may use (the other half runs the step loop and the front
     end), at least one, at most `_MAX_FILL_THREADS`."""
-    return max(1, min(_MAX_FILL_THREADS, len(os.sched_getaffinity(0)) // 2))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(_MAX_FILL_THREADS, cpus // 2))
 
 
 @dataclass

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from replica.engine.llm import LLM
 from replica.engine.sequence import Sequence
 from replica.engine.structured_output import StructuredOutputs, json_schema_ebnf
 from replica.sampling_params import SamplingParams, StructuredOutputSpec
