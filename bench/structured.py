@@ -154,7 +154,8 @@ class _PerRowPath:
             matcher.accept_token(token_id)
 
 
-def host_only(tokenizer_dir: Path, num_rows: int, num_steps: int, vocab_size: int) -> None:
+def host_only(tokenizer_dir: Path, num_rows: int, num_steps: int, vocab_size: int,
+              fill_threads: int | None) -> None:
     """ms per step of mask fill + accept for `num_rows` rows under W7's schema, three ways, fed
     the same tokens (drawn uniformly from the engine's mask): before (`_PerRowPath`), the
     engine's batched calls over a model-wide vocabulary, and the engine as it is (the grammar
@@ -162,9 +163,10 @@ def host_only(tokenizer_dir: Path, num_rows: int, num_steps: int, vocab_size: in
     tokenizer = Tokenizer.load(tokenizer_dir, "hf", [])
     cpu = torch.device("cpu")
     wide = SimpleNamespace(hf=tokenizer.hf, vocab_size=vocab_size)     # a tokenizer padded to the model
+    eos = tokenizer.eos_token_ids
     paths = {"before": _PerRowPath(tokenizer, vocab_size, num_rows),
-             "batched_model_vocab": StructuredOutputs(wide, vocab_size, tokenizer.eos_token_ids, cpu),
-             "after": StructuredOutputs(tokenizer, vocab_size, tokenizer.eos_token_ids, cpu)}
+             "batched_model_vocab": StructuredOutputs(wide, vocab_size, eos, cpu, fill_threads),
+             "after": StructuredOutputs(tokenizer, vocab_size, eos, cpu, fill_threads)}
     engine = paths["after"]
     seqs = {name: [Sequence(str(i), [1, 2, 3], SamplingParams(structured_output=SPEC), 0.0)
                    for i in range(num_rows)] for name in paths}
@@ -209,11 +211,13 @@ def main() -> None:
     parser.add_argument("--host-only", action="store_true", help="only the host's mask fill + accept")
     parser.add_argument("--host-rows", type=int, default=128)
     parser.add_argument("--host-steps", type=int, default=64)
+    parser.add_argument("--fill-threads", type=int, help="--host-only: xgrammar's fill threads "
+                        "(default: the engine's, half the cores, at most 8)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     vocab = (TINY if args.size == "tiny" else SHAPES[args.size])["vocab_size"]
     if args.host_only:
-        host_only(args.tokenizer, args.host_rows, args.host_steps, vocab)
+        host_only(args.tokenizer, args.host_rows, args.host_steps, vocab, args.fill_threads)
         return write(Path(args.out) / f"structured-host-{platform.node()}-{datetime.date.today()}.json")
     w7(args, vocab)
     where = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0]
