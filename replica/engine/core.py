@@ -232,9 +232,11 @@ class EngineCore:
             seqs = [seq for seq, _ in plan.samplers]
             if prev is not None and any(s.params.has_penalties or s.params.structured_output is not None
                                         for s in seqs):
+                # this step's forward pass is already queued behind t's: the host reads t's
+                # tokens, advances the matchers and fills the bitmask while the device runs it
                 outputs += self._resolve(prev)
                 prev = None
-            # structured outputs: the bitmask is filled while the forward pass runs on the device
+                self.num_overlapped_steps += 1
             allowed = self.structured.allowed_mask(seqs) if self.structured is not None else None
             sampled = self.sampler.sample_async(logits, seqs, allowed_mask=allowed)
             for seq in seqs:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from replica.engine.sequence import Sequence
-from replica.engine.structured_output import apply_allowed_mask
+from replica.engine.structured_output import AllowedMask
 from replica.outputs import TokenLogprob
 
 _RING = 2     # host buffers in flight: a step's copy is read before the step after next reuses it
@@ -66,14 +66,16 @@ class Sampler:
         self._params = [torch.zeros(num_rows, 4, pin_memory=pin) for _ in range(_RING)]
         self._tokens = [torch.zeros(num_rows, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], allowed_mask=None
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], allowed_mask: AllowedMask | None = None
                ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Samples and waits: (token ids, logprobs or None per row)."""
         return self.sample_async(logits, seqs, allowed_mask).to_host()
 
-    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence], allowed_mask=None) -> SampledBatch:
-        # logits: [S, V] float32, one row per sequence in `seqs`
-        # allowed_mask: None, or structured outputs' (bitmask, constrained rows)
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence],
+                     allowed_mask: AllowedMask | None = None) -> SampledBatch:
+        # logits: [S, V] float32, one row per sequence in `seqs`; the runner's fresh tensor,
+        # which a grammar's mask overwrites in place (no copy of S x V floats per step)
+        # allowed_mask: structured outputs' grammars, applied to their rows only
         num_rows = len(seqs)
         if num_rows > self._max_rows:
             if self.is_cuda:
@@ -86,8 +88,7 @@ class Sampler:
         raw_logprobs = (torch.log_softmax(logits.index_select(0, self._rows(logprob_rows)), dim=-1)
                         if logprob_rows else None)
         if allowed_mask is not None:      # structured outputs: forbidden tokens → -inf
-            logits = logits.clone()
-            apply_allowed_mask(logits, allowed_mask)
+            allowed_mask.apply(logits)
         logits = self._apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
         if any(not p.is_greedy for p in params):

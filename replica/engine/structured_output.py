@@ -2,7 +2,7 @@
 allowed-token bitmask of a whole batch.
 
 Per step (engine side, where sampling happens):
-    mask = structured.allowed_mask(seqs)        # None when no sequence is constrained
+    mask = structured.allowed_mask(seqs)        # None when no row is under a live grammar
     tokens = sampler.sample(logits, seqs, allowed_mask=mask)
     structured.accept(seqs, tokens)             # advances the matchers of constrained rows
 
@@ -15,13 +15,24 @@ Invariants:
   it is created on the sequence's first constrained step by replaying its output so far (so a
   forked sample, or a sequence preempted and recomputed, needs no hook), and dropped with the
   sequence (a weak reference: finished and aborted sequences need no hook either).
-- The bitmask is filled on the CPU while the forward pass runs on the GPU (the runner's
-  launches are asynchronous); it is copied to the logits' device and applied in the sampler.
+- The grammar's vocabulary is the tokenizer's (`grammar_vocab_size`); ids from there to the
+  logits' width (an embedding padded past the tokenizer) are never allowed in a constrained
+  row, and are masked by one slice on the device. Handing the padding to xgrammar instead
+  makes every fill clear, and every accept search, one "special token" per padded id: with
+  SmolLM2's 49k tokens under a 128k-wide model that was 20x the cost of the grammar itself.
+- The host work per step is two calls into xgrammar's C++ for the whole batch, without the
+  GIL: one accept of the last tokens, one fill of the bitmask across `max_threads` threads.
+  Rows whose grammar has terminated (ignore_eos runs on) are neither filled nor masked.
+- The core calls `allowed_mask` after launching the step's forward pass, so the fill runs on
+  the host while the device computes; the bitmask goes to the device by an asynchronous copy
+  from one of two pinned buffers, and a buffer is refilled only after its last copy is done.
 """
 import functools
 import json
 import logging
+import os
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -31,26 +42,94 @@ from replica.sampling_params import StructuredOutputSpec
 log = logging.getLogger(__name__)
 
 _COMPILE_CACHE_SIZE = 256
+_NUM_HOST_BUFFERS = 2       # a step's bitmask is in a copy while the next one is filled
+_MAX_FILL_THREADS = 8       # 128 rows of a string state fill in ~0.1 ms on 8 threads
+
+
+def default_fill_threads() -> int:
+    """Half the cores this process may use (the other half runs the step loop and the front
+    end), at least one, at most `_MAX_FILL_THREADS`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(_MAX_FILL_THREADS, cpus // 2))
+
+
+@dataclass
+class AllowedMask:
+    """What a step's grammars allow, on the logits' device."""
+    bitmask: torch.Tensor          # [R', ceil(grammar_vocab_size / 32)] int32; row i is logits row i
+    rows: torch.Tensor             # [R] int64: the rows under a grammar (the others are free)
+    grammar_vocab_size: int        # ids >= this are never allowed in those rows
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Sets the logits of forbidden tokens to -inf, in place, in the constrained rows."""
+        import xgrammar as xgr
+
+        # logits: [S, V]; the bitmask covers [:grammar_vocab_size], the slice the rest. The
+        # runner's logits are an inference tensor: only inference mode may write into them.
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask, vocab_size=self.grammar_vocab_size,
+                                        indices=self.rows)
+        if self.grammar_vocab_size < logits.shape[1]:
+            with torch.inference_mode():
+                logits[:, self.grammar_vocab_size:].index_fill_(0, self.rows, float("-inf"))
+
+
+class _HostBuffers:
+    """`_NUM_HOST_BUFFERS` host bitmasks (pinned on CUDA), used in turn; each remembers an event
+    recorded after its copy to the device was queued, and waits for it before it is refilled."""
+
+    def __init__(self, words: int, device: torch.device):
+        self.words, self.device = words, device
+        self._masks: list[torch.Tensor] = [torch.empty(0, words, dtype=torch.int32)] * _NUM_HOST_BUFFERS
+        self._rows: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)] * _NUM_HOST_BUFFERS
+        self._copied: list[torch.cuda.Event | None] = [None] * _NUM_HOST_BUFFERS
+        self._turn = 0
+
+    def take(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(bitmask [num_rows, words], row indices [num_rows], slot) of the next free slot."""
+        slot = self._turn = (self._turn + 1) % _NUM_HOST_BUFFERS
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()     # in practice long done: the last step was read
+        if self._masks[slot].shape[0] < num_rows:
+            size = max(num_rows, 2 * self._masks[slot].shape[0])
+            pin = self.device.type == "cuda"
+            self._masks[slot] = torch.empty(size, self.words, dtype=torch.int32, pin_memory=pin)
+            self._rows[slot] = torch.empty(size, dtype=torch.int64, pin_memory=pin)
+        return self._masks[slot][:num_rows], self._rows[slot][:num_rows], slot
+
+    def to_device(self, bitmask: torch.Tensor, rows: torch.Tensor, slot: int):
+        if self.device.type != "cuda":
+            return bitmask, rows
+        on_device = (bitmask.to(self.device, non_blocking=True), rows.to(self.device, non_blocking=True))
+        self._copied[slot] = torch.cuda.Event()
+        self._copied[slot].record()
+        return on_device
 
 
 class StructuredOutputs:
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int], device: torch.device):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int], device: torch.device,
+                 max_threads: int | None = None):
         self._tokenizer = tokenizer            # replica Tokenizer (its `.hf` feeds xgrammar)
         self.vocab_size = vocab_size           # the logits' width (may exceed the tokenizer's)
+        self.grammar_vocab_size = min(tokenizer.vocab_size, vocab_size)
         self.eos_token_ids = list(eos_token_ids)
         self.device = device
+        self.max_threads = max_threads or default_fill_threads()
+        self.num_masked_tokens = 0             # tokens sampled under a live grammar, ever
         self._compiler = None
+        self._batch = None                     # xgrammar's BatchGrammarMatcher (its threads)
         self._matchers: weakref.WeakKeyDictionary[Sequence, object] = weakref.WeakKeyDictionary()
-        self._bitmask: torch.Tensor | None = None     # [rows, ceil(vocab / 32)] int32, CPU
+        self._buffers = _HostBuffers(-(-self.grammar_vocab_size // 32), device)
 
     # ---- compilation --------------------------------------------------------------------
     def _get_compiler(self):
         if self._compiler is None:
             import xgrammar as xgr
 
-            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer.hf, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.eos_token_ids)
+            stop_ids = [i for i in self.eos_token_ids if i < self.grammar_vocab_size]
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer.hf, vocab_size=self.grammar_vocab_size,
+                                                      stop_token_ids=stop_ids)
             self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+            self._batch = xgr.BatchGrammarMatcher(self.max_threads)
         return self._compiler
 
     @functools.lru_cache(maxsize=_COMPILE_CACHE_SIZE)
@@ -86,43 +165,45 @@ class StructuredOutputs:
             self._matchers[seq] = matcher
         return matcher
 
-    def allowed_mask(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]] | None:
-        """(bitmask [len(seqs), words] on the logits' device, constrained row indices), or None."""
-        rows = [i for i, s in enumerate(seqs) if s.params.structured_output is not None]
+    def allowed_mask(self, seqs: list[Sequence]) -> AllowedMask | None:
+        """The mask of `seqs`' rows under a live grammar, or None when there is none."""
+        rows, matchers = [], []
+        for i, seq in enumerate(seqs):
+            # a sequence that ended at the step read just now still has a row: its token is dropped
+            if seq.params.structured_output is not None and not seq.status.is_finished:
+                matcher = self._matcher(seq)
+                if not matcher.is_terminated():   # ended (ignore_eos runs on): no constraint left
+                    rows.append(i)
+                    matchers.append(matcher)
         if not rows:
             return None
-        import xgrammar as xgr
-
-        if self._bitmask is None or self._bitmask.shape[0] < len(seqs):
-            size = max(len(seqs), 2 * (0 if self._bitmask is None else self._bitmask.shape[0]))
-            self._bitmask = xgr.allocate_token_bitmask(size, self.vocab_size)
-            if self.device.type == "cuda":
-                self._bitmask = self._bitmask.pin_memory()
-        bitmask = self._bitmask[:len(seqs)]
-        for i in rows:
-            matcher = self._matcher(seqs[i])
-            if matcher.is_terminated():       # ended (ignore_eos runs on): no constraint left
-                bitmask[i].fill_(-1)
-            else:
-                matcher.fill_next_token_bitmask(bitmask, i)
-        return bitmask.to(self.device, non_blocking=True), rows
+        # rows are ascending: the bitmask needs rows up to the last constrained one only
+        bitmask, row_ids, slot = self._buffers.take(rows[-1] + 1)
+        row_ids = row_ids[:len(rows)]
+        row_ids.numpy()[:] = rows
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        self.num_masked_tokens += len(rows)
+        return AllowedMask(*self._buffers.to_device(bitmask, row_ids, slot), self.grammar_vocab_size)
 
     def accept(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Advances the live matchers of `seqs` by their new tokens (one batched call)."""
+        import xgrammar as xgr
+
+        live, matchers, tokens = [], [], []
         for seq, token_id in zip(seqs, token_ids):
             if seq.params.structured_output is None:
                 continue
             matcher = self._matchers.get(seq)
             if matcher is not None and not matcher.is_terminated():
-                if not matcher.accept_token(token_id):
-                    log.warning("token %d broke the grammar of %r", token_id, seq)
-
-
-def apply_allowed_mask(logits: torch.Tensor, allowed_mask: tuple[torch.Tensor, list[int]]) -> None:
-    """Sets the logits of tokens the grammar forbids to -inf, in place, for constrained rows."""
-    import xgrammar as xgr
-
-    bitmask, rows = allowed_mask
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+                live.append(seq)
+                matchers.append(matcher)
+                tokens.append(token_id)
+        if not matchers:
+            return
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+        for seq, token_id, ok in zip(live, tokens, accepted):
+            if not ok:
+                log.warning("token %d broke the grammar of %r", token_id, seq)
 
 
 # xgrammar (0.2.9) writes a length-bounded string's characters as `[^"\\\r\n]`, which lets a

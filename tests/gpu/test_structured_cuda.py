@@ -1,12 +1,13 @@
-"""Structured outputs on a CUDA GPU: the bitmask applied on the GPU equals the CPU path, and
-constrained generation through CUDA graphs validates. Skipped without CUDA."""
+"""Structured outputs on a CUDA GPU: the bitmask applied on the GPU equals the CPU path (padded
+logits included), and constrained generation through CUDA graphs validates while the
+unconstrained rows of the same batch keep their tokens. Skipped without CUDA."""
 import json
 
 import jsonschema
 import pytest
 import torch
 
-from replica.engine.structured_output import apply_allowed_mask
+from replica.engine.structured_output import AllowedMask
 from replica.sampling_params import SamplingParams, StructuredOutputSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -22,14 +23,15 @@ def test_the_allowed_mask_on_the_gpu_equals_the_cpu_one():
         any_whitespace=False)
     matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(4, len(vocab))
-    bitmask.fill_(-1)
     matcher.fill_next_token_bitmask(bitmask, 2)
-    logits = torch.randn(4, len(vocab), generator=torch.Generator().manual_seed(0))
+    width = len(vocab) + 37                 # an embedding padded past the tokenizer
+    logits = torch.randn(4, width, generator=torch.Generator().manual_seed(0))
     cpu, gpu = logits.clone(), logits.cuda()
-    apply_allowed_mask(cpu, (bitmask, [2]))
-    apply_allowed_mask(gpu, (bitmask.cuda(), [2]))
+    rows = torch.tensor([2])
+    AllowedMask(bitmask, rows, len(vocab)).apply(cpu)
+    AllowedMask(bitmask.cuda(), rows.cuda(), len(vocab)).apply(gpu)
     torch.testing.assert_close(gpu.cpu(), cpu)
-    assert torch.isinf(cpu[2]).sum() == len(vocab) - 1        # only "{" may open the object
+    assert torch.isinf(cpu[2]).sum() == width - 1        # only "{" may open the object
     torch.testing.assert_close(cpu[[0, 1, 3]], logits[[0, 1, 3]])
 
 
@@ -52,3 +54,13 @@ def test_constrained_generation_on_the_gpu_validates(tmp_path):
     for result in llm.generate(["x"] * 16, params):
         jsonschema.validate(json.loads(result.outputs[0].text), schema)
     assert llm.engine.runner.graphs is not None, "decode ran through CUDA graphs"
+    # a mixed batch: the unconstrained rows get the tokens they get alone, with overlap on
+    plain = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompts = ["a", "b", "c", "d"]
+    alone = [r.outputs[0].token_ids for r in llm.generate(prompts, plain)]
+    llm.engine.num_overlapped_steps = 0
+    mixed = llm.generate(prompts, [params[0], plain, params[0], plain])
+    assert [mixed[1].outputs[0].token_ids, mixed[3].outputs[0].token_ids] == [alone[1], alone[3]]
+    assert llm.engine.num_overlapped_steps > 20
+    for result in (mixed[0], mixed[2]):
+        jsonschema.validate(json.loads(result.outputs[0].text), schema)
