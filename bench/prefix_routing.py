@@ -141,7 +141,7 @@ def main() -> None:
     try:
         for index, gpu in enumerate(gpus):
             port = FIRST_REPLICA_PORT + index
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONPATH": str(ROOT)}
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             argv = [sys.executable, "-m", "replica.cli", "serve", "--model", args.model, "--port", str(port),
                     "--served-model-name", "w6", "--device", args.device, "--load-format", args.load_format,
                     *(["--gpu-memory-utilization", str(args.gpu_memory_utilization)] if args.device == "cuda" else []),

@@ -1,8 +1,13 @@
 """KV-cache sizing on the GPU: profile the peak activation memory once, give the rest to the cache.
 
-budget = total * gpu_memory_utilization - (memory in use after loading the weights, torch and
-non-torch alike) - (peak extra memory of one forward at the full token budget and of the logits
-of max_num_seqs rows) - a margin for CUDA graphs.
+budget = total * gpu_memory_utilization - (this process's memory after loading the weights: what
+torch's allocator holds plus an allowance for the CUDA context and libraries) - (peak extra memory
+of one forward at the full token budget and of the logits of max_num_seqs rows) - a margin for
+CUDA graphs, and never more than the memory free on the device at that moment.
+
+gpu_memory_utilization is this replica's share of the GPU, so that several replicas can share one
+(0.2 each for four): the device-wide memory in use would count the other replicas' weights and
+caches as this one's, and would leave the later replicas nothing.
 """
 import logging
 
@@ -13,6 +18,7 @@ from replica.layers.attention import AttentionMetadata
 log = logging.getLogger(__name__)
 
 _GRAPH_MARGIN_BYTES = 512 << 20
+_CONTEXT_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces: outside torch's allocator
 
 
 @torch.inference_mode()
@@ -24,7 +30,7 @@ def kv_cache_bytes_from_profile(engine) -> int:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     free_before, total = torch.cuda.mem_get_info(device)
-    in_use_after_weights = total - free_before
+    in_use_after_weights = torch.cuda.memory_reserved(device) + _CONTEXT_BYTES
     base_allocated = torch.cuda.memory_allocated(device)
 
     num_tokens = min(config.max_num_batched_tokens, engine.max_model_len)
@@ -51,13 +57,16 @@ def kv_cache_bytes_from_profile(engine) -> int:
     del cache, kv_caches, hidden, logits, meta
     torch.cuda.empty_cache()
 
-    budget = int(total * config.gpu_memory_utilization - in_use_after_weights - activation_peak
-                 - _GRAPH_MARGIN_BYTES)
+    budget = int(min(total * config.gpu_memory_utilization - in_use_after_weights, free_before)
+                 - activation_peak - _GRAPH_MARGIN_BYTES)
     log.info("GPU memory: total %.1f GiB x %.2f; in use after weights %.1f GiB; activation peak "
-             "%.2f GiB (%d tokens); KV cache gets %.1f GiB", total / 2**30, config.gpu_memory_utilization,
-             in_use_after_weights / 2**30, activation_peak / 2**30, num_tokens, budget / 2**30)
+             "%.2f GiB (%d tokens); free on the device %.1f GiB; KV cache gets %.1f GiB", total / 2**30,
+             config.gpu_memory_utilization, in_use_after_weights / 2**30, activation_peak / 2**30, num_tokens,
+             free_before / 2**30, budget / 2**30)
     if budget <= 0:
-        raise ValueError(f"no GPU memory left for the KV cache: the weights use "
-                         f"{in_use_after_weights / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; raise "
-                         "--gpu-memory-utilization or lower --max-num-batched-tokens")
+        raise ValueError(f"no GPU memory left for the KV cache: this replica holds "
+                         f"{in_use_after_weights / 2**30:.1f} GiB after its weights, its share is "
+                         f"{total * config.gpu_memory_utilization / 2**30:.1f} GiB of {total / 2**30:.1f} GiB "
+                         f"and {free_before / 2**30:.1f} GiB are free; raise --gpu-memory-utilization, "
+                         "lower --max-num-batched-tokens, or free the GPU")
     return budget
