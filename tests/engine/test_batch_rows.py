@@ -8,11 +8,11 @@ import random
 
 import numpy as np
 
+from replica.config import EngineConfig
 from replica.engine.block_manager import BlockManager
 from replica.engine.engine import LLMEngine
 from replica.engine.scheduler import Scheduler
 from replica.engine.sequence import SequenceStatus
-from replica.config import EngineConfig
 from replica.sampling_params import SamplingParams
 
 from .conftest import assert_pool_free
