@@ -312,7 +312,8 @@ class EngineCore:
             if seq.is_reported_finished:
                 continue
             num_known = seq.num_output_tokens - seq.num_placeholders
-            new_ids = seq.output_token_ids[seq.num_reported_tokens:num_known]
+            first = seq.num_prompt_tokens       # one slice of the news, not a copy of all the output
+            new_ids = seq.token_ids[first + seq.num_reported_tokens:first + num_known]
             seq.num_reported_tokens = num_known
             logprobs, seq.new_logprobs = (seq.new_logprobs if seq.params.logprobs is not None else None), []
             seq.is_reported_finished = seq.status.is_finished

@@ -183,6 +183,8 @@ class ModelRunner:
             index_of_row = np.full(len(table), -1, dtype=np.int64)
             index_of_row[prev_rows] = np.arange(len(prev_rows))
             gather_src = index_of_row[rows[waiting]]
+            if (gather_src < 0).any():      # a placeholder's token must come from the previous step
+                raise RuntimeError("a placeholder token's row was not sampled by the previous step")
             input_ids[gather_dst] = 0
         else:
             gather_src = gather_dst
