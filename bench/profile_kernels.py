@@ -8,6 +8,8 @@ Windows (each its own profiler session): W1's prefill phase (until every prompt 
 W1's decode phase (the next --decode-steps steps), and W3 in steady state (--w3-skip steps
 after submission, then --w3-steps steps; the rest of W3 is aborted, so the run stays short).
 Requests and engine settings are bench/engine.py's (budget 8192, 256 sequences, graphs on).
+`device_busy_share_of_wall` near bench/engine.py's GPU-busy share says the profiler saw the
+kernels inside CUDA-graph replays; if it is far lower, rerun with --enforce-eager.
 
 Categories (by kernel name): gemm (cuBLAS nvjet/sm90/cutlass/gemv, our skinny GEMM), prefill
 attention (our Triton `_prefill_kernel`; mixed steps run decode rows through it too), decode
@@ -140,6 +142,7 @@ def window(engine: LLMEngine, counter: ShapeCounter, name: str, is_cuda: bool, s
     out = {"what": name, "steps": int(v["steps"]), "decode_steps": int(v["decode_steps"]),
            "tokens": int(v["tokens"]), "wall_ms": round(wall_s * 1e3, 1),
            "device_time_ms": round(total_ms, 1),
+           "device_ms_per_step": round(total_ms / v["steps"], 2) if v["steps"] else None,
            "device_busy_share_of_wall": round(total_ms / (wall_s * 1e3), 3) if wall_s else None,
            "categories": {c: {"ms": round(times_us.get(c, 0.0) / 1e3, 2),
                               "share": round(times_us.get(c, 0.0) / 1e3 / total_ms, 3) if total_ms else 0.0}
@@ -167,13 +170,15 @@ def main() -> None:
     parser.add_argument("--w3-skip", type=int, default=120, help="W3 steps run before profiling")
     parser.add_argument("--w3-steps", type=int, default=120, help="W3 steps profiled")
     parser.add_argument("--scale", type=float, default=1.0, help="request counts x this (CPU: e.g. 0.05)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs (if a profiler misses the kernels inside graph replays)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     is_cuda = args.device == "cuda"
     cfg = dict(SIZES[args.size], max_position_embeddings=8192, architectures=["LlamaForCausalLM"],
                rms_norm_eps=1e-5, eos_token_id=2, bos_token_id=1)
     checkpoint = Checkpoint(path=None, format="dummy", config=ModelConfig.from_hf_dict(cfg))
-    extra = {} if is_cuda else dict(num_kv_blocks=4096)
+    extra = dict(enforce_eager=args.enforce_eager) if is_cuda else dict(num_kv_blocks=4096)
     engine = LLMEngine(EngineConfig(model="bench", device=args.device, dtype="bfloat16" if is_cuda else "float32",
                                     max_num_batched_tokens=8192, max_num_seqs=256, max_model_len=4096, **extra),
                        checkpoint=checkpoint)
