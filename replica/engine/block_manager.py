@@ -75,13 +75,17 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_registered_blocks:
+            return              # nothing new: a decode step fills a block every block_size tokens
         size = self.block_size
-        for i, h in enumerate(self._full_block_hashes(seq, num_full)):
-            block = self.blocks[seq.block_table[i]]
+        hashes = self._full_block_hashes(seq, num_full)
+        for i in range(seq.num_registered_blocks, num_full):
+            block, h = self.blocks[seq.block_table[i]], hashes[i]
             if block.hash is None and h not in self.hash_to_block:
                 block.hash = h
                 block.token_ids = tuple(seq.token_ids[i * size:(i + 1) * size])
                 self.hash_to_block[h] = block.block_id
+        seq.num_registered_blocks = num_full
 
     # ---- allocation ------------------------------------------------------------------------
     def _blocks_for(self, num_tokens: int) -> int:
@@ -101,6 +105,7 @@ class BlockManager:
         for block_id in cached:
             self._take(block_id)
         seq.block_table = list(cached)
+        seq.num_registered_blocks = len(cached)       # hits are registered blocks
         seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
 
     def num_blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -137,12 +142,14 @@ class BlockManager:
             self.blocks[block_id].ref_count += 1
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
+        child.num_registered_blocks = parent.num_registered_blocks
 
     def free(self, seq: Sequence) -> None:
         # Reversed, so a sequence's last blocks (least likely shared) are evicted first.
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table = []
+        seq.num_registered_blocks = 0
         seq.num_computed_tokens = 0
 
     # ---- free queue ------------------------------------------------------------------------

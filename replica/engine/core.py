@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from replica.config import EngineConfig
@@ -46,7 +47,7 @@ class _InFlight:
     plan: StepPlan
     seqs: list[Sequence]            # the sampled rows, in order
     sampled: SampledBatch
-    rows: dict[int, int]            # seq_id → row of `sampled`
+    rows: np.ndarray                # the batch row of each sampled sequence
 
 
 @dataclass
@@ -230,6 +231,9 @@ class EngineCore:
                 self.requests[parent.request_id].seqs.append(child)
                 self._seed(child)
             seqs = [seq for seq, _ in plan.samplers]
+            # batch rows now: reading the previous step's tokens below may end a sequence, which
+            # gives its row back (its token of this step is then dropped)
+            rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
             if prev is not None and any(s.params.has_penalties or s.params.structured_output is not None
                                         for s in seqs):
                 # this step's forward pass is already queued behind t's: the host reads t's
@@ -238,11 +242,12 @@ class EngineCore:
                 prev = None
                 self.num_overlapped_steps += 1
             allowed = self.structured.allowed_mask(seqs) if self.structured is not None else None
-            sampled = self.sampler.sample_async(logits, seqs, allowed_mask=allowed)
+            sampled = self.sampler.sample_async(logits, seqs, allowed_mask=allowed, rows=rows,
+                                                new_rows=plan.new_rows)
             for seq in seqs:
                 seq.token_ids.append(PLACEHOLDER_TOKEN)
                 seq.num_placeholders += 1
-            self._in_flight = _InFlight(plan, seqs, sampled, {s.seq_id: i for i, s in enumerate(seqs)})
+            self._in_flight = _InFlight(plan, seqs, sampled, rows)
             if not self.is_overlapped:
                 outputs += self._resolve(self._in_flight)
                 self._in_flight = None
@@ -307,7 +312,8 @@ class EngineCore:
             if seq.is_reported_finished:
                 continue
             num_known = seq.num_output_tokens - seq.num_placeholders
-            new_ids = seq.output_token_ids[seq.num_reported_tokens:num_known]
+            first = seq.num_prompt_tokens       # one slice of the news, not a copy of all the output
+            new_ids = seq.token_ids[first + seq.num_reported_tokens:first + num_known]
             seq.num_reported_tokens = num_known
             logprobs, seq.new_logprobs = (seq.new_logprobs if seq.params.logprobs is not None else None), []
             seq.is_reported_finished = seq.status.is_finished

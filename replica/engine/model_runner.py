@@ -1,20 +1,25 @@
 """StepPlan → flat input tensors → one forward → logits of the rows that sample.
 
-The runner owns the KV cache tensors and the model; it reads sequences' token ids and block
-tables but never changes block ownership (that is the block manager's).
+The runner owns the KV cache tensors and the model; it reads sequences' token ids but never
+changes block ownership (that is the block manager's), and never reads the block manager or a
+sequence's block table: block-id changes reach it through the plan (`StepPlan.block_updates`)
+and are kept in a persistent block table, one row per running sequence (`batch_rows.py`).
 
-No host sync on the way in: a step's integer inputs are written into preallocated host buffers
-(pinned on CUDA, two of them used in turn) and reach the device in one asynchronous copy per
-dtype. With overlap scheduling a decode row's newest token may not be known on the host yet
-(`PLACEHOLDER_TOKEN` in its token ids): its input is then read on the device from the previous
-step's sampled tokens (`prev_tokens`, row `prev_rows[seq_id]`), so the CPU can plan step t+1
-while the GPU still runs step t.
+No host sync on the way in: a step's integer inputs (new tokens, positions, slot mapping, the
+scheduled rows, the block-table changes) are written into preallocated host buffers (pinned on
+CUDA, two of them used in turn) and reach the device in one asynchronous copy per dtype; the
+block-table changes are scattered into the device table, and the scheduled rows' tables are
+gathered from it, in stream order. With overlap scheduling a decode row's newest token may not be
+known on the host yet (`PLACEHOLDER_TOKEN` in its token ids): its input is then read on the device
+from the previous step's sampled tokens (`prev_tokens`, at the index where the previous step
+sampled the same batch row), so the CPU can plan step t+1 while the GPU still runs step t.
 """
 import logging
 
 import numpy as np
 import torch
 
+from replica.engine.batch_rows import PersistentBlockTable
 from replica.engine.scheduler import StepPlan
 from replica.engine.sequence import PLACEHOLDER_TOKEN
 from replica.layers.attention import AttentionMetadata
@@ -29,15 +34,15 @@ class StepBuffers:
     """Host staging for one step's integer inputs and its device copies.
 
     int64 row: input_ids [T] | positions [T] | slots [T] | sample entries [S] | gather dst [G] |
-    gather src [G]; int32 row: query_start [B+1] | seq_lens [B] | block_tables [B, W].
+    gather src [G] | scheduled rows [B] | block-table update indices [U]; int32 row:
+    query_start [B+1] | seq_lens [B] | block-table update values [U].
     """
 
-    def __init__(self, device: torch.device, max_tokens: int, max_seqs: int, max_blocks: int):
+    def __init__(self, device: torch.device, max_tokens: int, max_seqs: int, max_updates: int):
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.max_blocks = max_blocks
-        self.size64 = 3 * max_tokens + 3 * max_seqs
-        self.size32 = 2 * max_seqs + 1 + max_seqs * max_blocks
+        self.size64 = 3 * max_tokens + 4 * max_seqs + max_updates
+        self.size32 = 2 * max_seqs + 1 + max_updates
         pin = self.is_cuda
         self.host64 = [torch.zeros(self.size64, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
         self.host32 = [torch.zeros(self.size32, dtype=torch.int32, pin_memory=pin) for _ in range(_RING)]
@@ -79,9 +84,11 @@ class ModelRunner:
                                     cfg.head_dim, dtype=model.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         max_blocks = -(-max_model_len // block_size)
-        # a step holds at most the token budget, plus one decode token per sequence beyond it
+        self.block_table = PersistentBlockTable(max_num_seqs, max_blocks, self.device)
+        # a step holds at most the token budget, plus one decode token per sequence beyond it; a
+        # step's block-table changes are at most every row's whole table
         self.buffers = StepBuffers(self.device, max_num_batched_tokens + max_num_seqs, 2 * max_num_seqs,
-                                   max_blocks)
+                                   max_num_seqs * max_blocks)
         # Benchmarks set this to a list to collect (start, end) CUDA events around each step's GPU
         # work (forward and logits), which gives the GPU's idle share between steps.
         self.step_events: list | None = None
@@ -98,23 +105,23 @@ class ModelRunner:
                 * torch.empty((), dtype=dtype).element_size())
 
     def execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None = None,
-                prev_rows: dict[int, int] | None = None) -> torch.Tensor:
+                prev_rows: np.ndarray | None = None) -> torch.Tensor:
         """Runs the plan; returns float32 logits [len(plan.samplers), vocab]. `prev_tokens` [S']
-        (device) and `prev_rows` (seq_id → row) resolve the placeholder tokens of decode rows."""
+        (device) and `prev_rows` [S'] (the batch row of each, host) are the previous step's
+        sampled tokens, which resolve the placeholder tokens of decode rows."""
         if plan.block_copies:
             src = torch.tensor([s for s, _ in plan.block_copies]).to(self.device, non_blocking=True)
             dst = torch.tensor([d for _, d in plan.block_copies]).to(self.device, non_blocking=True)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        inputs = self._flatten(plan, prev_rows or {})
-        (input_ids, positions, slots, entries, gather_dst, gather_src), (query_start, seq_lens, tables) = \
-            self.buffers.upload(inputs[0], inputs[1])
+        parts64, parts32, width, max_query_len, max_seq_len = self._flatten(plan, prev_rows)
+        (input_ids, positions, slots, entries, gather_dst, gather_src, rows, update_index), \
+            (query_start, seq_lens, update_values) = self.buffers.upload(parts64, parts32)
         if len(gather_dst):
             input_ids[gather_dst] = prev_tokens[gather_src]
+        self.block_table.scatter(update_index, update_values)
+        tables = self.block_table.rows(rows, width)
         num_seqs = len(plan.scheduled)
-        is_decode_only = len(input_ids) == num_seqs
-        width = inputs[2]
-        tables = tables.view(num_seqs, width)
-        if self.graphs is not None and is_decode_only and self.graphs.can_run(num_seqs):
+        if self.graphs is not None and max_query_len == 1 and self.graphs.can_run(num_seqs):
             bs = self.graphs.prepare(input_ids, positions, slots, seq_lens, tables)
             start = self._record()
             hidden = self.graphs.replay(bs, num_seqs)
@@ -122,8 +129,8 @@ class ModelRunner:
         else:
             meta = AttentionMetadata(
                 slot_mapping=slots, query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,
-                max_query_len=inputs[3], max_seq_len=inputs[4],
-                is_decode_only=all(e.num_new_tokens == 1 for e in plan.scheduled), block_size=self.block_size)
+                max_query_len=max_query_len, max_seq_len=max_seq_len,
+                is_decode_only=max_query_len == 1, block_size=self.block_size)
             start = self._record()
             hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
             ends = query_start[1:].long() - 1
@@ -139,47 +146,49 @@ class ModelRunner:
         event.record()
         return event
 
-    def _flatten(self, plan: StepPlan, prev_rows: dict[int, int]):
+    def _flatten(self, plan: StepPlan, prev_rows: np.ndarray | None):
         """Host arrays of the step's inputs: ([int64 parts], [int32 parts], table width,
-        max query length, max sequence length)."""
+        max query length, max sequence length). Writes the plan's block-table changes into the
+        persistent table first; slots are computed from it."""
         size = self.block_size
+        update_index, update_values = self.block_table.apply(plan.block_updates)
+        table = self.block_table.host
         num_seqs = len(plan.scheduled)
+        rows = np.fromiter((e.seq.row for e in plan.scheduled), dtype=np.int64, count=num_seqs)
         num_new = np.fromiter((e.num_new_tokens for e in plan.scheduled), dtype=np.int64, count=num_seqs)
         starts = np.fromiter((e.seq.num_computed_tokens for e in plan.scheduled), dtype=np.int64,
                              count=num_seqs)
         ends = starts + num_new
         query_start = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start[1:])
-        width = max(len(e.seq.block_table) for e in plan.scheduled)
-        tables = np.zeros((num_seqs, width), dtype=np.int32)
-        gather_dst, gather_src = [], []
-        if int(num_new.max()) == 1:          # decode-only: one token per row, no Python per token
+        width = int(self.block_table.num_blocks[rows].max())
+        max_query_len = int(num_new.max())
+        if max_query_len == 1:          # decode-only: one token per row, no Python per token
             input_ids = np.fromiter((e.seq.token_ids[e.seq.num_computed_tokens] for e in plan.scheduled),
                                     dtype=np.int64, count=num_seqs)
             positions = starts
-            for i, entry in enumerate(plan.scheduled):
-                table = entry.seq.block_table
-                tables[i, :len(table)] = table
-            slots = tables[np.arange(num_seqs), positions // size].astype(np.int64) * size + positions % size
+            slots = table[rows, positions // size].astype(np.int64) * size + positions % size
         else:
             input_ids = np.empty(int(query_start[-1]), dtype=np.int64)
-            positions = np.empty_like(input_ids)
-            slots = np.empty_like(input_ids)
             for i, entry in enumerate(plan.scheduled):
-                seq, lo, hi = entry.seq, query_start[i], query_start[i + 1]
-                table = seq.block_table
-                tables[i, :len(table)] = table
-                input_ids[lo:hi] = seq.token_ids[starts[i]:ends[i]]
-                pos = np.arange(starts[i], ends[i])
-                positions[lo:hi] = pos
-                slots[lo:hi] = tables[i, pos // size].astype(np.int64) * size + pos % size
-        for i, entry in enumerate(plan.scheduled):
-            if input_ids[query_start[i + 1] - 1] == PLACEHOLDER_TOKEN:
-                gather_dst.append(query_start[i + 1] - 1)
-                gather_src.append(prev_rows[entry.seq.seq_id])
-                input_ids[query_start[i + 1] - 1] = 0
+                input_ids[query_start[i]:query_start[i + 1]] = entry.seq.token_ids[starts[i]:ends[i]]
+            # position of each token: its row's start plus its offset within the row's new tokens
+            row_of_token = np.repeat(np.arange(num_seqs), num_new)
+            positions = np.arange(len(input_ids), dtype=np.int64) - np.repeat(query_start[:-1] - starts, num_new)
+            slots = table[rows[row_of_token], positions // size].astype(np.int64) * size + positions % size
+        last = query_start[1:] - 1
+        waiting = input_ids[last] == PLACEHOLDER_TOKEN
+        gather_dst = last[waiting]
+        if len(gather_dst):
+            index_of_row = np.full(len(table), -1, dtype=np.int64)
+            index_of_row[prev_rows] = np.arange(len(prev_rows))
+            gather_src = index_of_row[rows[waiting]]
+            if (gather_src < 0).any():      # a placeholder's token must come from the previous step
+                raise RuntimeError("a placeholder token's row was not sampled by the previous step")
+            input_ids[gather_dst] = 0
+        else:
+            gather_src = gather_dst
         entries = np.fromiter((entry for _, entry in plan.samplers), dtype=np.int64, count=len(plan.samplers))
-        parts64 = [input_ids, positions, slots, entries, np.array(gather_dst, dtype=np.int64),
-                   np.array(gather_src, dtype=np.int64)]
-        parts32 = [query_start.astype(np.int32), ends.astype(np.int32), tables.reshape(-1)]
-        return parts64, parts32, width, int(num_new.max()), int(ends.max())
+        parts64 = [input_ids, positions, slots, entries, gather_dst, gather_src, rows, update_index]
+        parts32 = [query_start.astype(np.int32), ends.astype(np.int32), update_values]
+        return parts64, parts32, width, max_query_len, int(ends.max())

@@ -7,7 +7,10 @@ E ~ Exp(1)), which draws from p; a seeded request draws E from its own generator
 do not depend on which other requests share the batch. Reported logprobs are those of the raw
 model distribution (before penalties and temperature), as vLLM reports them.
 
-`sample` launches everything and returns a `SampledBatch` without waiting for the device: the
+Per-row parameters live at the sequences' persistent batch rows (`sampling_rows.py`): written
+once when a sequence takes its row, gathered on the device for the rows a step samples.
+
+`sample_async` launches everything and returns a `SampledBatch` without waiting for the device: the
 token ids stay on the device for the next step's inputs (overlap scheduling) while a copy to
 pinned host memory runs; `SampledBatch.to_host()` waits for that copy alone. Per-sequence
 Python runs only for rows that ask for penalties, min_tokens or a seed.
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from replica.engine.sampling_rows import IS_GREEDY, MIN_P, TOP_K, TOP_P, RowParams
 from replica.engine.sequence import Sequence
 from replica.engine.structured_output import AllowedMask
 from replica.outputs import TokenLogprob
@@ -56,34 +60,40 @@ class Sampler:
         self.generator.manual_seed(seed)
         self.is_cuda = device.type == "cuda"
         self._step = 0
+        self.row_params = RowParams(max_num_rows, vocab_size, device)
         self._allocate(max_num_rows)
 
     def _allocate(self, num_rows: int) -> None:
         """Host buffers, allocated (pinned on CUDA) once: pinning per step costs more than the copy."""
         self._max_rows = num_rows
-        pin = self.is_cuda
-        # per-row parameters: temperature, top_p, min_p (float32) and top_k (as float32)
-        self._params = [torch.zeros(num_rows, 4, pin_memory=pin) for _ in range(_RING)]
-        self._tokens = [torch.zeros(num_rows, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
+        self._tokens = [torch.zeros(num_rows, dtype=torch.int64, pin_memory=self.is_cuda) for _ in range(_RING)]
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], allowed_mask: AllowedMask | None = None
                ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Samples and waits: (token ids, logprobs or None per row)."""
         return self.sample_async(logits, seqs, allowed_mask).to_host()
 
-    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence],
-                     allowed_mask: AllowedMask | None = None) -> SampledBatch:
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence], allowed_mask: AllowedMask | None = None,
+                     rows: np.ndarray | None = None, new_rows: list | None = None) -> SampledBatch:
         # logits: [S, V] float32, one row per sequence in `seqs`; the runner's fresh tensor,
         # which a grammar's mask overwrites in place (no copy of S x V floats per step)
         # allowed_mask: structured outputs' grammars, applied to their rows only
+        # rows: each sequence's persistent batch row; new_rows: (row, params) of the rows that
+        # changed owner since the last call (StepPlan.new_rows). Without rows (a batch of its
+        # own, e.g. tests), rows 0..S-1 are written afresh.
         num_rows = len(seqs)
+        if rows is None:
+            rows = np.arange(num_rows)
+            new_rows = [(i, s.params) for i, s in enumerate(seqs)]
         if num_rows > self._max_rows:
             if self.is_cuda:
                 torch.cuda.synchronize()        # the old buffers may still be in a copy
             self._allocate(num_rows)
+        self.row_params.grow(int(rows.max()) + 1 if num_rows else 0)
         slot = self._step % _RING
         self._step += 1
         params = [s.params for s in seqs]
+        device_rows = self.row_params.update(new_rows, rows)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = (torch.log_softmax(logits.index_select(0, self._rows(logprob_rows)), dim=-1)
                         if logprob_rows else None)
@@ -91,8 +101,8 @@ class Sampler:
             allowed_mask.apply(logits)
         logits = self._apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
-        if any(not p.is_greedy for p in params):
-            tokens = self._sample_random(logits, seqs, tokens, slot)
+        if device_rows is not None:         # some rows sample at random
+            tokens = self._sample_random(logits, seqs, tokens, self.row_params.host[rows], device_rows)
         host_tokens = self._tokens[slot][:num_rows]
         host_tokens.copy_(tokens, non_blocking=self.is_cuda)
         batch = SampledBatch(tokens, host_tokens, None, logprob_rows,
@@ -134,23 +144,15 @@ class Sampler:
                     row[torch.tensor(sorted(banned)).to(row.device)] = float("-inf")
         return logits
 
-    def _row_params(self, seqs: list[Sequence], slot: int) -> torch.Tensor:
-        """[4, S] on the device: temperature (1 for greedy rows), top_p, min_p, top_k (V when off)."""
-        host = self._params[slot][:len(seqs)]
-        host.numpy()[:] = np.array([(p.temperature or 1.0, p.top_p, p.min_p, p.top_k or self.vocab_size)
-                                    for p in (s.params for s in seqs)], dtype=np.float32)
-        return host.to(self.device, non_blocking=self.is_cuda).T
-
     def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor,
-                       slot: int) -> torch.Tensor:
-        params = [s.params for s in seqs]
-        row_params = self._row_params(seqs, slot)
-        temperature, top_p, min_p, top_k = row_params
+                       host_params: np.ndarray, device_rows: torch.Tensor) -> torch.Tensor:
+        # host_params: [S, columns] the rows' parameters on the host, for the flags below
+        temperature, top_p, min_p, top_k, is_greedy = self.row_params.gather(device_rows)
         logits = logits / temperature[:, None]
-        if any(p.top_k > 0 for p in params) or any(p.top_p < 1.0 for p in params):
+        if (host_params[:, TOP_K] < self.vocab_size).any() or (host_params[:, TOP_P] < 1.0).any():
             logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
-        if any(p.min_p > 0 for p in params):
+        if (host_params[:, MIN_P] > 0).any():
             probs = apply_min_p(probs, min_p)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, s in enumerate(seqs):
@@ -158,10 +160,9 @@ class Sampler:
                 noise[i].exponential_(generator=s.generator)
         noise.clamp_(min=1e-30)         # a zero draw would turn a masked 0/0 into NaN
         sampled = (probs / noise).argmax(dim=-1)
-        if all(not p.is_greedy for p in params):
+        if not host_params[:, IS_GREEDY].any():
             return sampled
-        is_greedy = torch.tensor([p.is_greedy for p in params]).to(self.device, non_blocking=True)
-        return torch.where(is_greedy, greedy, sampled)
+        return torch.where(is_greedy > 0, greedy, sampled)
 
 
 def _as_tensor(values, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

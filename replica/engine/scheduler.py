@@ -11,8 +11,10 @@ arrivals never overtake it.
 from collections import deque
 from dataclasses import dataclass, field
 
+from replica.engine.batch_rows import RowSlots
 from replica.engine.block_manager import BlockManager
 from replica.engine.sequence import Sequence, SequenceStatus
+from replica.sampling_params import SamplingParams
 
 
 @dataclass
@@ -30,6 +32,11 @@ class StepPlan:
     samplers: list[tuple[Sequence, int]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), run first
     forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, child)
+    # Persistent batch rows (batch_rows.py): sequences that took a row this step, with their
+    # sampling parameters, and block-table changes as (row, first index, the table from there on),
+    # in the order they happened; the runner never reads the block manager.
+    new_rows: list[tuple[int, SamplingParams]] = field(default_factory=list)
+    block_updates: list[tuple[int, int, list[int]]] = field(default_factory=list)
     num_batched_tokens: int = 0
 
     @property
@@ -45,6 +52,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.rows = RowSlots(max_num_seqs)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -76,7 +84,7 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break                   # it was the last running sequence and is now waiting
-            plan.block_copies += bm.append_slots(seq, num_new)
+            self._append_slots(plan, seq, num_new)
             self._add_to_plan(plan, seq, num_new)
             budget -= num_new
             index += 1
@@ -92,7 +100,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             bm.admit(seq, cached)
-            plan.block_copies += bm.append_slots(seq, num_new)
+            self._take_row(plan, seq)
+            self._append_slots(plan, seq, num_new, first_index=0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add_to_plan(plan, seq, num_new)
@@ -100,6 +109,26 @@ class Scheduler:
         self.running.extend(self._forked)
         plan.num_batched_tokens = self.max_num_batched_tokens - budget
         return plan
+
+    def _take_row(self, plan: StepPlan, seq: Sequence) -> None:
+        seq.row = self.rows.take()
+        plan.new_rows.append((seq.row, seq.params))
+
+    def _give_back_row(self, seq: Sequence) -> None:
+        if seq.row >= 0:
+            self.rows.give_back(seq.row)
+            seq.row = -1
+
+    def _append_slots(self, plan: StepPlan, seq: Sequence, num_new: int, first_index: int | None = None) -> None:
+        """Blocks for `num_new` more tokens; the table's changes from `first_index` (by default
+        the first new or copied-on-write block) go into the plan for the sequence's row."""
+        start = len(seq.block_table) if first_index is None else first_index
+        copies = self.block_manager.append_slots(seq, num_new)
+        if copies:                  # copy-on-write replaced the block being filled
+            start = min(start, seq.num_computed_tokens // self.block_manager.block_size)
+        plan.block_copies += copies
+        if start < len(seq.block_table):
+            plan.block_updates.append((seq.row, start, seq.block_table[start:]))
 
     def _add_to_plan(self, plan: StepPlan, seq: Sequence, num_new: int) -> None:
         entry = len(plan.scheduled)
@@ -111,6 +140,8 @@ class Scheduler:
             child = Sequence(seq.request_id, seq.token_ids, seq.params, seq.arrival_s,
                              index=seq.index + 1 + i)
             self.block_manager.fork(seq, child)
+            self._take_row(plan, child)
+            plan.block_updates.append((child.row, 0, list(child.block_table)))
             child.status = SequenceStatus.RUNNING
             child.num_cached_tokens = seq.num_cached_tokens
             self._forked.append(child)
@@ -121,6 +152,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._give_back_row(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -146,6 +178,7 @@ class Scheduler:
             return
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self._give_back_row(seq)
         else:
             self.waiting.remove(seq)
         seq.status = status

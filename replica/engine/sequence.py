@@ -49,6 +49,9 @@ class Sequence:
         self.num_cached_tokens = 0            # prompt tokens found in the prefix cache
         self.block_table: list[int] = []      # owned by the BlockManager
         self.block_hashes: list[int] = []     # chained hashes of full blocks, filled lazily
+        # leading blocks of block_table already offered to the prefix cache (BlockManager)
+        self.num_registered_blocks = 0
+        self.row = -1                         # persistent batch row while running (batch_rows.py)
         self.status = SequenceStatus.WAITING
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         self.generator: torch.Generator | None = None

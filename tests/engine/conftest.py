@@ -84,6 +84,8 @@ def assert_pool_free(engine) -> None:
     assert all(block.ref_count == 0 for block in bm.blocks)
     assert not engine.requests, f"requests left behind: {sorted(engine.requests)}"
     assert not engine.scheduler.has_unfinished
+    rows = engine.scheduler.rows
+    assert rows.num_free == rows.capacity, f"{rows.capacity - rows.num_free} batch rows still held"
 
 
 @pytest.fixture(autouse=True)

@@ -228,3 +228,25 @@ def test_prefix_cache_hits_never_exceed_queries_after_a_preempted_sequence_retur
     assert admit(bm, seq) == [0, 1, 2, 3, 4, 5]     # 24 of its 25 tokens come back from the cache
     assert bm.num_prefix_hits <= bm.num_prefix_queries
     bm.free(seq)
+
+
+def test_blocks_filled_by_decoding_are_registered_once_each_and_hit_later():
+    bm = BlockManager(16, BLOCK_SIZE)
+    seq = make_seq(range(100, 106))                  # blocks 0, 1 (half full)
+    admit(bm, seq)
+    compute(bm, seq)
+    assert seq.num_registered_blocks == 1
+    for token in range(200, 211):                    # decode one token a step, 17 tokens in all
+        bm.append_slots(seq, 1)
+        seq.token_ids.append(token)
+        compute(bm, seq)
+        assert seq.num_registered_blocks == seq.num_tokens // BLOCK_SIZE
+    registered = [bm.blocks[b].hash is not None for b in seq.block_table]
+    assert registered == [True, True, True, True, False]
+    same = make_seq(seq.token_ids + [7])
+    assert bm.find_cached_prefix(same) == seq.block_table[:4]
+    bm.free(seq)
+    assert seq.num_registered_blocks == 0
+    assert admit(bm, same) == same.block_table[:4] and same.num_registered_blocks == 4
+    bm.free(same)
+    assert_all_free(bm)
