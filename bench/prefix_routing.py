@@ -42,16 +42,28 @@ HTTPS_PORT, FIRST_REPLICA_PORT = 8443, 9001
 MODES = ("least_conn", "session", "prefix")
 
 
-def scrape_prefix_cache(urls: list[str]) -> tuple[float, float]:
-    hits = queries = 0.0
+def scrape_replicas(urls: list[str]) -> list[dict[str, float]]:
+    """Per replica: prefix-cache hits and queries (tokens) and requests finished, from /metrics."""
+    names = {"pagefleet_prefix_cache_hits_total": "hits", "pagefleet_prefix_cache_queries_total": "queries",
+             "pagefleet_request_success_total": "requests"}
+    found = []
     for url in urls:
+        counts = dict.fromkeys(names.values(), 0.0)
         with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
             for line in response.read().decode().splitlines():
-                if line.startswith("pagefleet_prefix_cache_hits_total"):
-                    hits += float(line.rsplit(" ", 1)[1])
-                elif line.startswith("pagefleet_prefix_cache_queries_total"):
-                    queries += float(line.rsplit(" ", 1)[1])
-    return hits, queries
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in names:
+                    counts[names[name]] += float(line.rsplit(" ", 1)[1])
+        found.append(counts)
+    return found
+
+
+def replica_deltas(before: list[dict], after: list[dict]) -> list[dict]:
+    """What each replica did during one mode: requests, their share, its own prefix-cache hit rate."""
+    deltas = [{k: a[k] - b[k] for k in a} for b, a in zip(before, after)]
+    total = sum(d["requests"] for d in deltas) or 1.0
+    return [{"requests": int(d["requests"]), "share": round(d["requests"] / total, 3),
+             "hit_rate": round(d["hits"] / max(1.0, d["queries"]), 3)} for d in deltas]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 1800) -> None:
@@ -131,10 +143,14 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--prefix-chars", type=int, default=1024,
                         help="prefix routing's key: 1024 characters = the first 256 token ids of a prompt")
+    parser.add_argument("--prefix-max-conns", type=int,
+                        help="prefix routing's load bound per replica (default: 1.25 x --concurrency-per-replica; "
+                             "below the offered load, the excess spills to least_conn without affinity)")
     parser.add_argument("--extra", default="", help="more `replica serve` arguments, e.g. '--max-model-len 2048'")
     args = parser.parse_args()
 
     gpus = args.gpus.split(",")
+    prefix_max_conns = args.prefix_max_conns = args.prefix_max_conns or -(-5 * args.concurrency_per_replica // 4)
     work = Path(tempfile.mkdtemp(prefix="pagefleet-w6-"))
     os.chmod(work, 0o755)  # NGINX's workers (nobody, under root) reach its temp dirs
     procs, urls = [], []
@@ -158,17 +174,22 @@ def main() -> None:
         results = {}
         for seed, mode in enumerate(args.modes.split(","), start=1):
             config = FleetConfig(routing=mode, served_model_name="w6", https_port=HTTPS_PORT, rate_limit_per_s=1e6,
-                                 rate_limit_burst=100000, prefix_key_chars=args.prefix_chars)
+                                 rate_limit_burst=100000, prefix_key_chars=args.prefix_chars,
+                                 prefix_max_conns=prefix_max_conns)
             nginx.apply(render(site_context(config, "w6", upstreams, tls, nginx.prefix)))
-            hits0, queries0 = scrape_prefix_cache(urls)
+            before = scrape_replicas(urls)
             summary = asyncio.run(run_load(f"https://127.0.0.1:{HTTPS_PORT}", "w6", w6_requests(args, seed),
                                            args.concurrency_per_replica * len(urls), args.output_len, ctx))
-            hits, queries = scrape_prefix_cache(urls)
-            summary["prefix_cache_hit_rate"] = (hits - hits0) / max(1.0, queries - queries0)
+            after = scrape_replicas(urls)
+            summary["prefix_cache_hit_rate"] = ((sum(a["hits"] for a in after) - sum(b["hits"] for b in before))
+                                                / max(1.0, sum(a["queries"] for a in after)
+                                                      - sum(b["queries"] for b in before)))
+            summary["replicas"] = replica_deltas(before, after)
             results[mode] = summary
             print(f"{mode:>10}: hit rate {summary['prefix_cache_hit_rate']:.3f}  {summary['requests_per_s']:.2f} req/s  "
                   f"TTFT p50 {summary['ttft_p50_ms']:.0f} ms  p99 {summary['ttft_p99_ms']:.0f} ms  "
-                  f"errors {summary['num_errors']}", flush=True)
+                  f"errors {summary['num_errors']}  requests per replica "
+                  f"{[r['requests'] for r in summary['replicas']]}", flush=True)
         nginx.stop()
     finally:
         for proc in procs:

@@ -231,6 +231,7 @@ def test_prefix_routing_sends_requests_sharing_a_prefix_to_one_replica(front):
 def test_a_replica_at_its_load_bound_passes_a_hot_prefix_on_and_a_full_ring_spills(front):
     client, stand_ins = front({"chat": ["r1", "r2", "r3"]}, routing="prefix", prefix_max_conns=1)
     body = chat_body("One hot system prompt shared by everyone. " * 8, "go", hold=True)
+    owner = post(client, "/v1/chat/completions", {**body, "hold": False}).json()["replica"]  # its ring home
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(post, client, "/v1/chat/completions", body) for _ in range(4)]
         deadline = time.monotonic() + 10
@@ -241,8 +242,10 @@ def test_a_replica_at_its_load_bound_passes_a_hot_prefix_on_and_a_full_ring_spil
             stand_in.release.set()
         answers = [f.result() for f in futures]
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-    # one request in flight per replica, then the fourth spilled (least_conn) instead of a 502
+    # one request in flight per replica, then the fourth spilled instead of a 502: to the prefix's
+    # own replica (its cache), since every replica was at its bound
     assert sorted(held.values()) == [1, 1, 2], held
+    assert held[owner] == 2, (owner, held)
 
 
 @pytest.mark.parametrize("body, same_as", [
