@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step (prefill chunk size)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="share of GPU memory for weights, activations and the KV cache")
+                   help="this replica's share of GPU memory for its weights, activations and KV cache "
+                        "(0.2 each lets four replicas share one GPU)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompts that start alike (default on)")
     p.add_argument("--enable-overlap", action=argparse.BooleanOptionalAction, default=True,
