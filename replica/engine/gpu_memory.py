@@ -21,6 +21,15 @@ _GRAPH_MARGIN_BYTES = 512 << 20
 _CONTEXT_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces: outside torch's allocator
 
 
+def kv_budget_bytes(total_bytes: int, utilization: float, own_bytes: int, free_bytes: int,
+                    activation_peak_bytes: int) -> int:
+    """The KV cache's bytes: this replica's share of the GPU less what it holds already (weights,
+    context), never more than is free on the device, less the activation peak and a graph margin.
+    Other processes on the GPU change `free_bytes` only, never the share."""
+    return int(min(total_bytes * utilization - own_bytes, free_bytes) - activation_peak_bytes
+               - _GRAPH_MARGIN_BYTES)
+
+
 @torch.inference_mode()
 def kv_cache_bytes_from_profile(engine) -> int:
     model, config = engine.model, engine.config
@@ -57,8 +66,8 @@ def kv_cache_bytes_from_profile(engine) -> int:
     del cache, kv_caches, hidden, logits, meta
     torch.cuda.empty_cache()
 
-    budget = int(min(total * config.gpu_memory_utilization - in_use_after_weights, free_before)
-                 - activation_peak - _GRAPH_MARGIN_BYTES)
+    budget = kv_budget_bytes(total, config.gpu_memory_utilization, in_use_after_weights, free_before,
+                             activation_peak)
     log.info("GPU memory: total %.1f GiB x %.2f; in use after weights %.1f GiB; activation peak "
              "%.2f GiB (%d tokens); free on the device %.1f GiB; KV cache gets %.1f GiB", total / 2**30,
              config.gpu_memory_utilization, in_use_after_weights / 2**30, activation_peak / 2**30, num_tokens,
