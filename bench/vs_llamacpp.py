@@ -252,6 +252,15 @@ def merge_earlier_rows(args, servers: dict, runs) -> None:
 
 # ---------------------------------------------------------------- main
 
+def tokenizer_size(folder: str | None) -> int | None:
+    """Tokens in an HF folder's tokenizer.json (added tokens included), None without one."""
+    path = Path(folder or "") / "tokenizer.json"
+    if not folder or not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -297,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is None and not is_cuda:
         args.threads = os.cpu_count()
     facts = gguf_facts(args.gguf)
-    args.vocab_size = args.vocab_size or facts.get("vocab_size") or 32000
+    # Prompt ids every server accepts: a GGUF converted from a folder may pad its vocabulary past
+    # the tokenizer ([PAD] tokens), and pagefleet rejects ids its tokenizer does not know.
+    args.vocab_size = args.vocab_size or min(v for v in (facts.get("vocab_size") or 32000,
+                                                          tokenizer_size(args.pagefleet_model)) if v)
     import torch
     model_name = args.gguf.stem
     uses_llama = args.servers != "pagefleet"

@@ -49,3 +49,11 @@ def test_earlier_rows_fill_servers_not_run_now(tmp_path):
     vs_llamacpp.merge_earlier_rows(_args(earlier_rows=rows), servers, runs)
     got = servers["ollama_defaults"]["runs"]
     assert got["W2"] == {"out_tok_per_s": 11.0} and "skipped" in got["W4_c16"]
+
+
+def test_prompt_ids_stay_below_the_pagefleet_folders_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    Tokenizer(WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+    assert vs_llamacpp.tokenizer_size(str(tmp_path)) == 300
+    assert vs_llamacpp.tokenizer_size(None) is None and vs_llamacpp.tokenizer_size(str(tmp_path / "none")) is None
