@@ -81,7 +81,8 @@ def _fleet(say=None) -> Fleet:
 @click.option("--prefix-chars", cls=ConfigOption, type=click.IntRange(1), help="prefix routing: characters of the "
               "prompt (tools, system prompt, messages) that pick the replica, ~4 per token.")
 @click.option("--prefix-max-conns", cls=ConfigOption, type=click.IntRange(1),
-              help="prefix routing: requests in flight a replica takes before the next one on the ring.")
+              help="prefix routing: requests in flight a replica takes before the next one on the ring; "
+              "set it a little above the load you expect per replica.")
 @click.option("--listen", cls=ConfigOption, help="Address of the public listeners; 0.0.0.0 for all.")
 @click.option("--port", cls=ConfigOption, type=int, help="Public HTTPS port.")
 @click.option("--http-port", cls=ConfigOption, type=int, help="HTTP port that redirects to HTTPS with 308.")
