@@ -1,10 +1,11 @@
 """Issue 18 item 2: the fleet on several GPUs, through fleetctl (local backend: one replica process
 per GPU, NGINX with TLS in front), in one command. Three parts (`--parts scale,update,kill`):
 
-  scale   for N in --replicas-list (capped at the GPUs present): `fleetctl up` N replicas, one
-          per GPU, then W4 through NGINX with TLS (prompts 64-1024, outputs 16-512 random token
-          ids, exact lengths) at 128 x N in flight, 4 x that many requests: requests/s, output
-          tok/s, TTFT and ITL p50/p99, scaling efficiency = req/s at N / (N x req/s at 1), target >= 0.95.
+  scale   for N in --replicas-list (capped at the GPUs present): `fleetctl up` N replicas (then
+          `fleetctl scale N` for the next N), one per GPU, a short warm-up, then W4 through NGINX
+          with TLS (prompts 64-1024, outputs 16-512 random token ids, exact lengths) at 128 x N in
+          flight, 4 x that many requests: requests/s, output tok/s, TTFT and ITL p50/p99, scaling
+          efficiency = req/s at N / (N x req/s at 1), target >= 0.95.
   update  the largest N up, W4 load at 64 x N running: `fleetctl update --max-unavailable 1
           --max-surge 0 --model DIR2` (DIR2: --update-model, else a folder of links to --model's
           files, which fleetctl counts as other weights); its seconds, and the load's requests ok,
@@ -12,8 +13,9 @@ per GPU, NGINX with TLS in front), in one command. Three parts (`--parts scale,u
   kill    N up, `fleetctl watch` running, streaming W4 load at 64 x N: kill -9 every process of one
           replica (server and engine core) mid-stream. How the streams open at the kill ended
           (ok / error event or closed connection / hung past --stream-deadline-s), errors of the
-          requests sent after the kill (target 0), and seconds until the watcher has N replicas
-          ready and in NGINX again. NGINX's access log says how many requests the dead replica held.
+          requests sent after the kill (target 0; see bench/fleet_gpus_kill.py for the instant
+          right after it), and seconds until the watcher has N replicas ready and in NGINX again.
+          NGINX's access log says how many requests the dead replica held.
 
 Prints a table; writes bench/results/fleet-gpus-<gpu>-x<N>[-<parts>]-<date>.json (or under $OUT,
 or --out): GPU names, versions, date, the exact command, every figure. Exit 0 once the parts ran
@@ -25,18 +27,20 @@ GPU (the image lacks NGINX and some wheels). Here, once (.carry/ and .whl/ are g
     ls .carry/tokenizer || python bench/vs_llamacpp.py export-tokenizer .carry/tokenizer
     ls .whl   # pydantic(+core, annotated_types, typing_*), cryptography(+cffi, pycparser), msgspec, pyzmq
 
-Device, 2 H200s (kind nvidia-h200-x2, carry [".carry/debs", ".carry/tokenizer", ".whl"]; keep the
-machine's NCCL settings, e.g. NCCL_NVLS_ENABLE=0, as they are: replicas are independent processes
-and use no NCCL, but do not unset them):
-    set -e; for d in .carry/debs/*.deb; do dpkg -x $d /tmp/ngx; done; export PATH=/tmp/ngx/usr/sbin:$PATH
-    pip install -q --no-index --find-links .whl pydantic cryptography msgspec pyzmq
-    python3 bench/vs_llamacpp.py make-checkpoint /tmp/ck8b --tokenizer .carry/tokenizer
-    python3 bench/fleet_gpus.py --model /tmp/ck8b --set load_format=dummy --replicas-list 1,2 --out $OUT
+Device, 2 H200s: run(kind="nvidia-h200-x2", carry=[".carry/debs", ".carry/tokenizer", ".whl"], command=
+  SETUP; python3 bench/fleet_gpus.py --model /tmp/ck8b --set load_format=dummy --replicas-list 1,2 --out $OUT)
+where SETUP (idempotent, so every call may start with it; the machine's NCCL settings, e.g.
+NCCL_NVLS_ENABLE=0, stay as they are: replicas are independent processes and use no NCCL) is
+    set -e; for d in .carry/debs/*.deb; do dpkg -x $d /tmp/ngx; done; export PATH=/tmp/ngx/usr/sbin:$PATH;
+    python3 -m pip install -q --no-index --find-links .whl pydantic cryptography msgspec pyzmq;
+    test -f /tmp/ck8b/config.json || python3 bench/vs_llamacpp.py make-checkpoint /tmp/ck8b --tokenizer .carry/tokenizer
 
-Device, 4 H200s (kind nvidia-h200-x4, the same carry and first three lines), then:
-    python3 bench/fleet_gpus.py --model /tmp/ck8b --set load_format=dummy --replicas-list 1,2,4 --out $OUT
-  If one call would pass its 10 minutes, split it (same warm machine, no carry): `--parts scale`,
-  then `--parts update,kill`; each writes its own JSON.
+Device, 4 H200s: kind="nvidia-h200-x4", the same carry, two calls of at most 10 minutes each
+(scale ~4 min, update + kill ~4 min; each writes its own JSON):
+    SETUP; python3 bench/fleet_gpus.py --model /tmp/ck8b --set load_format=dummy --replicas-list 1,2,4 --parts scale --out $OUT
+    SETUP; python3 bench/fleet_gpus.py --model /tmp/ck8b --set load_format=dummy --replicas-list 4 --parts update,kill --out $OUT
+With load_format=dummy the replicas read only config.json and the tokenizer of /tmp/ck8b (random
+weights of its shape); drop it to load the checkpoint's own weights.
 
 CPU check of the script itself (tests/fleet/test_fleet_gpus.py runs it this way, tiny model):
     python bench/fleet_gpus.py --model DIR --device cpu --replicas-list 1,2 --concurrency-per-replica 4 \\
@@ -181,7 +185,7 @@ def print_table(doc: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(150, Console().width))  # the table stays whole in logs and pipes
     if "scale" in doc:
         table = Table(title=f"W4 through NGINX + TLS, {doc['gpu']}")
         for name in ("replicas", "concurrency", "ok/sent", "req/s", "output tok/s", "TTFT p50/p99 ms",
@@ -199,15 +203,18 @@ def print_table(doc: dict) -> None:
         u, load = doc["update"], doc["update"]["load"]
         console.print(f"update of {u['num_replicas']} (exit {u['exit_code']}) in {u['duration_s']:.1f} s under "
                       f"{u['concurrency']} in flight: {load['num_ok']} ok, {load['num_failed']} failed after NGINX "
-                      f"accepted them {load['failed_by_status'] or ''}, {load['num_resent_unsent']} re-sent "
+                      f"accepted them {load['failed_by_status'] or ''}".rstrip()
+                      + f", {load['num_resent_unsent']} re-sent "
                       f"(never reached NGINX), {load['num_unsent']} lost")
     if "kill" in doc:
         k = doc["kill"]
         console.print(f"kill -9 of {k['victim']} ({len(k['pids_killed'])} processes) with {k['num_replicas']} up: "
                       f"open streams {k['open_at_kill']['num_ok']} ok, {k['open_at_kill']['num_failed']} ended with "
-                      f"an error {k['open_at_kill']['failed_by_status'] or ''}, {k['num_hung']} hung; NGINX log: "
+                      f"an error {k['open_at_kill']['failed_by_status'] or ''}".rstrip()
+                      + f", {k['num_hung']} hung; NGINX log: "
                       f"{k['num_on_victim_per_nginx_log']} on the victim; after the kill "
-                      f"{k['after_kill']['num_ok']} ok, {k['after_kill']['num_failed']} failed; "
+                      f"{k['after_kill']['num_ok']} ok, {k['after_kill']['num_failed']} failed "
+                      f"({k['after_left_nginx']['num_failed']} once it was out of NGINX); "
                       f"back to {k['num_replicas']} ready in NGINX after {k['recovered_after_s']} s")
 
 
@@ -215,7 +222,8 @@ def parse_args(argv=None):
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     span = lambda text: tuple(int(x) for x in (text.split(":") * 2)[:2])  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF checkpoint folder (config.json; weights unless load_format=dummy)")
+    p.add_argument("--model", required=True,
+                   help="HF checkpoint folder (config.json, tokenizer; weights unless load_format=dummy)")
     p.add_argument("--update-model", help="what `update` moves to (default: links to --model's files)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--parts", default=",".join(PARTS))

@@ -52,10 +52,13 @@ def test_scale_update_and_kill_on_the_cpu_fleet(tiny_model, tmp_path):
     kill = doc["kill"]
     assert len(kill["pids_killed"]) >= 2  # the server and its engine core
     assert kill["num_hung"] == 0, kill
-    # Every request the victim held ended with an error at its client, and only those did.
-    assert kill["open_at_kill"]["num_failed"] >= 1, kill
-    assert kill["open_at_kill"]["num_failed"] == kill["num_on_victim_per_nginx_log"], kill
-    assert kill["after_kill"]["num_failed"] == 0 and kill["after_kill"]["num_ok"] > 0, kill["after_kill"]
+    # Streams on the victim ended with an error, and no request on a surviving replica failed: every
+    # failure was one NGINX had sent to the victim (its log may also count a stream the victim had
+    # just finished: hence <=). A request sent after the kill may be among them (the instant before
+    # the dead replica's sockets close, bench/fleet_gpus_kill.py); none sent once it left NGINX.
+    num_failed = kill["open_at_kill"]["num_failed"] + kill["after_kill"]["num_failed"]
+    assert kill["open_at_kill"]["num_failed"] >= 1 and num_failed <= kill["num_on_victim_per_nginx_log"], kill
+    assert kill["after_left_nginx"]["num_failed"] == 0 and kill["after_left_nginx"]["num_ok"] > 0, kill
     assert kill["recovered_after_s"] is not None and kill["recovered_after_s"] > 0, kill["watcher_log"]
     assert kill["status_after"]["num_replicas_ready"] == 2 and kill["status_after"]["victim"]["num_restarts"] >= 1
 
