@@ -11,7 +11,7 @@ A request sent after the kill can still fail, in the instant before the kernel h
 dead replica's sockets: NGINX sends it on a kept-alive upstream connection, gets a reset before
 any answer, and does not pass a POST it has sent to the next replica (the template's
 `proxy_next_upstream error timeout`, without `non_idempotent`): the client gets 503 "no replica
-could serve the request" with Retry-After. Seen once in three CPU runs. So the figures also say
+could serve the request" with Retry-After. Seen once in four CPU runs (1 of 259 requests). So the figures also say
 which failures the victim held per NGINX's log, and the failures of requests sent once the
 victim was out of NGINX (`after_left_nginx`, which must be 0).
 
