@@ -7,21 +7,21 @@ every process of its tree at t_kill; `fleetctl status --json` is polled until N 
 ready and in NGINX with the victim restarted; the load runs --after-recovery-s more, then stops
 and its requests in flight finish.
 
-A request sent after the kill can still fail, in the instant before the kernel has closed the
-dead replica's sockets: NGINX sends it on a kept-alive upstream connection, gets a reset before
-any answer, and does not pass a POST it has sent to the next replica (the template's
-`proxy_next_upstream error timeout`, without `non_idempotent`): the client gets 503 "no replica
-could serve the request" with Retry-After. Seen once in four CPU runs (1 of 259 requests). So the figures also say
-which failures the victim held per NGINX's log, and the failures of requests sent once the
-victim was out of NGINX (`after_left_nginx`, which must be 0).
-
 Figures: the requests open at t_kill (sent before, ended after) by outcome: ok, failed (a stream
-error event, a connection closed before `data: [DONE]`, a 502 for one queued on the victim), hung
-(no end within the deadline: must be 0); the requests sent after t_kill (must all succeed: NGINX
-passes a refused connection to the next replica); the seconds until the victim left NGINX and
-until the fleet was whole again; and, from NGINX's access log, how many requests the victim held
-at its death (lines after t_kill naming it as their only upstream; a stream it finished just
-before the kill may be logged just after it and counted too, so this bounds the errors from above).
+error event, a connection closed before `data: [DONE]`, a 503 from NGINX for one queued on the
+victim), hung (no end within the deadline: must be 0); the requests sent after t_kill (target 0
+failed: NGINX passes a refused connection to the next replica); the seconds until the victim left
+NGINX and until the fleet was whole again; and, from NGINX's access log, how many requests the
+victim held at its death (lines after t_kill naming it as their only upstream; a stream it
+finished just before the kill may be logged just after it and counted too, so this bounds the
+errors from above).
+
+A request sent right after the kill can still fail, in the instant before the kernel has closed
+the dead replica's sockets: NGINX sends it on a kept-alive upstream connection, gets a reset
+before any answer, and does not pass a POST it has sent to the next replica (the template's
+`proxy_next_upstream error timeout`, without `non_idempotent`): the client gets 503 "no replica
+could serve the request" with Retry-After. Seen once in four CPU runs (1 of 259 requests). Hence
+also the failures of requests sent once the victim was out of NGINX (`after_left_nginx`: must be 0).
 """
 from __future__ import annotations
 
