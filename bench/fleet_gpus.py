@@ -73,7 +73,8 @@ from fleetctl.loadgen_report import finite_json, summarize  # noqa: E402
 PARTS = ("scale", "update", "kill")
 
 
-def scale_part(fleet: Fleet, args) -> dict:
+def scale_part(fleet: Fleet, args, save=lambda result: None) -> dict:
+    """One row per N; `save(result so far)` after each, so a later N that fails keeps the earlier."""
     rows = []
     for n in args.replicas_list:
         up_s = fleet.up(n)
@@ -94,9 +95,10 @@ def scale_part(fleet: Fleet, args) -> dict:
                      "ttft_ms_p50": s["ttft_ms"]["p50"], "ttft_ms_p99": s["ttft_ms"]["p99"],
                      "itl_ms_p50": s["itl_ms"]["p50"], "itl_ms_p99": s["itl_ms"]["p99"]})
         print(f"scale: {n} replica(s): {s['requests_per_s']:.2f} req/s, {s['num_errors']} errors", flush=True)
-    one = next((r["requests_per_s"] for r in rows if r["num_replicas"] == 1), None)
-    for row in rows:
-        row["scaling_efficiency"] = row["requests_per_s"] / (row["num_replicas"] * one) if one else None
+        one = next((r["requests_per_s"] for r in rows if r["num_replicas"] == 1), None)
+        for row in rows:
+            row["scaling_efficiency"] = row["requests_per_s"] / (row["num_replicas"] * one) if one else None
+        save({"rows": rows, "target_efficiency": 0.95})
     return {"rows": rows, "target_efficiency": 0.95}
 
 
@@ -272,20 +274,25 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fleet-gpus-"))
     fleet = Fleet(work / "home", args.model, args.device, gpus, args.settings, args.ready_timeout)
     doc["state_dir"] = str(fleet.home)  # its logs stay there (fleetctl logs, with PAGEFLEET_HOME set)
-    try:
-        if "scale" in args.parts:
-            doc["scale"] = scale_part(fleet, args)
-        if "update" in args.parts:
-            doc["update"] = update_part(fleet, args, n_max, work)
-        if "kill" in args.parts:
-            doc["kill"] = kill_part(fleet, args, n_max, work)
-    finally:
-        fleet.close()
     args.out.mkdir(parents=True, exist_ok=True)
     parts = "" if len(args.parts) == len(PARTS) else "-" + "-".join(args.parts)
     path = args.out / (f"fleet-gpus-{re.sub(r'[^A-Za-z0-9.-]+', '-', doc['gpu'])}-x{n_max}{parts}-"
                        f"{doc['date'][:10]}.json")
-    path.write_text(json.dumps(finite_json(doc), indent=1) + "\n")
+
+    def save(part: str, result: dict) -> None:
+        """Written after each part (and each N of scale): what is done survives a later step that
+        fails or runs past the machine's time limit."""
+        doc[part] = result
+        path.write_text(json.dumps(finite_json(doc), indent=1) + "\n")
+
+    steps = {"scale": lambda: scale_part(fleet, args, lambda result: save("scale", result)),
+             "update": lambda: update_part(fleet, args, n_max, work),
+             "kill": lambda: kill_part(fleet, args, n_max, work)}
+    try:
+        for part in [p for p in PARTS if p in args.parts]:
+            save(part, steps[part]())
+    finally:
+        fleet.close()
     print_table(doc)
     print(f"wrote {path}")
     return 0
