@@ -248,6 +248,7 @@ def parse_args(argv=None):
     p.add_argument("--stream-deadline-s", type=float, default=300.0, help="a request open longer is hung")
     p.add_argument("--watch-arg", action="append", default=[], help="e.g. --watch-arg=--interval=1; repeat")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", help="where the fleet's state dir and logs go (default: the system's temp dir)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results"),
                    help="folder of the JSON (default $OUT, else bench/results)")
     args = p.parse_args(argv)
@@ -271,7 +272,7 @@ def main(argv=None) -> int:
            else shlex.join(["bench/fleet_gpus.py", *argv]), "model": str(Path(args.model).resolve()),
            "settings": args.settings, "workload": {"prompt_len": args.prompt_len, "output_len": args.output_len,
                                                    "vocab_size": args.vocab_size}}
-    work = Path(tempfile.mkdtemp(prefix="fleet-gpus-"))
+    work = Path(tempfile.mkdtemp(prefix="fleet-gpus-", dir=args.work_dir))
     fleet = Fleet(work / "home", args.model, args.device, gpus, args.settings, args.ready_timeout)
     doc["state_dir"] = str(fleet.home)  # its logs stay there (fleetctl logs, with PAGEFLEET_HOME set)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ def test_scale_update_and_kill_on_the_cpu_fleet(tiny_model, tmp_path):
                "--update-concurrency-per-replica", "2", "--kill-concurrency-per-replica", "4",
                "--prompt-len", "16:64", "--output-len", "32:128", "--set", "num_kv_blocks=64",
                "--set", "max_model_len=256", "--settle-s", "2", "--kill-after-s", "3", "--after-recovery-s", "3",
-               "--stream-deadline-s", "60", "--ready-timeout", "180", "--watch-arg=--interval=0.5", "--out", str(out)]
+               "--stream-deadline-s", "60", "--ready-timeout", "180", "--watch-arg=--interval=0.5", "--out", str(out),
+               "--work-dir", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1100)
     print(done.stdout[-4000:])
