@@ -20,7 +20,7 @@ A request sent right after the kill can still fail, in the instant before the ke
 the dead replica's sockets: NGINX sends it on a kept-alive upstream connection, gets a reset
 before any answer, and does not pass a POST it has sent to the next replica (the template's
 `proxy_next_upstream error timeout`, without `non_idempotent`): the client gets 503 "no replica
-could serve the request" with Retry-After. Seen once in four CPU runs (1 of 259 requests). Hence
+could serve the request" with Retry-After. Seen in 2 of 5 CPU runs (1 of 259, 2 of 235 requests). Hence
 also the failures of requests sent once the victim was out of NGINX (`after_left_nginx`: must be 0).
 """
 from __future__ import annotations
