@@ -14,7 +14,7 @@ from typing import Callable
 from fleetctl.config import FleetConfig
 from fleetctl.errors import ConfigError, FleetError
 from fleetctl.fleet import Fleet
-from fleetctl.groups import DEFAULT_GROUP
+from fleetctl.groups import DEFAULT_GROUP, ModelGroup
 from fleetctl.state import FleetState, Phase, StateDir
 from fleetctl.tls import ensure_tls
 
@@ -48,12 +48,21 @@ def open_or_create(state_dir: StateDir, given: dict) -> FleetState:
             state = state_dir.load()
             saved = state.config.to_dict()
             for name, value in sorted(given.items()):
-                if name in REPLICA_FIELDS and value != saved[name]:
+                if name in REPLICA_FIELDS and _replica_shape(name, value) != _replica_shape(name, saved[name]):
                     raise ConfigError(f"the fleet runs with {name}={saved[name]!r}; changing it needs new replicas: "
                                       f"run `fleetctl down` first (or `fleetctl update` for the model)")
             state.config = FleetConfig.from_dict({**saved, **given})
         state_dir.save(state)
     return state
+
+
+def _replica_shape(name: str, value):
+    """What of a REPLICA_FIELDS value its replicas are made of: for groups, everything but the
+    replica count, which `up` converges to like --replicas (as `scale --group` does)."""
+    if name != "groups":
+        return value
+    groups = [g if isinstance(g, ModelGroup) else ModelGroup.from_dict(g) for g in value]
+    return [{k: v for k, v in g.to_dict().items() if k != "num_replicas"} for g in groups]
 
 
 def up(fleet: Fleet, progress: Callable[[int, int], None]) -> FleetState:

@@ -141,3 +141,27 @@ def test_swarm_names_a_groups_replicas_after_the_group_and_the_task_slot():
     assert [replica_id("default", 3), replica_id("chat", 3), replica_id("x-r2", 1)] == ["r3", "chat-r3", "x-r2-r1"]
     assert [group_of("r3"), group_of("chat-r3"), group_of("x-r2-r1"), group_of("my-rack")] == \
         ["default", "chat", "x-r2", "default"]
+
+
+def test_up_again_with_another_replica_count_in_a_group_converges_and_other_changes_are_refused(tmp_path,
+                                                                                                checkpoints):
+    """`up --group chat=M,replicas=3` on a fleet running chat=M with 2 replicas changes only the
+    count (as `up --replicas` does for a fleet without groups); another model or engine setting
+    still needs new replicas, so `up` refuses it."""
+    from fleetctl.groups import parse_group_option
+    from fleetctl.lifecycle import open_or_create
+    from fleetctl.state import StateDir
+
+    def given(text: str) -> dict:
+        return {"groups": [parse_group_option(text).to_dict()]}
+
+    state_dir = StateDir(tmp_path / "home")
+    open_or_create(state_dir, given(f"chat={checkpoints['llama']},replicas=2,max_num_seqs=64"))
+    state = open_or_create(state_dir, given(f"chat={checkpoints['llama']},replicas=3,max_num_seqs=64"))
+    assert state.config.group("chat").num_replicas == 3
+    assert state_dir.load().config.group("chat").num_replicas == 3
+    for changed in (f"chat={checkpoints['coder']},replicas=3,max_num_seqs=64",
+                    f"chat={checkpoints['llama']},replicas=3,max_num_seqs=32"):
+        with pytest.raises(ConfigError, match="changing it needs new replicas"):
+            open_or_create(state_dir, given(changed))
+    assert state_dir.load().config.group("chat").num_replicas == 3
