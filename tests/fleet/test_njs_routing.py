@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -41,6 +43,8 @@ class StandIn:
     served_model_name: str
     release: threading.Event = field(default_factory=threading.Event)
     num_held: int = 0
+    is_dying: bool = False    # reads each POST, then resets the connection unanswered (killed)
+    num_posts: int = 0
 
     def start(self) -> "StandIn":
         stand_in = self
@@ -70,6 +74,12 @@ class StandIn:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                stand_in.num_posts += 1
+                if stand_in.is_dying:  # RST, no byte of an answer: what a kill -9 leaves
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
                 if b'"hold": true' in body:
                     stand_in.num_held += 1
                     stand_in.release.wait(30)
@@ -266,3 +276,21 @@ def test_session_routing_keys_on_the_top_level_user_only(front, body, same_as):
     header = {"X-Session-ID": "s-42"}
     assert len({client.post("/v1/completions", json={"model": "chat", "prompt": "x", "user": user},
                             headers=header).json()["replica"] for user in homes}) == 1  # the header wins
+
+
+def test_a_request_a_dying_replica_took_unanswered_is_answered_by_another(front):
+    client, stand_ins = front({"chat": ["r1", "r2"]})
+    stand_ins["r1"].is_dying = True
+    answers = [post(client, "/v1/completions", {"model": "chat", "prompt": f"p{i}"}) for i in range(10)]
+    assert [a.status_code for a in answers] == [200] * 10
+    assert {a.json()["replica"] for a in answers} == {"r2"}
+    assert stand_ins["r1"].num_posts >= 1  # some went there first (least_conn takes turns)
+
+
+def test_a_request_every_replica_drops_fails_after_two_tries_not_one_per_replica(front):
+    client, stand_ins = front({"chat": ["r1", "r2", "r3"]})
+    for stand_in in stand_ins.values():
+        stand_in.is_dying = True  # a prompt that kills whichever replica runs it
+    failed = post(client, "/v1/completions", {"model": "chat", "prompt": "x"})
+    assert failed.status_code in (502, 503) and "error" in failed.json()
+    assert sum(s.num_posts for s in stand_ins.values()) == 2
