@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.nginx_overhead import wait_ready  # noqa: E402
 from fleetctl.config import FleetConfig  # noqa: E402
 from fleetctl.nginx import Nginx, Upstream, render, site_context  # noqa: E402
 from fleetctl.tls import ensure_tls  # noqa: E402
@@ -64,21 +65,6 @@ def replica_deltas(before: list[dict], after: list[dict]) -> list[dict]:
     total = sum(d["requests"] for d in deltas) or 1.0
     return [{"requests": int(d["requests"]), "share": round(d["requests"] / total, 3),
              "hit_rate": round(d["hits"] / max(1.0, d["queries"]), 3)} for d in deltas]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 1800) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the replica at {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s")
 
 
 def w6_requests(args, seed: int) -> list[list[int]]:
@@ -166,7 +152,7 @@ def main() -> None:
             procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
             urls.append(f"http://127.0.0.1:{port}")
         for url, proc in zip(urls, procs):
-            wait_ready(url, proc)
+            wait_ready(url, 1800, proc)
         tls = ensure_tls(work / "tls", ["127.0.0.1"])
         nginx = Nginx(work / "nginx")
         upstreams = [Upstream(f"r{i + 1}", url.removeprefix("http://")) for i, url in enumerate(urls)]
