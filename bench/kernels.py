@@ -177,7 +177,7 @@ def bench_prefill(sweep: bool) -> list[dict]:
         for block_m, block_n, num_warps, num_stages in configs:
             def run():
                 return paged_prefill_attention(
-                    q, k_cache, v_cache, qsl, lens, block_tables, HEAD_DIM ** -0.5,
+                    q, k_cache, v_cache, qsl, lens, block_tables, max(query_lens), HEAD_DIM ** -0.5,
                     block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
             out = run()

@@ -1,18 +1,10 @@
 """Triton: causal attention for a flat batch of prefill chunks (and decodes) over the paged KV
 cache, variable lengths in one launch (reference: `paged_attention.paged_attention_ref`).
 
-Grid (num_tokens // BLOCK_Q + num_seqs, num_kv_heads): one program per query tile of the whole
-flat batch, not per (sequence, tile of the longest sequence). Sequence b owns the tile slots
-from tile_start(b) = query_start_loc[b] // BLOCK_Q + b on; a program finds its sequence by a
-binary search over query_start_loc. tile_start grows by at least cdiv(query_len, BLOCK_Q) from
-one sequence to the next, so every tile has a slot, and the last slot is below
-num_tokens // BLOCK_Q + num_seqs. (A grid of num_seqs × cdiv(max_query_len, BLOCK_Q) made a
-mixed step of 256 decode rows and one 1000-token chunk launch ~64 programs per decode row, all
-but one exiting at once: most of that step's attention time on an H200.)
-
-A program takes BLOCK_Q query tokens of one sequence times all GROUP_SIZE query heads of one KV
-head, packed as the rows of one BLOCK_M = BLOCK_Q * BLOCK_G tile (row r = token r // BLOCK_G,
-head r % BLOCK_G), so each K/V tile is read once per group:
+Grid (num_seqs, cdiv(max_query_len, BLOCK_Q), num_kv_heads). A program takes BLOCK_Q query
+tokens of one sequence times all GROUP_SIZE query heads of one KV head, packed as the rows of
+one BLOCK_M = BLOCK_Q * BLOCK_G tile (row r = token r // BLOCK_G, head r % BLOCK_G), so each
+K/V tile is read once per group:
 
     rows   t0h0 t0h1 t0h2 t0h3 t1h0 ... (BLOCK_G = 4)
     keys   0 ........ ctx_len ........ ctx_len + last query row of the tile
@@ -21,7 +13,7 @@ head r % BLOCK_G), so each K/V tile is read once per group:
 New token i of sequence b sits at position ctx_len + i, ctx_len = seq_len - query_len, and sees
 keys 0..ctx_len + i. Every key, including the chunk's own, is read from the paged cache, so a
 chunk of a long prompt, a prompt whose prefix came from the prefix cache, and a decode row
-(query_len 1) all take the same path. A slot past its sequence's last query tile exits at once.
+(query_len 1) all take the same path. Programs past a sequence's last query tile exit at once.
 """
 import torch
 import triton
@@ -38,7 +30,7 @@ LOG2_E = 1.4426950408889634
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
-    scale_log2, num_seqs,
+    scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -48,20 +40,10 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # BLOCK_M = BLOCK_Q * BLOCK_G rows: BLOCK_Q query tokens × the group's heads
-    slot = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    # the last sequence whose first slot is at or before this one: lo keeps tile_start(lo) ≤ slot
-    lo = 0
-    hi = num_seqs
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= slot:
-            lo = mid
-        else:
-            hi = mid
-    seq = lo.to(tl.int64)
+    seq = tl.program_id(0).to(tl.int64)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
     query_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    q_tile = slot - (query_start // BLOCK_Q + seq).to(tl.int32)
     query_len = (tl.load(query_start_loc_ptr + seq + 1) - query_start).to(tl.int32)
     if q_tile * BLOCK_Q >= query_len:
         return
@@ -117,7 +99,7 @@ def _prefill_kernel(
 def paged_prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-    scale: float, out: torch.Tensor | None = None,
+    max_query_len: int, scale: float, out: torch.Tensor | None = None,
     block_m: int = 64, block_n: int = 32, num_warps: int = 4, num_stages: int = 2,
 ) -> torch.Tensor:
     """Causal attention of T new tokens from B sequences over their paged context (write the
@@ -125,9 +107,9 @@ def paged_prefill_attention(
 
     q: [T, num_heads, head_dim] (last dim contiguous); k_cache, v_cache:
     [num_blocks, block_size, num_kv_heads, head_dim]; query_start_loc: [B+1] int32, cumulative
-    new-token counts (query_start_loc[B] ≤ T); seq_lens: [B] int32 (cached + new); block_tables:
-    [B, max_blocks] int32. Returns out [T, num_heads, head_dim] (or fills `out`); rows past
-    query_start_loc[B] are left as they were.
+    new-token counts; seq_lens: [B] int32 (cached + new); block_tables: [B, max_blocks] int32;
+    max_query_len: a host int ≥ every query length (it sizes the grid; a larger bound only adds
+    programs that exit at once). Returns out [T, num_heads, head_dim] (or fills `out`).
     Tiles: block_m=64, block_n=32, 4 warps measured fastest of seven on an H100 (bench/NOTES.md).
     """
     check_shape("q", q, (None, None, None))
@@ -152,22 +134,24 @@ def paged_prefill_attention(
         check_last_dim_contiguous(name, t)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, query_start_loc=query_start_loc,
                       seq_lens=seq_lens, block_tables=block_tables)
+    if max_query_len < 0:
+        raise ValueError(f"max_query_len must be ≥ 0, got {max_query_len}")
     if out is None:
         out = torch.empty_like(q)
     else:
         check_shape("out", out, tuple(q.shape))
         check_same_dtype(q=q, out=out)
         check_last_dim_contiguous("out", out)
-    if num_seqs == 0 or num_tokens == 0:
+    if num_seqs == 0 or num_tokens == 0 or max_query_len == 0:
         return out
 
     group_size = num_heads // num_kv_heads
     block_g = triton.next_power_of_2(group_size)
     block_q = max(1, block_m // block_g)
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * LOG2_E, num_seqs,
+        scale * LOG2_E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -31,5 +31,6 @@ class TritonAttentionBackend:
                 num_splits=meta.decode_num_splits,
             )
         return paged_prefill_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            meta.max_query_len, scale,
         )

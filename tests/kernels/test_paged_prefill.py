@@ -33,7 +33,8 @@ def test_prefill_matches_reference(seq_lens, query_lens, num_heads, num_kv_heads
     out = torch.full_like(batch.q, float("nan"))
     tiles = {} if ON_GPU else {"block_m": 16, "block_n": 16}   # CPU: several tiles per sequence
     paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc,
-                            batch.seq_lens, batch.block_tables, head_scale(head_dim), out=out, **tiles)
+                            batch.seq_lens, batch.block_tables, batch.max_query_len,
+                            head_scale(head_dim), out=out, **tiles)
     assert_close_rel(out, reference_attention(batch), batch.q.dtype)
 
 
@@ -41,22 +42,33 @@ def test_float32_is_exact_to_float32_rounding():
     batch = make_batch([60, 25], [30, 25], num_heads=4, num_kv_heads=2, head_dim=64,
                        block_size=16, dtype=torch.float32, seed=3)
     out = paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc,
-                                  batch.seq_lens, batch.block_tables, head_scale(64))
+                                  batch.seq_lens, batch.block_tables, batch.max_query_len,
+                                  head_scale(64))
     assert_close_rel(out, reference_attention(batch), torch.float32)
 
 
-def test_every_query_tile_of_many_short_and_straddling_sequences_gets_a_program():
+def test_every_query_tile_of_many_short_and_straddling_sequences_is_computed():
     # Query lengths around the 4-token tile (block_m 16 / group 4) and starts that fall inside a
-    # tile: a slot formula that skipped a tile would leave NaN rows or attend from the wrong
-    # sequence. Decode rows, a 1-token prompt and longer chunks mixed, as in a mixed step.
+    # tile: a grid or tile offset that skipped a tile would leave NaN rows or attend from the
+    # wrong sequence. Decode rows, a 1-token prompt and longer chunks mixed, as in a mixed step.
     query_lens = [1, 3, 4, 5, 1, 9, 1, 1, 7, 8, 2, 1, 13, 1, 4, 6]
     seq_lens = [n + extra for n, extra in zip(query_lens, [20, 0, 7, 3, 31, 0, 5, 12, 9, 0, 1, 40, 2, 8, 0, 11])]
     batch = make_batch(seq_lens, query_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=4, seed=5)
     out = torch.full_like(batch.q, float("nan"))
     paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc,
-                            batch.seq_lens, batch.block_tables, head_scale(64), out=out, block_m=16, block_n=16)
+                            batch.seq_lens, batch.block_tables, batch.max_query_len, head_scale(64), out=out,
+                            block_m=16, block_n=16)
     assert not out.isnan().any()
     assert_close_rel(out, reference_attention(batch), batch.q.dtype)
+
+
+def test_larger_max_query_len_bound_changes_nothing():
+    batch = make_batch([30, 12], [10, 12], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+            batch.block_tables)
+    exact = paged_prefill_attention(*args, batch.max_query_len, 0.125)
+    padded = paged_prefill_attention(*args, batch.max_query_len + 40, 0.125)
+    assert torch.equal(exact, padded)
 
 
 def test_rows_past_the_last_sequence_are_left_alone():
@@ -65,7 +77,7 @@ def test_rows_past_the_last_sequence_are_left_alone():
     q = torch.cat([batch.q, torch.zeros(6, *batch.q.shape[1:], dtype=batch.q.dtype)])
     out = torch.full_like(q, 7.0)
     paged_prefill_attention(q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
-                            batch.block_tables, head_scale(64), out=out)
+                            batch.block_tables, batch.max_query_len, head_scale(64), out=out)
     assert torch.equal(out[22:], torch.full_like(out[22:], 7.0))
     assert_close_rel(out[:22], reference_attention(batch), batch.q.dtype)
 
@@ -73,10 +85,12 @@ def test_rows_past_the_last_sequence_are_left_alone():
 def test_rejects_bad_arguments():
     batch = make_batch([5, 6], [2, 6], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
     args = [batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
-            batch.block_tables, 0.125]
+            batch.block_tables, batch.max_query_len, 0.125]
     with pytest.raises(ValueError, match="seq_lens: expected shape"):
         paged_prefill_attention(*args[:4], batch.seq_lens[:1], *args[5:])
     with pytest.raises(ValueError, match="block_tables: expected shape"):
         paged_prefill_attention(*args[:5], batch.block_tables[:1], *args[6:])
     with pytest.raises(ValueError, match="k_cache: expected shape"):
         paged_prefill_attention(args[0], batch.k_cache[..., :32], *args[2:])
+    with pytest.raises(ValueError, match="max_query_len"):
+        paged_prefill_attention(*args[:6], -1, 0.125)
