@@ -17,6 +17,7 @@ Prints a table and writes bench/results/prefix-routing-<gpu>-<date>.json (or und
 import argparse
 import asyncio
 import datetime
+import importlib.metadata
 import json
 import os
 import random
@@ -35,6 +36,7 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.nginx_overhead import wait_ready  # noqa: E402
+from bench.served import git_commit  # noqa: E402
 from fleetctl.config import FleetConfig  # noqa: E402
 from fleetctl.nginx import Nginx, Upstream, render, site_context  # noqa: E402
 from fleetctl.tls import ensure_tls  # noqa: E402
@@ -189,7 +191,11 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"prefix-routing-{gpu_name}-{datetime.date.today()}.json"
-    path.write_text(json.dumps({"workload": "W6", "args": vars(args), "results": results}, indent=2) + "\n")
+    nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    env = {"gpu": gpu_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "pagefleet_commit": git_commit(), "torch": importlib.metadata.version("torch"), "nginx": nginx_version}
+    path.write_text(json.dumps({"workload": "W6", "env": env, "args": vars(args), "results": results}, indent=2)
+                    + "\n")
     print(f"wrote {path}")
 
 

@@ -58,8 +58,9 @@ is built there from the llama-cpp-python sdist, which vendors llama.cpp's source
       && cmake --build .carry/llamacpp/build --target llama-server llama-quantize -j16
 
   Device call 2 (the same warm machine, with no carry: naming .carry again would replace the
-  build folder there; PYTHONPATH gives the converter and pagefleet's GGUF
-  loader the sdist's gguf-py, as the image has no `gguf`):
+  build folder there; PYTHONPATH gives the converter the sdist's gguf-py, as the image has no
+  `gguf`; pagefleet serving a GGUF also needs the `gguf` wheel installed, e.g. into /tmp/site from
+  a carried `.whl/`, since transformers' GGUF tokenizer reader checks the installed version):
     export PYTHONPATH=$PWD:$PWD/.carry/llamacpp/gguf-py L=.carry/llamacpp/build/bin
     python3 bench/vs_llamacpp.py make-checkpoint /tmp/ck8b --tokenizer .carry/tokenizer \
     && python3 .carry/llamacpp/convert_hf_to_gguf.py /tmp/ck8b --outtype bf16 --outfile /tmp/8b-bf16.gguf \
@@ -241,7 +242,7 @@ def merge_earlier_rows(args, servers: dict, runs) -> None:
         if name in servers:
             continue
         servers[name] = {"command": "an earlier run: " + str(args.earlier_rows), "runs": {},
-                         "note": "measured by an earlier run of this script, same machine, same requests"}
+                         "note": "measured by an earlier run of this script on the same kind of machine, same requests"}
         for wname, c, _ in runs:
             if wname in rows:
                 servers[name]["runs"][wname] = rows[wname]

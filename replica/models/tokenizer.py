@@ -13,6 +13,19 @@ log = logging.getLogger(__name__)
 _CONTEXT_TOKENS = 5
 
 
+def check_gguf_installed() -> None:
+    """transformers reads a GGUF's tokenizer only when the `gguf` distribution is installed: a
+    gguf-py folder on PYTHONPATH imports but has no version, and transformers then fails with
+    "Invalid version: 'N/A'". Say what to do instead."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError("reading a GGUF's tokenizer needs the `gguf` package installed by pip "
+                         "(a gguf-py folder on PYTHONPATH is not enough): pip install gguf") from None
+
+
 class Tokenizer:
     def __init__(self, hf_tokenizer, eos_token_ids: list[int]):
         self.hf = hf_tokenizer
@@ -29,6 +42,7 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         if fmt == "gguf":
+            check_gguf_installed()
             hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             tokenizer = cls(hf, eos_token_ids)
             if not tokenizer.has_chat_template:

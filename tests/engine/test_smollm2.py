@@ -38,3 +38,23 @@ def test_batch_of_questions_each_answered(smollm2):
         assert expected in result.outputs[0].text.lower(), question
     bm = smollm2.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_gguf_without_an_installed_gguf_package_gets_an_error_that_says_pip_install_gguf(monkeypatch):
+    # A gguf-py folder on PYTHONPATH imports but has no distribution metadata; transformers then
+    # fails with "Invalid version: 'N/A'" (seen on the GPU machine). The metadata lookup is patched
+    # here because uninstalling the real package would break the other tests.
+    import importlib.metadata
+
+    from replica.models.tokenizer import Tokenizer
+
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name == "gguf":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(ValueError, match="pip install gguf"):
+        Tokenizer.load(resolve_model_path("smollm2"), "gguf", [2])
