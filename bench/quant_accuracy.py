@@ -59,13 +59,14 @@ def effective_weight(fmt: str, w: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint(cfg: ModelConfig, fmt: str, device, *, effective_of: str | None = None,
-               noise: float = 0.0) -> InMemoryCheckpoint:
-    """The loader's seeded dummy weights: GGUF formats get their projections encoded into GGML
-    blocks, `effective_of` replaces them by that format's effective float weights (a bf16
-    reference), `noise` multiplies them by (1 + noise · N(0, 1))."""
+               noise: float = 0.0, base=None) -> InMemoryCheckpoint:
+    """The loader's seeded dummy weights (or `base()`'s (name, float tensor) pairs, e.g. a trained
+    model's): GGUF formats get their projections encoded into GGML blocks, `effective_of`
+    replaces them by that format's effective float weights (a bf16 reference), `noise` multiplies
+    them by (1 + noise · N(0, 1))."""
     def stream():
         gen = torch.Generator(device=device).manual_seed(1234)
-        for name, tensor in _dummy_weights(cfg, device):
+        for name, tensor in (base() if base else _dummy_weights(cfg, device)):
             if _is_projection(name):
                 if effective_of:
                     tensor = effective_weight(effective_of, tensor)
@@ -129,14 +130,16 @@ def compare_steps(got: tuple, ref: tuple) -> dict:
 
 
 def accuracy(cfg: ModelConfig, device: str, formats, prompt_sets: list[list[list[int]]], *,
-             token_budget: int = 8192, engine_args: dict | None = None) -> dict:
+             token_budget: int = 8192, engine_args: dict | None = None, base=None) -> dict:
     """{'noise_floor_1pct': ..., fmt: {'vs_same_weights': ..., 'vs_bf16': ...}}, each a
     comparison per prompt set (keyed `rows<n>`: the decode step runs n rows, which picks the
-    kernels, e.g. 2 rows the GEMVs and 8 rows GGUF's dequantise + cuBLAS on the GPU)."""
+    kernels, e.g. 2 rows the GEMVs and 8 rows GGUF's dequantise + cuBLAS on the GPU).
+    base: the float weights to start from (`checkpoint`'s), the seeded dummy ones by default."""
     args = dict(max_num_seqs=max(16, *map(len, prompt_sets)), token_budget=token_budget,
                 engine_args=engine_args)
 
     def logits_of(fmt, eager=False, **ckpt):
+        ckpt.setdefault("base", base)
         from replica.quantization import methods
         refuse = methods.fp8_device_error
         if device == "cpu" and fmt == "fp8":
