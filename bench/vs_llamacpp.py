@@ -204,16 +204,18 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
-def bench_server(args, name: str, runs, log_dir: Path) -> dict:
+def bench_server(args, name: str, runs, log_dir: Path, out: dict) -> None:
+    """Fills `out` (command, startup_s, runs) as it goes, so that a failure keeps what was measured."""
     port = free_port()
     if name == "pagefleet":
         cmd, ready = pagefleet_cmd(args, port), "/ready"
     else:
         cmd, ready = llama_server_cmd(args, name, port), "/health"
     print(f"[{name}] {' '.join(cmd)}", flush=True)
+    out["command"] = cmd
     t0 = time.perf_counter()
     proc = start(cmd, port, log_dir / f"{name}.log", ready)
-    out = {"command": cmd, "startup_s": round(time.perf_counter() - t0, 1), "runs": {}}
+    out["startup_s"] = round(time.perf_counter() - t0, 1)
     url = f"http://127.0.0.1:{port}"
     try:
         warm = make_requests(args.warmup_requests, (64, 256), (8, 16), vocab_size=args.vocab_size, seed=1)
@@ -228,7 +230,6 @@ def bench_server(args, name: str, runs, log_dir: Path) -> dict:
             print(json.dumps({"server": name, "workload": wname, **row}), flush=True)
     finally:
         stop(proc)
-    return out
 
 
 def merge_earlier_rows(args, servers: dict, runs) -> None:
@@ -334,11 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="vs-llamacpp-logs-"))     # each server's output, for failures
     runs = workloads(args)
-    servers = {}
-    for name in args.servers.split(","):
+    names = args.servers.split(",")
+    for name in names:
         if name not in SERVERS:
             p.error(f"--servers: {name!r} is not one of {', '.join(SERVERS)}")
-        servers[name] = bench_server(args, name, runs, log_dir)
+    servers, failed = {}, []
+    for name in names:
+        servers[name] = {"runs": {}}
+        try:
+            bench_server(args, name, runs, log_dir, servers[name])
+        except Exception as err:    # the other servers' rows are still worth writing down
+            print(f"[{name}] failed: {err}", flush=True)
+            servers[name]["error"] = str(err)[-3000:]
+            failed.append(name)
     if args.earlier_rows:
         merge_earlier_rows(args, servers, runs)
     env["load_avg_end"] = load_average()
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     print(f"wrote {out_dir / stem}.json and .png")
     bad = [(s, w) for s, d in servers.items() for w, r in d["runs"].items() if r.get("num_errors")]
-    return 1 if bad else 0
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":

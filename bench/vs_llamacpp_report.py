@@ -96,7 +96,8 @@ def print_table(results: dict) -> None:
             if "skipped" in row:
                 print(f"| {w} | {s} | - | " + " | ".join("not run" for _ in cols) + " |")
             elif row:
-                print(f"| {w} | {s} | {row['num_requests']} | " + " | ".join(str(row[c]) for c in cols) + " |")
+                print(f"| {w} | {s} | {row.get('num_requests', '-')} | "
+                      + " | ".join(str(row.get(c, '-')) for c in cols) + " |")
 
 
 def write_png(path: Path, results: dict) -> None:
@@ -114,12 +115,14 @@ def write_png(path: Path, results: dict) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     width = 0.8 / len(servers)
     for ax, (fig_key, title) in zip(axes, panels):
+        has_values = False
         for i, (s, data) in enumerate(servers.items()):
             vals = [data["runs"].get(w, {}).get(fig_key) or 0 for w in names]
+            has_values |= any(vals)
             ax.bar([x + i * width for x in range(len(names))], vals, width, label=s)
         ax.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(names))], names)
         ax.set_title(title, fontsize=10)
-        if fig_key != "out_tok_per_s":
+        if fig_key != "out_tok_per_s" and has_values:     # a log axis needs a positive value
             ax.set_yscale("log")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(servers), fontsize=8)
     env = results["env"]

@@ -57,3 +57,20 @@ def test_prompt_ids_stay_below_the_pagefleet_folders_tokenizer(tmp_path):
     Tokenizer(WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
     assert vs_llamacpp.tokenizer_size(str(tmp_path)) == 300
     assert vs_llamacpp.tokenizer_size(None) is None and vs_llamacpp.tokenizer_size(str(tmp_path / "none")) is None
+
+
+def test_a_server_that_does_not_start_leaves_the_other_rows_written_and_exits_1(tmp_path):
+    # On the GPU machine pagefleet's server once failed to start after llama-server's rows were
+    # measured, and the traceback took them with it. A real `replica serve` on a missing model.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"server": "llamacpp_best", "workload": "W2", "out_tok_per_s": 5.0}) + "\n")
+    code = vs_llamacpp.main(["--llama-server", "/bin/false", "--gguf", "smollm2", "--device", "cpu",
+                             "--servers", "pagefleet", "--pagefleet-model", str(tmp_path / "missing"),
+                             "--concurrency", "1", "--num-requests", "1", "--earlier-rows", str(rows),
+                             "--out", str(tmp_path)])
+    assert code == 1
+    [written] = tmp_path.glob("vs-llamacpp-*.json")
+    servers = json.loads(written.read_text())["servers"]
+    assert servers["llamacpp_best"]["runs"]["W2"]["out_tok_per_s"] == 5.0
+    assert servers["pagefleet"]["runs"] == {} and "exited" in servers["pagefleet"]["error"]
+    assert str(tmp_path / "missing") in servers["pagefleet"]["command"]
