@@ -100,6 +100,7 @@ def main() -> None:
     names = {f"rows{args.num_prompts}": "text", f"rows{len(QUESTIONS)}": "chat"}
     for name, figures in results.items():
         for key, value in (figures.items() if "vs_bf16" in figures else [("", figures)]):
+            key = key.replace("weight_only_vs_bf16", "weight-only")
             for rows, row in value.items():
                 print(f"{name:<18}{key:<16}{names.get(rows, rows):<6}{json.dumps(row)}")
     out = Path(os.environ.get("OUT") or args.out)
