@@ -1,4 +1,4 @@
-"""Top-1 agreement of the quantised formats with bf16 on a TRAINED model, over W1's prompts.
+"""Top-1 agreement of the quantised formats with bf16 on a TRAINED model, at W1's prompt shape.
 
 bench/quant_accuracy.py explains why random 8B weights cannot answer issue 15's accuracy
 question: they make a chaotic network in which 1 % of weight noise already flips half the top-1
@@ -22,10 +22,12 @@ Prompts: W1's shape (256 prompts of 512 tokens) cut from natural English, the Py
 manual's topics that ship with Python (`pydoc_data.topics`), and eight chat questions. Not W1's
 random token ids: after 512 random tokens a trained model's next-token distribution is nearly
 flat, so top-1 there compares near-ties (a first run: 1 % of weight noise flipped 12.5 % of them,
-Q8_0 17 %, and Q4_0 73 % while it kept 7 of the 8 chat answers' first tokens). Reported per format: top-1 agreement and relative logits error of the prefill step
-(last prompt token) and of the first decode step (rows whose first token agreed), against bf16
-and against bf16 running the format's own effective weights; plus bf16 with 1 % weight noise as a
-scale. Writes bench/results/quant-trained-<device>-<date>.json.
+Q8_0 17 %, and Q4_0 73 % while it kept 7 of the 8 chat answers' first tokens).
+
+Reported per format: top-1 agreement and relative logits error of the prefill step (last prompt
+token) and of the first decode step (rows whose first token agreed), against bf16 and against
+bf16 running the format's own effective weights (for FP8 also its weight-only case); plus bf16
+with 1 % weight noise as a scale. Writes bench/results/quant-trained-<device>-<date>.json.
 """
 import argparse
 import datetime
