@@ -80,9 +80,10 @@ def _split_for(n: int, k_units: int, block_n: int, tile_units: int, device) -> i
 
 def bench_gguf_kernels(size: str, sweep: bool) -> None:
     """Per 8B projection shape and type: the group-wise GEMV at 1 row (default tile, and a sweep
-    whose winner the engine then uses), at 2..16 rows against dequantise + cuBLAS, the first
-    kernel (`gguf_linear_triton`, kept for reference), and prefill at 2048 rows: Triton
-    dequantise + cuBLAS against the torch dequantisation + cuBLAS that the engine used before."""
+    whose winner the engine then uses), at 2, 4 and 8 rows against dequantise + cuBLAS, and
+    prefill at 2048 rows: Triton dequantise + cuBLAS against the torch dequantisation + cuBLAS
+    that the engine used before."""
+    from replica.kernels import gguf_dequant_triton as gd
     from replica.kernels import gguf_gemv_triton as gg
     from replica.kernels import gguf_linear_triton as glt
     from replica.kernels.ops import linear
@@ -91,9 +92,9 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
-    # (rows, groups, warps): 1-2 warps keep the loop's layout conversions inside a warp (see
-    # bench/NOTES.md, "what limits the GEMV"); not yet measured
-    tiles = [(8, 32, 4), (16, 32, 4), (32, 32, 8), (64, 32, 8), (8, 32, 1), (4, 32, 1), (8, 32, 2), (16, 16, 2)]
+    # (rows, groups, warps): the 4-bit kernel's rows a thread = rows / warps (x's decoding is
+    # shared by them; 4 rows a thread = 64 registers, 8 = 128)
+    tiles = [(2, 32, 4), (4, 32, 4), (8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 64, 8), (4, 64, 8), (8, 32, 8)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     gemv_rows = 8
     for qtype in ("Q4_K", "Q4_0"):
@@ -122,10 +123,10 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
                 xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 figures[f"m{m}_gemv_us"] = 1e3 * _time_ms(lambda: gg.gguf_gemv(xm, packed))
                 figures[f"m{m}_dequant_cublas_us"] = 1e3 * _time_ms(
-                    lambda: torch.nn.functional.linear(xm, gg.dequantize(packed, xm.dtype)))
+                    lambda: torch.nn.functional.linear(xm, gd.dequantize(packed, xm.dtype)))
                 figures[f"m{m}_bf16_us"] = 1e3 * _time_ms(lambda: linear(xm, bf16))
             xp = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
-            figures["dequant_triton_us"] = 1e3 * _time_ms(lambda: gg.dequantize(packed, torch.bfloat16))
+            figures["dequant_triton_us"] = 1e3 * _time_ms(lambda: gd.dequantize(packed, torch.bfloat16))
             figures["prefill2048_dequant_triton_cublas_us"] = 1e3 * _time_ms(lambda: glt.gguf_linear(xp, packed))
             figures["prefill2048_dequant_torch_cublas_us"] = 1e3 * _time_ms(
                 lambda: torch.nn.functional.linear(xp, dequantize_packed(packed, torch.bfloat16)))

@@ -148,7 +148,7 @@ def accuracy(cfg: ModelConfig, device: str, formats, prompt_sets: list[list[list
             methods.fp8_device_error = lambda device: None
         try:
             engine = build_engine(cfg, fmt, device, **(args | {"engine_args": (engine_args or {}) | (
-                {"enforce_eager": True, "attention_backend": "torch"} if eager else {})}), **ckpt)
+                {"enforce_eager": True, "kernel_backend": "torch"} if eager else {})}), **ckpt)
         finally:
             methods.fp8_device_error = refuse
         result = [step_logits(engine, prompts) for prompts in prompt_sets]

@@ -1,24 +1,33 @@
 """Triton, GGUF weights kept packed (`replica/quantization/gguf_packed.py`): the decode GEMV for
-1..8 rows of x, and a dequantise-to-bf16 kernel for everything larger (then one cuBLAS GEMM).
+1..4 rows of x, and a dequantise-to-bf16 kernel for everything larger (then one cuBLAS GEMM).
 
-Decode reads each weight byte once, so its floor is packed bytes / memory bandwidth. The first
-kernel (`gguf_linear_triton._gguf_linear_kernel`) reached only 0.4-0.6 TB/s on an H200: it
-gathered one fp16 scale (and min) per weight element through a computed column index, so its
-loads were neither vectorised nor few. This one works on whole 32-element groups:
+Decode reads each weight byte once, so its floor is packed bytes / memory bandwidth: at 4 bits
+an H200 must turn ~9 G weights a microsecond into products, so both the load instructions and
+the arithmetic per weight decide the speed. The 4-bit kernel (numbers: bench/NOTES.md,
+"The 4-bit GEMV"):
 
-    packed [N, K/2] bytes seen as [N, K/32 groups, 16 bytes]     (8-bit: [N, K/32, 32] int8)
-    a tile is [BLOCK_N rows, GROUPS groups, 16 bytes]: the last axis is 16 contiguous bytes, one
-    16-byte load per thread and group; scales (and mins) are [BLOCK_N, GROUPS], one load a group.
+    lane   one group of one row: its 4 words (32 codes) in one 16-byte load, split into 4 words
+           in registers; the group's scale (and min) one 2-byte load; BLOCK_N rows a program,
+           lanes along the groups, warps along the rows
+    x      each word's 8 values as 4 bf16 pairs, one 16-byte load (int32 pairs), shared by the
+           thread's rows (x's pointers are built with the weights' shape, row stride 0, so the
+           load lands in the words' layout: no conversion through shared memory)
+    word   bf16 x (CUDA): inline PTX. (word >> 4i) & 0x000F000F holds the codes of elements
+           2i and 2i + 1 in its two halves (the packed layout's pair order); OR-ed into the
+           mantissa of 128.0 they are the bf16 pair (128 + q, 128 + q'), exact; one SUB leaves
+           (q − zero_point) exact; MUL/FMA with the x pairs, two elements an instruction, and
+           the pair sum is rounded to fp32 per word (8 products in bf16 arithmetic, then fp32)
+           other x (fp16, fp32, Triton's interpreter): the same codes as exact fp32 products,
+           per element (OR into 2^23's mantissa, one FADD), summed in fp32
 
-Per group the scale is factored out of the sum (exact algebra, fp32 throughout):
+Per group the scale is factored out of the sum (exact algebra):
 
     Σ_i w_i x_i = scale · Σ_i (q_i − zero_point) x_i + min · Σ_i x_i
 
-so the per-element work is a nibble → float conversion (done with integer ops and one FADD: the
-hardware conversion's quarter rate capped the first version at ~1.6 TB/s) and one FMA. Rows of x (1..16, a
-constexpr) reuse the tile in registers: the weight is read once whatever the batch.
-SPLIT_K > 1 writes fp32 partials [SPLIT_K, M, N] summed by linear_triton's split-K kernel.
-The grid depends only on shapes: launches are valid inside a CUDA graph.
+Rows of x (1..4, a constexpr) reuse each loaded word: the weight is read once whatever the
+batch. 8-bit (Q8_0) keeps a byte-wise kernel (one code a byte needs no unpacking). SPLIT_K > 1
+writes fp32 partials [SPLIT_K, M, N] summed by linear_triton's split-K kernel. The grid depends
+only on shapes: launches are valid inside a CUDA graph.
 """
 import functools
 from dataclasses import dataclass
@@ -30,10 +39,12 @@ import triton.language as tl
 from replica.kernels import linear_triton
 from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
-MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows: a loop over them)
+MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
+Q4_ROWS_PER_LAUNCH = 4   # the 4-bit kernel's accumulators; more rows take several launches
 # rows up to which `gguf_linear_triton.gguf_linear` takes the GEMV; above, dequantise + cuBLAS.
 # Measured on an H200 at the 8B shapes (bench/quant.py, gguf_kernels): the crossover.
 GEMV_ROWS = 4
+USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else the exact fp32 path)
 
 
 @dataclass(frozen=True)
@@ -48,72 +59,259 @@ class GemvConfig:
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 
+# One 32-bit word of packed codes (8 elements, the packed layout's pair order) times 4 pairs of
+# bf16 x → the fp32 sum of the 8 products. Each LOP3 turns 2 nibbles into the bf16 pair
+# (128 + q_lo, 128 + q_hi) by OR-ing them into the mantissa of 128.0 (7 bits: exact); one SUB
+# of (128 + zero_point) leaves (q − zero_point) exactly; products and their sum are bf16x2
+# (2 elements an instruction), rounded once more to fp32 per word. Hopper (sm_90) PTX.
+_Q4_WORD_DOT_ASM = """{
+.reg .b32 m, k, t, c0, c1, c2, c3, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 m, 0x000F000F;
+mov.b32 k, 0x43004300;
+lop3.b32 c0, $1, m, k, 0xEA;
+shr.u32 t, $1, 4;
+lop3.b32 c1, t, m, k, 0xEA;
+shr.u32 t, $1, 8;
+lop3.b32 c2, t, m, k, 0xEA;
+shr.u32 t, $1, 12;
+lop3.b32 c3, t, m, k, 0xEA;
+mov.b32 k, BIAS;
+sub.rn.bf16x2 c0, c0, k;
+sub.rn.bf16x2 c1, c1, k;
+sub.rn.bf16x2 c2, c2, k;
+sub.rn.bf16x2 c3, c3, k;
+mul.rn.bf16x2 acc, c0, $2;
+fma.rn.bf16x2 acc, c1, $3, acc;
+fma.rn.bf16x2 acc, c2, $4, acc;
+fma.rn.bf16x2 acc, c3, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.bf16 flo, lo;
+cvt.f32.bf16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""
+_Q4_WORD_DOT_Z0: tl.constexpr = tl.constexpr(_Q4_WORD_DOT_ASM.replace("BIAS", "0x43004300"))   # 128
+_Q4_WORD_DOT_Z8: tl.constexpr = tl.constexpr(_Q4_WORD_DOT_ASM.replace("BIAS", "0x43084308"))   # 136
+
+
 @triton.jit
-def _gguf_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
-    N, num_groups, groups_per_split, stride_xm, stride_qn, stride_sn, stride_om,
-    BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+def _q4_word_dot_bf16(words, x01, x23, x45, x67, ZERO_POINT: tl.constexpr):
+    if ZERO_POINT == 8:
+        asm: tl.constexpr = _Q4_WORD_DOT_Z8
+    else:
+        asm: tl.constexpr = _Q4_WORD_DOT_Z0
+    return tl.inline_asm_elementwise(asm, "=f,r,r,r,r,r", [words, x01, x23, x45, x67],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _q4_word_dot_fp32(words, x, ZERO_POINT: tl.constexpr):
+    """The exact path (any x dtype, and Triton's interpreter): words [BN, G], x [BN, G, 8] fp32
+    → each word's 8 products summed in fp32, every product exact. Element e of a word is nibble
+    n(e) = e // 2 + 4 (e % 2); its code becomes the float 2^23 + q·2^P by OR-ing the word (or
+    word >> 20, for the nibbles at bits 20-31, so that the code stays below the float's
+    exponent bits) masked to the nibble into 2^23's mantissa; one FADD of 2^23 + zero_point·2^P
+    leaves (q − zero_point)·2^P, and x is scaled by 2^−P (exact). The element axis lives in one
+    thread's registers, so these per-element constants fold into immediates."""
+    e = tl.arange(0, 8)
+    nibble = e // 2 + 4 * (e % 2)
+    is_hi = (nibble >= 5)[None, None, :]
+    shift = tl.where(nibble >= 5, 4 * nibble - 20, 4 * nibble)
+    nibble_mask = (0xF << shift)[None, None, :]
+    code_bias = (8388608.0 + ZERO_POINT * (1 << shift).to(tl.float32))[None, None, :]
+    x_scale = (1.0 / (1 << shift).to(tl.float32))[None, None, :]
+    words = words.to(tl.uint32, bitcast=True)[:, :, None]                    # [BN, G, 1]
+    src = tl.where(is_hi, words >> 20, words)
+    magic = tl.full([1, 1, 1], 0x4B000000, tl.uint32)         # 2^23 as fp32
+    codes = ((src & nibble_mask) | magic).to(tl.float32, bitcast=True) - code_bias
+    return tl.sum(codes * (x * x_scale), axis=2)
+
+
+@triton.jit
+def _split4(t):
+    """[A, B, 4] → its 4 slices [A, B] along the last axis (registers of one thread)."""
+    even, odd = tl.split(tl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit(do_not_specialize=["one"])
+def _q4_gemv_kernel(
+    x_ptr, x32_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
+    N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
+    ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BF16_ASM: tl.constexpr,
 ):
-    BYTES: tl.constexpr = 16 if BITS == 4 else 32       # bytes of one group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows < N
     rows64 = tl.minimum(rows, N - 1).to(tl.int64)       # clamped: loads need no row mask
     g = tl.arange(0, GROUPS)
-    j = tl.arange(0, BYTES)
+    w = tl.arange(0, 4)                                 # word of the group
+    row_zero = (rows64 * 0)[:, None]                    # x's pointers take the weights' shape
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+    tot0 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    tot2 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    tot3 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    for g0 in range(g_start, g_end, GROUPS):
+        gs = g0 + g                                     # [GROUPS] group indices
+        g_mask = (gs < g_end)[None, :]
+        # a lane owns one group of a row: its 4 words in one 16-byte load, split in registers;
+        # the scales' column index goes through `one` (a runtime 1) so that the compiler does
+        # not vectorise them across groups, which would give them another layout than the words'
+        w_offs = rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None] + w[None, None, :]
+        s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
+        if EVEN_K:
+            words4 = tl.load(q_ptr + w_offs)
+            scale = tl.load(s_ptr + s_offs).to(tl.float32)
+            if HAS_MIN:
+                low = tl.load(m_ptr + s_offs).to(tl.float32)
+        else:
+            words4 = tl.load(q_ptr + w_offs, mask=g_mask[:, :, None], other=0)
+            scale = tl.load(s_ptr + s_offs, mask=g_mask, other=0.0).to(tl.float32)
+            if HAS_MIN:
+                low = tl.load(m_ptr + s_offs, mask=g_mask, other=0.0).to(tl.float32)
+        if not HAS_MIN:
+            low = scale                                 # unused
+        words0, words1, words2, words3 = _split4(words4)
+        x_mask = g_mask & (row_zero == 0)
+        group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
+        tot0 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
+                             x_mask, 0, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
+        if M > 1:
+            tot1 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
+                                 x_mask, 1, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
+        if M > 2:
+            tot2 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
+                                 x_mask, 2, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
+        if M > 3:
+            tot3 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
+                                 x_mask, 3, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
+
+    _q4_store(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
+              stride_om, M, HAS_BIAS, SPLIT_K)
+    if M > 1:
+        _q4_store(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
+                  stride_om, M, HAS_BIAS, SPLIT_K)
+    if M > 2:
+        _q4_store(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
+                  stride_om, M, HAS_BIAS, SPLIT_K)
+    if M > 3:
+        _q4_store(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
+                  stride_om, M, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: tl.constexpr,
+                  ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr):
+    """One word of each (row, group) against row mi of x → (Σ of its 8 products, Σ of its 8 x
+    when HAS_MIN), [BN, G] fp32 each. word_x: [BN, G], the word's first element."""
+    x_sum = 0.0
+    if BF16_ASM:
+        # x as bf16 pairs (int32): pair k of the word is x[8w + 2k], x[8w + 2k + 1]; one 16-byte
+        # load, split in registers
+        k4 = tl.arange(0, 4)
+        px = x32_ptr + mi * (stride_xm // 2) + (word_x // 2)[:, :, None] + k4[None, None, :]
+        if EVEN_K:
+            pairs = tl.load(px)
+        else:
+            pairs = tl.load(px, mask=x_mask[:, :, None], other=0)
+        if HAS_MIN:                                     # bf16 → fp32 is a shift of its bits
+            x_lo = (pairs << 16).to(tl.float32, bitcast=True)
+            x_hi = (pairs & -65536).to(tl.float32, bitcast=True)
+            x_sum = tl.sum(x_lo + x_hi, axis=2)
+        x01, x23, x45, x67 = _split4(pairs)
+        dots = _q4_word_dot_bf16(words, x01, x23, x45, x67, ZERO_POINT)
+    else:
+        e = tl.arange(0, 8)
+        x_ptrs = x_ptr + mi * stride_xm + word_x[:, :, None] + e[None, None, :]
+        if EVEN_K:
+            x = tl.load(x_ptrs).to(tl.float32)
+        else:
+            x = tl.load(x_ptrs, mask=x_mask[:, :, None], other=0.0).to(tl.float32)
+        if HAS_MIN:
+            x_sum = tl.sum(x, axis=2)
+        dots = _q4_word_dot_fp32(words, x, ZERO_POINT)
+    return dots, x_sum
+
+
+@triton.jit
+def _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x, x_mask, mi,
+                 stride_xm, EVEN_K: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
+                 BF16_ASM: tl.constexpr):
+    """Row mi of x against the tile: [BLOCK_N, GROUPS], scaled (+ min · Σx)."""
+    d0, s0 = _q4_word_part(words0, x_ptr, x32_ptr, group_x, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
+                           HAS_MIN, BF16_ASM)
+    d1, s1 = _q4_word_part(words1, x_ptr, x32_ptr, group_x + 8, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
+                           HAS_MIN, BF16_ASM)
+    d2, s2 = _q4_word_part(words2, x_ptr, x32_ptr, group_x + 16, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
+                           HAS_MIN, BF16_ASM)
+    d3, s3 = _q4_word_part(words3, x_ptr, x32_ptr, group_x + 24, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
+                           HAS_MIN, BF16_ASM)
+    part = scale * ((d0 + d1) + (d2 + d3))              # the zero point is in the codes
+    if HAS_MIN:
+        part += low * ((s0 + s1) + (s2 + s3))
+    return part
+
+
+@triton.jit
+def _q4_store(result, mi, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
+              M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    # result: [BLOCK_N] fp32, row mi of the output
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + mi * stride_om + rows, result.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(partial_ptr + (pid_k * M + mi).to(tl.int64) * N + rows, result, mask=n_mask)
+
+
+@triton.jit
+def _q8_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr,
+    N, num_groups, groups_per_split, stride_xm, stride_qn, stride_sn, stride_om,
+    HAS_BIAS: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # Q8_0: [BLOCK_N, GROUPS, 32] int8 tiles, one scale a group; int8 → float through the same
+    # mantissa trick as 4 bits (code + 128 OR-ed into 2^23, then one FADD)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rows < N
+    rows64 = tl.minimum(rows, N - 1).to(tl.int64)       # clamped: loads need no row mask
+    g = tl.arange(0, GROUPS)
+    j = tl.arange(0, 32)
     g_start = pid_k * groups_per_split
     g_end = tl.minimum(g_start + groups_per_split, num_groups)
     ms = tl.arange(0, BLOCK_M)                          # BLOCK_M: M up to a power of two
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for g0 in range(g_start, g_end, GROUPS):
         gs = g0 + g                                     # [GROUPS] group indices
-        q_offs = rows64[:, None, None] * stride_qn + (gs * BYTES)[None, :, None] + j[None, None, :]
+        q_offs = rows64[:, None, None] * stride_qn + (gs * 32)[None, :, None] + j[None, None, :]
         s_offs = rows64[:, None] * stride_sn + gs[None, :]
         if EVEN_K:
-            packed = tl.load(q_ptr + q_offs)
+            codes = tl.load(q_ptr + q_offs)
             scale = tl.load(s_ptr + s_offs).to(tl.float32)
-            if HAS_MIN:
-                low = tl.load(m_ptr + s_offs).to(tl.float32)
         else:
             g_mask = gs < g_end
-            packed = tl.load(q_ptr + q_offs, mask=g_mask[None, :, None], other=0)
+            codes = tl.load(q_ptr + q_offs, mask=g_mask[None, :, None], other=0)
             scale = tl.load(s_ptr + s_offs, mask=g_mask[None, :], other=0.0).to(tl.float32)
-            if HAS_MIN:
-                low = tl.load(m_ptr + s_offs, mask=g_mask[None, :], other=0.0).to(tl.float32)
-        if BITS == 4:
-            # nibble → float without the int→float conversion unit (a quarter of the FMA rate,
-            # it capped the first version at ~1.6 TB/s): OR the code into the mantissa of 2^23
-            # and subtract 2^23 + zero_point, exact in fp32
-            bits = packed.to(tl.int32)
-            w_lo = ((bits & 0x0F) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO_POINT)
-            w_hi = ((bits >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO_POINT)
-        else:
-            bits = packed.to(tl.int32) + 128            # int8 → 0..255, then the same trick
-            w = (bits | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 128.0 + ZERO_POINT)
+        bits = codes.to(tl.int32) + 128                 # int8 → 0..255
+        w = (bits | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 128.0)
         for mi in tl.static_range(M):
             x_offs = mi * stride_xm + (gs * 32)[:, None] + j[None, :]
             if EVEN_K:
-                x_mask = gs[:, None] >= 0                   # all true: one code path for loads
+                xg = tl.load(x_ptr + x_offs).to(tl.float32)
             else:
-                x_mask = (gs < g_end)[:, None]
-            if BITS == 4:
-                x_lo = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_ptr + x_offs + 16, mask=x_mask, other=0.0).to(tl.float32)
-                dots = tl.sum(w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :], axis=2)
-                if HAS_MIN:
-                    x_sum = tl.sum(x_lo + x_hi, axis=1)
-            else:
-                xg = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-                dots = tl.sum(w * xg[None, :, :], axis=2)
-                if HAS_MIN:
-                    x_sum = tl.sum(xg, axis=1)
-            part = scale * dots                         # the zero point is in the codes
-            if HAS_MIN:
-                part += low * x_sum[None, :]
-            contrib = tl.sum(part, axis=1)              # [BLOCK_N]
+                xg = tl.load(x_ptr + x_offs, mask=(gs < g_end)[:, None], other=0.0).to(tl.float32)
+            contrib = tl.sum(scale * tl.sum(w * xg[None, :, :], axis=2), axis=1)     # [BLOCK_N]
             acc = tl.where(ms[None, :] == mi, acc + contrib[:, None], acc)
 
     out_mask = n_mask[:, None] & (ms < M)[None, :]
@@ -127,36 +325,6 @@ def _gguf_gemv_kernel(
                  mask=out_mask)
 
 
-@triton.jit
-def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn, stride_sn, stride_on,
-                         BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-    BYTES: tl.constexpr = 16 if BITS == 4 else 32
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    gs = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    j = tl.arange(0, BYTES)
-    mask2 = (rows < N)[:, None] & (gs < num_groups)[None, :]
-    mask3 = mask2[:, :, None]
-    rows64 = rows.to(tl.int64)
-    packed = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * BYTES)[None, :, None]
-                     + j[None, None, :], mask=mask3, other=0)
-    s_offs = rows64[:, None] * stride_sn + gs[None, :]
-    scale = tl.load(s_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
-    if HAS_MIN:
-        low = tl.load(m_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
-    else:
-        low = 0.0
-    dst = out_ptr + rows64[:, None, None] * stride_on + (gs * 32)[None, :, None] + j[None, None, :]
-    if BITS == 4:
-        lo = ((packed & 0x0F).to(tl.float32) - ZERO_POINT) * scale + low
-        hi = ((packed >> 4).to(tl.float32) - ZERO_POINT) * scale + low
-        tl.store(dst, lo.to(out_ptr.dtype.element_ty), mask=mask3)
-        tl.store(dst + 16, hi.to(out_ptr.dtype.element_ty), mask=mask3)
-    else:
-        w = (packed.to(tl.float32) - ZERO_POINT) * scale + low
-        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask3)
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -166,13 +334,14 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.device,
                        qtype: str = "") -> GemvConfig:
-    """A measured entry of TUNED, else 8 rows x 32 groups (1024 columns: 4 KiB of nibbles a
-    tile), 4 warps, split-K while the grid has fewer than ~8 programs per SM. On an H200 at the
-    8B shapes that is the sweep's winner for every Q4 shape but one (o_proj: 16 rows, within 2 %)."""
+    """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes: 4-bit,
+    4 rows x 64 groups (one group of a row a lane), 4 warps; 8-bit, 8 rows x 16 groups. Split-K
+    while the grid has fewer than ~8 programs per SM (at 4 rows: N = 4096 splits in 2, N ≥ 6144
+    not at all, as measured)."""
     tuned = TUNED.get((qtype, num_rows, n, k))
     if tuned is not None:
         return tuned
-    block_n, groups = (8, 32) if bits == 4 else (8, 16)
+    block_n, groups = (4, 64) if bits == 4 else (8, 16)
     num_groups = k // GROUP_SIZE
     split_k = 1
     while (triton.cdiv(n, block_n) * split_k < 8 * _num_sms(device)
@@ -197,39 +366,38 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
     groups_per_split = triton.cdiv(num_tiles, split_k) * groups
     split_k = triton.cdiv(num_groups, groups_per_split)                 # no empty split
     even_k = num_groups % groups == 0
-    partial = (torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
-               if split_k > 1 else out)
-    mins = packed.mins if packed.mins is not None else packed.scales
-    _gguf_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
-        x, packed.qweight, packed.scales, mins, bias if bias is not None else out, out, partial,
-        n, num_groups, groups_per_split, x.stride(0), packed.qweight.stride(0),
-        packed.scales.stride(0), out.stride(0),
-        BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None,
-        HAS_BIAS=bias is not None, M=num_rows,
-        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, GROUPS=groups,
-        SPLIT_K=split_k, EVEN_K=even_k, num_warps=config.num_warps, num_stages=1,
-    )
-    if split_k > 1:
-        block = 1024
-        linear_triton._split_k_sum_kernel[(num_rows, triton.cdiv(n, block))](
-            partial, bias if bias is not None else out, out, num_rows, n, out.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4,
-        )
-    return out
-
-
-def dequantize(packed: PackedGGUF, dtype: torch.dtype) -> torch.Tensor:
-    """The packed weight as a dense [N, K] tensor in `dtype` (same values as
-    `gguf_packed.dequantize_packed`, computed in fp32 and rounded once)."""
-    n, k = packed.shape
-    out = torch.empty(n, k, dtype=dtype, device=packed.qweight.device)
-    num_groups = k // GROUP_SIZE
-    block_n, groups = 16, 16
-    mins = packed.mins if packed.mins is not None else packed.scales
-    _gguf_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(num_groups, groups))](
-        packed.qweight, packed.scales, mins, out, n, num_groups, packed.qweight.stride(0),
-        packed.scales.stride(0), out.stride(0),
-        BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None,
-        BLOCK_N=block_n, GROUPS=groups, num_warps=4,
-    )
+    launch = dict(num_warps=config.num_warps, num_stages=1)
+    for m0 in range(0, num_rows, Q4_ROWS_PER_LAUNCH if packed.bits == 4 else MAX_ROWS):
+        xm = x[m0:m0 + (Q4_ROWS_PER_LAUNCH if packed.bits == 4 else MAX_ROWS)]
+        om = out[m0:m0 + xm.shape[0]]
+        rows_m = xm.shape[0]
+        partial = (torch.empty(split_k, rows_m, n, dtype=torch.float32, device=x.device)
+                   if split_k > 1 else om)
+        grid = (triton.cdiv(n, config.block_n), split_k)
+        if packed.bits == 4:
+            # the bf16x2 path reads x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
+            bf16_asm = (USE_BF16_ASM and xm.dtype == torch.bfloat16 and xm.is_cuda
+                        and xm.stride(0) % 2 == 0 and xm.data_ptr() % 4 == 0)
+            _q4_gemv_kernel[grid](
+                xm, xm.view(torch.int32) if bf16_asm else xm, packed.qweight.view(torch.int32),
+                packed.scales, packed.mins if packed.mins is not None else packed.scales,
+                bias if bias is not None else om, om, partial,
+                n, num_groups, groups_per_split, 1, xm.stride(0), packed.qweight.stride(0) // 4,
+                packed.scales.stride(0), om.stride(0),
+                ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None,
+                M=rows_m, BLOCK_N=config.block_n, GROUPS=groups, SPLIT_K=split_k, EVEN_K=even_k,
+                BF16_ASM=bf16_asm, **launch)
+        else:
+            _q8_gemv_kernel[grid](
+                xm, packed.qweight, packed.scales, bias if bias is not None else om, om, partial,
+                n, num_groups, groups_per_split, xm.stride(0), packed.qweight.stride(0),
+                packed.scales.stride(0), om.stride(0),
+                HAS_BIAS=bias is not None, M=rows_m, BLOCK_M=triton.next_power_of_2(rows_m),
+                BLOCK_N=config.block_n, GROUPS=groups, SPLIT_K=split_k, EVEN_K=even_k, **launch)
+        if split_k > 1:
+            block = 1024
+            linear_triton._split_k_sum_kernel[(rows_m, triton.cdiv(n, block))](
+                partial, bias if bias is not None else om, om, rows_m, n, om.stride(0),
+                HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4,
+            )
     return out

@@ -14,9 +14,18 @@ and, for the asymmetric types, one offset ("min"):
 
 Layout (row-major, one row per output feature n):
 
-    4-bit  qweight uint8 [N, K/2]: byte b of group g holds element 32g + b  in its low nibble
-                                                   and element 32g + b+16 in its high nibble
-           (GGML's own Q4_0/Q4_1 order, so those two repack by slicing; Q4_K is re-nibbled)
+    4-bit  qweight uint8 [N, K/2], seen as little-endian int32 words of 8 elements each
+           (word w = elements 8w..8w+7 of the row): the low 16 bits hold the even elements, the
+           high 16 bits the odd ones, one nibble each:
+
+               word w:  bits 31..28  27..24  23..20  19..16 | 15..12  11..8  7..4   3..0
+                        elem 8w+7    8w+5    8w+3    8w+1   | 8w+6    8w+4   8w+2   8w
+
+           so (word >> 4i) & 0x000F000F is the pair (element 2i, element 2i + 1) in the two
+           16-bit halves, the order of a bf16x2 pair of x: the decode GEMV
+           (`replica/kernels/gguf_gemv_triton.py`) turns each such pair into bf16 codes with one
+           LOP3 and multiplies it with x two elements an instruction. GGML's Q4_0/Q4_1 order
+           (byte b of a block: elements b and b + 16) and Q4_K's are re-nibbled at repack.
     8-bit  qweight int8  [N, K]
     scales fp16 [N, K/32]; mins fp16 [N, K/32] or None
 
@@ -100,12 +109,13 @@ def pack(tensor: GGUFTensor) -> PackedGGUF:
     if tensor.qtype == "Q8_0":
         qweight = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
         return PackedGGUF("Q8_0", qweight, _fp16(blocks[..., 0:2]), None)
-    if tensor.qtype == "Q4_0":
-        return PackedGGUF("Q4_0", blocks[..., 2:].reshape(rows, cols // 2).contiguous(),
-                          _fp16(blocks[..., 0:2]), None)
-    if tensor.qtype == "Q4_1":
-        return PackedGGUF("Q4_1", blocks[..., 4:].reshape(rows, cols // 2).contiguous(),
-                          _fp16(blocks[..., 0:2]), _fp16(blocks[..., 2:4]))
+    if tensor.qtype in ("Q4_0", "Q4_1"):
+        # GGML's order: byte b of a block holds element b (low nibble) and b + 16 (high)
+        head = 2 if tensor.qtype == "Q4_0" else 4
+        qs = blocks[..., head:]
+        values = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+        mins = _fp16(blocks[..., 2:4]) if tensor.qtype == "Q4_1" else None
+        return PackedGGUF(tensor.qtype, nibbles_from_values(values), _fp16(blocks[..., 0:2]), mins)
     # Q4_K: d, dmin (fp16), 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles where
     # byte 32c + l holds element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c+1) high.
     d = _fp16(blocks[..., 0:2]).float()[..., None]
@@ -115,8 +125,17 @@ def pack(tensor: GGUFTensor) -> PackedGGUF:
     mins = (-(dmin * mn.float())).reshape(rows, groups).half()
     qs = blocks[..., 16:].reshape(rows, -1, 4, 32)
     values = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(rows, groups, GROUP_SIZE)
-    qweight = (values[..., :16] | (values[..., 16:] << 4)).reshape(rows, cols // 2)
-    return PackedGGUF("Q4_K", qweight.contiguous(), scales, mins)
+    return PackedGGUF("Q4_K", nibbles_from_values(values), scales, mins)
+
+
+def nibbles_from_values(values: torch.Tensor) -> torch.Tensor:
+    """4-bit codes in element order [rows, groups, 32] (uint8 0..15) → qweight uint8
+    [rows, groups · 16] in the layout above."""
+    rows, groups, _ = values.shape
+    v = values.to(torch.int32).reshape(rows, groups * 4, 4, 2)      # [.., word, i, even/odd]
+    shifts = 4 * torch.arange(4, device=values.device, dtype=torch.int32)
+    words = ((v[..., 0] << shifts) | (v[..., 1] << (shifts + 16))).sum(dim=-1, dtype=torch.int32)
+    return words.contiguous().view(torch.uint8).reshape(rows, groups * 16)
 
 
 def q4_k_scale_min(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +153,10 @@ def unpack_values(packed: PackedGGUF) -> torch.Tensor:
     n, k = packed.shape
     if packed.bits == 8:
         return packed.qweight
-    q = packed.qweight.reshape(n, k // GROUP_SIZE, GROUP_SIZE // 2)
-    return torch.cat([q & 0x0F, q >> 4], dim=-1).reshape(n, k)
+    words = packed.qweight.view(torch.int32).reshape(n, k // 8, 1)
+    shifts = 4 * torch.arange(4, device=words.device, dtype=torch.int32)
+    even, odd = (words >> shifts) & 0xF, (words >> (shifts + 16)) & 0xF    # [n, words, 4]
+    return torch.stack([even, odd], dim=-1).reshape(n, k).to(torch.uint8)
 
 
 def dequantize_packed(packed: PackedGGUF, dtype: torch.dtype = torch.float32) -> torch.Tensor:

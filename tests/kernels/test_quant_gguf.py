@@ -1,16 +1,19 @@
 """GGUF weights kept packed: the repacked layout decodes to exactly what gguf's own `dequantize`
 gives (Q4_K within the documented fp16 rounding of its group scales), our GGML encoder writes
-gguf's bytes, and the Triton kernels match their torch reference: the group-wise GEMV (1..16
-rows), dequantise + cuBLAS (the default above GEMV_ROWS), and the first kernel's fma, dot and GEMM
-tilings, with split-K, ragged N, partial K tiles, a bias."""
+gguf's bytes, the 4-bit nibbles sit where the kernels read them, and the Triton kernels match
+their torch reference: the group-wise GEMV (1..16 rows; 4-bit takes 4 a launch) and dequantise +
+cuBLAS (the default above GEMV_ROWS), with split-K, ragged N, partial K tiles, a bias."""
 import numpy as np
 import pytest
 import torch
 
 from replica.kernels.gguf_linear import gguf_linear_ref
-from replica.kernels.gguf_gemv_triton import GemvConfig, dequantize
-from replica.kernels.gguf_linear_triton import GGUFLinearConfig, gguf_linear
-from replica.quantization.gguf_packed import GGUFTensor, dequantize_packed, pack, with_mins
+from replica.kernels.gguf_dequant_triton import dequantize
+from replica.kernels.gguf_gemv_triton import GemvConfig
+from replica.kernels.gguf_linear_triton import gguf_linear
+from replica.quantization.gguf_packed import (
+    GGUFTensor, dequantize_packed, nibbles_from_values, pack, unpack_values, with_mins,
+)
 from replica.quantization.gguf_quantize import quantize
 from tests.kernels.paged_batch import DEVICE, DTYPE, ON_GPU
 
@@ -69,6 +72,23 @@ def test_q4_0_with_explicit_mins_decodes_the_same():
     assert torch.equal(dequantize_packed(with_mins(packed)), dequantize_packed(packed))
 
 
+def test_word_w_holds_even_elements_low_and_odd_elements_high():
+    values = torch.randint(0, 16, (3, 2, 32), dtype=torch.uint8)       # [rows, groups, 32]
+    words = nibbles_from_values(values).view(torch.int32)              # [rows, 8], little-endian
+    elements = values.reshape(3, 64)
+    for e in range(64):
+        nibble = (e % 8) // 2 + 4 * (e % 2)
+        assert torch.equal(((words[:, e // 8] >> (4 * nibble)) & 0xF).to(torch.uint8), elements[:, e])
+    assert torch.equal(unpack_values(pack(quantize(_weights(3, 64, seed=5), "Q4_0"))),
+                       quantize_codes_q4_0(_weights(3, 64, seed=5)))
+
+
+def quantize_codes_q4_0(w: torch.Tensor) -> torch.Tensor:
+    """Q4_0's codes in element order, read straight from GGML's blocks (byte b: b low, b+16 high)."""
+    blocks = quantize(w, "Q4_0").data.reshape(w.shape[0], -1, 18)[..., 2:]
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).reshape(w.shape)
+
+
 def test_malformed_block_data_is_refused():
     with pytest.raises(ValueError, match="expected uint8 data"):
         GGUFTensor("Q4_0", torch.zeros(4, 17, dtype=torch.uint8), (4, 32))
@@ -86,22 +106,16 @@ if ON_GPU:
                                    (2, 4096, 14336, False), (4, 1000, 2048, True))]
     CASES.append(pytest.param("Q4_K", 16, 4096, 4096, False, GemvConfig(8, 32, 4), marks=pytest.mark.gpu))
 else:
-    C = GGUFLinearConfig
     G = GemvConfig
     CASES = [
-        ("Q4_0", 1, 40, 512, False, C(8, 64)),
-        ("Q4_1", 1, 37, 256, True, C(4, 128, split_k=2)),      # ragged N, split-K, bias
-        ("Q4_K", 1, 24, 512, False, C(8, 128, split_k=3)),     # split into uneven runs
-        ("Q8_0", 1, 40, 96, True, C(8, 64)),                    # ragged K tile
-        ("Q4_K", 3, 48, 256, True, C(16, 64, 16)),
-        ("Q8_0", 8, 40, 128, False, C(16, 32, 16, split_k=2)),
-        ("Q4_0", 20, 40, 256, False, C(16, 64, 16)),           # the GEMM tiling over M
-        ("Q4_K", 5, 24, 256, False, None),
-        # the group-wise GEMV (1..8 rows, weight read once) and dequantise + GEMM
+        # the group-wise GEMV (1..16 rows, weight read once) and dequantise + GEMM
         ("Q4_0", 1, 40, 512, False, G(16, 4)),
         ("Q4_1", 3, 37, 256, True, G(8, 4, split_k=2)),       # ragged N, split-K, bias
-        ("Q4_K", 8, 24, 768, False, G(8, 16, split_k=2)),     # 24 groups: a partial tile
+        ("Q4_K", 4, 24, 768, False, G(8, 16, split_k=2)),     # 24 groups: a partial tile
+        ("Q4_K", 6, 24, 512, True, G(16, 8, split_k=3)),      # two launches (4 + 2 rows), uneven runs
+        ("Q4_0", 2, 40, 96, False, G(32, 2)),                  # 3 groups: a partial tile
         ("Q8_0", 2, 40, 96, True, G(16, 2)),                   # 3 groups: a partial tile
+        ("Q8_0", 8, 40, 128, False, G(8, 4, split_k=2)),
         ("Q4_K", 1, 24, 512, True, None),
         ("Q4_0", 12, 40, 256, True, None),                     # dequantise + GEMM
     ]
@@ -141,10 +155,8 @@ def test_rejects_bad_arguments():
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match="x: expected 64 columns"):
         gguf_linear(torch.randn(2, 96), packed)
-    with pytest.raises(ValueError, match="fma path"):
-        gguf_linear(x, packed, config=GGUFLinearConfig(8, 32))
-    with pytest.raises(ValueError, match="multiple of 32"):
-        gguf_linear(x[:1], packed, config=GGUFLinearConfig(8, 48))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gguf_linear(torch.randn(17, 64), packed, config=GemvConfig(8, 2))
     with pytest.raises(ValueError, match="bias: expected shape"):
         gguf_linear(x, packed, torch.randn(31))
     broken = pack(quantize(torch.randn(32, 64), "Q4_0"))

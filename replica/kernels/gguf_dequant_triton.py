@@ -1,0 +1,69 @@
+"""Triton: GGUF weights kept packed (`replica/quantization/gguf_packed.py`) dequantised to a dense
+[N, K] matrix in x's dtype, for prefill and decode batches above the GEMV's rows: then one cuBLAS
+GEMM (`gguf_linear_triton.gguf_linear`). At 2048 rows that costs 1.05-1.14x bf16's time on an
+H200 (bench/results/quant-issue15b-H200-8b-2026-11-28.json); the dequantisation itself writes
+2.5-2.7 TB/s of bf16 (bench/results/quant-issue15c-H200-8b-2026-11-29.json).
+Reference: `gguf_packed.dequantize_packed`, bit for bit (fp32 arithmetic, rounded once).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
+
+
+@triton.jit
+def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn, stride_sn, stride_on,
+                         BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gs = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    mask2 = (rows < N)[:, None] & (gs < num_groups)[None, :]
+    mask3 = mask2[:, :, None]
+    rows64 = rows.to(tl.int64)
+    s_offs = rows64[:, None] * stride_sn + gs[None, :]
+    scale = tl.load(s_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
+    if HAS_MIN:
+        low = tl.load(m_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
+    else:
+        low = tl.zeros([1, 1, 1], dtype=tl.float32)
+    if BITS == 4:
+        # a group's 4 words to a lane (one 16-byte load); nibble i < 4 of a word holds its
+        # element 2i, nibble 4 + i element 2i + 1: joined on a new last axis, [.., 4, 2] is the
+        # word's 8 values in order
+        w = tl.arange(0, 4)
+        i = tl.arange(0, 4)
+        words = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None]
+                        + w[None, None, :], mask=mask3, other=0)[:, :, :, None]
+        scale4, low4 = scale[:, :, :, None], low[:, :, :, None]
+        even = (((words >> (4 * i)[None, None, None, :]) & 0xF).to(tl.float32) - ZERO_POINT) * scale4 + low4
+        odd = (((words >> (16 + 4 * i)[None, None, None, :]) & 0xF).to(tl.float32) - ZERO_POINT) * scale4 + low4
+        w_f = tl.reshape(tl.join(even, odd), [BLOCK_N, GROUPS, 32])
+        j32 = tl.arange(0, 32)
+        tl.store(out_ptr + rows64[:, None, None] * stride_on + (gs * 32)[None, :, None] + j32[None, None, :],
+                 w_f.to(out_ptr.dtype.element_ty), mask=mask3)
+    else:
+        j = tl.arange(0, 32)
+        codes = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 32)[None, :, None]
+                        + j[None, None, :], mask=mask3, other=0)
+        w = (codes.to(tl.float32) - ZERO_POINT) * scale + low
+        dst = out_ptr + rows64[:, None, None] * stride_on + (gs * 32)[None, :, None] + j[None, None, :]
+        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask3)
+
+
+def dequantize(packed: PackedGGUF, dtype: torch.dtype) -> torch.Tensor:
+    """The packed weight as a dense [N, K] tensor in `dtype` (same values as
+    `gguf_packed.dequantize_packed`, computed in fp32 and rounded once)."""
+    n, k = packed.shape
+    out = torch.empty(n, k, dtype=dtype, device=packed.qweight.device)
+    num_groups = k // GROUP_SIZE
+    block_n, groups = 16, 16
+    mins = packed.mins if packed.mins is not None else packed.scales
+    qweight = packed.qweight.view(torch.int32) if packed.bits == 4 else packed.qweight
+    _gguf_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(num_groups, groups))](
+        qweight, packed.scales, mins, out, n, num_groups, qweight.stride(0),
+        packed.scales.stride(0), out.stride(0),
+        BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None,
+        BLOCK_N=block_n, GROUPS=groups, num_warps=4,
+    )
+    return out
