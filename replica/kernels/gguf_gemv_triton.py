@@ -15,14 +15,16 @@ the arithmetic per weight decide the speed. The 4-bit kernel (numbers: bench/NOT
     word   bf16 x (CUDA): inline PTX. (word >> 4i) & 0x000F000F holds the codes of elements
            2i and 2i + 1 in its two halves (the packed layout's pair order); OR-ed into the
            mantissa of 128.0 they are the bf16 pair (128 + q, 128 + q'), exact; one SUB leaves
-           (q − zero_point) exact; MUL/FMA with the x pairs, two elements an instruction, and
-           the pair sum is rounded to fp32 per word (8 products in bf16 arithmetic, then fp32)
+           q − 8 exact; MUL/FMA with the x pairs, two elements an instruction, and the pair sum
+           is rounded to fp32 per word (8 products in bf16 arithmetic, then fp32)
            other x (fp16, fp32, Triton's interpreter): the same codes as exact fp32 products,
            per element (OR into 2^23's mantissa, one FADD), summed in fp32
 
-Per group the scale is factored out of the sum (exact algebra):
+Per group the scale is factored out of the sum (exact algebra); codes are centred at 8 for every
+type (Q4_K's 0..15 included), so the bf16 products stay small and do not cancel against the
+min term:
 
-    Σ_i w_i x_i = scale · Σ_i (q_i − zero_point) x_i + min · Σ_i x_i
+    Σ_i w_i x_i = scale · Σ_i (q_i − 8) x_i + (min + (8 − zero_point) · scale) · Σ_i x_i
 
 Rows of x (1..4, a constexpr) reuse each loaded word: the weight is read once whatever the
 batch. 8-bit (Q8_0) keeps a byte-wise kernel (one code a byte needs no unpacking). SPLIT_K > 1
@@ -62,7 +64,7 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 # One 32-bit word of packed codes (8 elements, the packed layout's pair order) times 4 pairs of
 # bf16 x → the fp32 sum of the 8 products. Each LOP3 turns 2 nibbles into the bf16 pair
 # (128 + q_lo, 128 + q_hi) by OR-ing them into the mantissa of 128.0 (7 bits: exact); one SUB
-# of (128 + zero_point) leaves (q − zero_point) exactly; products and their sum are bf16x2
+# of 136 leaves q − 8 exactly; products and their sum are bf16x2
 # (2 elements an instruction), rounded once more to fp32 per word. Hopper (sm_90) PTX.
 _Q4_WORD_DOT_ASM = """{
 .reg .b32 m, k, t, c0, c1, c2, c3, acc;
@@ -77,7 +79,7 @@ shr.u32 t, $1, 8;
 lop3.b32 c2, t, m, k, 0xEA;
 shr.u32 t, $1, 12;
 lop3.b32 c3, t, m, k, 0xEA;
-mov.b32 k, BIAS;
+mov.b32 k, 0x43084308;
 sub.rn.bf16x2 c0, c0, k;
 sub.rn.bf16x2 c1, c1, k;
 sub.rn.bf16x2 c2, c2, k;
@@ -91,35 +93,30 @@ cvt.f32.bf16 flo, lo;
 cvt.f32.bf16 fhi, hi;
 add.f32 $0, flo, fhi;
 }"""
-_Q4_WORD_DOT_Z0: tl.constexpr = tl.constexpr(_Q4_WORD_DOT_ASM.replace("BIAS", "0x43004300"))   # 128
-_Q4_WORD_DOT_Z8: tl.constexpr = tl.constexpr(_Q4_WORD_DOT_ASM.replace("BIAS", "0x43084308"))   # 136
+_Q4_WORD_DOT: tl.constexpr = tl.constexpr(_Q4_WORD_DOT_ASM)
 
 
 @triton.jit
-def _q4_word_dot_bf16(words, x01, x23, x45, x67, ZERO_POINT: tl.constexpr):
-    if ZERO_POINT == 8:
-        asm: tl.constexpr = _Q4_WORD_DOT_Z8
-    else:
-        asm: tl.constexpr = _Q4_WORD_DOT_Z0
-    return tl.inline_asm_elementwise(asm, "=f,r,r,r,r,r", [words, x01, x23, x45, x67],
+def _q4_word_dot_bf16(words, x01, x23, x45, x67):
+    return tl.inline_asm_elementwise(_Q4_WORD_DOT, "=f,r,r,r,r,r", [words, x01, x23, x45, x67],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _q4_word_dot_fp32(words, x, ZERO_POINT: tl.constexpr):
+def _q4_word_dot_fp32(words, x):
     """The exact path (any x dtype, and Triton's interpreter): words [BN, G], x [BN, G, 8] fp32
     → each word's 8 products summed in fp32, every product exact. Element e of a word is nibble
     n(e) = e // 2 + 4 (e % 2); its code becomes the float 2^23 + q·2^P by OR-ing the word (or
     word >> 20, for the nibbles at bits 20-31, so that the code stays below the float's
-    exponent bits) masked to the nibble into 2^23's mantissa; one FADD of 2^23 + zero_point·2^P
-    leaves (q − zero_point)·2^P, and x is scaled by 2^−P (exact). The element axis lives in one
+    exponent bits) masked to the nibble into 2^23's mantissa; one FADD of 2^23 + 8·2^P leaves
+    (q − 8)·2^P, and x is scaled by 2^−P (exact). The element axis lives in one
     thread's registers, so these per-element constants fold into immediates."""
     e = tl.arange(0, 8)
     nibble = e // 2 + 4 * (e % 2)
     is_hi = (nibble >= 5)[None, None, :]
     shift = tl.where(nibble >= 5, 4 * nibble - 20, 4 * nibble)
     nibble_mask = (0xF << shift)[None, None, :]
-    code_bias = (8388608.0 + ZERO_POINT * (1 << shift).to(tl.float32))[None, None, :]
+    code_bias = (8388608.0 + 8 * (1 << shift).to(tl.float32))[None, None, :]
     x_scale = (1.0 / (1 << shift).to(tl.float32))[None, None, :]
     words = words.to(tl.uint32, bitcast=True)[:, :, None]                    # [BN, G, 1]
     src = tl.where(is_hi, words >> 20, words)
@@ -177,8 +174,13 @@ def _q4_gemv_kernel(
             scale = tl.load(s_ptr + s_offs, mask=g_mask, other=0.0).to(tl.float32)
             if HAS_MIN:
                 low = tl.load(m_ptr + s_offs, mask=g_mask, other=0.0).to(tl.float32)
-        if not HAS_MIN:
-            low = scale                                 # unused
+        # codes are decoded as q − 8 whatever the type (small, signed: the bf16 products round
+        # less and do not cancel against the min term); the rest of (q − zero_point)·scale + min
+        # is a per-group constant times Σx: (min + (8 − zero_point)·scale)
+        if HAS_MIN:
+            low = low + (8 - ZERO_POINT) * scale
+        else:
+            low = (8 - ZERO_POINT) * scale
         words0, words1, words2, words3 = _split4(words4)
         x_mask = g_mask & (row_zero == 0)
         group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
@@ -210,8 +212,8 @@ def _q4_gemv_kernel(
 @triton.jit
 def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: tl.constexpr,
                   ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr):
-    """One word of each (row, group) against row mi of x → (Σ of its 8 products, Σ of its 8 x
-    when HAS_MIN), [BN, G] fp32 each. word_x: [BN, G], the word's first element."""
+    """One word of each (row, group) against row mi of x → (Σ of its 8 products (q − 8)·x, Σ of
+    its 8 x when the group needs it), [BN, G] fp32 each. word_x: [BN, G], the word's first element."""
     x_sum = 0.0
     if BF16_ASM:
         # x as bf16 pairs (int32): pair k of the word is x[8w + 2k], x[8w + 2k + 1]; one 16-byte
@@ -222,12 +224,12 @@ def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: 
             pairs = tl.load(px)
         else:
             pairs = tl.load(px, mask=x_mask[:, :, None], other=0)
-        if HAS_MIN:                                     # bf16 → fp32 is a shift of its bits
+        if HAS_MIN or ZERO_POINT != 8:                  # bf16 → fp32 is a shift of its bits
             x_lo = (pairs << 16).to(tl.float32, bitcast=True)
             x_hi = (pairs & -65536).to(tl.float32, bitcast=True)
             x_sum = tl.sum(x_lo + x_hi, axis=2)
         x01, x23, x45, x67 = _split4(pairs)
-        dots = _q4_word_dot_bf16(words, x01, x23, x45, x67, ZERO_POINT)
+        dots = _q4_word_dot_bf16(words, x01, x23, x45, x67)
     else:
         e = tl.arange(0, 8)
         x_ptrs = x_ptr + mi * stride_xm + word_x[:, :, None] + e[None, None, :]
@@ -235,9 +237,9 @@ def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: 
             x = tl.load(x_ptrs).to(tl.float32)
         else:
             x = tl.load(x_ptrs, mask=x_mask[:, :, None], other=0.0).to(tl.float32)
-        if HAS_MIN:
+        if HAS_MIN or ZERO_POINT != 8:
             x_sum = tl.sum(x, axis=2)
-        dots = _q4_word_dot_fp32(words, x, ZERO_POINT)
+        dots = _q4_word_dot_fp32(words, x)
     return dots, x_sum
 
 
@@ -254,8 +256,8 @@ def _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, gro
                            HAS_MIN, BF16_ASM)
     d3, s3 = _q4_word_part(words3, x_ptr, x32_ptr, group_x + 24, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
                            HAS_MIN, BF16_ASM)
-    part = scale * ((d0 + d1) + (d2 + d3))              # the zero point is in the codes
-    if HAS_MIN:
+    part = scale * ((d0 + d1) + (d2 + d3))
+    if HAS_MIN or ZERO_POINT != 8:
         part += low * ((s0 + s1) + (s2 + s3))
     return part
 
