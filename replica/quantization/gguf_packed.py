@@ -130,12 +130,13 @@ def pack(tensor: GGUFTensor) -> PackedGGUF:
 
 def nibbles_from_values(values: torch.Tensor) -> torch.Tensor:
     """4-bit codes in element order [rows, groups, 32] (uint8 0..15) → qweight uint8
-    [rows, groups · 16] in the layout above."""
+    [rows, groups · 16] in the layout above. In bytes (little-endian), a word's bytes 0-3 hold
+    elements (0, 2), (4, 6), (1, 3), (5, 7), low nibble first; uint8 arithmetic throughout, so a
+    large projection needs no wider temporaries while it loads."""
     rows, groups, _ = values.shape
-    v = values.to(torch.int32).reshape(rows, groups * 4, 4, 2)      # [.., word, i, even/odd]
-    shifts = 4 * torch.arange(4, device=values.device, dtype=torch.int32)
-    words = ((v[..., 0] << shifts) | (v[..., 1] << (shifts + 16))).sum(dim=-1, dtype=torch.int32)
-    return words.contiguous().view(torch.uint8).reshape(rows, groups * 16)
+    v = values.reshape(rows, groups * 4, 8)
+    lo, hi = v[..., [0, 4, 1, 5]], v[..., [2, 6, 3, 7]]
+    return (lo | (hi << 4)).reshape(rows, groups * 16)
 
 
 def q4_k_scale_min(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +154,9 @@ def unpack_values(packed: PackedGGUF) -> torch.Tensor:
     n, k = packed.shape
     if packed.bits == 8:
         return packed.qweight
-    words = packed.qweight.view(torch.int32).reshape(n, k // 8, 1)
-    shifts = 4 * torch.arange(4, device=words.device, dtype=torch.int32)
-    even, odd = (words >> shifts) & 0xF, (words >> (shifts + 16)) & 0xF    # [n, words, 4]
-    return torch.stack([even, odd], dim=-1).reshape(n, k).to(torch.uint8)
+    qbytes = packed.qweight.reshape(n, k // 8, 4)
+    codes = torch.cat([qbytes & 0x0F, qbytes >> 4], dim=-1)     # elements 0, 4, 1, 5, 2, 6, 3, 7
+    return codes[..., [0, 2, 4, 6, 1, 3, 5, 7]].reshape(n, k)
 
 
 def dequantize_packed(packed: PackedGGUF, dtype: torch.dtype = torch.float32) -> torch.Tensor:
