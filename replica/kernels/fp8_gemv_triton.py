@@ -43,11 +43,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
                      HAS_BIAS: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                      EVEN_K: tl.constexpr):
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rows < N
-    rows64 = tl.minimum(rows, N - 1).to(tl.int64)       # clamped: loads need no row mask
+    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
     k_start = pid_k * k_per_split
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -81,11 +78,8 @@ def _fp8_dot_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
     # linear_triton's dot path (W on the MMA's large side, x padded to 16 rows) with e4m3 tiles
     # converted to x's dtype in registers and the row scale applied once at the end
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rows < N
-    rows64 = tl.minimum(rows, N - 1).to(tl.int64)
+    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
     m_mask = ms < M
     offs_k = pid_k * k_per_split + tl.arange(0, BLOCK_K)

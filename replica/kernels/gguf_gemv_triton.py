@@ -142,11 +142,8 @@ def _q4_gemv_kernel(
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rows < N
-    rows64 = tl.minimum(rows, N - 1).to(tl.int64)       # clamped: loads need no row mask
+    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     g = tl.arange(0, GROUPS)
     w = tl.arange(0, 4)                                 # word of the group
     row_zero = (rows64 * 0)[:, None]                    # x's pointers take the weights' shape
@@ -283,11 +280,8 @@ def _q8_gemv_kernel(
 ):
     # Q8_0: [BLOCK_N, GROUPS, 32] int8 tiles, one scale a group; int8 → float through the same
     # mantissa trick as 4 bits (code + 128 OR-ed into 2^23, then one FADD)
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rows < N
-    rows64 = tl.minimum(rows, N - 1).to(tl.int64)       # clamped: loads need no row mask
+    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     g = tl.arange(0, GROUPS)
     j = tl.arange(0, 32)
     g_start = pid_k * groups_per_split

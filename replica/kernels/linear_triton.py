@@ -101,6 +101,14 @@ def _skinny_linear_kernel(
 
 
 @triton.jit
+def gemv_program_rows(N, BLOCK_N: tl.constexpr):
+    """The rows of W that program (n, ·) of a GEMV grid owns → (rows, their mask, rows clamped to
+    N − 1 as int64: loads through the clamped rows need no mask, stores use the mask)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64)
+
+
+@triton.jit
 def _split_k_sum_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
                         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     m = tl.program_id(0)
