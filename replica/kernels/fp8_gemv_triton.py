@@ -60,15 +60,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
             contrib = tl.sum(w * x[None, :], axis=1)
             acc = tl.where(ms[None, :] == mi, acc + contrib[:, None], acc)
     acc *= tl.load(scale_ptr + rows64)[:, None]
-    out_mask = n_mask[:, None] & (ms < M)[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
-    else:
-        tl.store(partial_ptr + (pid_k * M + ms[None, :]).to(tl.int64) * N + rows[:, None], acc,
-                 mask=out_mask)
+    linear_triton.gemv_store_tile(acc, rows, n_mask, ms, ms < M, pid_k, bias_ptr, out_ptr, partial_ptr,
+                                  M, N, stride_om, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -98,15 +91,8 @@ def _fp8_dot_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     acc *= tl.load(scale_ptr + rows64)[:, None]
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
-    else:
-        tl.store(partial_ptr + (pid_k * M + ms[None, :]).to(tl.int64) * N + rows[:, None], acc,
-                 mask=out_mask)
+    linear_triton.gemv_store_tile(acc, rows, n_mask, ms, m_mask, pid_k, bias_ptr, out_ptr, partial_ptr,
+                                  M, N, stride_om, HAS_BIAS, SPLIT_K)
 
 
 def fp8_dot(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -310,15 +310,8 @@ def _q8_gemv_kernel(
             contrib = tl.sum(scale * tl.sum(w * xg[None, :, :], axis=2), axis=1)     # [BLOCK_N]
             acc = tl.where(ms[None, :] == mi, acc + contrib[:, None], acc)
 
-    out_mask = n_mask[:, None] & (ms < M)[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
-    else:
-        tl.store(partial_ptr + (pid_k * M + ms[None, :]).to(tl.int64) * N + rows[:, None], acc,
-                 mask=out_mask)
+    linear_triton.gemv_store_tile(acc, rows, n_mask, ms, ms < M, pid_k, bias_ptr, out_ptr, partial_ptr,
+                                  M, N, stride_om, HAS_BIAS, SPLIT_K)
 
 
 @functools.cache

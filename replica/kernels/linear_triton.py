@@ -109,6 +109,23 @@ def gemv_program_rows(N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def gemv_store_tile(acc, rows, n_mask, ms, m_mask, pid_k, bias_ptr, out_ptr, partial_ptr, M, N,
+                    stride_om, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """A GEMV program's fp32 tile acc [BLOCK_N rows of W, BLOCK_M rows of x] → out[ms, rows]
+    (+ bias, rounded once), or with SPLIT_K > 1 its partial [SPLIT_K, M, N] for
+    _split_k_sum_kernel."""
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+    else:
+        tl.store(partial_ptr + (pid_k * M + ms[None, :]).to(tl.int64) * N + rows[:, None], acc,
+                 mask=out_mask)
+
+
+@triton.jit
 def _split_k_sum_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
                         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     m = tl.program_id(0)
