@@ -12,11 +12,12 @@ the arithmetic per weight decide the speed. The 4-bit kernel (numbers: bench/NOT
     x      each word's 8 values as 4 bf16 pairs, one 16-byte load (int32 pairs), shared by the
            thread's rows (x's pointers are built with the weights' shape, row stride 0, so the
            load lands in the words' layout: no conversion through shared memory)
-    word   bf16 x (CUDA): inline PTX. (word >> 4i) & 0x000F000F holds the codes of elements
-           2i and 2i + 1 in its two halves (the packed layout's pair order); OR-ed into the
-           mantissa of 128.0 they are the bf16 pair (128 + q, 128 + q'), exact; one SUB leaves
-           q − 8 exact; MUL/FMA with the x pairs, two elements an instruction, and the pair sum
-           is rounded to fp32 per word (8 products in bf16 arithmetic, then fp32)
+    word   bf16 x (CUDA, sm_80 and later): inline PTX. (word >> 4i) & 0x000F000F holds the
+           codes of elements 2i and 2i + 1 in its two halves (the packed layout's pair order);
+           OR-ed into the mantissa of 128.0 they are the bf16 pair (128 + q, 128 + q'), exact;
+           one FMA (·1 − 136) leaves q − 8 exact; FMAs with the x pairs, two elements an
+           instruction, and the pair sum is rounded to fp32 per word (8 products in bf16
+           arithmetic, then fp32)
            other x (fp16, fp32, Triton's interpreter): the same codes as exact fp32 products,
            per element (OR into 2^23's mantissa, one FADD), summed in fp32
 
@@ -63,11 +64,11 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 # One 32-bit word of packed codes (8 elements, the packed layout's pair order) times 4 pairs of
 # bf16 x → the fp32 sum of the 8 products. Each LOP3 turns 2 nibbles into the bf16 pair
-# (128 + q_lo, 128 + q_hi) by OR-ing them into the mantissa of 128.0 (7 bits: exact); one SUB
-# of 136 leaves q − 8 exactly; products and their sum are bf16x2
-# (2 elements an instruction), rounded once more to fp32 per word. Hopper (sm_90) PTX.
+# (128 + q_lo, 128 + q_hi) by OR-ing them into the mantissa of 128.0 (7 bits: exact); one FMA
+# (·1 − 136) leaves q − 8 exactly; products and their sum are bf16x2 FMAs (2 elements an
+# instruction), rounded once more to fp32 per word. fma.rn.bf16x2 only: sm_80 (Ampere) and later.
 _Q4_WORD_DOT_ASM = """{
-.reg .b32 m, k, t, c0, c1, c2, c3, acc;
+.reg .b32 m, k, one, t, c0, c1, c2, c3, acc;
 .reg .b16 lo, hi;
 .reg .f32 flo, fhi;
 mov.b32 m, 0x000F000F;
@@ -79,12 +80,14 @@ shr.u32 t, $1, 8;
 lop3.b32 c2, t, m, k, 0xEA;
 shr.u32 t, $1, 12;
 lop3.b32 c3, t, m, k, 0xEA;
-mov.b32 k, 0x43084308;
-sub.rn.bf16x2 c0, c0, k;
-sub.rn.bf16x2 c1, c1, k;
-sub.rn.bf16x2 c2, c2, k;
-sub.rn.bf16x2 c3, c3, k;
-mul.rn.bf16x2 acc, c0, $2;
+mov.b32 one, 0x3F803F80;
+mov.b32 k, 0xC308C308;
+fma.rn.bf16x2 c0, c0, one, k;
+fma.rn.bf16x2 c1, c1, one, k;
+fma.rn.bf16x2 c2, c2, one, k;
+fma.rn.bf16x2 c3, c3, one, k;
+mov.b32 k, 0;
+fma.rn.bf16x2 acc, c0, $2, k;
 fma.rn.bf16x2 acc, c1, $3, acc;
 fma.rn.bf16x2 acc, c2, $4, acc;
 fma.rn.bf16x2 acc, c3, $5, acc;
@@ -315,6 +318,12 @@ def _q8_gemv_kernel(
 
 
 @functools.cache
+def _has_bf16x2(device: torch.device) -> bool:
+    """fma.rn.bf16x2, the bf16 word products' instruction: sm_80 and later."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
@@ -366,7 +375,7 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
         if packed.bits == 4:
             # the bf16x2 path reads x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
             bf16_asm = (USE_BF16_ASM and xm.dtype == torch.bfloat16 and xm.is_cuda
-                        and xm.stride(0) % 2 == 0 and xm.data_ptr() % 4 == 0)
+                        and _has_bf16x2(xm.device) and xm.stride(0) % 2 == 0 and xm.data_ptr() % 4 == 0)
             _q4_gemv_kernel[grid](
                 xm, xm.view(torch.int32) if bf16_asm else xm, packed.qweight.view(torch.int32),
                 packed.scales, packed.mins if packed.mins is not None else packed.scales,
