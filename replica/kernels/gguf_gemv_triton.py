@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from replica.kernels import linear_triton
+from replica.kernels.q4_word_dot_triton import q4_word_dot_bf16, q4_word_dot_fp32, split4
 from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
@@ -60,81 +61,6 @@ class GemvConfig:
 
 # (GGML type, rows of x, N, K) → config, filled by a measured sweep (bench/quant.py).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
-
-
-# One 32-bit word of packed codes (8 elements, the packed layout's pair order) times 4 pairs of
-# bf16 x → the fp32 sum of the 8 products. Each LOP3 turns 2 nibbles into the bf16 pair
-# (128 + q_lo, 128 + q_hi) by OR-ing them into the mantissa of 128.0 (7 bits: exact); one FMA
-# (·1 − 136) leaves q − 8 exactly; products and their sum are bf16x2 FMAs (2 elements an
-# instruction), rounded once more to fp32 per word. fma.rn.bf16x2 only: sm_80 (Ampere) and later.
-_Q4_WORD_DOT_ASM = """{
-.reg .b32 m, k, one, t, c0, c1, c2, c3, acc;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-mov.b32 m, 0x000F000F;
-mov.b32 k, 0x43004300;
-lop3.b32 c0, $1, m, k, 0xEA;
-shr.u32 t, $1, 4;
-lop3.b32 c1, t, m, k, 0xEA;
-shr.u32 t, $1, 8;
-lop3.b32 c2, t, m, k, 0xEA;
-shr.u32 t, $1, 12;
-lop3.b32 c3, t, m, k, 0xEA;
-mov.b32 one, 0x3F803F80;
-mov.b32 k, 0xC308C308;
-fma.rn.bf16x2 c0, c0, one, k;
-fma.rn.bf16x2 c1, c1, one, k;
-fma.rn.bf16x2 c2, c2, one, k;
-fma.rn.bf16x2 c3, c3, one, k;
-mov.b32 k, 0;
-fma.rn.bf16x2 acc, c0, $2, k;
-fma.rn.bf16x2 acc, c1, $3, acc;
-fma.rn.bf16x2 acc, c2, $4, acc;
-fma.rn.bf16x2 acc, c3, $5, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.bf16 flo, lo;
-cvt.f32.bf16 fhi, hi;
-add.f32 $0, flo, fhi;
-}"""
-_Q4_WORD_DOT: tl.constexpr = tl.constexpr(_Q4_WORD_DOT_ASM)
-
-
-@triton.jit
-def _q4_word_dot_bf16(words, x01, x23, x45, x67):
-    return tl.inline_asm_elementwise(_Q4_WORD_DOT, "=f,r,r,r,r,r", [words, x01, x23, x45, x67],
-                                     dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _q4_word_dot_fp32(words, x):
-    """The exact path (any x dtype, and Triton's interpreter): words [BN, G], x [BN, G, 8] fp32
-    → each word's 8 products summed in fp32, every product exact. Element e of a word is nibble
-    n(e) = e // 2 + 4 (e % 2); its code becomes the float 2^23 + q·2^P by OR-ing the word (or
-    word >> 20, for the nibbles at bits 20-31, so that the code stays below the float's
-    exponent bits) masked to the nibble into 2^23's mantissa; one FADD of 2^23 + 8·2^P leaves
-    (q − 8)·2^P, and x is scaled by 2^−P (exact). The element axis lives in one
-    thread's registers, so these per-element constants fold into immediates."""
-    e = tl.arange(0, 8)
-    nibble = e // 2 + 4 * (e % 2)
-    is_hi = (nibble >= 5)[None, None, :]
-    shift = tl.where(nibble >= 5, 4 * nibble - 20, 4 * nibble)
-    nibble_mask = (0xF << shift)[None, None, :]
-    code_bias = (8388608.0 + 8 * (1 << shift).to(tl.float32))[None, None, :]
-    x_scale = (1.0 / (1 << shift).to(tl.float32))[None, None, :]
-    words = words.to(tl.uint32, bitcast=True)[:, :, None]                    # [BN, G, 1]
-    src = tl.where(is_hi, words >> 20, words)
-    magic = tl.full([1, 1, 1], 0x4B000000, tl.uint32)         # 2^23 as fp32
-    codes = ((src & nibble_mask) | magic).to(tl.float32, bitcast=True) - code_bias
-    return tl.sum(codes * (x * x_scale), axis=2)
-
-
-@triton.jit
-def _split4(t):
-    """[A, B, 4] → its 4 slices [A, B] along the last axis (registers of one thread)."""
-    even, odd = tl.split(tl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))
-    t0, t2 = tl.split(even)
-    t1, t3 = tl.split(odd)
-    return t0, t1, t2, t3
 
 
 @triton.jit(do_not_specialize=["one"])
@@ -181,7 +107,7 @@ def _q4_gemv_kernel(
             low = low + (8 - ZERO_POINT) * scale
         else:
             low = (8 - ZERO_POINT) * scale
-        words0, words1, words2, words3 = _split4(words4)
+        words0, words1, words2, words3 = split4(words4)
         x_mask = g_mask & (row_zero == 0)
         group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
         tot0 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
@@ -228,8 +154,8 @@ def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: 
             x_lo = (pairs << 16).to(tl.float32, bitcast=True)
             x_hi = (pairs & -65536).to(tl.float32, bitcast=True)
             x_sum = tl.sum(x_lo + x_hi, axis=2)
-        x01, x23, x45, x67 = _split4(pairs)
-        dots = _q4_word_dot_bf16(words, x01, x23, x45, x67)
+        x01, x23, x45, x67 = split4(pairs)
+        dots = q4_word_dot_bf16(words, x01, x23, x45, x67)
     else:
         e = tl.arange(0, 8)
         x_ptrs = x_ptr + mi * stride_xm + word_x[:, :, None] + e[None, None, :]
@@ -239,7 +165,7 @@ def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: 
             x = tl.load(x_ptrs, mask=x_mask[:, :, None], other=0.0).to(tl.float32)
         if HAS_MIN or ZERO_POINT != 8:
             x_sum = tl.sum(x, axis=2)
-        dots = _q4_word_dot_fp32(words, x)
+        dots = q4_word_dot_fp32(words, x)
     return dots, x_sum
 
 

@@ -1,0 +1,83 @@
+"""Triton helpers of the 4-bit GEMV (`gguf_gemv_triton._q4_gemv_kernel`): one 32-bit word of
+packed codes (8 elements in `replica/quantization/gguf_packed.py`'s pair order) times the 8 matching
+values of x, summed. Two ways: bf16x2 inline PTX for bf16 x on sm_80 and later (two elements an
+instruction), and exact fp32 products for any other x and Triton's interpreter. The tests compare
+the GEMV built on them with the torch reference (tests/kernels/test_quant_gguf.py).
+"""
+import triton
+import triton.language as tl
+
+
+# One 32-bit word of packed codes (8 elements, the packed layout's pair order) times 4 pairs of
+# bf16 x → the fp32 sum of the 8 products. Each LOP3 turns 2 nibbles into the bf16 pair
+# (128 + q_lo, 128 + q_hi) by OR-ing them into the mantissa of 128.0 (7 bits: exact); one FMA
+# (·1 − 136) leaves q − 8 exactly; products and their sum are bf16x2 FMAs (2 elements an
+# instruction), rounded once more to fp32 per word. fma.rn.bf16x2 only: sm_80 (Ampere) and later.
+_Q4_WORD_DOT_ASM = """{
+.reg .b32 m, k, one, t, c0, c1, c2, c3, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 m, 0x000F000F;
+mov.b32 k, 0x43004300;
+lop3.b32 c0, $1, m, k, 0xEA;
+shr.u32 t, $1, 4;
+lop3.b32 c1, t, m, k, 0xEA;
+shr.u32 t, $1, 8;
+lop3.b32 c2, t, m, k, 0xEA;
+shr.u32 t, $1, 12;
+lop3.b32 c3, t, m, k, 0xEA;
+mov.b32 one, 0x3F803F80;
+mov.b32 k, 0xC308C308;
+fma.rn.bf16x2 c0, c0, one, k;
+fma.rn.bf16x2 c1, c1, one, k;
+fma.rn.bf16x2 c2, c2, one, k;
+fma.rn.bf16x2 c3, c3, one, k;
+mov.b32 k, 0;
+fma.rn.bf16x2 acc, c0, $2, k;
+fma.rn.bf16x2 acc, c1, $3, acc;
+fma.rn.bf16x2 acc, c2, $4, acc;
+fma.rn.bf16x2 acc, c3, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.bf16 flo, lo;
+cvt.f32.bf16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""
+_Q4_WORD_DOT: tl.constexpr = tl.constexpr(_Q4_WORD_DOT_ASM)
+
+
+@triton.jit
+def q4_word_dot_bf16(words, x01, x23, x45, x67):
+    return tl.inline_asm_elementwise(_Q4_WORD_DOT, "=f,r,r,r,r,r", [words, x01, x23, x45, x67],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def q4_word_dot_fp32(words, x):
+    """The exact path (any x dtype, and Triton's interpreter): words [BN, G], x [BN, G, 8] fp32
+    → each word's 8 products summed in fp32, every product exact. Element e of a word is nibble
+    n(e) = e // 2 + 4 (e % 2); its code becomes the float 2^23 + q·2^P by OR-ing the word (or
+    word >> 20, for the nibbles at bits 20-31, so that the code stays below the float's
+    exponent bits) masked to the nibble into 2^23's mantissa; one FADD of 2^23 + 8·2^P leaves
+    (q − 8)·2^P, and x is scaled by 2^−P (exact). The element axis lives in one
+    thread's registers, so these per-element constants fold into immediates."""
+    e = tl.arange(0, 8)
+    nibble = e // 2 + 4 * (e % 2)
+    is_hi = (nibble >= 5)[None, None, :]
+    shift = tl.where(nibble >= 5, 4 * nibble - 20, 4 * nibble)
+    nibble_mask = (0xF << shift)[None, None, :]
+    code_bias = (8388608.0 + 8 * (1 << shift).to(tl.float32))[None, None, :]
+    x_scale = (1.0 / (1 << shift).to(tl.float32))[None, None, :]
+    words = words.to(tl.uint32, bitcast=True)[:, :, None]                    # [BN, G, 1]
+    src = tl.where(is_hi, words >> 20, words)
+    magic = tl.full([1, 1, 1], 0x4B000000, tl.uint32)         # 2^23 as fp32
+    codes = ((src & nibble_mask) | magic).to(tl.float32, bitcast=True) - code_bias
+    return tl.sum(codes * (x * x_scale), axis=2)
+
+
+@triton.jit
+def split4(t):
+    """[A, B, 4] → its 4 slices [A, B] along the last axis (registers of one thread)."""
+    even, odd = tl.split(tl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
