@@ -39,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import linear_triton
-from replica.kernels.q4_word_dot_triton import q4_word_dot_bf16, q4_word_dot_fp32, split4
+from replica.kernels import linear_triton, q4_word_dot_triton
 from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
@@ -107,7 +106,7 @@ def _q4_gemv_kernel(
             low = low + (8 - ZERO_POINT) * scale
         else:
             low = (8 - ZERO_POINT) * scale
-        words0, words1, words2, words3 = split4(words4)
+        words0, words1, words2, words3 = q4_word_dot_triton.split4(words4)
         x_mask = g_mask & (row_zero == 0)
         group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
         tot0 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
@@ -154,8 +153,8 @@ def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: 
             x_lo = (pairs << 16).to(tl.float32, bitcast=True)
             x_hi = (pairs & -65536).to(tl.float32, bitcast=True)
             x_sum = tl.sum(x_lo + x_hi, axis=2)
-        x01, x23, x45, x67 = split4(pairs)
-        dots = q4_word_dot_bf16(words, x01, x23, x45, x67)
+        x01, x23, x45, x67 = q4_word_dot_triton.split4(pairs)
+        dots = q4_word_dot_triton.q4_word_dot_bf16(words, x01, x23, x45, x67)
     else:
         e = tl.arange(0, 8)
         x_ptrs = x_ptr + mi * stride_xm + word_x[:, :, None] + e[None, None, :]
@@ -165,7 +164,7 @@ def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: 
             x = tl.load(x_ptrs, mask=x_mask[:, :, None], other=0.0).to(tl.float32)
         if HAS_MIN or ZERO_POINT != 8:
             x_sum = tl.sum(x, axis=2)
-        dots = q4_word_dot_fp32(words, x)
+        dots = q4_word_dot_triton.q4_word_dot_fp32(words, x)
     return dots, x_sum
 
 
