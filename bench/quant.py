@@ -1,22 +1,26 @@
-"""Quantised weights on one GPU, in one run: bf16 against FP8 and GGUF Q4_K / Q4_0 kept packed,
-on the same random Llama-3-8B-shaped weights.
+"""Quantised weights on one GPU, in one run: bf16 against FP8 and GGUF Q4_K_M / Q4_K / Q4_0 kept
+packed, on the same random Llama-3-8B-shaped weights.
 
     python3 bench/quant.py                                  # everything on the GPU
     python3 bench/quant.py --sections accuracy,gguf_kernels # parts: accuracy, kernels (= gguf_kernels
-                                                            # + fp8_kernels), formats
+                                                            # + gguf8_kernels + fp8_kernels), formats
+    python3 bench/quant.py --sections formats --formats bf16,Q4_K_M --quick
     python3 bench/quant.py --size tiny --device cpu         # accuracy on the CPU (reference paths)
 
 kernels: at the 8B projection shapes, the GGUF group-wise GEMV (1..16 rows; a sweep of tiles
-whose winners the engine then uses) against bf16, dequantise + cuBLAS and the first GGUF kernel;
+whose winners the engine then uses) against bf16 (gguf8_kernels: the 8-bit GEMV for Q6_K and
+Q8_0 at the output head's and down's shapes), dequantise + cuBLAS and the first GGUF kernel;
 prefill through Triton dequantise + cuBLAS; FP8 (weight-only GEMV ≤ 8 rows, W8A8 above).
 accuracy: `bench/quant_accuracy.py` (why "vs bf16 on the original weights" cannot find a bug on
 random weights, and what can: each format against bf16 running its effective weights).
 formats: per format the weights' bytes on the GPU and the KV blocks that leaves; W2 decode tok/s
 (one request, 512 prompt tokens, 128 out); W1 and W3 requests/s (--quick: W2 only).
 
-GGUF weights come from the dummy bf16 weights through our own torch Q4_K / Q4_0 encoder
+GGUF weights come from the dummy bf16 weights through our own torch Q4_K / Q4_0 / Q6_K encoder
 (`replica/quantization/gguf_quantize.py`, checked against the gguf package's decoder in
-tests/kernels/test_quant_gguf.py): no gguf package and no downloads needed on the GPU machine.
+tests/kernels/test_quant_gguf.py), with the types llama.cpp gives each tensor
+(`bench/quant_accuracy.GGUF_FORMATS`: the output head in Q6_K, Q4_K_M's Q6_K attn_v and
+ffn_down in half the layers): no gguf package and no downloads needed on the GPU machine.
 Writes bench/results/quant-<gpu>-<date>.json ($OUT if set); prints a table last.
 """
 import argparse
@@ -39,7 +43,7 @@ from replica.models.model_config import ModelConfig  # noqa: E402
 from replica.quantization.gguf_quantize import quantize  # noqa: E402
 
 RESULTS: dict = {}
-FORMATS = ("bf16", "fp8", "Q4_K", "Q4_0")
+FORMATS = ("bf16", "fp8", "Q4_K_M", "Q4_K", "Q4_0")
 SIZES = SHAPES | {"tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)}
 
@@ -194,11 +198,53 @@ def bench_fp8_kernels(size: str, sweep: bool) -> None:
     torch.cuda.empty_cache()
 
 
+def bench_gguf8_kernels(size: str, sweep: bool) -> None:
+    """The 8-bit GEMV (Q6_K widened to bytes with 16-element groups, Q8_0) at one row, at the
+    output head's shape and down's, against bf16: the tile the engine uses by default and a
+    sweep whose winner it then uses (at 1..4 rows)."""
+    from replica.kernels import gguf_gemv_triton as gg
+    from replica.kernels.ops import linear
+    from replica.quantization.gguf_packed import pack
+    cfg = model_config(size)
+    shapes = {"lm_head": (cfg.vocab_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size)}
+    tiles = [(4, 512), (8, 512), (16, 512), (8, 1024), (16, 256), (32, 256), (4, 1024)]   # rows, columns
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for qtype in ("Q6_K", "Q8_0"):
+        group = 16 if qtype == "Q6_K" else 32
+        for label, (n, k) in shapes.items():
+            packed = pack(quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, qtype))
+            bf16 = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+            x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            default = gg.choose_gemv_config(1, n, k, packed.bits, x1.device, qtype)
+            figures = {"bf16_us": 1e3 * _time_ms(lambda: linear(x1, bf16)),
+                       "default_us": 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=default)),
+                       "default_config": str(default)}
+            best = (figures["default_us"], default)
+            if sweep:
+                for block_n, cols in tiles:
+                    for warps in (4, 8):
+                        probe = gg.GemvConfig(block_n, cols // group,
+                                              _split_for(n, k // group, block_n, cols // group, x1.device), warps)
+                        us = 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=probe))
+                        if us < best[0]:
+                            best = (us, probe)
+                figures["best_us"], figures["best_config"] = best[0], str(best[1])
+                for m in range(1, gg.GEMV_ROWS + 1):
+                    gg.TUNED[(qtype, m, n, k)] = best[1]
+            figures["weights_TBps"] = packed.num_bytes / (best[0] * 1e-6) / 1e12
+            figures["bf16_TBps"] = 2 * n * k / (figures["bf16_us"] * 1e-6) / 1e12
+            figures["speedup_vs_bf16"] = figures["bf16_us"] / best[0]
+            emit(f"kernel8_{qtype}_{label}", n=n, k=k, bytes=packed.num_bytes,
+                 **{key: (round(v, 2) if isinstance(v, float) else v) for key, v in figures.items()})
+            del packed, bf16
+    torch.cuda.empty_cache()
+
+
 # ---- engines ---------------------------------------------------------------------------------
 def bench_formats(args) -> None:
     cfg = model_config(args.size)
     vocab = cfg.vocab_size
-    for fmt in FORMATS:
+    for fmt in args.formats.split(","):
         started = time.perf_counter()
         engine = build_engine(cfg, fmt, "cuda", max_num_seqs=256, token_budget=args.token_budget)
         figures = dict(weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
@@ -227,7 +273,7 @@ def bench_accuracy(args) -> None:
     cfg = model_config(args.size)
     length = 64 if args.size == "tiny" else 256
     sets = [prompts(num, [length] * num, cfg.vocab_size, 2 + num) for num in (2, 8)]
-    results = accuracy(cfg, args.device, FORMATS[1:], sets, token_budget=max(args.token_budget, 8 * length))
+    results = accuracy(cfg, args.device, [f for f in args.formats.split(",") if f != "bf16"], sets, token_budget=max(args.token_budget, 8 * length))
     for name, figures in results.items():
         emit(f"accuracy_{name}", **figures)
 
@@ -258,10 +304,14 @@ def main() -> None:
     parser.add_argument("--sections", default="kernels,accuracy,formats")
     parser.add_argument("--no-sweep", action="store_true", help="the kernels keep their default tiles")
     parser.add_argument("--quick", action="store_true", help="formats: W2 only (no W1, W3)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)}")
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     sections = set(args.sections.split(","))
+    unknown = set(args.formats.split(",")) - set(FORMATS)
+    if unknown:
+        parser.error(f"--formats: unknown {', '.join(sorted(unknown))} (have {', '.join(FORMATS)})")
     on_gpu = args.device == "cuda"
     if not on_gpu:
         sections &= {"accuracy"}
@@ -274,6 +324,8 @@ def main() -> None:
         bench_accuracy(args)
     if sections & {"kernels", "gguf_kernels"}:
         bench_gguf_kernels(args.size, sweep=not args.no_sweep)
+    if sections & {"kernels", "gguf8_kernels"}:
+        bench_gguf8_kernels(args.size, sweep=not args.no_sweep)
     if sections & {"kernels", "fp8_kernels"}:
         bench_fp8_kernels(args.size, sweep=not args.no_sweep)
     if "formats" in sections:

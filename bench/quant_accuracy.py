@@ -13,7 +13,8 @@ sensitivity, not the implementation.
 
 What finds bugs is the comparison against bf16 running the SAME effective weights:
 
-    GGUF   bf16 engine loaded with the dequantised blocks (what the packed kernels must compute)
+    GGUF   bf16 engine loaded with the dequantised blocks (what the packed kernels must compute),
+           output head included (Q6_K, as in llama.cpp's files)
     FP8    bf16 engine loaded with w_q · w_scale (W8A8 still quantises activations per token)
 
 for the first step (prefill: GGUF dequantise + cuBLAS, FP8 _scaled_mm) and the first decode
@@ -38,42 +39,49 @@ from replica.kernels.fp8_linear import quantize_rows_ref
 from replica.models.loader import InMemoryCheckpoint, _dummy_weights
 from replica.models.model_config import ModelConfig
 from replica.quantization.gguf_packed import dequantize_packed, pack
-from replica.quantization.gguf_quantize import quantize
+from replica.quantization.gguf_quantize import llama_cpp_mix, quantize
 from replica.sampling_params import SamplingParams
 
-GGUF_FORMATS = ("Q4_K", "Q4_0", "Q8_0")
+# GGUF formats as llama.cpp writes the files (`gguf_quantize.llama_cpp_mix`): the output head in
+# Q6_K; "Q4_K_M" (Ollama's default) also keeps attn_v and ffn_down in Q6_K in half the layers;
+# "Q4_K" and "Q4_0" quantise every projection to that one type.
+GGUF_FORMATS = ("Q4_K_M", "Q4_K", "Q4_0", "Q8_0")
 
 
-def _is_projection(name: str) -> bool:
-    return name.endswith("proj.weight")
+def gguf_type(fmt: str, name: str, num_layers: int) -> str | None:
+    """The GGML type format `fmt` gives the tensor `name` (HF), or None where it stays float."""
+    if fmt not in GGUF_FORMATS or not (name.endswith("proj.weight") or name == "lm_head.weight"):
+        return None
+    return llama_cpp_mix(fmt, name, num_layers)
 
 
-def effective_weight(fmt: str, w: torch.Tensor) -> torch.Tensor:
-    """The float weight a format's engine holds for the float projection `w`."""
-    if fmt == "fp8":
+def effective_weight(fmt: str, w: torch.Tensor, name: str, num_layers: int) -> torch.Tensor:
+    """The float weight a format's engine holds for the float tensor `name`."""
+    if fmt == "fp8" and name.endswith("proj.weight"):
         q, scale = quantize_rows_ref(w)
         return q.float() * scale
-    if fmt in GGUF_FORMATS:
-        return dequantize_packed(pack(quantize(w, fmt)))
+    qtype = gguf_type(fmt, name, num_layers)
+    if qtype:
+        return dequantize_packed(pack(quantize(w, qtype)))
     return w
 
 
 def checkpoint(cfg: ModelConfig, fmt: str, device, *, effective_of: str | None = None,
                noise: float = 0.0, base=None) -> InMemoryCheckpoint:
     """The loader's seeded dummy weights (or `base()`'s (name, float tensor) pairs, e.g. a trained
-    model's): GGUF formats get their projections encoded into GGML blocks, `effective_of`
-    replaces them by that format's effective float weights (a bf16 reference), `noise` multiplies
-    them by (1 + noise · N(0, 1))."""
+    model's): GGUF formats get their projections and output head encoded into GGML blocks,
+    `effective_of` replaces those by that format's effective float weights (a bf16 reference),
+    `noise` multiplies the projections by (1 + noise · N(0, 1))."""
     def stream():
         gen = torch.Generator(device=device).manual_seed(1234)
         for name, tensor in (base() if base else _dummy_weights(cfg, device)):
-            if _is_projection(name):
-                if effective_of:
-                    tensor = effective_weight(effective_of, tensor)
-                if noise:
-                    tensor = tensor * (1 + noise * torch.randn(tensor.shape, generator=gen, device=device))
-                if fmt in GGUF_FORMATS:
-                    tensor = quantize(tensor, fmt)
+            if effective_of:
+                tensor = effective_weight(effective_of, tensor, name, cfg.num_layers)
+            if noise and name.endswith("proj.weight"):
+                tensor = tensor * (1 + noise * torch.randn(tensor.shape, generator=gen, device=device))
+            qtype = gguf_type(fmt, name, cfg.num_layers)
+            if qtype:
+                tensor = quantize(tensor, qtype)
             yield name, tensor
     return InMemoryCheckpoint(cfg, stream)
 

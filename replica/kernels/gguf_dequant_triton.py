@@ -15,7 +15,8 @@ from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 @triton.jit
 def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn, stride_sn, stride_on,
                          BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    # GROUP: elements a scale covers (32; Q6_K's 8-bit codes 16)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gs = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     mask2 = (rows < N)[:, None] & (gs < num_groups)[None, :]
@@ -43,11 +44,11 @@ def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn,
         tl.store(out_ptr + rows64[:, None, None] * stride_on + (gs * 32)[None, :, None] + j32[None, None, :],
                  w_f.to(out_ptr.dtype.element_ty), mask=mask3)
     else:
-        j = tl.arange(0, 32)
-        codes = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 32)[None, :, None]
+        j = tl.arange(0, GROUP)
+        codes = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * GROUP)[None, :, None]
                         + j[None, None, :], mask=mask3, other=0)
         w = (codes.to(tl.float32) - ZERO_POINT) * scale + low
-        dst = out_ptr + rows64[:, None, None] * stride_on + (gs * 32)[None, :, None] + j[None, None, :]
+        dst = out_ptr + rows64[:, None, None] * stride_on + (gs * GROUP)[None, :, None] + j[None, None, :]
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask3)
 
 
@@ -56,14 +57,14 @@ def dequantize(packed: PackedGGUF, dtype: torch.dtype) -> torch.Tensor:
     `gguf_packed.dequantize_packed`, computed in fp32 and rounded once)."""
     n, k = packed.shape
     out = torch.empty(n, k, dtype=dtype, device=packed.qweight.device)
-    num_groups = k // GROUP_SIZE
-    block_n, groups = 16, 16
+    num_groups = k // packed.group_size
+    block_n, groups = 16, 16 * GROUP_SIZE // packed.group_size
     mins = packed.mins if packed.mins is not None else packed.scales
     qweight = packed.qweight.view(torch.int32) if packed.bits == 4 else packed.qweight
     _gguf_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(num_groups, groups))](
         qweight, packed.scales, mins, out, n, num_groups, qweight.stride(0),
         packed.scales.stride(0), out.stride(0),
         BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None,
-        BLOCK_N=block_n, GROUPS=groups, num_warps=4,
+        BLOCK_N=block_n, GROUPS=groups, GROUP=packed.group_size, num_warps=4,
     )
     return out

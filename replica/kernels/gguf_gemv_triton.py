@@ -28,7 +28,7 @@ min term:
     Σ_i w_i x_i = scale · Σ_i (q_i − 8) x_i + (min + (8 − zero_point) · scale) · Σ_i x_i
 
 Rows of x (1..4, a constexpr) reuse each loaded word: the weight is read once whatever the
-batch. 8-bit (Q8_0) keeps a byte-wise kernel (one code a byte needs no unpacking). SPLIT_K > 1
+batch. 8-bit (Q8_0, and Q6_K widened to bytes) keeps a byte-wise kernel (one code a byte needs no unpacking). SPLIT_K > 1
 writes fp32 partials [SPLIT_K, M, N] summed by linear_triton's split-K kernel. The grid depends
 only on shapes: launches are valid inside a CUDA graph.
 """
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from replica.kernels import linear_triton, q4_word_dot_triton
-from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
+from replica.quantization.gguf_packed import GROUP_SIZE, GROUP_SIZES, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
 Q4_ROWS_PER_LAUNCH = 4   # the 4-bit kernel's accumulators; more rows take several launches
@@ -53,7 +53,7 @@ USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else th
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int          # rows of W a program owns
-    groups: int           # 32-column groups of W a tile (a power of two)
+    groups: int           # scale groups of W a tile (a power of two; 32 columns, Q6_K 16)
     split_k: int = 1
     num_warps: int = 4
 
@@ -204,21 +204,22 @@ def _q8_gemv_kernel(
     x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr,
     N, num_groups, groups_per_split, stride_xm, stride_qn, stride_sn, stride_om,
     HAS_BIAS: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUPS: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    # Q8_0: [BLOCK_N, GROUPS, 32] int8 tiles, one scale a group; int8 → float through the same
-    # mantissa trick as 4 bits (code + 128 OR-ed into 2^23, then one FADD)
+    # 8-bit (Q8_0: GROUP 32; Q6_K: 16): [BLOCK_N, GROUPS, GROUP] int8 tiles, one scale a group;
+    # int8 → float through the same mantissa trick as 4 bits (code + 128 OR-ed into 2^23, then
+    # one FADD)
     pid_k = tl.program_id(1)
     rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     g = tl.arange(0, GROUPS)
-    j = tl.arange(0, 32)
+    j = tl.arange(0, GROUP)
     g_start = pid_k * groups_per_split
     g_end = tl.minimum(g_start + groups_per_split, num_groups)
     ms = tl.arange(0, BLOCK_M)                          # BLOCK_M: M up to a power of two
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for g0 in range(g_start, g_end, GROUPS):
         gs = g0 + g                                     # [GROUPS] group indices
-        q_offs = rows64[:, None, None] * stride_qn + (gs * 32)[None, :, None] + j[None, None, :]
+        q_offs = rows64[:, None, None] * stride_qn + (gs * GROUP)[None, :, None] + j[None, None, :]
         s_offs = rows64[:, None] * stride_sn + gs[None, :]
         if EVEN_K:
             codes = tl.load(q_ptr + q_offs)
@@ -230,7 +231,7 @@ def _q8_gemv_kernel(
         bits = codes.to(tl.int32) + 128                 # int8 → 0..255
         w = (bits | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 128.0)
         for mi in tl.static_range(M):
-            x_offs = mi * stride_xm + (gs * 32)[:, None] + j[None, :]
+            x_offs = mi * stride_xm + (gs * GROUP)[:, None] + j[None, :]
             if EVEN_K:
                 xg = tl.load(x_ptr + x_offs).to(tl.float32)
             else:
@@ -258,14 +259,15 @@ def _num_sms(device: torch.device) -> int:
 def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.device,
                        qtype: str = "") -> GemvConfig:
     """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes: 4-bit,
-    4 rows x 64 groups (one group of a row a lane), 4 warps; 8-bit, 8 rows x 16 groups. Split-K
+    4 rows x 64 groups (one group of a row a lane), 4 warps; 8-bit, 8 rows x 512 columns. Split-K
     while the grid has fewer than ~8 programs per SM (at 4 rows: N = 4096 splits in 2, N ≥ 6144
     not at all, as measured)."""
     tuned = TUNED.get((qtype, num_rows, n, k))
     if tuned is not None:
         return tuned
-    block_n, groups = (4, 64) if bits == 4 else (8, 16)
-    num_groups = k // GROUP_SIZE
+    group = GROUP_SIZES.get(qtype, GROUP_SIZE)
+    block_n, groups = (4, 64) if bits == 4 else (8, 512 // group)
+    num_groups = k // group
     split_k = 1
     while (triton.cdiv(n, block_n) * split_k < 8 * _num_sms(device)
            and num_groups >= 2 * split_k * groups and split_k < 16):
@@ -274,15 +276,17 @@ def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.d
 
 
 def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
-              config: GemvConfig | None = None) -> torch.Tensor:
-    """x: [M ≤ MAX_ROWS, K] (checked by the caller, `gguf_linear_triton.gguf_linear`) → [M, N]."""
+              config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M ≤ MAX_ROWS, K] (checked by the caller, `gguf_linear_triton.gguf_linear`) → [M, N],
+    written into `out` when given (any [M, N] view whose last dim is contiguous)."""
     num_rows, k = x.shape
     n = packed.shape[0]
     config = config or choose_gemv_config(num_rows, n, k, packed.bits, x.device, packed.qtype)
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     if n == 0 or num_rows == 0:
         return out
-    num_groups = k // GROUP_SIZE
+    num_groups = k // packed.group_size
     groups = min(config.groups, triton.next_power_of_2(num_groups))
     num_tiles = triton.cdiv(num_groups, groups)
     split_k = max(1, min(config.split_k, num_tiles))
@@ -316,7 +320,8 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
                 n, num_groups, groups_per_split, xm.stride(0), packed.qweight.stride(0),
                 packed.scales.stride(0), om.stride(0),
                 HAS_BIAS=bias is not None, M=rows_m, BLOCK_M=triton.next_power_of_2(rows_m),
-                BLOCK_N=config.block_n, GROUPS=groups, SPLIT_K=split_k, EVEN_K=even_k, **launch)
+                BLOCK_N=config.block_n, GROUPS=groups, GROUP=packed.group_size, SPLIT_K=split_k,
+                EVEN_K=even_k, **launch)
         if split_k > 1:
             block = 1024
             linear_triton._split_k_sum_kernel[(rows_m, triton.cdiv(n, block))](

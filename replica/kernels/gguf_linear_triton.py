@@ -7,7 +7,9 @@
 - more rows (prefill, larger decode batches): the weight dequantised by a Triton kernel into
   x's dtype, then one cuBLAS GEMM. At 2048 rows that costs 1.05-1.14x bf16's time on an H200;
   a tiled dequantise-in-registers GEMM (this module's first kernel, removed) was 10-30x slower
-  (bench/results/quant-issue15b-H200-8b-2026-11-28.json).
+  (bench/results/quant-issue15b-H200-8b-2026-11-28.json). A matrix above DEQUANT_CHUNK
+  elements (an output head: 128k x 4096) is dequantised and multiplied a slice of rows at a time,
+  so its bf16 copy never exists whole.
 """
 import torch
 
@@ -16,16 +18,18 @@ from replica.kernels.checks import (
     FLOAT_DTYPES, check_contiguous, check_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape,
 )
-from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
+from replica.quantization.gguf_packed import PackedGGUF
+
+DEQUANT_CHUNK = 1 << 28     # elements of W dequantised at once (512 MiB in bf16)
 
 
 def check_packed(packed: PackedGGUF) -> None:
     n, k = packed.shape
-    check_shape("scales", packed.scales, (n, k // GROUP_SIZE))
+    check_shape("scales", packed.scales, (n, k // packed.group_size))
     check_dtype("scales", packed.scales, (torch.float16,))
     check_contiguous("scales", packed.scales)
     if packed.mins is not None:
-        check_shape("mins", packed.mins, (n, k // GROUP_SIZE))
+        check_shape("mins", packed.mins, (n, k // packed.group_size))
         check_dtype("mins", packed.mins, (torch.float16,))
         check_contiguous("mins", packed.mins)
     if packed.bits == 4:
@@ -38,9 +42,11 @@ def check_packed(packed: PackedGGUF) -> None:
 
 
 def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
-                config: gguf_gemv_triton.GemvConfig | None = None) -> torch.Tensor:
+                config: gguf_gemv_triton.GemvConfig | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K], last dim contiguous, 16-bit or float32; packed: W [N, K]; bias: [N] in x's dtype
-    or None → new [M, N] in x's dtype.
+    or None → [M, N] in x's dtype: new, or written into `out` (an [M, N] view in x's dtype whose
+    last dim is contiguous, e.g. a column slice of a fused projection's output).
 
     Without `config`, the paths above by the number of rows; a `GemvConfig` forces the GEMV
     with that tile (tests, bench/quant.py's sweep)."""
@@ -59,11 +65,24 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
         check_same_device(x=x, qweight=packed.qweight, bias=bias)
     else:
         check_same_device(x=x, qweight=packed.qweight)
+    if out is not None:
+        check_shape("out", out, (num_rows, n))
+        check_same_dtype(x=x, out=out)
+        check_last_dim_contiguous("out", out)
     if config is not None:
         if num_rows > gguf_gemv_triton.MAX_ROWS:
             raise ValueError(f"config: the GEMV takes at most {gguf_gemv_triton.MAX_ROWS} rows "
                              f"of x, got {num_rows}")
-        return gguf_gemv_triton.gguf_gemv(x, packed, bias, config)
+        return gguf_gemv_triton.gguf_gemv(x, packed, bias, config, out)
     if num_rows <= gguf_gemv_triton.GEMV_ROWS:
-        return gguf_gemv_triton.gguf_gemv(x, packed, bias)
-    return torch.nn.functional.linear(x, gguf_dequant_triton.dequantize(packed, x.dtype), bias)
+        return gguf_gemv_triton.gguf_gemv(x, packed, bias, out=out)
+    rows_per_chunk = max(1, DEQUANT_CHUNK // k)
+    if out is None and n <= rows_per_chunk:
+        return torch.nn.functional.linear(x, gguf_dequant_triton.dequantize(packed, x.dtype), bias)
+    if out is None:
+        out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(n, start + rows_per_chunk)
+        w = gguf_dequant_triton.dequantize(packed.rows(start, stop), x.dtype)
+        out[:, start:stop] = torch.nn.functional.linear(x, w, None if bias is None else bias[start:stop])
+    return out

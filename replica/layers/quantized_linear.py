@@ -9,14 +9,16 @@ load part by part in any order, as plain tensors do:
   held); an FP8 checkpoint's part arrives as e4m3 rows plus its `weight_scale` (per channel
   [rows, 1], or per tensor [1] broadcast over the part's rows: a fused qkv keeps q's, k's and v's
   own scales).
-- `GGUFWeight`: the packed GGUF layout (`replica/quantization/gguf_packed.py`). Parts of one
-  fused matrix must share a layout; 4-bit parts are brought to a common one (Q4_0 gains explicit
-  mins), anything else (a Q6_K or F16 part, 4- and 8-bit parts together) turns the whole
-  projection dense in the model dtype, logged once per cause: always correct, never silently
-  lossy.
+- `GGUFWeight`: the packed GGUF layout (`replica/quantization/gguf_packed.py`). A fused matrix
+  is a list of row segments, each one packed matrix: `finish` joins neighbouring parts that
+  share a layout (4-bit parts always can: Q4_0 gains explicit mins), so Q4_K_M's qkv (q, k in
+  Q4_K, v in Q6_K) is two segments and two kernel calls into one output. A float part (F16/F32
+  in the file) turns the whole projection dense in the model dtype, logged once: always
+  correct, never silently lossy.
 
 Invariant: after `LlamaForCausalLM.load_weights`, every row of every weight object was written
-(`finish` checks the FP8 scales; the loader's missing-weight check covers the rest).
+(`finish` checks the FP8 scales and the GGUF parts' rows; the loader's missing-weight check
+covers the rest).
 """
 import logging
 
@@ -74,7 +76,8 @@ class GGUFWeight:
     def __init__(self, num_rows: int, num_cols: int, dtype: torch.dtype, device: torch.device):
         self.shape = (num_rows, num_cols)
         self.dtype, self.device = dtype, device
-        self.packed: PackedGGUF | None = None      # until the first part says which layout
+        self.parts: list[tuple[int, PackedGGUF]] = []   # (first row, rows) as they arrive
+        self.segments: list[tuple[int, PackedGGUF]] = []    # after `finish`: row order, merged
         self.dense: torch.Tensor | None = None     # set once the projection fell back
 
     def load_rows(self, offset: int, num_rows: int, tensor) -> None:
@@ -84,27 +87,10 @@ class GGUFWeight:
             self.dense[rows].copy_(tensor)
             return
         part = pack(GGUFTensor(tensor.qtype, tensor.data.to(self.device), tensor.shape))
-        if self.dense is None and self.packed is None:
-            self.packed = self._allocate_like(part)
-        elif self.dense is None and self.packed.layout != part.layout:
-            if self.packed.bits == part.bits == 4:
-                self.packed, part = with_mins(self.packed), with_mins(part)
-            else:
-                self._make_dense(f"{self.packed.qtype} and {part.qtype} parts in one matrix")
         if self.dense is not None:
             self.dense[rows].copy_(dequantize_packed(part, self.dtype))
             return
-        self.packed.qweight[rows].copy_(part.qweight)
-        self.packed.scales[rows].copy_(part.scales)
-        if part.mins is not None:
-            self.packed.mins[rows].copy_(part.mins)
-
-    def _allocate_like(self, part: PackedGGUF) -> PackedGGUF:
-        n = self.shape[0]
-        return PackedGGUF(
-            part.qtype, part.qweight.new_empty(n, part.qweight.shape[1]),
-            part.scales.new_empty(n, part.scales.shape[1]),
-            part.mins.new_empty(n, part.mins.shape[1]) if part.mins is not None else None)
+        self.parts.append((offset, part))
 
     def _make_dense(self, cause: str) -> None:
         if self.dense is not None:
@@ -112,26 +98,78 @@ class GGUFWeight:
         if cause not in _logged_fallbacks:
             _logged_fallbacks.add(cause)
             log.info("GGUF: a projection holding %s is dequantised to the model dtype", cause)
-        self.dense = (dequantize_packed(self.packed, self.dtype) if self.packed is not None
-                      else torch.empty(self.shape, dtype=self.dtype, device=self.device))
-        self.packed = None
+        self.dense = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        for offset, part in self.parts + self.segments:
+            self.dense[offset:offset + part.shape[0]].copy_(dequantize_packed(part, self.dtype))
+        self.parts, self.segments = [], []
 
     def finish(self, name: str) -> None:
-        pass
+        """Orders the parts by row, checks that they cover every row once, and joins neighbours
+        that can share a layout (4-bit parts always can: Q4_0 gains explicit mins)."""
+        if self.dense is not None:
+            return
+        parts = sorted(self.parts + self.segments, key=lambda p: p[0])
+        covered = 0
+        for offset, part in parts:
+            if offset != covered:
+                raise ValueError(f"{name}: GGUF parts leave a gap or overlap at row {covered} (a "
+                                 f"part starts at row {offset}): the file does not match its config")
+            covered += part.shape[0]
+        if covered != self.shape[0]:
+            raise ValueError(f"{name}: GGUF parts cover {covered} of {self.shape[0]} rows")
+        runs: list[list[tuple[int, PackedGGUF]]] = []
+        for offset, part in parts:
+            prev = runs[-1][-1][1] if runs else None
+            if prev is not None and (prev.layout == part.layout or prev.bits == part.bits == 4):
+                runs[-1].append((offset, part))
+            else:
+                runs.append([(offset, part)])
+        self.segments = [(run[0][0], _join([p for _, p in run])) for run in runs]
+        self.parts = []
+
+    @property
+    def packed(self) -> PackedGGUF | None:
+        """The whole matrix when it is one packed segment, else None."""
+        return self.segments[0][1] if len(self.segments) == 1 else None
 
     @property
     def num_bytes(self) -> int:
         if self.dense is not None:
             return self.dense.numel() * self.dense.element_size()
-        return self.packed.num_bytes if self.packed is not None else 0
+        return sum(part.num_bytes for _, part in self.parts + self.segments)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.dense is not None:
             return ops.linear(x, self.dense, bias)
-        if not ops.is_triton_enabled(x):
-            return gguf_linear_ref(x, self.packed, bias)
-        from replica.kernels.gguf_linear_triton import gguf_linear
-        return gguf_linear(x, self.packed, bias)      # picks the GEMV or dequantise + cuBLAS
+        use_triton = ops.is_triton_enabled(x)
+        if use_triton:
+            from replica.kernels.gguf_linear_triton import gguf_linear
+        if len(self.segments) == 1:
+            packed = self.segments[0][1]
+            # picks the GEMV or dequantise + cuBLAS
+            return gguf_linear(x, packed, bias) if use_triton else gguf_linear_ref(x, packed, bias)
+        # parts of different layouts (Q4_K_M's q, k in Q4_K beside v in Q6_K): one call each,
+        # into column slices of one output
+        out = torch.empty(x.shape[0], self.shape[0], dtype=x.dtype, device=x.device)
+        for offset, packed in self.segments:
+            cols = slice(offset, offset + packed.shape[0])
+            part_bias = None if bias is None else bias[cols]
+            if use_triton:
+                gguf_linear(x, packed, part_bias, out=out[:, cols])
+            else:
+                out[:, cols] = gguf_linear_ref(x, packed, part_bias)
+        return out
+
+
+def _join(parts: list[PackedGGUF]) -> PackedGGUF:
+    """Row-adjacent parts of one layout (or all 4-bit) → one packed matrix."""
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.layout for p in parts}) > 1:
+        parts = [with_mins(p) for p in parts]
+    mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
+    return PackedGGUF(parts[0].qtype, torch.cat([p.qweight for p in parts]),
+                      torch.cat([p.scales for p in parts]), mins)
 
 
 def make_weight(quantization: str | None, num_rows: int, num_cols: int, dtype: torch.dtype,

@@ -2,7 +2,8 @@
 
 Weights are plain tensors with fused projections: qkv = [q | k | v] rows, gate_up = [gate | up].
 With a quantisation method the seven projections are weight objects instead
-(`replica/layers/quantized_linear.py`); embeddings, lm_head and norms stay in the model dtype.
+(`replica/layers/quantized_linear.py`), and with GGUF's so is an untied lm_head (llama.cpp keeps
+it in Q6_K); embeddings and norms stay in the model dtype, and so does lm_head under FP8.
 One forward takes a flat batch of T tokens (prefill chunks and decodes mixed) with their positions;
 attention reads and writes the paged cache through the attention backend.
 """
@@ -86,7 +87,12 @@ class LlamaForCausalLM:
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = [DecoderLayer(cfg, dtype, device, quantization) for _ in range(cfg.num_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed
+        elif quantization == "gguf":    # a GGUF's output head stays packed too (Q6_K in llama.cpp's files)
+            self.lm_head = make_weight(quantization, cfg.vocab_size, cfg.hidden_size, dtype, device)
+        else:
+            self.lm_head = torch.empty_like(self.embed)
         self.scale = cfg.head_dim ** -0.5
         self.max_positions = max_positions
         self.inv_freq = compute_inv_freq(cfg)
@@ -132,6 +138,8 @@ class LlamaForCausalLM:
             for weight in layer.projections:
                 if not isinstance(weight, torch.Tensor):
                     weight.finish(f"model.layers.{i}")
+        if not isinstance(self.lm_head, torch.Tensor):
+            self.lm_head.finish("lm_head")
         log.info("weights on %s: %.2f GiB (%s)", self.device, self.num_weight_bytes / 2**30,
                  self.quantization or str(self.dtype).removeprefix("torch."))
 
@@ -197,7 +205,7 @@ class LlamaForCausalLM:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [S, hidden] (only the rows that sample) → float32 logits [S, vocab]
-        return ops.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
 
 
 def _describe(tensor) -> str:

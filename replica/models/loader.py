@@ -3,8 +3,8 @@
 Two formats: Hugging Face folders (config.json + *.safetensors) and GGUF files. Tensors stream one
 at a time (safetensors and GGUF are memory-mapped), so peak host memory stays near one tensor.
 GGUF names are mapped to HF names, quantised tensors are dequantised (or, with
-`keep_quantized`, projections of a type the GGUF kernels read are yielded as `GGUFTensor` block
-data), and the Q/K rows that llama.cpp's converter permutes for its interleaved rotary layout are
+`keep_quantized`, projections and the output head of a type the GGUF kernels read are yielded as
+`GGUFTensor` block data), and the Q/K rows that llama.cpp's converter permutes for its interleaved rotary layout are
 put back in HF's order.
 """
 from collections.abc import Iterator
@@ -39,7 +39,7 @@ class Checkpoint:
     def weights(self, device: torch.device | str = "cpu",
                 keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """device: where dummy weights are drawn (files are read on the host either way).
-        keep_quantized: GGUF projections of a `gguf_packed.SUPPORTED_TYPES` type come as
+        keep_quantized: GGUF projections (and lm_head) of a `gguf_packed.SUPPORTED_TYPES` type come as
         `GGUFTensor` (block data, rows in HF order) instead of dequantised tensors."""
         if self.format == "hf":
             return _hf_weights(self.path)
@@ -148,7 +148,7 @@ def _gguf_weights(path: Path, config: ModelConfig,
         name = _gguf_to_hf_name(tensor.name)
         if name is None:
             continue
-        if (keep_quantized and name.endswith("proj.weight")
+        if (keep_quantized and (name.endswith("proj.weight") or name == "lm_head.weight")
                 and tensor.tensor_type.name in SUPPORTED_TYPES):
             # tensor.data: uint8 [rows, row bytes] of GGML blocks; rows permute as whole rows
             data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, order="C"))

@@ -1,16 +1,22 @@
 """GGUF weights kept quantised on the device: the raw GGML blocks → one packed layout the
 Triton kernels read (`replica/kernels/gguf_linear_triton.py`), and its torch dequantisation.
 
-Every supported type is a grid of 32-element groups along K (a weight row), each with one scale
-and, for the asymmetric types, one offset ("min"):
+Every supported type is a grid of G-element groups along K (a weight row; G = 32, 16 for Q6_K),
+each with one scale and, for the asymmetric types, one offset ("min"):
 
-    w[n, 32 g + i] = (q[n, 32 g + i] - zero_point) * scales[n, g]  (+ mins[n, g])
+    w[n, G g + i] = (q[n, G g + i] - zero_point) * scales[n, g]  (+ mins[n, g])
 
-    type   bits  zero_point  mins   from the GGML block
-    Q4_0    4        8        -      d
-    Q4_1    4        0       yes     d, m
-    Q4_K    4        0       yes     d·sc_j, -dmin·m_j  (the 256-superblock's 6-bit sub-scales folded in)
-    Q8_0    8        0        -      d (q signed)
+    type   bits  G   zero_point  mins   from the GGML block
+    Q4_0    4    32      8        -      d
+    Q4_1    4    32      0       yes     d, m
+    Q4_K    4    32      0       yes     d·sc_j, -dmin·m_j  (the 256-superblock's 6-bit sub-scales folded in)
+    Q8_0    8    32      0        -      d (q signed)
+    Q6_K    8    16      0        -      d·sc_j (q − 32 stored signed; the 256-superblock's int8 sub-scales folded in)
+
+Q6_K is what llama.cpp's Q4_K_M (Ollama's default) keeps for the output head and for attn_v and
+ffn_down in half the layers, and what its Q4_0 files keep for the output head; its 6-bit codes
+are widened to bytes here (9 bits a weight with the scales, 6.56 in the file, against 16 in bf16)
+so that the 8-bit kernels read them.
 
 Layout (row-major, one row per output feature n):
 
@@ -27,21 +33,23 @@ Layout (row-major, one row per output feature n):
            LOP3 and multiplies it with x two elements an instruction. GGML's Q4_0/Q4_1 order
            (byte b of a block: elements b and b + 16) and Q4_K's are re-nibbled at repack.
     8-bit  qweight int8  [N, K]
-    scales fp16 [N, K/32]; mins fp16 [N, K/32] or None
+    scales fp16 [N, K/G]; mins fp16 [N, K/G] or None
 
 Exactness: Q4_0, Q4_1 and Q8_0 keep GGML's fp16 d and m, so the dequantised values equal gguf's
 bit for bit (in fp32). Q4_K's group scale d·sc (fp16 × 6-bit int) is rounded to fp16 once at
-repack: a relative error ≤ 2⁻¹¹ of the group's scale, under 0.05 % of one quantisation step.
-Q4_K repacked is 5.0 bits a weight (4.5 in the file): the kernels read one scale per group
+repack: a relative error ≤ 2⁻¹¹ of the group's scale, under 0.05 % of one quantisation step;
+Q6_K's d·sc (fp16 × int8) likewise. Q4_K repacked is 5.0 bits a weight (4.5 in the file): the kernels read one scale per group
 instead of decoding the 12-byte sub-scale field.
 """
 from dataclasses import dataclass
 
 import torch
 
-GROUP_SIZE = 32
+GROUP_SIZE = 32               # elements a scale covers, except for the types in GROUP_SIZES
+GROUP_SIZES = {"Q6_K": 16}
 # GGML type name → (bytes per block, elements per block)
-BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (144, 256)}
+BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (144, 256),
+               "Q6_K": (210, 256)}
 SUPPORTED_TYPES = tuple(BLOCK_BYTES)
 
 
@@ -74,15 +82,24 @@ class PackedGGUF:
 
     @property
     def bits(self) -> int:
-        return 8 if self.qtype == "Q8_0" else 4
+        return 8 if self.qtype in ("Q8_0", "Q6_K") else 4
 
     @property
     def zero_point(self) -> int:
         return 8 if self.qtype == "Q4_0" else 0
 
     @property
+    def group_size(self) -> int:
+        return GROUP_SIZES.get(self.qtype, GROUP_SIZE)
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return self.scales.shape[0], self.scales.shape[1] * GROUP_SIZE
+        return self.scales.shape[0], self.scales.shape[1] * self.group_size
+
+    def rows(self, start: int, stop: int) -> "PackedGGUF":
+        """Rows start..stop of the matrix, as views (every tensor is row-major)."""
+        return PackedGGUF(self.qtype, self.qweight[start:stop], self.scales[start:stop],
+                          None if self.mins is None else self.mins[start:stop])
 
     @property
     def num_bytes(self) -> int:
@@ -90,9 +107,9 @@ class PackedGGUF:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
-    def layout(self) -> tuple[int, int, bool]:
+    def layout(self) -> tuple[int, int, int, bool]:
         """Parts with the same layout can share one fused matrix (qkv, gate_up)."""
-        return self.bits, self.zero_point, self.mins is not None
+        return self.bits, self.group_size, self.zero_point, self.mins is not None
 
 
 def _fp16(raw: torch.Tensor) -> torch.Tensor:
@@ -106,6 +123,8 @@ def pack(tensor: GGUFTensor) -> PackedGGUF:
     block_bytes, block_size = BLOCK_BYTES[tensor.qtype]
     blocks = tensor.data.reshape(rows, cols // block_size, block_bytes)
     groups = cols // GROUP_SIZE
+    if tensor.qtype == "Q6_K":
+        return _pack_q6_k(blocks, rows, cols)
     if tensor.qtype == "Q8_0":
         qweight = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
         return PackedGGUF("Q8_0", qweight, _fp16(blocks[..., 0:2]), None)
@@ -126,6 +145,21 @@ def pack(tensor: GGUFTensor) -> PackedGGUF:
     qs = blocks[..., 16:].reshape(rows, -1, 4, 32)
     values = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(rows, groups, GROUP_SIZE)
     return PackedGGUF("Q4_K", nibbles_from_values(values), scales, mins)
+
+
+def _pack_q6_k(blocks: torch.Tensor, rows: int, cols: int) -> PackedGGUF:
+    # A 210-byte block: ql[128] low nibbles, qh[64] top 2 bits, int8 sub-scales[16] (one per 16
+    # elements), fp16 d. In each 128-element half h: ql byte 64h + l holds element l (low nibble)
+    # and 64 + l (high); qh byte 32h + l holds elements 32t + l in its bits 2t, 2t + 1 (t = 0..3).
+    ql = blocks[..., :128].reshape(rows, -1, 2, 1, 64)
+    qh = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32)
+    low = ((ql >> torch.tensor([0, 4], dtype=torch.uint8, device=ql.device)[:, None]) & 0x0F)
+    high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qh.device)[:, None]) & 0x03
+    codes = low.reshape(rows, -1, 2, 128) | (high.reshape(rows, -1, 2, 128) << 4)    # 0..63
+    qweight = (codes.view(torch.int8) - 32).reshape(rows, cols)     # uint8 < 64 reads the same as int8
+    sub_scales = blocks[..., 192:208].contiguous().view(torch.int8).float()
+    d = _fp16(blocks[..., 208:210]).float()[..., None]
+    return PackedGGUF("Q6_K", qweight, (d * sub_scales).reshape(rows, cols // 16).half(), None)
 
 
 def nibbles_from_values(values: torch.Tensor) -> torch.Tensor:
@@ -163,7 +197,8 @@ def dequantize_packed(packed: PackedGGUF, dtype: torch.dtype = torch.float32) ->
     """The torch reference of the packed layout (and the CPU path): float [N, K] in `dtype`,
     computed in fp32 as (q - zero_point) · scale (+ min), in place to keep the passes few."""
     n, k = packed.shape
-    w = unpack_values(packed).to(torch.float32).reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    group = packed.group_size
+    w = unpack_values(packed).to(torch.float32).reshape(n, k // group, group)
     if packed.zero_point:
         w -= packed.zero_point
     w *= packed.scales.float()[..., None]

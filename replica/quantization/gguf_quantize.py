@@ -1,10 +1,12 @@
-"""Float weights → GGML blocks (Q4_0, Q8_0, Q4_K), in torch so it runs on the GPU.
+"""Float weights → GGML blocks (Q4_0, Q8_0, Q4_K, Q6_K), in torch so it runs on the GPU.
 
 For benchmarks and tests, which need GGUF-encoded weights without a GGUF file (the GPU machine has
 no `gguf` package and no downloads). The encodings are GGML's; tests decode them with gguf's own
 `dequantize`. Q4_0 and Q8_0 follow gguf-py's reference quantisers (same rounding); Q4_K uses a
 plain min/max fit per 32-element sub-block, not llama.cpp's iterative search, so its error is a
-little larger than a real Q4_K_M file's (a benchmark's speed does not depend on it).
+little larger than a real Q4_K_M file's (a benchmark's speed does not depend on it); Q6_K
+likewise uses a plain signed max fit per 16-element sub-block (llama.cpp's, without its search).
+`llama_cpp_mix` names the types llama.cpp's Q4_K_M and Q4_0 give each tensor of a Llama model.
 
 Every function takes w: float [rows, cols] with cols a multiple of the block size and returns
 uint8 [rows, cols / block_size * block_bytes] (a `GGUFTensor`'s data).
@@ -72,7 +74,47 @@ def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
     return out.reshape(rows, -1)
 
 
-QUANTIZERS = {"Q4_0": quantize_q4_0, "Q8_0": quantize_q8_0, "Q4_K": quantize_q4_k}
+def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
+    rows, cols = w.shape
+    sub = w.float().reshape(rows, cols // 256, 16, 16)
+    # each sub-block's signed largest value maps to code -32; the sub-scales likewise to -128
+    sub_scale = sub.gather(-1, sub.abs().argmax(-1, keepdim=True))[..., 0] / -32    # [rows, nsb, 16]
+    d = (sub_scale.gather(-1, sub_scale.abs().argmax(-1, keepdim=True)) / -128).half().float()
+    safe_d = torch.where(d == 0, torch.ones_like(d), d)
+    sc = torch.round(sub_scale / safe_d).clamp(-128, 127)
+    step = (d * sc)[..., None]
+    step_safe = torch.where(step == 0, torch.ones_like(step), step)
+    q = (torch.round(sub / step_safe).clamp(-32, 31) + 32).to(torch.uint8).reshape(rows, -1, 2, 128)
+    ql = (q[..., :64] & 0x0F) | ((q[..., 64:] & 0x0F) << 4)                 # [rows, nsb, 2, 64]
+    top = (q >> 4).reshape(rows, -1, 2, 4, 32)
+    qh = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+    sc_bytes = sc.to(torch.int8).view(torch.uint8)
+    out = torch.cat([ql.reshape(rows, -1, 128), qh.reshape(rows, -1, 64), sc_bytes,
+                     _fp16_bytes(d[..., 0])], dim=-1)
+    return out.reshape(rows, -1)
+
+
+QUANTIZERS = {"Q4_0": quantize_q4_0, "Q8_0": quantize_q8_0, "Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+
+
+def _more_bits(layer: int, num_layers: int) -> bool:
+    # llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between
+    return (layer < num_layers // 8 or layer >= 7 * num_layers // 8
+            or (layer - num_layers // 8) % 3 == 2)
+
+
+def llama_cpp_mix(ftype: str, name: str, num_layers: int) -> str:
+    """The GGML type llama.cpp's `llama-quantize` gives a Llama tensor (HF name) for the file type
+    `ftype` ("Q4_K_M", or a single type such as "Q4_0"): the output head is Q6_K; Q4_K_M also
+    keeps attn_v and ffn_down in Q6_K in the layers `_more_bits` picks."""
+    if name == "lm_head.weight":
+        return "Q6_K" if ftype != "Q8_0" else "Q8_0"
+    if ftype != "Q4_K_M":
+        return ftype
+    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+    if name.endswith(("v_proj.weight", "down_proj.weight")) and _more_bits(layer, num_layers):
+        return "Q6_K"
+    return "Q4_K"
 
 
 def quantize(w: torch.Tensor, qtype: str) -> GGUFTensor:

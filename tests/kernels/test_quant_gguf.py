@@ -1,8 +1,9 @@
 """GGUF weights kept packed: the repacked layout decodes to exactly what gguf's own `dequantize`
-gives (Q4_K within the documented fp16 rounding of its group scales), our GGML encoder writes
+gives (Q4_K and Q6_K within the documented fp16 rounding of their group scales), our GGML encoder writes
 gguf's bytes, the 4-bit nibbles sit where the kernels read them, and the Triton kernels match
 their torch reference: the group-wise GEMV (1..16 rows; 4-bit takes 4 a launch) and dequantise +
-cuBLAS (the default above GEMV_ROWS), with split-K, ragged N, partial K tiles, a bias."""
+cuBLAS (the default above GEMV_ROWS, a slice of rows at a time for a matrix as large as an output
+head), with split-K, ragged N, partial K tiles, a bias, and into a column slice of an output."""
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from replica.kernels.gguf_linear import gguf_linear_ref
 from replica.kernels.gguf_dequant_triton import dequantize
 from replica.kernels.gguf_gemv_triton import GemvConfig
+from replica.kernels import gguf_linear_triton
 from replica.kernels.gguf_linear_triton import gguf_linear
 from replica.quantization.gguf_packed import (
     GGUFTensor, dequantize_packed, nibbles_from_values, pack, unpack_values, with_mins,
@@ -59,6 +61,20 @@ def test_q4_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
 
 
 @needs_gguf
+def test_q6_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
+    w = _weights(5, 512, seed=2)
+    tensor = quantize(w, "Q6_K")
+    packed = pack(tensor)
+    assert packed.group_size == 16 and packed.bits == 8 and packed.num_bytes * 8 == 9 * 5 * 512
+    ours, theirs = dequantize_packed(packed), _gguf_dequantize(tensor)
+    # d·sc rounded to fp16 once: ≤ 2^-11 relative of the scale, times |q − 32| ≤ 32
+    bound = (2.0 ** -11) * 32 * packed.scales.float().abs()
+    assert ((ours - theirs).abs().reshape(5, -1, 16) <= bound[..., None] + 1e-12).all()
+    assert ((theirs - w).norm() / w.norm()).item() < 0.03      # a sane 6-bit fit
+    assert not torch.equal(ours[2], ours[3])
+
+
+@needs_gguf
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
 def test_encoder_writes_the_bytes_gguf_writes(qtype):
     w = _weights(4, 256, seed=3)
@@ -93,18 +109,19 @@ def test_malformed_block_data_is_refused():
     with pytest.raises(ValueError, match="expected uint8 data"):
         GGUFTensor("Q4_0", torch.zeros(4, 17, dtype=torch.uint8), (4, 32))
     with pytest.raises(ValueError, match="cannot stay quantised"):
-        GGUFTensor("Q6_K", torch.zeros(4, 210, dtype=torch.uint8), (4, 256))
+        GGUFTensor("Q5_K", torch.zeros(4, 176, dtype=torch.uint8), (4, 256))
 
 
 # (qtype, num_rows, n, k, has_bias, config); config None = choose_config
 if ON_GPU:
     CASES = [pytest.param(qtype, m, n, k, bias, None, marks=pytest.mark.gpu)
-             for qtype in ("Q4_K", "Q4_0", "Q8_0")
+             for qtype in ("Q4_K", "Q4_0", "Q8_0", "Q6_K")
              for m, n, k, bias in ((1, 6144, 4096, False), (1, 28672, 4096, False),
                                    (1, 4096, 14336, False), (8, 4096, 4096, False),
                                    (64, 6144, 4096, False), (5, 1000, 2048, True),
                                    (2, 4096, 14336, False), (4, 1000, 2048, True))]
     CASES.append(pytest.param("Q4_K", 16, 4096, 4096, False, GemvConfig(8, 32, 4), marks=pytest.mark.gpu))
+    CASES.append(pytest.param("Q6_K", 1, 128256, 4096, False, None, marks=pytest.mark.gpu))   # an output head
 else:
     G = GemvConfig
     CASES = [
@@ -116,6 +133,10 @@ else:
         ("Q4_0", 2, 40, 96, False, G(32, 2)),                  # 3 groups: a partial tile
         ("Q8_0", 2, 40, 96, True, G(16, 2)),                   # 3 groups: a partial tile
         ("Q8_0", 8, 40, 128, False, G(8, 4, split_k=2)),
+        ("Q6_K", 2, 40, 256, True, G(16, 4, split_k=2)),       # 16-element groups
+        ("Q6_K", 3, 24, 768, False, G(8, 32)),                 # 48 groups: a partial tile
+        ("Q6_K", 1, 24, 512, True, None),
+        ("Q6_K", 9, 24, 512, False, None),                     # dequantise + GEMM
         ("Q4_K", 1, 24, 512, True, None),
         ("Q4_0", 12, 40, 256, True, None),                     # dequantise + GEMM
     ]
@@ -143,11 +164,40 @@ def test_kernel_matches_torch_reference(qtype, num_rows, n, k, has_bias, config)
     assert rel < (1e-5 if DTYPE == torch.float32 else 1e-2), rel
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0", "Q6_K"])
 def test_triton_dequantize_equals_torch_reference(qtype):
     tensor = quantize(_weights(24, 768, 3), qtype)        # 24 groups a row: a partial tile
     packed = pack(GGUFTensor(qtype, tensor.data.to(DEVICE), tensor.shape))
     assert torch.equal(dequantize(packed, torch.float32), dequantize_packed(packed, torch.float32))
+
+
+@pytest.mark.parametrize("num_rows", [1, 6])            # the GEMV, and dequantise + GEMM
+def test_results_land_in_a_column_slice_of_a_wider_output(num_rows):
+    packed = pack(GGUFTensor("Q6_K", quantize(_weights(24, 256, 6), "Q6_K").data.to(DEVICE), (24, 256)))
+    x = torch.randn(num_rows, 256).to(DTYPE).to(DEVICE)
+    out = torch.full((num_rows, 40), -7.0, dtype=DTYPE, device=DEVICE)
+    returned = gguf_linear(x, packed, out=out[:, 8:32])
+    assert returned.data_ptr() == out[:, 8:32].data_ptr()
+    assert (out[:, :8] == -7).all() and (out[:, 32:] == -7).all()
+    torch.testing.assert_close(out[:, 8:32], gguf_linear(x, packed))
+
+
+def test_a_large_matrix_is_dequantised_a_slice_of_rows_at_a_time(monkeypatch):
+    seen_rows = []
+    dequantize_rows = gguf_linear_triton.gguf_dequant_triton.dequantize
+
+    def recording(packed, dtype):
+        seen_rows.append(packed.shape[0])
+        return dequantize_rows(packed, dtype)
+    monkeypatch.setattr(gguf_linear_triton.gguf_dequant_triton, "dequantize", recording)
+    monkeypatch.setattr(gguf_linear_triton, "DEQUANT_CHUNK", 16 * 256)     # 16 rows of K = 256
+    packed = pack(GGUFTensor("Q4_K", quantize(_weights(40, 256, 7), "Q4_K").data.to(DEVICE), (40, 256)))
+    x = torch.randn(6, 256).to(DTYPE).to(DEVICE)
+    bias = torch.randn(40).to(DTYPE).to(DEVICE)
+    out = gguf_linear(x, packed, bias)
+    assert seen_rows == [16, 16, 8]
+    ref = gguf_linear_ref(x.double(), packed, bias.double())
+    assert ((out.double() - ref).norm() / ref.norm()).item() < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
 
 def test_rejects_bad_arguments():
@@ -159,6 +209,8 @@ def test_rejects_bad_arguments():
         gguf_linear(torch.randn(17, 64), packed, config=GemvConfig(8, 2))
     with pytest.raises(ValueError, match="bias: expected shape"):
         gguf_linear(x, packed, torch.randn(31))
+    with pytest.raises(ValueError, match="out: expected shape"):
+        gguf_linear(x, packed, out=torch.empty(2, 31))
     broken = pack(quantize(torch.randn(32, 64), "Q4_0"))
     broken.scales = broken.scales.float()
     with pytest.raises(ValueError, match="scales: dtype float32 not supported"):

@@ -1,6 +1,7 @@
 """Quantised projection weights fill row ranges part by part, as fused qkv / gate_up load: FP8
 parts quantised on arrival or taken as FP8 with per-channel or per-tensor scales; GGUF parts
-packed, brought to one 4-bit layout, or the projection turned dense when parts cannot share one."""
+packed, 4-bit parts joined into one layout, parts of other layouts kept as row segments, and the
+projection turned dense only by a float part."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ def test_gguf_parts_of_one_layout_stay_packed():
     weight = GGUFWeight(128, 256, torch.float32, CPU)
     weight.load_rows(64, 64, quantize(up, "Q4_K"))
     weight.load_rows(0, 64, quantize(gate, "Q4_K"))
+    weight.finish("gate_up")
     assert weight.dense is None and weight.packed.qtype == "Q4_K"
     expected = torch.cat([dequantize_packed(pack(quantize(w, "Q4_K"))) for w in (gate, up)])
     assert torch.equal(dequantize_packed(weight.packed), expected)
@@ -68,20 +70,55 @@ def test_gguf_q4_0_beside_q4_k_gains_mins_and_stays_packed():
     weight = GGUFWeight(64, 256, torch.float32, CPU)
     weight.load_rows(0, 32, quantize(q, "Q4_0"))
     weight.load_rows(32, 32, quantize(k, "Q4_K"))
+    weight.finish("qk")
     assert weight.dense is None and weight.packed.mins is not None
     expected = torch.cat([dequantize_packed(pack(quantize(q, "Q4_0"))),
                           dequantize_packed(pack(quantize(k, "Q4_K")))])
     assert torch.equal(dequantize_packed(weight.packed), expected)
 
 
-@pytest.mark.parametrize("second", ["Q8_0", "dense"])
-def test_gguf_parts_that_cannot_share_a_layout_turn_the_projection_dense(second):
+@pytest.mark.parametrize("triton", [False, True])
+def test_q4_k_m_qkv_keeps_q_k_in_q4_k_and_v_in_q6_k_as_two_segments(triton, monkeypatch):
+    """llama.cpp's Q4_K_M gives attn_v Q6_K in half the layers: the fused qkv stays packed as
+    two segments (q, k joined), each multiplied by its own kernel into one output."""
+    from replica.kernels import ops
+    monkeypatch.setattr(ops, "is_triton_enabled", lambda x: triton)
+    parts = {"q": (0, 64, "Q4_K"), "k": (64, 32, "Q4_K"), "v": (96, 32, "Q6_K")}
+    floats = {name: _randn(rows, 256, seed=10 + i) for i, (name, (_, rows, _)) in enumerate(parts.items())}
+    weight = GGUFWeight(128, 256, torch.float32, CPU)
+    for name in ("v", "q", "k"):                           # any order
+        offset, rows, qtype = parts[name]
+        weight.load_rows(offset, rows, quantize(floats[name], qtype))
+    weight.finish("qkv")
+    assert weight.dense is None and weight.packed is None
+    assert [(offset, seg.qtype, seg.shape[0]) for offset, seg in weight.segments] == \
+        [(0, "Q4_K", 96), (96, "Q6_K", 32)]
+    assert weight.num_bytes == 96 * 256 * 5 // 8 + 32 * 256 * 9 // 8
+    expected = torch.cat([dequantize_packed(pack(quantize(floats[name], parts[name][2])))
+                          for name in ("q", "k", "v")])
+    bias = _randn(128, seed=20)
+    for num_rows in (1, 6):                                # the GEMV, and dequantise + GEMM
+        x = _randn(num_rows, 256, seed=5)
+        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, expected, bias))
+
+
+def test_gguf_parts_that_leave_rows_unwritten_are_refused():
+    weight = GGUFWeight(48, 256, torch.float32, CPU)
+    weight.load_rows(0, 32, quantize(_randn(32, 256, seed=8), "Q4_K"))
+    with pytest.raises(ValueError, match="cover 32 of 48 rows"):
+        weight.finish("model.layers.0")
+    weight.load_rows(16, 32, quantize(_randn(32, 256, seed=9), "Q4_K"))
+    with pytest.raises(ValueError, match="overlap at row 32 \\(a part starts at row 16\\)"):
+        weight.finish("model.layers.0")
+
+
+def test_a_float_part_turns_the_projection_dense():
     first, other = _randn(32, 256, seed=8), _randn(16, 256, seed=9)
     weight = GGUFWeight(48, 256, torch.float32, CPU)
     weight.load_rows(0, 32, quantize(first, "Q4_K"))
-    weight.load_rows(32, 16, quantize(other, "Q8_0") if second == "Q8_0" else other)
+    weight.load_rows(32, 16, other)
+    weight.finish("qkv")
     assert weight.packed is None and weight.dense.dtype == torch.float32
-    tail = dequantize_packed(pack(quantize(other, "Q8_0"))) if second == "Q8_0" else other
-    expected = torch.cat([dequantize_packed(pack(quantize(first, "Q4_K"))), tail])
+    expected = torch.cat([dequantize_packed(pack(quantize(first, "Q4_K"))), other])
     assert torch.equal(weight.dense, expected)
     assert weight.num_bytes == 48 * 256 * 4
