@@ -207,10 +207,10 @@ def bench_gguf8_kernels(size: str, sweep: bool) -> None:
     from replica.quantization.gguf_packed import pack
     cfg = model_config(size)
     shapes = {"lm_head": (cfg.vocab_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size)}
-    tiles = [(4, 512), (8, 512), (16, 512), (8, 1024), (16, 256), (32, 256), (4, 1024)]   # rows, columns
+    tiles = [(4, 1024), (8, 512), (2, 1024), (4, 512), (8, 1024), (16, 256)]   # rows, columns
     gen = torch.Generator(device="cuda").manual_seed(0)
+    chunk = 16                                                  # codes a lane loads at once
     for qtype in ("Q6_K", "Q8_0"):
-        group = 16 if qtype == "Q6_K" else 32
         for label, (n, k) in shapes.items():
             packed = pack(quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, qtype))
             bf16 = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -223,8 +223,8 @@ def bench_gguf8_kernels(size: str, sweep: bool) -> None:
             if sweep:
                 for block_n, cols in tiles:
                     for warps in (4, 8):
-                        probe = gg.GemvConfig(block_n, cols // group,
-                                              _split_for(n, k // group, block_n, cols // group, x1.device), warps)
+                        probe = gg.GemvConfig(block_n, cols // chunk,
+                                              _split_for(n, k // chunk, block_n, cols // chunk, x1.device), warps)
                         us = 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=probe))
                         if us < best[0]:
                             best = (us, probe)

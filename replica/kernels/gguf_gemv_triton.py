@@ -28,7 +28,8 @@ min term:
     Σ_i w_i x_i = scale · Σ_i (q_i − 8) x_i + (min + (8 − zero_point) · scale) · Σ_i x_i
 
 Rows of x (1..4, a constexpr) reuse each loaded word: the weight is read once whatever the
-batch. 8-bit (Q8_0, and Q6_K widened to bytes) keeps a byte-wise kernel (one code a byte needs no unpacking). SPLIT_K > 1
+batch. 8-bit (Q8_0, and Q6_K widened to bytes) has its own kernel of the same shape
+(`gguf_gemv8_triton.py`). SPLIT_K > 1
 writes fp32 partials [SPLIT_K, M, N] summed by linear_triton's split-K kernel. The grid depends
 only on shapes: launches are valid inside a CUDA graph.
 """
@@ -39,11 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import linear_triton, q4_word_dot_triton
-from replica.quantization.gguf_packed import GROUP_SIZE, GROUP_SIZES, PackedGGUF
+from replica.kernels import gguf_gemv8_triton, linear_triton, q4_word_dot_triton
+from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
-Q4_ROWS_PER_LAUNCH = 4   # the 4-bit kernel's accumulators; more rows take several launches
+ROWS_PER_LAUNCH = 4   # the kernels' accumulators; more rows take several launches
 # rows up to which `gguf_linear_triton.gguf_linear` takes the GEMV; above, dequantise + cuBLAS.
 # Measured on an H200 at the 8B shapes (bench/quant.py, gguf_kernels): the crossover.
 GEMV_ROWS = 4
@@ -53,7 +54,8 @@ USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else th
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int          # rows of W a program owns
-    groups: int           # scale groups of W a tile (a power of two; 32 columns, Q6_K 16)
+    groups: int           # lanes along K a tile (a power of two): 32-column groups (4-bit),
+                          # 16-column chunks (8-bit)
     split_k: int = 1
     num_warps: int = 4
 
@@ -121,16 +123,16 @@ def _q4_gemv_kernel(
             tot3 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
                                  x_mask, 3, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
 
-    _q4_store(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
+    linear_triton.gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
               stride_om, M, HAS_BIAS, SPLIT_K)
     if M > 1:
-        _q4_store(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
+        linear_triton.gemv_store_row(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
                   stride_om, M, HAS_BIAS, SPLIT_K)
     if M > 2:
-        _q4_store(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
+        linear_triton.gemv_store_row(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
                   stride_om, M, HAS_BIAS, SPLIT_K)
     if M > 3:
-        _q4_store(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
+        linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
                   stride_om, M, HAS_BIAS, SPLIT_K)
 
 
@@ -187,62 +189,6 @@ def _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, gro
     return part
 
 
-@triton.jit
-def _q4_store(result, mi, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
-              M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    # result: [BLOCK_N] fp32, row mi of the output
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            result += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + mi * stride_om + rows, result.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(partial_ptr + (pid_k * M + mi).to(tl.int64) * N + rows, result, mask=n_mask)
-
-
-@triton.jit
-def _q8_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr,
-    N, num_groups, groups_per_split, stride_xm, stride_qn, stride_sn, stride_om,
-    HAS_BIAS: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUPS: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    # 8-bit (Q8_0: GROUP 32; Q6_K: 16): [BLOCK_N, GROUPS, GROUP] int8 tiles, one scale a group;
-    # int8 → float through the same mantissa trick as 4 bits (code + 128 OR-ed into 2^23, then
-    # one FADD)
-    pid_k = tl.program_id(1)
-    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
-    g = tl.arange(0, GROUPS)
-    j = tl.arange(0, GROUP)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
-    ms = tl.arange(0, BLOCK_M)                          # BLOCK_M: M up to a power of two
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for g0 in range(g_start, g_end, GROUPS):
-        gs = g0 + g                                     # [GROUPS] group indices
-        q_offs = rows64[:, None, None] * stride_qn + (gs * GROUP)[None, :, None] + j[None, None, :]
-        s_offs = rows64[:, None] * stride_sn + gs[None, :]
-        if EVEN_K:
-            codes = tl.load(q_ptr + q_offs)
-            scale = tl.load(s_ptr + s_offs).to(tl.float32)
-        else:
-            g_mask = gs < g_end
-            codes = tl.load(q_ptr + q_offs, mask=g_mask[None, :, None], other=0)
-            scale = tl.load(s_ptr + s_offs, mask=g_mask[None, :], other=0.0).to(tl.float32)
-        bits = codes.to(tl.int32) + 128                 # int8 → 0..255
-        w = (bits | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 128.0)
-        for mi in tl.static_range(M):
-            x_offs = mi * stride_xm + (gs * GROUP)[:, None] + j[None, :]
-            if EVEN_K:
-                xg = tl.load(x_ptr + x_offs).to(tl.float32)
-            else:
-                xg = tl.load(x_ptr + x_offs, mask=(gs < g_end)[:, None], other=0.0).to(tl.float32)
-            contrib = tl.sum(scale * tl.sum(w * xg[None, :, :], axis=2), axis=1)     # [BLOCK_N]
-            acc = tl.where(ms[None, :] == mi, acc + contrib[:, None], acc)
-
-    linear_triton.gemv_store_tile(acc, rows, n_mask, ms, ms < M, pid_k, bias_ptr, out_ptr, partial_ptr,
-                                  M, N, stride_om, HAS_BIAS, SPLIT_K)
-
-
 @functools.cache
 def _has_bf16x2(device: torch.device) -> bool:
     """fma.rn.bf16x2, the bf16 word products' instruction: sm_80 and later."""
@@ -258,16 +204,15 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.device,
                        qtype: str = "") -> GemvConfig:
-    """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes: 4-bit,
-    4 rows x 64 groups (one group of a row a lane), 4 warps; 8-bit, 8 rows x 512 columns. Split-K
+    """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes: 4 rows x
+    64 lanes (a 32-element group, or a 16-byte chunk of 8-bit codes, a lane), 4 warps. Split-K
     while the grid has fewer than ~8 programs per SM (at 4 rows: N = 4096 splits in 2, N ≥ 6144
     not at all, as measured)."""
     tuned = TUNED.get((qtype, num_rows, n, k))
     if tuned is not None:
         return tuned
-    group = GROUP_SIZES.get(qtype, GROUP_SIZE)
-    block_n, groups = (4, 64) if bits == 4 else (8, 512 // group)
-    num_groups = k // group
+    block_n, groups = 4, 64
+    num_groups = k // (GROUP_SIZE if bits == 4 else gguf_gemv8_triton.CHUNK)
     split_k = 1
     while (triton.cdiv(n, block_n) * split_k < 8 * _num_sms(device)
            and num_groups >= 2 * split_k * groups and split_k < 16):
@@ -286,7 +231,9 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
         out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     if n == 0 or num_rows == 0:
         return out
-    num_groups = k // packed.group_size
+    # lanes along K: 4-bit, one 32-element group each; 8-bit, one 16-code chunk each
+    lane_cols = GROUP_SIZE if packed.bits == 4 else gguf_gemv8_triton.CHUNK
+    num_groups = k // lane_cols
     groups = min(config.groups, triton.next_power_of_2(num_groups))
     num_tiles = triton.cdiv(num_groups, groups)
     split_k = max(1, min(config.split_k, num_tiles))
@@ -294,34 +241,37 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
     split_k = triton.cdiv(num_groups, groups_per_split)                 # no empty split
     even_k = num_groups % groups == 0
     launch = dict(num_warps=config.num_warps, num_stages=1)
-    for m0 in range(0, num_rows, Q4_ROWS_PER_LAUNCH if packed.bits == 4 else MAX_ROWS):
-        xm = x[m0:m0 + (Q4_ROWS_PER_LAUNCH if packed.bits == 4 else MAX_ROWS)]
+    qweight32 = packed.qweight.view(torch.int32)
+    for m0 in range(0, num_rows, ROWS_PER_LAUNCH):
+        xm = x[m0:m0 + ROWS_PER_LAUNCH]
         om = out[m0:m0 + xm.shape[0]]
         rows_m = xm.shape[0]
         partial = (torch.empty(split_k, rows_m, n, dtype=torch.float32, device=x.device)
                    if split_k > 1 else om)
         grid = (triton.cdiv(n, config.block_n), split_k)
+        # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
+        bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
+                      and xm.data_ptr() % 4 == 0)
         if packed.bits == 4:
-            # the bf16x2 path reads x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
-            bf16_asm = (USE_BF16_ASM and xm.dtype == torch.bfloat16 and xm.is_cuda
-                        and _has_bf16x2(xm.device) and xm.stride(0) % 2 == 0 and xm.data_ptr() % 4 == 0)
+            bf16_asm = USE_BF16_ASM and bf16_pairs and _has_bf16x2(xm.device)
             _q4_gemv_kernel[grid](
-                xm, xm.view(torch.int32) if bf16_asm else xm, packed.qweight.view(torch.int32),
+                xm, xm.view(torch.int32) if bf16_asm else xm, qweight32,
                 packed.scales, packed.mins if packed.mins is not None else packed.scales,
                 bias if bias is not None else om, om, partial,
-                n, num_groups, groups_per_split, 1, xm.stride(0), packed.qweight.stride(0) // 4,
+                n, num_groups, groups_per_split, 1, xm.stride(0), qweight32.stride(0),
                 packed.scales.stride(0), om.stride(0),
                 ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None,
                 M=rows_m, BLOCK_N=config.block_n, GROUPS=groups, SPLIT_K=split_k, EVEN_K=even_k,
                 BF16_ASM=bf16_asm, **launch)
         else:
-            _q8_gemv_kernel[grid](
-                xm, packed.qweight, packed.scales, bias if bias is not None else om, om, partial,
-                n, num_groups, groups_per_split, xm.stride(0), packed.qweight.stride(0),
+            gguf_gemv8_triton.q8_gemv_kernel[grid](
+                xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, packed.scales,
+                bias if bias is not None else om, om, partial,
+                n, num_groups, groups_per_split, 1, xm.stride(0), qweight32.stride(0),
                 packed.scales.stride(0), om.stride(0),
-                HAS_BIAS=bias is not None, M=rows_m, BLOCK_M=triton.next_power_of_2(rows_m),
-                BLOCK_N=config.block_n, GROUPS=groups, GROUP=packed.group_size, SPLIT_K=split_k,
-                EVEN_K=even_k, **launch)
+                CHUNKS_PER_GROUP=packed.group_size // lane_cols, HAS_BIAS=bias is not None, M=rows_m,
+                BLOCK_N=config.block_n, CHUNKS=groups, SPLIT_K=split_k, EVEN_K=even_k,
+                BF16_ASM=bf16_pairs, **launch)
         if split_k > 1:
             block = 1024
             linear_triton._split_k_sum_kernel[(rows_m, triton.cdiv(n, block))](

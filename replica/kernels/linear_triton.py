@@ -126,6 +126,19 @@ def gemv_store_tile(acc, rows, n_mask, ms, m_mask, pid_k, bias_ptr, out_ptr, par
 
 
 @triton.jit
+def gemv_store_row(result, mi, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
+                   M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """A GEMV program's fp32 result [BLOCK_N] for row mi of x → out[mi, rows] (+ bias, rounded
+    once), or with SPLIT_K > 1 its partial [SPLIT_K, M, N] for _split_k_sum_kernel."""
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + mi * stride_om + rows, result.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(partial_ptr + (pid_k * M + mi).to(tl.int64) * N + rows, result, mask=n_mask)
+
+
+@triton.jit
 def _split_k_sum_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
                         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     m = tl.program_id(0)

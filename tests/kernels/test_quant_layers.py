@@ -10,6 +10,7 @@ from replica.kernels.fp8_linear import FP8_DTYPE, quantize_rows_ref
 from replica.layers.quantized_linear import Fp8Weight, GGUFWeight, linear
 from replica.quantization.gguf_packed import dequantize_packed, pack
 from replica.quantization.gguf_quantize import quantize
+from tests.kernels.paged_batch import DEVICE
 
 CPU = torch.device("cpu")
 
@@ -83,9 +84,10 @@ def test_q4_k_m_qkv_keeps_q_k_in_q4_k_and_v_in_q6_k_as_two_segments(triton, monk
     two segments (q, k joined), each multiplied by its own kernel into one output."""
     from replica.kernels import ops
     monkeypatch.setattr(ops, "is_triton_enabled", lambda x: triton)
+    device = DEVICE if triton else CPU              # Triton: the GPU, or the interpreter on the CPU
     parts = {"q": (0, 64, "Q4_K"), "k": (64, 32, "Q4_K"), "v": (96, 32, "Q6_K")}
     floats = {name: _randn(rows, 256, seed=10 + i) for i, (name, (_, rows, _)) in enumerate(parts.items())}
-    weight = GGUFWeight(128, 256, torch.float32, CPU)
+    weight = GGUFWeight(128, 256, torch.float32, device)
     for name in ("v", "q", "k"):                           # any order
         offset, rows, qtype = parts[name]
         weight.load_rows(offset, rows, quantize(floats[name], qtype))
@@ -95,11 +97,12 @@ def test_q4_k_m_qkv_keeps_q_k_in_q4_k_and_v_in_q6_k_as_two_segments(triton, monk
         [(0, "Q4_K", 96), (96, "Q6_K", 32)]
     assert weight.num_bytes == 96 * 256 * 5 // 8 + 32 * 256 * 9 // 8
     expected = torch.cat([dequantize_packed(pack(quantize(floats[name], parts[name][2])))
-                          for name in ("q", "k", "v")])
-    bias = _randn(128, seed=20)
+                          for name in ("q", "k", "v")]).to(device)
+    bias = _randn(128, seed=20).to(device)
     for num_rows in (1, 6):                                # the GEMV, and dequantise + GEMM
-        x = _randn(num_rows, 256, seed=5)
-        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, expected, bias))
+        x = _randn(num_rows, 256, seed=5).to(device)
+        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, expected, bias),
+                                   rtol=1e-4, atol=1e-5)      # TF32 off: fp32 either way
 
 
 def test_gguf_parts_that_leave_rows_unwritten_are_refused():
