@@ -85,13 +85,12 @@ def _split_for(n: int, k_units: int, block_n: int, tile_units: int, device) -> i
 def bench_gguf_kernels(size: str, sweep: bool) -> None:
     """Per 8B projection shape and type: the group-wise GEMV at 1 row (default tile, and a sweep
     whose winner the engine then uses), at 2, 4 and 8 rows against dequantise + cuBLAS, and
-    prefill at 2048 rows: Triton dequantise + cuBLAS against the torch dequantisation + cuBLAS
-    that the engine used before."""
+    prefill at 2048 rows: Triton dequantise + cuBLAS against bf16."""
     from replica.kernels import gguf_dequant_triton as gd
     from replica.kernels import gguf_gemv_triton as gg
     from replica.kernels import gguf_linear_triton as glt
     from replica.kernels.ops import linear
-    from replica.quantization.gguf_packed import dequantize_packed, pack
+    from replica.quantization.gguf_packed import pack
     cfg = model_config(size)
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -132,8 +131,6 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
             xp = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
             figures["dequant_triton_us"] = 1e3 * _time_ms(lambda: gd.dequantize(packed, torch.bfloat16))
             figures["prefill2048_dequant_triton_cublas_us"] = 1e3 * _time_ms(lambda: glt.gguf_linear(xp, packed))
-            figures["prefill2048_dequant_torch_cublas_us"] = 1e3 * _time_ms(
-                lambda: torch.nn.functional.linear(xp, dequantize_packed(packed, torch.bfloat16)))
             figures["prefill2048_bf16_us"] = 1e3 * _time_ms(lambda: torch.nn.functional.linear(xp, bf16))
             crossover = [m for m in (2, 4, 8) if figures[f"m{m}_gemv_us"] > figures[f"m{m}_dequant_cublas_us"]]
             gemv_rows = min(gemv_rows, (crossover[0] // 2) if crossover else 8)
