@@ -97,7 +97,7 @@ def _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x,
 
 @triton.jit(do_not_specialize=["one"])
 def q8_gemv_kernel(
-    x_ptr, x32_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    x_ptr, x32_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr,
     N, num_chunks, chunks_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
     CHUNKS_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -154,6 +154,3 @@ def q8_gemv_kernel(
     if M > 3:
         linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr,
                                      partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K)
-    if SPLIT_K > 1:
-        linear_triton.gemv_split_k_finish(rows, n_mask, counter_ptr, bias_ptr, out_ptr, partial_ptr, N,
-                                          stride_om, M, HAS_BIAS, SPLIT_K)

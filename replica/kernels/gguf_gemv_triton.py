@@ -29,9 +29,9 @@ min term:
 
 Rows of x (1..4, a constexpr) reuse each loaded word: the weight is read once whatever the
 batch. 8-bit (Q8_0, and Q6_K widened to bytes) has its own kernel of the same shape
-(`gguf_gemv8_triton.py`). SPLIT_K > 1 writes fp32 partials [SPLIT_K, M, N] that the last program
-of each column block to finish sums (`linear_triton.gemv_split_k_finish`: no second kernel). The
-grid depends only on shapes: launches are valid inside a CUDA graph.
+(`gguf_gemv8_triton.py`). SPLIT_K > 1
+writes fp32 partials [SPLIT_K, M, N] summed by linear_triton's split-K kernel. The grid depends
+only on shapes: launches are valid inside a CUDA graph.
 """
 import functools
 from dataclasses import dataclass
@@ -66,7 +66,7 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 @triton.jit(do_not_specialize=["one"])
 def _q4_gemv_kernel(
-    x_ptr, x32_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    x_ptr, x32_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
     N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -134,9 +134,6 @@ def _q4_gemv_kernel(
     if M > 3:
         linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
                   stride_om, M, HAS_BIAS, SPLIT_K)
-    if SPLIT_K > 1:
-        linear_triton.gemv_split_k_finish(rows, n_mask, counter_ptr, bias_ptr, out_ptr, partial_ptr, N,
-                                          stride_om, M, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -245,17 +242,13 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
     even_k = num_groups % groups == 0
     launch = dict(num_warps=config.num_warps, num_stages=1)
     qweight32 = packed.qweight.view(torch.int32)
-    grid = (triton.cdiv(n, config.block_n), split_k)
-    counters = linear_triton.split_k_counters(x.device)
-    if grid[0] > counters.numel():
-        raise ValueError(f"GEMV of {n} rows in blocks of {config.block_n}: more column blocks than "
-                         f"split-K counters ({counters.numel()}); use a larger block_n")
     for m0 in range(0, num_rows, ROWS_PER_LAUNCH):
         xm = x[m0:m0 + ROWS_PER_LAUNCH]
         om = out[m0:m0 + xm.shape[0]]
         rows_m = xm.shape[0]
         partial = (torch.empty(split_k, rows_m, n, dtype=torch.float32, device=x.device)
                    if split_k > 1 else om)
+        grid = (triton.cdiv(n, config.block_n), split_k)
         # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
         bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
                       and xm.data_ptr() % 4 == 0)
@@ -264,7 +257,7 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
             _q4_gemv_kernel[grid](
                 xm, xm.view(torch.int32) if bf16_asm else xm, qweight32,
                 packed.scales, packed.mins if packed.mins is not None else packed.scales,
-                bias if bias is not None else om, om, partial, counters,
+                bias if bias is not None else om, om, partial,
                 n, num_groups, groups_per_split, 1, xm.stride(0), qweight32.stride(0),
                 packed.scales.stride(0), om.stride(0),
                 ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None,
@@ -273,10 +266,16 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
         else:
             gguf_gemv8_triton.q8_gemv_kernel[grid](
                 xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, packed.scales,
-                bias if bias is not None else om, om, partial, counters,
+                bias if bias is not None else om, om, partial,
                 n, num_groups, groups_per_split, 1, xm.stride(0), qweight32.stride(0),
                 packed.scales.stride(0), om.stride(0),
                 CHUNKS_PER_GROUP=packed.group_size // lane_cols, HAS_BIAS=bias is not None, M=rows_m,
                 BLOCK_N=config.block_n, CHUNKS=groups, SPLIT_K=split_k, EVEN_K=even_k,
                 BF16_ASM=bf16_pairs, **launch)
+        if split_k > 1:
+            block = 1024
+            linear_triton._split_k_sum_kernel[(rows_m, triton.cdiv(n, block))](
+                partial, bias if bias is not None else om, om, rows_m, n, om.stride(0),
+                HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4,
+            )
     return out

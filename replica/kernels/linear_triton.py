@@ -129,46 +129,13 @@ def gemv_store_tile(acc, rows, n_mask, ms, m_mask, pid_k, bias_ptr, out_ptr, par
 def gemv_store_row(result, mi, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
                    M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """A GEMV program's fp32 result [BLOCK_N] for row mi of x → out[mi, rows] (+ bias, rounded
-    once), or with SPLIT_K > 1 its partial [SPLIT_K, M, N] for `gemv_split_k_finish`."""
+    once), or with SPLIT_K > 1 its partial [SPLIT_K, M, N] for _split_k_sum_kernel."""
     if SPLIT_K == 1:
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + mi * stride_om + rows, result.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(partial_ptr + (pid_k * M + mi).to(tl.int64) * N + rows, result, mask=n_mask)
-
-
-@triton.jit
-def gemv_split_k_finish(rows, n_mask, counter_ptr, bias_ptr, out_ptr, partial_ptr, N, stride_om,
-                        M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Split-K without a second kernel: after a program of column block n has stored its
-    partials, it counts itself in at counter[n]; the last of the SPLIT_K to arrive sums the
-    partials [SPLIT_K, M, N] of its rows (read through L2: other SMs wrote them), adds the bias,
-    rounds once, stores out[:, rows], and sets the counter back to 0 for the next launch.
-    The counters (`split_k_counters`) are shared by every launch on the device, so GEMVs that
-    use them must not run concurrently on two streams (the engine runs one)."""
-    tl.debug_barrier()                       # every thread's partial stores precede the arrival
-    arrived = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT_K - 1:
-        for mi in tl.static_range(M):
-            acc = tl.zeros_like(rows).to(tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                acc += tl.load(partial_ptr + (s * M + mi) * N + rows, mask=n_mask,     # < 2^31: N·SPLIT_K·M
-                               other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + mi * stride_om + rows, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-        tl.store(counter_ptr + tl.program_id(0), 0)
-
-
-_SPLIT_K_COUNTERS = 1 << 18
-
-
-@functools.cache
-def split_k_counters(device: torch.device) -> torch.Tensor:
-    """int32 zeros, one per column block of a split-K GEMV launch (`gemv_split_k_finish`);
-    allocated once per device, before any CUDA graph captures a GEMV that uses them."""
-    return torch.zeros(_SPLIT_K_COUNTERS, dtype=torch.int32, device=device)
 
 
 @triton.jit
