@@ -15,8 +15,8 @@ the arithmetic per weight decide the speed. The 4-bit kernel (numbers: bench/NOT
     word   bf16 x (CUDA, sm_80 and later): inline PTX. (word >> 4i) & 0x000F000F holds the
            codes of elements 2i and 2i + 1 in its two halves (the packed layout's pair order);
            OR-ed into the mantissa of 128.0 they are the bf16 pair (128 + q, 128 + q'), exact;
-           one FMA (·1 − 136) leaves q − 8 exact; FMAs with the x pairs, two elements an
-           instruction, and the pair sum is rounded to fp32 per word (8 products in bf16
+           one SUB of 136 (an FMA ·1 − 136 before sm_90) leaves q − 8 exact; FMAs with the x
+           pairs, two elements an instruction, and the pair sum is rounded to fp32 per word (8 products in bf16
            arithmetic, then fp32)
            other x (fp16, fp32, Triton's interpreter): the same codes as exact fp32 products,
            per element (OR into 2^23's mantissa, one FADD), summed in fp32
@@ -70,7 +70,7 @@ def _q4_gemv_kernel(
     N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BF16_ASM: tl.constexpr,
+    BF16_ASM: tl.constexpr,          # 0: exact fp32 products; 80 or 90: bf16x2 PTX for that arch
 ):
     pid_k = tl.program_id(1)
     rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
@@ -156,7 +156,7 @@ def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: 
             x_hi = (pairs & -65536).to(tl.float32, bitcast=True)
             x_sum = tl.sum(x_lo + x_hi, axis=2)
         x01, x23, x45, x67 = q4_word_dot_triton.split4(pairs)
-        dots = q4_word_dot_triton.q4_word_dot_bf16(words, x01, x23, x45, x67)
+        dots = q4_word_dot_triton.q4_word_dot_bf16(words, x01, x23, x45, x67, BF16_ASM)
     else:
         e = tl.arange(0, 8)
         x_ptrs = x_ptr + mi * stride_xm + word_x[:, :, None] + e[None, None, :]
@@ -190,9 +190,11 @@ def _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, gro
 
 
 @functools.cache
-def _has_bf16x2(device: torch.device) -> bool:
-    """fma.rn.bf16x2, the bf16 word products' instruction: sm_80 and later."""
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+def _bf16x2_arch(device: torch.device) -> int:
+    """Which bf16x2 word products the device runs: 90 (sub/mul/fma.rn.bf16x2, sm_90 and later),
+    80 (fma.rn.bf16x2 only, sm_80-sm_89), or 0 (none: the exact fp32 path)."""
+    capability = torch.cuda.get_device_capability(device)
+    return 90 if capability >= (9, 0) else 80 if capability >= (8, 0) else 0
 
 
 @functools.cache
@@ -253,7 +255,7 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
         bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
                       and xm.data_ptr() % 4 == 0)
         if packed.bits == 4:
-            bf16_asm = USE_BF16_ASM and bf16_pairs and _has_bf16x2(xm.device)
+            bf16_asm = _bf16x2_arch(xm.device) if USE_BF16_ASM and bf16_pairs else 0
             _q4_gemv_kernel[grid](
                 xm, xm.view(torch.int32) if bf16_asm else xm, qweight32,
                 packed.scales, packed.mins if packed.mins is not None else packed.scales,
