@@ -13,7 +13,8 @@ Q8_0 at the output head's and down's shapes), dequantise + cuBLAS and the first 
 prefill through Triton dequantise + cuBLAS; FP8 (weight-only GEMV ≤ 8 rows, W8A8 above).
 accuracy: `bench/quant_accuracy.py` (why "vs bf16 on the original weights" cannot find a bug on
 random weights, and what can: each format against bf16 running its effective weights).
-formats: per format the weights' bytes on the GPU and the KV blocks that leaves; W2 decode tok/s
+formats ("_kv8": the same weights with an FP8 KV cache, `--kv-cache-dtype fp8`): per format the
+weights' bytes on the GPU and the KV blocks that leaves; W2 decode tok/s
 (one request, 512 prompt tokens, 128 out); W1 and W3 requests/s (--quick: W2 only).
 
 GGUF weights come from the dummy bf16 weights through our own torch Q4_K / Q4_0 / Q6_K encoder
@@ -43,7 +44,8 @@ from replica.models.model_config import ModelConfig  # noqa: E402
 from replica.quantization.gguf_quantize import quantize  # noqa: E402
 
 RESULTS: dict = {}
-FORMATS = ("bf16", "fp8", "Q4_K_M", "Q4_K", "Q4_0")
+# "_kv8": the same weights with --kv-cache-dtype fp8
+FORMATS = ("bf16", "fp8", "fp8_kv8", "bf16_kv8", "Q4_K_M", "Q4_K", "Q4_0")
 SIZES = SHAPES | {"tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)}
 

@@ -88,12 +88,15 @@ def checkpoint(cfg: ModelConfig, fmt: str, device, *, effective_of: str | None =
 
 def build_engine(cfg: ModelConfig, fmt: str, device: str, *, max_num_seqs: int, token_budget: int,
                  engine_args: dict | None = None, **checkpoint_args) -> LLMEngine:
-    """engine_args: further EngineConfig fields (tests: a small KV cache)."""
-    quantization = "gguf" if fmt in GGUF_FORMATS else ("fp8" if fmt == "fp8" else None)
+    """fmt: a weight format, with "_kv8" appended for an FP8 KV cache (e.g. "fp8_kv8").
+    engine_args: further EngineConfig fields (tests: a small KV cache)."""
+    weights = fmt.removesuffix("_kv8")
+    quantization = "gguf" if weights in GGUF_FORMATS else ("fp8" if weights == "fp8" else None)
     config = dict(model="bench", device=device, dtype="bfloat16", max_num_batched_tokens=token_budget,
-                  max_num_seqs=max_num_seqs, max_model_len=4096, quantization=quantization)
+                  max_num_seqs=max_num_seqs, max_model_len=4096, quantization=quantization,
+                  kv_cache_dtype="fp8" if fmt.endswith("_kv8") else "auto")
     return LLMEngine(EngineConfig(**(config | (engine_args or {}))),
-                     checkpoint=checkpoint(cfg, fmt, device, **checkpoint_args))
+                     checkpoint=checkpoint(cfg, weights, device, **checkpoint_args))
 
 
 def step_logits(engine: LLMEngine, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +153,7 @@ def accuracy(cfg: ModelConfig, device: str, formats, prompt_sets: list[list[list
         ckpt.setdefault("base", base)
         from replica.quantization import methods
         refuse = methods.fp8_device_error
-        if device == "cpu" and fmt == "fp8":
+        if device == "cpu" and fmt.startswith("fp8"):
             # the engine refuses FP8 off Ada/Hopper (for _scaled_mm); the model's CPU path is
             # the torch reference of the same W8A8 arithmetic, which is what a CPU check wants
             methods.fp8_device_error = lambda device: None
@@ -176,10 +179,10 @@ def accuracy(cfg: ModelConfig, device: str, formats, prompt_sets: list[list[list
         torch_paths = torch_reference(logits_of, "bf16")
         results["bf16_vs_torch_paths"] = per_set(bf16, torch_paths)
     for fmt in formats:
-        same = logits_of("bf16", effective_of=fmt)
+        same = logits_of("bf16", effective_of=fmt.removesuffix("_kv8"))
         got = logits_of(fmt)
         results[fmt] = {"vs_same_weights": per_set(got, same), "vs_bf16": per_set(got, bf16)}
-        if fmt == "fp8":
+        if fmt.startswith("fp8"):
             # bf16 on the e4m3 weights is FP8 weight-only (activations unrounded): what the decode
             # GEMV computes at 1-2 rows on the GPU
             results[fmt]["weight_only_vs_bf16"] = per_set(same, bf16)

@@ -40,6 +40,7 @@ class EngineConfig:
     max_num_waiting: int = 1024       # bound of the waiting queue (server answers 503 above)
     load_format: str = "auto"         # auto (the weight files) | dummy (random, from config.json)
     quantization: str | None = None   # None (as the checkpoint declares) | fp8 | gguf (replica.quantization.methods)
+    kv_cache_dtype: str = "auto"      # auto (the model dtype) | fp8 (e4m3: half the bytes a token)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -61,6 +62,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} "
                              f"(or left out), got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
 
@@ -80,6 +83,19 @@ class EngineConfig:
                 return torch.bfloat16
             return torch.float32
         return _DTYPES[self.dtype]
+
+    def resolve_kv_cache_dtype(self, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype: the model's, or FP8 e4m3 (keys and values rounded to 3 mantissa
+        bits, saturated at ±448, no scale: as vLLM's --kv-cache-dtype fp8 without calibrated
+        scales). FP8 needs an Ada or Hopper GPU (the conversions), or the CPU (torch)."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            name = torch.cuda.get_device_name(device)
+            raise ValueError(f"--kv-cache-dtype fp8 needs compute capability 8.9 (Ada) or 9.0+ "
+                             f"(Hopper); {name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}. "
+                             "Leave the flag out")
+        return torch.float8_e4m3fn
 
     def resolve_kernel_backend(self, device: torch.device) -> str:
         """The one switch between the Triton kernels and the torch reference, for every op and

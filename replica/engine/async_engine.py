@@ -107,6 +107,7 @@ class AsyncEngine:
         self.num_kv_blocks = ready.num_blocks
         self.weights_device_bytes = ready.weights_device_bytes
         self.quantization = ready.quantization
+        self.kv_cache_dtype = ready.kv_cache_dtype
         self._stats: EngineStats = ready.stats
         if ready.max_model_len != self.max_model_len:
             raise RuntimeError("the core and the front end disagree on max_model_len")

@@ -95,6 +95,7 @@ class EngineCore:
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
+        self.kv_dtype = config.resolve_kv_cache_dtype(self.device, self.dtype)
         started = time.monotonic()
         checkpoint = checkpoint or open_checkpoint(config.model, config.load_format)
         self.model_config = cfg = checkpoint.config
@@ -115,6 +116,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
+            kv_dtype=self.kv_dtype,
             use_cuda_graphs=(self.device.type == "cuda" and backend.name == "triton"
                              and not config.enforce_eager),
             max_num_batched_tokens=config.max_num_batched_tokens)
@@ -130,16 +132,17 @@ class EngineCore:
         self.is_overlapped = config.enable_overlap
         self.num_overlapped_steps = 0        # steps launched before the previous one was read
         self.load_s = time.monotonic() - started
-        kv_bytes = num_blocks * ModelRunner.kv_bytes_per_block(cfg, config.block_size, self.dtype)
-        log.info("loaded %s (%s, %s layers) on %s in %.1fs; KV cache %.1f MiB: %d blocks of %d tokens "
-                 "= %d tokens, %.1f concurrent sequences of max_model_len %d",
+        kv_bytes = num_blocks * ModelRunner.kv_bytes_per_block(cfg, config.block_size, self.kv_dtype)
+        log.info("loaded %s (%s, %s layers) on %s in %.1fs; KV cache %.1f MiB (%s): %d blocks of %d "
+                 "tokens = %d tokens, %.1f concurrent sequences of max_model_len %d",
                  config.model, cfg.architecture, cfg.num_layers, self.device, self.load_s,
-                 kv_bytes / 2**20, num_blocks, config.block_size, num_blocks * config.block_size,
+                 kv_bytes / 2**20, str(self.kv_dtype).removeprefix("torch."), num_blocks,
+                 config.block_size, num_blocks * config.block_size,
                  num_blocks * config.block_size / self.max_model_len, self.max_model_len)
 
     def _resolve_num_blocks(self) -> int:
         cfg, block_size = self.config, self.config.block_size
-        per_block = ModelRunner.kv_bytes_per_block(self.model_config, block_size, self.dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, block_size, self.kv_dtype)
         if cfg.num_kv_blocks is not None:
             num_blocks = cfg.num_kv_blocks
         elif cfg.kv_cache_memory_bytes is not None:

@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
         return 1
     outputs.send(encoder.encode(CoreReady(core.max_model_len, core.block_manager.num_blocks,
                                           str(core.device), str(core.dtype), core.load_s, core.stats(),
-                                          core.model.num_weight_bytes, core.model.quantization)))
+                                          core.model.num_weight_bytes, core.model.quantization,
+                                          str(core.kv_dtype).removeprefix("torch."))))
     try:
         return run(core, inputs, outputs, encoder, parent_pid)
     except Exception:

@@ -46,7 +46,7 @@ def kv_cache_bytes_from_profile(engine) -> int:
     block_size = config.block_size
     num_blocks = -(-num_tokens // block_size)
     cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                        dtype=model.dtype, device=device)
+                        dtype=engine.kv_dtype, device=device)
     cache_bytes = cache.numel() * cache.element_size()
     kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(cfg.num_layers)]
     positions = torch.arange(num_tokens, device=device)

@@ -86,6 +86,7 @@ class CoreReady(msgspec.Struct, tag=True):
     stats: EngineStats
     weights_device_bytes: int               # the weights as held on the device (quantised or not)
     quantization: str | None
+    kv_cache_dtype: str                     # "bfloat16", "float8_e4m3fn", ...
 
 
 class CoreFailed(msgspec.Struct, tag=True):

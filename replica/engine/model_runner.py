@@ -72,7 +72,8 @@ class StepBuffers:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  max_num_seqs: int = 256, max_model_len: int = 2048, use_cuda_graphs: bool = False,
-                 max_num_batched_tokens: int = 8192):
+                 max_num_batched_tokens: int = 8192, kv_dtype: torch.dtype | None = None):
+        """kv_dtype: the KV cache's dtype (default the model's; FP8 e4m3 with --kv-cache-dtype fp8)."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
@@ -81,7 +82,7 @@ class ModelRunner:
         # scratch for CUDA-graph padding rows; the block manager never hands it out. Zeroed: the
         # reference attention reads padding slots (masked), and garbage there could be NaN.
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads,
-                                    cfg.head_dim, dtype=model.dtype, device=self.device)
+                                    cfg.head_dim, dtype=kv_dtype or model.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         max_blocks = -(-max_model_len // block_size)
         self.block_table = PersistentBlockTable(max_num_seqs, max_blocks, self.device)
@@ -112,7 +113,8 @@ class ModelRunner:
         if plan.block_copies:
             src = torch.tensor([s for s, _ in plan.block_copies]).to(self.device, non_blocking=True)
             dst = torch.tensor([d for _, d in plan.block_copies]).to(self.device, non_blocking=True)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            raw = self.kv_cache.view(torch.uint8)       # as bytes: index_put has no float8 kernels
+            raw[:, :, dst] = raw[:, :, src]
         parts64, parts32, width, max_query_len, max_seq_len = self._flatten(plan, prev_rows)
         (input_ids, positions, slots, entries, gather_dst, gather_src, rows, update_index), \
             (query_start, seq_lens, update_values) = self.buffers.upload(parts64, parts32)

@@ -8,6 +8,17 @@ def write_kv_cache_ref(
 ) -> None:
     # k, v: [T, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
     # slot_mapping: [T] int64; slot = block_id * block_size + offset
+    # an FP8 (e4m3) cache takes the values saturated at ±448, as the kernels store them, copied
+    # as bytes (index_copy_ has no float8 kernels)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        x = to_cache_dtype_ref(x, cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x)
+
+
+def to_cache_dtype_ref(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:
+        x = x.float().clamp(-448.0, 448.0)
+    return x.to(dtype)

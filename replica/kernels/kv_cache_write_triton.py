@@ -10,9 +10,32 @@ import triton
 import triton.language as tl
 
 from replica.kernels.checks import (
-    FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_same_device, check_same_dtype,
-    check_shape,
+    FLOAT_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
+    check_same_dtype, check_shape,
 )
+
+FP8_MAX: tl.constexpr = tl.constexpr(448.0)       # e4m3's largest finite value
+
+
+@triton.jit
+def to_cache_dtype(x, cache_ptr):
+    """Values on their way into the KV cache, in the cache's dtype: the model dtype as is, or
+    FP8 e4m3 saturated at ±448 and rounded to nearest even, as torch's cast of the clamped value.
+    The rounding is done here in fp32 (the conversion then only drops zero bits): Triton's
+    interpreter converts fp32 → e4m3 without the carry into the exponent (31.5 became 16, not
+    32), and this way the GPU, the interpreter and the torch reference agree bit for bit."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        bits = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX).to(tl.int32, bitcast=True)
+        magnitude = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        # e4m3 keeps 3 mantissa bits: the step is 2^(e − 3) in the binade 2^e, 2^-9 below 2^-6
+        step_exponent = tl.maximum((bits >> 23 & 0xFF) - 3, 127 - 9)
+        step = (step_exponent << 23).to(tl.float32, bitcast=True)
+        inv_step = ((254 - step_exponent) << 23).to(tl.float32, bitcast=True)
+        # magnitude / step < 16: adding and removing 1.5 · 2^23 rounds it to an integer, ties to
+        # even; the sign goes back on afterwards (so that −0 stays −0)
+        rounded = ((magnitude * inv_step + 12582912.0) - 12582912.0) * step
+        x = (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -38,8 +61,8 @@ def _write_kv_cache_kernel(
     v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
     k_dst = k_cache_ptr + block_id * stride_kc_block + offset * stride_kc_slot
     v_dst = v_cache_ptr + block_id * stride_vc_block + offset * stride_vc_slot
-    tl.store(k_dst + heads[:, None] * stride_kc_head + dims[None, :], k, mask=mask)
-    tl.store(v_dst + heads[:, None] * stride_vc_head + dims[None, :], v, mask=mask)
+    tl.store(k_dst + heads[:, None] * stride_kc_head + dims[None, :], to_cache_dtype(k, k_cache_ptr), mask=mask)
+    tl.store(v_dst + heads[:, None] * stride_vc_head + dims[None, :], to_cache_dtype(v, v_cache_ptr), mask=mask)
 
 
 def write_kv_cache(
@@ -47,8 +70,9 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """k, v: [T, num_kv_heads, head_dim] (any token/head strides, e.g. views of a fused qkv);
-    caches: [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [T] int32/int64,
-    negative = skip. Writes in place; no host synchronisation."""
+    caches: [num_blocks, block_size, num_kv_heads, head_dim] in k's dtype or FP8 e4m3 (values
+    saturated at ±448); slot_mapping: [T] int32/int64, negative = skip. Writes in place; no host
+    synchronisation."""
     check_shape("k_cache", k_cache, (None, None, None, None))
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     check_shape("v_cache", v_cache, tuple(k_cache.shape))
@@ -56,8 +80,9 @@ def write_kv_cache(
     num_tokens = k.shape[0]
     check_shape("v", v, (num_tokens, num_kv_heads, head_dim))
     check_shape("slot_mapping", slot_mapping, (num_tokens,))
-    check_dtype("k_cache", k_cache, FLOAT_DTYPES)
-    check_same_dtype(k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    check_dtype("k", k, FLOAT_DTYPES)
+    check_same_dtype(k=k, v=v)
+    check_kv_cache_dtype(k, k_cache, v_cache)
     check_dtype("slot_mapping", slot_mapping, (torch.int32, torch.int64))
     for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_last_dim_contiguous(name, t)

@@ -47,12 +47,13 @@ def paged_attention_ref(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: RefAttentionPlan,
     max_query_len: int, scale: float,
 ) -> torch.Tensor:
-    # q: [T, H, D]; caches: [num_blocks, block_size, Hkv, D] → out: [T, H, D]
+    # q: [T, H, D]; caches: [num_blocks, block_size, Hkv, D] (q's dtype or FP8) → out: [T, H, D]
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     slots = plan.slots
-    keys = k_cache.view(-1, num_kv_heads, head_dim)[slots]      # [B, L, Hkv, D]
-    values = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+    # [B, L, Hkv, D], in q's dtype (an FP8 cache widens exactly)
+    keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)
+    values = v_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)
     padded_q = q.new_zeros(plan.num_seqs, max_query_len, num_heads, head_dim)
     padded_q[plan.seq_of_token, plan.row_of_token] = q
     out = F.scaled_dot_product_attention(

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from replica.kernels.checks import (
-    FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_last_dim_contiguous, check_same_device,
+    FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape, dot_precision,
 )
 
@@ -76,9 +76,9 @@ def _prefill_kernel(
         offsets = pos % BLOCK_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + block_ids[:, None] * stride_kb + offsets[:, None] * stride_ks
-                    + dims[None, :], mask=kv_mask, other=0.0)
+                    + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         v = tl.load(v_head + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vs
-                    + dims[None, :], mask=kv_mask, other=0.0)
+                    + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         # Key 0 is in the first tile and visible to every row, so m_i is finite from the first
         # tile on and a row fully masked in a later tile adds exp2(-inf) = 0.
@@ -126,7 +126,7 @@ def paged_prefill_attention(
     if num_heads % num_kv_heads:
         raise ValueError(f"q: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     check_dtype("q", q, FLOAT_DTYPES)
-    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    check_kv_cache_dtype(q, k_cache, v_cache)
     check_dtype("query_start_loc", query_start_loc, INDEX_DTYPES)
     check_dtype("seq_lens", seq_lens, INDEX_DTYPES)
     check_dtype("block_tables", block_tables, (torch.int32,))

@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from replica.kernels.checks import (
-    FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_same_device, check_same_dtype,
-    check_shape,
+    FLOAT_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
+    check_same_dtype, check_shape,
 )
+from replica.kernels.kv_cache_write_triton import to_cache_dtype
 
 
 @triton.jit
@@ -28,13 +29,12 @@ def _rotate_rows(src, dst, stride_src_h, stride_dst_h, cos, sin,
     dims = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < NUM_HEADS) & (dims[None, :] < HALF)
     src_row = src + heads[:, None] * stride_src_h + dims[None, :]
-    x1 = tl.load(src_row, mask=mask, other=0.0)
+    x1 = tl.load(src_row, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src_row + HALF, mask=mask, other=0.0).to(tl.float32)
-    out_dtype = x1.dtype
-    x1 = x1.to(tl.float32)
     dst_row = dst + heads[:, None] * stride_dst_h + dims[None, :]
-    tl.store(dst_row, (x1 * cos - x2 * sin).to(out_dtype), mask=mask)
-    tl.store(dst_row + HALF, (x2 * cos + x1 * sin).to(out_dtype), mask=mask)
+    # rounded once into dst's dtype: q's, or the cache's (the model dtype or FP8)
+    tl.store(dst_row, to_cache_dtype(x1 * cos - x2 * sin, dst), mask=mask)
+    tl.store(dst_row + HALF, to_cache_dtype(x2 * cos + x1 * sin, dst), mask=mask)
 
 
 @triton.jit
@@ -71,7 +71,8 @@ def _rotary_kv_write_kernel(
         v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + full_dims[None, :],
                     mask=mask)
         v_dst = v_cache_ptr + block_id * stride_vc_block + offset * stride_vc_slot
-        tl.store(v_dst + heads[:, None] * stride_vc_head + full_dims[None, :], v, mask=mask)
+        tl.store(v_dst + heads[:, None] * stride_vc_head + full_dims[None, :], to_cache_dtype(v, v_cache_ptr),
+                 mask=mask)
 
 
 def apply_rotary_and_write_kv(
@@ -98,7 +99,8 @@ def apply_rotary_and_write_kv(
     if head_dim % 2:
         raise ValueError(f"q: head_dim must be even for rotary embedding, got {head_dim}")
     check_dtype("q", q, FLOAT_DTYPES)
-    check_same_dtype(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    check_same_dtype(q=q, k=k, v=v)
+    check_kv_cache_dtype(q, k_cache, v_cache)
     check_dtype("positions", positions, (torch.int32, torch.int64))
     check_dtype("slot_mapping", slot_mapping, (torch.int32, torch.int64))
     check_dtype("cos_sin_cache", cos_sin_cache, (torch.float32,))

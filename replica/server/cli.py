@@ -63,8 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="dummy: random weights from config.json (benchmarks; no weight files needed)")
     p.add_argument("--quantization", choices=["fp8", "gguf"],
                    help="fp8: W8A8 FP8 on Ada/Hopper (bf16 weights quantised on load; FP8 "
-                        "checkpoints need no flag); gguf: keep a GGUF's Q4_0/Q4_1/Q4_K/Q8_0 "
+                        "checkpoints need no flag); gguf: keep a GGUF's Q4_0/Q4_1/Q4_K/Q6_K/Q8_0 "
                         "weights quantised on the GPU (default: GGUF dequantised on load)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: keep keys and values in FP8 e4m3 (half the bytes a token, so twice "
+                        "the tokens in the same memory; Ada/Hopper or CPU); default: the model dtype")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="waiting requests before new ones get 503 + Retry-After (default 1024)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
@@ -93,7 +96,8 @@ def _configs(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         load_format=args.load_format, max_num_waiting=args.max_queue,
-        quantization=args.quantization, enable_prefix_caching=args.enable_prefix_caching,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        enable_prefix_caching=args.enable_prefix_caching,
         enable_overlap=args.enable_overlap, kernel_backend=args.kernel_backend,
         block_size=args.block_size, seed=args.seed)
     return server, engine

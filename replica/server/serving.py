@@ -83,6 +83,7 @@ class Replica:
         # the weights as held on the device (quantised or not), from the engine core's handshake
         self.model_info.model_info["pagefleet.weights_device_bytes"] = engine.weights_device_bytes
         self.model_info.model_info["pagefleet.quantization"] = engine.quantization or "none"
+        self.model_info.model_info["pagefleet.kv_cache_dtype"] = engine.kv_cache_dtype
         self.chat_template = (self.tokenizer.hf.chat_template
                               if self.tokenizer is not None and self.tokenizer.has_chat_template else None)
         self.tools = ToolCalling(self.chat_template, config.tool_call_parser)

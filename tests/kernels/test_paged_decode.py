@@ -76,7 +76,7 @@ def test_rejects_bad_arguments():
         paged_decode_attention(*args[:4], batch.seq_lens[:1], args[5])
     with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
         paged_decode_attention(batch.q[:, :3], *args[1:])
-    with pytest.raises(ValueError, match="dtypes must match"):
+    with pytest.raises(ValueError, match="does not hold float16 values"):
         paged_decode_attention(batch.q.half(), *args[1:])
     with pytest.raises(ValueError, match="last dimension must be contiguous"):
         paged_decode_attention(batch.q.transpose(1, 2).contiguous().transpose(1, 2), *args[1:])

@@ -81,5 +81,5 @@ def test_rejects_bad_arguments():
         apply_rotary_and_write_kv(*args[:7], slots[:3])
     with pytest.raises(ValueError, match="cos_sin_cache: dtype float16"):
         apply_rotary_and_write_kv(*args[:4], cos_sin.half(), *args[5:])
-    with pytest.raises(ValueError, match="dtypes must match"):
+    with pytest.raises(ValueError, match="k_cache: dtype float16 does not hold"):
         apply_rotary_and_write_kv(*args[:5], k_cache.half(), v_cache.half(), slots)
