@@ -252,13 +252,20 @@ def bench_formats(args) -> None:
         figures["W2_decode_tok_per_s"] = decode_tok_per_s(engine, vocab)
         if not args.quick:
             w1_prompts = prompts(256, [512] * 256, vocab, 2)
-            w1 = run(engine, [(p, 128) for p in w1_prompts])
-            figures["W1_req_per_s"] = round(256 / w1["wall_s"], 2)
-            figures["W1_out_tok_per_s"] = round(w1["num_out"] / w1["wall_s"], 1)
             gen = torch.Generator().manual_seed(0)
             in_lens = torch.randint(64, 1025, (1000,), generator=gen).tolist()
             out_lens = torch.randint(16, 513, (1000,), generator=gen).tolist()
-            w3 = run(engine, list(zip(prompts(1000, in_lens, vocab, 3), out_lens)))
+            w3_requests = list(zip(prompts(1000, in_lens, vocab, 3), out_lens))
+            # Warm-up of the batch shapes: a first pass JIT-compiles the Triton kernels' shape
+            # specialisations it meets (seconds each), which the first format measured would
+            # otherwise pay inside W1 (2026-11-29: bf16 W1 42.8 req/s first, 54.4 with the same
+            # kernels already compiled). W1 once, and W3's first 300 requests.
+            figures["W1_first_pass_req_per_s"] = round(256 / run(engine, [(p, 128) for p in w1_prompts])["wall_s"], 2)
+            run(engine, w3_requests[:300])
+            w1 = run(engine, [(p, 128) for p in w1_prompts])
+            figures["W1_req_per_s"] = round(256 / w1["wall_s"], 2)
+            figures["W1_out_tok_per_s"] = round(w1["num_out"] / w1["wall_s"], 1)
+            w3 = run(engine, w3_requests)
             figures["W3_req_per_s"] = round(1000 / w3["wall_s"], 2)
             figures["W3_out_tok_per_s"] = round(w3["num_out"] / w3["wall_s"], 1)
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
