@@ -74,7 +74,7 @@ def test_larger_max_query_len_bound_changes_nothing():
 def test_rows_past_the_last_sequence_are_left_alone():
     # CUDA-graph-style padding: q has more rows than query_start_loc covers
     batch = make_batch([30, 12], [10, 12], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
-    q = torch.cat([batch.q, torch.zeros(6, *batch.q.shape[1:], dtype=batch.q.dtype)])
+    q = torch.cat([batch.q, torch.zeros(6, *batch.q.shape[1:], dtype=batch.q.dtype, device=batch.q.device)])
     out = torch.full_like(q, 7.0)
     paged_prefill_attention(q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
                             batch.block_tables, batch.max_query_len, head_scale(64), out=out)
