@@ -69,6 +69,7 @@ def test_list_show_ps(client):
     assert model.details.family == "llama" and model.details.format == "safetensors"
     shown = client.show(TINY_NAME)
     assert shown.modelinfo["llama.context_length"] == 256
+    assert shown.modelinfo["pagefleet.kv_cache_dtype"] == "float32"     # --dtype float32, no --kv-cache-dtype
     assert "im_start" in shown.template            # SmolLM2's chat template
     assert "completion" in shown.capabilities
     [running] = client.ps().models
