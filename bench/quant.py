@@ -84,6 +84,32 @@ def _split_for(n: int, k_units: int, block_n: int, tile_units: int, device) -> i
     return split
 
 
+def _gemv_one_row(qtype: str, n: int, k: int, gen, probes: list):
+    """The GGUF GEMV at one row of x against bf16, on random weights: the engine's default tile
+    and the fastest of `probes` (GemvConfigs; none: no sweep), which the engine then uses at any
+    row count. Returns (packed, the bf16 weight, figures, (µs, config) of the best)."""
+    from replica.kernels import gguf_gemv_triton as gg
+    from replica.kernels.ops import linear
+    from replica.quantization.gguf_packed import pack
+    packed = pack(quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, qtype))
+    bf16 = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    default = gg.choose_gemv_config(1, n, k, packed.bits, x1.device, qtype)
+    figures = {"bf16_us": 1e3 * _time_ms(lambda: linear(x1, bf16)),
+               "default_us": 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=default)),
+               "default_config": str(default)}
+    best = (figures["default_us"], default)
+    for probe in probes:
+        us = 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=probe))
+        if us < best[0]:
+            best = (us, probe)
+    if probes:
+        figures["best_us"], figures["best_config"] = best[0], str(best[1])
+        for m in range(1, gg.MAX_ROWS + 1):
+            gg.TUNED[(qtype, m, n, k)] = best[1]
+    return packed, bf16, figures, best
+
+
 def bench_gguf_kernels(size: str, sweep: bool) -> None:
     """Per 8B projection shape and type: the group-wise GEMV at 1 row (default tile, and a sweep
     whose winner the engine then uses), at 2, 4 and 8 rows against dequantise + cuBLAS, and
@@ -92,7 +118,6 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
     from replica.kernels import gguf_gemv_triton as gg
     from replica.kernels import gguf_linear_triton as glt
     from replica.kernels.ops import linear
-    from replica.quantization.gguf_packed import pack
     cfg = model_config(size)
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -100,28 +125,16 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
     # (rows, groups, warps): the 4-bit kernel's rows a thread = rows / warps (x's decoding is
     # shared by them; 4 rows a thread = 64 registers, 8 = 128)
     tiles = [(2, 32, 4), (4, 32, 4), (8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 64, 8), (4, 64, 8), (8, 32, 8)]
+    device = torch.device("cuda")
+
+    def probes(n, k):
+        return [gg.GemvConfig(block_n, groups, _split_for(n, k // 32, block_n, groups, device), warps)
+                for block_n, groups, warps in tiles] if sweep else []
     gen = torch.Generator(device="cuda").manual_seed(0)
     gemv_rows = 8
     for qtype in ("Q4_K", "Q4_0"):
         for label, (n, k) in shapes.items():
-            packed = pack(quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, qtype))
-            bf16 = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-            x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            default = gg.choose_gemv_config(1, n, k, packed.bits, x1.device, qtype)
-            figures = {"bf16_us": 1e3 * _time_ms(lambda: linear(x1, bf16)),
-                       "default_us": 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=default)),
-                       "default_config": str(default)}
-            if sweep:
-                best = (figures["default_us"], default)
-                for block_n, groups, warps in tiles:
-                    probe = gg.GemvConfig(block_n, groups, _split_for(n, k // 32, block_n, groups, x1.device), warps)
-                    us = 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=probe))
-                    if us < best[0]:
-                        best = (us, probe)
-                figures["best_us"], figures["best_config"] = best[0], str(best[1])
-                for m in range(1, gg.MAX_ROWS + 1):
-                    gg.TUNED[(qtype, m, n, k)] = best[1]
-            us = figures.get("best_us", figures["default_us"])
+            packed, bf16, figures, (us, _) = _gemv_one_row(qtype, n, k, gen, probes(n, k))
             figures["weights_TBps"] = packed.num_bytes / (us * 1e-6) / 1e12
             figures["speedup_vs_bf16"] = figures["bf16_us"] / us
             for m in (2, 4, 8):
@@ -202,37 +215,21 @@ def bench_gguf8_kernels(size: str, sweep: bool) -> None:
     output head's shape and down's, against bf16: the tile the engine uses by default and a
     sweep whose winner it then uses (at 1..4 rows)."""
     from replica.kernels import gguf_gemv_triton as gg
-    from replica.kernels.ops import linear
-    from replica.quantization.gguf_packed import pack
     cfg = model_config(size)
     shapes = {"lm_head": (cfg.vocab_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size)}
     tiles = [(4, 1024), (8, 512), (2, 1024), (4, 512), (8, 1024), (16, 256)]   # rows, columns
+    device, chunk = torch.device("cuda"), 16                    # codes a lane loads at once
+
+    def probes(n, k):
+        return [gg.GemvConfig(block_n, cols // chunk, _split_for(n, k // chunk, block_n, cols // chunk, device), warps)
+                for block_n, cols in tiles for warps in (4, 8)] if sweep else []
     gen = torch.Generator(device="cuda").manual_seed(0)
-    chunk = 16                                                  # codes a lane loads at once
     for qtype in ("Q6_K", "Q8_0"):
         for label, (n, k) in shapes.items():
-            packed = pack(quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, qtype))
-            bf16 = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-            x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            default = gg.choose_gemv_config(1, n, k, packed.bits, x1.device, qtype)
-            figures = {"bf16_us": 1e3 * _time_ms(lambda: linear(x1, bf16)),
-                       "default_us": 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=default)),
-                       "default_config": str(default)}
-            best = (figures["default_us"], default)
-            if sweep:
-                for block_n, cols in tiles:
-                    for warps in (4, 8):
-                        probe = gg.GemvConfig(block_n, cols // chunk,
-                                              _split_for(n, k // chunk, block_n, cols // chunk, x1.device), warps)
-                        us = 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=probe))
-                        if us < best[0]:
-                            best = (us, probe)
-                figures["best_us"], figures["best_config"] = best[0], str(best[1])
-                for m in range(1, gg.GEMV_ROWS + 1):
-                    gg.TUNED[(qtype, m, n, k)] = best[1]
-            figures["weights_TBps"] = packed.num_bytes / (best[0] * 1e-6) / 1e12
+            packed, bf16, figures, (us, _) = _gemv_one_row(qtype, n, k, gen, probes(n, k))
+            figures["weights_TBps"] = packed.num_bytes / (us * 1e-6) / 1e12
             figures["bf16_TBps"] = 2 * n * k / (figures["bf16_us"] * 1e-6) / 1e12
-            figures["speedup_vs_bf16"] = figures["bf16_us"] / best[0]
+            figures["speedup_vs_bf16"] = figures["bf16_us"] / us
             emit(f"kernel8_{qtype}_{label}", n=n, k=k, bytes=packed.num_bytes,
                  **{key: (round(v, 2) if isinstance(v, float) else v) for key, v in figures.items()})
             del packed, bf16

@@ -105,12 +105,8 @@ def q8_gemv_kernel(
 ):
     # q_ptr: the codes as int32 words (4 a word); stride_qn in words
     pid_k = tl.program_id(1)
-    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
-    c = tl.arange(0, CHUNKS)
-    w = tl.arange(0, 4)
-    row_zero = (rows64 * 0)[:, None]                    # x's pointers take the codes' shape
-    c_start = pid_k * chunks_per_split
-    c_end = tl.minimum(c_start + chunks_per_split, num_chunks)
+    rows, n_mask, rows64, row_zero, c, c_start, c_end = q4_word_dot_triton.packed_gemv_lanes(
+        N, chunks_per_split, num_chunks, BLOCK_N, CHUNKS)
     tot0 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
     tot1 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
     tot2 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
@@ -118,17 +114,15 @@ def q8_gemv_kernel(
     for c0 in range(c_start, c_end, CHUNKS):
         cs = c0 + c                                     # [CHUNKS] chunk indices
         c_mask = (cs < c_end)[None, :]
-        w_offs = rows64[:, None, None] * stride_qn + (cs * 4)[None, :, None] + w[None, None, :]
+        words0, words1, words2, words3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, cs, c_mask,
+                                                                        EVEN_K)
         # the scales' column index goes through `one` (a runtime 1) so that the compiler does not
         # vectorise them across chunks, which would give them another layout than the words'
         s_offs = rows64[:, None] * stride_sn + ((cs * one) // CHUNKS_PER_GROUP)[None, :]
         if EVEN_K:
-            words4 = tl.load(q_ptr + w_offs)
             scale = tl.load(s_ptr + s_offs).to(tl.float32)
         else:
-            words4 = tl.load(q_ptr + w_offs, mask=c_mask[:, :, None], other=0)
             scale = tl.load(s_ptr + s_offs, mask=c_mask, other=0.0).to(tl.float32)
-        words0, words1, words2, words3 = q4_word_dot_triton.split4(words4)
         x_mask = c_mask & (row_zero == 0)
         chunk_x = row_zero + cs[None, :] * 16
         tot0 += _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x, x_mask, 0,

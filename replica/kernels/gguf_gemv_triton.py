@@ -73,12 +73,8 @@ def _q4_gemv_kernel(
     BF16_ASM: tl.constexpr,          # 0: exact fp32 products; 80 or 90: bf16x2 PTX for that arch
 ):
     pid_k = tl.program_id(1)
-    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
-    g = tl.arange(0, GROUPS)
-    w = tl.arange(0, 4)                                 # word of the group
-    row_zero = (rows64 * 0)[:, None]                    # x's pointers take the weights' shape
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+    rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
+        N, groups_per_split, num_groups, BLOCK_N, GROUPS)
     tot0 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot2 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
@@ -89,15 +85,14 @@ def _q4_gemv_kernel(
         # a lane owns one group of a row: its 4 words in one 16-byte load, split in registers;
         # the scales' column index goes through `one` (a runtime 1) so that the compiler does
         # not vectorise them across groups, which would give them another layout than the words'
-        w_offs = rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None] + w[None, None, :]
+        words0, words1, words2, words3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask,
+                                                                        EVEN_K)
         s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
         if EVEN_K:
-            words4 = tl.load(q_ptr + w_offs)
             scale = tl.load(s_ptr + s_offs).to(tl.float32)
             if HAS_MIN:
                 low = tl.load(m_ptr + s_offs).to(tl.float32)
         else:
-            words4 = tl.load(q_ptr + w_offs, mask=g_mask[:, :, None], other=0)
             scale = tl.load(s_ptr + s_offs, mask=g_mask, other=0.0).to(tl.float32)
             if HAS_MIN:
                 low = tl.load(m_ptr + s_offs, mask=g_mask, other=0.0).to(tl.float32)
@@ -108,7 +103,6 @@ def _q4_gemv_kernel(
             low = low + (8 - ZERO_POINT) * scale
         else:
             low = (8 - ZERO_POINT) * scale
-        words0, words1, words2, words3 = q4_word_dot_triton.split4(words4)
         x_mask = g_mask & (row_zero == 0)
         group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
         tot0 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,

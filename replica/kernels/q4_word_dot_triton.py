@@ -7,6 +7,8 @@ the GEMV built on them with the torch reference (tests/kernels/test_quant_gguf.p
 import triton
 import triton.language as tl
 
+from replica.kernels import linear_triton
+
 
 # One 32-bit word of packed codes (8 elements, the packed layout's pair order) times 4 pairs of
 # bf16 x → the fp32 sum of the 8 products. Each LOP3 turns 2 nibbles into the bf16 pair
@@ -86,6 +88,30 @@ def q4_word_dot_fp32(words, x):
     magic = tl.full([1, 1, 1], 0x4B000000, tl.uint32)         # 2^23 as fp32
     codes = ((src & nibble_mask) | magic).to(tl.float32, bitcast=True) - code_bias
     return tl.sum(codes * (x * x_scale), axis=2)
+
+
+@triton.jit
+def packed_gemv_lanes(N, per_split, total, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+    """The tile of a packed GEMV program: BLOCK_N rows of W, LANES lanes along K (a 16-byte run
+    of a row each), and this split's range [start, end) of lanes. row_zero: zeros [BLOCK_N, 1],
+    added to x's offsets so that x's loads take the weights' layout."""
+    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
+    start = tl.program_id(1) * per_split
+    end = tl.minimum(start + per_split, total)
+    return rows, n_mask, rows64, (rows64 * 0)[:, None], tl.arange(0, LANES), start, end
+
+
+@triton.jit
+def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.constexpr):
+    """Each lane's 16 bytes of its row (int32 words 4·lane .. 4·lane + 3) in one load, split
+    into its 4 words in registers: 4 × [BLOCK_N, LANES] int32."""
+    w = tl.arange(0, 4)
+    offs = rows64[:, None, None] * stride_qn + (lane_idx * 4)[None, :, None] + w[None, None, :]
+    if EVEN_K:
+        words4 = tl.load(q_ptr + offs)
+    else:
+        words4 = tl.load(q_ptr + offs, mask=lane_mask[:, :, None], other=0)
+    return split4(words4)
 
 
 @triton.jit
