@@ -9,13 +9,14 @@ from fleetctl.up_options import given_options
 
 def test_group_options_become_the_fleet_files_groups():
     given = given_options({"group": ("chat=smollm2,replicas=2,served=chat,max_num_seqs=8,enable_prefix_caching=false",
-                                     "small=/models/small,gpus=0:1,enforce_eager=true")})
+                                     "small=/models/small,gpus=0:1,enforce_eager=true,kv_cache_dtype=fp8")})
     config = FleetConfig(**given)
     chat, small = config.model_groups()
     assert (chat.name, chat.model, chat.num_replicas, chat.served_model_name) == ("chat", "smollm2", 2, "chat")
     assert chat.engine == {"max_num_seqs": 8, "enable_prefix_caching": False}
     assert chat.engine_args() == ["--no-enable-prefix-caching", "--max-num-seqs", "8"]
-    assert (small.gpus, small.engine) == (["0", "1"], {"enforce_eager": True})
+    assert (small.gpus, small.engine) == (["0", "1"], {"enforce_eager": True, "kv_cache_dtype": "fp8"})
+    assert small.engine_args() == ["--enforce-eager", "--kv-cache-dtype", "fp8"]
 
 
 @pytest.mark.parametrize("text, words", [
