@@ -115,7 +115,7 @@ class ModelRunner:
             dst = torch.tensor([d for _, d in plan.block_copies]).to(self.device, non_blocking=True)
             raw = self.kv_cache.view(torch.uint8)       # as bytes: index_put has no float8 kernels
             raw[:, :, dst] = raw[:, :, src]
-        parts64, parts32, width, max_query_len, max_seq_len = self._flatten(plan, prev_rows)
+        parts64, parts32, width, max_query_len, max_seq_len, num_decode_prefix = self._flatten(plan, prev_rows)
         (input_ids, positions, slots, entries, gather_dst, gather_src, rows, update_index), \
             (query_start, seq_lens, update_values) = self.buffers.upload(parts64, parts32)
         if len(gather_dst):
@@ -132,7 +132,8 @@ class ModelRunner:
             meta = AttentionMetadata(
                 slot_mapping=slots, query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,
                 max_query_len=max_query_len, max_seq_len=max_seq_len,
-                is_decode_only=max_query_len == 1, block_size=self.block_size)
+                is_decode_only=max_query_len == 1, block_size=self.block_size,
+                num_decode_prefix=num_decode_prefix)
             start = self._record()
             hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
             ends = query_start[1:].long() - 1
@@ -193,4 +194,7 @@ class ModelRunner:
         entries = np.fromiter((entry for _, entry in plan.samplers), dtype=np.int64, count=len(plan.samplers))
         parts64 = [input_ids, positions, slots, entries, gather_dst, gather_src, rows, update_index]
         parts32 = [query_start.astype(np.int32), ends.astype(np.int32), update_values]
-        return parts64, parts32, width, max_query_len, int(ends.max())
+        # leading sequences with one new token each: a mixed step's decodes (running sequences
+        # come first, in admission order), which attention can run through its decode kernel
+        num_decode_prefix = num_seqs if max_query_len == 1 else int(np.argmax(num_new > 1))
+        return parts64, parts32, width, max_query_len, int(ends.max()), num_decode_prefix

@@ -1,9 +1,12 @@
 """The Triton attention backend: the GPU path behind `AttentionBackend`.
 
-forward = one attention launch over the paged cache (the model already wrote the new keys and
-values, fused with rotary): the split-KV decode kernel when every sequence has exactly one new
-token, else the variable-length prefill kernel (which takes decode rows mixed into a prefill
-batch too).
+forward = attention over the paged cache (the model already wrote the new keys and values, fused
+with rotary): the split-KV decode kernel when every sequence has exactly one new token, else the
+variable-length prefill kernel; in a mixed step the leading decode rows (`meta.num_decode_prefix`,
+the running sequences the scheduler puts first) go through the decode kernel and only the rest
+through the prefill kernel. The prefill kernel's 64-row tiles hold 16 query tokens x 4 heads, so
+a decode row there fills 4 rows of 64 and gets no KV split (bench/NOTES.md, "Where the rest of
+W1's and W3's targets goes").
 
 Per-step launch parameters are computed once, on the first layer, into `meta.decode_num_splits`;
 nothing here reads device memory on the host. For CUDA-graph capture of the decode path, set
@@ -14,6 +17,8 @@ import torch
 
 from replica.kernels.paged_decode_triton import choose_num_splits, paged_decode_attention
 from replica.kernels.paged_prefill_triton import paged_prefill_attention
+
+SPLIT_MIXED_DECODES = True   # a mixed step's leading decode rows through the decode kernel
 
 
 class TritonAttentionBackend:
@@ -30,7 +35,25 @@ class TritonAttentionBackend:
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                 num_splits=meta.decode_num_splits,
             )
-        return paged_prefill_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            meta.max_query_len, scale,
+        num_decodes = meta.num_decode_prefix if SPLIT_MIXED_DECODES else 0
+        if num_decodes == 0:
+            return paged_prefill_attention(
+                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                meta.max_query_len, scale,
+            )
+        # the decode rows are the first num_decodes tokens (one each); the prefill kernel takes the
+        # rest with its query offsets rebased (computed once a step, on the first layer)
+        if meta.prefill_query_start_loc is None:
+            meta.prefill_query_start_loc = meta.query_start_loc[num_decodes:] - num_decodes
+            meta.decode_num_splits = choose_num_splits(num_decodes, k_cache.shape[2], meta.max_seq_len,
+                                                       q.device)
+        out = torch.empty_like(q)
+        paged_decode_attention(
+            q[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
+            scale, num_splits=meta.decode_num_splits, out=out[:num_decodes],
         )
+        paged_prefill_attention(
+            q[num_decodes:], k_cache, v_cache, meta.prefill_query_start_loc, meta.seq_lens[num_decodes:],
+            meta.block_tables[num_decodes:], meta.max_query_len, scale, out=out[num_decodes:],
+        )
+        return out

@@ -28,6 +28,10 @@ class AttentionMetadata:
     # Triton decode: how many KV splits each sequence's attention uses. CUDA graphs fix it per
     # batch-size bucket from static sizes; otherwise the first layer picks it from this step.
     decode_num_splits: int | None = None
+    # the first sequences of the batch that have one new token each (a mixed step's decodes),
+    # and the Triton backend's query offsets of the others (first layer, reused by the rest)
+    num_decode_prefix: int = 0
+    prefill_query_start_loc: torch.Tensor | None = None
     ref_plan: RefAttentionPlan | None = None    # the torch reference's gather indices and mask
 
 

@@ -9,23 +9,25 @@ from replica.layers.attention import AttentionMetadata, TorchAttentionBackend
 from tests.kernels.paged_batch import ON_GPU, assert_close_rel, head_scale, make_batch
 
 
-def _meta(batch, is_decode_only):
+def _meta(batch, is_decode_only, num_decode_prefix=0):
     return AttentionMetadata(
         slot_mapping=batch.slot_mapping, query_start_loc=batch.query_start_loc,
         seq_lens=batch.seq_lens, block_tables=batch.block_tables,
         max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-        is_decode_only=is_decode_only, block_size=batch.block_size,
+        is_decode_only=is_decode_only, block_size=batch.block_size, num_decode_prefix=num_decode_prefix,
     )
 
 
-def _run_both(batch, is_decode_only):
+def _run_both(batch, is_decode_only, num_decode_prefix=0):
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     write_kv_cache_ref(batch.k, batch.v, k_cache, v_cache, batch.slot_mapping)
     scale = head_scale(batch.q.shape[-1])
-    out = TritonAttentionBackend().forward(batch.q, k_cache, v_cache, _meta(batch, is_decode_only), scale)
+    meta = _meta(batch, is_decode_only, num_decode_prefix)
+    out = TritonAttentionBackend().forward(batch.q, k_cache, v_cache, meta, scale)
     ref = TorchAttentionBackend().forward(batch.q.float(), k_cache.float(), v_cache.float(),
                                           _meta(batch, is_decode_only), scale)
     assert_close_rel(out, ref, batch.q.dtype)
+    return meta
 
 
 def test_mixed_step_then_decode_step():
@@ -38,6 +40,21 @@ def test_mixed_step_then_decode_step():
     _run_both(make_batch(seq_lens, query_lens, seed=11, **shapes), is_decode_only=False)
     decode_lens = [s + 1 for s in seq_lens]
     _run_both(make_batch(decode_lens, [1] * len(seq_lens), seed=12, **shapes), is_decode_only=True)
+
+
+def test_a_mixed_steps_leading_decodes_run_through_the_decode_kernel():
+    """Running sequences come first in a step: their one-token rows go to the split-KV decode
+    kernel, the prompt chunks after them to the prefill kernel (query offsets rebased)."""
+    if ON_GPU:
+        shapes = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16}
+        seq_lens, query_lens = [2049, 700, 1300, 512, 90], [1, 1, 256, 512, 1]
+    else:
+        shapes = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "block_size": 4}
+        seq_lens, query_lens = [30, 17, 30, 9, 12], [1, 1, 6, 9, 1]
+    batch = make_batch(seq_lens, query_lens, seed=13, **shapes)
+    meta = _run_both(batch, is_decode_only=False, num_decode_prefix=2)
+    assert meta.prefill_query_start_loc.tolist() == (batch.query_start_loc[2:] - 2).tolist()
+    assert meta.decode_num_splits is not None
 
 
 def test_decode_num_splits_is_chosen_once_per_step():
@@ -59,3 +76,42 @@ def test_attention_reads_the_cache_and_never_writes_it():
         k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
         backend.forward(batch.q, k_cache, v_cache, _meta(batch, True), 0.125)
         assert torch.equal(k_cache, batch.k_cache) and torch.equal(v_cache, batch.v_cache)
+
+
+def test_an_engine_on_triton_kernels_generates_the_torch_paths_tokens_through_mixed_steps(tmp_path, monkeypatch):
+    """The whole step on the Triton kernels (the interpreter on the CPU): a request that is
+    decoding when a second one arrives makes mixed steps whose leading row is a decode; greedy
+    tokens equal the torch reference engine's."""
+    from replica.config import EngineConfig
+    from replica.engine.engine import LLMEngine
+    from replica.sampling_params import SamplingParams
+    from tests.tiny_models import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "tiny", "llama", with_tokenizer=False)
+    mixed_prefixes = []                 # num_decode_prefix of each mixed step's first layer
+    forward = TritonAttentionBackend.forward
+
+    def recording(self, q, k_cache, v_cache, meta, scale):
+        if not meta.is_decode_only and meta.prefill_query_start_loc is None:
+            mixed_prefixes.append(meta.num_decode_prefix)
+        return forward(self, q, k_cache, v_cache, meta, scale)
+    monkeypatch.setattr(TritonAttentionBackend, "forward", recording)
+    tokens = {}
+    for backend in ("triton", "torch"):
+        engine = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32", kernel_backend=backend,
+                                        block_size=4, num_kv_blocks=64, max_model_len=64,
+                                        max_num_batched_tokens=16, enable_overlap=False))
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        engine.add_request("a", [5, 6, 7, 8, 9], params)
+        out = {"a": [], "b": []}
+        for step in range(12):
+            if step == 2:               # "a" is decoding: "b"'s 30-token prompt arrives
+                engine.add_request("b", list(range(10, 40)), params)
+            for o in engine.step():
+                out[o.request_id] += o.outputs[0].new_token_ids
+            if not engine.has_unfinished:
+                break
+        tokens[backend] = out
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert tokens["triton"] == tokens["torch"] and len(tokens["torch"]["b"]) == 6, tokens
+    assert 1 in mixed_prefixes, mixed_prefixes    # "a"'s decode led "b"'s prompt chunks
