@@ -45,7 +45,7 @@ from replica.quantization.gguf_quantize import quantize  # noqa: E402
 
 RESULTS: dict = {}
 # "_kv8": the same weights with --kv-cache-dtype fp8
-FORMATS = ("bf16", "fp8", "fp8_kv8", "bf16_kv8", "Q4_K_M", "Q4_K", "Q4_0")
+FORMATS = ("bf16", "fp8", "fp8_kv8", "bf16_kv8", "Q4_K_M", "Q5_K_M", "Q4_K", "Q4_0")
 SIZES = SHAPES | {"tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)}
 

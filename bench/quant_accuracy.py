@@ -43,9 +43,9 @@ from replica.quantization.gguf_quantize import llama_cpp_mix, quantize
 from replica.sampling_params import SamplingParams
 
 # GGUF formats as llama.cpp writes the files (`gguf_quantize.llama_cpp_mix`): the output head in
-# Q6_K; "Q4_K_M" (Ollama's default) also keeps attn_v and ffn_down in Q6_K in half the layers;
-# "Q4_K" and "Q4_0" quantise every projection to that one type.
-GGUF_FORMATS = ("Q4_K_M", "Q4_K", "Q4_0", "Q8_0")
+# Q6_K; "Q4_K_M" (Ollama's default) and "Q5_K_M" also keep attn_v and ffn_down in Q6_K in half the
+# layers; "Q4_K" and "Q4_0" quantise every projection to that one type.
+GGUF_FORMATS = ("Q4_K_M", "Q5_K_M", "Q4_K", "Q4_0", "Q8_0")
 
 
 def gguf_type(fmt: str, name: str, num_layers: int) -> str | None:

@@ -1,5 +1,5 @@
 """Triton, the 8-bit decode GEMV of GGUF weights kept packed (`replica/quantization/gguf_packed.py`:
-Q8_0's codes, and Q6_K's widened to signed bytes), for 1..4 rows of x a launch
+Q8_0's codes, and Q6_K's and the 5-bit types' widened to bytes), for 1..4 rows of x a launch
 (`gguf_gemv_triton.gguf_gemv` picks it and splits larger batches).
 
 A byte a weight halves the arithmetic a byte that the 4-bit kernel needs, but a plain tile
@@ -16,7 +16,7 @@ and reached 3.2 TB/s where bf16 streams 4.4 (bench/NOTES.md, "Q6_K and the outpu
            pair as fp32 (one shift or AND), one fp32 FMA: ~4 instructions, products exact
            other x (fp16, fp32, Triton's interpreter): the same arithmetic in Triton ops
 
-    Σ_i w_i x_i = scale · Σ_i q_i x_i     (per group; zero point 0, no min)
+    Σ_i w_i x_i = scale · Σ_i q_i x_i (+ min · Σ_i x_i for Q5_1 and Q5_K)     (per group)
 """
 import triton
 import triton.language as tl
@@ -67,9 +67,11 @@ def _q8_word_dot_fp32(words, x):
 
 
 @triton.jit
-def _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x, x_mask, mi,
-                 stride_xm, EVEN_K: tl.constexpr, BF16_ASM: tl.constexpr):
-    """Row mi of x against the tile: [BLOCK_N, CHUNKS], scaled. chunk_x: each chunk's first column."""
+def _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chunk_x, x_mask, mi,
+                 stride_xm, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr):
+    """Row mi of x against the tile: [BLOCK_N, CHUNKS], scaled (+ min · Σx). chunk_x: each
+    chunk's first column."""
+    x_sum = 0.0
     if BF16_ASM:
         k4 = tl.arange(0, 4)
         px = x32_ptr + mi * (stride_xm // 2) + (chunk_x // 2)[:, :, None] + k4[None, None, :]
@@ -78,6 +80,10 @@ def _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x,
         else:
             lo = tl.load(px, mask=x_mask[:, :, None], other=0)
             hi = tl.load(px + 4, mask=x_mask[:, :, None], other=0)
+        if HAS_MIN:                                     # bf16 → fp32 is a shift of its bits
+            x_sum = tl.sum(((lo << 16).to(tl.float32, bitcast=True) + (lo & -65536).to(tl.float32, bitcast=True))
+                           + ((hi << 16).to(tl.float32, bitcast=True) + (hi & -65536).to(tl.float32, bitcast=True)),
+                           axis=2)
         p0, p1, p2, p3 = q4_word_dot_triton.split4(lo)
         p4, p5, p6, p7 = q4_word_dot_triton.split4(hi)
         dots = ((_q8_word_dot_bf16(words0, p0, p1) + _q8_word_dot_bf16(words1, p2, p3))
@@ -92,14 +98,18 @@ def _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x,
         x3 = tl.load(base + 12, mask=m3, other=0.0).to(tl.float32)
         dots = ((_q8_word_dot_fp32(words0, x0) + _q8_word_dot_fp32(words1, x1))
                 + (_q8_word_dot_fp32(words2, x2) + _q8_word_dot_fp32(words3, x3)))
+        if HAS_MIN:
+            x_sum = tl.sum((x0 + x1) + (x2 + x3), axis=2)
+    if HAS_MIN:
+        return scale * dots + low * x_sum
     return scale * dots
 
 
 @triton.jit(do_not_specialize=["one"])
 def q8_gemv_kernel(
-    x_ptr, x32_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr,
+    x_ptr, x32_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
     N, num_chunks, chunks_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
-    CHUNKS_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
+    CHUNKS_PER_GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr,
 ):
@@ -119,23 +129,28 @@ def q8_gemv_kernel(
         # the scales' column index goes through `one` (a runtime 1) so that the compiler does not
         # vectorise them across chunks, which would give them another layout than the words'
         s_offs = rows64[:, None] * stride_sn + ((cs * one) // CHUNKS_PER_GROUP)[None, :]
+        low = 0.0
         if EVEN_K:
             scale = tl.load(s_ptr + s_offs).to(tl.float32)
+            if HAS_MIN:
+                low = tl.load(m_ptr + s_offs).to(tl.float32)
         else:
             scale = tl.load(s_ptr + s_offs, mask=c_mask, other=0.0).to(tl.float32)
+            if HAS_MIN:
+                low = tl.load(m_ptr + s_offs, mask=c_mask, other=0.0).to(tl.float32)
         x_mask = c_mask & (row_zero == 0)
         chunk_x = row_zero + cs[None, :] * 16
-        tot0 += _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x, x_mask, 0,
-                             stride_xm, EVEN_K, BF16_ASM)
+        tot0 += _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chunk_x, x_mask, 0,
+                             stride_xm, EVEN_K, HAS_MIN, BF16_ASM)
         if M > 1:
-            tot1 += _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x, x_mask, 1,
-                                 stride_xm, EVEN_K, BF16_ASM)
+            tot1 += _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chunk_x, x_mask, 1,
+                                 stride_xm, EVEN_K, HAS_MIN, BF16_ASM)
         if M > 2:
-            tot2 += _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x, x_mask, 2,
-                                 stride_xm, EVEN_K, BF16_ASM)
+            tot2 += _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chunk_x, x_mask, 2,
+                                 stride_xm, EVEN_K, HAS_MIN, BF16_ASM)
         if M > 3:
-            tot3 += _q8_row_part(words0, words1, words2, words3, scale, x_ptr, x32_ptr, chunk_x, x_mask, 3,
-                                 stride_xm, EVEN_K, BF16_ASM)
+            tot3 += _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chunk_x, x_mask, 3,
+                                 stride_xm, EVEN_K, HAS_MIN, BF16_ASM)
 
     linear_triton.gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr,
                                  partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K)

@@ -262,10 +262,12 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
         else:
             gguf_gemv8_triton.q8_gemv_kernel[grid](
                 xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, packed.scales,
+                packed.mins if packed.mins is not None else packed.scales,
                 bias if bias is not None else om, om, partial,
                 n, num_groups, groups_per_split, 1, xm.stride(0), qweight32.stride(0),
                 packed.scales.stride(0), om.stride(0),
-                CHUNKS_PER_GROUP=packed.group_size // lane_cols, HAS_BIAS=bias is not None, M=rows_m,
+                CHUNKS_PER_GROUP=packed.group_size // lane_cols, HAS_MIN=packed.mins is not None,
+                HAS_BIAS=bias is not None, M=rows_m,
                 BLOCK_N=config.block_n, CHUNKS=groups, SPLIT_K=split_k, EVEN_K=even_k,
                 BF16_ASM=bf16_pairs, **launch)
         if split_k > 1:

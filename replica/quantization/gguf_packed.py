@@ -12,11 +12,15 @@ each with one scale and, for the asymmetric types, one offset ("min"):
     Q4_K    4    32      0       yes     d·sc_j, -dmin·m_j  (the 256-superblock's 6-bit sub-scales folded in)
     Q8_0    8    32      0        -      d (q signed)
     Q6_K    8    16      0        -      d·sc_j (q − 32 stored signed; the 256-superblock's int8 sub-scales folded in)
+    Q5_0    8    32      0        -      d (q − 16 stored signed)
+    Q5_1    8    32      0       yes     d, m
+    Q5_K    8    32      0       yes     d·sc_j, -dmin·m_j (as Q4_K)
 
 Q6_K is what llama.cpp's Q4_K_M (Ollama's default) keeps for the output head and for attn_v and
 ffn_down in half the layers, and what its Q4_0 files keep for the output head; its 6-bit codes
 are widened to bytes here (9 bits a weight with the scales, 6.56 in the file, against 16 in bf16)
-so that the 8-bit kernels read them.
+so that the 8-bit kernels read them. The 5-bit types (Ollama's q5_K_M, q5_0, q5_1) are widened the
+same way (8.5 bits a weight, 9 with mins).
 
 Layout (row-major, one row per output feature n):
 
@@ -49,7 +53,8 @@ GROUP_SIZE = 32               # elements a scale covers, except for the types in
 GROUP_SIZES = {"Q6_K": 16}
 # GGML type name → (bytes per block, elements per block)
 BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (144, 256),
-               "Q6_K": (210, 256)}
+               "Q6_K": (210, 256), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q5_K": (176, 256)}
+EIGHT_BIT_TYPES = ("Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K")       # held as one signed byte a code
 SUPPORTED_TYPES = tuple(BLOCK_BYTES)
 
 
@@ -82,7 +87,7 @@ class PackedGGUF:
 
     @property
     def bits(self) -> int:
-        return 8 if self.qtype in ("Q8_0", "Q6_K") else 4
+        return 8 if self.qtype in EIGHT_BIT_TYPES else 4
 
     @property
     def zero_point(self) -> int:
@@ -125,6 +130,8 @@ def pack(tensor: GGUFTensor) -> PackedGGUF:
     groups = cols // GROUP_SIZE
     if tensor.qtype == "Q6_K":
         return _pack_q6_k(blocks, rows, cols)
+    if tensor.qtype in ("Q5_0", "Q5_1", "Q5_K"):
+        return _pack_q5(tensor.qtype, blocks, rows, cols)
     if tensor.qtype == "Q8_0":
         qweight = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
         return PackedGGUF("Q8_0", qweight, _fp16(blocks[..., 0:2]), None)
@@ -160,6 +167,36 @@ def _pack_q6_k(blocks: torch.Tensor, rows: int, cols: int) -> PackedGGUF:
     sub_scales = blocks[..., 192:208].contiguous().view(torch.int8).float()
     d = _fp16(blocks[..., 208:210]).float()[..., None]
     return PackedGGUF("Q6_K", qweight, (d * sub_scales).reshape(rows, cols // 16).half(), None)
+
+
+def _pack_q5(qtype: str, blocks: torch.Tensor, rows: int, cols: int) -> PackedGGUF:
+    # Q5_0 / Q5_1 (32-element blocks): d [, m] (fp16), qh (uint32: bit i is element i's 5th bit),
+    # qs[16] (byte b: element b low nibble, b + 16 high). Q5_K (256): d, dmin, 12 bytes of 6-bit
+    # (scale, min) pairs as Q4_K, qh[32] (bit j of byte l: element l of sub-block j), qs[128] (byte
+    # 32c + l: element l of sub-block 2c low nibble, of 2c + 1 high).
+    groups = cols // GROUP_SIZE
+    if qtype == "Q5_K":
+        qh = blocks[..., 16:48].reshape(rows, -1, 1, 32)
+        qs = blocks[..., 48:].reshape(rows, -1, 4, 1, 32)
+        high = (qh >> torch.arange(8, dtype=torch.uint8, device=qh.device)[:, None]) & 1    # [.., 8, 32]
+        low = (qs >> torch.tensor([0, 4], dtype=torch.uint8, device=qs.device)[:, None]) & 0x0F
+        codes = (low.reshape(rows, -1, 8, 32) | (high << 4)).reshape(rows, cols)
+        d = _fp16(blocks[..., 0:2]).float()[..., None]
+        dmin = _fp16(blocks[..., 2:4]).float()[..., None]
+        sc, mn = q4_k_scale_min(blocks[..., 4:16])
+        scales = (d * sc.float()).reshape(rows, groups).half()
+        mins = (-(dmin * mn.float())).reshape(rows, groups).half()
+        return PackedGGUF("Q5_K", codes.view(torch.int8), scales, mins)
+    head = 2 if qtype == "Q5_0" else 4
+    qh = blocks[..., head:head + 4].contiguous().view(torch.int32)                  # [rows, groups, 1]
+    bit = torch.arange(32, dtype=torch.int32, device=qh.device)
+    high = ((qh >> bit) & 1).to(torch.uint8)                                        # [rows, groups, 32]
+    qs = blocks[..., head + 4:]
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1) | (high << 4)                   # 0..31
+    if qtype == "Q5_0":
+        return PackedGGUF("Q5_0", (codes.view(torch.int8) - 16).reshape(rows, cols), _fp16(blocks[..., 0:2]), None)
+    return PackedGGUF("Q5_1", codes.view(torch.int8).reshape(rows, cols), _fp16(blocks[..., 0:2]),
+                      _fp16(blocks[..., 2:4]))
 
 
 def nibbles_from_values(values: torch.Tensor) -> torch.Tensor:

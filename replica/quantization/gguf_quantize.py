@@ -1,8 +1,8 @@
-"""Float weights → GGML blocks (Q4_0, Q8_0, Q4_K, Q6_K), in torch so it runs on the GPU.
+"""Float weights → GGML blocks (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K), in torch so it runs on the GPU.
 
 For benchmarks and tests, which need GGUF-encoded weights without a GGUF file (the GPU machine has
 no `gguf` package and no downloads). The encodings are GGML's; tests decode them with gguf's own
-`dequantize`. Q4_0 and Q8_0 follow gguf-py's reference quantisers (same rounding); Q4_K uses a
+`dequantize`. Q4_0, Q5_0 and Q8_0 follow gguf-py's reference quantisers (same rounding); Q4_K and Q5_K use a
 plain min/max fit per 32-element sub-block, not llama.cpp's iterative search, so its error is a
 little larger than a real Q4_K_M file's (a benchmark's speed does not depend on it); Q6_K
 likewise uses a plain signed max fit per 16-element sub-block (llama.cpp's, without its search).
@@ -94,7 +94,50 @@ def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
     return out.reshape(rows, -1)
 
 
-QUANTIZERS = {"Q4_0": quantize_q4_0, "Q8_0": quantize_q8_0, "Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+def quantize_q5_0(w: torch.Tensor) -> torch.Tensor:
+    rows, cols = w.shape
+    blocks = w.float().reshape(rows, cols // 32, 32)
+    index = blocks.abs().argmax(-1, keepdim=True)
+    d = (blocks.gather(-1, index) / -16)[..., 0]                     # signed, largest magnitude → -16
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)[..., None]
+    q = torch.trunc(blocks * inv + 16.5).clamp(0, 31).to(torch.uint8)
+    bits = ((q >> 4).to(torch.int64) << torch.arange(32, device=w.device)).sum(-1).to(torch.int32)
+    qh = bits.contiguous().view(torch.uint8).reshape(rows, -1, 4)     # little-endian uint32
+    return torch.cat([_fp16_bytes(d), qh, _pair_nibbles(q & 0x0F)], dim=-1).reshape(rows, -1)
+
+
+def quantize_q5_k(w: torch.Tensor) -> torch.Tensor:
+    """Q4_K's fit with 32 levels: 6-bit sub-block scales and mins, 5-bit codes."""
+    rows, cols = w.shape
+    sub = w.float().reshape(rows, cols // 256, 8, 32)
+    low = sub.amin(-1).clamp(max=0)
+    sub_scale = (sub.amax(-1) - low) / 31
+    sub_min = -low
+    d = (sub_scale.amax(-1) / 63).half().float()
+    dmin = (sub_min.amax(-1) / 63).half().float()
+    safe_d = torch.where(d == 0, torch.ones_like(d), d)[..., None]
+    safe_dmin = torch.where(dmin == 0, torch.ones_like(dmin), dmin)[..., None]
+    sc = torch.round(sub_scale / safe_d).clamp(0, 63)
+    mn = torch.round(sub_min / safe_dmin).clamp(0, 63)
+    step = (d[..., None] * sc)[..., None]
+    offset = (dmin[..., None] * mn)[..., None]
+    step_safe = torch.where(step == 0, torch.ones_like(step), step)
+    q = torch.round((sub + offset) / step_safe).clamp(0, 31).to(torch.uint8)  # [rows, nsb, 8, 32]
+    sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
+    packed_scales = torch.cat([
+        (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6),
+        (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6),
+        (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4),
+    ], dim=-1)
+    qh = ((q >> 4) << torch.arange(8, dtype=torch.uint8, device=w.device)[:, None]).sum(-2).to(torch.uint8)
+    chunks = (q & 0x0F).reshape(rows, -1, 4, 2, 32)                    # chunk c: sub-blocks 2c, 2c+1
+    qs = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(rows, -1, 128)
+    out = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), packed_scales, qh, qs], dim=-1)
+    return out.reshape(rows, -1)
+
+
+QUANTIZERS = {"Q4_0": quantize_q4_0, "Q8_0": quantize_q8_0, "Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k,
+              "Q5_0": quantize_q5_0, "Q5_K": quantize_q5_k}
 
 
 def _more_bits(layer: int, num_layers: int) -> bool:
@@ -105,16 +148,16 @@ def _more_bits(layer: int, num_layers: int) -> bool:
 
 def llama_cpp_mix(ftype: str, name: str, num_layers: int) -> str:
     """The GGML type llama.cpp's `llama-quantize` gives a Llama tensor (HF name) for the file type
-    `ftype` ("Q4_K_M", or a single type such as "Q4_0"): the output head is Q6_K; Q4_K_M also
-    keeps attn_v and ffn_down in Q6_K in the layers `_more_bits` picks."""
+    `ftype` ("Q4_K_M", "Q5_K_M", or a single type such as "Q4_0"): the output head is Q6_K; the
+    _K_M types also keep attn_v and ffn_down in Q6_K in the layers `_more_bits` picks."""
     if name == "lm_head.weight":
         return "Q6_K" if ftype != "Q8_0" else "Q8_0"
-    if ftype != "Q4_K_M":
+    if ftype not in ("Q4_K_M", "Q5_K_M"):
         return ftype
     layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
     if name.endswith(("v_proj.weight", "down_proj.weight")) and _more_bits(layer, num_layers):
         return "Q6_K"
-    return "Q4_K"
+    return ftype.removesuffix("_M")
 
 
 def quantize(w: torch.Tensor, qtype: str) -> GGUFTensor:

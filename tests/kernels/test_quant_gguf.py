@@ -40,7 +40,7 @@ def _weights(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 @needs_gguf
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
 def test_repacked_layout_decodes_exactly_as_gguf(qtype):
     w = _weights(6, 256, seed=1)
     data = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
@@ -61,6 +61,18 @@ def test_q4_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
 
 
 @needs_gguf
+def test_q5_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
+    w = _weights(5, 512, seed=2)
+    tensor = quantize(w, "Q5_K")
+    packed = pack(tensor)
+    assert packed.bits == 8 and packed.num_bytes * 8 == 9 * 5 * 512        # a byte a code + scale, min
+    ours, theirs = dequantize_packed(packed), _gguf_dequantize(tensor)
+    bound = (2.0 ** -11) * (31 * packed.scales.float().abs() + packed.mins.float().abs())
+    assert ((ours - theirs).abs().reshape(5, -1, 32) <= bound[..., None] + 1e-12).all()
+    assert ((theirs - w).norm() / w.norm()).item() < 0.06      # a sane 5-bit fit
+
+
+@needs_gguf
 def test_q6_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
     w = _weights(5, 512, seed=2)
     tensor = quantize(w, "Q6_K")
@@ -75,7 +87,7 @@ def test_q6_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
 
 
 @needs_gguf
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q5_0"])
 def test_encoder_writes_the_bytes_gguf_writes(qtype):
     w = _weights(4, 256, seed=3)
     ours = quantize(w, qtype).data.numpy()
@@ -109,13 +121,13 @@ def test_malformed_block_data_is_refused():
     with pytest.raises(ValueError, match="expected uint8 data"):
         GGUFTensor("Q4_0", torch.zeros(4, 17, dtype=torch.uint8), (4, 32))
     with pytest.raises(ValueError, match="cannot stay quantised"):
-        GGUFTensor("Q5_K", torch.zeros(4, 176, dtype=torch.uint8), (4, 256))
+        GGUFTensor("Q3_K", torch.zeros(4, 110, dtype=torch.uint8), (4, 256))
 
 
 # (qtype, num_rows, n, k, has_bias, config); config None = choose_config
 if ON_GPU:
     CASES = [pytest.param(qtype, m, n, k, bias, None, marks=pytest.mark.gpu)
-             for qtype in ("Q4_K", "Q4_0", "Q8_0", "Q6_K")
+             for qtype in ("Q4_K", "Q4_0", "Q8_0", "Q6_K", "Q5_K")
              for m, n, k, bias in ((1, 6144, 4096, False), (1, 28672, 4096, False),
                                    (1, 4096, 14336, False), (8, 4096, 4096, False),
                                    (64, 6144, 4096, False), (5, 1000, 2048, True),
@@ -137,6 +149,10 @@ else:
         ("Q6_K", 3, 24, 768, False, G(8, 32)),                 # 48 groups: a partial tile
         ("Q6_K", 1, 24, 512, True, None),
         ("Q6_K", 9, 24, 512, False, None),                     # dequantise + GEMM
+        ("Q5_K", 3, 24, 512, True, G(8, 32, split_k=2)),       # 8-bit codes with mins
+        ("Q5_1", 2, 40, 96, False, G(16, 4)),                  # 3 groups: a partial tile
+        ("Q5_0", 1, 24, 256, True, None),
+        ("Q5_K", 6, 24, 512, False, None),                     # dequantise + GEMM
         ("Q4_K", 1, 24, 512, True, None),
         ("Q4_0", 12, 40, 256, True, None),                     # dequantise + GEMM
     ]
@@ -146,11 +162,11 @@ else:
 def test_kernel_matches_torch_reference(qtype, num_rows, n, k, has_bias, config):
     gen = torch.Generator().manual_seed(num_rows * 1000 + n + k)
     w = torch.randn(n, k, generator=gen) * 0.02
-    if qtype == "Q4_1":
+    if qtype in ("Q4_1", "Q5_1"):                # no encoder of ours: gguf's
         if gguf is None:
             pytest.skip("needs the gguf package")
-        data = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_1)
-        tensor = GGUFTensor("Q4_1", torch.from_numpy(np.ascontiguousarray(data)), (n, k))
+        data = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
+        tensor = GGUFTensor(qtype, torch.from_numpy(np.ascontiguousarray(data)), (n, k))
     else:
         tensor = quantize(w, qtype)
     packed = pack(GGUFTensor(tensor.qtype, tensor.data.to(DEVICE), tensor.shape))
@@ -164,7 +180,7 @@ def test_kernel_matches_torch_reference(qtype, num_rows, n, k, has_bias, config)
     assert rel < (1e-5 if DTYPE == torch.float32 else 1e-2), rel
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0", "Q6_K", "Q5_0", "Q5_K"])
 def test_triton_dequantize_equals_torch_reference(qtype):
     tensor = quantize(_weights(24, 768, 3), qtype)        # 24 groups a row: a partial tile
     packed = pack(GGUFTensor(qtype, tensor.data.to(DEVICE), tensor.shape))

@@ -76,29 +76,35 @@ def test_each_type_runs_in_the_engine(gguf_dir, quant):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_q4_k_m_stays_packed_output_head_included_and_computes_the_dequantised_model(gguf_dir):
-    """Ollama's default Q4_K_M with --quantization gguf: q, k, gate, up and o in Q4_K, v and down
-    in Q6_K, the output head in Q6_K, all kept packed (qkv as a Q4_K and a Q6_K segment), and
-    the first two steps' logits those of the same file dequantised on load (the packed scales
-    are rounded to fp16 once: a few 1e-4 apart)."""
+# preset → (qkv segments as (type, rows), the other projections' type, bits a weight of each)
+_PACKED_MIXES = {"Q4_K_M": ([("Q4_K", 384), ("Q6_K", 128)], "Q4_K", {"Q4_K": 5, "Q6_K": 9}),
+                 "Q5_K_M": ([("Q5_K", 384), ("Q6_K", 128)], "Q5_K", {"Q5_K": 9, "Q6_K": 9})}
+
+
+@pytest.mark.parametrize("quant", list(_PACKED_MIXES))
+def test_k_quant_mixes_stay_packed_output_head_included_and_compute_the_dequantised_model(gguf_dir, quant):
+    """Ollama's default Q4_K_M (and q5_K_M) with --quantization gguf: q, k, gate, up and o in
+    Q4_K (Q5_K), v and down in Q6_K, the output head in Q6_K, all kept packed (qkv as two
+    segments), and the first two steps' logits those of the same file dequantised on load (the
+    packed scales are rounded to fp16 once: a few 1e-4 apart)."""
     from bench.quant_accuracy import compare, step_logits
     from replica.layers.quantized_linear import GGUFWeight
-
     from replica.models.registry import resolve_model_path
 
-    path = str(write_tiny_gguf(gguf_dir / "tiny-Q4_K_M-tokenizer.gguf", "Q4_K_M",
+    qkv_segments, main_type, bits = _PACKED_MIXES[quant]
+    path = str(write_tiny_gguf(gguf_dir / f"tiny-{quant}-tokenizer.gguf", quant,
                                tokenizer_from=resolve_model_path("smollm2")))    # an engine needs one
     engines = {q: LLMEngine(EngineConfig(model=path, dtype="float32", device="cpu", quantization=q,
                                          num_kv_blocks=16, block_size=16, max_model_len=64))
                for q in ("gguf", None)}
     model = engines["gguf"].model
     layer = model.layers[0]
-    assert [(seg.qtype, seg.shape[0]) for _, seg in layer.qkv_weight.segments] == [("Q4_K", 384), ("Q6_K", 128)]
-    assert layer.down_weight.packed.qtype == "Q6_K" and layer.gate_up_weight.packed.qtype == "Q4_K"
+    assert [(seg.qtype, seg.shape[0]) for _, seg in layer.qkv_weight.segments] == qkv_segments
+    assert layer.down_weight.packed.qtype == "Q6_K" and layer.gate_up_weight.packed.qtype == main_type
     assert isinstance(model.lm_head, GGUFWeight) and model.lm_head.packed.qtype == "Q6_K"
     vocab, hidden = model.lm_head.shape
     assert model.lm_head.num_bytes == vocab * hidden * 9 // 8        # 9 bits a weight (bf16: 16)
-    assert layer.qkv_weight.num_bytes == 384 * hidden * 5 // 8 + 128 * hidden * 9 // 8
+    assert layer.qkv_weight.num_bytes == sum(rows * hidden * bits[t] // 8 for t, rows in qkv_segments)
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
     packed_steps, dense_steps = step_logits(engines["gguf"], prompts), step_logits(engines[None], prompts)
     for packed, dense in zip(packed_steps, dense_steps):
