@@ -5,7 +5,8 @@ checkpoint's config.json declares, checked against the checkpoint's format and t
     fp8    W8A8 FP8: bf16/fp16 weights quantised on load per output channel, or an FP8 checkpoint
            (compressed-tensors from llm-compressor, per-tensor "fp8", "fbgemm_fp8") loaded as is;
            activations quantised per token at run time. NVIDIA Ada (sm89) or Hopper (sm90+) only.
-    gguf   a GGUF file's Q4_0/Q4_1/Q4_K/Q6_K/Q8_0 projections and output head stay packed on the device.
+    gguf   a GGUF file's Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 projections and output head stay
+           packed on the device.
 """
 import json
 import logging

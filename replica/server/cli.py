@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="dummy: random weights from config.json (benchmarks; no weight files needed)")
     p.add_argument("--quantization", choices=["fp8", "gguf"],
                    help="fp8: W8A8 FP8 on Ada/Hopper (bf16 weights quantised on load; FP8 "
-                        "checkpoints need no flag); gguf: keep a GGUF's Q4_0/Q4_1/Q4_K/Q6_K/Q8_0 "
+                        "checkpoints need no flag); gguf: keep a GGUF's Q4/Q5/Q6_K/Q8_0 "
                         "weights quantised on the GPU (default: GGUF dequantised on load)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="fp8: keep keys and values in FP8 e4m3 (half the bytes a token, so twice "
