@@ -129,15 +129,7 @@ def q8_gemv_kernel(
         # the scales' column index goes through `one` (a runtime 1) so that the compiler does not
         # vectorise them across chunks, which would give them another layout than the words'
         s_offs = rows64[:, None] * stride_sn + ((cs * one) // CHUNKS_PER_GROUP)[None, :]
-        low = 0.0
-        if EVEN_K:
-            scale = tl.load(s_ptr + s_offs).to(tl.float32)
-            if HAS_MIN:
-                low = tl.load(m_ptr + s_offs).to(tl.float32)
-        else:
-            scale = tl.load(s_ptr + s_offs, mask=c_mask, other=0.0).to(tl.float32)
-            if HAS_MIN:
-                low = tl.load(m_ptr + s_offs, mask=c_mask, other=0.0).to(tl.float32)
+        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, c_mask, EVEN_K, HAS_MIN)
         x_mask = c_mask & (row_zero == 0)
         chunk_x = row_zero + cs[None, :] * 16
         tot0 += _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chunk_x, x_mask, 0,

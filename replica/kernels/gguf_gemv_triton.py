@@ -88,21 +88,11 @@ def _q4_gemv_kernel(
         words0, words1, words2, words3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask,
                                                                         EVEN_K)
         s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
-        if EVEN_K:
-            scale = tl.load(s_ptr + s_offs).to(tl.float32)
-            if HAS_MIN:
-                low = tl.load(m_ptr + s_offs).to(tl.float32)
-        else:
-            scale = tl.load(s_ptr + s_offs, mask=g_mask, other=0.0).to(tl.float32)
-            if HAS_MIN:
-                low = tl.load(m_ptr + s_offs, mask=g_mask, other=0.0).to(tl.float32)
+        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, g_mask, EVEN_K, HAS_MIN)
         # codes are decoded as q − 8 whatever the type (small, signed: the bf16 products round
         # less and do not cancel against the min term); the rest of (q − zero_point)·scale + min
         # is a per-group constant times Σx: (min + (8 − zero_point)·scale)
-        if HAS_MIN:
-            low = low + (8 - ZERO_POINT) * scale
-        else:
-            low = (8 - ZERO_POINT) * scale
+        low = low + (8 - ZERO_POINT) * scale
         x_mask = g_mask & (row_zero == 0)
         group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
         tot0 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,

@@ -115,6 +115,21 @@ def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.conste
 
 
 @triton.jit
+def load_scale_min(s_ptr, m_ptr, offs, lane_mask, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr):
+    """Each lane's group scale and, for the types with one, its min (else 0.0), as fp32."""
+    low = 0.0
+    if EVEN_K:
+        scale = tl.load(s_ptr + offs).to(tl.float32)
+        if HAS_MIN:
+            low = tl.load(m_ptr + offs).to(tl.float32)
+    else:
+        scale = tl.load(s_ptr + offs, mask=lane_mask, other=0.0).to(tl.float32)
+        if HAS_MIN:
+            low = tl.load(m_ptr + offs, mask=lane_mask, other=0.0).to(tl.float32)
+    return scale, low
+
+
+@triton.jit
 def split4(t):
     """[A, B, 4] → its 4 slices [A, B] along the last axis (registers of one thread)."""
     even, odd = tl.split(tl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))

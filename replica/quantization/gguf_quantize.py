@@ -26,14 +26,21 @@ def _pair_nibbles(q: torch.Tensor) -> torch.Tensor:
     return q[..., :16] | (q[..., 16:] << 4)
 
 
-def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
+def _symmetric_fit(w: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0's and Q5_0's fit (gguf-py's rounding): per 32-element block, the signed value of
+    largest magnitude maps to code 0 (−half); codes 0..2·half − 1. → (d [rows, nb], codes uint8)."""
     rows, cols = w.shape
     blocks = w.float().reshape(rows, cols // 32, 32)
     index = blocks.abs().argmax(-1, keepdim=True)
-    d = (blocks.gather(-1, index) / -8)[..., 0]                      # signed, largest magnitude → -8
+    d = (blocks.gather(-1, index) / -half)[..., 0]
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)[..., None]
-    q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
-    return torch.cat([_fp16_bytes(d), _pair_nibbles(q)], dim=-1).reshape(rows, -1)
+    q = torch.trunc(blocks * inv + (half + 0.5)).clamp(0, 2 * half - 1).to(torch.uint8)
+    return d, q
+
+
+def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
+    d, q = _symmetric_fit(w, 8)
+    return torch.cat([_fp16_bytes(d), _pair_nibbles(q)], dim=-1).reshape(w.shape[0], -1)
 
 
 def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
@@ -46,11 +53,14 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], dim=-1).reshape(rows, -1)
 
 
-def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
+def _k_quant_fit(w: torch.Tensor, levels: int):
+    """Q4_K's and Q5_K's fit: 256-superblocks of 8 sub-blocks of 32, each with a 6-bit scale and
+    min (× the superblock's fp16 d and dmin), codes 0..levels − 1. Returns (codes uint8
+    [rows, nsb, 8, 32], d and dmin as fp16 bytes [rows, nsb, 2] each, the 12 packed scale bytes)."""
     rows, cols = w.shape
     sub = w.float().reshape(rows, cols // 256, 8, 32)                 # superblocks of 8 sub-blocks
-    low = sub.amin(-1).clamp(max=0)                                    # offsets are ≤ 0 in Q4_K
-    sub_scale = (sub.amax(-1) - low) / 15
+    low = sub.amin(-1).clamp(max=0)                                    # offsets are ≤ 0 in K-quants
+    sub_scale = (sub.amax(-1) - low) / (levels - 1)
     sub_min = -low
     d = (sub_scale.amax(-1) / 63).half().float()                       # [rows, nsb]
     dmin = (sub_min.amax(-1) / 63).half().float()
@@ -61,17 +71,25 @@ def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
     step = (d[..., None] * sc)[..., None]
     offset = (dmin[..., None] * mn)[..., None]
     step_safe = torch.where(step == 0, torch.ones_like(step), step)
-    q = torch.round((sub + offset) / step_safe).clamp(0, 15).to(torch.uint8)   # [rows, nsb, 8, 32]
+    q = torch.round((sub + offset) / step_safe).clamp(0, levels - 1).to(torch.uint8)   # [rows, nsb, 8, 32]
     sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
     packed_scales = torch.cat([
         (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6),
         (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6),
         (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4),
     ], dim=-1)                                                         # [rows, nsb, 12]
-    chunks = q.reshape(rows, -1, 4, 2, 32)                             # chunk c: sub-blocks 2c, 2c+1
-    qs = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(rows, -1, 128)
-    out = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), packed_scales, qs], dim=-1)
-    return out.reshape(rows, -1)
+    return q, _fp16_bytes(d), _fp16_bytes(dmin), packed_scales
+
+
+def _sub_block_nibbles(q: torch.Tensor) -> torch.Tensor:
+    # q: [rows, nsb, 8, 32] → [rows, nsb, 128]: byte 32c + l = sub-block 2c low, 2c + 1 high nibble
+    chunks = (q & 0x0F).reshape(q.shape[0], -1, 4, 2, 32)
+    return (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(q.shape[0], -1, 128)
+
+
+def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
+    q, d, dmin, scales = _k_quant_fit(w, 16)
+    return torch.cat([d, dmin, scales, _sub_block_nibbles(q)], dim=-1).reshape(w.shape[0], -1)
 
 
 def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
@@ -95,45 +113,19 @@ def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_q5_0(w: torch.Tensor) -> torch.Tensor:
-    rows, cols = w.shape
-    blocks = w.float().reshape(rows, cols // 32, 32)
-    index = blocks.abs().argmax(-1, keepdim=True)
-    d = (blocks.gather(-1, index) / -16)[..., 0]                     # signed, largest magnitude → -16
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)[..., None]
-    q = torch.trunc(blocks * inv + 16.5).clamp(0, 31).to(torch.uint8)
+    rows = w.shape[0]
+    d, q = _symmetric_fit(w, 16)
     bits = ((q >> 4).to(torch.int64) << torch.arange(32, device=w.device)).sum(-1).to(torch.int32)
     qh = bits.contiguous().view(torch.uint8).reshape(rows, -1, 4)     # little-endian uint32
     return torch.cat([_fp16_bytes(d), qh, _pair_nibbles(q & 0x0F)], dim=-1).reshape(rows, -1)
 
 
 def quantize_q5_k(w: torch.Tensor) -> torch.Tensor:
-    """Q4_K's fit with 32 levels: 6-bit sub-block scales and mins, 5-bit codes."""
-    rows, cols = w.shape
-    sub = w.float().reshape(rows, cols // 256, 8, 32)
-    low = sub.amin(-1).clamp(max=0)
-    sub_scale = (sub.amax(-1) - low) / 31
-    sub_min = -low
-    d = (sub_scale.amax(-1) / 63).half().float()
-    dmin = (sub_min.amax(-1) / 63).half().float()
-    safe_d = torch.where(d == 0, torch.ones_like(d), d)[..., None]
-    safe_dmin = torch.where(dmin == 0, torch.ones_like(dmin), dmin)[..., None]
-    sc = torch.round(sub_scale / safe_d).clamp(0, 63)
-    mn = torch.round(sub_min / safe_dmin).clamp(0, 63)
-    step = (d[..., None] * sc)[..., None]
-    offset = (dmin[..., None] * mn)[..., None]
-    step_safe = torch.where(step == 0, torch.ones_like(step), step)
-    q = torch.round((sub + offset) / step_safe).clamp(0, 31).to(torch.uint8)  # [rows, nsb, 8, 32]
-    sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
-    packed_scales = torch.cat([
-        (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6),
-        (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6),
-        (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4),
-    ], dim=-1)
+    """Q4_K's fit with 32 levels; the codes' 5th bits in 32 bytes (bit j of byte l: element l of
+    sub-block j) before the nibbles."""
+    q, d, dmin, scales = _k_quant_fit(w, 32)
     qh = ((q >> 4) << torch.arange(8, dtype=torch.uint8, device=w.device)[:, None]).sum(-2).to(torch.uint8)
-    chunks = (q & 0x0F).reshape(rows, -1, 4, 2, 32)                    # chunk c: sub-blocks 2c, 2c+1
-    qs = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(rows, -1, 128)
-    out = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), packed_scales, qh, qs], dim=-1)
-    return out.reshape(rows, -1)
+    return torch.cat([d, dmin, scales, qh, _sub_block_nibbles(q)], dim=-1).reshape(w.shape[0], -1)
 
 
 QUANTIZERS = {"Q4_0": quantize_q4_0, "Q8_0": quantize_q8_0, "Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k,
