@@ -74,3 +74,42 @@ def test_gpu_memory_profile_sizes_the_cache(tmp_path):
     kv_bytes = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
     assert kv_bytes > 0.1 * total, "most of the 30% budget went to the KV cache"
     assert torch.cuda.memory_allocated() < 0.3 * total + (512 << 20)
+
+
+def _greedy_tokens(engine, prompts) -> dict[str, list[int]]:
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.outputs[0].new_token_ids)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    return got
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K_M", "Q5_K_M", "fp32_kv8"])
+def test_packed_gguf_and_an_fp8_cache_run_in_graphs_as_eagerly(fmt):
+    """The GGUF formats as llama.cpp mixes them (8-bit Q6_K head and v/down, segments in qkv)
+    and the FP8 KV cache: decode through CUDA graphs gives the eager path's tokens (fp32
+    activations: the GEMVs' exact products, no near-tie rounding)."""
+    from bench.quant_accuracy import build_engine
+    from replica.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 512,
+        "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    prompts = _prompts(24, 2048, seed=3)
+    tokens = {}
+    for eager in (False, True):
+        engine = build_engine(cfg, fmt.replace("fp32", "bf16"), "cuda", max_num_seqs=32, token_budget=2048,
+                              engine_args=dict(dtype="float32", enforce_eager=eager, num_kv_blocks=1024,
+                                               max_model_len=1024))
+        if fmt.endswith("_kv8"):
+            assert engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+        else:
+            assert engine.model.lm_head.packed.qtype == "Q6_K"
+        tokens[eager] = _greedy_tokens(engine, prompts)
+        del engine
+        torch.cuda.empty_cache()
+    assert tokens[False] == tokens[True]
