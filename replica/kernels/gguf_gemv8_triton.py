@@ -5,8 +5,7 @@ Q8_0's codes, and Q6_K's and the 5-bit types' widened to bytes), for 1..4 rows o
 A byte a weight halves the arithmetic a byte that the 4-bit kernel needs, but a plain tile
 ([rows, groups, 32] int8 against x in its own layout) still spent ~8 instructions an element
 and reached 3.2 TB/s where bf16 streams 4.4 (bench/NOTES.md, "Q6_K, the output head, and an
-8-bit GEMV"). So the
-4-bit kernel's shape:
+8-bit GEMV"). So the 4-bit kernel's shape:
 
     lane   16 codes of one row (one 16-byte load: 4 words, split in registers); the scale of
            its group (Q6_K: the chunk is the group; Q8_0: two chunks share one) one 2-byte load
