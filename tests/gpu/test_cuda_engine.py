@@ -20,6 +20,17 @@ def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
             for length in torch.randint(1, 200, (n,), generator=gen)]
 
 
+def _greedy_tokens(engine, prompts) -> dict[str, list[int]]:
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.outputs[0].new_token_ids)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    return got
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_fp32_greedy_tokens_equal_transformers_on_gpu(tmp_path, arch):
     path = make_tiny_model(tmp_path / arch, arch, with_tokenizer=False, hidden_size=256,
@@ -54,13 +65,7 @@ def test_cuda_graphs_and_eager_give_the_same_tokens(tmp_path):
                                         max_model_len=1024, enforce_eager=eager),
                            checkpoint=checkpoint_from_hf_model(hf))
         assert (engine.runner.graphs is None) == eager
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, GREEDY)
-        got: dict[str, list[int]] = {}
-        while engine.has_unfinished:
-            for out in engine.step():
-                got.setdefault(out.request_id, []).extend(out.outputs[0].new_token_ids)
-        tokens[eager] = got
+        tokens[eager] = _greedy_tokens(engine, prompts)
         del engine
         torch.cuda.empty_cache()
     assert tokens[False] == tokens[True]
@@ -74,17 +79,6 @@ def test_gpu_memory_profile_sizes_the_cache(tmp_path):
     kv_bytes = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
     assert kv_bytes > 0.1 * total, "most of the 30% budget went to the KV cache"
     assert torch.cuda.memory_allocated() < 0.3 * total + (512 << 20)
-
-
-def _greedy_tokens(engine, prompts) -> dict[str, list[int]]:
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, GREEDY)
-    got: dict[str, list[int]] = {}
-    while engine.has_unfinished:
-        for out in engine.step():
-            got.setdefault(out.request_id, []).extend(out.outputs[0].new_token_ids)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    return got
 
 
 @pytest.mark.parametrize("fmt", ["Q4_K_M", "Q5_K_M", "fp32_kv8"])
