@@ -95,7 +95,8 @@ class EngineConfig:
             raise ValueError(f"--kv-cache-dtype fp8 needs compute capability 8.9 (Ada) or 9.0+ "
                              f"(Hopper); {name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}. "
                              "Leave the flag out")
-        return torch.float8_e4m3fn
+        from replica.kernels.fp8_linear import FP8_DTYPE
+        return FP8_DTYPE
 
     def resolve_kernel_backend(self, device: torch.device) -> str:
         """The one switch between the Triton kernels and the torch reference, for every op and

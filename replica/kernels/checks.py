@@ -6,6 +6,8 @@ The checks read only shapes, dtypes, strides and devices: no host-device synchro
 """
 import torch
 
+from replica.kernels.fp8_linear import FP8_DTYPE
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -32,13 +34,10 @@ def check_same_dtype(**tensors: torch.Tensor) -> None:
         raise ValueError(f"dtypes must match: {dtypes}")
 
 
-KV_CACHE_FP8 = torch.float8_e4m3fn   # --kv-cache-dtype fp8: e4m3, one scale of 1.0 (values saturate at ±448)
-
-
 def check_kv_cache_dtype(x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """The caches hold x's dtype, or FP8 (e4m3) for any 16/32-bit x."""
     check_same_dtype(k_cache=k_cache, v_cache=v_cache)
-    if k_cache.dtype not in (x.dtype, KV_CACHE_FP8):
+    if k_cache.dtype not in (x.dtype, FP8_DTYPE):         # --kv-cache-dtype fp8: e4m3, no scale
         raise ValueError(f"k_cache: dtype {str(k_cache.dtype).removeprefix('torch.')} does not hold "
                          f"{str(x.dtype).removeprefix('torch.')} values (the model dtype or float8_e4m3fn)")
 

@@ -1,6 +1,8 @@
 """Scatter the new tokens' keys and values into the paged KV cache."""
 import torch
 
+from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX
+
 
 def write_kv_cache_ref(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -13,12 +15,12 @@ def write_kv_cache_ref(
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     for x, cache in ((k, k_cache), (v, v_cache)):
         x = to_cache_dtype_ref(x, cache.dtype)
-        if cache.dtype == torch.float8_e4m3fn:
+        if cache.dtype == FP8_DTYPE:
             cache, x = cache.view(torch.uint8), x.view(torch.uint8)
         cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x)
 
 
 def to_cache_dtype_ref(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.float8_e4m3fn:
-        x = x.float().clamp(-448.0, 448.0)
+    if dtype == FP8_DTYPE:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)
     return x.to(dtype)

@@ -9,12 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import fp8_linear
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape,
 )
 
-FP8_MAX: tl.constexpr = tl.constexpr(448.0)       # e4m3's largest finite value
+FP8_MAX: tl.constexpr = tl.constexpr(fp8_linear.FP8_MAX)       # e4m3's largest finite value, 448
 
 
 @triton.jit
