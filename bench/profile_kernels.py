@@ -3,10 +3,13 @@ attention's achieved TFLOP/s, from torch.profiler over bounded windows of the of
 
     python3 bench/profile_kernels.py                         # H200: Llama-3-8B shape, dummy weights
     python3 bench/profile_kernels.py --device cpu --size tiny # plumbing check on a CPU
+    python3 bench/profile_kernels.py --format Q4_0 --windows W2  # a quantised format's decode step
 
 Windows (each its own profiler session): W1's prefill phase (until every prompt is computed),
 W1's decode phase (the next --decode-steps steps), and W3 in steady state (--w3-skip steps
-after submission, then --w3-steps steps; the rest of W3 is aborted, so the run stays short).
+after submission, then --w3-steps steps; the rest of W3 is aborted, so the run stays short);
+with --windows W2, one W2 request's decode (--decode-steps steps after its first token).
+--format takes bench/quant.py's formats (FP8, GGUF kept packed, "_kv8" for an FP8 KV cache).
 Requests and engine settings are bench/engine.py's (budget 8192, 256 sequences, graphs on).
 `device_busy_share_of_wall` near bench/engine.py's GPU-busy share says the profiler saw the
 kernels inside CUDA-graph replays; if it is far lower, rerun with --enforce-eager.
@@ -50,13 +53,13 @@ RULES = (("prefill_kernel", "prefill_attention"), ("decode_split", "decode_atten
          ("decode_reduce", "decode_attention"), ("memcpy", "memcpy/memset"), ("memset", "memcpy/memset"),
          ("nvjet", "gemm"), ("gemm", "gemm"), ("gemv", "gemm"), ("cutlass", "gemm"), ("sm90_xmma", "gemm"),
          ("skinny_linear", "gemm"), ("split_k_sum", "gemm"), ("splitkreduce", "gemm"),
-         ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::bmm", "gemm"),
+         ("per_token_quant", "activation_quant"), ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::bmm", "gemm"),
          ("rms", "norm/rotary/silu/kv_write"), ("rotary", "norm/rotary/silu/kv_write"),
          ("kv_cache", "norm/rotary/silu/kv_write"), ("silu", "norm/rotary/silu/kv_write"),
          ("argmax", "sampling"), ("softmax", "sampling"), ("sort", "sampling"), ("exponential", "sampling"),
          ("distribution", "sampling"), ("topk", "sampling"))
-CATEGORIES = ("gemm", "prefill_attention", "decode_attention", "norm/rotary/silu/kv_write", "sampling",
-              "memcpy/memset", "other")
+CATEGORIES = ("gemm", "prefill_attention", "decode_attention", "norm/rotary/silu/kv_write", "activation_quant",
+              "sampling", "memcpy/memset", "other")
 
 
 def classify(name: str) -> str:
@@ -134,7 +137,7 @@ def window(engine: LLMEngine, counter: ShapeCounter, name: str, is_cuda: bool, s
         us = event.device_time_total if is_cuda else event.self_cpu_time_total   # a kernel has no children
         label = classify(event.key)
         times_us[label] += us
-        kernels[label][event.key[:100]] = round(us / 1e3, 2)
+        kernels[label][event.key[:100]] = {"ms": round(us / 1e3, 3), "calls": event.count}
     total_ms = sum(times_us.values()) / 1e3
     v = counter.values
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
@@ -158,7 +161,9 @@ def window(engine: LLMEngine, counter: ShapeCounter, name: str, is_cuda: bool, s
     decode_ms = times_us.get("decode_attention", 0.0) / 1e3
     kv_bytes = v["decode_kv_pairs"] * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
     out["decode_attention_kv_tb_per_s"] = round(kv_bytes / (decode_ms * 1e-3) / 1e12, 2) if decode_ms else None
-    out["top_kernels"] = {c: dict(sorted(k.items(), key=lambda kv: -kv[1])[:6]) for c, k in kernels.items()}
+    out["kernels_per_step"] = round(sum(k["calls"] for c in kernels.values() for k in c.values()) / v["steps"], 1) \
+        if v["steps"] else None
+    out["top_kernels"] = {c: dict(sorted(k.items(), key=lambda kv: -kv[1]["ms"])[:8]) for c, k in kernels.items()}
     return out
 
 
@@ -172,19 +177,28 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="request counts x this (CPU: e.g. 0.05)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs (if a profiler misses the kernels inside graph replays)")
+    parser.add_argument("--format", help="a weight format of bench/quant.py (CUDA; default: the bf16 dummy)")
+    parser.add_argument("--windows", default="W1,W3", help="of W1, W2, W3")
     parser.add_argument("--json-out")
     args = parser.parse_args()
+    windows = set(args.windows.split(","))
     is_cuda = args.device == "cuda"
     cfg = dict(SIZES[args.size], max_position_embeddings=8192, architectures=["LlamaForCausalLM"],
                rms_norm_eps=1e-5, eos_token_id=2, bos_token_id=1)
-    checkpoint = Checkpoint(path=None, format="dummy", config=ModelConfig.from_hf_dict(cfg))
     extra = dict(enforce_eager=args.enforce_eager) if is_cuda else dict(num_kv_blocks=4096)
-    engine = LLMEngine(EngineConfig(model="bench", device=args.device, dtype="bfloat16" if is_cuda else "float32",
-                                    max_num_batched_tokens=8192, max_num_seqs=256, max_model_len=4096, **extra),
-                       checkpoint=checkpoint)
+    if args.format:
+        from bench.quant_accuracy import build_engine
+        engine = build_engine(ModelConfig.from_hf_dict(cfg), args.format, args.device, max_num_seqs=256,
+                              token_budget=8192, engine_args=extra)
+    else:
+        checkpoint = Checkpoint(path=None, format="dummy", config=ModelConfig.from_hf_dict(cfg))
+        engine = LLMEngine(EngineConfig(model="bench", device=args.device, dtype="bfloat16" if is_cuda else "float32",
+                                        max_num_batched_tokens=8192, max_num_seqs=256, max_model_len=4096, **extra),
+                           checkpoint=checkpoint)
     vocab = engine.model_config.vocab_size
     counter = ShapeCounter(engine)
     results = {"device": torch.cuda.get_device_name() if is_cuda else "cpu", "size": args.size,
+               "format": args.format or "bf16",
                "date": datetime.date.today().isoformat(), "cuda_graphs": engine.runner.graphs is not None,
                "windows": []}
 
@@ -197,27 +211,35 @@ def main() -> None:
     while engine.has_unfinished:
         engine.step()
 
-    submit(engine, [(p, 128) for p in prompts(n(256), [512] * n(256), vocab, 2)], "w1-")
-    emit(window(engine, counter, "W1_prefill_phase", is_cuda,
-                lambda step: step > 0 and not engine.scheduler.waiting
-                and all(s.num_uncomputed_tokens <= 2 for s in engine.scheduler.running)))
-    emit(window(engine, counter, "W1_decode_phase", is_cuda, lambda step: step >= args.decode_steps))
-    while engine.has_unfinished:
-        engine.step()
-
-    gen = torch.Generator().manual_seed(0)
-    num_w3 = n(1000)
-    in_lens = torch.randint(64, 1025, (num_w3,), generator=gen).tolist()
-    out_lens = torch.randint(16, 513, (num_w3,), generator=gen).tolist()
-    submit(engine, list(zip(prompts(num_w3, in_lens, vocab, 3), out_lens)), "w3-")
-    for _ in range(args.w3_skip):
-        if engine.has_unfinished:
+    if "W2" in windows:
+        submit(engine, [(prompts(1, [512], vocab, 1)[0], args.decode_steps + 8)], "w2-")
+        engine.step()                                   # prefill and the first token
+        emit(window(engine, counter, "W2_decode", is_cuda, lambda step: step >= args.decode_steps))
+        while engine.has_unfinished:
             engine.step()
-    emit(window(engine, counter, "W3_steady", is_cuda, lambda step: step >= args.w3_steps))
-    for request_id in list(engine.requests):
-        engine.abort_request(request_id)
-    while engine.has_unfinished:
-        engine.step()
+
+    if "W1" in windows:
+        submit(engine, [(p, 128) for p in prompts(n(256), [512] * n(256), vocab, 2)], "w1-")
+        emit(window(engine, counter, "W1_prefill_phase", is_cuda,
+                    lambda step: step > 0 and not engine.scheduler.waiting
+                    and all(s.num_uncomputed_tokens <= 2 for s in engine.scheduler.running)))
+        emit(window(engine, counter, "W1_decode_phase", is_cuda, lambda step: step >= args.decode_steps))
+        while engine.has_unfinished:
+            engine.step()
+    if "W3" in windows:
+        gen = torch.Generator().manual_seed(0)
+        num_w3 = n(1000)
+        in_lens = torch.randint(64, 1025, (num_w3,), generator=gen).tolist()
+        out_lens = torch.randint(16, 513, (num_w3,), generator=gen).tolist()
+        submit(engine, list(zip(prompts(num_w3, in_lens, vocab, 3), out_lens)), "w3-")
+        for _ in range(args.w3_skip):
+            if engine.has_unfinished:
+                engine.step()
+        emit(window(engine, counter, "W3_steady", is_cuda, lambda step: step >= args.w3_steps))
+        for request_id in list(engine.requests):
+            engine.abort_request(request_id)
+        while engine.has_unfinished:
+            engine.step()
 
     path = args.json_out or (Path(os.environ["OUT"]) / "profile_kernels.json" if os.environ.get("OUT") else
                              Path(__file__).parent / "results" / f"profile_kernels-{args.device}-{args.size}.json")
