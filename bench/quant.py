@@ -264,11 +264,14 @@ def bench_formats(args) -> None:
             w1 = run(engine, [(p, 128) for p in w1_prompts])
             figures["W1_req_per_s"] = round(256 / w1["wall_s"], 2)
             figures["W1_out_tok_per_s"] = round(w1["num_out"] / w1["wall_s"], 1)
+            figures["W1_gpu_busy_share"] = round(w1["gpu_busy_share"], 3)
             w3 = run(engine, w3_requests)
             figures["W3_req_per_s"] = round(1000 / w3["wall_s"], 2)
             figures["W3_out_tok_per_s"] = round(w3["num_out"] / w3["wall_s"], 1)
+            figures["W3_gpu_busy_share"] = round(w3["gpu_busy_share"], 3)
+            figures["W3_steps"] = w3["steps"]
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-        emit(f"format_{fmt}", **figures)
+        emit(f"format_{fmt}", pdl=os.environ.get("PAGEFLEET_PDL", "1") != "0", **figures)
         del engine
         gc.collect()
         torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import linear_triton
+from replica.kernels import linear_triton, pdl
 
 MAX_ROWS = 16         # rows of x the kernel takes (its cost grows with the rows)
 # rows up to which `fp8_quant_triton.fp8_linear` takes this kernel; above, W8A8 _scaled_mm.
@@ -42,7 +42,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
                      N, K, k_per_split, stride_xm, stride_wn, stride_om,
                      HAS_BIAS: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     pid_k = tl.program_id(1)
     rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
@@ -68,7 +69,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
 def _fp8_dot_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
                     M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     # linear_triton's dot path (W on the MMA's large side, x padded to 16 rows) with e4m3 tiles
     # converted to x's dtype in registers and the row scale applied once at the end
     pid_k = tl.program_id(1)
@@ -118,12 +120,12 @@ def fp8_dot(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         x, w_q, w_scale, bias if bias is not None else out, out, partial,
         num_rows, n, k, k_per_split, x.stride(0), w_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        EVEN_K=k % k_per_split == 0, num_warps=4, num_stages=4,
+        EVEN_K=k % k_per_split == 0, **pdl.launch_options(x.device), num_warps=4, num_stages=4,
     )
     if split_k > 1:
         linear_triton._split_k_sum_kernel[(num_rows, triton.cdiv(n, 1024))](
             partial, bias if bias is not None else out, out, num_rows, n, out.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=1024, num_warps=4,
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=1024, **pdl.launch_options(x.device), num_warps=4,
         )
     return out
 
@@ -165,12 +167,12 @@ def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         HAS_BIAS=bias is not None, M=num_rows, BLOCK_M=triton.next_power_of_2(num_rows),
         BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         EVEN_K=k % k_per_split == 0,      # else the last split's tiles may run past K: masked
-        num_warps=config.num_warps, num_stages=1,
+        **pdl.launch_options(x.device), num_warps=config.num_warps, num_stages=1,
     )
     if split_k > 1:
         block = 1024
         linear_triton._split_k_sum_kernel[(num_rows, triton.cdiv(n, block))](
             partial, bias if bias is not None else out, out, num_rows, n, out.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4,
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, **pdl.launch_options(x.device), num_warps=4,
         )
     return out

@@ -11,14 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import fp8_gemv_triton
+from replica.kernels import fp8_gemv_triton, pdl
 from replica.kernels.checks import check_dtype, check_last_dim_contiguous, check_shape, check_contiguous
 from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
 
 @triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
-                            FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr):
+                            FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -47,7 +48,7 @@ def quantize_per_token(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tens
         _per_token_quant_kernel[(num_rows,)](
             x, x_q, x_scale, k, x.stride(0), x_q.stride(0),
             FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
-            num_warps=4)
+            **pdl.launch_options(x.device), num_warps=4)
     return x_q, x_scale
 
 

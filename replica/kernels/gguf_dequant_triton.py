@@ -9,13 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import pdl
 from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 
 @triton.jit
 def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn, stride_sn, stride_on,
                          BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     # GROUP: elements a scale covers (32; Q6_K's 8-bit codes 16)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gs = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
@@ -65,6 +67,6 @@ def dequantize(packed: PackedGGUF, dtype: torch.dtype) -> torch.Tensor:
         qweight, packed.scales, mins, out, n, num_groups, qweight.stride(0),
         packed.scales.stride(0), out.stride(0),
         BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None,
-        BLOCK_N=block_n, GROUPS=groups, GROUP=packed.group_size, num_warps=4,
+        BLOCK_N=block_n, GROUPS=groups, GROUP=packed.group_size, **pdl.launch_options(out.device), num_warps=4,
     )
     return out

@@ -21,7 +21,7 @@ and reached 3.2 TB/s where bf16 streams 4.4 (bench/NOTES.md, "Q6_K, the output h
 import triton
 import triton.language as tl
 
-from replica.kernels import linear_triton, q4_word_dot_triton
+from replica.kernels import linear_triton, pdl, q4_word_dot_triton
 
 CHUNK = 16            # codes a lane loads at once (16 bytes)
 
@@ -111,8 +111,9 @@ def q8_gemv_kernel(
     N, num_chunks, chunks_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
     CHUNKS_PER_GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BF16_ASM: tl.constexpr,
+    BF16_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     # q_ptr: the codes as int32 words (4 a word); stride_qn in words
     pid_k = tl.program_id(1)
     rows, n_mask, rows64, row_zero, c, c_start, c_end = q4_word_dot_triton.packed_gemv_lanes(

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import gguf_gemv8_triton, linear_triton, q4_word_dot_triton
+from replica.kernels import gguf_gemv8_triton, linear_triton, pdl, q4_word_dot_triton
 from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
@@ -71,7 +71,9 @@ def _q4_gemv_kernel(
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr,          # 0: exact fp32 products; 80 or 90: bf16x2 PTX for that arch
+    PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     pid_k = tl.program_id(1)
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS)
@@ -226,7 +228,7 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
     groups_per_split = triton.cdiv(num_tiles, split_k) * groups
     split_k = triton.cdiv(num_groups, groups_per_split)                 # no empty split
     even_k = num_groups % groups == 0
-    launch = dict(num_warps=config.num_warps, num_stages=1)
+    launch = dict(num_warps=config.num_warps, num_stages=1, **pdl.launch_options(x.device))
     qweight32 = packed.qweight.view(torch.int32)
     for m0 in range(0, num_rows, ROWS_PER_LAUNCH):
         xm = x[m0:m0 + ROWS_PER_LAUNCH]
@@ -265,5 +267,5 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
             linear_triton._split_k_sum_kernel[(rows_m, triton.cdiv(n, block))](
                 partial, bias if bias is not None else om, om, rows_m, n, om.stride(0),
                 HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4,
-            )
+                **pdl.launch_options(x.device))
     return out

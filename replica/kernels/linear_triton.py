@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import pdl
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_contiguous, check_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape, dot_precision,
@@ -51,8 +52,9 @@ def _skinny_linear_kernel(
     M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # weight rows = output columns
@@ -140,7 +142,8 @@ def gemv_store_row(result, mi, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_p
 
 @triton.jit
 def _split_k_sum_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -233,12 +236,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % k_per_split == 0,
         DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl.launch_options(x.device), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
         block = 1024
         _split_k_sum_kernel[(num_rows, triton.cdiv(n, block))](
             partial, bias if bias is not None else out, out, num_rows, n, out.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4,
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, **pdl.launch_options(x.device), num_warps=4,
         )
     return out

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import pdl
 from replica.kernels.checks import (
     FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape, dot_precision,
@@ -47,8 +48,9 @@ def _decode_split_kernel(
     stride_bt, stride_ot, stride_oh,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -109,8 +111,9 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
@@ -219,12 +222,12 @@ def paged_decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group_size)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         IS_SINGLE_SPLIT=is_single_split, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch_options(q.device), num_warps=num_warps, num_stages=num_stages,
     )
     if not is_single_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4,
+            **pdl.launch_options(q.device), num_warps=4,
         )
     return out

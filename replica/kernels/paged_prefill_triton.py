@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import pdl
 from replica.kernels.checks import (
     FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape, dot_precision,
@@ -37,8 +38,9 @@ def _prefill_kernel(
     stride_bt, stride_ot, stride_oh,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     # BLOCK_M = BLOCK_Q * BLOCK_G rows: BLOCK_Q query tokens × the group's heads
     seq = tl.program_id(0).to(tl.int64)
     q_tile = tl.program_id(1)
@@ -159,6 +161,6 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size, GROUP_SIZE=group_size, BLOCK_G=block_g,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
         BLOCK_M=block_q * block_g, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch_options(q.device), num_warps=num_warps, num_stages=num_stages,
     )
     return out

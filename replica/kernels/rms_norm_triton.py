@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import pdl
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_same_device, check_shape,
 )
@@ -23,8 +24,9 @@ _MAX_HIDDEN = 65536
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     inner, stride_x0, stride_x1, stride_r0, stride_r1, hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     outer_idx = row // inner
     inner_idx = row % inner
@@ -85,7 +87,7 @@ def _launch(x, residual, weight, eps):
             rows.shape[1], rows.stride(0), rows.stride(1),
             residual_rows.stride(0), residual_rows.stride(1), hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=4 if block <= 1024 else 8 if block <= 8192 else 16,
+            **pdl.launch_options(rows.device), num_warps=4 if block <= 1024 else 8 if block <= 8192 else 16,
         )
     return out, residual_out
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import pdl
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape,
@@ -46,8 +47,9 @@ def _rotary_kv_write_kernel(
     stride_vc_block, stride_vc_slot, stride_vc_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -121,6 +123,6 @@ def apply_rotary_and_write_kv(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=block_size,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), **pdl.launch_options(q.device), num_warps=4,
     )
     return q_out

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import pdl
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_same_device, check_same_dtype,
     check_shape,
@@ -38,8 +39,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_KV_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KV_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_and_release(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)
@@ -81,6 +83,6 @@ def apply_rotary(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
             NUM_HEADS=num_heads, NUM_KV_HEADS=k.shape[1], HALF=half,
             BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV_H=triton.next_power_of_2(k.shape[1]),
-            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+            BLOCK_HALF=triton.next_power_of_2(half), **pdl.launch_options(q.device), num_warps=4,
         )
     return q_out, k_out

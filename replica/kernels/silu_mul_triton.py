@@ -9,13 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.kernels import pdl
 from replica.kernels.checks import FLOAT_DTYPES, check_dtype, check_last_dim_contiguous
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, intermediate, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, intermediate, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
@@ -36,5 +38,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((*x.shape[:-1], intermediate), dtype=x.dtype, device=x.device)
     if rows.shape[0] > 0 and intermediate > 0:
         grid = (rows.shape[0], triton.cdiv(intermediate, _BLOCK))
-        _silu_and_mul_kernel[grid](rows, out, rows.stride(0), intermediate, BLOCK=_BLOCK, num_warps=4)
+        _silu_and_mul_kernel[grid](rows, out, rows.stride(0), intermediate, BLOCK=_BLOCK, **pdl.launch_options(rows.device), num_warps=4)
     return out
