@@ -97,8 +97,9 @@ def test_an_engine_on_triton_kernels_generates_the_torch_paths_tokens_through_mi
         return forward(self, q, k_cache, v_cache, meta, scale)
     monkeypatch.setattr(TritonAttentionBackend, "forward", recording)
     tokens = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"     # the interpreter on the CPU
     for backend in ("triton", "torch"):
-        engine = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32", kernel_backend=backend,
+        engine = LLMEngine(EngineConfig(model=str(path), device=device, dtype="float32", kernel_backend=backend,
                                         block_size=4, num_kv_blocks=64, max_model_len=64,
                                         max_num_batched_tokens=16, enable_overlap=False))
         params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
