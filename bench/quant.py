@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import SHAPES, prompts, run  # noqa: E402
 from bench.quant_accuracy import accuracy, build_engine  # noqa: E402
+from replica.kernels import pdl  # noqa: E402
 from replica.models.model_config import ModelConfig  # noqa: E402
 from replica.quantization.gguf_quantize import quantize  # noqa: E402
 
@@ -271,7 +272,7 @@ def bench_formats(args) -> None:
             figures["W3_gpu_busy_share"] = round(w3["gpu_busy_share"], 3)
             figures["W3_steps"] = w3["steps"]
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-        emit(f"format_{fmt}", pdl=os.environ.get("PAGEFLEET_PDL", "1") != "0", **figures)
+        emit(f"format_{fmt}", pdl=pdl.mode(), **figures)
         del engine
         gc.collect()
         torch.cuda.empty_cache()

@@ -56,9 +56,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        from replica.kernels import pdl                # Triton: imported where graphs exist
+
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), pdl.capturing_graphs():
             for bs in reversed(self.buckets):       # largest first, so smaller ones reuse its pool
                 meta = self._meta(bs)
                 for _ in range(2):                  # warm-up: Triton compiles, cuBLAS picks kernels

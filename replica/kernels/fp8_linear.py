@@ -8,6 +8,8 @@ On CUDA the product is `torch._scaled_mm` (cuBLASLt FP8 on the tensor cores) wit
 applied in its epilogue where the GPU supports row-wise scales (Hopper), else scaled after an
 fp32-output FP8 product (Ada). The torch functions here are the reference and the CPU path.
 """
+from typing import NamedTuple
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -24,11 +26,29 @@ def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+class Fp8Rows(NamedTuple):
+    """Activations already quantised per token by the kernel that produced them (an RMSNorm or
+    SiLU·mul writing e4m3 instead of bf16, one launch fewer), for a W8A8 product.
+    dtype: what the unquantised rows would have been (the product's output dtype)."""
+    q: torch.Tensor            # [M, K] e4m3
+    scale: torch.Tensor        # [M, 1] fp32
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+def fp8_rows_linear_ref(rows: Fp8Rows, w_q: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    # rows: [M, K]; w_q: [N, K] e4m3; w_scale: [N] fp32; bias: [N] or None → [M, N] in rows.dtype
+    out = (rows.q.float() @ w_q.float().t()) * rows.scale * w_scale[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(rows.dtype)
+
+
 def fp8_linear_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [M, K]; w_q: [N, K] e4m3; w_scale: [N] fp32; bias: [N] or None → [M, N] in x's dtype
-    x_q, x_scale = quantize_rows_ref(x)
-    out = (x_q.float() @ w_q.float().t()) * x_scale * w_scale[None, :]
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return fp8_rows_linear_ref(Fp8Rows(*quantize_rows_ref(x), x.dtype), w_q, w_scale, bias)

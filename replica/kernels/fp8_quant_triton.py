@@ -13,7 +13,7 @@ import triton.language as tl
 
 from replica.kernels import fp8_gemv_triton, pdl
 from replica.kernels.checks import check_dtype, check_last_dim_contiguous, check_shape, check_contiguous
-from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE, Fp8Rows
 
 
 @triton.jit
@@ -58,6 +58,24 @@ def has_rowwise_scaled_mm(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def takes_fp8_rows(num_rows: int, dtype: torch.dtype) -> bool:
+    """Whether `fp8_linear` would quantise x of this many rows per token (W8A8), so that x's
+    producer may write `Fp8Rows` instead (`fp8_rows_linear`)."""
+    is_16_bit = dtype in (torch.bfloat16, torch.float16)
+    return not (is_16_bit and num_rows <= max(fp8_gemv_triton.GEMV_ROWS, fp8_gemv_triton.DOT_ROWS))
+
+
+def _check_weight(w_q: torch.Tensor, w_scale: torch.Tensor, k: int) -> None:
+    n = w_q.shape[0]
+    check_shape("w_q", w_q, (None, k))
+    check_dtype("w_q", w_q, (FP8_DTYPE,))
+    check_contiguous("w_q", w_q)
+    check_shape("w_scale", w_scale, (n,))
+    check_dtype("w_scale", w_scale, (torch.float32,))
+    if k % 16 or n % 16:
+        raise ValueError(f"w_q: FP8 matmuls need K and N multiples of 16, got [{n}, {k}]")
+
+
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] float on CUDA; w_q: [N, K] e4m3 contiguous; w_scale: [N] fp32; bias: [N] or
@@ -66,26 +84,34 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     (x not quantised), up to `DOT_ROWS` (off until measured) its tensor-core variant; more rows
     W8A8 through `torch._scaled_mm`."""
     check_shape("x", x, (None, None))
-    n, k = w_q.shape
-    check_shape("w_q", w_q, (None, x.shape[1]))
-    check_dtype("w_q", w_q, (FP8_DTYPE,))
-    check_contiguous("w_q", w_q)
-    check_shape("w_scale", w_scale, (n,))
-    check_dtype("w_scale", w_scale, (torch.float32,))
-    if k % 16 or n % 16:
-        raise ValueError(f"w_q: FP8 matmuls need K and N multiples of 16, got [{n}, {k}]")
+    _check_weight(w_q, w_scale, x.shape[1])
     if x.shape[0] <= fp8_gemv_triton.GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16):
         return fp8_gemv_triton.fp8_gemv(x, w_q, w_scale, bias)   # decode: weight-only, faster
     if x.shape[0] <= fp8_gemv_triton.DOT_ROWS and x.dtype in (torch.bfloat16, torch.float16):
         return fp8_gemv_triton.fp8_dot(x, w_q, w_scale, bias)
-    x_q, x_scale = quantize_per_token(x)
-    if x.dtype == torch.bfloat16 and has_rowwise_scaled_mm(x.device):
-        out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, n),
-                               out_dtype=x.dtype)
+    return _scaled_product(Fp8Rows(*quantize_per_token(x), x.dtype), w_q, w_scale, bias)
+
+
+def fp8_rows_linear(rows: Fp8Rows, w_q: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 of activations quantised by their producer: rows.q [M, K] e4m3, rows.scale [M, 1]
+    fp32 → [M, N] in rows.dtype."""
+    check_dtype("rows.q", rows.q, (FP8_DTYPE,))
+    check_shape("rows.scale", rows.scale, (rows.q.shape[0], 1))
+    _check_weight(w_q, w_scale, rows.q.shape[1])
+    return _scaled_product(rows, w_q, w_scale, bias)
+
+
+def _scaled_product(rows: Fp8Rows, w_q: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    n = w_q.shape[0]
+    if rows.dtype == torch.bfloat16 and has_rowwise_scaled_mm(rows.q.device):
+        out = torch._scaled_mm(rows.q, w_q.t(), scale_a=rows.scale, scale_b=w_scale.view(1, n),
+                               out_dtype=rows.dtype)
     else:
-        one = torch.ones((), dtype=torch.float32, device=x.device)
-        out = (torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-               * x_scale * w_scale.view(1, n)).to(x.dtype)
+        one = torch.ones((), dtype=torch.float32, device=rows.q.device)
+        out = (torch._scaled_mm(rows.q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+               * rows.scale * w_scale.view(1, n)).to(rows.dtype)
     if bias is not None:
         out += bias
     return out

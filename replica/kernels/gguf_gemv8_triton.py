@@ -111,13 +111,13 @@ def q8_gemv_kernel(
     N, num_chunks, chunks_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
     CHUNKS_PER_GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BF16_ASM: tl.constexpr, PDL: tl.constexpr,
+    BF16_ASM: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait_and_release(PDL)
     # q_ptr: the codes as int32 words (4 a word); stride_qn in words
     pid_k = tl.program_id(1)
     rows, n_mask, rows64, row_zero, c, c_start, c_end = q4_word_dot_triton.packed_gemv_lanes(
-        N, chunks_per_split, num_chunks, BLOCK_N, CHUNKS)
+        N, chunks_per_split, num_chunks, BLOCK_N, CHUNKS, GATED)
     tot0 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
     tot1 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
     tot2 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
@@ -146,13 +146,13 @@ def q8_gemv_kernel(
                                  stride_xm, EVEN_K, HAS_MIN, BF16_ASM)
 
     linear_triton.gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                 partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K)
+                                 partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
     if M > 1:
         linear_triton.gemv_store_row(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K)
+                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
     if M > 2:
         linear_triton.gemv_store_row(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K)
+                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
     if M > 3:
         linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K)
+                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)

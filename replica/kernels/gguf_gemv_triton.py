@@ -71,12 +71,12 @@ def _q4_gemv_kernel(
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr,          # 0: exact fp32 products; 80 or 90: bf16x2 PTX for that arch
-    PDL: tl.constexpr,
+    GATED: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait_and_release(PDL)
     pid_k = tl.program_id(1)
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
-        N, groups_per_split, num_groups, BLOCK_N, GROUPS)
+        N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
     tot0 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot2 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
@@ -110,16 +110,16 @@ def _q4_gemv_kernel(
                                  x_mask, 3, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
 
     linear_triton.gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
-              stride_om, M, HAS_BIAS, SPLIT_K)
+              stride_om, M, HAS_BIAS, SPLIT_K, GATED)
     if M > 1:
         linear_triton.gemv_store_row(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
-                  stride_om, M, HAS_BIAS, SPLIT_K)
+                  stride_om, M, HAS_BIAS, SPLIT_K, GATED)
     if M > 2:
         linear_triton.gemv_store_row(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
-                  stride_om, M, HAS_BIAS, SPLIT_K)
+                  stride_om, M, HAS_BIAS, SPLIT_K, GATED)
     if M > 3:
         linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
-                  stride_om, M, HAS_BIAS, SPLIT_K)
+                  stride_om, M, HAS_BIAS, SPLIT_K, GATED)
 
 
 @triton.jit
@@ -208,17 +208,20 @@ def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.d
     return GemvConfig(block_n, groups, split_k, num_warps=4)
 
 
-def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
-              config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M ≤ MAX_ROWS, K] (checked by the caller, `gguf_linear_triton.gguf_linear`) → [M, N],
-    written into `out` when given (any [M, N] view whose last dim is contiguous)."""
-    num_rows, k = x.shape
-    n = packed.shape[0]
-    config = config or choose_gemv_config(num_rows, n, k, packed.bits, x.device, packed.qtype)
-    if out is None:
-        out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
-    if n == 0 or num_rows == 0:
-        return out
+@dataclass(frozen=True)
+class _Plan:
+    """A GEMV launch's shape-derived parameters."""
+    config: GemvConfig
+    num_groups: int          # lanes' units along K: 32-element groups (4-bit), 16-code chunks (8-bit)
+    groups: int
+    groups_per_split: int
+    split_k: int
+    even_k: bool
+
+
+def _plan(num_rows: int, packed: PackedGGUF, device: torch.device, config: GemvConfig | None) -> _Plan:
+    n, k = packed.shape
+    config = config or choose_gemv_config(num_rows, n, k, packed.bits, device, packed.qtype)
     # lanes along K: 4-bit, one 32-element group each; 8-bit, one 16-code chunk each
     lane_cols = GROUP_SIZE if packed.bits == 4 else gguf_gemv8_triton.CHUNK
     num_groups = k // lane_cols
@@ -227,45 +230,83 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
     split_k = max(1, min(config.split_k, num_tiles))
     groups_per_split = triton.cdiv(num_tiles, split_k) * groups
     split_k = triton.cdiv(num_groups, groups_per_split)                 # no empty split
-    even_k = num_groups % groups == 0
-    launch = dict(num_warps=config.num_warps, num_stages=1, **pdl.launch_options(x.device))
+    return _Plan(config, num_groups, groups, groups_per_split, split_k, num_groups % groups == 0)
+
+
+def _launch(xm: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None, om: torch.Tensor,
+            partial: torch.Tensor, plan: _Plan, gated: bool) -> None:
+    """One GEMV launch for up to ROWS_PER_LAUNCH rows xm: into om, or (split K) into partial."""
+    n = packed.shape[0]
+    config = plan.config
+    launch = dict(num_warps=config.num_warps, num_stages=1, **pdl.launch_options(xm.device))
     qweight32 = packed.qweight.view(torch.int32)
+    # gated: a program's BLOCK_N rows are BLOCK_N / 2 output columns' gate and up
+    grid = (triton.cdiv(n // 2 if gated else n, config.block_n // 2 if gated else config.block_n), plan.split_k)
+    # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
+    bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
+                  and xm.data_ptr() % 4 == 0)
+    common = (packed.scales, packed.mins if packed.mins is not None else packed.scales,
+              bias if bias is not None else om, om, partial,
+              n, plan.num_groups, plan.groups_per_split, 1, xm.stride(0), qweight32.stride(0),
+              packed.scales.stride(0), om.stride(0))
+    flags = dict(HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None, M=xm.shape[0],
+                 BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
+    if packed.bits == 4:
+        bf16_asm = _bf16x2_arch(xm.device) if USE_BF16_ASM and bf16_pairs else 0
+        _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *common,
+                              ZERO_POINT=packed.zero_point, GROUPS=plan.groups, BF16_ASM=bf16_asm,
+                              **flags, **launch)
+    else:
+        gguf_gemv8_triton.q8_gemv_kernel[grid](
+            xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *common,
+            CHUNKS_PER_GROUP=packed.group_size // gguf_gemv8_triton.CHUNK, CHUNKS=plan.groups,
+            BF16_ASM=bf16_pairs, **flags, **launch)
+
+
+def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
+              config: GemvConfig | None = None, out: torch.Tensor | None = None,
+              gated: bool = False) -> torch.Tensor:
+    """x: [M ≤ MAX_ROWS, K] (checked by the caller, `gguf_linear_triton.gguf_linear`) → [M, N],
+    written into `out` when given (any [M, N] view whose last dim is contiguous).
+    gated (packed = [gate | up], N rows): silu(gate) · up [M, N / 2] instead, in the GEMV's
+    epilogue (a split-K plan runs unfused: the GEMV, then `silu_mul_triton`)."""
+    num_rows = x.shape[0]
+    n = packed.shape[0]
+    plan = _plan(num_rows, packed, x.device, config)
+    if gated and plan.split_k > 1:
+        from replica.kernels.silu_mul_triton import silu_and_mul
+        act = silu_and_mul(gguf_gemv(x, packed, bias, config))
+        return act if out is None else out.copy_(act)
+    n_out = n // 2 if gated else n
+    if out is None:
+        out = torch.empty(num_rows, n_out, dtype=x.dtype, device=x.device)
+    if n == 0 or num_rows == 0:
+        return out
     for m0 in range(0, num_rows, ROWS_PER_LAUNCH):
         xm = x[m0:m0 + ROWS_PER_LAUNCH]
         om = out[m0:m0 + xm.shape[0]]
-        rows_m = xm.shape[0]
-        partial = (torch.empty(split_k, rows_m, n, dtype=torch.float32, device=x.device)
-                   if split_k > 1 else om)
-        grid = (triton.cdiv(n, config.block_n), split_k)
-        # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
-        bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
-                      and xm.data_ptr() % 4 == 0)
-        if packed.bits == 4:
-            bf16_asm = _bf16x2_arch(xm.device) if USE_BF16_ASM and bf16_pairs else 0
-            _q4_gemv_kernel[grid](
-                xm, xm.view(torch.int32) if bf16_asm else xm, qweight32,
-                packed.scales, packed.mins if packed.mins is not None else packed.scales,
-                bias if bias is not None else om, om, partial,
-                n, num_groups, groups_per_split, 1, xm.stride(0), qweight32.stride(0),
-                packed.scales.stride(0), om.stride(0),
-                ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None,
-                M=rows_m, BLOCK_N=config.block_n, GROUPS=groups, SPLIT_K=split_k, EVEN_K=even_k,
-                BF16_ASM=bf16_asm, **launch)
-        else:
-            gguf_gemv8_triton.q8_gemv_kernel[grid](
-                xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, packed.scales,
-                packed.mins if packed.mins is not None else packed.scales,
-                bias if bias is not None else om, om, partial,
-                n, num_groups, groups_per_split, 1, xm.stride(0), qweight32.stride(0),
-                packed.scales.stride(0), om.stride(0),
-                CHUNKS_PER_GROUP=packed.group_size // lane_cols, HAS_MIN=packed.mins is not None,
-                HAS_BIAS=bias is not None, M=rows_m,
-                BLOCK_N=config.block_n, CHUNKS=groups, SPLIT_K=split_k, EVEN_K=even_k,
-                BF16_ASM=bf16_pairs, **launch)
-        if split_k > 1:
+        partial = (torch.empty(plan.split_k, xm.shape[0], n, dtype=torch.float32, device=x.device)
+                   if plan.split_k > 1 else om)
+        _launch(xm, packed, bias, om, partial, plan, gated)
+        if plan.split_k > 1:
             block = 1024
-            linear_triton._split_k_sum_kernel[(rows_m, triton.cdiv(n, block))](
-                partial, bias if bias is not None else om, om, rows_m, n, om.stride(0),
-                HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, num_warps=4,
+            linear_triton._split_k_sum_kernel[(xm.shape[0], triton.cdiv(n, block))](
+                partial, bias if bias is not None else om, om, xm.shape[0], n, om.stride(0),
+                HAS_BIAS=bias is not None, SPLIT_K=plan.split_k, BLOCK=block, num_warps=4,
                 **pdl.launch_options(x.device))
     return out
+
+
+def gguf_gemv_add_rms_norm(x: torch.Tensor, packed: PackedGGUF, residual: torch.Tensor,
+                           norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x: [M ≤ ROWS_PER_LAUNCH, K] → (rms_norm(x @ W^T + residual), x @ W^T + residual), the
+    GEMV's split-K partials summed by the norm kernel itself (`rms_norm_triton`): one kernel
+    less than GEMV, sum, add + norm. None where the plan does not split K (nothing to fuse)."""
+    num_rows = x.shape[0]
+    plan = _plan(num_rows, packed, x.device, None)
+    if plan.split_k == 1 or num_rows > ROWS_PER_LAUNCH or num_rows == 0:
+        return None
+    from replica.kernels.rms_norm_triton import split_k_sum_add_rms_norm
+    partial = torch.empty(plan.split_k, num_rows, packed.shape[0], dtype=torch.float32, device=x.device)
+    _launch(x, packed, None, partial[0], partial, plan, gated=False)   # om: only its stride is read
+    return split_k_sum_add_rms_norm(partial, residual, norm_weight, eps)

@@ -41,6 +41,15 @@ def check_packed(packed: PackedGGUF) -> None:
     check_contiguous("qweight", packed.qweight)
 
 
+def _check_x(x: torch.Tensor, packed: PackedGGUF) -> None:
+    check_shape("x", x, (None, None))
+    check_dtype("x", x, FLOAT_DTYPES)
+    check_last_dim_contiguous("x", x)
+    check_packed(packed)
+    if packed.shape[1] != x.shape[1]:
+        raise ValueError(f"x: expected {packed.shape[1]} columns (the weight's K), got {x.shape[1]}")
+
+
 def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
                 config: gguf_gemv_triton.GemvConfig | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,14 +59,9 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
 
     Without `config`, the paths above by the number of rows; a `GemvConfig` forces the GEMV
     with that tile (tests, bench/quant.py's sweep)."""
-    check_shape("x", x, (None, None))
-    check_dtype("x", x, FLOAT_DTYPES)
-    check_last_dim_contiguous("x", x)
-    check_packed(packed)
+    _check_x(x, packed)
     num_rows, k = x.shape
     n = packed.shape[0]
-    if packed.shape[1] != k:
-        raise ValueError(f"x: expected {packed.shape[1]} columns (the weight's K), got {k}")
     if bias is not None:
         check_shape("bias", bias, (n,))
         check_same_dtype(x=x, bias=bias)
@@ -86,3 +90,28 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
         w = gguf_dequant_triton.dequantize(packed.rows(start, stop), x.dtype)
         out[:, start:stop] = torch.nn.functional.linear(x, w, None if bias is None else bias[start:stop])
     return out
+
+
+def gguf_linear_gated(x: torch.Tensor, packed: PackedGGUF) -> torch.Tensor:
+    """x: [M, K]; packed: a fused [gate | up] projection [2 I, K] → silu(gate) · up [M, I]: in
+    the GEMV's epilogue up to `gguf_gemv_triton.GEMV_ROWS` rows (one launch instead of two),
+    else `gguf_linear` then `silu_mul_triton`."""
+    _check_x(x, packed)
+    if packed.shape[0] % 2:
+        raise ValueError(f"packed: a [gate | up] projection has an even number of rows, got {packed.shape[0]}")
+    if x.shape[0] <= gguf_gemv_triton.GEMV_ROWS:
+        return gguf_gemv_triton.gguf_gemv(x, packed, gated=True)
+    from replica.kernels.silu_mul_triton import silu_and_mul
+    return silu_and_mul(gguf_linear(x, packed))
+
+
+def gguf_linear_add_rms_norm(x: torch.Tensor, packed: PackedGGUF, residual: torch.Tensor,
+                             norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(x @ W^T + residual), x @ W^T + residual) with the GEMV's split-K sum inside
+    the norm kernel, for up to `gguf_gemv_triton.GEMV_ROWS` rows; None where that does not apply
+    (more rows, or a plan without split K): the caller runs the unfused ops."""
+    _check_x(x, packed)
+    if x.shape[0] > gguf_gemv_triton.GEMV_ROWS:
+        return None
+    check_same_dtype(x=x, residual=residual)
+    return gguf_gemv_triton.gguf_gemv_add_rms_norm(x, packed, residual, norm_weight, eps)

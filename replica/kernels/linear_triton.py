@@ -129,13 +129,23 @@ def gemv_store_tile(acc, rows, n_mask, ms, m_mask, pid_k, bias_ptr, out_ptr, par
 
 @triton.jit
 def gemv_store_row(result, mi, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
-                   M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+                   M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
     """A GEMV program's fp32 result [BLOCK_N] for row mi of x → out[mi, rows] (+ bias, rounded
-    once), or with SPLIT_K > 1 its partial [SPLIT_K, M, N] for _split_k_sum_kernel."""
+    once), or with SPLIT_K > 1 its partial [SPLIT_K, M, N] for _split_k_sum_kernel.
+    GATED (SPLIT_K 1; rows alternate gate, up: `q4_word_dot_triton.packed_gemv_lanes`):
+    silu(gate) · up into out[mi, N / 2 columns], gate and up first rounded to out's dtype as an
+    unfused projection would have stored them for `silu_mul_triton`."""
     if SPLIT_K == 1:
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + mi * stride_om + rows, result.to(out_ptr.dtype.element_ty), mask=n_mask)
+        if GATED:
+            pairs = result.to(out_ptr.dtype.element_ty).to(tl.float32)
+            gate, up = tl.split(tl.reshape(pairs, [pairs.shape[0] // 2, 2]))
+            cols = tl.program_id(0) * (pairs.shape[0] // 2) + tl.arange(0, pairs.shape[0] // 2)
+            tl.store(out_ptr + mi * stride_om + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty),
+                     mask=cols < N // 2)
+        else:
+            tl.store(out_ptr + mi * stride_om + rows, result.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(partial_ptr + (pid_k * M + mi).to(tl.int64) * N + rows, result, mask=n_mask)
 

@@ -15,8 +15,11 @@ kernels are complete when a wait returns. Kernels launched without the attribute
 cuBLAS) serialise as usual. On an H200, a chain of a GEMV and an element-wise kernel measured
 6.7 → 5.0 µs a pair inside a CUDA graph (bench/NOTES.md, "PDL").
 
-Off on the CPU (Triton's interpreter), before sm_90, and with PAGEFLEET_PDL=0.
+Where: PAGEFLEET_PDL=graphs (the default) inside the decode CUDA graphs only, where a step is
+hundreds of short kernels back to back; "all" in eager steps too; "0" nowhere. Never on the CPU
+(Triton's interpreter) or before sm_90.
 """
+import contextlib
 import functools
 import os
 
@@ -26,11 +29,36 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
+MODES = ("graphs", "all", "0")
+_capturing = {"graphs": False}     # set by `capturing_graphs` around the decode graphs' capture
+
+
 @functools.cache
+def mode() -> str:
+    value = os.environ.get("PAGEFLEET_PDL", "graphs")
+    if value not in MODES:
+        raise ValueError(f"PAGEFLEET_PDL={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+@functools.cache
+def _supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def uses_pdl(device: torch.device) -> bool:
-    if device.type != "cuda" or os.environ.get("PAGEFLEET_PDL", "1") == "0":
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    wanted = mode()
+    return _supported(device) and (wanted == "all" or (wanted == "graphs" and _capturing["graphs"]))
+
+
+@contextlib.contextmanager
+def capturing_graphs():
+    """Kernels launched inside (the decode graphs' warm-up and capture) use PDL in mode "graphs"."""
+    _capturing["graphs"] = True
+    try:
+        yield
+    finally:
+        _capturing["graphs"] = False
 
 
 def launch_options(device: torch.device) -> dict:

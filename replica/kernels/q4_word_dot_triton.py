@@ -91,11 +91,20 @@ def q4_word_dot_fp32(words, x):
 
 
 @triton.jit
-def packed_gemv_lanes(N, per_split, total, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+def packed_gemv_lanes(N, per_split, total, BLOCK_N: tl.constexpr, LANES: tl.constexpr, GATED: tl.constexpr):
     """The tile of a packed GEMV program: BLOCK_N rows of W, LANES lanes along K (a 16-byte run
     of a row each), and this split's range [start, end) of lanes. row_zero: zeros [BLOCK_N, 1],
-    added to x's offsets so that x's loads take the weights' layout."""
-    rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
+    added to x's offsets so that x's loads take the weights' layout.
+    GATED (W = [gate | up], N rows): the program's rows alternate gate j, up j, gate j + 1, ...
+    for BLOCK_N / 2 output columns j (`linear_triton.gemv_store_row` multiplies the pairs)."""
+    if GATED:
+        r = tl.arange(0, BLOCK_N)
+        cols = tl.program_id(0) * (BLOCK_N // 2) + r // 2
+        rows = cols + (r % 2) * (N // 2)
+        n_mask = cols < N // 2
+        rows64 = tl.where(n_mask, rows, 0).to(tl.int64)       # loads need no mask: a valid row
+    else:
+        rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     start = tl.program_id(1) * per_split
     end = tl.minimum(start + per_split, total)
     return rows, n_mask, rows64, (rows64 * 0)[:, None], tl.arange(0, LANES), start, end

@@ -25,7 +25,7 @@ import logging
 import torch
 
 from replica.kernels import ops
-from replica.kernels.fp8_linear import FP8_DTYPE, fp8_linear_ref, quantize_rows_ref
+from replica.kernels.fp8_linear import FP8_DTYPE, Fp8Rows, fp8_linear_ref, fp8_rows_linear_ref, quantize_rows_ref
 from replica.kernels.gguf_linear import gguf_linear_ref
 from replica.quantization.gguf_packed import GGUFTensor, PackedGGUF, dequantize_packed, pack, with_mins
 
@@ -65,7 +65,12 @@ class Fp8Weight:
     def num_bytes(self) -> int:
         return self.qweight.numel() + 4 * self.scale.numel()
 
-    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):                 # quantised by the kernel that produced them
+            if ops.is_triton_enabled(x.q):
+                from replica.kernels.fp8_quant_triton import fp8_rows_linear
+                return fp8_rows_linear(x, self.qweight, self.scale, bias)
+            return fp8_rows_linear_ref(x, self.qweight, self.scale, bias)
         if ops.is_triton_enabled(x):
             from replica.kernels.fp8_quant_triton import fp8_linear
             return fp8_linear(x, self.qweight, self.scale, bias)
@@ -161,6 +166,32 @@ class GGUFWeight:
         return out
 
 
+    def _fusable(self, x: torch.Tensor) -> PackedGGUF | None:
+        """The packed matrix where x's rows take the fused Triton paths below (one segment, CUDA)."""
+        if self.dense is not None or len(self.segments) != 1 or not ops.is_triton_enabled(x):
+            return None
+        return self.segments[0][1]
+
+    def apply_gated(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) · up of this [gate | up] projection in one kernel (decode rows); None where
+        the unfused path must run."""
+        packed = self._fusable(x)
+        if packed is None:
+            return None
+        from replica.kernels.gguf_linear_triton import gguf_linear_gated
+        return gguf_linear_gated(x, packed)
+
+    def apply_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rms_norm(x @ W^T + residual), x @ W^T + residual), the GEMV's split-K sum done by the
+        norm kernel; None where the unfused path must run."""
+        packed = self._fusable(x)
+        if packed is None:
+            return None
+        from replica.kernels.gguf_linear_triton import gguf_linear_add_rms_norm
+        return gguf_linear_add_rms_norm(x, packed, residual, norm_weight, eps)
+
+
 def _join(parts: list[PackedGGUF]) -> PackedGGUF:
     """Row-adjacent parts of one layout (or all 4-bit) → one packed matrix."""
     if len(parts) == 1:
@@ -182,11 +213,73 @@ def make_weight(quantization: str | None, num_rows: int, num_cols: int, dtype: t
     return torch.empty(num_rows, num_cols, dtype=dtype, device=device)
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] → [M, N] through whichever form `weight` holds."""
+def linear(x: torch.Tensor | Fp8Rows, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] → [M, N] through whichever form `weight` holds (`Fp8Rows`: from `norm_for` or
+    `silu_and_mul_for`, for an Fp8Weight)."""
     if isinstance(weight, torch.Tensor):
         return ops.linear(x, weight, bias)
     return weight.apply(x, bias)
+
+
+# A W8A8 projection's input is quantised per token by the kernel that produces it (the RMSNorm
+# before qkv and gate_up, SiLU·mul before down) instead of by a kernel of its own: 3 launches a
+# layer fewer, which eager (mixed) steps pay on the host. False: the separate quantiser.
+FUSE_FP8_QUANT = True
+# A GGUF decode GEMV's epilogues: silu(gate)·up inside gate_up's GEMV, and o_proj's and down_proj's
+# split-K sums inside the next RMSNorm (3 launches a layer fewer). False: the unfused kernels.
+FUSE_GGUF_EPILOGUES = True
+
+
+def _takes_fp8_rows(weight, x: torch.Tensor) -> bool:
+    if not (FUSE_FP8_QUANT and isinstance(weight, Fp8Weight) and x.dim() == 2 and ops.is_triton_enabled(x)):
+        return False
+    from replica.kernels.fp8_quant_triton import takes_fp8_rows
+    return takes_fp8_rows(x.shape[0], x.dtype)
+
+
+def norm_for(weight, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+    """The input of `linear(·, weight)`: RMSNorm(x + residual), and x + residual (the next
+    residual); with residual None, RMSNorm(x) and x. `Fp8Rows` where weight is W8A8 at this
+    many rows."""
+    # x, residual: [T, hidden]
+    if _takes_fp8_rows(weight, x):
+        from replica.kernels.rms_norm_triton import fused_add_rms_norm_fp8
+        return fused_add_rms_norm_fp8(x, residual, norm_weight, eps)
+    if residual is None:
+        return ops.rms_norm(x, norm_weight, eps), x
+    return ops.fused_add_rms_norm(x, residual, norm_weight, eps)
+
+
+def silu_and_mul_for(weight, gate_up: torch.Tensor) -> torch.Tensor | Fp8Rows:
+    """silu(gate) · up as the input of `linear(·, weight)` (`Fp8Rows` where weight is W8A8)."""
+    # gate_up: [T, 2 * intermediate]
+    if _takes_fp8_rows(weight, gate_up):
+        from replica.kernels.silu_mul_triton import silu_and_mul_fp8
+        return silu_and_mul_fp8(gate_up)
+    return ops.silu_and_mul(gate_up)
+
+
+def linear_add_norm(x: torch.Tensor, weight, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    next_weight) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+    """norm_for(next_weight, linear(x, weight), residual, norm_weight, eps): a projection, the
+    residual add and the next norm. A GGUF GEMV that splits K hands its partials to the norm
+    kernel (o_proj and down_proj at decode: one launch less each)."""
+    if FUSE_GGUF_EPILOGUES and isinstance(weight, GGUFWeight) and not isinstance(next_weight, Fp8Weight):
+        fused = weight.apply_add_rms_norm(x, residual, norm_weight, eps)
+        if fused is not None:
+            return fused
+    return norm_for(next_weight, linear(x, weight), residual, norm_weight, eps)
+
+
+def gate_up_act(x: torch.Tensor | Fp8Rows, gate_up_weight, down_weight) -> torch.Tensor | Fp8Rows:
+    """silu(gate) · up of x's fused [gate | up] projection, in the form `linear(·, down_weight)`
+    takes; a GGUF decode GEMV applies it in its epilogue (one launch less)."""
+    if FUSE_GGUF_EPILOGUES and isinstance(gate_up_weight, GGUFWeight):
+        act = gate_up_weight.apply_gated(x)
+        if act is not None:
+            return act
+    return silu_and_mul_for(down_weight, linear(x, gate_up_weight))
 
 
 def weight_bytes(weight) -> int:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from replica.kernels import ops
 from replica.layers.attention import AttentionBackend, AttentionMetadata
-from replica.layers.quantized_linear import linear, make_weight, weight_bytes
+from replica.layers.quantized_linear import gate_up_act, linear, linear_add_norm, make_weight, norm_for, weight_bytes
 from replica.layers.rotary import build_cos_sin_cache, compute_inv_freq
 from replica.models.model_config import ModelConfig
 
@@ -177,13 +177,11 @@ class LlamaForCausalLM:
         num_tokens = input_ids.shape[0]
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         hidden = F.embedding(input_ids, self.embed)
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            if residual is None:
-                residual = hidden
-                x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
-            else:
-                x, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
+        # Each norm is written in the form the next projection takes (FP8 rows before a W8A8
+        # one), and fused with the projection before it where a kernel allows (`linear_add_norm`).
+        first = self.layers[0]
+        x, residual = norm_for(first.qkv_weight, hidden, None, first.input_norm, cfg.rms_norm_eps)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
@@ -196,11 +194,15 @@ class LlamaForCausalLM:
             q = ops.apply_rotary_and_write_kv(q, k, v, positions, self.cos_sin_cache,
                                               k_cache, v_cache, meta.slot_mapping)
             attn = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
-            hidden = linear(attn.reshape(num_tokens, q_size), layer.o_weight)
-            x, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
-            hidden = linear(ops.silu_and_mul(linear(x, layer.gate_up_weight)), layer.down_weight)
-        out, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
-        return out
+            x, residual = linear_add_norm(attn.reshape(num_tokens, q_size), layer.o_weight, residual,
+                                          layer.post_norm, cfg.rms_norm_eps, layer.gate_up_weight)
+            act = gate_up_act(x, layer.gate_up_weight, layer.down_weight)
+            # down_proj, the residual add and the next layer's input norm (the final norm last)
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            x, residual = linear_add_norm(act, layer.down_weight, residual,
+                                          nxt.input_norm if nxt else self.norm, cfg.rms_norm_eps,
+                                          nxt.qkv_weight if nxt else None)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

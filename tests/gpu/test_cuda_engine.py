@@ -107,3 +107,38 @@ def test_packed_gguf_and_an_fp8_cache_run_in_graphs_as_eagerly(fmt):
         del engine
         torch.cuda.empty_cache()
     assert tokens[False] == tokens[True]
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K_M", "Q4_0"])
+def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
+    """bf16 decode through the fused GGUF GEMV epilogues (silu·mul in gate_up's GEMV, split-K
+    sums in the next norm) and PDL inside the graphs gives the tokens of the unfused kernels."""
+    from bench.quant_accuracy import build_engine
+    from replica.kernels import gguf_linear_triton, rms_norm_triton
+    from replica.layers import quantized_linear
+    from replica.models.model_config import ModelConfig
+
+    # hidden 4096: o_proj's and down_proj's GEMVs split K at 1 row, as at the 8B shapes
+    cfg = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 4096,
+        "intermediate_size": 8192, "num_hidden_layers": 2, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    calls = {"gated": 0, "sum_norm": 0}
+    for module, name, key in ((gguf_linear_triton, "gguf_linear_gated", "gated"),
+                              (rms_norm_triton, "split_k_sum_add_rms_norm", "sum_norm")):
+        def spy(*args, _fn=getattr(module, name), _key=key, **kwargs):
+            calls[_key] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    prompts = _prompts(4, 2048, seed=5)
+    tokens = {}
+    for fused in (True, False):
+        monkeypatch.setattr(quantized_linear, "FUSE_GGUF_EPILOGUES", fused)
+        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=8, token_budget=2048,
+                              engine_args=dict(num_kv_blocks=512, max_model_len=1024))
+        tokens[fused] = _greedy_tokens(engine, prompts)
+        del engine
+        torch.cuda.empty_cache()
+        if fused:
+            assert calls["gated"] > 0 and calls["sum_norm"] > 0, calls
+    assert tokens[True] == tokens[False]
