@@ -29,9 +29,10 @@ min term:
 
 Rows of x (1..4, a constexpr) reuse each loaded word: the weight is read once whatever the
 batch. 8-bit (Q8_0, and Q6_K widened to bytes) has its own kernel of the same shape
-(`gguf_gemv8_triton.py`). SPLIT_K > 1
-writes fp32 partials [SPLIT_K, M, N] summed by linear_triton's split-K kernel. The grid depends
-only on shapes: launches are valid inside a CUDA graph.
+(`gguf_gemv8_triton.py`). SPLIT_K > 1 writes fp32 partials [SPLIT_K, M, N], summed by
+linear_triton's split-K kernel or, with `gguf_gemv_add_rms_norm`, by the next RMSNorm. GATED
+(a [gate | up] projection) applies silu(gate) · up in the epilogue. The grid depends only on
+shapes: launches are valid inside a CUDA graph.
 """
 import functools
 from dataclasses import dataclass

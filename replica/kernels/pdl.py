@@ -13,7 +13,8 @@ then `griddepcontrol.launch_dependents` lets the next kernel be scheduled as thi
 retire. Because each kernel waits before it releases, at most two grids overlap and all earlier
 kernels are complete when a wait returns. Kernels launched without the attribute (torch's,
 cuBLAS) serialise as usual. On an H200, a chain of a GEMV and an element-wise kernel measured
-6.7 → 5.0 µs a pair inside a CUDA graph (bench/NOTES.md, "PDL").
+6.7 → 5.0 µs a pair inside a CUDA graph, and W2 decode gained 3-7 % (bench/NOTES.md, "PDL, and
+fewer kernels a layer").
 
 Where: PAGEFLEET_PDL=graphs (the default) inside the decode CUDA graphs only, where a step is
 hundreds of short kernels back to back; "all" in eager steps too; "0" nowhere. Never on the CPU
