@@ -2,7 +2,9 @@
 `fp8_linear.quantize_rows_ref`), then the FP8 product through `torch._scaled_mm`.
 
 One program per row of x: pass 1 finds the row's absmax tile by tile, pass 2 writes x / scale
-in e4m3 (saturated to ±448) and the scale. Two reads of a row that is at most a few tens of KB,
+in e4m3 (saturated to ±448, rounded to nearest even in fp32 as the KV-cache writes do, so the
+interpreter agrees with the GPU) and the scale. The same kernel quantises silu(gate) · up of a
+gate_up projection's output (`silu_mul_triton.silu_and_mul_fp8`), computing it in both passes. Two reads of a row that is at most a few tens of KB,
 so the second read comes from L2; one launch instead of torch's four (abs, amax, div, cast).
 """
 import functools
@@ -11,44 +13,60 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import fp8_gemv_triton, pdl
+from replica.kernels import fp8_gemv_triton, kv_cache_write_triton, pdl
 from replica.kernels.checks import check_dtype, check_last_dim_contiguous, check_shape, check_contiguous
 from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE, Fp8Rows
 
 
 @triton.jit
+def _row_tile(x_row, start, num_cols, BLOCK_K: tl.constexpr, SILU: tl.constexpr):
+    """Columns [start, start + BLOCK_K) of the row being quantised, fp32: x itself, or with SILU
+    silu(gate) · up of x = [gate | up] rounded to x's dtype (what `silu_mul_triton` would store)."""
+    cols = start + tl.arange(0, BLOCK_K)
+    mask = cols < num_cols
+    if SILU:
+        gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row + num_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (gate * tl.sigmoid(gate) * up).to(x_row.dtype.element_ty).to(tl.float32)
+    else:
+        y = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    return y, cols, mask
+
+
+@triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
-                            FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                            FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SILU: tl.constexpr, PDL: tl.constexpr):
     pdl.wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        y, cols, mask = _row_tile(x_row, k, K, BLOCK_K, SILU)
+        amax = tl.maximum(amax, tl.abs(y))
     scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_, MIN_SCALE_)
-    for k in range(0, K, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale, -FP8_MAX_, FP8_MAX_)
-        tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+    for k in range(0, K, BLOCK_K):     # the row again (from L2), now quantised
+        y, cols, mask = _row_tile(x_row, k, K, BLOCK_K, SILU)
+        tl.store(q_ptr + row * stride_qm + cols, kv_cache_write_triton.to_cache_dtype(y / scale, q_ptr), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_per_token(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] float, last dim contiguous → (x_q [M, K] e4m3, x_scale [M, 1] fp32)."""
+def quantize_per_token(x: torch.Tensor, block_k: int = 1024, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] float, last dim contiguous → (x_q [M, K] e4m3, x_scale [M, 1] fp32).
+    silu: x is [M, 2 K] = [gate | up] and silu(gate) · up is quantised (`silu_mul_triton`)."""
     check_shape("x", x, (None, None))
     check_dtype("x", x, (torch.bfloat16, torch.float16, torch.float32))
     check_last_dim_contiguous("x", x)
-    num_rows, k = x.shape
+    if silu and x.shape[1] % 2:
+        raise ValueError(f"x: last dimension must be even ([gate | up]), got shape {list(x.shape)}")
+    num_rows, k = x.shape[0], x.shape[1] // 2 if silu else x.shape[1]
     x_q = torch.empty(num_rows, k, dtype=FP8_DTYPE, device=x.device)
     x_scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
-    if num_rows:
+    if num_rows and k:
         _per_token_quant_kernel[(num_rows,)](
             x, x_q, x_scale, k, x.stride(0), x_q.stride(0),
             FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
-            **pdl.launch_options(x.device), num_warps=4)
+            SILU=silu, **pdl.launch_options(x.device), num_warps=4)
     return x_q, x_scale
 
 

@@ -6,17 +6,18 @@ rounded once (the reference rounds silu(gate) first, so the two may differ by on
 last place of 16-bit dtypes). One pass: each element of x is read once, the output written once.
 
 `silu_and_mul_fp8` (for a W8A8 down projection) quantises each output row per token instead, as
-`fp8_quant_triton.quantize_per_token` would quantise the 16-bit output: one program a row, a
-first pass for the row's absmax of the rounded products, a second that recomputes them (cheaper
-than storing them) and writes e4m3 codes and the scale. One launch instead of two.
+`fp8_quant_triton.quantize_per_token` would quantise the 16-bit output, in that kernel: one
+program a row, a first pass for the row's absmax of the rounded products, a second that
+recomputes them (cheaper than storing them) and writes e4m3 codes and the scale. One launch
+instead of two.
 """
 import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import kv_cache_write_triton, pdl
-from replica.kernels.checks import FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_shape
-from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE, Fp8Rows
+from replica.kernels import pdl
+from replica.kernels.checks import FLOAT_DTYPES, check_dtype, check_last_dim_contiguous
+from replica.kernels.fp8_linear import Fp8Rows
 
 _BLOCK = 1024
 
@@ -49,45 +50,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
-def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, stride_x, intermediate, FP8_MAX_: tl.constexpr,
-                               MIN_SCALE_: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl.wait_and_release(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, intermediate, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < intermediate
-        gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_row + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(y))
-    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_, MIN_SCALE_)
-    for start in range(0, intermediate, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < intermediate
-        gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_row + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(q_ptr + row * intermediate + cols, kv_cache_write_triton.to_cache_dtype(y / scale, q_ptr),
-                 mask=mask)
-    tl.store(scale_ptr + row, scale)
-
-
 def silu_and_mul_fp8(x: torch.Tensor) -> Fp8Rows:
     """x: [M, 2 * intermediate] (last dim contiguous) → silu(gate) * up, rounded to x's dtype,
-    quantised per row: e4m3 [M, intermediate] and fp32 scales [M, 1]."""
-    check_shape("x", x, (None, None))
-    check_dtype("x", x, FLOAT_DTYPES)
-    if x.shape[-1] % 2:
-        raise ValueError(f"x: last dimension must be even ([gate | up]), got shape {list(x.shape)}")
-    check_last_dim_contiguous("x", x)
-    num_rows, intermediate = x.shape[0], x.shape[1] // 2
-    q = torch.empty(num_rows, intermediate, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
-    if num_rows > 0 and intermediate > 0:
-        _silu_and_mul_quant_kernel[(num_rows,)](
-            x, q, scale, x.stride(0), intermediate, FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE,
-            BLOCK=min(2048, triton.next_power_of_2(intermediate)), **pdl.launch_options(x.device), num_warps=8)
-    return Fp8Rows(q, scale, x.dtype)
+    quantised per row: e4m3 [M, intermediate] and fp32 scales [M, 1] (one launch of
+    `fp8_quant_triton`'s per-token kernel, which computes the products in its two passes)."""
+    from replica.kernels.fp8_quant_triton import quantize_per_token
+    return Fp8Rows(*quantize_per_token(x, block_k=2048, silu=True), x.dtype)

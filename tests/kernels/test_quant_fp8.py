@@ -5,33 +5,12 @@ alone (also under Triton's interpreter)."""
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from replica.kernels.fp8_linear import FP8_DTYPE, fp8_linear_ref, quantize_rows_ref
 from replica.kernels.fp8_quant_triton import quantize_per_token
 from tests.kernels.paged_batch import DEVICE, DTYPE, ON_GPU
 
 HAS_FP8_GPU = ON_GPU and torch.cuda.get_device_capability() >= (8, 9)
-
-
-@triton.jit
-def _cast_to_e4m3(x_ptr, q_ptr, N: tl.constexpr):
-    offs = tl.arange(0, N)
-    tl.store(q_ptr + offs, tl.load(x_ptr + offs).to(q_ptr.dtype.element_ty))
-
-
-def _platform_e4m3(values: torch.Tensor) -> torch.Tensor:
-    """Triton's own fp32 → e4m3 cast. The GPU rounds to nearest even, as torch does; Triton's
-    interpreter rounds ties away and drops the carry into the exponent (124..128 → 64), so on the
-    CPU the quantiser's codes are compared with this cast of the reference's x / scale."""
-    flat = values.float().contiguous().reshape(-1)
-    size = triton.next_power_of_2(flat.numel())
-    padded = torch.zeros(size, device=flat.device)
-    padded[:flat.numel()] = flat
-    out = torch.empty(size, dtype=FP8_DTYPE, device=flat.device)
-    _cast_to_e4m3[(1,)](padded, out, N=size)
-    return out[:flat.numel()].reshape(values.shape)
 
 
 @pytest.mark.parametrize("num_rows,k,block_k", [(1, 64, 32), (3, 100, 64), (5, 256, 1024), (2, 48, 16)])
@@ -44,10 +23,9 @@ def test_per_token_quantiser_matches_reference(num_rows, k, block_k):
     ref_q, ref_scale = quantize_rows_ref(x)
     assert q.dtype == FP8_DTYPE and scale.shape == (num_rows, 1)
     torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
-    scaled = (x.float() / ref_scale).clamp(-448, 448)
-    assert torch.equal(q.float(), _platform_e4m3(scaled).float())
-    if ON_GPU:
-        assert torch.equal(q.float(), ref_q.float())
+    # rounded in fp32 to nearest even (Triton's interpreter casts to e4m3 differently): the
+    # reference's codes on the GPU and on the CPU alike
+    assert torch.equal(q.float(), ref_q.float())
 
 
 def test_reference_product_is_close_to_the_float_product():
