@@ -71,30 +71,55 @@ def prompts(n: int, lengths, vocab: int, seed: int) -> list[list[int]]:
 
 
 def run(engine: LLMEngine, reqs: list[tuple[list[int], int]], track_waste: bool = False) -> dict:
-    """Submit all at once, step to the end; returns wall time, token counts, TTFT and GPU busy share."""
+    """Submit all at once, step to the end; returns wall time, token counts, TTFT and GPU busy share.
+    Per kind of step ("decode": one token a row, the CUDA graphs; "mixed": eager, with prompt
+    chunks): the mean host time of the runner's execute (building inputs and launching the
+    kernels, no sync) against the mean GPU time from its events. Mixed steps whose host time
+    passes their GPU time point to a launch-bound host."""
     engine.runner.step_events = events = []
+    host_ms, kinds = [], []
+    execute = engine.runner.execute
+
+    def timed(plan, *args, **kwargs):
+        started = time.perf_counter()
+        logits = execute(plan, *args, **kwargs)
+        host_ms.append((time.perf_counter() - started) * 1e3)
+        kinds.append("decode" if all(e.num_new_tokens == 1 for e in plan.scheduled) else "mixed")
+        return logits
+    engine.runner.execute = timed
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i, (prompt, out_len) in enumerate(reqs):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
     first, last, num_out, waste = {}, {}, 0, None
-    while engine.has_unfinished:
-        for out in engine.step():
-            now = time.perf_counter()
-            first.setdefault(out.request_id, now)
-            last[out.request_id] = now
-            num_out += sum(len(c.new_token_ids) for c in out.outputs)
-        if track_waste and waste is None and not engine.scheduler.waiting:
-            bm = engine.block_manager
-            allocated = (bm.num_blocks - bm.num_free_blocks) * bm.block_size
-            used = sum(s.num_tokens for s in engine.scheduler.running)
-            waste = (allocated - used) / allocated if allocated else 0.0
-    torch.cuda.synchronize()
+    try:
+        while engine.has_unfinished:
+            for out in engine.step():
+                now = time.perf_counter()
+                first.setdefault(out.request_id, now)
+                last[out.request_id] = now
+                num_out += sum(len(c.new_token_ids) for c in out.outputs)
+            if track_waste and waste is None and not engine.scheduler.waiting:
+                bm = engine.block_manager
+                allocated = (bm.num_blocks - bm.num_free_blocks) * bm.block_size
+                used = sum(s.num_tokens for s in engine.scheduler.running)
+                waste = (allocated - used) / allocated if allocated else 0.0
+        torch.cuda.synchronize()
+    finally:
+        engine.runner.execute = execute
     wall = time.perf_counter() - t0
     engine.runner.step_events = None
-    gpu_s = sum(s.elapsed_time(e) for s, e in events) / 1e3
+    gpu_ms = [s.elapsed_time(e) for s, e in events]
+    gpu_s = sum(gpu_ms) / 1e3
     ttft = sorted(first[k] - t0 for k in first)
-    return dict(wall_s=wall, num_out=num_out, ttft_first_s=ttft[0], first=first, last=last,
+    by_kind = {}
+    for kind in ("decode", "mixed"):
+        picked = [(h, g) for h, g, k in zip(host_ms, gpu_ms, kinds) if k == kind]
+        if picked:
+            by_kind[kind] = dict(steps=len(picked), host_ms=round(sum(h for h, _ in picked) / len(picked), 2),
+                                 gpu_ms=round(sum(g for _, g in picked) / len(picked), 2),
+                                 host_above_gpu_share=round(sum(h > g for h, g in picked) / len(picked), 3))
+    return dict(wall_s=wall, num_out=num_out, ttft_first_s=ttft[0], first=first, last=last, steps_by_kind=by_kind,
                 gpu_busy_share=gpu_s / wall, steps=len(events), kv_waste=waste)
 
 

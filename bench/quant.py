@@ -271,6 +271,7 @@ def bench_formats(args) -> None:
             figures["W3_out_tok_per_s"] = round(w3["num_out"] / w3["wall_s"], 1)
             figures["W3_gpu_busy_share"] = round(w3["gpu_busy_share"], 3)
             figures["W3_steps"] = w3["steps"]
+            figures["W3_steps_by_kind"] = w3["steps_by_kind"]
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         emit(f"format_{fmt}", pdl=pdl.mode(), **figures)
         del engine
