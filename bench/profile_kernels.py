@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine import SHAPES, prompts  # noqa: E402
 from replica.config import EngineConfig  # noqa: E402
 from replica.engine.engine import LLMEngine  # noqa: E402
+from replica.kernels import triton_backend  # noqa: E402
 from replica.models.loader import Checkpoint  # noqa: E402
 from replica.models.model_config import ModelConfig  # noqa: E402
 from replica.sampling_params import SamplingParams  # noqa: E402
@@ -102,8 +103,13 @@ class ShapeCounter:
         v["tokens"] += tokens
         v["gemm_flops"] += tokens * self.gemm_flops_per_token + 2 * len(plan.samplers) * cfg.hidden_size * cfg.vocab_size
         v["decode_attention_flops" if is_decode else "prefill_attention_flops"] += attn_flops
-        if is_decode:              # bytes of K and V read (bf16/fp32 as the cache is)
-            v["decode_kv_pairs"] += pairs
+        # keys read by the decode kernel: every row of a decode-only step, and a mixed step's
+        # leading one-token rows (triton_backend.SPLIT_MIXED_DECODES sends them there)
+        for e in plan.scheduled:
+            if e.num_new_tokens != 1 and not is_decode:
+                break
+            if is_decode or triton_backend.SPLIT_MIXED_DECODES:
+                v["decode_kv_pairs"] += e.seq.num_computed_tokens + 1
 
 
 def submit(engine: LLMEngine, reqs: list[tuple[list[int], int]], tag: str) -> None:
