@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import SHAPES, prompts, run  # noqa: E402
 from bench.quant_accuracy import accuracy, build_engine  # noqa: E402
+from replica.config import EngineConfig  # noqa: E402
 from replica.kernels import pdl  # noqa: E402
 from replica.models.model_config import ModelConfig  # noqa: E402
 from replica.quantization.gguf_quantize import quantize  # noqa: E402
@@ -243,8 +244,9 @@ def bench_formats(args) -> None:
     vocab = cfg.vocab_size
     for fmt in args.formats.split(","):
         started = time.perf_counter()
-        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=256, token_budget=args.token_budget)
-        figures = dict(weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
+        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=256, token_budget=args.token_budget,
+                              engine_args=dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens))
+        figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens,weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
                        num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1))
         run(engine, [(p, 16) for p in prompts(8, [512] * 8, vocab, 9)])                  # warm-up
         figures["W2_decode_tok_per_s"] = decode_tok_per_s(engine, vocab)
@@ -316,6 +318,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="formats: W2 only (no W1, W3)")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)}")
     parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--cuda-graph-max-tokens", type=int, default=EngineConfig.cuda_graph_max_tokens,
+                        help="steps with prefill chunks up to this many tokens replay piecewise graphs (0: eager)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     sections = set(args.sections.split(","))

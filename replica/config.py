@@ -35,6 +35,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"      # every op and attention: auto (triton on CUDA, torch otherwise) | torch | triton
     enforce_eager: bool = False       # disable CUDA graphs
+    cuda_graph_max_tokens: int = 2048  # steps with prefill chunks up to this many tokens replay piecewise graphs; 0: eager
     enable_overlap: bool = True       # plan step t+1 while the device runs step t (core.py)
     seed: int = 0                     # seed of unseeded sampling
     max_num_waiting: int = 1024       # bound of the waiting queue (server answers 503 above)
@@ -64,6 +65,9 @@ class EngineConfig:
                              f"(or left out), got {self.quantization!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.cuda_graph_max_tokens < 0:
+            raise ValueError(f"cuda_graph_max_tokens must be >= 0 (0: no piecewise graphs), got "
+                             f"{self.cuda_graph_max_tokens}")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
 

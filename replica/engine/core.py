@@ -119,7 +119,8 @@ class EngineCore:
             kv_dtype=self.kv_dtype,
             use_cuda_graphs=(self.device.type == "cuda" and backend.name == "triton"
                              and not config.enforce_eager),
-            max_num_batched_tokens=config.max_num_batched_tokens)
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_piecewise_tokens=config.cuda_graph_max_tokens)
         self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, config.seed, self.device,
                                max_num_rows=config.max_num_seqs)
         self.structured = (StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, self.device)

@@ -72,8 +72,11 @@ class StepBuffers:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  max_num_seqs: int = 256, max_model_len: int = 2048, use_cuda_graphs: bool = False,
-                 max_num_batched_tokens: int = 8192, kv_dtype: torch.dtype | None = None):
-        """kv_dtype: the KV cache's dtype (default the model's; FP8 e4m3 with --kv-cache-dtype fp8)."""
+                 max_num_batched_tokens: int = 8192, kv_dtype: torch.dtype | None = None,
+                 max_piecewise_tokens: int = 0):
+        """kv_dtype: the KV cache's dtype (default the model's; FP8 e4m3 with --kv-cache-dtype fp8).
+        max_piecewise_tokens: with use_cuda_graphs, steps that are not decode-only and hold at most
+        this many tokens replay piecewise graphs (0: they run eagerly)."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
@@ -93,12 +96,17 @@ class ModelRunner:
         # Benchmarks set this to a list to collect (start, end) CUDA events around each step's GPU
         # work (forward and logits), which gives the GPU's idle share between steps.
         self.step_events: list | None = None
-        self.graphs = None
+        self.graphs = self.piecewise = None
         if use_cuda_graphs:
             from replica.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, self.kv_caches, num_blocks, block_size, max_num_seqs,
                                        max_model_len)
             self.graphs.capture()
+            max_tokens = min(max_piecewise_tokens, max_num_batched_tokens + max_num_seqs)
+            if max_tokens > 0:
+                from replica.engine.piecewise_graphs import PiecewiseGraphs
+                self.piecewise = PiecewiseGraphs(model, self.kv_caches, num_blocks, block_size, max_tokens)
+                self.piecewise.capture(pool=self.graphs.pool)
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -135,7 +143,10 @@ class ModelRunner:
                 is_decode_only=max_query_len == 1, block_size=self.block_size,
                 num_decode_prefix=num_decode_prefix)
             start = self._record()
-            hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+            if self.piecewise is not None and self.piecewise.can_run(len(input_ids)):
+                hidden = self.piecewise.run(input_ids, positions, meta)
+            else:
+                hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
             ends = query_start[1:].long() - 1
             logits = self.model.compute_logits(hidden.index_select(0, ends[entries]))
         if start is not None:

@@ -25,21 +25,21 @@ class TritonAttentionBackend:
     name = "triton"
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
-                scale: float) -> torch.Tensor:
-        # q: [T, num_heads, head_dim] → out like q
+                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        # q: [T, num_heads, head_dim] → out like q (allocated unless given)
         if meta.is_decode_only:
             if meta.decode_num_splits is None:
                 meta.decode_num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], meta.max_seq_len,
                                                            q.device)
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                num_splits=meta.decode_num_splits,
+                num_splits=meta.decode_num_splits, out=out,
             )
         num_decodes = meta.num_decode_prefix if SPLIT_MIXED_DECODES else 0
         if num_decodes == 0:
             return paged_prefill_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                meta.max_query_len, scale,
+                meta.max_query_len, scale, out=out,
             )
         # the decode rows are the first num_decodes tokens (one each); the prefill kernel takes the
         # rest with its query offsets rebased (computed once a step, on the first layer)
@@ -47,7 +47,7 @@ class TritonAttentionBackend:
             meta.prefill_query_start_loc = meta.query_start_loc[num_decodes:] - num_decodes
             meta.decode_num_splits = choose_num_splits(num_decodes, k_cache.shape[2], meta.max_seq_len,
                                                        q.device)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         paged_decode_attention(
             q[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
             scale, num_splits=meta.decode_num_splits, out=out[:num_decodes],

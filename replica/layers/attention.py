@@ -39,7 +39,8 @@ class AttentionBackend(Protocol):
     name: str
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
+                meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [T, num_heads, head_dim] → attention output like q (written into `out` if given)."""
 
 
 class TorchAttentionBackend:
@@ -47,12 +48,13 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out=None):
         # q: [T, num_heads, head_dim] → like q
         if meta.ref_plan is None:
             meta.ref_plan = build_ref_plan(meta.query_start_loc, meta.seq_lens, meta.block_tables,
                                            meta.max_query_len, meta.max_seq_len, meta.block_size)
-        return paged_attention_ref(q, k_cache, v_cache, meta.ref_plan, meta.max_query_len, scale)
+        result = paged_attention_ref(q, k_cache, v_cache, meta.ref_plan, meta.max_query_len, scale)
+        return result if out is None else out.copy_(result)
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

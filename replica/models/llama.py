@@ -173,36 +173,55 @@ class LlamaForCausalLM:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         # input_ids, positions: [T] → hidden states [T, hidden]
-        cfg = self.cfg
-        num_tokens = input_ids.shape[0]
+        x, residual = self.piece(0, input_ids, None, positions, meta.slot_mapping, kv_caches)
+        for i, (k_cache, v_cache) in enumerate(kv_caches):
+            attn = self.backend.forward(x, k_cache, v_cache, meta, self.scale)
+            x, residual = self.piece(i + 1, attn, residual, positions, meta.slot_mapping, kv_caches)
+        return x
+
+    @torch.inference_mode()
+    def piece(self, i: int, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+              slot_mapping: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The forward between two attentions, which reads nothing but its arguments (piecewise
+        CUDA graphs capture each piece: `replica/engine/piecewise_graphs.py`).
+
+        Piece i takes layer i-1's attention output and the residual (piece 0: the input ids and
+        None), runs layer i-1's o_proj and MLP, and ends with layer i's q after rotary, its K and V
+        written to the cache: returns (q [T, heads, head_dim], residual [T, hidden]). The last
+        piece (i = num_layers) ends with the final norm instead: (hidden [T, hidden], residual).
+        """
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        num_tokens = x.shape[0]
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        hidden = F.embedding(input_ids, self.embed)
+        layer = self.layers[i] if i < len(self.layers) else None
         # Each norm is written in the form the next projection takes (FP8 rows before a W8A8
         # one), and fused with the projection before it where a kernel allows (`linear_add_norm`).
-        first = self.layers[0]
-        x, residual = norm_for(first.qkv_weight, hidden, None, first.input_norm, cfg.rms_norm_eps)
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
-            k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            if layer.q_norm is not None:
-                q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-                k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            # rotary and the KV-cache write in one kernel; attention then reads the cache
-            q = ops.apply_rotary_and_write_kv(q, k, v, positions, self.cos_sin_cache,
-                                              k_cache, v_cache, meta.slot_mapping)
-            attn = self.backend.forward(q, k_cache, v_cache, meta, self.scale)
-            x, residual = linear_add_norm(attn.reshape(num_tokens, q_size), layer.o_weight, residual,
-                                          layer.post_norm, cfg.rms_norm_eps, layer.gate_up_weight)
-            act = gate_up_act(x, layer.gate_up_weight, layer.down_weight)
-            # down_proj, the residual add and the next layer's input norm (the final norm last)
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            x, residual = linear_add_norm(act, layer.down_weight, residual,
-                                          nxt.input_norm if nxt else self.norm, cfg.rms_norm_eps,
-                                          nxt.qkv_weight if nxt else None)
-        return x
+        if i == 0:
+            h, residual = norm_for(layer.qkv_weight, F.embedding(x, self.embed), None, layer.input_norm, eps)
+        else:
+            prev = self.layers[i - 1]
+            h, residual = linear_add_norm(x.reshape(num_tokens, q_size), prev.o_weight, residual,
+                                          prev.post_norm, eps, prev.gate_up_weight)
+            act = gate_up_act(h, prev.gate_up_weight, prev.down_weight)
+            # down_proj, the residual add and this layer's input norm (the final norm last)
+            h, residual = linear_add_norm(act, prev.down_weight, residual,
+                                          layer.input_norm if layer else self.norm, eps,
+                                          layer.qkv_weight if layer else None)
+            if layer is None:
+                return h, residual
+        qkv = linear(h, layer.qkv_weight, layer.qkv_bias)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:
+            q = ops.rms_norm(q, layer.q_norm, eps)
+            k = ops.rms_norm(k, layer.k_norm, eps)
+        # rotary and the KV-cache write in one kernel; attention then reads the cache
+        k_cache, v_cache = kv_caches[i]
+        q = ops.apply_rotary_and_write_kv(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache,
+                                          slot_mapping)
+        return q, residual
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

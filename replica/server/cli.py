@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of requests that bring none (default 0)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="no CUDA graphs")
+    p.add_argument("--cuda-graph-max-tokens", type=int, default=2048, metavar="N",
+                   help="steps with prefill chunks of up to N tokens replay piecewise CUDA graphs "
+                        "(graphs between attentions, attention eager); 0: they run eagerly")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from config.json (benchmarks; no weight files needed)")
     p.add_argument("--quantization", choices=["fp8", "gguf"],
@@ -95,6 +98,7 @@ def _configs(args: argparse.Namespace):
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        cuda_graph_max_tokens=args.cuda_graph_max_tokens,
         load_format=args.load_format, max_num_waiting=args.max_queue,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.enable_prefix_caching,

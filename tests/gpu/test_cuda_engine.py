@@ -65,6 +65,7 @@ def test_cuda_graphs_and_eager_give_the_same_tokens(tmp_path):
                                         max_model_len=1024, enforce_eager=eager),
                            checkpoint=checkpoint_from_hf_model(hf))
         assert (engine.runner.graphs is None) == eager
+        assert (engine.runner.piecewise is None) == eager, "mixed steps replay piecewise graphs"
         tokens[eager] = _greedy_tokens(engine, prompts)
         del engine
         torch.cuda.empty_cache()
@@ -142,3 +143,38 @@ def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
         if fused:
             assert calls["gated"] > 0 and calls["sum_norm"] > 0, calls
     assert tokens[True] == tokens[False]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "Q4_0"])
+def test_piecewise_graph_replays_equal_the_same_pieces_run_eagerly(fmt, monkeypatch):
+    """A mixed step replaying its pieces' graphs computes exactly what the same pieces compute
+    eagerly through the same padded buffers (same kernels, same shapes): the same tokens, in each
+    weight format, while every step with a prefill chunk goes through the pieces."""
+    from bench.quant_accuracy import build_engine
+    from replica.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 1024,
+        "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    engine = build_engine(cfg, fmt, "cuda", max_num_seqs=16, token_budget=256,
+                          engine_args=dict(num_kv_blocks=512, max_model_len=1024,
+                                           enable_prefix_caching=False))   # the same steps twice
+    piecewise = engine.runner.piecewise
+    assert piecewise is not None and set(piecewise.graphs) == set(piecewise.buckets)
+    sizes = []
+    run = piecewise.run
+
+    def counted_run(input_ids, *args):
+        sizes.append(len(input_ids))
+        return run(input_ids, *args)
+
+    monkeypatch.setattr(piecewise, "run", counted_run)
+    prompts = _prompts(24, 2048, seed=7)
+    replayed = _greedy_tokens(engine, prompts)
+    num_replayed_steps = len(sizes)
+    graphs, piecewise.graphs = piecewise.graphs, {}     # no graphs: run() runs the pieces eagerly
+    eager = _greedy_tokens(engine, prompts)
+    piecewise.graphs = graphs
+    assert num_replayed_steps > 5 and len(sizes) == 2 * num_replayed_steps
+    assert replayed == eager
