@@ -3,6 +3,7 @@
     python3 bench/served.py                      # 8B shape, random bf16 weights (about 6 minutes on an H200)
     python3 bench/served.py --size 1b --num-requests 200     # quick
     python3 bench/served.py --device cpu --size tiny --num-requests 40   # the same flow on a CPU
+    python3 bench/served.py --skip-offline --http W4 --serve-arg=--cuda-graph-max-tokens=0  # an A/B
 
 1. Offline, `LLMEngine` in this process: W1, W2, W5 and KV waste (bench/engine.py's runs), then W3
    with the load generator's own 1000 requests all at once, after a warm-up pass over 1000 other
@@ -156,7 +157,7 @@ def start_server(args, folder: Path, log_path: Path, token_budget: int) -> tuple
            "--dtype", args.dtype, "--max-model-len", str(settings["max_model_len"]),
            "--max-num-batched-tokens", str(settings["max_num_batched_tokens"]),
            "--max-num-seqs", str(settings["max_num_seqs"]), "--max-queue", "100000",
-           "--log-level", "warning"]
+           "--log-level", "warning", *args.serve_arg]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
                             cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
@@ -199,13 +200,16 @@ def main() -> None:
                         help="token budget of the replica W4 runs against (replica serve's default)")
     parser.add_argument("--no-engine-workloads", dest="with_engine_workloads", action="store_false",
                         help="skip W1, W2, W5 (the offline engine's own workloads)")
+    parser.add_argument("--http", default="W3,W4", help="the HTTP runs: W3, W4 or both")
+    parser.add_argument("--serve-arg", action="append", default=[],
+                        help="an extra argument of replica serve, e.g. --serve-arg=--cuda-graph-max-tokens=0")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     is_cuda = args.device.startswith("cuda")
     emit("env", gpu=torch.cuda.get_device_name() if is_cuda else platform.processor() or "cpu",
          torch=torch.__version__, python=platform.python_version(), date=datetime.date.today().isoformat(),
          size=args.size, num_requests=args.num_requests, token_budget=args.token_budget,
-         serve_token_budget=args.serve_token_budget, commit=git_commit())
+         serve_token_budget=args.serve_token_budget, serve_args=args.serve_arg, commit=git_commit())
     folder = model_folder(args.size)
     requests = make_requests(args.num_requests, (64, 1024), (16, 512), vocab_size=SHAPES[args.size]["vocab_size"],
                              seed=0)
@@ -219,9 +223,9 @@ def main() -> None:
         gc.collect()                       # the offline engine's GPU memory goes back before serving
         if is_cuda:
             torch.cuda.empty_cache()
-    for budget, runs in ((args.token_budget, [("W3_http_cold", None, warmup_requests), ("W3_http", None, requests)]),
-                         (args.serve_token_budget, [("warmup_w4", 128, warmup_requests),
-                                                    ("W4_http_c128", 128, requests)])):
+    http = {"W3": (args.token_budget, [("W3_http_cold", None, warmup_requests), ("W3_http", None, requests)]),
+            "W4": (args.serve_token_budget, [("warmup_w4", 128, warmup_requests), ("W4_http_c128", 128, requests)])}
+    for budget, runs in (http[name] for name in args.http.split(",")):
         proc, url = start_server(args, folder, folder / f"serve-{budget}.log", budget)
         try:
             for name, concurrency, reqs in runs:
@@ -229,7 +233,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
-    if "W3_offline" in RESULTS:
+    if "W3_offline" in RESULTS and "W3_http" in RESULTS:
         ratio = RESULTS["W3_http"]["req_per_s"] / RESULTS["W3_offline"]["req_per_s"]
         emit("W3_http_over_offline", ratio=round(ratio, 3), target=0.95)
     print(f"\n{'figure':<28}{'value':>12}")
