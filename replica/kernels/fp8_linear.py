@@ -7,8 +7,8 @@
 On CUDA the product is `torch._scaled_mm` (cuBLASLt FP8 on the tensor cores) with both scales
 applied in its epilogue where the GPU supports row-wise scales (Hopper), else scaled after an
 fp32-output FP8 product (Ada). The torch functions here are the reference and the CPU path.
-A Triton W8A8 GEMM measured 0.56-0.93x cuBLASLt's speed at every 8B projection from 64 to 2048
-rows on an H200 (`bench/results/fp8-gemm-H200-2026-11-29.json`), so cuBLASLt it is.
+A Triton W8A8 GEMM beat cuBLASLt only at 64-128 rows (by 3-9 µs a call) and lost from 256 rows
+on, at every 8B projection on an H200 (`bench/results/fp8-gemm-H200-2026-11-29.json`), so cuBLASLt it is.
 """
 from typing import NamedTuple
 
