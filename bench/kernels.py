@@ -1,6 +1,7 @@
 """Microbenchmark of the Triton kernels on one GPU, against their byte / FLOP floors.
 
     python3 bench/kernels.py --out bench/results/kernels-$(date +%F).json [--sweep]
+    python3 bench/kernels.py --decode-only --kv-dtypes bf16,fp8 --batches 64,256 --contexts 512,1024 --sweep
 
 Decode attention at Llama-3-8B shapes (32 query heads, 8 KV heads, head_dim 128, block size 16,
 bf16) for batch 1 and 64 and contexts 512..8192: the floor is the KV bytes each step must read
@@ -48,11 +49,12 @@ def measure_copy_bandwidth() -> float:
     return 2 * src.numel() / (us * 1e-6)          # bytes read + written per second
 
 
-def paged_kv(num_seqs: int, ctx: int, gen: torch.Generator):
+def paged_kv(num_seqs: int, ctx: int, gen: torch.Generator, kv_dtype: torch.dtype = DTYPE):
     blocks_per_seq = ctx // BLOCK_SIZE
     num_blocks = num_seqs * blocks_per_seq
-    k_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE,
+                          generator=gen).to(kv_dtype)
+    v_cache = torch.randn_like(k_cache, dtype=DTYPE).to(kv_dtype)
     perm = torch.randperm(num_blocks, device="cuda", generator=gen).int()
     return k_cache, v_cache, perm.view(num_seqs, blocks_per_seq)
 
@@ -84,14 +86,16 @@ def graph_time_us(calls) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_decode(copy_bw: float, sweep: bool) -> list[dict]:
+def bench_decode(copy_bw: float, sweep: bool, kv_dtype: torch.dtype = DTYPE, batches=(1, 64),
+                 contexts=(512, 1024, 2048, 4096, 8192)) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for num_seqs in (1, 64):
-        for ctx in (512, 1024, 2048, 4096, 8192):
-            kv_bytes = 2 * num_seqs * ctx * NUM_KV_HEADS * HEAD_DIM * BYTES
+    kv_elem_bytes = torch.empty((), dtype=kv_dtype).element_size()
+    for num_seqs in batches:
+        for ctx in contexts:
+            kv_bytes = 2 * num_seqs * ctx * NUM_KV_HEADS * HEAD_DIM * kv_elem_bytes
             num_copies = max(2, -(-256 * 2 ** 20 // kv_bytes))
-            caches = [paged_kv(num_seqs, ctx, gen)[:2] for _ in range(num_copies)]
+            caches = [paged_kv(num_seqs, ctx, gen, kv_dtype)[:2] for _ in range(num_copies)]
             block_tables = paged_kv(num_seqs, ctx, gen)[2]
             seq_lens = torch.full((num_seqs,), ctx, dtype=torch.int32, device="cuda")
             q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
@@ -101,7 +105,8 @@ def bench_decode(copy_bw: float, sweep: bool) -> list[dict]:
             auto = choose_num_splits(num_seqs, NUM_KV_HEADS, ctx, q.device)
             configs = [(64, 4, 2, auto)]
             if sweep:
-                tiles = [(64, 4, 2), (128, 4, 2), (32, 4, 2)] + ([(64, 4, 3), (64, 8, 2)] if num_seqs > 1 else [])
+                tiles = [(64, 4, 2), (128, 4, 2), (32, 4, 2)] + ([(64, 4, 3), (64, 8, 2), (128, 8, 2), (128, 4, 3),
+                                                                  (256, 8, 2)] if num_seqs > 1 else [])
                 split_choices = (1, 2, 4, 8, 16, 32, 64) if num_seqs == 1 else (1, 2)
                 configs += [(*tile, splits) for tile in tiles for splits in split_choices]
             seen = set()
@@ -119,7 +124,7 @@ def bench_decode(copy_bw: float, sweep: bool) -> list[dict]:
                 calls = [make_call(k, v) for k, v in caches]
                 us = graph_time_us(calls)
                 row = {
-                    "kernel": "decode", "batch": num_seqs, "context": ctx, "block_n": block_n,
+                    "kernel": "decode", "kv_dtype": str(kv_dtype).removeprefix("torch."), "batch": num_seqs, "context": ctx, "block_n": block_n,
                     "num_warps": num_warps, "num_stages": num_stages, "num_splits": splits,
                     "is_default": splits == auto and (block_n, num_warps, num_stages) == (64, 4, 2),
                     "time_us": round(us, 2), "floor_us": round(floor_us, 2),
@@ -231,6 +236,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="JSON file to write")
     parser.add_argument("--sweep", action="store_true", help="also time decode variants")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="decode attention only, for --kv-dtypes, --batches and --contexts")
+    parser.add_argument("--kv-dtypes", default="bf16", help="decode-only: bf16, fp8 or both")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--contexts", default="512,1024,2048,4096,8192")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -244,6 +254,19 @@ def main() -> None:
             print(f"{fn.__name__} failed: {exc!r}")
             return [{"error": repr(exc)}]
 
+    if args.decode_only:
+        kv_dtypes = {"bf16": DTYPE, "fp8": torch.float8_e4m3fn}
+        batches, contexts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")]
+        rows = [r for name in args.kv_dtypes.split(",")
+                for r in bench_decode(copy_bw, args.sweep, kv_dtypes[name], batches, contexts)]
+        for r in rows:
+            print(json.dumps(r))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(),
+                                                torch=torch.__version__, triton=triton.__version__,
+                                                copy_bandwidth_TBps=round(copy_bw / 1e12, 3), decode=rows), indent=1))
+        return
     result = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__,

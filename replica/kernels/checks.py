@@ -61,6 +61,14 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on one device: {devices}")
 
 
+def kv_as_f16(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Attention over an e4m3 cache with 16-bit queries computes in fp16: e4m3 → fp16 is one
+    conversion instruction per pair of values, → bf16 several, and with those the decode kernel
+    was bound by converting rather than by reading (an FP8 cache no faster than bf16's at half
+    the bytes, bench/NOTES.md). q is clamped to fp16's range; fp16 keeps more mantissa than bf16."""
+    return k_cache.dtype == FP8_DTYPE and q.dtype in (torch.bfloat16, torch.float16)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact fp32 products (tf32 would cost ~1e-3 relative error, enough to
     change greedy tokens of a small fp32 model); 16-bit inputs use the tensor cores natively."""

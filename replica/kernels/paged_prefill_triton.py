@@ -22,7 +22,7 @@ import triton.language as tl
 from replica.kernels import pdl
 from replica.kernels.checks import (
     FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
-    check_same_dtype, check_shape, dot_precision,
+    check_same_dtype, check_shape, dot_precision, kv_as_f16,
 )
 
 LOG2_E = 1.4426950408889634
@@ -38,7 +38,7 @@ def _prefill_kernel(
     stride_bt, stride_ot, stride_oh,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_AS_F16: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait_and_release(PDL)
     # BLOCK_M = BLOCK_Q * BLOCK_G rows: BLOCK_Q query tokens × the group's heads
@@ -62,6 +62,8 @@ def _prefill_kernel(
     d_mask = dims < HEAD_DIM
     q = tl.load(q_ptr + (query_start + q_row)[:, None] * stride_qt + head[:, None] * stride_qh
                 + dims[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    if KV_AS_F16:                                        # checks.kv_as_f16: K, V widen to fp16
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -161,6 +163,7 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size, GROUP_SIZE=group_size, BLOCK_G=block_g,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
         BLOCK_M=block_q * block_g, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
+        KV_AS_F16=kv_as_f16(q, k_cache),
         **pdl.launch_options(q.device), num_warps=num_warps, num_stages=num_stages,
     )
     return out

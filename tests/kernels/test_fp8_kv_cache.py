@@ -69,20 +69,26 @@ def _fp8_batch(batch):
     return dataclasses.replace(batch, k_cache=batch.k_cache.to(FP8), v_cache=batch.v_cache.to(FP8))
 
 
-def test_decode_reads_an_fp8_cache_as_the_reference_reads_it_widened():
+# 16-bit queries over an e4m3 cache compute in fp16 (`checks.kv_as_f16`): bf16 in the interpreter too
+Q_DTYPES = sorted({DTYPE, torch.bfloat16}, key=str)
+
+
+@pytest.mark.parametrize("q_dtype", Q_DTYPES)
+def test_decode_reads_an_fp8_cache_as_the_reference_reads_it_widened(q_dtype):
     shape = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16) if ON_GPU else \
         dict(num_heads=8, num_kv_heads=2, head_dim=64, block_size=4)
-    batch = _fp8_batch(make_batch([1, 37, 150], [1, 1, 1], **shape))
+    batch = _fp8_batch(make_batch([1, 37, 150], [1, 1, 1], dtype=q_dtype, **shape))
     out = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
                                  batch.seq_lens, head_scale(batch.q.shape[-1]), num_splits=3,
-                                 block_n=64 if ON_GPU else 16)
+                                 block_n=None if ON_GPU else 16)     # the GPU: the default tile
     assert_close_rel(out, reference_attention(batch), batch.q.dtype)
 
 
-def test_prefill_reads_an_fp8_cache_as_the_reference_reads_it_widened():
+@pytest.mark.parametrize("q_dtype", Q_DTYPES)
+def test_prefill_reads_an_fp8_cache_as_the_reference_reads_it_widened(q_dtype):
     shape = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16) if ON_GPU else \
         dict(num_heads=8, num_kv_heads=2, head_dim=64, block_size=16)
-    batch = _fp8_batch(make_batch([40, 70, 1], [8, 30, 1], **shape))
+    batch = _fp8_batch(make_batch([40, 70, 1], [8, 30, 1], dtype=q_dtype, **shape))
     out = torch.full_like(batch.q, float("nan"))
     tiles = {} if ON_GPU else {"block_m": 16, "block_n": 16}
     paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc,
