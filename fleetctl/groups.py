@@ -24,7 +24,8 @@ _SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 # `replica serve` options a group may set, with their types; passed as --name-with-dashes.
 ENGINE_OPTIONS: dict[str, type] = {
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int, "num_kv_blocks": int,
-    "gpu_memory_utilization": float, "dtype": str, "enforce_eager": bool, "load_format": str,
+    "gpu_memory_utilization": float, "dtype": str, "enforce_eager": bool, "cuda_graph_max_tokens": int,
+    "load_format": str,
     "quantization": str, "kv_cache_dtype": str, "max_queue": int, "max_body_bytes": int, "max_n": int,
     "enable_prefix_caching": bool, "enable_overlap": bool, "kernel_backend": str, "block_size": int,
     "seed": int, "tool_call_parser": str,

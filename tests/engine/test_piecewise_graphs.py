@@ -5,6 +5,7 @@ is what a replay computes.
 """
 import pytest
 
+from replica.config import EngineConfig
 from replica.engine.llm import LLM
 from replica.engine.piecewise_graphs import PiecewiseGraphs, token_buckets
 from replica.sampling_params import SamplingParams
@@ -24,6 +25,11 @@ def test_buckets_pad_a_step_over_128_tokens_by_less_than_an_eighth():
         bucket = next(b for b in buckets if b >= n)
         assert bucket - n < n / 8, (n, bucket)
     assert token_buckets(10) == [10] and token_buckets(300)[-2:] == [288, 300]
+
+
+def test_a_negative_token_bound_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"cuda_graph_max_tokens must be >= 0 \(0: no piecewise graphs\), got -1"):
+        EngineConfig(cuda_graph_max_tokens=-1)
 
 
 def _attach_piecewise(llm: LLM, max_tokens: int) -> list[int]:

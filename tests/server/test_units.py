@@ -73,10 +73,12 @@ def test_serve_exposes_the_engine_switches_a_fleet_group_may_set():
     from replica.server.cli import _configs, _parser
 
     group = ModelGroup("chat", "smollm2", engine={"enable_prefix_caching": False, "enforce_eager": True,
-                                                  "max_num_seqs": 8, "kernel_backend": "torch"})
+                                                  "max_num_seqs": 8, "kernel_backend": "torch",
+                                                  "cuda_graph_max_tokens": 512})
     args = _parser().parse_args(group.engine_args())
     _, engine = _configs(args)
     assert engine.enable_prefix_caching is False and engine.enforce_eager is True
+    assert engine.cuda_graph_max_tokens == 512
     assert engine.max_num_seqs == 8 and engine.kernel_backend == "torch"
     known = {a.dest for a in _parser()._actions}
     assert set(ENGINE_OPTIONS) <= known, "every group setting is a replica serve option"
