@@ -9,6 +9,7 @@ from replica.config import EngineConfig
 from replica.engine.llm import LLM
 from replica.engine.piecewise_graphs import PiecewiseGraphs, token_buckets
 from replica.sampling_params import SamplingParams
+from tests.tiny_models import make_tiny_model
 
 from .conftest import assert_pool_free
 
@@ -49,12 +50,21 @@ def _attach_piecewise(llm: LLM, max_tokens: int) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_pieces_through_padded_buffers_give_the_forwards_tokens(token_model_path, overlap):
+@pytest.fixture(scope="module")
+def arch_paths(tmp_path_factory):
+    """Tiny token-id models of the other layer variants: qkv bias and tied embeddings (qwen2),
+    q/k norms (qwen3)."""
+    return {arch: make_tiny_model(tmp_path_factory.mktemp(arch), arch, with_tokenizer=False)
+            for arch in ("qwen2", "qwen3")}
+
+
+@pytest.mark.parametrize("arch,overlap", [("llama", True), ("llama", False), ("qwen2", True), ("qwen3", True)])
+def test_pieces_through_padded_buffers_give_the_forwards_tokens(token_model_path, arch_paths, arch, overlap):
+    path = token_model_path if arch == "llama" else arch_paths[arch]
     settings = dict(dtype="float32", block_size=4, num_kv_blocks=96, max_model_len=64,
                     max_num_batched_tokens=24, enable_overlap=overlap)
-    plain = LLM(str(token_model_path), **settings)
-    piecewise = LLM(str(token_model_path), **settings)
+    plain = LLM(str(path), **settings)
+    piecewise = LLM(str(path), **settings)
     sizes = _attach_piecewise(piecewise, max_tokens=40)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     expected = [r.outputs[0].token_ids for r in plain.generate(PROMPTS, params)]
