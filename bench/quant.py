@@ -5,6 +5,7 @@ packed, on the same random Llama-3-8B-shaped weights.
     python3 bench/quant.py --sections accuracy,gguf_kernels # parts: accuracy, kernels (= gguf_kernels
                                                             # + gguf8_kernels + fp8_kernels), formats
     python3 bench/quant.py --sections formats --formats bf16,Q4_K_M --quick
+    python3 bench/quant.py --sections x8_kernels,formats --formats bf16,Q4_0 --quick --gguf-x auto,int8,bf16
     python3 bench/quant.py --size tiny --device cpu         # accuracy on the CPU (reference paths)
 
 kernels: at the 8B projection shapes, the GGUF group-wise GEMV (1..16 rows; a sweep of tiles
@@ -219,12 +220,13 @@ def bench_gguf8_kernels(size: str, sweep: bool) -> None:
     from replica.kernels import gguf_gemv_triton as gg
     cfg = model_config(size)
     shapes = {"lm_head": (cfg.vocab_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size)}
-    tiles = [(4, 1024), (8, 512), (2, 1024), (4, 512), (8, 1024), (16, 256)]   # rows, columns
+    tiles = [(4, 1024, 4), (8, 512, 4), (2, 1024, 4), (4, 512, 4), (8, 1024, 8), (16, 256, 8), (4, 1024, 8),
+             (2, 512, 1), (2, 1024, 2), (4, 512, 2), (2, 256, 1)]   # rows, columns, warps
     device, chunk = torch.device("cuda"), 16                    # codes a lane loads at once
 
     def probes(n, k):
         return [gg.GemvConfig(block_n, cols // chunk, _split_for(n, k // chunk, block_n, cols // chunk, device), warps)
-                for block_n, cols in tiles for warps in (4, 8)] if sweep else []
+                for block_n, cols, warps in tiles] if sweep else []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for qtype in ("Q6_K", "Q8_0"):
         for label, (n, k) in shapes.items():
@@ -238,15 +240,77 @@ def bench_gguf8_kernels(size: str, sweep: bool) -> None:
     torch.cuda.empty_cache()
 
 
+# (x mode: "int8" / "bf16") → {(qtype, N, K): the fastest GemvConfig at one row}, from
+# bench_x8_kernels' sweep; bench_formats installs the mode's winners into TUNED before each engine.
+X8_BEST: dict[str, dict] = {"int8": {}, "bf16": {}}
+
+
+def bench_x8_kernels(size: str, sweep: bool) -> None:
+    """The 4-bit GEMV at one row with x rounded to int8 (dp4a, `gguf_gemv_x8_triton`) against
+    the bf16-x kernel and bf16, at the 8B projection shapes: the int8 path whole (x's rounding
+    included), its rounding alone, and (sweep) each x mode's best tile, which the formats below
+    then use. The tiles include 4-8 rows x 8-16 groups a warp, where one x load serves the
+    warp's rows (4x fewer bytes of x through L1 than 32 groups a warp)."""
+    from replica.kernels import gguf_gemv_triton as gg
+    from replica.kernels.gguf_gemv_x8_triton import quantize_x
+    from replica.kernels.ops import linear
+    from replica.quantization.gguf_packed import pack
+    cfg = model_config(size)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
+    # (rows, groups, warps); a warp's threads: 32 / groups rows x groups groups when groups < 32
+    tiles = [(2, 32, 1), (2, 64, 2), (4, 32, 1), (2, 16, 1), (4, 64, 4), (4, 128, 4), (4, 32, 2), (16, 8, 4)]
+    device = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    saved = gg.X_INT8
+    try:
+        for qtype in ("Q4_0", "Q4_K"):
+            for label, (n, k) in shapes.items():
+                packed = pack(quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, qtype))
+                bf16 = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+                x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                figures = {"bf16_us": 1e3 * _time_ms(lambda: linear(x1, bf16)),
+                           "quantize_x_us": 1e3 * _time_ms(lambda: quantize_x(x1))}
+                for mode in ("bf16", "int8"):
+                    gg.X_INT8 = mode == "int8"
+                    default_us = 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed))
+                    figures[f"x_{mode}_default_us"] = default_us
+                    best = (default_us, gg.choose_gemv_config(1, n, k, 4, device, qtype, x_int8=mode == "int8"))
+                    for block_n, groups, warps in tiles if sweep else []:
+                        probe = gg.GemvConfig(block_n, groups, _split_for(n, k // 32, block_n, groups, device), warps)
+                        us = 1e3 * _time_ms(lambda: gg.gguf_gemv(x1, packed, config=probe))
+                        figures[f"x_{mode}_{block_n}x{groups}w{warps}s{probe.split_k}_us"] = us
+                        if us < best[0]:
+                            best = (us, probe)
+                    figures[f"x_{mode}_us"], figures[f"x_{mode}_config"] = best[0], str(best[1])
+                    figures[f"x_{mode}_TBps"] = packed.num_bytes / (best[0] * 1e-6) / 1e12
+                    X8_BEST[mode][(qtype, n, k)] = best[1]
+                figures["int8_over_bf16_x"] = figures["x_bf16_us"] / figures["x_int8_us"]
+                emit(f"kernel_x8_{qtype}_{label}", n=n, k=k, bytes=packed.num_bytes,
+                     **{key: (round(v, 2) if isinstance(v, float) else v) for key, v in figures.items()})
+                del packed, bf16
+    finally:
+        gg.X_INT8 = saved
+    torch.cuda.empty_cache()
+
+
 # ---- engines ---------------------------------------------------------------------------------
 def bench_formats(args) -> None:
+    from replica.kernels import gguf_gemv_triton as gg
     cfg = model_config(args.size)
     vocab = cfg.vocab_size
-    for fmt in args.formats.split(","):
+    runs = [(fmt, x) for fmt in args.formats.split(",")
+            for x in (args.gguf_x.split(",") if fmt.startswith("Q") else ["auto"])]
+    for fmt, gguf_x in runs:
+        gg.X_INT8 = {"auto": None, "int8": True, "bf16": False}[gguf_x]
+        for (qtype, n, k), config in X8_BEST.get(gguf_x, {}).items():   # the sweep's winners, if run
+            for m in range(1, gg.MAX_ROWS + 1):
+                gg.TUNED[(qtype, m, n, k)] = config
         started = time.perf_counter()
         engine = build_engine(cfg, fmt, "cuda", max_num_seqs=256, token_budget=args.token_budget,
                               engine_args=dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens))
-        figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens,weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
+        figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens, gguf_x=gguf_x, weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
                        num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1))
         run(engine, [(p, 16) for p in prompts(8, [512] * 8, vocab, 9)])                  # warm-up
         figures["W2_decode_tok_per_s"] = decode_tok_per_s(engine, vocab)
@@ -275,7 +339,7 @@ def bench_formats(args) -> None:
             figures["W3_steps"] = w3["steps"]
             figures["W3_steps_by_kind"] = w3["steps_by_kind"]
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-        emit(f"format_{fmt}", pdl=pdl.mode(), **figures)
+        emit(f"format_{fmt}" + ("" if gguf_x == "auto" else f"_x_{gguf_x}"), pdl=pdl.mode(), **figures)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -320,12 +384,17 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--cuda-graph-max-tokens", type=int, default=EngineConfig.cuda_graph_max_tokens,
                         help="steps with prefill chunks up to this many tokens replay piecewise graphs (0: eager)")
+    parser.add_argument("--gguf-x", default="auto",
+                        help="4-bit GGUF decode GEMVs' x: auto (the engine's choice), int8 (dp4a), bf16; "
+                             "several, comma-separated, run each")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     unknown = set(args.formats.split(",")) - set(FORMATS)
     if unknown:
         parser.error(f"--formats: unknown {', '.join(sorted(unknown))} (have {', '.join(FORMATS)})")
+    if not args.gguf_x or set(args.gguf_x.split(",")) - {"auto", "int8", "bf16"}:
+        parser.error(f"--gguf-x: auto, int8, bf16 or a comma-separated list of them, got {args.gguf_x!r}")
     on_gpu = args.device == "cuda"
     if not on_gpu:
         sections &= {"accuracy"}
@@ -342,6 +411,8 @@ def main() -> None:
         bench_gguf8_kernels(args.size, sweep=not args.no_sweep)
     if sections & {"kernels", "fp8_kernels"}:
         bench_fp8_kernels(args.size, sweep=not args.no_sweep)
+    if "x8_kernels" in sections:
+        bench_x8_kernels(args.size, sweep=not args.no_sweep)
     if "formats" in sections:
         bench_formats(args)
     print_table()

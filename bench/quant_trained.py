@@ -17,6 +17,12 @@ gguf_linear_ref), which the GPU kernels are tested against; `--device cuda` runs
 
     python3 bench/quant_trained.py                      # CPU: 256 x 512-token prompts, ~25 min on 2 cores
     python3 bench/quant_trained.py --num-prompts 16 --prompt-len 64     # a quick look
+    python3 bench/quant_trained.py --formats Q4_0 --x-int8   # 4-bit with x rounded to int8 per group
+
+--x-int8 rounds every 4-bit projection's input to int8 per 32-element group first, as the GPU's
+decode GEMV does for the 4-bit types with a min (`gguf_gemv_x8_triton`; on the CPU the torch
+reference of that rounding): the cost of x's rounding on a trained model. SmolLM2's rows allow
+Q4_0 only among our 4-bit encoders, and x's rounding error does not depend on W's type.
 
 Prompts: W1's shape (256 prompts of 512 tokens) cut from natural English, the Python reference
 manual's topics that ship with Python (`pydoc_data.topics`), and eight chat questions. Not W1's
@@ -84,6 +90,20 @@ def measure(model: str, device: str, formats, num_prompts: int, prompt_len: int)
                     engine_args={"max_model_len": max(prompt_len, 512) + 8})
 
 
+def round_x_of_4bit_projections() -> None:
+    """The CPU reference path with x rounded as the int8-x GEMV rounds it."""
+    from replica.kernels.gguf_gemv_x8_triton import dequantize_x_ref, quantize_x_ref
+    from replica.layers import quantized_linear
+    plain = quantized_linear.gguf_linear_ref
+
+    def rounded(x, packed, bias=None):
+        if packed.bits == 4:
+            codes, dx, _ = quantize_x_ref(x)
+            x = dequantize_x_ref(codes, dx).to(x.dtype)
+        return plain(x, packed, bias)
+    quantized_linear.gguf_linear_ref = rounded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="a GGUF file or HF folder (trained weights)")
@@ -91,13 +111,16 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--x-int8", action="store_true", help="4-bit projections' x rounded to int8 per group")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
+    if args.x_int8:
+        round_x_of_4bit_projections()
     results = measure(args.model, args.device, args.formats.split(","), args.num_prompts, args.prompt_len)
     env = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else cpu_model(),
                num_threads=torch.get_num_threads(),
                torch=torch.__version__, python=platform.python_version(), date=datetime.date.today().isoformat(),
-               model=args.model, num_prompts=args.num_prompts, prompt_len=args.prompt_len,
+               model=args.model, x_int8=args.x_int8, num_prompts=args.num_prompts, prompt_len=args.prompt_len,
                command="python3 bench/quant_trained.py " + " ".join(sys.argv[1:]))
     names = {f"rows{args.num_prompts}": "text", f"rows{len(QUESTIONS)}": "chat"}
     for name, figures in results.items():
@@ -107,7 +130,7 @@ def main() -> None:
                 print(f"{name:<18}{key:<16}{names.get(rows, rows):<6}{json.dumps(row)}")
     out = Path(os.environ.get("OUT") or args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"quant-trained-{args.device}-{datetime.date.today().isoformat()}.json"
+    path = out / f"quant-trained-{args.device}{'-x8' if args.x_int8 else ''}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps({"env": env, "prompt_sets": names, "results": results}, indent=2) + "\n")
     print(f"wrote {path}")
 

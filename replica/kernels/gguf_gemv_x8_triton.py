@@ -1,0 +1,246 @@
+"""Triton: the 4-bit decode GEMV with x rounded to 8 bits, integer dot products (`dp4a`).
+
+The bf16 GEMV (`gguf_gemv_triton._q4_gemv_kernel`) turns every code into a bf16 and multiplies
+two elements an instruction: ~3 instructions an element, which at one row of x bounds it
+below the H200's bandwidth (bench/NOTES.md, "The 4-bit GEMV"). Here, as llama.cpp's CUDA path
+does, x is first rounded to int8 per 32-element group (one fp32 scale dx each, `quantize_x`),
+and then one `dp4a` multiplies 4 codes by 4 bytes of x and adds them, exact in int32:
+
+    word (8 codes, gguf_packed's pair order)       x8 (the same 8 elements, bytes reordered)
+    lo = word & 0x0F0F0F0F  → codes of elements 0 4 1 5   ·  int32 A = x0 x4 x1 x5  (dp4a)
+    hi = (word >> 4) & 0x0F0F0F0F → elements    2 6 3 7   ·  int32 B = x2 x6 x3 x7  (dp4a)
+
+so a word costs 5 instructions (AND, SHR, AND, 2 dp4a) for 8 elements, and x is 32 bytes a group
+instead of bf16's 64. Per group, with the codes q in 0..15 as stored:
+
+    Σ_i w_i x_i ≈ scale · dx · Σ_i q_i x8_i + (min − zero_point · scale) · xsum,   xsum = dx · Σ_i x8_i
+
+i.e. exactly W times x rounded (x̂ = dx · x8): the only error is x's rounding, ≤ dx / 2 an element,
+the same for every type (Q4_K's min term uses the same x̂, so it cancels as it should).
+
+Lanes, tiles, split-K and the gated epilogue are the bf16 kernel's (`q4_word_dot_triton`).
+On the CPU (Triton's interpreter) dp4a is emulated with shifts and masks, bit for bit the same.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from replica.kernels import linear_triton, pdl, q4_word_dot_triton
+
+GROUP = 32
+_GROUP: tl.constexpr = tl.constexpr(GROUP)      # the kernels' copy (Triton reads constexpr globals only)
+
+# 4 words (32 codes) of one group against its 8 int32 of x8 → the int32 Σ q·x8, exact.
+_DOT_GROUP_ASM = """{
+.reg .b32 lo, hi, acc;
+and.b32 lo, $1, 0x0F0F0F0F;
+shr.u32 hi, $1, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+dp4a.u32.s32 acc, lo, $5, 0;
+dp4a.u32.s32 acc, hi, $6, acc;
+and.b32 lo, $2, 0x0F0F0F0F;
+shr.u32 hi, $2, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+dp4a.u32.s32 acc, lo, $7, acc;
+dp4a.u32.s32 acc, hi, $8, acc;
+and.b32 lo, $3, 0x0F0F0F0F;
+shr.u32 hi, $3, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+dp4a.u32.s32 acc, lo, $9, acc;
+dp4a.u32.s32 acc, hi, $10, acc;
+and.b32 lo, $4, 0x0F0F0F0F;
+shr.u32 hi, $4, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+dp4a.u32.s32 acc, lo, $11, acc;
+dp4a.u32.s32 $0, hi, $12, acc;
+}"""
+_DOT_GROUP: tl.constexpr = tl.constexpr(_DOT_GROUP_ASM)
+
+
+@triton.jit
+def round_groups(x, codes_ptr, ds_ptr, g_offs, g_mask):
+    """x: [G, 32] fp32, groups of one row → its codes (int8, dp4a byte order) at codes_ptr +
+    32 g_offs, and (dx, xsum) at ds_ptr + 2 g_offs. Shared by `_quantize_x_kernel` and the RMSNorm
+    that writes its output rounded (`rms_norm_triton`): the same arithmetic, the same bits."""
+    e = tl.arange(0, _GROUP)
+    amax = tl.max(tl.abs(x), axis=1)
+    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
+    v = x * inv[:, None]
+    q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))        # half away from zero
+    # element e of each 8-element word goes to byte 2 (e % 4) + (e % 8) // 4 of its 8 (the
+    # order the words' nibble pairs meet in dp4a: 0 4 1 5 2 6 3 7)
+    pos = (e // 8) * 8 + 2 * (e % 4) + (e % 8) // 4
+    tl.store(codes_ptr + g_offs[:, None] * _GROUP + pos[None, :], q.to(tl.int8), mask=g_mask[:, None])
+    dx = amax * (1.0 / 127.0)
+    tl.store(ds_ptr + 2 * g_offs, dx, mask=g_mask)
+    tl.store(ds_ptr + 2 * g_offs + 1, dx * tl.sum(q, axis=1), mask=g_mask)
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, q_ptr, ds_ptr, num_groups, stride_xm, stride_qm,
+                       GROUPS: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_and_release(PDL)
+    m = tl.program_id(0)
+    gs = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    g_mask = gs < num_groups
+    e = tl.arange(0, _GROUP)
+    offs = gs[:, None] * _GROUP + e[None, :]
+    x = tl.load(x_ptr + m * stride_xm + offs, mask=g_mask[:, None], other=0.0).to(tl.float32)
+    round_groups(x, q_ptr + m * stride_qm, ds_ptr + 2 * m * num_groups, gs, g_mask)
+
+
+@dataclass
+class XInt8:
+    """x rounded for the GEMV: codes int8 [M, K] in the dp4a byte order; dx_sum fp32 [M, K/32, 2],
+    per group (dx, xsum = dx · Σ codes), side by side so that a lane reads both in one 8-byte load.
+    source: x itself [M, K] where the producer kept it (`rms_norm_triton.fused_add_rms_norm_x8`:
+    the kernels of a projection's other segments, e.g. Q4_K_M's Q6_K v, take x unrounded)."""
+    codes: torch.Tensor
+    dx_sum: torch.Tensor
+    source: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> "XInt8":
+        return XInt8(self.codes[start:stop], self.dx_sum[start:stop],
+                     None if self.source is None else self.source[start:stop])
+
+    @property
+    def dx(self) -> torch.Tensor:
+        return self.dx_sum[:, :, 0]
+
+    @property
+    def xsum(self) -> torch.Tensor:
+        return self.dx_sum[:, :, 1]
+
+
+def quantize_x(x: torch.Tensor) -> XInt8:
+    """x: [M, K] float, K a multiple of 32, last dim contiguous → its `XInt8`."""
+    num_rows, k = x.shape
+    num_groups = k // GROUP
+    out = XInt8(torch.empty(num_rows, k, dtype=torch.int8, device=x.device),
+                torch.empty(num_rows, num_groups, 2, dtype=torch.float32, device=x.device))
+    groups = 16
+    _quantize_x_kernel[(num_rows, triton.cdiv(num_groups, groups))](
+        x, out.codes, out.dx_sum, num_groups, x.stride(0), out.codes.stride(0), GROUPS=groups, num_warps=4,
+        **pdl.launch_options(x.device))
+    return out
+
+
+def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch reference of `quantize_x`, the same fp32 arithmetic."""
+    num_rows, k = x.shape
+    groups = x.float().reshape(num_rows, k // GROUP, GROUP)
+    amax = groups.abs().amax(dim=2)
+    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
+    v = groups * inv[:, :, None]
+    q = torch.where(v >= 0, torch.floor(v + 0.5), -torch.floor(0.5 - v))
+    dx = amax * (1.0 / 127.0)
+    xsum = dx * q.sum(dim=2)
+    e = torch.arange(GROUP)
+    pos = (e // 8) * 8 + 2 * (e % 4) + (e % 8) // 4
+    x8 = torch.empty_like(q)
+    x8[:, :, pos] = q
+    return x8.reshape(num_rows, k).to(torch.int8), dx, xsum
+
+
+def dequantize_x_ref(x8: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """x̂ = dx · x8 in element order [M, K] fp32: what the GEMV multiplies W by."""
+    num_rows, k = x8.shape
+    e = torch.arange(GROUP)
+    pos = (e // 8) * 8 + 2 * (e % 4) + (e % 8) // 4
+    q = x8.float().reshape(num_rows, k // GROUP, GROUP)[:, :, pos]
+    return (q * dx[:, :, None]).reshape(num_rows, k)
+
+
+@triton.jit
+def _word_dot_emulated(word, a, b):
+    """dp4a's arithmetic in plain integer ops (the interpreter): Σ_j lo_j · a_j + hi_j · b_j over
+    the word's 4 bytes j, a and b's bytes signed."""
+    acc = tl.zeros_like(word)
+    for j in tl.static_range(4):
+        lo = (word >> (8 * j)) & 0xF
+        hi = (word >> (8 * j + 4)) & 0xF
+        a_j = (a << (24 - 8 * j)) >> 24            # arithmetic shift: byte j, sign-extended
+        b_j = (b << (24 - 8 * j)) >> 24
+        acc += lo * a_j + hi * b_j
+    return acc
+
+
+@triton.jit
+def _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
+              stride_xq, num_groups, one, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
+    """Row mi of x8 against the tile's groups → [BLOCK_N, GROUPS] fp32. x8's group g is int32
+    words 8g .. 8g + 7 of its row: two 16-byte loads, (A, B) per weight word. (dx, xsum): one
+    8-byte load (ds_ptr: int64), its group index through `one` as the scales' (the words' layout)."""
+    k4 = tl.arange(0, 4)
+    px = xq_ptr + mi * stride_xq + (row_zero + gs[None, :] * 8)[:, :, None] + k4[None, None, :]
+    x_offs = mi * num_groups + row_zero + (gs * one)[None, :]
+    if EVEN_K:
+        xa = tl.load(px)
+        xb = tl.load(px + 4)
+        ds = tl.load(ds_ptr + x_offs)
+    else:
+        xa = tl.load(px, mask=x_mask[:, :, None], other=0)
+        xb = tl.load(px + 4, mask=x_mask[:, :, None], other=0)
+        ds = tl.load(ds_ptr + x_offs, mask=x_mask, other=0)
+    dx = ds.to(tl.int32).to(tl.float32, bitcast=True)               # low half: dx
+    xsum = (ds >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    a0, b0, a1, b1 = q4_word_dot_triton.split4(xa)
+    a2, b2, a3, b3 = q4_word_dot_triton.split4(xb)
+    if DP4A:
+        dot = tl.inline_asm_elementwise(_DOT_GROUP, "=r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                        [w0, w1, w2, w3, a0, b0, a1, b1, a2, b2, a3, b3],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        dot = (_word_dot_emulated(w0, a0, b0) + _word_dot_emulated(w1, a1, b1)
+               + _word_dot_emulated(w2, a2, b2) + _word_dot_emulated(w3, a3, b3))
+    return scale * (dx * dot.to(tl.float32)) + low * xsum
+
+
+@triton.jit(do_not_specialize=["one"])
+def q4_x8_gemv_kernel(
+    xq_ptr, ds_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
+    N, num_groups, groups_per_split, one, stride_xq, stride_qn, stride_sn, stride_om,
+    ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DP4A: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl.wait_and_release(PDL)
+    pid_k = tl.program_id(1)
+    rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
+        N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
+    tot0 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    tot2 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    tot3 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    for g0 in range(g_start, g_end, GROUPS):
+        gs = g0 + g
+        g_mask = (gs < g_end)[None, :]
+        w0, w1, w2, w3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask, EVEN_K)
+        s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
+        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, g_mask, EVEN_K, HAS_MIN)
+        low = low - ZERO_POINT * scale             # codes stay 0..15: the zero point joins the min
+        x_mask = g_mask & (row_zero == 0)
+        tot0 += _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 0,
+                          stride_xq, num_groups, one, EVEN_K, DP4A)
+        if M > 1:
+            tot1 += _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 1,
+                              stride_xq, num_groups, one, EVEN_K, DP4A)
+        if M > 2:
+            tot2 += _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 2,
+                              stride_xq, num_groups, one, EVEN_K, DP4A)
+        if M > 3:
+            tot3 += _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 3,
+                              stride_xq, num_groups, one, EVEN_K, DP4A)
+    linear_triton.gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr,
+                                 partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+    if M > 1:
+        linear_triton.gemv_store_row(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr,
+                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+    if M > 2:
+        linear_triton.gemv_store_row(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr,
+                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+    if M > 3:
+        linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr,
+                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)

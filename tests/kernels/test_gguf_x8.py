@@ -1,0 +1,152 @@
+"""The 4-bit GEMV with x rounded to int8 (`gguf_gemv_x8_triton`, dp4a on CUDA, emulated under
+the interpreter): x's rounding against its torch reference and its error bound, and the GEMV
+against W times the rounded x (exact arithmetic up to the fp32 sums' order), through every path
+of the 4-bit GEMV: split-K, a partial tile, ragged N, bias, several rows, the gated epilogue and
+the split-K sum inside the next RMSNorm."""
+import pytest
+import torch
+
+from replica.kernels import gguf_gemv_triton
+from replica.kernels.gguf_gemv_triton import GemvConfig, gguf_gemv
+from replica.kernels.gguf_gemv_x8_triton import dequantize_x_ref, quantize_x, quantize_x_ref
+from replica.kernels.gguf_linear_triton import gguf_linear_add_rms_norm
+from replica.kernels.rms_norm_triton import fused_add_rms_norm
+from replica.kernels.silu_mul_triton import silu_and_mul
+from replica.quantization.gguf_packed import dequantize_packed, pack
+from replica.quantization.gguf_quantize import quantize
+from tests.kernels.paged_batch import DEVICE, DTYPE, ON_GPU
+
+
+@pytest.fixture(autouse=True)
+def x_int8(monkeypatch):
+    monkeypatch.setattr(gguf_gemv_triton, "X_INT8", True)
+
+
+def _x(num_rows: int, k: int, seed: int) -> torch.Tensor:
+    x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(seed))
+    x[0, :32] = 0.0                              # an all-zero group: scale 0, no NaN
+    x[-1, 32:64] *= 100.0                        # a group of outliers next to ordinary ones
+    return x.to(DTYPE).to(DEVICE)
+
+
+def _packed(qtype: str, n: int, k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return pack(quantize((torch.randn(n, k, generator=gen) * 0.05).to(DEVICE), qtype))
+
+
+@pytest.mark.parametrize("num_rows,k", [(1, 64), (3, 800), (2, 4096)])
+def test_x_rounds_as_the_reference_and_within_half_a_step(num_rows, k):
+    x = _x(num_rows, k, seed=k)
+    rounded = quantize_x(x)
+    x8, dx, xsum = rounded.codes, rounded.dx, rounded.xsum
+    ref8, ref_dx, ref_sum = quantize_x_ref(x)
+    assert torch.equal(dx.cpu(), ref_dx.cpu())
+    if ON_GPU:       # the GPU's 127 / amax may differ in its last bit: a tie may round the other way
+        assert (x8.cpu().int() - ref8.cpu().int()).abs().max() <= 1
+    else:
+        assert torch.equal(x8.cpu(), ref8.cpu())
+        assert torch.equal(xsum.cpu(), ref_sum.cpu())
+    x_hat = dequantize_x_ref(x8.cpu(), dx.cpu())
+    step = dx.cpu().repeat_interleave(32, dim=1)
+    assert ((x_hat - x.float().cpu()).abs() <= step * 0.5001 + 1e-30).all()
+    assert (x8.cpu().int().abs() <= 127).all() and (x8.cpu().int().abs().amax() == 127)
+    assert (dx.cpu()[0, 0] == 0) and (x_hat[0, :32] == 0).all()
+
+
+def _rounded_x_reference(x: torch.Tensor, packed) -> torch.Tensor:
+    x8, dx, _ = quantize_x_ref(x.cpu())
+    return dequantize_x_ref(x8, dx).double() @ dequantize_packed(packed, torch.float32).cpu().double().T
+
+
+if ON_GPU:
+    CASES = [pytest.param(qtype, 1, n, k, None, marks=pytest.mark.gpu)
+             for qtype in ("Q4_0", "Q4_K") for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))]
+else:
+    G = GemvConfig
+    CASES = [("Q4_0", 1, 40, 512, G(16, 4)),
+             ("Q4_K", 3, 37, 256, G(8, 4, split_k=2)),     # ragged N, split-K
+             ("Q4_0", 2, 24, 768, G(8, 16, split_k=2)),    # 24 groups: a partial tile
+             ("Q4_K", 6, 24, 512, G(16, 8, split_k=3)),    # two launches (4 + 2 rows)
+             ("Q4_0", 1, 24, 256, None)]
+
+
+@pytest.mark.parametrize("qtype,num_rows,n,k,config", CASES)
+def test_gemv_is_w_times_the_rounded_x(qtype, num_rows, n, k, config):
+    packed = _packed(qtype, n, k, seed=n + k)
+    x = _x(num_rows, k, seed=num_rows)
+    bias = torch.randn(n).to(DTYPE).to(DEVICE) if not ON_GPU else None
+    out = gguf_gemv(x, packed, bias, config=config)
+    ref = _rounded_x_reference(x, packed)
+    if bias is not None:
+        ref += bias.cpu().double()
+    rel = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-6 if DTYPE == torch.float32 else 1e-2), rel
+    # and x's rounding keeps the product close to W times x itself
+    exact = x.cpu().double() @ dequantize_packed(packed, torch.float32).cpu().double().T
+    if bias is not None:
+        exact += bias.cpu().double()
+    assert ((out.cpu().double() - exact).norm() / exact.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+def test_gated_and_norm_epilogues_take_the_int8_x_too(qtype, monkeypatch):
+    packed = _packed(qtype, 48, 256, seed=5)
+    x = _x(2, 256, seed=2)
+    config = GemvConfig(block_n=4, groups=4, split_k=1)
+    assert torch.equal(gguf_gemv(x, packed, config=config, gated=True),
+                       silu_and_mul(gguf_gemv(x, packed, config=config)))
+    split = GemvConfig(block_n=4, groups=2, split_k=4)
+    monkeypatch.setitem(gguf_gemv_triton.TUNED, (qtype, 2, 48, 256), split)
+    residual = torch.randn(2, 48).to(DTYPE).to(DEVICE)
+    weight = torch.ones(48).to(DTYPE).to(DEVICE)
+    normed, new_residual = gguf_linear_add_rms_norm(x, packed, residual, weight, 1e-5)
+    want_normed, want_residual = fused_add_rms_norm(gguf_gemv(x, packed, config=split), residual, weight, 1e-5)
+    assert torch.equal(new_residual, want_residual) and torch.equal(normed, want_normed)
+    ref = _rounded_x_reference(x, packed) + residual.cpu().double()
+    assert ((new_residual.cpu().double() - ref).norm() / ref.norm()).item() < (1e-5 if DTYPE == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_the_norm_writes_the_rounding_quantize_x_gives_its_output(with_residual):
+    from replica.kernels.rms_norm_triton import fused_add_rms_norm_x8, rms_norm
+    x, residual = _x(3, 320, seed=7), _x(3, 320, seed=8)            # 10 groups: a padded block
+    weight = (1 + 0.1 * torch.randn(320, generator=torch.Generator().manual_seed(9))).to(DTYPE).to(DEVICE)
+    rounded, new_residual = fused_add_rms_norm_x8(x, residual if with_residual else None, weight, 1e-5)
+    want, want_residual = (fused_add_rms_norm(x, residual, weight, 1e-5) if with_residual
+                           else (rms_norm(x, weight, 1e-5), x))
+    assert torch.equal(rounded.source, want) and torch.equal(new_residual, want_residual)
+    again = quantize_x(want)
+    assert torch.equal(rounded.codes, again.codes) and torch.equal(rounded.dx_sum, again.dx_sum)
+
+
+def test_a_projection_after_the_norm_reads_the_norms_rounding(monkeypatch):
+    """norm_for before a GGUF projection with a 4-bit GEMV on int8 x hands it the norm's rounding
+    (one launch less), and the projection gives what it gives rounding the norm's output itself;
+    a Q6_K segment beside the 4-bit one (Q4_K_M's v) reads the unrounded rows."""
+    from replica.kernels import ops
+    from replica.layers import quantized_linear
+    from replica.layers.quantized_linear import GGUFWeight, linear, norm_for
+    from replica.kernels.gguf_gemv_x8_triton import XInt8
+    monkeypatch.setattr(ops, "is_triton_enabled", lambda tensor: True)     # the interpreter on the CPU
+    gen = torch.Generator().manual_seed(3)
+    weight = GGUFWeight(48, 256, DTYPE, torch.device(DEVICE))
+    weight.load_rows(0, 32, quantize((torch.randn(32, 256, generator=gen) * 0.05).to(DEVICE), "Q4_K"))
+    weight.load_rows(32, 16, quantize((torch.randn(16, 256, generator=gen) * 0.05).to(DEVICE), "Q6_K"))
+    weight.finish("qkv")
+    assert [p.bits for _, p in weight.segments] == [4, 8]
+    x, residual = _x(2, 256, seed=4), _x(2, 256, seed=5)
+    norm_weight = torch.ones(256).to(DTYPE).to(DEVICE)
+    h, new_residual = norm_for(weight, x, residual, norm_weight, 1e-5)
+    assert isinstance(h, XInt8)
+    from replica.kernels import gguf_gemv_x8_triton
+    rounding_calls = []
+    monkeypatch.setattr(gguf_gemv_x8_triton, "quantize_x",
+                        lambda x, _fn=gguf_gemv_x8_triton.quantize_x: rounding_calls.append(1) or _fn(x))
+    fused = linear(h, weight)
+    assert rounding_calls == []                                  # the GEMV read the norm's rounding
+    monkeypatch.setattr(quantized_linear, "FUSE_GGUF_EPILOGUES", False)
+    plain_h, plain_residual = norm_for(weight, x, residual, norm_weight, 1e-5)
+    assert isinstance(plain_h, torch.Tensor) and torch.equal(plain_residual, new_residual)
+    assert torch.equal(fused, linear(plain_h, weight)) and rounding_calls == [1]
+    monkeypatch.setattr(gguf_gemv_triton, "X_INT8", False)       # no 4-bit GEMV on int8 x: plain rows
+    assert not weight.takes_x_int8(x)
