@@ -310,7 +310,8 @@ def bench_formats(args) -> None:
         started = time.perf_counter()
         engine = build_engine(cfg, fmt, "cuda", max_num_seqs=256, token_budget=args.token_budget,
                               engine_args=dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens))
-        figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens, gguf_x=gguf_x, weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
+        figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens, gguf_x=gguf_x,
+                       weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
                        num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1))
         run(engine, [(p, 16) for p in prompts(8, [512] * 8, vocab, 9)])                  # warm-up
         figures["W2_decode_tok_per_s"] = decode_tok_per_s(engine, vocab)

@@ -3,8 +3,9 @@
 
 Decode reads each weight byte once, so its floor is packed bytes / memory bandwidth: at 4 bits
 an H200 must turn ~9 G weights a microsecond into products, so both the load instructions and
-the arithmetic per weight decide the speed. The 4-bit kernel (numbers: bench/NOTES.md,
-"The 4-bit GEMV"):
+the arithmetic per weight decide the speed. On CUDA the 4-bit GEMV rounds x to int8 first and
+multiplies with dp4a (`gguf_gemv_x8_triton`, X_INT8 below); this module's 4-bit kernel, for bf16
+or other x as it is (numbers: bench/NOTES.md, "The 4-bit GEMV"):
 
     lane   one group of one row: its 4 words (32 codes) in one 16-byte load, split into 4 words
            in registers; the group's scale (and min) one 2-byte load; BLOCK_N rows a program,
@@ -42,7 +43,6 @@ import triton
 import triton.language as tl
 
 from replica.kernels import gguf_gemv8_triton, gguf_gemv_x8_triton, linear_triton, pdl, q4_word_dot_triton
-from replica.kernels.gguf_gemv_x8_triton import XInt8
 from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
@@ -51,12 +51,10 @@ ROWS_PER_LAUNCH = 4   # the kernels' accumulators; more rows take several launch
 # Measured on an H200 at the 8B shapes (bench/quant.py, gguf_kernels): the crossover.
 GEMV_ROWS = 4
 USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else the exact fp32 path)
-# 4-bit: x rounded to int8 per 32-element group and multiplied with dp4a (`gguf_gemv_x8_triton`).
-# None: on CUDA (sm_61 and later) for the types with a min (Q4_K, Q4_1), where it measured
-# 1.03-1.35x the bf16-x kernel at one row of the 8B shapes on an H200 (x's rounding included;
-# their min term needs Σx a group, which the int8 path gets for free); Q4_0 keeps bf16 x, where
-# int8 measured 0.84-1.0x (bench/NOTES.md, "x in 8 bits"). True: every 4-bit type, everywhere
-# (the interpreter emulates dp4a: tests); False: never (bench A/B).
+# 4-bit: x rounded to int8 per 32-element group and multiplied with dp4a (`gguf_gemv_x8_triton`),
+# in 1-warp programs (X_INT8_TILE). None: on CUDA, sm_61 and later (W2 on an H200, bench/NOTES.md
+# "x in 8 bits": Q4_0 469 tok/s against 452 with bf16 x, Q4_K_M 411 against 346); True: also
+# under Triton's interpreter, which emulates dp4a (tests); False: never (bench A/B).
 X_INT8: bool | None = None
 X_INT8_TILE = (2, 32, 1)  # the int8-x 4-bit GEMV's default (rows, groups, warps) a program
 
@@ -193,10 +191,9 @@ def _bf16x2_arch(device: torch.device) -> int:
     return 90 if capability >= (9, 0) else 80 if capability >= (8, 0) else 0
 
 
-def uses_x_int8(x: torch.Tensor, packed: PackedGGUF) -> bool:
+def uses_x_int8(x: torch.Tensor) -> bool:
     if X_INT8 is None:
-        return (packed.mins is not None and x.is_cuda
-                and torch.cuda.get_device_capability(x.device) >= (6, 1))
+        return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (6, 1)
     return X_INT8
 
 
@@ -211,10 +208,10 @@ def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.d
                        qtype: str = "", x_int8: bool = False) -> GemvConfig:
     """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes: 4 rows x
     64 lanes (a 32-element group, or a 16-byte chunk of 8-bit codes, a lane), 4 warps; for the
-    4-bit kernel with int8 x, programs of one warp over 2 rows x 32 groups (one lane a thread),
-    1.2-1.8x the 4-warp tile there (bench/NOTES.md, "x in 8 bits"). Split-K while the grid has
-    fewer than ~8 programs per SM (at 4 rows: N = 4096 splits in 2, N ≥ 6144 not at all, as
-    measured; at 2 rows no 8B projection splits)."""
+    4-bit kernel with int8 x, programs of one warp over 2 rows x 32 groups (one lane a thread):
+    W2 Q4_0 469 tok/s against 427 with the 4-warp tile (bench/NOTES.md, "x in 8 bits").
+    Split-K while the grid has fewer than ~8 programs per SM (at 4 rows: N = 4096 splits in 2,
+    N ≥ 6144 not at all, as measured; at 2 rows no 8B projection splits)."""
     tuned = TUNED.get((qtype, num_rows, n, k))
     if tuned is not None:
         return tuned
@@ -255,9 +252,8 @@ def _plan(num_rows: int, packed: PackedGGUF, device: torch.device, config: GemvC
 
 
 def _launch(xm: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None, om: torch.Tensor,
-            partial: torch.Tensor, plan: _Plan, gated: bool, x8: XInt8 | None = None) -> None:
-    """One GEMV launch for up to ROWS_PER_LAUNCH rows xm: into om, or (split K) into partial.
-    x8: xm already rounded (its producer wrote it), for a plan with x_int8."""
+            partial: torch.Tensor, plan: _Plan, gated: bool) -> None:
+    """One GEMV launch for up to ROWS_PER_LAUNCH rows xm: into om, or (split K) into partial."""
     n = packed.shape[0]
     config = plan.config
     launch = dict(num_warps=config.num_warps, num_stages=1, **pdl.launch_options(xm.device))
@@ -274,7 +270,7 @@ def _launch(xm: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None, om:
     flags = dict(HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None, M=xm.shape[0],
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
-        x8 = x8 if x8 is not None else gguf_gemv_x8_triton.quantize_x(xm)
+        x8 = gguf_gemv_x8_triton.quantize_x(xm)        # one small kernel: ~1.5 us at 1 row
         gguf_gemv_x8_triton.q4_x8_gemv_kernel[grid](
             x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *common[:9],
             x8.codes.stride(0) // 4, *common[10:],
@@ -293,18 +289,17 @@ def _launch(xm: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None, om:
 
 def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
               config: GemvConfig | None = None, out: torch.Tensor | None = None,
-              gated: bool = False, x8: XInt8 | None = None) -> torch.Tensor:
+              gated: bool = False) -> torch.Tensor:
     """x: [M ≤ MAX_ROWS, K] (checked by the caller, `gguf_linear_triton.gguf_linear`) → [M, N],
     written into `out` when given (any [M, N] view whose last dim is contiguous).
     gated (packed = [gate | up], N rows): silu(gate) · up [M, N / 2] instead, in the GEMV's
-    epilogue (a split-K plan runs unfused: the GEMV, then `silu_mul_triton`).
-    x8: x rounded to int8 by its producer (`XInt8`), used where the plan takes int8 x."""
+    epilogue (a split-K plan runs unfused: the GEMV, then `silu_mul_triton`)."""
     num_rows = x.shape[0]
     n = packed.shape[0]
-    plan = _plan(num_rows, packed, x.device, config, packed.bits == 4 and uses_x_int8(x, packed))
+    plan = _plan(num_rows, packed, x.device, config, packed.bits == 4 and uses_x_int8(x))
     if gated and plan.split_k > 1:
         from replica.kernels.silu_mul_triton import silu_and_mul
-        act = silu_and_mul(gguf_gemv(x, packed, bias, config, x8=x8))
+        act = silu_and_mul(gguf_gemv(x, packed, bias, config))
         return act if out is None else out.copy_(act)
     n_out = n // 2 if gated else n
     if out is None:
@@ -316,8 +311,7 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
         om = out[m0:m0 + xm.shape[0]]
         partial = (torch.empty(plan.split_k, xm.shape[0], n, dtype=torch.float32, device=x.device)
                    if plan.split_k > 1 else om)
-        _launch(xm, packed, bias, om, partial, plan, gated,
-                None if x8 is None else x8.rows(m0, m0 + xm.shape[0]))
+        _launch(xm, packed, bias, om, partial, plan, gated)
         if plan.split_k > 1:
             block = 1024
             linear_triton._split_k_sum_kernel[(xm.shape[0], triton.cdiv(n, block))](
@@ -333,7 +327,7 @@ def gguf_gemv_add_rms_norm(x: torch.Tensor, packed: PackedGGUF, residual: torch.
     GEMV's split-K partials summed by the norm kernel itself (`rms_norm_triton`): one kernel
     less than GEMV, sum, add + norm. None where the plan does not split K (nothing to fuse)."""
     num_rows = x.shape[0]
-    plan = _plan(num_rows, packed, x.device, None, packed.bits == 4 and uses_x_int8(x, packed))
+    plan = _plan(num_rows, packed, x.device, None, packed.bits == 4 and uses_x_int8(x))
     if plan.split_k == 1 or num_rows > ROWS_PER_LAUNCH or num_rows == 0:
         return None
     from replica.kernels.rms_norm_triton import split_k_sum_add_rms_norm

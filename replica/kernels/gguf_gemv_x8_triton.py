@@ -18,7 +18,12 @@ instead of bf16's 64. Per group, with the codes q in 0..15 as stored:
 i.e. exactly W times x rounded (x̂ = dx · x8): the only error is x's rounding, ≤ dx / 2 an element,
 the same for every type (Q4_K's min term uses the same x̂, so it cancels as it should).
 
-Lanes, tiles, split-K and the gated epilogue are the bf16 kernel's (`q4_word_dot_triton`).
+Lanes, tiles, split-K and the gated epilogue are the bf16 kernel's (`q4_word_dot_triton`); its
+default tile differs: programs of one warp over 2 rows x 32 groups, one lane a thread
+(`gguf_gemv_triton.X_INT8_TILE`; on W2 Q4_0 469 tok/s against 427 with the bf16 kernel's 4 warps
+over 4 rows x 64 groups). x is rounded by a kernel of its own (~1.5 us at one row); an RMSNorm
+writing its row rounded, one launch less, measured slower on W2 (one program a row: 441 against
+469 tok/s; commit 06edf0b) and was removed.
 On the CPU (Triton's interpreter) dp4a is emulated with shifts and masks, bit for bit the same.
 """
 from dataclasses import dataclass
@@ -62,8 +67,7 @@ _DOT_GROUP: tl.constexpr = tl.constexpr(_DOT_GROUP_ASM)
 @triton.jit
 def round_groups(x, codes_ptr, ds_ptr, g_offs, g_mask):
     """x: [G, 32] fp32, groups of one row → its codes (int8, dp4a byte order) at codes_ptr +
-    32 g_offs, and (dx, xsum) at ds_ptr + 2 g_offs. Shared by `_quantize_x_kernel` and the RMSNorm
-    that writes its output rounded (`rms_norm_triton`): the same arithmetic, the same bits."""
+    32 g_offs, and (dx, xsum) at ds_ptr + 2 g_offs."""
     e = tl.arange(0, _GROUP)
     amax = tl.max(tl.abs(x), axis=1)
     inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
@@ -94,16 +98,9 @@ def _quantize_x_kernel(x_ptr, q_ptr, ds_ptr, num_groups, stride_xm, stride_qm,
 @dataclass
 class XInt8:
     """x rounded for the GEMV: codes int8 [M, K] in the dp4a byte order; dx_sum fp32 [M, K/32, 2],
-    per group (dx, xsum = dx · Σ codes), side by side so that a lane reads both in one 8-byte load.
-    source: x itself [M, K] where the producer kept it (`rms_norm_triton.fused_add_rms_norm_x8`:
-    the kernels of a projection's other segments, e.g. Q4_K_M's Q6_K v, take x unrounded)."""
+    per group (dx, xsum = dx · Σ codes), side by side so that a lane reads both in one 8-byte load."""
     codes: torch.Tensor
     dx_sum: torch.Tensor
-    source: torch.Tensor | None = None
-
-    def rows(self, start: int, stop: int) -> "XInt8":
-        return XInt8(self.codes[start:stop], self.dx_sum[start:stop],
-                     None if self.source is None else self.source[start:stop])
 
     @property
     def dx(self) -> torch.Tensor:

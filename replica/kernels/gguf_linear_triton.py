@@ -14,7 +14,6 @@
 import torch
 
 from replica.kernels import gguf_dequant_triton, gguf_gemv_triton
-from replica.kernels.gguf_gemv_x8_triton import XInt8
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_contiguous, check_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape,
@@ -53,14 +52,13 @@ def _check_x(x: torch.Tensor, packed: PackedGGUF) -> None:
 
 def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
                 config: gguf_gemv_triton.GemvConfig | None = None,
-                out: torch.Tensor | None = None, x8: XInt8 | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K], last dim contiguous, 16-bit or float32; packed: W [N, K]; bias: [N] in x's dtype
     or None → [M, N] in x's dtype: new, or written into `out` (an [M, N] view in x's dtype whose
     last dim is contiguous, e.g. a column slice of a fused projection's output).
 
     Without `config`, the paths above by the number of rows; a `GemvConfig` forces the GEMV
-    with that tile (tests, bench/quant.py's sweep). x8: x already rounded to int8 by its producer
-    (`XInt8` of the same rows), which a 4-bit GEMV taking int8 x then reads instead of rounding x."""
+    with that tile (tests, bench/quant.py's sweep)."""
     _check_x(x, packed)
     num_rows, k = x.shape
     n = packed.shape[0]
@@ -79,9 +77,9 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
         if num_rows > gguf_gemv_triton.MAX_ROWS:
             raise ValueError(f"config: the GEMV takes at most {gguf_gemv_triton.MAX_ROWS} rows "
                              f"of x, got {num_rows}")
-        return gguf_gemv_triton.gguf_gemv(x, packed, bias, config, out, x8=x8)
+        return gguf_gemv_triton.gguf_gemv(x, packed, bias, config, out)
     if num_rows <= gguf_gemv_triton.GEMV_ROWS:
-        return gguf_gemv_triton.gguf_gemv(x, packed, bias, out=out, x8=x8)
+        return gguf_gemv_triton.gguf_gemv(x, packed, bias, out=out)
     rows_per_chunk = max(1, DEQUANT_CHUNK // k)
     if out is None and n <= rows_per_chunk:
         return torch.nn.functional.linear(x, gguf_dequant_triton.dequantize(packed, x.dtype), bias)
@@ -94,7 +92,7 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
     return out
 
 
-def gguf_linear_gated(x: torch.Tensor, packed: PackedGGUF, x8: XInt8 | None = None) -> torch.Tensor:
+def gguf_linear_gated(x: torch.Tensor, packed: PackedGGUF) -> torch.Tensor:
     """x: [M, K]; packed: a fused [gate | up] projection [2 I, K] → silu(gate) · up [M, I]: in
     the GEMV's epilogue up to `gguf_gemv_triton.GEMV_ROWS` rows (one launch instead of two),
     else `gguf_linear` then `silu_mul_triton`."""
@@ -102,7 +100,7 @@ def gguf_linear_gated(x: torch.Tensor, packed: PackedGGUF, x8: XInt8 | None = No
     if packed.shape[0] % 2:
         raise ValueError(f"packed: a [gate | up] projection has an even number of rows, got {packed.shape[0]}")
     if x.shape[0] <= gguf_gemv_triton.GEMV_ROWS:
-        return gguf_gemv_triton.gguf_gemv(x, packed, gated=True, x8=x8)
+        return gguf_gemv_triton.gguf_gemv(x, packed, gated=True)
     from replica.kernels.silu_mul_triton import silu_and_mul
     return silu_and_mul(gguf_linear(x, packed))
 

@@ -11,9 +11,6 @@ a fused qkv projection ([T, heads, head_dim], token stride = qkv width) need no 
 With FP8 output (`fused_add_rms_norm_fp8`, for a W8A8 projection) the program quantises its row
 per token as `fp8_quant_triton.quantize_per_token` would quantise the bf16 output (the row is
 already in registers: its absmax costs nothing), and writes e4m3 codes and a scale instead.
-With int8 output too (`fused_add_rms_norm_x8`, for a 4-bit GGUF projection whose decode GEMV
-takes x rounded to int8: `gguf_gemv_x8_triton`) the program also writes its output rounded per
-32-element group, the same bits `quantize_x` gives from the stored row: one launch less a norm.
 `split_k_sum_add_rms_norm` takes x as a split-K GEMV's fp32 partials (a decode GEMV of o_proj or
 down_proj) and sums them first, rounding as the GEMV's own sum kernel would: one launch less.
 """
@@ -21,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import gguf_gemv_x8_triton, kv_cache_write_triton, pdl
+from replica.kernels import kv_cache_write_triton, pdl
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_same_device, check_shape,
 )
@@ -35,7 +32,7 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, q_ptr, scale_ptr,
     inner, stride_x0, stride_x1, stride_r0, stride_r1, hidden, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, FP8_MAX_: tl.constexpr,
-    MIN_SCALE_: tl.constexpr, PDL: tl.constexpr, X8: tl.constexpr = False,
+    MIN_SCALE_: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -60,14 +57,7 @@ def _rms_norm_kernel(
         tl.store(q_ptr + row * hidden + cols, kv_cache_write_triton.to_cache_dtype(y / scale, q_ptr), mask=mask)
         tl.store(scale_ptr + row, scale)
     else:
-        y = (normed * weight).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row * hidden + cols, y, mask=mask)
-        if X8:     # also rounded for the int8-x GEMV (q_ptr: codes, scale_ptr: (dx, xsum) pairs)
-            num_groups = hidden // 32
-            g = tl.arange(0, BLOCK // 32)
-            groups = tl.reshape(y.to(tl.float32), [BLOCK // 32, 32])
-            gguf_gemv_x8_triton.round_groups(groups, q_ptr + row * hidden, scale_ptr + 2 * row * num_groups,
-                                             g, g < num_groups)
+        tl.store(out_ptr + row * hidden + cols, normed * weight, mask=mask)
 
 
 def _as_rows(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +72,7 @@ def _as_rows(name: str, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def _launch(x, residual, weight, eps, quant: bool = False, x8: bool = False):
+def _launch(x, residual, weight, eps, quant: bool = False):
     check_dtype("x", x, FLOAT_DTYPES)
     check_dtype("weight", weight, FLOAT_DTYPES)
     if x.dim() == 0:
@@ -101,13 +91,6 @@ def _launch(x, residual, weight, eps, quant: bool = False, x8: bool = False):
     else:
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         q, scale = out, out
-    if x8:
-        if x.dim() != 2 or hidden % 32:
-            raise ValueError(f"x: int8 rounding takes [M, hidden] rows, hidden a multiple of 32, got {list(x.shape)}")
-        rounded = gguf_gemv_x8_triton.XInt8(
-            torch.empty(x.shape, dtype=torch.int8, device=x.device),
-            torch.empty(x.shape[0], hidden // 32, 2, dtype=torch.float32, device=x.device), source=out)
-        q, scale = rounded.codes, rounded.dx_sum
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(f"residual: expected shape {list(x.shape)} and dtype {x.dtype}, "
@@ -125,10 +108,10 @@ def _launch(x, residual, weight, eps, quant: bool = False, x8: bool = False):
             rows, residual_rows, weight, out, residual_out, q, scale,
             rows.shape[1], rows.stride(0), rows.stride(1),
             residual_rows.stride(0), residual_rows.stride(1), hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=quant, FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, X8=x8,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=quant, FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE,
             **pdl.launch_options(rows.device), num_warps=4 if block <= 1024 else 8 if block <= 8192 else 16,
         )
-    return (Fp8Rows(q, scale, out_dtype) if quant else rounded if x8 else out), residual_out
+    return (Fp8Rows(q, scale, out_dtype) if quant else out), residual_out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,16 +134,6 @@ def fused_add_rms_norm_fp8(
     residual None, (rms_norm(x) quantised, x)."""
     check_shape("x", x, (None, None))
     rows, residual_out = _launch(x, residual, weight, eps, quant=True)
-    return rows, (x if residual is None else residual_out)
-
-
-def fused_add_rms_norm_x8(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[gguf_gemv_x8_triton.XInt8, torch.Tensor]:
-    """x: [M, hidden] → (rms_norm(x + residual) as an `XInt8`: rounded per group, and unrounded
-    in `.source`; x + residual); with residual None, (rms_norm(x) so, x)."""
-    check_shape("x", x, (None, None))
-    rows, residual_out = _launch(x, residual, weight, eps, x8=True)
     return rows, (x if residual is None else residual_out)
 
 

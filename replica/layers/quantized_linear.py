@@ -26,7 +26,6 @@ import torch
 
 from replica.kernels import ops
 from replica.kernels.fp8_linear import FP8_DTYPE, Fp8Rows, fp8_linear_ref, fp8_rows_linear_ref, quantize_rows_ref
-from replica.kernels.gguf_gemv_x8_triton import XInt8
 from replica.kernels.gguf_linear import gguf_linear_ref
 from replica.quantization.gguf_packed import GGUFTensor, PackedGGUF, dequantize_packed, pack, with_mins
 
@@ -144,10 +143,7 @@ class GGUFWeight:
             return self.dense.numel() * self.dense.element_size()
         return sum(part.num_bytes for _, part in self.parts + self.segments)
 
-    def apply(self, x, bias: torch.Tensor | None) -> torch.Tensor:
-        """x: [M, K], or an `XInt8` from `norm_for` (rounded for the 4-bit GEMVs, and x itself)."""
-        x8 = x if isinstance(x, XInt8) else None
-        x = x.source if x8 is not None else x
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.dense is not None:
             return ops.linear(x, self.dense, bias)
         use_triton = ops.is_triton_enabled(x)
@@ -156,7 +152,7 @@ class GGUFWeight:
         if len(self.segments) == 1:
             packed = self.segments[0][1]
             # picks the GEMV or dequantise + cuBLAS
-            return gguf_linear(x, packed, bias, x8=x8) if use_triton else gguf_linear_ref(x, packed, bias)
+            return gguf_linear(x, packed, bias) if use_triton else gguf_linear_ref(x, packed, bias)
         # parts of different layouts (Q4_K_M's q, k in Q4_K beside v in Q6_K): one call each,
         # into column slices of one output
         out = torch.empty(x.shape[0], self.shape[0], dtype=x.dtype, device=x.device)
@@ -164,7 +160,7 @@ class GGUFWeight:
             cols = slice(offset, offset + packed.shape[0])
             part_bias = None if bias is None else bias[cols]
             if use_triton:
-                gguf_linear(x, packed, part_bias, out=out[:, cols], x8=x8)
+                gguf_linear(x, packed, part_bias, out=out[:, cols])
             else:
                 out[:, cols] = gguf_linear_ref(x, packed, part_bias)
         return out
@@ -176,25 +172,14 @@ class GGUFWeight:
             return None
         return self.segments[0][1]
 
-    def apply_gated(self, x) -> torch.Tensor | None:
+    def apply_gated(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) · up of this [gate | up] projection in one kernel (decode rows); None where
         the unfused path must run."""
-        x8 = x if isinstance(x, XInt8) else None
-        x = x.source if x8 is not None else x
         packed = self._fusable(x)
         if packed is None:
             return None
         from replica.kernels.gguf_linear_triton import gguf_linear_gated
-        return gguf_linear_gated(x, packed, x8=x8)
-
-    def takes_x_int8(self, x: torch.Tensor) -> bool:
-        """Whether a 4-bit segment's Triton GEMV rounds x to int8 at these rows: then the kernel
-        producing x may write it rounded as well (`norm_for`)."""
-        if self.dense is not None or not ops.is_triton_enabled(x):
-            return False
-        from replica.kernels import gguf_gemv_triton
-        return (x.shape[0] <= gguf_gemv_triton.GEMV_ROWS and x.shape[1] % 32 == 0
-                and any(p.bits == 4 and gguf_gemv_triton.uses_x_int8(x, p) for _, p in self.segments))
+        return gguf_linear_gated(x, packed)
 
     def apply_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -241,11 +226,8 @@ def linear(x: torch.Tensor | Fp8Rows, weight, bias: torch.Tensor | None = None) 
 # layer fewer, which eager (mixed) steps pay on the host. False: the separate quantiser.
 FUSE_FP8_QUANT = True
 # A GGUF decode GEMV's epilogues: silu(gate)·up inside gate_up's GEMV, and o_proj's and down_proj's
-# split-K sums inside the next RMSNorm (3 launches a layer fewer); and the RMSNorm before a 4-bit
-# projection whose GEMV takes int8 x writes its row rounded too (qkv, gate_up: 2 launches fewer).
-# False: the unfused kernels.
+# split-K sums inside the next RMSNorm (3 launches a layer fewer). False: the unfused kernels.
 FUSE_GGUF_EPILOGUES = True
-ROUND_X_IN_NORM = True    # the last of those alone (bench A/B)
 
 
 def _takes_fp8_rows(weight, x: torch.Tensor) -> bool:
@@ -259,12 +241,8 @@ def norm_for(weight, x: torch.Tensor, residual: torch.Tensor | None, norm_weight
              eps: float) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
     """The input of `linear(·, weight)`: RMSNorm(x + residual), and x + residual (the next
     residual); with residual None, RMSNorm(x) and x. `Fp8Rows` where weight is W8A8 at this
-    many rows; `XInt8` where it is GGUF with a 4-bit GEMV taking int8 x."""
+    many rows."""
     # x, residual: [T, hidden]
-    if (FUSE_GGUF_EPILOGUES and ROUND_X_IN_NORM and isinstance(weight, GGUFWeight) and x.dim() == 2
-            and weight.takes_x_int8(x)):
-        from replica.kernels.rms_norm_triton import fused_add_rms_norm_x8
-        return fused_add_rms_norm_x8(x, residual, norm_weight, eps)
     if _takes_fp8_rows(weight, x):
         from replica.kernels.rms_norm_triton import fused_add_rms_norm_fp8
         return fused_add_rms_norm_fp8(x, residual, norm_weight, eps)
