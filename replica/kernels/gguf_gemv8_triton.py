@@ -145,14 +145,5 @@ def q8_gemv_kernel(
             tot3 += _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chunk_x, x_mask, 3,
                                  stride_xm, EVEN_K, HAS_MIN, BF16_ASM)
 
-    linear_triton.gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                 partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 1:
-        linear_triton.gemv_store_row(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 2:
-        linear_triton.gemv_store_row(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 3:
-        linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+    linear_triton.gemv_store_rows(tot0, tot1, tot2, tot3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr,
+                                  N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)

@@ -74,11 +74,14 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 @triton.jit(do_not_specialize=["one"])
 def _q4_gemv_kernel(
-    x_ptr, x32_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
+    x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
     N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BF16_ASM: tl.constexpr,          # 0: exact fp32 products; 80 or 90: bf16x2 PTX for that arch
+    BF16_ASM: tl.constexpr,          # x as it is: 0 exact fp32 products; 80 or 90 bf16x2 PTX for that arch
+    X8: tl.constexpr,                # x rounded to int8 (`gguf_gemv_x8_triton`): x_ptr its codes as int32
+                                     # words, x2_ptr its (dx, xsum) as int64, stride_xm in words
+    DP4A: tl.constexpr,              # X8: dp4a (CUDA) or its emulation (the interpreter)
     GATED: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait_and_release(PDL)
@@ -99,35 +102,41 @@ def _q4_gemv_kernel(
                                                                         EVEN_K)
         s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
         scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, g_mask, EVEN_K, HAS_MIN)
-        # codes are decoded as q − 8 whatever the type (small, signed: the bf16 products round
-        # less and do not cancel against the min term); the rest of (q − zero_point)·scale + min
-        # is a per-group constant times Σx: (min + (8 − zero_point)·scale)
-        low = low + (8 - ZERO_POINT) * scale
+        if X8:     # codes stay 0..15 (dp4a's unsigned operand): the zero point joins the min term
+            low = low - ZERO_POINT * scale
+        else:
+            # codes are decoded as q − 8 whatever the type (small, signed: the bf16 products round
+            # less and do not cancel against the min term); the rest of (q − zero_point)·scale + min
+            # is a per-group constant times Σx: (min + (8 − zero_point)·scale)
+            low = low + (8 - ZERO_POINT) * scale
         x_mask = g_mask & (row_zero == 0)
-        group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
-        tot0 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
-                             x_mask, 0, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
+        tot0 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 0,
+                        stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
         if M > 1:
-            tot1 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
-                                 x_mask, 1, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
+            tot1 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 1,
+                            stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
         if M > 2:
-            tot2 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
-                                 x_mask, 2, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
+            tot2 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 2,
+                            stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
         if M > 3:
-            tot3 += _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x,
-                                 x_mask, 3, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
+            tot3 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 3,
+                            stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
 
-    linear_triton.gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
-              stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 1:
-        linear_triton.gemv_store_row(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
-                  stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 2:
-        linear_triton.gemv_store_row(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
-                  stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 3:
-        linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N,
-                  stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+    linear_triton.gemv_store_rows(tot0, tot1, tot2, tot3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr,
+                                  N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+
+
+@triton.jit
+def _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, mi, stride_xm,
+            num_groups, one, EVEN_K: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
+            BF16_ASM: tl.constexpr, X8: tl.constexpr, DP4A: tl.constexpr):
+    """Row mi of x against the tile: [BLOCK_N, GROUPS] fp32, scaled, with the min term."""
+    if X8:
+        return gguf_gemv_x8_triton.row_part(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero,
+                                            gs, x_mask, mi, stride_xm, num_groups, one, EVEN_K, DP4A)
+    group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
+    return _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, group_x, x_mask, mi,
+                        stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
 
 
 @triton.jit
@@ -271,15 +280,14 @@ def _launch(xm: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None, om:
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
         x8 = gguf_gemv_x8_triton.quantize_x(xm)        # one small kernel: ~1.5 us at 1 row
-        gguf_gemv_x8_triton.q4_x8_gemv_kernel[grid](
-            x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *common[:9],
-            x8.codes.stride(0) // 4, *common[10:],
-            ZERO_POINT=packed.zero_point, GROUPS=plan.groups, DP4A=xm.is_cuda, **flags, **launch)
+        _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *common[:9],
+                              x8.codes.stride(0) // 4, *common[10:], ZERO_POINT=packed.zero_point,
+                              GROUPS=plan.groups, BF16_ASM=0, X8=True, DP4A=xm.is_cuda, **flags, **launch)
     elif packed.bits == 4:
         bf16_asm = _bf16x2_arch(xm.device) if USE_BF16_ASM and bf16_pairs else 0
         _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *common,
                               ZERO_POINT=packed.zero_point, GROUPS=plan.groups, BF16_ASM=bf16_asm,
-                              **flags, **launch)
+                              X8=False, DP4A=False, **flags, **launch)
     else:
         gguf_gemv8_triton.q8_gemv_kernel[grid](
             xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *common,

@@ -18,8 +18,8 @@ instead of bf16's 64. Per group, with the codes q in 0..15 as stored:
 i.e. exactly W times x rounded (x̂ = dx · x8): the only error is x's rounding, ≤ dx / 2 an element,
 the same for every type (Q4_K's min term uses the same x̂, so it cancels as it should).
 
-Lanes, tiles, split-K and the gated epilogue are the bf16 kernel's (`q4_word_dot_triton`); its
-default tile differs: programs of one warp over 2 rows x 32 groups, one lane a thread
+The GEMV is `gguf_gemv_triton._q4_gemv_kernel` with X8 set: its lanes, tiles, split-K and gated
+epilogue, with this module's `row_part` for the products; its default tile differs: programs of one warp over 2 rows x 32 groups, one lane a thread
 (`gguf_gemv_triton.X_INT8_TILE`; on W2 Q4_0 469 tok/s against 427 with the bf16 kernel's 4 warps
 over 4 rows x 64 groups). x is rounded by a kernel of its own (~1.5 us at one row); an RMSNorm
 writing its row rounded, one launch less, measured slower on W2 (one program a row: 441 against
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import linear_triton, pdl, q4_word_dot_triton
+from replica.kernels import pdl, q4_word_dot_triton
 
 GROUP = 32
 _GROUP: tl.constexpr = tl.constexpr(GROUP)      # the kernels' copy (Triton reads constexpr globals only)
@@ -165,7 +165,7 @@ def _word_dot_emulated(word, a, b):
 
 
 @triton.jit
-def _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
+def row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
               stride_xq, num_groups, one, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
     """Row mi of x8 against the tile's groups → [BLOCK_N, GROUPS] fp32. x8's group g is int32
     words 8g .. 8g + 7 of its row: two 16-byte loads, (A, B) per weight word. (dx, xsum): one
@@ -193,51 +193,3 @@ def _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 
         dot = (_word_dot_emulated(w0, a0, b0) + _word_dot_emulated(w1, a1, b1)
                + _word_dot_emulated(w2, a2, b2) + _word_dot_emulated(w3, a3, b3))
     return scale * (dx * dot.to(tl.float32)) + low * xsum
-
-
-@triton.jit(do_not_specialize=["one"])
-def q4_x8_gemv_kernel(
-    xq_ptr, ds_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
-    N, num_groups, groups_per_split, one, stride_xq, stride_qn, stride_sn, stride_om,
-    ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
-    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DP4A: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl.wait_and_release(PDL)
-    pid_k = tl.program_id(1)
-    rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
-        N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
-    tot0 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    tot2 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    tot3 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    for g0 in range(g_start, g_end, GROUPS):
-        gs = g0 + g
-        g_mask = (gs < g_end)[None, :]
-        w0, w1, w2, w3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask, EVEN_K)
-        s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
-        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, g_mask, EVEN_K, HAS_MIN)
-        low = low - ZERO_POINT * scale             # codes stay 0..15: the zero point joins the min
-        x_mask = g_mask & (row_zero == 0)
-        tot0 += _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 0,
-                          stride_xq, num_groups, one, EVEN_K, DP4A)
-        if M > 1:
-            tot1 += _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 1,
-                              stride_xq, num_groups, one, EVEN_K, DP4A)
-        if M > 2:
-            tot2 += _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 2,
-                              stride_xq, num_groups, one, EVEN_K, DP4A)
-        if M > 3:
-            tot3 += _row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, 3,
-                              stride_xq, num_groups, one, EVEN_K, DP4A)
-    linear_triton.gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                 partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 1:
-        linear_triton.gemv_store_row(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 2:
-        linear_triton.gemv_store_row(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-    if M > 3:
-        linear_triton.gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr,
-                                     partial_ptr, N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)

@@ -151,6 +151,24 @@ def gemv_store_row(result, mi, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_p
 
 
 @triton.jit
+def gemv_store_rows(tot0, tot1, tot2, tot3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
+                    M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
+    """The packed GEMVs' epilogue: accumulators [BLOCK_N, lanes] of rows 0..M-1 of x (M ≤ 4),
+    each summed over its lanes and stored by `gemv_store_row`."""
+    gemv_store_row(tl.sum(tot0, axis=1), 0, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
+                   M, HAS_BIAS, SPLIT_K, GATED)
+    if M > 1:
+        gemv_store_row(tl.sum(tot1, axis=1), 1, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
+                       M, HAS_BIAS, SPLIT_K, GATED)
+    if M > 2:
+        gemv_store_row(tl.sum(tot2, axis=1), 2, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
+                       M, HAS_BIAS, SPLIT_K, GATED)
+    if M > 3:
+        gemv_store_row(tl.sum(tot3, axis=1), 3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr, N, stride_om,
+                       M, HAS_BIAS, SPLIT_K, GATED)
+
+
+@triton.jit
 def _split_k_sum_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
                         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl.wait_and_release(PDL)
