@@ -73,6 +73,14 @@ def decode_tok_per_s(engine, vocab: int) -> float:
 
 
 # ---- kernels ---------------------------------------------------------------------------------
+def projection_shapes(size: str) -> dict[str, tuple[int, int]]:
+    """The decoder layer's projections (fused as the engine holds them) → (N, K)."""
+    cfg = model_config(size)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
+
+
 def _time_ms(fn) -> float:
     import triton.testing
     return triton.testing.do_bench_cudagraph(fn, rep=50)
@@ -121,10 +129,7 @@ def bench_gguf_kernels(size: str, sweep: bool) -> None:
     from replica.kernels import gguf_gemv_triton as gg
     from replica.kernels import gguf_linear_triton as glt
     from replica.kernels.ops import linear
-    cfg = model_config(size)
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
+    shapes = projection_shapes(size)
     # (rows, groups, warps): the 4-bit kernel's rows a thread = rows / warps (x's decoding is
     # shared by them; 4 rows a thread = 64 registers, 8 = 128)
     tiles = [(2, 32, 4), (4, 32, 4), (8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 64, 8), (4, 64, 8), (8, 32, 8)]
@@ -255,10 +260,7 @@ def bench_x8_kernels(size: str, sweep: bool) -> None:
     from replica.kernels.gguf_gemv_x8_triton import quantize_x
     from replica.kernels.ops import linear
     from replica.quantization.gguf_packed import pack
-    cfg = model_config(size)
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
+    shapes = projection_shapes(size)
     # (rows, groups, warps); a warp's threads: 32 / groups rows x groups groups when groups < 32
     tiles = [(2, 32, 1), (2, 64, 2), (4, 32, 1), (2, 16, 1), (4, 64, 4), (4, 128, 4), (4, 32, 2), (16, 8, 4)]
     device = torch.device("cuda")
