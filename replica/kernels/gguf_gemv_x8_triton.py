@@ -1,4 +1,5 @@
-"""Triton: the 4-bit decode GEMV with x rounded to 8 bits, integer dot products (`dp4a`).
+"""Triton: the int8 side of the 4-bit decode GEMV: x rounded to 8 bits, and the integer dot
+products (`dp4a`) of `gguf_gemv_triton._q4_gemv_kernel` with X8 set.
 
 The bf16 GEMV (`gguf_gemv_triton._q4_gemv_kernel`) turns every code into a bf16 and multiplies
 two elements an instruction: ~3 instructions an element, which at one row of x bounds it
@@ -18,13 +19,13 @@ instead of bf16's 64. Per group, with the codes q in 0..15 as stored:
 i.e. exactly W times x rounded (x̂ = dx · x8): the only error is x's rounding, ≤ dx / 2 an element,
 the same for every type (Q4_K's min term uses the same x̂, so it cancels as it should).
 
-The GEMV is `gguf_gemv_triton._q4_gemv_kernel` with X8 set: its lanes, tiles, split-K and gated
-epilogue, with this module's `row_part` for the products; its default tile differs: programs of one warp over 2 rows x 32 groups, one lane a thread
-(`gguf_gemv_triton.X_INT8_TILE`; on W2 Q4_0 469 tok/s against 427 with the bf16 kernel's 4 warps
-over 4 rows x 64 groups). x is rounded by a kernel of its own (~1.5 us at one row); an RMSNorm
-writing its row rounded, one launch less, measured slower on W2 (one program a row: 441 against
-469 tok/s; commit 06edf0b) and was removed.
-On the CPU (Triton's interpreter) dp4a is emulated with shifts and masks, bit for bit the same.
+The GEMV keeps the bf16 kernel's lanes, split-K and gated epilogue, with this module's
+`row_part` for the products. Its default tile differs: programs of one warp over 2 rows x 32
+groups, one lane a thread (`gguf_gemv_triton.X_INT8_TILE`; W2 Q4_0 469 tok/s against 427 with
+4 warps over 4 rows x 64 groups). x is rounded by a kernel of its own (~1.5 us at one row). An
+RMSNorm writing its row rounded, one launch less, measured slower on W2 (one program a row: 441
+against 469 tok/s; commit 06edf0b) and was removed. On the CPU (Triton's interpreter) dp4a is
+emulated with shifts and masks, bit for bit the same.
 """
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ _DOT_GROUP: tl.constexpr = tl.constexpr(_DOT_GROUP_ASM)
 
 
 @triton.jit
-def round_groups(x, codes_ptr, ds_ptr, g_offs, g_mask):
+def _round_groups(x, codes_ptr, ds_ptr, g_offs, g_mask):
     """x: [G, 32] fp32, groups of one row → its codes (int8, dp4a byte order) at codes_ptr +
     32 g_offs, and (dx, xsum) at ds_ptr + 2 g_offs."""
     e = tl.arange(0, _GROUP)
@@ -92,7 +93,7 @@ def _quantize_x_kernel(x_ptr, q_ptr, ds_ptr, num_groups, stride_xm, stride_qm,
     e = tl.arange(0, _GROUP)
     offs = gs[:, None] * _GROUP + e[None, :]
     x = tl.load(x_ptr + m * stride_xm + offs, mask=g_mask[:, None], other=0.0).to(tl.float32)
-    round_groups(x, q_ptr + m * stride_qm, ds_ptr + 2 * m * num_groups, gs, g_mask)
+    _round_groups(x, q_ptr + m * stride_qm, ds_ptr + 2 * m * num_groups, gs, g_mask)
 
 
 @dataclass
