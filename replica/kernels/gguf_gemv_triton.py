@@ -200,10 +200,13 @@ def _bf16x2_arch(device: torch.device) -> int:
     return 90 if capability >= (9, 0) else 80 if capability >= (8, 0) else 0
 
 
+@functools.cache
+def _has_dp4a(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (6, 1)
+
+
 def uses_x_int8(x: torch.Tensor) -> bool:
-    if X_INT8 is None:
-        return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (6, 1)
-    return X_INT8
+    return _has_dp4a(x.device) if X_INT8 is None else X_INT8
 
 
 @functools.cache
