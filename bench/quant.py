@@ -77,17 +77,18 @@ def bench_formats(args) -> None:
     from replica.kernels import gguf_gemv_triton as gg
     cfg = model_config(args.size)
     vocab = cfg.vocab_size
-    runs = [(fmt, x) for fmt in args.formats.split(",")
-            for x in (args.gguf_x.split(",") if fmt.startswith("Q") else ["auto"])]
-    for fmt, gguf_x in runs:
+    runs = [(fmt, x, seqs) for fmt in args.formats.split(",")
+            for x in (args.gguf_x.split(",") if fmt.startswith("Q") else ["auto"])
+            for seqs in map(int, args.max_num_seqs.split(","))]
+    for fmt, gguf_x, max_num_seqs in runs:
         gg.X_INT8 = {"auto": None, "int8": True, "bf16": False}[gguf_x]
         for (qtype, n, k), config in quant_kernels.X8_BEST.get(gguf_x, {}).items():   # the sweep's winners, if run
             for m in range(1, gg.MAX_ROWS + 1):
                 gg.TUNED[(qtype, m, n, k)] = config
         started = time.perf_counter()
-        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=256, token_budget=args.token_budget,
+        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=max_num_seqs, token_budget=args.token_budget,
                               engine_args=dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens))
-        figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens, gguf_x=gguf_x,
+        figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens, gguf_x=gguf_x, max_num_seqs=max_num_seqs,
                        weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
                        num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1))
         run(engine, [(p, 16) for p in prompts(8, [512] * 8, vocab, 9)])                  # warm-up
@@ -117,7 +118,8 @@ def bench_formats(args) -> None:
             figures["W3_steps"] = w3["steps"]
             figures["W3_steps_by_kind"] = w3["steps_by_kind"]
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-        emit(f"format_{fmt}" + ("" if gguf_x == "auto" else f"_x_{gguf_x}"), pdl=pdl.mode(), **figures)
+        emit(f"format_{fmt}" + ("" if gguf_x == "auto" else f"_x_{gguf_x}")
+             + ("" if max_num_seqs == 256 else f"_seqs_{max_num_seqs}"), pdl=pdl.mode(), **figures)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -162,6 +164,8 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--cuda-graph-max-tokens", type=int, default=EngineConfig.cuda_graph_max_tokens,
                         help="steps with prefill chunks up to this many tokens replay piecewise graphs (0: eager)")
+    parser.add_argument("--max-num-seqs", default="256",
+                        help="sequences a step holds (W3 sends 1,000 at once); several, comma-separated, run each")
     parser.add_argument("--gguf-x", default="auto",
                         help="4-bit GGUF decode GEMVs' x: auto (the engine's choice), int8 (dp4a), bf16; "
                              "several, comma-separated, run each")
@@ -171,6 +175,8 @@ def main() -> None:
     unknown = set(args.formats.split(",")) - set(FORMATS)
     if unknown:
         parser.error(f"--formats: unknown {', '.join(sorted(unknown))} (have {', '.join(FORMATS)})")
+    if not all(v.isdigit() and int(v) > 0 for v in args.max_num_seqs.split(",")):
+        parser.error(f"--max-num-seqs: positive integers, comma-separated, got {args.max_num_seqs!r}")
     if not args.gguf_x or set(args.gguf_x.split(",")) - {"auto", "int8", "bf16"}:
         parser.error(f"--gguf-x: auto, int8, bf16 or a comma-separated list of them, got {args.gguf_x!r}")
     on_gpu = args.device == "cuda"
