@@ -92,7 +92,7 @@ def measure(model: str, device: str, formats, num_prompts: int, prompt_len: int)
 
 def round_x_of_4bit_projections() -> None:
     """The CPU reference path with x rounded as the int8-x GEMV rounds it."""
-    from replica.kernels.gguf_gemv_x8_triton import dequantize_x_ref, quantize_x_ref
+    from replica.kernels.gguf_linear import dequantize_x_ref, quantize_x_ref
     from replica.layers import quantized_linear
     plain = quantized_linear.gguf_linear_ref
 

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from replica.kernels import gguf_gemv8_triton, gguf_gemv_x8_triton, linear_triton, pdl, q4_word_dot_triton
+from replica.kernels.gguf_linear import XInt8
 from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
@@ -74,14 +75,16 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 @triton.jit(do_not_specialize=["one"])
 def _q4_gemv_kernel(
-    x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
-    N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
+    x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr, sumsq_ptr,
+    N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om, eps,
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr,          # x as it is: 0 exact fp32 products; 80 or 90 bf16x2 PTX for that arch
     X8: tl.constexpr,                # x rounded to int8 (`gguf_gemv_x8_triton`): x_ptr its codes as int32
                                      # words, x2_ptr its (dx, xsum) as int64, stride_xm in words
     DP4A: tl.constexpr,              # X8: dp4a (CUDA) or its emulation (the interpreter)
+    NUM_PARTS: tl.constexpr,         # X8 from `rms_norm_x8_triton`: the parts of Σ s² a row at sumsq_ptr,
+    PARTS: tl.constexpr,             # whose rstd scales the products (PARTS: a power of two ≥ NUM_PARTS); 0: none
     GATED: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait_and_release(PDL)
@@ -122,8 +125,24 @@ def _q4_gemv_kernel(
             tot3 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 3,
                             stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
 
+    if NUM_PARTS > 0:         # x was rounded before the norm's 1/rms: scale the dot products (before bias, SiLU)
+        tot0 = tot0 * _row_rstd(sumsq_ptr, 0, num_groups, eps, NUM_PARTS, PARTS)
+        if M > 1:
+            tot1 = tot1 * _row_rstd(sumsq_ptr, 1, num_groups, eps, NUM_PARTS, PARTS)
+        if M > 2:
+            tot2 = tot2 * _row_rstd(sumsq_ptr, 2, num_groups, eps, NUM_PARTS, PARTS)
+        if M > 3:
+            tot3 = tot3 * _row_rstd(sumsq_ptr, 3, num_groups, eps, NUM_PARTS, PARTS)
     linear_triton.gemv_store_rows(tot0, tot1, tot2, tot3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr,
                                   N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+
+
+@triton.jit
+def _row_rstd(sumsq_ptr, mi, num_groups, eps, NUM_PARTS: tl.constexpr, PARTS: tl.constexpr):
+    """1 / sqrt(Σ s² / K + eps) of row mi, from its NUM_PARTS parts (`rms_norm_x8_triton`)."""
+    parts = tl.arange(0, PARTS)
+    sumsq = tl.load(sumsq_ptr + mi * NUM_PARTS + parts, mask=parts < NUM_PARTS, other=0.0)
+    return tl.rsqrt(tl.sum(sumsq, axis=0) / (num_groups * 32).to(tl.float32) + eps)
 
 
 @triton.jit
@@ -263,51 +282,64 @@ def _plan(num_rows: int, packed: PackedGGUF, device: torch.device, config: GemvC
     return _Plan(config, num_groups, groups, groups_per_split, split_k, num_groups % groups == 0, x_int8)
 
 
-def _launch(xm: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None, om: torch.Tensor,
+def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | None, om: torch.Tensor,
             partial: torch.Tensor, plan: _Plan, gated: bool) -> None:
-    """One GEMV launch for up to ROWS_PER_LAUNCH rows xm: into om, or (split K) into partial."""
+    """One GEMV launch for up to ROWS_PER_LAUNCH rows xm (a tensor, or already rounded): into
+    om, or (split K) into partial."""
     n = packed.shape[0]
     config = plan.config
     launch = dict(num_warps=config.num_warps, num_stages=1, **pdl.launch_options(xm.device))
     qweight32 = packed.qweight.view(torch.int32)
     # gated: a program's BLOCK_N rows are BLOCK_N / 2 output columns' gate and up
     grid = (triton.cdiv(n // 2 if gated else n, config.block_n // 2 if gated else config.block_n), plan.split_k)
-    # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
-    bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
-                  and xm.data_ptr() % 4 == 0)
-    common = (packed.scales, packed.mins if packed.mins is not None else packed.scales,
-              bias if bias is not None else om, om, partial,
-              n, plan.num_groups, plan.groups_per_split, 1, xm.stride(0), qweight32.stride(0),
-              packed.scales.stride(0), om.stride(0))
+    scales = (packed.scales, packed.mins if packed.mins is not None else packed.scales,
+              bias if bias is not None else om, om, partial)
+    shape = (n, plan.num_groups, plan.groups_per_split, 1)
+    strides = (qweight32.stride(0), packed.scales.stride(0), om.stride(0))
     flags = dict(HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None, M=xm.shape[0],
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
-        x8 = gguf_gemv_x8_triton.quantize_x(xm)        # one small kernel: ~1.5 us at 1 row
-        _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *common[:9],
-                              x8.codes.stride(0) // 4, *common[10:], ZERO_POINT=packed.zero_point,
-                              GROUPS=plan.groups, BF16_ASM=0, X8=True, DP4A=xm.is_cuda, **flags, **launch)
-    elif packed.bits == 4:
+        x8 = xm if isinstance(xm, XInt8) else gguf_gemv_x8_triton.quantize_x(xm)   # ~1.5 us at 1 row
+        num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
+        _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,
+                              om if x8.sumsq is None else x8.sumsq, *shape, x8.codes.stride(0) // 4, *strides,
+                              x8.eps, ZERO_POINT=packed.zero_point, GROUPS=plan.groups, BF16_ASM=0, X8=True,
+                              DP4A=om.is_cuda, NUM_PARTS=num_parts, PARTS=triton.next_power_of_2(num_parts),
+                              **flags, **launch)
+        return
+    # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
+    bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
+                  and xm.data_ptr() % 4 == 0)
+    if packed.bits == 4:
         bf16_asm = _bf16x2_arch(xm.device) if USE_BF16_ASM and bf16_pairs else 0
-        _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *common,
-                              ZERO_POINT=packed.zero_point, GROUPS=plan.groups, BF16_ASM=bf16_asm,
-                              X8=False, DP4A=False, **flags, **launch)
+        _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *scales, om, *shape,
+                              xm.stride(0), *strides, 0.0, ZERO_POINT=packed.zero_point, GROUPS=plan.groups,
+                              BF16_ASM=bf16_asm, X8=False, DP4A=False, NUM_PARTS=0, PARTS=1, **flags, **launch)
     else:
         gguf_gemv8_triton.q8_gemv_kernel[grid](
-            xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *common,
+            xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *scales, *shape, xm.stride(0), *strides,
             CHUNKS_PER_GROUP=packed.group_size // gguf_gemv8_triton.CHUNK, CHUNKS=plan.groups,
             BF16_ASM=bf16_pairs, **flags, **launch)
 
 
-def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
+def _rows(x: torch.Tensor | XInt8, start: int, stop: int) -> torch.Tensor | XInt8:
+    return x.rows(start, stop) if isinstance(x, XInt8) else x[start:stop]
+
+
+def gguf_gemv(x: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | None = None,
               config: GemvConfig | None = None, out: torch.Tensor | None = None,
               gated: bool = False) -> torch.Tensor:
-    """x: [M ≤ MAX_ROWS, K] (checked by the caller, `gguf_linear_triton.gguf_linear`) → [M, N],
-    written into `out` when given (any [M, N] view whose last dim is contiguous).
+    """x: [M ≤ MAX_ROWS, K] (checked by the caller, `gguf_linear_triton.gguf_linear`), or x
+    already rounded for a 4-bit matrix (`XInt8`, from `rms_norm_x8_triton`) → [M, N] in x's
+    dtype, written into `out` when given (any [M, N] view whose last dim is contiguous).
     gated (packed = [gate | up], N rows): silu(gate) · up [M, N / 2] instead, in the GEMV's
     epilogue (a split-K plan runs unfused: the GEMV, then `silu_mul_triton`)."""
     num_rows = x.shape[0]
     n = packed.shape[0]
-    plan = _plan(num_rows, packed, x.device, config, packed.bits == 4 and uses_x_int8(x))
+    is_rounded = isinstance(x, XInt8)
+    if is_rounded and packed.bits != 4:
+        raise ValueError(f"x: rounded to int8 for a 4-bit matrix, but {packed.qtype} is {packed.bits}-bit")
+    plan = _plan(num_rows, packed, x.device, config, packed.bits == 4 and (is_rounded or uses_x_int8(x)))
     if gated and plan.split_k > 1:
         from replica.kernels.silu_mul_triton import silu_and_mul
         act = silu_and_mul(gguf_gemv(x, packed, bias, config))
@@ -318,7 +350,7 @@ def gguf_gemv(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = N
     if n == 0 or num_rows == 0:
         return out
     for m0 in range(0, num_rows, ROWS_PER_LAUNCH):
-        xm = x[m0:m0 + ROWS_PER_LAUNCH]
+        xm = _rows(x, m0, m0 + ROWS_PER_LAUNCH)
         om = out[m0:m0 + xm.shape[0]]
         partial = (torch.empty(plan.split_k, xm.shape[0], n, dtype=torch.float32, device=x.device)
                    if plan.split_k > 1 else om)

@@ -27,15 +27,13 @@ RMSNorm writing its row rounded, one launch less, measured slower on W2 (one pro
 against 469 tok/s; commit 06edf0b) and was removed. On the CPU (Triton's interpreter) dp4a is
 emulated with shifts and masks, bit for bit the same.
 """
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from replica.kernels import pdl, q4_word_dot_triton
+from replica.kernels.gguf_linear import GROUP, XInt8
 
-GROUP = 32
 _GROUP: tl.constexpr = tl.constexpr(GROUP)      # the kernels' copy (Triton reads constexpr globals only)
 
 # 4 words (32 codes) of one group against its 8 int32 of x8 → the int32 Σ q·x8, exact.
@@ -96,59 +94,17 @@ def _quantize_x_kernel(x_ptr, q_ptr, ds_ptr, num_groups, stride_xm, stride_qm,
     _round_groups(x, q_ptr + m * stride_qm, ds_ptr + 2 * m * num_groups, gs, g_mask)
 
 
-@dataclass
-class XInt8:
-    """x rounded for the GEMV: codes int8 [M, K] in the dp4a byte order; dx_sum fp32 [M, K/32, 2],
-    per group (dx, xsum = dx · Σ codes), side by side so that a lane reads both in one 8-byte load."""
-    codes: torch.Tensor
-    dx_sum: torch.Tensor
-
-    @property
-    def dx(self) -> torch.Tensor:
-        return self.dx_sum[:, :, 0]
-
-    @property
-    def xsum(self) -> torch.Tensor:
-        return self.dx_sum[:, :, 1]
-
-
 def quantize_x(x: torch.Tensor) -> XInt8:
     """x: [M, K] float, K a multiple of 32, last dim contiguous → its `XInt8`."""
     num_rows, k = x.shape
     num_groups = k // GROUP
     out = XInt8(torch.empty(num_rows, k, dtype=torch.int8, device=x.device),
-                torch.empty(num_rows, num_groups, 2, dtype=torch.float32, device=x.device))
+                torch.empty(num_rows, num_groups, 2, dtype=torch.float32, device=x.device), x.dtype)
     groups = 16
     _quantize_x_kernel[(num_rows, triton.cdiv(num_groups, groups))](
         x, out.codes, out.dx_sum, num_groups, x.stride(0), out.codes.stride(0), GROUPS=groups, num_warps=4,
         **pdl.launch_options(x.device))
     return out
-
-
-def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch reference of `quantize_x`, the same fp32 arithmetic."""
-    num_rows, k = x.shape
-    groups = x.float().reshape(num_rows, k // GROUP, GROUP)
-    amax = groups.abs().amax(dim=2)
-    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
-    v = groups * inv[:, :, None]
-    q = torch.where(v >= 0, torch.floor(v + 0.5), -torch.floor(0.5 - v))
-    dx = amax * (1.0 / 127.0)
-    xsum = dx * q.sum(dim=2)
-    e = torch.arange(GROUP)
-    pos = (e // 8) * 8 + 2 * (e % 4) + (e % 8) // 4
-    x8 = torch.empty_like(q)
-    x8[:, :, pos] = q
-    return x8.reshape(num_rows, k).to(torch.int8), dx, xsum
-
-
-def dequantize_x_ref(x8: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """x̂ = dx · x8 in element order [M, K] fp32: what the GEMV multiplies W by."""
-    num_rows, k = x8.shape
-    e = torch.arange(GROUP)
-    pos = (e // 8) * 8 + 2 * (e % 4) + (e % 8) // 4
-    q = x8.float().reshape(num_rows, k // GROUP, GROUP)[:, :, pos]
-    return (q * dx[:, :, None]).reshape(num_rows, k)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import torch
 
 from replica.kernels import ops
 from replica.kernels.fp8_linear import FP8_DTYPE, Fp8Rows, fp8_linear_ref, fp8_rows_linear_ref, quantize_rows_ref
-from replica.kernels.gguf_linear import gguf_linear_ref
+from replica.kernels.gguf_linear import XInt8, gguf_linear_ref
 from replica.quantization.gguf_packed import GGUFTensor, PackedGGUF, dequantize_packed, pack, with_mins
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,10 @@ class GGUFWeight:
             return self.dense.numel() * self.dense.element_size()
         return sum(part.num_bytes for _, part in self.parts + self.segments)
 
-    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor | XInt8, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, XInt8):          # rounded by the norm before it for this 4-bit matrix (`norm_for`)
+            from replica.kernels.gguf_gemv_triton import gguf_gemv
+            return gguf_gemv(x, self.segments[0][1], bias)
         if self.dense is not None:
             return ops.linear(x, self.dense, bias)
         use_triton = ops.is_triton_enabled(x)
@@ -166,20 +169,34 @@ class GGUFWeight:
         return out
 
 
-    def _fusable(self, x: torch.Tensor) -> PackedGGUF | None:
+    def _fusable(self, x: torch.Tensor | XInt8) -> PackedGGUF | None:
         """The packed matrix where x's rows take the fused Triton paths below (one segment, CUDA)."""
+        if isinstance(x, XInt8):
+            return self.segments[0][1]
         if self.dense is not None or len(self.segments) != 1 or not ops.is_triton_enabled(x):
             return None
         return self.segments[0][1]
 
-    def apply_gated(self, x: torch.Tensor) -> torch.Tensor | None:
+    def apply_gated(self, x: torch.Tensor | XInt8) -> torch.Tensor | None:
         """silu(gate) · up of this [gate | up] projection in one kernel (decode rows); None where
         the unfused path must run."""
         packed = self._fusable(x)
         if packed is None:
             return None
+        if isinstance(x, XInt8):
+            from replica.kernels.gguf_gemv_triton import gguf_gemv
+            return gguf_gemv(x, packed, gated=True)
         from replica.kernels.gguf_linear_triton import gguf_linear_gated
         return gguf_linear_gated(x, packed)
+
+    def takes_x_int8(self, x: torch.Tensor) -> bool:
+        """Whether x's rows reach this matrix's 4-bit GEMV with x rounded to int8, so that the norm
+        before it can write them rounded (`norm_for`)."""
+        packed = self._fusable(x)
+        if packed is None or packed.bits != 4 or x.dim() != 2:
+            return False
+        from replica.kernels import gguf_gemv_triton
+        return x.shape[0] <= gguf_gemv_triton.GEMV_ROWS and gguf_gemv_triton.uses_x_int8(x)
 
     def apply_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -228,6 +245,10 @@ FUSE_FP8_QUANT = True
 # A GGUF decode GEMV's epilogues: silu(gate)·up inside gate_up's GEMV, and o_proj's and down_proj's
 # split-K sums inside the next RMSNorm (3 launches a layer fewer). False: the unfused kernels.
 FUSE_GGUF_EPILOGUES = True
+# A 4-bit GGUF decode GEMV on int8 x after an RMSNorm (qkv, gate_up): the norm writes x rounded,
+# in several programs a row (`rms_norm_x8_triton`; 2 launches a layer fewer). False: the norm,
+# then x's own rounding kernel.
+FUSE_GGUF_X8_NORM = True
 
 
 def _takes_fp8_rows(weight, x: torch.Tensor) -> bool:
@@ -238,11 +259,14 @@ def _takes_fp8_rows(weight, x: torch.Tensor) -> bool:
 
 
 def norm_for(weight, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-             eps: float) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+             eps: float) -> tuple[torch.Tensor | Fp8Rows | XInt8, torch.Tensor]:
     """The input of `linear(·, weight)`: RMSNorm(x + residual), and x + residual (the next
     residual); with residual None, RMSNorm(x) and x. `Fp8Rows` where weight is W8A8 at this
-    many rows."""
+    many rows, `XInt8` where it is a 4-bit GGUF GEMV on int8 x."""
     # x, residual: [T, hidden]
+    if FUSE_GGUF_X8_NORM and isinstance(weight, GGUFWeight) and weight.takes_x_int8(x):
+        from replica.kernels.rms_norm_x8_triton import add_rms_norm_x8
+        return add_rms_norm_x8(x, residual, norm_weight, eps)
     if _takes_fp8_rows(weight, x):
         from replica.kernels.rms_norm_triton import fused_add_rms_norm_fp8
         return fused_add_rms_norm_fp8(x, residual, norm_weight, eps)

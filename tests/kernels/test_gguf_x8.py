@@ -8,7 +8,8 @@ import torch
 
 from replica.kernels import gguf_gemv_triton
 from replica.kernels.gguf_gemv_triton import GemvConfig, gguf_gemv
-from replica.kernels.gguf_gemv_x8_triton import dequantize_x_ref, quantize_x, quantize_x_ref
+from replica.kernels.gguf_gemv_x8_triton import quantize_x
+from replica.kernels.gguf_linear import dequantize_x_ref, quantize_x_ref
 from replica.kernels.gguf_linear_triton import gguf_linear_add_rms_norm
 from replica.kernels.rms_norm_triton import fused_add_rms_norm
 from replica.kernels.silu_mul_triton import silu_and_mul
