@@ -364,13 +364,14 @@ def gguf_gemv(x: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | 
     return out
 
 
-def gguf_gemv_add_rms_norm(x: torch.Tensor, packed: PackedGGUF, residual: torch.Tensor,
+def gguf_gemv_add_rms_norm(x: torch.Tensor | XInt8, packed: PackedGGUF, residual: torch.Tensor,
                            norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """x: [M ≤ ROWS_PER_LAUNCH, K] → (rms_norm(x @ W^T + residual), x @ W^T + residual), the
     GEMV's split-K partials summed by the norm kernel itself (`rms_norm_triton`): one kernel
     less than GEMV, sum, add + norm. None where the plan does not split K (nothing to fuse)."""
     num_rows = x.shape[0]
-    plan = _plan(num_rows, packed, x.device, None, packed.bits == 4 and uses_x_int8(x))
+    is_x8 = packed.bits == 4 and (isinstance(x, XInt8) or uses_x_int8(x))
+    plan = _plan(num_rows, packed, x.device, None, is_x8)
     if plan.split_k == 1 or num_rows > ROWS_PER_LAUNCH or num_rows == 0:
         return None
     from replica.kernels.rms_norm_triton import split_k_sum_add_rms_norm

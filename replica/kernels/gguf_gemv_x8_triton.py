@@ -64,7 +64,7 @@ _DOT_GROUP: tl.constexpr = tl.constexpr(_DOT_GROUP_ASM)
 
 
 @triton.jit
-def _round_groups(x, codes_ptr, ds_ptr, g_offs, g_mask):
+def round_groups(x, codes_ptr, ds_ptr, g_offs, g_mask):
     """x: [G, 32] fp32, groups of one row → its codes (int8, dp4a byte order) at codes_ptr +
     32 g_offs, and (dx, xsum) at ds_ptr + 2 g_offs."""
     e = tl.arange(0, _GROUP)
@@ -91,7 +91,7 @@ def _quantize_x_kernel(x_ptr, q_ptr, ds_ptr, num_groups, stride_xm, stride_qm,
     e = tl.arange(0, _GROUP)
     offs = gs[:, None] * _GROUP + e[None, :]
     x = tl.load(x_ptr + m * stride_xm + offs, mask=g_mask[:, None], other=0.0).to(tl.float32)
-    _round_groups(x, q_ptr + m * stride_qm, ds_ptr + 2 * m * num_groups, gs, g_mask)
+    round_groups(x, q_ptr + m * stride_qm, ds_ptr + 2 * m * num_groups, gs, g_mask)
 
 
 def quantize_x(x: torch.Tensor) -> XInt8:

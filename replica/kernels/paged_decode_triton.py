@@ -18,6 +18,10 @@ is valid for CUDA-graph capture: replays may change seq_lens and block_tables fr
 split past the end of a short sequence is empty and costs one early exit). Choose num_splits
 from a static upper bound on the context length (`choose_num_splits(.., max_model_len, ..)`)
 when capturing. A sequence with seq_len 0 (padding rows of a graph bucket) gets zeros.
+
+With `out_x8` the reduce also writes its head's output rounded to int8 per 32 elements, as
+`gguf_gemv_x8_triton.quantize_x` would round the stored row: the input of a 4-bit o_proj on int8
+x, one launch a layer fewer at decode (the same codes bit for bit).
 """
 import functools
 
@@ -25,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import pdl
+from replica.kernels import gguf_gemv_x8_triton, pdl
 from replica.kernels.fp8_linear import FP8_DTYPE
+from replica.kernels.gguf_linear import XInt8
 from replica.kernels.checks import (
     FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape, dot_precision, kv_as_f16,
@@ -113,8 +118,8 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, codes_ptr, ds_ptr, num_splits, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait_and_release(PDL)
     seq = tl.program_id(0).to(tl.int64)
@@ -131,8 +136,14 @@ def _decode_reduce_kernel(
     denom = tl.where(denom > 0, denom, 1.0)
     parts = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
                     mask=s_mask[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(parts * weights[:, None], 0) / denom
+    out = (tl.sum(parts * weights[:, None], 0) / denom).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out, mask=dims < HEAD_DIM)
+    if X8:     # HEAD_DIM == BLOCK_D, a multiple of 32: the head's groups of the row [heads · HEAD_DIM]
+        num_groups = tl.num_programs(1) * (HEAD_DIM // 32)
+        gs = head * (HEAD_DIM // 32) + tl.arange(0, HEAD_DIM // 32)
+        gguf_gemv_x8_triton.round_groups(tl.reshape(out.to(tl.float32), [HEAD_DIM // 32, 32]),
+                                         codes_ptr + seq * num_groups * 32, ds_ptr + 2 * seq * num_groups,
+                                         gs, gs < num_groups)
 
 
 @functools.cache
@@ -160,6 +171,7 @@ def paged_decode_attention(
     seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
     max_seq_len: int | None = None, out: torch.Tensor | None = None,
     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+    out_x8: XInt8 | None = None,
 ) -> torch.Tensor:
     """One new token per sequence attends its whole cached context (its own key included, so
     write the cache first).
@@ -177,6 +189,9 @@ def paged_decode_attention(
     num_splits: None → `choose_num_splits` from max_seq_len (or, if that is None too, from the
     largest context the block table can hold). Launch shapes depend only on B, the head counts and
     num_splits, never on tensor contents: safe inside a CUDA graph with a fixed num_splits.
+
+    out_x8: also the output rounded for a 4-bit GEMV (`XInt8` [B, num_heads · head_dim], filled);
+    needs num_splits > 1 (the reduce writes it) and head_dim a power of two ≥ 32.
     """
     check_shape("q", q, (None, None, None))
     num_seqs, num_heads, head_dim = q.shape
@@ -206,6 +221,15 @@ def paged_decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
+    if out_x8 is not None:
+        if num_splits == 1 or head_dim < 32 or head_dim & (head_dim - 1):
+            raise ValueError(f"out_x8: needs num_splits > 1 and head_dim a power of two >= 32, got "
+                             f"{num_splits} and {head_dim}")
+        check_shape("out_x8.codes", out_x8.codes, (num_seqs, num_heads * head_dim))
+        check_dtype("out_x8.codes", out_x8.codes, (torch.int8,))
+        check_shape("out_x8.dx_sum", out_x8.dx_sum, (num_seqs, num_heads * head_dim // 32, 2))
+        if not (out_x8.codes.is_contiguous() and out_x8.dx_sum.is_contiguous()):
+            raise ValueError("out_x8: codes and dx_sum must be contiguous")
     if num_seqs == 0:
         return out
 
@@ -237,8 +261,9 @@ def paged_decode_attention(
     )
     if not is_single_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            part_out, part_lse, out, out if out_x8 is None else out_x8.codes,
+            out if out_x8 is None else out_x8.dx_sum, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), X8=out_x8 is not None,
             **pdl.launch_options(q.device), num_warps=4,
         )
     return out

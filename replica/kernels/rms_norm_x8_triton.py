@@ -17,7 +17,7 @@ programs a row instead of one.
     program (m, p): groups p·GROUPS .. p·GROUPS + GROUPS − 1 of row m
         s = bf16(x + residual) → residual_out          (as `fused_add_rms_norm`)
         sumsq[m, p] = Σ s²
-        codes, (dx, xsum) of s · w                      (`gguf_gemv_x8_triton._round_groups`)
+        codes, (dx, xsum) of s · w                      (`gguf_gemv_x8_triton.round_groups`)
 """
 import torch
 import triton
@@ -25,7 +25,7 @@ import triton.language as tl
 
 from replica.kernels import pdl
 from replica.kernels.checks import FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_same_device, check_shape
-from replica.kernels.gguf_gemv_x8_triton import _round_groups
+from replica.kernels.gguf_gemv_x8_triton import round_groups
 from replica.kernels.gguf_linear import GROUP, XInt8, quantize_x_ref
 
 GROUPS = 16           # 32-element groups a program: 512 columns (8 programs a row at 4096)
@@ -51,7 +51,7 @@ def _rms_norm_x8_kernel(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, codes
     s = x.to(tl.float32)
     tl.store(sumsq_ptr + m * num_parts + p, tl.sum(tl.sum(s * s, axis=1), axis=0))
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    _round_groups(s * w, codes_ptr + m * hidden, ds_ptr + 2 * m * num_groups, gs, g_mask)
+    round_groups(s * w, codes_ptr + m * hidden, ds_ptr + 2 * m * num_groups, gs, g_mask)
 
 
 def add_rms_norm_x8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -8,6 +8,10 @@ through the prefill kernel. The prefill kernel's 64-row tiles hold 16 query toke
 a decode row there fills 4 rows of 64 and gets no KV split (bench/NOTES.md, "Where the rest of
 W1's and W3's targets goes").
 
+With `round_x8` (a 4-bit o_proj on int8 x next, at decode) the decode kernel's reduce also
+writes the output rounded for it, and forward returns that `XInt8` (one launch a layer fewer);
+where the step has no reduce (one split) it returns the tensor as usual.
+
 Per-step launch parameters are computed once, on the first layer, into `meta.decode_num_splits`;
 nothing here reads device memory on the host. For CUDA-graph capture of the decode path, set
 `meta.decode_num_splits = choose_num_splits(bucket_size, num_kv_heads, max_model_len, device)`
@@ -15,6 +19,7 @@ before capturing so the grid depends only on static sizes, never on this step's 
 """
 import torch
 
+from replica.kernels.gguf_linear import XInt8
 from replica.kernels.paged_decode_triton import choose_num_splits, paged_decode_attention
 from replica.kernels.paged_prefill_triton import paged_prefill_attention
 
@@ -25,16 +30,23 @@ class TritonAttentionBackend:
     name = "triton"
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
-                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        # q: [T, num_heads, head_dim] → out like q (allocated unless given)
+                scale: float, out: torch.Tensor | None = None, round_x8: bool = False) -> torch.Tensor | XInt8:
+        # q: [T, num_heads, head_dim] → out like q (allocated unless given), or its XInt8 [T, heads · head_dim]
         if meta.is_decode_only:
             if meta.decode_num_splits is None:
                 meta.decode_num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], meta.max_seq_len,
                                                            q.device)
-            return paged_decode_attention(
+            num_tokens, num_heads, head_dim = q.shape
+            x8 = None
+            if round_x8 and meta.decode_num_splits > 1 and head_dim >= 32 and not head_dim & (head_dim - 1):
+                x8 = XInt8(torch.empty(num_tokens, num_heads * head_dim, dtype=torch.int8, device=q.device),
+                           torch.empty(num_tokens, num_heads * head_dim // 32, 2, dtype=torch.float32,
+                                       device=q.device), q.dtype)
+            out = paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                num_splits=meta.decode_num_splits, out=out,
+                num_splits=meta.decode_num_splits, out=out, out_x8=x8,
             )
+            return out if x8 is None else x8
         num_decodes = meta.num_decode_prefix if SPLIT_MIXED_DECODES else 0
         if num_decodes == 0:
             return paged_prefill_attention(

@@ -39,8 +39,11 @@ class AttentionBackend(Protocol):
     name: str
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        """q: [T, num_heads, head_dim] → attention output like q (written into `out` if given)."""
+                meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None,
+                round_x8: bool = False):
+        """q: [T, num_heads, head_dim] → attention output like q (written into `out` if given).
+        round_x8: the caller's next projection is a 4-bit GEMV on int8 x; a backend may then
+        return the output already rounded for it (`XInt8` [T, heads · head_dim])."""
 
 
 class TorchAttentionBackend:
@@ -48,7 +51,7 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out=None):
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out=None, round_x8=False):
         # q: [T, num_heads, head_dim] → like q
         if meta.ref_plan is None:
             meta.ref_plan = build_ref_plan(meta.query_start_loc, meta.seq_lens, meta.block_tables,

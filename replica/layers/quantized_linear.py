@@ -205,6 +205,9 @@ class GGUFWeight:
         packed = self._fusable(x)
         if packed is None:
             return None
+        if isinstance(x, XInt8):
+            from replica.kernels.gguf_gemv_triton import gguf_gemv_add_rms_norm
+            return gguf_gemv_add_rms_norm(x, packed, residual, norm_weight, eps)
         from replica.kernels.gguf_linear_triton import gguf_linear_add_rms_norm
         return gguf_linear_add_rms_norm(x, packed, residual, norm_weight, eps)
 
@@ -245,9 +248,9 @@ FUSE_FP8_QUANT = True
 # A GGUF decode GEMV's epilogues: silu(gate)·up inside gate_up's GEMV, and o_proj's and down_proj's
 # split-K sums inside the next RMSNorm (3 launches a layer fewer). False: the unfused kernels.
 FUSE_GGUF_EPILOGUES = True
-# A 4-bit GGUF decode GEMV on int8 x after an RMSNorm (qkv, gate_up): the norm writes x rounded,
-# in several programs a row (`rms_norm_x8_triton`; 2 launches a layer fewer). False: the norm,
-# then x's own rounding kernel.
+# A 4-bit GGUF decode GEMV on int8 x after an RMSNorm (qkv, gate_up) or attention (o_proj): the
+# norm writes x rounded, in several programs a row (`rms_norm_x8_triton`), and so does decode
+# attention's reduce (3 launches a layer fewer). False: x's own rounding kernel before each GEMV.
 FUSE_GGUF_X8_NORM = True
 
 
@@ -273,6 +276,13 @@ def norm_for(weight, x: torch.Tensor, residual: torch.Tensor | None, norm_weight
     if residual is None:
         return ops.rms_norm(x, norm_weight, eps), x
     return ops.fused_add_rms_norm(x, residual, norm_weight, eps)
+
+
+def attention_rounds_x8(o_weight, q: torch.Tensor) -> bool:
+    """Whether attention should hand o_proj its output rounded to int8 (q: [T, heads, head_dim]):
+    o_proj is a 4-bit GGUF GEMV on int8 x at this many rows (`TritonAttentionBackend`)."""
+    return (FUSE_GGUF_X8_NORM and isinstance(o_weight, GGUFWeight)
+            and o_weight.takes_x_int8(q.reshape(q.shape[0], -1)))
 
 
 def silu_and_mul_for(weight, gate_up: torch.Tensor) -> torch.Tensor | Fp8Rows:

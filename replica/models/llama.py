@@ -16,7 +16,10 @@ import torch.nn.functional as F
 
 from replica.kernels import ops
 from replica.layers.attention import AttentionBackend, AttentionMetadata
-from replica.layers.quantized_linear import gate_up_act, linear, linear_add_norm, make_weight, norm_for, weight_bytes
+from replica.kernels.gguf_linear import XInt8
+from replica.layers.quantized_linear import (
+    attention_rounds_x8, gate_up_act, linear, linear_add_norm, make_weight, norm_for, weight_bytes,
+)
 from replica.layers.rotary import build_cos_sin_cache, compute_inv_freq
 from replica.models.model_config import ModelConfig
 
@@ -175,7 +178,9 @@ class LlamaForCausalLM:
         # input_ids, positions: [T] → hidden states [T, hidden]
         x, residual = self.piece(0, input_ids, None, positions, meta.slot_mapping, kv_caches)
         for i, (k_cache, v_cache) in enumerate(kv_caches):
-            attn = self.backend.forward(x, k_cache, v_cache, meta, self.scale)
+            # the output may come rounded for a 4-bit o_proj on int8 x (`XInt8`)
+            attn = self.backend.forward(x, k_cache, v_cache, meta, self.scale,
+                                        round_x8=attention_rounds_x8(self.layers[i].o_weight, x))
             x, residual = self.piece(i + 1, attn, residual, positions, meta.slot_mapping, kv_caches)
         return x
 
@@ -185,8 +190,8 @@ class LlamaForCausalLM:
         """The forward between two attentions, which reads nothing but its arguments (piecewise
         CUDA graphs capture each piece: `replica/engine/piecewise_graphs.py`).
 
-        Piece i takes layer i-1's attention output and the residual (piece 0: the input ids and
-        None), runs layer i-1's o_proj and MLP, and ends with layer i's q after rotary, its K and V
+        Piece i takes layer i-1's attention output ([T, heads, head_dim], or `XInt8` rounded for a
+        4-bit o_proj) and the residual (piece 0: the input ids and None), runs layer i-1's o_proj and MLP, and ends with layer i's q after rotary, its K and V
         written to the cache: returns (q [T, heads, head_dim], residual [T, hidden]). The last
         piece (i = num_layers) ends with the final norm instead: (hidden [T, hidden], residual).
         """
@@ -200,7 +205,8 @@ class LlamaForCausalLM:
             h, residual = norm_for(layer.qkv_weight, F.embedding(x, self.embed), None, layer.input_norm, eps)
         else:
             prev = self.layers[i - 1]
-            h, residual = linear_add_norm(x.reshape(num_tokens, q_size), prev.o_weight, residual,
+            attn = x if isinstance(x, XInt8) else x.reshape(num_tokens, q_size)
+            h, residual = linear_add_norm(attn, prev.o_weight, residual,
                                           prev.post_norm, eps, prev.gate_up_weight)
             act = gate_up_act(h, prev.gate_up_weight, prev.down_weight)
             # down_proj, the residual add and this layer's input norm (the final norm last)

@@ -131,3 +131,22 @@ def test_split_reduce_is_repeatable():
                 for _ in range(50 if ON_GPU else 3)]
         assert_close_rel(outs[0], reference_attention(batch), batch.q.dtype)
         assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
+def test_the_reduce_writes_the_output_rounded_as_quantize_x_rounds_it():
+    """out_x8: the input of a 4-bit o_proj on int8 x, the same codes and scales bit for bit as
+    rounding the stored output with its own kernel (one launch a layer fewer at decode)."""
+    from replica.kernels.gguf_gemv_x8_triton import quantize_x
+    from replica.kernels.gguf_linear import XInt8
+
+    batch = make_batch([40, 200, 3], [1, 1, 1], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16)
+    num_seqs, width = 3, 8 * 64
+    out_x8 = XInt8(torch.empty(num_seqs, width, dtype=torch.int8, device=DEVICE),
+                   torch.empty(num_seqs, width // 32, 2, dtype=torch.float32, device=DEVICE), batch.q.dtype)
+    out = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
+                                 batch.seq_lens, head_scale(64), num_splits=3, out_x8=out_x8)
+    want = quantize_x(out.reshape(num_seqs, width))
+    assert torch.equal(out_x8.codes, want.codes) and torch.equal(out_x8.dx_sum, want.dx_sum)
+    with pytest.raises(ValueError, match="needs num_splits > 1"):
+        paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
+                               batch.seq_lens, head_scale(64), num_splits=1, out_x8=out_x8)

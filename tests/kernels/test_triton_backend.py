@@ -91,10 +91,10 @@ def test_an_engine_on_triton_kernels_generates_the_torch_paths_tokens_through_mi
     mixed_prefixes = []                 # num_decode_prefix of each mixed step's first layer
     forward = TritonAttentionBackend.forward
 
-    def recording(self, q, k_cache, v_cache, meta, scale):
+    def recording(self, q, k_cache, v_cache, meta, scale, **kwargs):
         if not meta.is_decode_only and meta.prefill_query_start_loc is None:
             mixed_prefixes.append(meta.num_decode_prefix)
-        return forward(self, q, k_cache, v_cache, meta, scale)
+        return forward(self, q, k_cache, v_cache, meta, scale, **kwargs)
     monkeypatch.setattr(TritonAttentionBackend, "forward", recording)
     tokens = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"     # the interpreter on the CPU
@@ -116,3 +116,24 @@ def test_an_engine_on_triton_kernels_generates_the_torch_paths_tokens_through_mi
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert tokens["triton"] == tokens["torch"] and len(tokens["torch"]["b"]) == 6, tokens
     assert 1 in mixed_prefixes, mixed_prefixes    # "a"'s decode led "b"'s prompt chunks
+
+
+def test_decode_attention_hands_a_4_bit_o_proj_its_output_rounded_only_where_it_can():
+    from replica.kernels.gguf_gemv_x8_triton import quantize_x
+    from replica.kernels.gguf_linear import XInt8
+
+    batch = make_batch([30, 9, 17], [1, 1, 1], seed=12, num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    write_kv_cache_ref(batch.k, batch.v, k_cache, v_cache, batch.slot_mapping)
+    backend, scale = TritonAttentionBackend(), head_scale(64)
+    meta = _meta(batch, is_decode_only=True)
+    meta.decode_num_splits = 2        # as a CUDA graph's bucket fixes it from max_model_len
+    plain = backend.forward(batch.q, k_cache, v_cache, meta, scale)
+    rounded = backend.forward(batch.q, k_cache, v_cache, meta, scale, round_x8=True)
+    assert isinstance(rounded, XInt8)
+    assert torch.equal(rounded.codes, quantize_x(plain.reshape(3, -1)).codes)
+    meta.decode_num_splits = 1      # no reduce kernel to write it: the tensor, as without the flag
+    assert isinstance(backend.forward(batch.q, k_cache, v_cache, meta, scale, round_x8=True), torch.Tensor)
+    mixed = make_batch([30, 9], [6, 1], seed=11, num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
+    assert isinstance(backend.forward(mixed.q, mixed.k_cache, mixed.v_cache, _meta(mixed, False), scale,
+                                      round_x8=True), torch.Tensor)
