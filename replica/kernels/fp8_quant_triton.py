@@ -1,11 +1,18 @@
 """Triton: dynamic per-token FP8 quantisation of activations (reference:
 `fp8_linear.quantize_rows_ref`), then the FP8 product through `torch._scaled_mm`.
 
-One program per row of x: pass 1 finds the row's absmax tile by tile, pass 2 writes x / scale
-in e4m3 (saturated to ±448, rounded to nearest even in fp32 as the KV-cache writes do, so the
-interpreter agrees with the GPU) and the scale. The same kernel quantises silu(gate) · up of a
-gate_up projection's output (`silu_mul_triton.silu_and_mul_fp8`), computing it in both passes. Two reads of a row that is at most a few tens of KB,
-so the second read comes from L2; one launch instead of torch's four (abs, amax, div, cast).
+One program per row of x. A row of up to ONE_PASS_COLS columns (every projection input of an
+8B model: 4,096, and silu · mul's 14,336) is loaded once into registers, its absmax taken and
+x / scale written in e4m3 (saturated to ±448, rounded to nearest even in fp32 as the KV-cache
+writes do, so the interpreter agrees with the GPU) with the scale. A longer row takes two
+passes tile by tile (absmax, then the row again from L2). The same kernel quantises
+silu(gate) · up of a gate_up projection's output (`silu_mul_triton.silu_and_mul_fp8`). One launch
+instead of torch's four (abs, amax, div, cast).
+
+The first version always ran the two passes over 1-2K-column tiles with 4 warps: on W3 (FP8,
+one H200) those launches took 2.0 ms a step, 11% of the device time, against 0.45 ms for bf16's
+silu · mul, because a program's serial tile loop, not the bytes, set its time
+(`bench/results/profile-kernels-fp8-w3-H200-2026-11-29.json`).
 """
 import functools
 
@@ -16,6 +23,9 @@ import triton.language as tl
 from replica.kernels import fp8_gemv_triton, kv_cache_write_triton, pdl
 from replica.kernels.checks import check_dtype, check_last_dim_contiguous, check_shape, check_contiguous
 from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE, Fp8Rows
+
+
+ONE_PASS_COLS = 16384      # rows up to this many columns are quantised from registers, in one read
 
 
 @triton.jit
@@ -36,10 +46,16 @@ def _row_tile(x_row, start, num_cols, BLOCK_K: tl.constexpr, SILU: tl.constexpr)
 @triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
                             FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr,
-                            SILU: tl.constexpr, PDL: tl.constexpr):
+                            SILU: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr):
     pdl.wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
+    if ONE_PASS:            # BLOCK_K ≥ K: the whole row in registers
+        y, cols, mask = _row_tile(x_row, 0, K, BLOCK_K, SILU)
+        scale = tl.maximum(tl.max(tl.abs(y), 0) / FP8_MAX_, MIN_SCALE_)
+        tl.store(q_ptr + row * stride_qm + cols, kv_cache_write_triton.to_cache_dtype(y / scale, q_ptr), mask=mask)
+        tl.store(scale_ptr + row, scale)
+        return
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         y, cols, mask = _row_tile(x_row, k, K, BLOCK_K, SILU)
@@ -53,7 +69,8 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
 
 def quantize_per_token(x: torch.Tensor, block_k: int = 1024, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] float, last dim contiguous → (x_q [M, K] e4m3, x_scale [M, 1] fp32).
-    silu: x is [M, 2 K] = [gate | up] and silu(gate) · up is quantised (`silu_mul_triton`)."""
+    silu: x is [M, 2 K] = [gate | up] and silu(gate) · up is quantised (`silu_mul_triton`).
+    block_k: the tile of the two-pass path, for rows longer than ONE_PASS_COLS."""
     check_shape("x", x, (None, None))
     check_dtype("x", x, (torch.bfloat16, torch.float16, torch.float32))
     check_last_dim_contiguous("x", x)
@@ -63,10 +80,12 @@ def quantize_per_token(x: torch.Tensor, block_k: int = 1024, silu: bool = False)
     x_q = torch.empty(num_rows, k, dtype=FP8_DTYPE, device=x.device)
     x_scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
     if num_rows and k:
+        one_pass = triton.next_power_of_2(k) <= ONE_PASS_COLS
+        block = triton.next_power_of_2(k) if one_pass else min(block_k, triton.next_power_of_2(k))
         _per_token_quant_kernel[(num_rows,)](
             x, x_q, x_scale, k, x.stride(0), x_q.stride(0),
-            FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
-            SILU=silu, **pdl.launch_options(x.device), num_warps=4)
+            FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK_K=block, SILU=silu, ONE_PASS=one_pass,
+            **pdl.launch_options(x.device), num_warps=min(16, max(4, block // 1024)))
     return x_q, x_scale
 
 

@@ -181,13 +181,13 @@ def test_piecewise_graph_replays_equal_the_same_pieces_run_eagerly(fmt, monkeypa
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_K"])
-def test_int8_x_written_by_the_norms_and_attention_keeps_the_tokens(fmt, monkeypatch):
+def test_int8_x_written_by_the_norms_and_attention_keeps_the_logits(fmt, monkeypatch):
     """Decode rows whose 4-bit GEMVs take int8 x get it from the RMSNorm (codes before its 1/rms,
     rstd in the GEMV) and from decode attention's reduce, instead of x's own rounding kernel: the
-    same greedy tokens as with that kernel (fp32 activations: no bf16 near-ties), through the
-    CUDA graphs, and the fused writers did run."""
-    from bench.quant_accuracy import build_engine
-    from replica.kernels import gguf_gemv_x8_triton, rms_norm_x8_triton
+    same prefill logits, and decode logits (CUDA graphs) within fp32 rounding of those of that
+    kernel (a code may round the other way at a tie: not bit for bit), and the writers ran."""
+    from bench.quant_accuracy import build_engine, step_logits
+    from replica.kernels import rms_norm_x8_triton
     from replica.layers import quantized_linear
     from replica.models.model_config import ModelConfig
 
@@ -195,24 +195,20 @@ def test_int8_x_written_by_the_norms_and_attention_keeps_the_tokens(fmt, monkeyp
         "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 1024,
         "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
         "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
-    calls = {"norm": 0, "round": 0}
-    for module, name, key in ((rms_norm_x8_triton, "add_rms_norm_x8", "norm"),
-                              (gguf_gemv_x8_triton, "quantize_x", "round")):
-        def spy(*args, _fn=getattr(module, name), _key=key, **kwargs):
-            calls[_key] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(module, name, spy)
-    prompts = _prompts(4, 2048, seed=9)
-    tokens = {}
+    calls = []
+    norm = rms_norm_x8_triton.add_rms_norm_x8
+    monkeypatch.setattr(rms_norm_x8_triton, "add_rms_norm_x8", lambda *a, **k: calls.append(1) or norm(*a, **k))
+    prompts = _prompts(3, 2048, seed=9)
+    logits = {}
     for fused in (True, False):
         monkeypatch.setattr(quantized_linear, "FUSE_GGUF_X8_NORM", fused)
-        calls.update(norm=0, round=0)
         engine = build_engine(cfg, fmt, "cuda", max_num_seqs=8, token_budget=2048,
                               engine_args=dict(dtype="float32", num_kv_blocks=512, max_model_len=1024))
-        tokens[fused] = _greedy_tokens(engine, prompts)
+        logits[fused] = step_logits(engine, prompts)
         del engine
         torch.cuda.empty_cache()
-        # fused: only x before down_proj is rounded by its own kernel (1 of 4 a layer)
-        assert calls["norm"] > 0 if fused else calls["norm"] == 0, calls
-        assert calls["round"] > 0
-    assert tokens[True] == tokens[False]
+        assert (len(calls) > 0) == fused
+    (prefill, decode), (prefill_ref, decode_ref) = logits[True], logits[False]
+    assert torch.equal(prefill, prefill_ref)
+    assert ((decode - decode_ref).norm() / decode_ref.norm()).item() < 1e-3
+    assert torch.equal(decode.argmax(-1), decode_ref.argmax(-1))

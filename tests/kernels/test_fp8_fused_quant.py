@@ -40,8 +40,11 @@ def test_rms_norm_writes_the_quantised_rows_of_its_output(num_rows, hidden, with
     _expect_same_rows(rows, unfused)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("num_rows,intermediate", [(1, 64), (4, 1000), (2, 2048 + 64)])
-def test_silu_and_mul_writes_the_quantised_rows_of_its_output(num_rows, intermediate):
+def test_silu_and_mul_writes_the_quantised_rows_of_its_output(num_rows, intermediate, one_pass, monkeypatch):
+    from replica.kernels import fp8_quant_triton
+    monkeypatch.setattr(fp8_quant_triton, "ONE_PASS_COLS", 1 << 14 if one_pass else 8)
     gen = torch.Generator().manual_seed(num_rows + intermediate)
     x = (torch.randn(num_rows, 2 * intermediate, generator=gen) * 3).to(ROW_DTYPE).to(DEVICE)
     x[0, :intermediate] = 0.0                          # an all-zero row keeps a finite scale

@@ -13,8 +13,12 @@ from tests.kernels.paged_batch import DEVICE, DTYPE, ON_GPU
 HAS_FP8_GPU = ON_GPU and torch.cuda.get_device_capability() >= (8, 9)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("num_rows,k,block_k", [(1, 64, 32), (3, 100, 64), (5, 256, 1024), (2, 48, 16)])
-def test_per_token_quantiser_matches_reference(num_rows, k, block_k):
+def test_per_token_quantiser_matches_reference(num_rows, k, block_k, one_pass, monkeypatch):
+    """The row from registers in one pass, and (a row longer than ONE_PASS_COLS) tile by tile in two."""
+    from replica.kernels import fp8_quant_triton
+    monkeypatch.setattr(fp8_quant_triton, "ONE_PASS_COLS", 1 << 14 if one_pass else 8)
     gen = torch.Generator().manual_seed(num_rows * 100 + k)
     x = (torch.randn(num_rows, k, generator=gen) * torch.logspace(-3, 2, num_rows)[:, None]).to(DTYPE)
     x[0, :] = 0.0 if num_rows > 2 else x[0, :]          # an all-zero row keeps a finite scale
