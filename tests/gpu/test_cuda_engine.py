@@ -202,6 +202,7 @@ def test_int8_x_written_by_the_norms_and_attention_keeps_the_logits(fmt, monkeyp
     logits = {}
     for fused in (True, False):
         monkeypatch.setattr(quantized_linear, "FUSE_GGUF_X8_NORM", fused)
+        calls.clear()
         engine = build_engine(cfg, fmt, "cuda", max_num_seqs=8, token_budget=2048,
                               engine_args=dict(dtype="float32", num_kv_blocks=512, max_model_len=1024))
         logits[fused] = step_logits(engine, prompts)
