@@ -53,7 +53,8 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
     if ONE_PASS:            # BLOCK_K ≥ K: the whole row in registers
         y, cols, mask = _row_tile(x_row, 0, K, BLOCK_K, SILU)
         scale = tl.maximum(tl.max(tl.abs(y), 0) / FP8_MAX_, MIN_SCALE_)
-        tl.store(q_ptr + row * stride_qm + cols, kv_cache_write_triton.to_cache_dtype(y / scale, q_ptr), mask=mask)
+        inv_scale = tl.math.div_rn(1.0, scale)      # one exact division a row; x · (1/scale) as vLLM's kernels
+        tl.store(q_ptr + row * stride_qm + cols, kv_cache_write_triton.to_cache_dtype(y * inv_scale, q_ptr), mask=mask)
         tl.store(scale_ptr + row, scale)
         return
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -61,9 +62,11 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
         y, cols, mask = _row_tile(x_row, k, K, BLOCK_K, SILU)
         amax = tl.maximum(amax, tl.abs(y))
     scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_, MIN_SCALE_)
+    inv_scale = tl.math.div_rn(1.0, scale)
     for k in range(0, K, BLOCK_K):     # the row again (from L2), now quantised
         y, cols, mask = _row_tile(x_row, k, K, BLOCK_K, SILU)
-        tl.store(q_ptr + row * stride_qm + cols, kv_cache_write_triton.to_cache_dtype(y / scale, q_ptr), mask=mask)
+        tl.store(q_ptr + row * stride_qm + cols, kv_cache_write_triton.to_cache_dtype(y * inv_scale, q_ptr),
+                 mask=mask)
     tl.store(scale_ptr + row, scale)
 
 

@@ -5,6 +5,8 @@ One program per new token copies all of its kv heads: slot = block_id * block_si
 the row lands at k_cache[block_id, offset, :, :]. A negative slot is skipped, so a runner may pad
 a batch (e.g. up to a CUDA-graph bucket) with slot -1 rows that write nothing.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -16,17 +18,23 @@ from replica.kernels.checks import (
 )
 
 FP8_MAX: tl.constexpr = tl.constexpr(fp8_linear.FP8_MAX)       # e4m3's largest finite value, 448
+# the GPU's own fp32 → e4m3 conversion (rounds to nearest even), except under the interpreter
+_NATIVE_FP8_CAST: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
 @triton.jit
 def to_cache_dtype(x, cache_ptr):
-    """Values on their way into the KV cache, in the cache's dtype: the model dtype as is, or
-    FP8 e4m3 saturated at ±448 and rounded to nearest even, as torch's cast of the clamped value.
-    The rounding is done here in fp32 (the conversion then only drops zero bits): Triton's
-    interpreter converts fp32 → e4m3 without the carry into the exponent (31.5 became 16, not
-    32), and this way the GPU, the interpreter and the torch reference agree bit for bit."""
+    """Values on their way into the KV cache (or an FP8 activation), in the destination's dtype:
+    the model dtype as is, or FP8 e4m3 saturated at ±448 and rounded to nearest even, as torch's
+    cast of the clamped value. On the GPU that is one hardware conversion (cvt with rn); under
+    Triton's interpreter, which converts fp32 → e4m3 without the carry into the exponent (31.5
+    became 16, not 32), the rounding is done here in fp32 first (the conversion then only drops
+    zero bits). Either way the GPU, the interpreter and the torch reference agree bit for bit."""
     if cache_ptr.dtype.element_ty == tl.float8e4nv:
-        bits = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX).to(tl.int32, bitcast=True)
+        clamped = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+        if _NATIVE_FP8_CAST:
+            return clamped.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        bits = clamped.to(tl.int32, bitcast=True)
         magnitude = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
         # e4m3 keeps 3 mantissa bits: the step is 2^(e − 3) in the binade 2^e, 2^-9 below 2^-6
         step_exponent = tl.maximum((bits >> 23 & 0xFF) - 3, 127 - 9)

@@ -54,7 +54,8 @@ def _rms_norm_kernel(
         # the bf16 row the unfused path would have stored, quantised per token
         y = (normed * weight).to(out_ptr.dtype.element_ty).to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(y), axis=0) / FP8_MAX_, MIN_SCALE_)
-        tl.store(q_ptr + row * hidden + cols, kv_cache_write_triton.to_cache_dtype(y / scale, q_ptr), mask=mask)
+        inv_scale = tl.math.div_rn(1.0, scale)
+        tl.store(q_ptr + row * hidden + cols, kv_cache_write_triton.to_cache_dtype(y * inv_scale, q_ptr), mask=mask)
         tl.store(scale_ptr + row, scale)
     else:
         tl.store(out_ptr + row * hidden + cols, normed * weight, mask=mask)
