@@ -9,10 +9,12 @@ passes tile by tile (absmax, then the row again from L2). The same kernel quanti
 silu(gate) · up of a gate_up projection's output (`silu_mul_triton.silu_and_mul_fp8`). One launch
 instead of torch's four (abs, amax, div, cast).
 
-The first version always ran the two passes over 1-2K-column tiles with 4 warps: on W3 (FP8,
-one H200) those launches took 2.0 ms a step, 11% of the device time, against 0.45 ms for bf16's
-silu · mul, because a program's serial tile loop, not the bytes, set its time
-(`bench/results/profile-kernels-fp8-w3-H200-2026-11-29.json`).
+Each element is multiplied by 1/scale (one exact division a row, as vLLM's kernels do) and
+converted by the GPU's own e4m3 instruction. The first version ran two passes over 1-2K-column
+tiles with 4 warps and divided every element: on W3 (FP8, one H200) its launches took 2.03 ms a
+step (11% of the device time) against 0.43 ms for bf16's silu · mul; one pass gave 1.69, the
+division and conversion 1.48 (`bench/results/quant-issue15i-H200-8b-2026-11-29.json`). Why it is
+still 3.4x bf16's silu · mul over the same bytes is not measured yet.
 """
 import functools
 
