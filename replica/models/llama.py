@@ -191,9 +191,10 @@ class LlamaForCausalLM:
         CUDA graphs capture each piece: `replica/engine/piecewise_graphs.py`).
 
         Piece i takes layer i-1's attention output ([T, heads, head_dim], or `XInt8` rounded for a
-        4-bit o_proj) and the residual (piece 0: the input ids and None), runs layer i-1's o_proj and MLP, and ends with layer i's q after rotary, its K and V
-        written to the cache: returns (q [T, heads, head_dim], residual [T, hidden]). The last
-        piece (i = num_layers) ends with the final norm instead: (hidden [T, hidden], residual).
+        4-bit o_proj) and the residual (piece 0: the input ids and None), runs layer i-1's o_proj
+        and MLP, and ends with layer i's q after rotary, its K and V written to the cache: returns
+        (q [T, heads, head_dim], residual [T, hidden]). The last piece (i = num_layers) ends with
+        the final norm instead: (hidden [T, hidden], residual).
         """
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         num_tokens = x.shape[0]

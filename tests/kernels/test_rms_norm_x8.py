@@ -117,8 +117,8 @@ def test_norm_for_rounds_only_before_a_4_bit_gemv_on_int8_x(monkeypatch):
     q4 = _gguf_weight("Q4_K", 64, 256)
     rounded, new_residual = norm_for(q4, x, residual, norm_weight, EPS)
     assert isinstance(rounded, XInt8)
-    torch.testing.assert_close(quantized_linear.linear(rounded, q4), q4.apply(rms_norm_ref(new_residual, norm_weight, EPS), None),
-                               rtol=0.05, atol=0.05)
+    unrounded = q4.apply(rms_norm_ref(new_residual, norm_weight, EPS), None)
+    torch.testing.assert_close(quantized_linear.linear(rounded, q4), unrounded, rtol=0.05, atol=0.05)
     for other, rows in ((_gguf_weight("Q8_0", 64, 256), 2), (q4, gguf_gemv_triton.GEMV_ROWS + 1)):
         normed, _ = norm_for(other, _rows(rows, 256, seed=4), None, norm_weight, EPS)
         assert isinstance(normed, torch.Tensor)
