@@ -22,9 +22,10 @@ the same for every type (Q4_K's min term uses the same x̂, so it cancels as it 
 The GEMV keeps the bf16 kernel's lanes, split-K and gated epilogue, with this module's
 `row_part` for the products. Its default tile differs: programs of one warp over 2 rows x 32
 groups, one lane a thread (`gguf_gemv_triton.X_INT8_TILE`; W2 Q4_0 469 tok/s against 427 with
-4 warps over 4 rows x 64 groups). x is rounded by a kernel of its own (~1.5 us at one row). An
-RMSNorm writing its row rounded, one launch less, measured slower on W2 (one program a row: 441
-against 469 tok/s; commit 06edf0b) and was removed. On the CPU (Triton's interpreter) dp4a is
+4 warps over 4 rows x 64 groups). x is rounded by `quantize_x` (~1.5 us at one row) only before
+down_proj: the RMSNorm before qkv and gate_up writes it rounded in several programs a row
+(`rms_norm_x8_triton`; a one-program norm doing so was slower, commit 06edf0b), and decode
+attention's reduce writes o_proj's (`paged_decode_triton`): W2 Q4_0 481 against 470 tok/s. On the CPU (Triton's interpreter) dp4a is
 emulated with shifts and masks, bit for bit the same.
 """
 import torch
