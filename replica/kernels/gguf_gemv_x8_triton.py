@@ -25,8 +25,8 @@ groups, one lane a thread (`gguf_gemv_triton.X_INT8_TILE`; W2 Q4_0 469 tok/s aga
 4 warps over 4 rows x 64 groups). x is rounded by `quantize_x` (~1.5 us at one row) only before
 down_proj: the RMSNorm before qkv and gate_up writes it rounded in several programs a row
 (`rms_norm_x8_triton`; a one-program norm doing so was slower, commit 06edf0b), and decode
-attention's reduce writes o_proj's (`paged_decode_triton`): W2 Q4_0 481 against 470 tok/s. On the CPU (Triton's interpreter) dp4a is
-emulated with shifts and masks, bit for bit the same.
+attention's reduce writes o_proj's (`paged_decode_triton`): W2 Q4_0 481 against 470 tok/s.
+On the CPU (Triton's interpreter) dp4a is emulated with shifts and masks, bit for bit the same.
 """
 import torch
 import triton
