@@ -51,9 +51,11 @@ def test_rows_scale_so_the_largest_value_is_fp8s_largest():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_FP8_GPU, reason="needs an Ada or Hopper GPU")
 @pytest.mark.parametrize("num_rows,n,k", [(1, 6144, 4096), (2, 4096, 14336), (8, 4096, 14336),
-                                          (256, 28672, 4096), (2048, 4096, 4096), (3, 1024, 512)])
+                                          (256, 28672, 4096), (256, 4096, 14336), (2048, 4096, 4096),
+                                          (3, 1024, 512)])
 def test_scaled_mm_matches_reference(num_rows, n, k):
-    """W8A8 through _scaled_mm; up to GEMV_ROWS rows the weight-only GEMV, whose reference
+    """W8A8 through _scaled_mm (fast accumulation, as vLLM's FP8 kernels: within 1% of the exact
+    reference even at K = 14,336); up to GEMV_ROWS rows the weight-only GEMV, whose reference
     keeps x unquantised."""
     from replica.kernels.fp8_gemv_triton import DOT_ROWS, GEMV_ROWS
     from replica.kernels.fp8_quant_triton import fp8_linear
