@@ -29,8 +29,9 @@ from replica.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE, Fp8Rows
 
 # cuBLASLt's FP8 GEMM accumulating in the tensor cores' own precision, without promoting to fp32
 # every few K tiles: what vLLM's CUTLASS FP8 kernels for Hopper do (their "FP8FastAccum"
-# schedules). 0-12% faster at the 8B shapes (`fp8-gemm-H200-2026-11-29.json`); the products stay
-# within 1% of the exact W8A8 reference at K = 14,336 (tests/kernels/test_quant_fp8.py, GPU).
+# schedules). 0-12% faster at the 8B shapes (`fp8-gemm-H200-2026-11-29.json`), W3 45.5 against
+# 43.3 requests/s (`quant-issue15i-H200-8b-2026-11-29.json`); the products stay within 1% of the
+# exact W8A8 reference at K = 14,336 (tests/kernels/test_quant_fp8.py, GPU).
 FAST_ACCUM = True
 ONE_PASS_COLS = 16384      # rows up to this many columns are quantised from registers, in one read
 
