@@ -215,7 +215,7 @@ class Load:
                     result = Result(t_start, time.monotonic(), response.status_code,
                                     "" if response.status_code == 200 else response.text[:200])
                 except httpx.HTTPError as exc:
-                    result = Result(t_start, time.monotonic(), 0, f"{type(exc).__name__}: {exc}")
+                    result = Result(t_start, time.monotonic(), 0, describe_transport_error(exc))
                 with self._lock:
                     self.results.append(result)
 
@@ -249,6 +249,17 @@ class Load:
     def failures(self) -> list[Result]:
         with self._lock:
             return [r for r in self.results if not r.ok]
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """The error and the causes under it ("APIConnectionError: Connection error." alone does not
+    say whether the connection was refused, reset or closed unanswered)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen and len(parts) < 4:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)
 
 
 def is_unanswered_stale_connection(exc: BaseException | None) -> bool:
@@ -297,7 +308,7 @@ class MixedLoad(Load):
                 except openai.APIStatusError as exc:
                     status, error = exc.status_code, str(exc)[:200]
                 except (httpx.HTTPError, openai.APIError) as exc:
-                    status, error = 0, f"{type(exc).__name__}: {exc}"[:300]
+                    status, error = 0, describe_transport_error(exc)[:300]
                 with self._lock:
                     self.results.append(Result(t_start, time.monotonic(), status, error, kind))
 
