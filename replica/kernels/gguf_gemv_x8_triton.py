@@ -99,8 +99,7 @@ def quantize_x(x: torch.Tensor) -> XInt8:
     """x: [M, K] float, K a multiple of 32, last dim contiguous → its `XInt8`."""
     num_rows, k = x.shape
     num_groups = k // GROUP
-    out = XInt8(torch.empty(num_rows, k, dtype=torch.int8, device=x.device),
-                torch.empty(num_rows, num_groups, 2, dtype=torch.float32, device=x.device), x.dtype)
+    out = XInt8.empty(num_rows, k, x.dtype, x.device)
     groups = 16
     _quantize_x_kernel[(num_rows, triton.cdiv(num_groups, groups))](
         x, out.codes, out.dx_sum, num_groups, x.stride(0), out.codes.stride(0), GROUPS=groups, num_warps=4,

@@ -32,6 +32,16 @@ class XInt8:
     sumsq: torch.Tensor | None = None
     eps: float = 0.0
 
+    @classmethod
+    def empty(cls, num_rows: int, k: int, dtype: torch.dtype, device: torch.device,
+              num_parts: int | None = None, eps: float = 0.0) -> "XInt8":
+        """Buffers for [num_rows, k] rounded (k a multiple of GROUP), with num_parts parts of Σ s²
+        a row when the writer is a norm."""
+        return cls(torch.empty(num_rows, k, dtype=torch.int8, device=device),
+                   torch.empty(num_rows, k // GROUP, 2, dtype=torch.float32, device=device), dtype,
+                   None if num_parts is None else torch.empty(num_rows, num_parts, dtype=torch.float32,
+                                                              device=device), eps)
+
     @property
     def dx(self) -> torch.Tensor:
         return self.dx_sum[:, :, 0]

@@ -166,6 +166,12 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 
+def can_round_x8(num_splits: int, head_dim: int) -> bool:
+    """Whether the reduce can write the output rounded (`out_x8`): there is a reduce (more than
+    one split), and each head is whole 32-element groups in one power-of-two tile."""
+    return num_splits > 1 and head_dim >= 32 and not head_dim & (head_dim - 1)
+
+
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
@@ -222,7 +228,7 @@ def paged_decode_attention(
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
     if out_x8 is not None:
-        if num_splits == 1 or head_dim < 32 or head_dim & (head_dim - 1):
+        if not can_round_x8(num_splits, head_dim):
             raise ValueError(f"out_x8: needs num_splits > 1 and head_dim a power of two >= 32, got "
                              f"{num_splits} and {head_dim}")
         check_shape("out_x8.codes", out_x8.codes, (num_seqs, num_heads * head_dim))

@@ -79,10 +79,7 @@ def add_rms_norm_x8(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
         residual, residual_out = x, x
     num_groups = hidden // GROUP
     num_parts = triton.cdiv(num_groups, GROUPS)
-    out = XInt8(torch.empty(num_rows, hidden, dtype=torch.int8, device=x.device),
-                torch.empty(num_rows, num_groups, 2, dtype=torch.float32, device=x.device),
-                sumsq=torch.empty(num_rows, num_parts, dtype=torch.float32, device=x.device), eps=eps,
-                dtype=torch.promote_types(weight.dtype, x.dtype))
+    out = XInt8.empty(num_rows, hidden, torch.promote_types(weight.dtype, x.dtype), x.device, num_parts, eps)
     if num_rows:
         _rms_norm_x8_kernel[(num_rows, num_parts)](
             x, residual, weight, residual_out, out.codes, out.dx_sum, out.sumsq,

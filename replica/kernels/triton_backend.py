@@ -20,7 +20,7 @@ before capturing so the grid depends only on static sizes, never on this step's 
 import torch
 
 from replica.kernels.gguf_linear import XInt8
-from replica.kernels.paged_decode_triton import choose_num_splits, paged_decode_attention
+from replica.kernels.paged_decode_triton import can_round_x8, choose_num_splits, paged_decode_attention
 from replica.kernels.paged_prefill_triton import paged_prefill_attention
 
 SPLIT_MIXED_DECODES = True   # a mixed step's leading decode rows through the decode kernel
@@ -38,10 +38,8 @@ class TritonAttentionBackend:
                                                            q.device)
             num_tokens, num_heads, head_dim = q.shape
             x8 = None
-            if round_x8 and meta.decode_num_splits > 1 and head_dim >= 32 and not head_dim & (head_dim - 1):
-                x8 = XInt8(torch.empty(num_tokens, num_heads * head_dim, dtype=torch.int8, device=q.device),
-                           torch.empty(num_tokens, num_heads * head_dim // 32, 2, dtype=torch.float32,
-                                       device=q.device), q.dtype)
+            if round_x8 and can_round_x8(meta.decode_num_splits, head_dim):
+                x8 = XInt8.empty(num_tokens, num_heads * head_dim, q.dtype, q.device)
             out = paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                 num_splits=meta.decode_num_splits, out=out, out_x8=x8,
