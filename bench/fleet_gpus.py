@@ -18,8 +18,9 @@ per GPU, NGINX with TLS in front), in one command. Three parts (`--parts scale,u
           NGINX's access log says how many requests the dead replica held.
 
 Prints a table; writes bench/results/fleet-gpus-<gpu>-x<N>[-<parts>]-<date>.json (or under $OUT,
-or --out): GPU names, versions, date, the exact command, every figure. Exit 0 once the parts ran
-(the figures say whether the targets were met); the fleet is always taken down at the end.
+or --out): GPU names, versions, date, the exact command, every figure; and its .png
+(`bench/fleet_gpus_plot.py`, where matplotlib is installed). Exit 0 once the parts ran (the
+figures say whether the targets were met); the fleet is always taken down at the end.
 
 GPU (the image lacks NGINX and some wheels). Here, once (.carry/ and .whl/ are git-ignored):
     mkdir -p .carry/debs && cp /var/cache/apt/archives/nginx_1.22.1-9+deb12u11_amd64.deb \\
@@ -67,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fleet_gpus_fleet import GROUP, ClosedLoop, Fleet, tally  # noqa: E402
 from bench.fleet_gpus_kill import kill_part  # noqa: E402
+from bench.fleet_gpus_plot import plot  # noqa: E402
 from fleetctl.loadgen import BenchConfig, make_requests, run_benchmark  # noqa: E402
 from fleetctl.loadgen_report import finite_json, summarize  # noqa: E402
 
@@ -84,7 +86,8 @@ def scale_part(fleet: Fleet, args, save=lambda result: None) -> dict:
         if args.warmup_requests_per_replica:  # first batches on each replica: graphs, allocator, caches
             asyncio.run(run_benchmark(config, make_requests(args.warmup_requests_per_replica * n, args.prompt_len,
                                                             args.output_len, vocab_size=args.vocab_size, seed=99)))
-        requests = make_requests(args.num_requests or 4 * concurrency, args.prompt_len, args.output_len,
+        num_requests = args.num_requests or n * (args.num_requests_per_replica or 4 * args.concurrency_per_replica)
+        requests = make_requests(num_requests, args.prompt_len, args.output_len,
                                  vocab_size=args.vocab_size, seed=args.seed)
         s = summarize(asyncio.run(run_benchmark(config, requests)))
         rows.append({"num_replicas": n, "concurrency": concurrency, "up_s": round(up_s, 1),
@@ -234,6 +237,7 @@ def parse_args(argv=None):
     p.add_argument("--update-concurrency-per-replica", type=int, default=64)
     p.add_argument("--kill-concurrency-per-replica", type=int, default=64)
     p.add_argument("--num-requests", type=int, help="per scale step (default 4 x its concurrency)")
+    p.add_argument("--num-requests-per-replica", type=int, help="per scale step, times its N (instead of --num-requests)")
     p.add_argument("--warmup-requests-per-replica", type=int, default=16)
     p.add_argument("--prompt-len", type=span, default=(64, 1024), metavar="LOW:HIGH")
     p.add_argument("--output-len", type=span, default=(16, 512), metavar="LOW:HIGH")
@@ -296,6 +300,8 @@ def main(argv=None) -> int:
         fleet.close()
     print_table(doc)
     print(f"wrote {path}")
+    if plot(doc, path.with_suffix(".png")):
+        print(f"wrote {path.with_suffix('.png')}")
     return 0
 
 

@@ -33,6 +33,7 @@ def test_scale_update_and_kill_on_the_cpu_fleet(tiny_model, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [path] = out.glob("fleet-gpus-cpu-x2-*.json")
     doc = json.loads(path.read_text())
+    assert path.with_suffix(".png").stat().st_size > 10_000     # the plot beside it (matplotlib: a test extra)
     assert doc["command"] and doc["date"] and doc["versions"]["python"] and doc["gpu"] == "cpu"
     assert processes_of(doc["state_dir"]) == []  # no replica, NGINX or watcher left behind
 
