@@ -2,10 +2,11 @@
 per GPU, NGINX with TLS in front), in one command. Three parts (`--parts scale,update,kill`):
 
   scale   for N in --replicas-list (capped at the GPUs present): `fleetctl up` N replicas (then
-          `fleetctl scale N` for the next N), one per GPU, a short warm-up, then W4 through NGINX
-          with TLS (prompts 64-1024, outputs 16-512 random token ids, exact lengths) at 128 x N in
-          flight, 4 x that many requests: requests/s, output tok/s, TTFT and ITL p50/p99, scaling
-          efficiency = req/s at N / (N x req/s at 1), target >= 0.95.
+          `fleetctl scale N` for the next N), one per GPU, a warm-up of 256 requests a replica at
+          full concurrency, then W4 through NGINX with TLS (prompts 64-1024, outputs 16-512 random
+          token ids, exact lengths) at 128 x N in flight, 1,024 x N requests: requests/s, output
+          tok/s, TTFT and ITL p50/p99, scaling efficiency = req/s at N / (N x req/s at 1), target
+          >= 0.95.
   update  the largest N up, W4 load at 64 x N running: `fleetctl update --max-unavailable 1
           --max-surge 0 --model DIR2` (DIR2: --update-model, else a folder of links to --model's
           files, which fleetctl counts as other weights); its seconds, and the load's requests ok,
@@ -86,7 +87,7 @@ def scale_part(fleet: Fleet, args, save=lambda result: None) -> dict:
         if args.warmup_requests_per_replica:  # first batches on each replica: graphs, allocator, caches
             asyncio.run(run_benchmark(config, make_requests(args.warmup_requests_per_replica * n, args.prompt_len,
                                                             args.output_len, vocab_size=args.vocab_size, seed=99)))
-        num_requests = args.num_requests or n * (args.num_requests_per_replica or 4 * args.concurrency_per_replica)
+        num_requests = args.num_requests or n * args.num_requests_per_replica
         requests = make_requests(num_requests, args.prompt_len, args.output_len,
                                  vocab_size=args.vocab_size, seed=args.seed)
         s = summarize(asyncio.run(run_benchmark(config, requests)))
@@ -236,9 +237,11 @@ def parse_args(argv=None):
     p.add_argument("--concurrency-per-replica", type=int, default=128)
     p.add_argument("--update-concurrency-per-replica", type=int, default=64)
     p.add_argument("--kill-concurrency-per-replica", type=int, default=64)
-    p.add_argument("--num-requests", type=int, help="per scale step (default 4 x its concurrency)")
-    p.add_argument("--num-requests-per-replica", type=int, help="per scale step, times its N (instead of --num-requests)")
-    p.add_argument("--warmup-requests-per-replica", type=int, default=16)
+    p.add_argument("--num-requests", type=int, help="measured per scale step, in all")
+    p.add_argument("--num-requests-per-replica", type=int, default=1024,
+                   help="measured per scale step, times its N (--num-requests: a total instead)")
+    p.add_argument("--warmup-requests-per-replica", type=int, default=256,
+                   help="sent at the step's full concurrency before it is measured (default: two bursts of 128)")
     p.add_argument("--prompt-len", type=span, default=(64, 1024), metavar="LOW:HIGH")
     p.add_argument("--output-len", type=span, default=(16, 512), metavar="LOW:HIGH")
     p.add_argument("--vocab-size", type=int, help="prompt ids below this (default: the model's and tokenizer's)")

@@ -22,6 +22,7 @@ def test_scale_update_and_kill_on_the_cpu_fleet(tiny_model, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "bench/fleet_gpus.py", "--model", str(tiny_model), "--device", "cpu",
                "--replicas-list", "1,2", "--concurrency-per-replica", "4", "--warmup-requests-per-replica", "2",
+               "--num-requests-per-replica", "16",
                "--update-concurrency-per-replica", "2", "--kill-concurrency-per-replica", "4",
                "--prompt-len", "16:64", "--output-len", "32:128", "--set", "num_kv_blocks=64",
                "--set", "max_model_len=256", "--settle-s", "2", "--kill-after-s", "3", "--after-recovery-s", "3",
