@@ -26,12 +26,12 @@ def summary_lines(doc: dict) -> list[str]:
     lines = []
     if "update" in doc:
         u, load = doc["update"], doc["update"]["load"]
-        lines.append(f"rolling update of {u['num_replicas']} under {u['concurrency']} in flight: {u['duration_s']:.0f} s, "
-                     f"{load['num_ok']} ok, {load['num_failed']} failed")
+        lines.append(f"rolling update of {u['num_replicas']} under {u['concurrency']} in flight: "
+                     f"{u['duration_s']:.0f} s, {load['num_ok']} ok, {load['num_failed']} failed")
     if "kill" in doc:
         k = doc["kill"]
-        lines.append(f"kill -9 of one of {k['num_replicas']} mid-stream: {k['open_at_kill']['num_failed']} open streams "
-                     f"ended with an error, {k['num_hung']} hung; new requests {k['after_kill']['num_ok']} ok, "
+        lines.append(f"kill -9 of one of {k['num_replicas']} mid-stream: {k['open_at_kill']['num_failed']} open "
+                     f"streams ended with an error, {k['num_hung']} hung; new requests {k['after_kill']['num_ok']} ok, "
                      f"{k['after_kill']['num_failed']} failed; whole again after {k['recovered_after_s']:.0f} s")
     return lines
 

@@ -108,16 +108,21 @@ def _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chu
 @triton.jit(do_not_specialize=["one"])
 def q8_gemv_kernel(
     x_ptr, x32_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr,
-    N, num_chunks, chunks_per_split, one, stride_xm, stride_qn, stride_sn, stride_om,
+    N, num_chunks, chunks_per_split, one, stride_xm, stride_qn, stride_sn, stride_om, prefetch_programs,
     CHUNKS_PER_GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,          # PDL: programs below prefetch_programs (launch order) prefetch
 ):
-    pdl.wait_and_release(PDL)
     # q_ptr: the codes as int32 words (4 a word); stride_qn in words
-    pid_k = tl.program_id(1)
     rows, n_mask, rows64, row_zero, c, c_start, c_end = q4_word_dot_triton.packed_gemv_lanes(
         N, chunks_per_split, num_chunks, BLOCK_N, CHUNKS, GATED)
+    if PREFETCH:
+        if tl.program_id(0) + tl.program_id(1) * tl.num_programs(0) < prefetch_programs:   # the first wave
+            q4_word_dot_triton.prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, c_start, c_end,
+                                               CHUNKS, CHUNKS_PER_GROUP, HAS_MIN)
+    pdl.wait_and_release(PDL)
+    pid_k = tl.program_id(1)
     tot0 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
     tot1 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
     tot2 = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)

@@ -57,6 +57,12 @@ USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else th
 # "x in 8 bits": Q4_0 469 tok/s against 452 with bf16 x, Q4_K_M 411 against 346); True: also
 # under Triton's interpreter, which emulates dp4a (tests); False: never (bench A/B).
 X_INT8: bool | None = None
+# Under PDL (decode graphs) the first PREFETCH_WAVE programs a streaming multiprocessor ask L2 for
+# their weights before they wait for the kernel before them (`pdl.prefetch_l2`), so those weights
+# stream during a norm or attention's reduce. W2 on an H200 (bench/NOTES.md, "Weights prefetched
+# before the PDL wait"): +0.8-1.1 % for Q4_0, Q4_K and Q4_K_M at 2-4; every program prefetching its
+# whole range lost 3-4 % (the later waves gain nothing from it: they start after the wait). 0: none.
+PREFETCH_WAVE = 4
 X_INT8_TILE = (2, 32, 1)  # the int8-x 4-bit GEMV's default (rows, groups, warps) a program
 
 
@@ -76,7 +82,7 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 @triton.jit(do_not_specialize=["one"])
 def _q4_gemv_kernel(
     x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr, sumsq_ptr,
-    N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om, eps,
+    N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om, eps, prefetch_programs,
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr,          # x as it is: 0 exact fp32 products; 80 or 90 bf16x2 PTX for that arch
@@ -86,11 +92,16 @@ def _q4_gemv_kernel(
     NUM_PARTS: tl.constexpr,         # X8 from `rms_norm_x8_triton`: the parts of Σ s² a row at sumsq_ptr,
     PARTS: tl.constexpr,             # whose rstd scales the products (PARTS: a power of two ≥ NUM_PARTS); 0: none
     GATED: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,          # PDL: programs below prefetch_programs (launch order) prefetch
 ):
-    pdl.wait_and_release(PDL)
-    pid_k = tl.program_id(1)
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
+    if PREFETCH:
+        if tl.program_id(0) + tl.program_id(1) * tl.num_programs(0) < prefetch_programs:   # the first wave
+            q4_word_dot_triton.prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, g_start, g_end,
+                                               GROUPS, 1, HAS_MIN)
+    pdl.wait_and_release(PDL)
+    pid_k = tl.program_id(1)
     tot0 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot2 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
@@ -289,6 +300,8 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     n = packed.shape[0]
     config = plan.config
     launch = dict(num_warps=config.num_warps, num_stages=1, **pdl.launch_options(xm.device))
+    launch["PREFETCH"] = PREFETCH_WAVE > 0 and launch["PDL"]
+    prefetch_programs = PREFETCH_WAVE * _num_sms(xm.device) if launch["PREFETCH"] else 0
     qweight32 = packed.qweight.view(torch.int32)
     # gated: a program's BLOCK_N rows are BLOCK_N / 2 output columns' gate and up
     grid = (triton.cdiv(n // 2 if gated else n, config.block_n // 2 if gated else config.block_n), plan.split_k)
@@ -303,9 +316,9 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
         num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
         _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,
                               om if x8.sumsq is None else x8.sumsq, *shape, x8.codes.stride(0) // 4, *strides,
-                              x8.eps, ZERO_POINT=packed.zero_point, GROUPS=plan.groups, BF16_ASM=0, X8=True,
-                              DP4A=om.is_cuda, NUM_PARTS=num_parts, PARTS=triton.next_power_of_2(num_parts),
-                              **flags, **launch)
+                              x8.eps, prefetch_programs, ZERO_POINT=packed.zero_point, GROUPS=plan.groups,
+                              BF16_ASM=0, X8=True, DP4A=om.is_cuda, NUM_PARTS=num_parts,
+                              PARTS=triton.next_power_of_2(num_parts), **flags, **launch)
         return
     # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
     bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
@@ -313,12 +326,13 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     if packed.bits == 4:
         bf16_asm = _bf16x2_arch(xm.device) if USE_BF16_ASM and bf16_pairs else 0
         _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *scales, om, *shape,
-                              xm.stride(0), *strides, 0.0, ZERO_POINT=packed.zero_point, GROUPS=plan.groups,
-                              BF16_ASM=bf16_asm, X8=False, DP4A=False, NUM_PARTS=0, PARTS=1, **flags, **launch)
+                              xm.stride(0), *strides, 0.0, prefetch_programs, ZERO_POINT=packed.zero_point,
+                              GROUPS=plan.groups, BF16_ASM=bf16_asm, X8=False, DP4A=False, NUM_PARTS=0, PARTS=1,
+                              **flags, **launch)
     else:
         gguf_gemv8_triton.q8_gemv_kernel[grid](
             xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *scales, *shape, xm.stride(0), *strides,
-            CHUNKS_PER_GROUP=packed.group_size // gguf_gemv8_triton.CHUNK, CHUNKS=plan.groups,
+            prefetch_programs, CHUNKS_PER_GROUP=packed.group_size // gguf_gemv8_triton.CHUNK, CHUNKS=plan.groups,
             BF16_ASM=bf16_pairs, **flags, **launch)
 
 

@@ -16,6 +16,11 @@ cuBLAS) serialise as usual. On an H200, a chain of a GEMV and an element-wise ke
 6.7 → 5.0 µs a pair inside a CUDA graph, and W2 decode gained 3-7 % (bench/NOTES.md, "PDL, and
 fewer kernels a layer").
 
+A kernel whose operands are partly fixed (a GEMV's weights) may touch those before it waits:
+`prefetch_l2` asks L2 for their lines while the kernel before it still runs, so the first wave's
+weights stream from HBM during a short predecessor (a norm, attention's reduce) instead of after
+it. Nothing the predecessor writes may be read, or prefetched, before the wait.
+
 Where: PAGEFLEET_PDL=graphs (the default) inside the decode CUDA graphs only, where a step is
 hundreds of short kernels back to back; "all" in eager steps too; "0" nowhere. Never on the CPU
 (Triton's interpreter) or before sm_90.
@@ -73,3 +78,11 @@ def wait_and_release(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the lines under `ptrs` (any shape, every address inside its tensor; no wait, nothing written):
+    the operands a kernel reads after `wait_and_release` that no earlier kernel writes."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)

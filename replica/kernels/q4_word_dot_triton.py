@@ -7,7 +7,7 @@ the GEMV built on them with the torch reference (tests/kernels/test_quant_gguf.p
 import triton
 import triton.language as tl
 
-from replica.kernels import linear_triton
+from replica.kernels import linear_triton, pdl
 
 
 # One 32-bit word of packed codes (8 elements, the packed layout's pair order) times 4 pairs of
@@ -108,6 +108,22 @@ def packed_gemv_lanes(N, per_split, total, BLOCK_N: tl.constexpr, LANES: tl.cons
     start = tl.program_id(1) * per_split
     end = tl.minimum(start + per_split, total)
     return rows, n_mask, rows64, (rows64 * 0)[:, None], tl.arange(0, LANES), start, end
+
+
+@triton.jit
+def prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, start, end, LANES: tl.constexpr,
+                    LANES_PER_SCALE: tl.constexpr, HAS_MIN: tl.constexpr):
+    """The program's weights, before its PDL wait: the 16-byte runs of lanes [start, end) of its
+    rows (the addresses `load_words4` reads), their scales and mins, into L2 (`pdl.prefetch_l2`).
+    The first wave of programs thus streams its weights while the kernel before it runs."""
+    lane = tl.arange(0, LANES)
+    for l0 in range(start, end, LANES):
+        lanes = tl.minimum(l0 + lane, end - 1)
+        pdl.prefetch_l2(q_ptr + rows64[:, None] * stride_qn + (lanes * 4)[None, :])
+        s_offs = rows64 * stride_sn + l0 // LANES_PER_SCALE       # a tile's scales: under 128 bytes a row
+        pdl.prefetch_l2(s_ptr + s_offs)
+        if HAS_MIN:
+            pdl.prefetch_l2(m_ptr + s_offs)
 
 
 @triton.jit
