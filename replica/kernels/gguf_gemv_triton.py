@@ -248,16 +248,25 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.device,
                        qtype: str = "", x_int8: bool = False) -> GemvConfig:
-    """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes: 4 rows x
-    64 lanes (a 32-element group, or a 16-byte chunk of 8-bit codes, a lane), 4 warps; for the
-    4-bit kernel with int8 x, programs of one warp over 2 rows x 32 groups (one lane a thread):
-    W2 Q4_0 469 tok/s against 427 with the 4-warp tile (bench/NOTES.md, "x in 8 bits").
+    """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes (a lane: a
+    32-element group, or a 16-byte chunk of 8-bit codes):
+    - 4-bit, int8 x: programs of one warp over 2 rows x 32 groups (one lane a thread): W2 Q4_0 469
+      tok/s against 427 with the 4-warp tile (bench/NOTES.md, "x in 8 bits");
+    - 8-bit: 2 rows x 32 chunks in one warp where the rows give ≥ 32 such programs per SM (the
+      output head), else 2 rows x 64 chunks in 4 warps (ffn_down of Q4_K_M): W2 Q4_K_M +1.5%
+      against 4 rows x 64 chunks (bench/NOTES.md, "The 8-bit GEMV's tiles");
+    - 4-bit, bf16 x: 4 rows x 64 groups, 4 warps.
     Split-K while the grid has fewer than ~8 programs per SM (at 4 rows: N = 4096 splits in 2,
     N ≥ 6144 not at all, as measured; at 2 rows no 8B projection splits)."""
     tuned = TUNED.get((qtype, num_rows, n, k))
     if tuned is not None:
         return tuned
-    block_n, groups, num_warps = X_INT8_TILE if bits == 4 and x_int8 else (4, 64, 4)
+    if bits == 4:
+        block_n, groups, num_warps = X_INT8_TILE if x_int8 else (4, 64, 4)
+    elif triton.cdiv(n, 2) >= 32 * _num_sms(device):
+        block_n, groups, num_warps = 2, 32, 1
+    else:
+        block_n, groups, num_warps = 2, 64, 4
     num_groups = k // (GROUP_SIZE if bits == 4 else gguf_gemv8_triton.CHUNK)
     split_k = 1
     while (triton.cdiv(n, block_n) * split_k < 8 * _num_sms(device)
