@@ -52,7 +52,8 @@ def plot(doc: dict, path: Path) -> bool:
         if one:
             axes[0].plot(ns, [n * one for n in ns], "--", color="#999999", label="N x one replica")
         for r in rows:
-            axes[0].annotate(f"{r['requests_per_s']:.1f} ({r['scaling_efficiency']:.2f})",
+            efficiency = "" if r.get("scaling_efficiency") is None else f" ({r['scaling_efficiency']:.2f})"
+            axes[0].annotate(f"{r['requests_per_s']:.1f}{efficiency}",
                              (r["num_replicas"], r["requests_per_s"]), textcoords="offset points", xytext=(4, -12))
         axes[0].set_ylim(bottom=0)
         axes[0].set_xticks(ns)

@@ -61,7 +61,7 @@ X_INT8: bool | None = None
 # their weights before they wait for the kernel before them (`pdl.prefetch_l2`), so those weights
 # stream during a norm or attention's reduce. W2 on an H200 (bench/NOTES.md, "Weights prefetched
 # before the PDL wait"): +0.8-1.1 % for Q4_0, Q4_K and Q4_K_M at 2-4; every program prefetching its
-# whole range lost 3-4 % (the later waves gain nothing from it: they start after the wait). 0: none.
+# whole range lost 3-4 % (later waves start after the kernel before has ended: nothing to overlap). 0: none.
 PREFETCH_WAVE = 4
 X_INT8_TILE = (2, 32, 1)  # the int8-x 4-bit GEMV's default (rows, groups, warps) a program
 

@@ -82,7 +82,8 @@ def wait_and_release(PDL: tl.constexpr):
 
 @triton.jit
 def prefetch_l2(ptrs):
-    """Ask L2 for the lines under `ptrs` (any shape, every address inside its tensor; no wait, nothing written):
-    the operands a kernel reads after `wait_and_release` that no earlier kernel writes."""
+    """Ask L2 for the lines under `ptrs` (any shape, every address inside its tensor; no wait,
+    nothing written): the operands a kernel reads after `wait_and_release` that no earlier kernel
+    writes."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)

@@ -120,7 +120,7 @@ def prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, start, en
     for l0 in range(start, end, LANES):
         lanes = tl.minimum(l0 + lane, end - 1)
         pdl.prefetch_l2(q_ptr + rows64[:, None] * stride_qn + (lanes * 4)[None, :])
-        s_offs = rows64 * stride_sn + l0 // LANES_PER_SCALE       # a tile's scales: under 128 bytes a row
+        s_offs = rows64 * stride_sn + l0 // LANES_PER_SCALE       # a tile's scales: 64-128 bytes a row
         pdl.prefetch_l2(s_ptr + s_offs)
         if HAS_MIN:
             pdl.prefetch_l2(m_ptr + s_offs)
