@@ -44,6 +44,7 @@ class StandIn:
     release: threading.Event = field(default_factory=threading.Event)
     num_held: int = 0
     is_dying: bool = False    # reads each POST, then resets the connection unanswered (killed)
+    is_draining: bool = False  # answers each POST 503 "draining", as a replica after SIGTERM
     num_posts: int = 0
 
     def start(self) -> "StandIn":
@@ -79,6 +80,11 @@ class StandIn:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
                     self.close_connection = True
+                    return
+                if stand_in.is_draining:
+                    self.close_connection = True
+                    self._answer(503, {"error": {"message": "this replica is draining: send the request to another "
+                                                            "replica", "type": "server_error", "code": "draining"}})
                     return
                 if b'"hold": true' in body:
                     stand_in.num_held += 1
@@ -285,6 +291,26 @@ def test_a_request_a_dying_replica_took_unanswered_is_answered_by_another(front)
     assert [a.status_code for a in answers] == [200] * 10
     assert {a.json()["replica"] for a in answers} == {"r2"}
     assert stand_ins["r1"].num_posts >= 1  # some went there first (least_conn takes turns)
+
+
+def test_a_request_a_draining_replica_refuses_is_answered_by_another(front):
+    """Swarm's rolling update stops an old task (SIGTERM: it drains, refusing new requests
+    with 503) before fleetctl has moved that NGINX address to the task's successor."""
+    client, stand_ins = front({"chat": ["r1", "r2"]})
+    stand_ins["r1"].is_draining = True
+    answers = [post(client, "/v1/completions", {"model": "chat", "prompt": f"p{i}"}) for i in range(10)]
+    assert [a.status_code for a in answers] == [200] * 10
+    assert {a.json()["replica"] for a in answers} == {"r2"}
+    assert stand_ins["r1"].num_posts >= 1
+
+
+def test_when_every_replica_refuses_the_client_gets_the_replicas_503_after_two_tries(front):
+    client, stand_ins = front({"chat": ["r1", "r2", "r3"]})
+    for stand_in in stand_ins.values():
+        stand_in.is_draining = True
+    refused = post(client, "/v1/completions", {"model": "chat", "prompt": "x"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+    assert sum(s.num_posts for s in stand_ins.values()) == 2
 
 
 def test_a_request_every_replica_drops_fails_after_two_tries_not_one_per_replica(front):
