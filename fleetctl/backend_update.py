@@ -4,8 +4,10 @@ the `RollingUpdates` protocol of backends/base.py; Swarm's service update).
 The backend replaces the replicas one at a time, each new one started before its old one stops
 (Swarm: parallelism 1, start-first, rollback on failure). fleetctl keeps the same guarantees as
 its own rollout (fleetctl/rollout.py): it gates each new replica (/ready, then one real
-generation) and only then moves that replica's NGINX address to it, in one reload; the old one
-serves until then. When a gate fails, the backend reports a rollback or pause, or the time runs
+generation) and only then moves that replica's NGINX address to it, in one reload. Swarm may
+stop the old one before that, as soon as its successor passes Swarm's own health check; the old
+one then drains, refusing new requests with 503, and NGINX passes those to another replica
+(`proxy_next_upstream ... http_503` in lb/nginx.conf.j2). When a gate fails, the backend reports a rollback or pause, or the time runs
 out, the backend is asked to roll back, fleetctl waits for it, brings NGINX to the replicas of
 the old spec, and the rollout's `roll_back` raises the one-line error.
 """
