@@ -49,7 +49,7 @@ def test_rendered_config_passes_nginx_t(tmp_path, routing, num_upstreams):
 def test_template_carries_the_balancing_and_streaming_settings(tmp_path):
     text = rendered(tmp_path, make_config())
     for directive in ("least_conn;", "keepalive 64;", "max_fails=1 fail_timeout=5s", "proxy_buffering off;",
-                      "proxy_read_timeout 600s;", "proxy_next_upstream error timeout non_idempotent;",
+                      "proxy_read_timeout 600s;", "proxy_next_upstream error timeout http_503 non_idempotent;",
                       "ssl_protocols TLSv1.2 TLSv1.3;",
                       "limit_req_status 429;", "client_max_body_size 8m;", "stub_status;"):
         assert directive in text, directive
