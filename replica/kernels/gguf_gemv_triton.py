@@ -57,11 +57,9 @@ USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else th
 # "x in 8 bits": Q4_0 469 tok/s against 452 with bf16 x, Q4_K_M 411 against 346); True: also
 # under Triton's interpreter, which emulates dp4a (tests); False: never (bench A/B).
 X_INT8: bool | None = None
-# Under PDL (decode graphs) the first PREFETCH_WAVE programs a streaming multiprocessor ask L2 for
-# their weights before they wait for the kernel before them (`pdl.prefetch_l2`), so those weights
-# stream during a norm or attention's reduce. W2 on an H200 (bench/NOTES.md, "Weights prefetched
-# before the PDL wait"): +0.8-1.1 % for Q4_0, Q4_K and Q4_K_M at 2-4; every program prefetching its
-# whole range lost 3-4 % (later waves start after the kernel before has ended: nothing to overlap). 0: none.
+# Under PDL the first PREFETCH_WAVE programs an SM ask L2 for their weights before their wait
+# (`pdl.prefetch_l2`). W2 on an H200: +0.8-1.1 % (4-bit formats); every program prefetching: -3-4 %
+# (bench/NOTES.md, "Weights prefetched before the PDL wait"). 0: none.
 PREFETCH_WAVE = 4
 X_INT8_TILE = (2, 32, 1)  # the int8-x 4-bit GEMV's default (rows, groups, warps) a program
 
@@ -250,11 +248,9 @@ def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.d
                        qtype: str = "", x_int8: bool = False) -> GemvConfig:
     """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes (a lane: a
     32-element group, or a 16-byte chunk of 8-bit codes):
-    - 4-bit, int8 x: programs of one warp over 2 rows x 32 groups (one lane a thread): W2 Q4_0 469
-      tok/s against 427 with the 4-warp tile (bench/NOTES.md, "x in 8 bits");
-    - 8-bit: 2 rows x 32 chunks in one warp where the rows give ≥ 32 such programs per SM (the
-      output head), else 2 rows x 64 chunks in 4 warps (ffn_down of Q4_K_M): W2 Q4_K_M +1.5%
-      against 4 rows x 64 chunks (bench/NOTES.md, "The 8-bit GEMV's tiles");
+    - 4-bit, int8 x: one warp over 2 rows x 32 groups: W2 Q4_0 469 tok/s against 427 with 4 warps;
+    - 8-bit: 2 rows x 32 chunks in one warp where that gives ≥ 32 programs an SM (the head), else
+      2 x 64 in 4 warps: W2 Q4_K_M +1.5% against 4 x 64 ("The 8-bit GEMV's tiles" in bench/NOTES.md);
     - 4-bit, bf16 x: 4 rows x 64 groups, 4 warps.
     Split-K while the grid has fewer than ~8 programs per SM (at 4 rows: N = 4096 splits in 2,
     N ≥ 6144 not at all, as measured; at 2 rows no 8B projection splits)."""
