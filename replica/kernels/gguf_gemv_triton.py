@@ -15,10 +15,8 @@ or other x as it is (numbers: bench/NOTES.md, "The 4-bit GEMV"):
            load lands in the words' layout: no conversion through shared memory)
     word   bf16 x (CUDA, sm_80 and later): inline PTX. (word >> 4i) & 0x000F000F holds the
            codes of elements 2i and 2i + 1 in its two halves (the packed layout's pair order);
-           OR-ed into the mantissa of 128.0 they are the bf16 pair (128 + q, 128 + q'), exact;
-           one SUB of 136 (an FMA ·1 − 136 before sm_90) leaves q − 8 exact; FMAs with the x
-           pairs, two elements an instruction, and the pair sum is rounded to fp32 per word (8 products in bf16
-           arithmetic, then fp32)
+           OR-ed into 128.0's mantissa they are the bf16 pair (128 + q, 128 + q'); one SUB of 136
+           (an FMA before sm_90) leaves q − 8, exact; bf16x2 FMAs with x, summed to fp32 a word
            other x (fp16, fp32, Triton's interpreter): the same codes as exact fp32 products,
            per element (OR into 2^23's mantissa, one FADD), summed in fp32
 
@@ -48,20 +46,19 @@ from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
 ROWS_PER_LAUNCH = 4   # the kernels' accumulators; more rows take several launches
-# rows up to which `gguf_linear_triton.gguf_linear` takes the GEMV; above, dequantise + cuBLAS.
-# Measured on an H200 at the 8B shapes (bench/quant.py, gguf_kernels): the crossover.
+# rows up to which `gguf_linear_triton.gguf_linear` takes the GEMV, else dequantise + cuBLAS (H200)
 GEMV_ROWS = 4
 USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else the exact fp32 path)
-# 4-bit: x rounded to int8 per 32-element group and multiplied with dp4a (`gguf_gemv_x8_triton`),
-# in 1-warp programs (X_INT8_TILE). None: on CUDA, sm_61 and later (W2 on an H200, bench/NOTES.md
-# "x in 8 bits": Q4_0 469 tok/s against 452 with bf16 x, Q4_K_M 411 against 346); True: also
-# under Triton's interpreter, which emulates dp4a (tests); False: never (bench A/B).
+# 4-bit: x rounded to int8 per 32-element group and multiplied with dp4a (`gguf_gemv_x8_triton`).
+# None: on CUDA, sm_61 and later (W2 on an H200, bench/NOTES.md "x in 8 bits": Q4_0 469 tok/s
+# against 452 with bf16 x); True: also under the interpreter, which emulates dp4a; False: never.
 X_INT8: bool | None = None
 # Under PDL the first PREFETCH_WAVE programs an SM ask L2 for their weights before their wait
-# (`pdl.prefetch_l2`). W2 on an H200: +0.8-1.1 % (4-bit formats); every program prefetching: -3-4 %
-# (bench/NOTES.md, "Weights prefetched before the PDL wait"). 0: none.
+# (`pdl.prefetch_l2`): W2 +0.8-1.1 % (4-bit formats); every program: -3-4 %. 0: none.
 PREFETCH_WAVE = 4
-X_INT8_TILE = (2, 32, 1)  # the int8-x 4-bit GEMV's default (rows, groups, warps) a program
+# The int8-x 4-bit GEMV's (rows, groups, warps) a program (`choose_gemv_config`)
+X_INT8_TILE = (2, 32, 1)
+X_INT8_WIDE_TILE = (2, 128, 4)
 
 
 @dataclass(frozen=True)
@@ -99,6 +96,11 @@ def _q4_gemv_kernel(
             q4_word_dot_triton.prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, g_start, g_end,
                                                GROUPS, 1, HAS_MIN)
     pdl.wait_and_release(PDL)
+    if NUM_PARTS > 0:   # the norm's 1/rms first: its loads overlap the weights' instead of ending the program
+        rstd0 = _row_rstd(sumsq_ptr, 0, num_groups, eps, NUM_PARTS, PARTS)
+        rstd1 = _row_rstd(sumsq_ptr, tl.minimum(1, M - 1), num_groups, eps, NUM_PARTS, PARTS)
+        rstd2 = _row_rstd(sumsq_ptr, tl.minimum(2, M - 1), num_groups, eps, NUM_PARTS, PARTS)
+        rstd3 = _row_rstd(sumsq_ptr, tl.minimum(3, M - 1), num_groups, eps, NUM_PARTS, PARTS)
     pid_k = tl.program_id(1)
     tot0 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
@@ -107,43 +109,55 @@ def _q4_gemv_kernel(
     for g0 in range(g_start, g_end, GROUPS):
         gs = g0 + g                                     # [GROUPS] group indices
         g_mask = (gs < g_end)[None, :]
-        # a lane owns one group of a row: its 4 words in one 16-byte load, split in registers;
-        # the scales' column index goes through `one` (a runtime 1) so that the compiler does
-        # not vectorise them across groups, which would give them another layout than the words'
-        words0, words1, words2, words3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask,
-                                                                        EVEN_K)
-        s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
-        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, g_mask, EVEN_K, HAS_MIN)
-        if X8:     # codes stay 0..15 (dp4a's unsigned operand): the zero point joins the min term
-            low = low - ZERO_POINT * scale
-        else:
-            # codes are decoded as q − 8 whatever the type (small, signed: the bf16 products round
-            # less and do not cancel against the min term); the rest of (q − zero_point)·scale + min
-            # is a per-group constant times Σx: (min + (8 − zero_point)·scale)
-            low = low + (8 - ZERO_POINT) * scale
-        x_mask = g_mask & (row_zero == 0)
-        tot0 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 0,
-                        stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
-        if M > 1:
-            tot1 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 1,
-                            stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
-        if M > 2:
-            tot2 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 2,
-                            stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
-        if M > 3:
-            tot3 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 3,
-                            stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
+        words0, words1, words2, words3, scale, low = _q4_load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn,
+                                                                   stride_sn, gs, g_mask, one, EVEN_K, HAS_MIN)
+        tot0, tot1, tot2, tot3 = _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low,
+                                          x_ptr, x2_ptr, row_zero, gs, g_mask, stride_xm, num_groups, one, M,
+                                          EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
 
     if NUM_PARTS > 0:         # x was rounded before the norm's 1/rms: scale the dot products (before bias, SiLU)
-        tot0 = tot0 * _row_rstd(sumsq_ptr, 0, num_groups, eps, NUM_PARTS, PARTS)
-        if M > 1:
-            tot1 = tot1 * _row_rstd(sumsq_ptr, 1, num_groups, eps, NUM_PARTS, PARTS)
-        if M > 2:
-            tot2 = tot2 * _row_rstd(sumsq_ptr, 2, num_groups, eps, NUM_PARTS, PARTS)
-        if M > 3:
-            tot3 = tot3 * _row_rstd(sumsq_ptr, 3, num_groups, eps, NUM_PARTS, PARTS)
+        tot0, tot1, tot2, tot3 = tot0 * rstd0, tot1 * rstd1, tot2 * rstd2, tot3 * rstd3
     linear_triton.gemv_store_rows(tot0, tot1, tot2, tot3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr,
                                   N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+
+
+@triton.jit
+def _q4_load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, EVEN_K: tl.constexpr,
+                  HAS_MIN: tl.constexpr):
+    """A lane's group of each row: its 4 words in one 16-byte load, split in registers, and the
+    group's scale and min. The scales' column goes through `one` (a runtime 1) so that the compiler
+    does not vectorise them across groups, which would give them another layout than the words'."""
+    words0, words1, words2, words3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask, EVEN_K)
+    s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
+    scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, g_mask, EVEN_K, HAS_MIN)
+    return words0, words1, words2, words3, scale, low
+
+
+@triton.jit
+def _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs,
+             g_mask, stride_xm, num_groups, one, M: tl.constexpr, EVEN_K: tl.constexpr, ZERO_POINT: tl.constexpr,
+             HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr, X8: tl.constexpr, DP4A: tl.constexpr):
+    """The tile's products with each row of x, added to its accumulator [BLOCK_N, GROUPS]."""
+    if X8:     # codes stay 0..15 (dp4a's unsigned operand): the zero point joins the min term
+        low = low - ZERO_POINT * scale
+    else:
+        # codes are decoded as q − 8 whatever the type (small, signed: the bf16 products round
+        # less and do not cancel against the min term); the rest of (q − zero_point)·scale + min
+        # is a per-group constant times Σx: (min + (8 − zero_point)·scale)
+        low = low + (8 - ZERO_POINT) * scale
+    x_mask = g_mask & (row_zero == 0)
+    tot0 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 0,
+                    stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
+    if M > 1:
+        tot1 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 1,
+                        stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
+    if M > 2:
+        tot2 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 2,
+                        stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
+    if M > 3:
+        tot3 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 3,
+                        stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
+    return tot0, tot1, tot2, tot3
 
 
 @triton.jit
@@ -163,61 +177,8 @@ def _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero,
         return gguf_gemv_x8_triton.row_part(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero,
                                             gs, x_mask, mi, stride_xm, num_groups, one, EVEN_K, DP4A)
     group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
-    return _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, group_x, x_mask, mi,
-                        stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
-
-
-@triton.jit
-def _q4_word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: tl.constexpr,
-                  ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr):
-    """One word of each (row, group) against row mi of x → (Σ of its 8 products (q − 8)·x, Σ of
-    its 8 x when the group needs it), [BN, G] fp32 each. word_x: [BN, G], the word's first element."""
-    x_sum = 0.0
-    if BF16_ASM:
-        # x as bf16 pairs (int32): pair k of the word is x[8w + 2k], x[8w + 2k + 1]; one 16-byte
-        # load, split in registers
-        k4 = tl.arange(0, 4)
-        px = x32_ptr + mi * (stride_xm // 2) + (word_x // 2)[:, :, None] + k4[None, None, :]
-        if EVEN_K:
-            pairs = tl.load(px)
-        else:
-            pairs = tl.load(px, mask=x_mask[:, :, None], other=0)
-        if HAS_MIN or ZERO_POINT != 8:                  # bf16 → fp32 is a shift of its bits
-            x_lo = (pairs << 16).to(tl.float32, bitcast=True)
-            x_hi = (pairs & -65536).to(tl.float32, bitcast=True)
-            x_sum = tl.sum(x_lo + x_hi, axis=2)
-        x01, x23, x45, x67 = q4_word_dot_triton.split4(pairs)
-        dots = q4_word_dot_triton.q4_word_dot_bf16(words, x01, x23, x45, x67, BF16_ASM)
-    else:
-        e = tl.arange(0, 8)
-        x_ptrs = x_ptr + mi * stride_xm + word_x[:, :, None] + e[None, None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs).to(tl.float32)
-        else:
-            x = tl.load(x_ptrs, mask=x_mask[:, :, None], other=0.0).to(tl.float32)
-        if HAS_MIN or ZERO_POINT != 8:
-            x_sum = tl.sum(x, axis=2)
-        dots = q4_word_dot_triton.q4_word_dot_fp32(words, x)
-    return dots, x_sum
-
-
-@triton.jit
-def _q4_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x, x_mask, mi,
-                 stride_xm, EVEN_K: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
-                 BF16_ASM: tl.constexpr):
-    """Row mi of x against the tile: [BLOCK_N, GROUPS], scaled (+ min · Σx)."""
-    d0, s0 = _q4_word_part(words0, x_ptr, x32_ptr, group_x, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
-                           HAS_MIN, BF16_ASM)
-    d1, s1 = _q4_word_part(words1, x_ptr, x32_ptr, group_x + 8, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
-                           HAS_MIN, BF16_ASM)
-    d2, s2 = _q4_word_part(words2, x_ptr, x32_ptr, group_x + 16, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
-                           HAS_MIN, BF16_ASM)
-    d3, s3 = _q4_word_part(words3, x_ptr, x32_ptr, group_x + 24, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
-                           HAS_MIN, BF16_ASM)
-    part = scale * ((d0 + d1) + (d2 + d3))
-    if HAS_MIN or ZERO_POINT != 8:
-        part += low * ((s0 + s1) + (s2 + s3))
-    return part
+    return q4_word_dot_triton.row_part(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, group_x, x_mask,
+                                       mi, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
 
 
 @functools.cache
@@ -246,21 +207,25 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.device,
                        qtype: str = "", x_int8: bool = False) -> GemvConfig:
-    """A measured entry of TUNED, else the sweep's winner on an H200 at the 8B shapes (a lane: a
-    32-element group, or a 16-byte chunk of 8-bit codes):
-    - 4-bit, int8 x: one warp over 2 rows x 32 groups: W2 Q4_0 469 tok/s against 427 with 4 warps;
-    - 8-bit: 2 rows x 32 chunks in one warp where that gives ≥ 32 programs an SM (the head), else
-      2 x 64 in 4 warps: W2 Q4_K_M +1.5% against 4 x 64 ("The 8-bit GEMV's tiles" in bench/NOTES.md);
-    - 4-bit, bf16 x: 4 rows x 64 groups, 4 warps.
-    Split-K while the grid has fewer than ~8 programs per SM (at 4 rows: N = 4096 splits in 2,
-    N ≥ 6144 not at all, as measured; at 2 rows no 8B projection splits)."""
+    """A measured entry of TUNED, else the winners of a sweep inside the model on an H200 (8B
+    shapes; a lane: a 32-element group, or a 16-byte chunk of 8-bit codes; bench/NOTES.md, "Where a
+    4-bit W2 step goes"): where rows give ≥ 32 one-warp programs an SM (gate_up, the head),
+    2 rows x 32 groups (4-bit int8 x) or 64 chunks (8-bit) a warp; else 4 warps over 2 rows x 128
+    groups (4 rows if ≥ 8 programs an SM remain: qkv), or 2 x 64 chunks (8-bit). bf16 x: 4 x 64 in
+    4 warps. Split-K while the grid has fewer than ~8 programs an SM (none at the 8B shapes)."""
     tuned = TUNED.get((qtype, num_rows, n, k))
     if tuned is not None:
         return tuned
-    if bits == 4:
-        block_n, groups, num_warps = X_INT8_TILE if x_int8 else (4, 64, 4)
+    if bits == 4 and x_int8:
+        block_n, groups, num_warps = X_INT8_TILE
+        if triton.cdiv(n, block_n) < 32 * _num_sms(device):
+            block_n, groups, num_warps = X_INT8_WIDE_TILE
+            if triton.cdiv(n, 2 * block_n) >= 8 * _num_sms(device):
+                block_n *= 2
+    elif bits == 4:
+        block_n, groups, num_warps = 4, 64, 4
     elif triton.cdiv(n, 2) >= 32 * _num_sms(device):
-        block_n, groups, num_warps = 2, 32, 1
+        block_n, groups, num_warps = 2, 64, 1
     else:
         block_n, groups, num_warps = 2, 64, 4
     num_groups = k // (GROUP_SIZE if bits == 4 else gguf_gemv8_triton.CHUNK)

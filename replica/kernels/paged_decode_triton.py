@@ -55,15 +55,37 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_AS_F16: tl.constexpr, PDL: tl.constexpr,
+    EARLY: tl.constexpr,             # PDL: read the host-written operands before the wait (`pdl` module)
+    LINE: tl.constexpr,              # cache elements in a 128-byte line (the first tile's prefetch)
+    prefetch_programs,               # EARLY: programs below this (launch order) prefetch their first tile
 ):
-    pdl.wait_and_release(PDL)
+    if not EARLY:
+        pdl.wait_and_release(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # the length and the block table are copied in before the step: no kernel of it writes them
     seq_len = tl.load(seq_lens_ptr + seq)
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    block_table = block_tables_ptr + seq * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+    if EARLY:
+        pid = tl.program_id(0) + (tl.program_id(1) + split * tl.num_programs(1)) * tl.num_programs(0)
+        if pid < prefetch_programs:
+            # the first wave asks L2 for its first tile's K and V while the kernel before it (rotary,
+            # which writes q and the newest key and value) still runs; the newest row is left out
+            last = tl.minimum(end, seq_len - 1) - 1
+            pos = tl.maximum(tl.minimum(start + offs_n, last), 0)
+            block_ids = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
+            lines = (tl.arange(0, BLOCK_D // LINE) * LINE)[None, :]
+            if start <= last:
+                pdl.prefetch_l2(k_head + (block_ids * stride_kb + pos % BLOCK_SIZE * stride_ks)[:, None] + lines)
+                pdl.prefetch_l2(v_head + (block_ids * stride_vb + pos % BLOCK_SIZE * stride_vs)[:, None] + lines)
+        pdl.wait_and_release(PDL)
 
     groups = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -78,10 +100,6 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)    # running max of scores (log2 units)
     l_i = tl.zeros([BLOCK_G], tl.float32)                  # running sum of 2^(score - m_i)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    block_table = block_tables_ptr + seq * stride_bt
-    offs_n = tl.arange(0, BLOCK_N)
-    k_head = k_cache_ptr + kv_head * stride_kh
-    v_head = v_cache_ptr + kv_head * stride_vh
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + offs_n
         n_mask = pos < end
@@ -251,6 +269,7 @@ def paged_decode_attention(
                                device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(head_dim)
+    launch = pdl.launch_options(q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         scale * LOG2_E, num_splits,
@@ -262,8 +281,9 @@ def paged_decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group_size)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         IS_SINGLE_SPLIT=is_single_split, DOT_PRECISION=dot_precision(q.dtype),
-        KV_AS_F16=kv_as_f16(q, k_cache),
-        **pdl.launch_options(q.device), num_warps=num_warps, num_stages=num_stages,
+        KV_AS_F16=kv_as_f16(q, k_cache), **launch, EARLY=launch["PDL"] and pdl.EARLY_LOADS,
+        LINE=min(block_d, max(1, 128 // k_cache.element_size())), prefetch_programs=2 * _num_sms(q.device),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not is_single_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -19,7 +19,10 @@ fewer kernels a layer").
 A kernel whose operands are partly fixed (a GEMV's weights) may touch those before it waits:
 `prefetch_l2` asks L2 for their lines while the kernel before it still runs, so the first wave's
 weights stream from HBM during a short predecessor (a norm, attention's reduce) instead of after
-it. Nothing the predecessor writes may be read, or prefetched, before the wait.
+it. Nothing the predecessor writes may be read, or prefetched, before the wait. What no kernel
+of the step writes at all (sequence lengths, block tables, positions, slots: copied in before the
+graph; the rotary table) may even be loaded before it, where a short kernel's chain of dependent
+loads starts there (`EARLY_LOADS`: decode attention's split, rotary + KV write).
 
 Where: PAGEFLEET_PDL=graphs (the default) inside the decode CUDA graphs only, where a step is
 hundreds of short kernels back to back; "all" in eager steps too; "0" nowhere. Never on the CPU
@@ -36,6 +39,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 MODES = ("graphs", "all", "0")
+# Under PDL, short kernels load their host-written operands before the wait (see above). False: after (A/B).
+EARLY_LOADS = True
 _capturing = {"graphs": False}     # set by `capturing_graphs` around the decode graphs' capture
 
 

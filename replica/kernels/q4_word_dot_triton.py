@@ -161,3 +161,56 @@ def split4(t):
     t0, t2 = tl.split(even)
     t1, t3 = tl.split(odd)
     return t0, t1, t2, t3
+
+
+@triton.jit
+def word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: tl.constexpr,
+                  ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr):
+    """One word of each (row, group) against row mi of x → (Σ of its 8 products (q − 8)·x, Σ of
+    its 8 x when the group needs it), [BN, G] fp32 each. word_x: [BN, G], the word's first element."""
+    x_sum = 0.0
+    if BF16_ASM:
+        # x as bf16 pairs (int32): pair k of the word is x[8w + 2k], x[8w + 2k + 1]; one 16-byte
+        # load, split in registers
+        k4 = tl.arange(0, 4)
+        px = x32_ptr + mi * (stride_xm // 2) + (word_x // 2)[:, :, None] + k4[None, None, :]
+        if EVEN_K:
+            pairs = tl.load(px)
+        else:
+            pairs = tl.load(px, mask=x_mask[:, :, None], other=0)
+        if HAS_MIN or ZERO_POINT != 8:                  # bf16 → fp32 is a shift of its bits
+            x_lo = (pairs << 16).to(tl.float32, bitcast=True)
+            x_hi = (pairs & -65536).to(tl.float32, bitcast=True)
+            x_sum = tl.sum(x_lo + x_hi, axis=2)
+        x01, x23, x45, x67 = split4(pairs)
+        dots = q4_word_dot_bf16(words, x01, x23, x45, x67, BF16_ASM)
+    else:
+        e = tl.arange(0, 8)
+        x_ptrs = x_ptr + mi * stride_xm + word_x[:, :, None] + e[None, None, :]
+        if EVEN_K:
+            x = tl.load(x_ptrs).to(tl.float32)
+        else:
+            x = tl.load(x_ptrs, mask=x_mask[:, :, None], other=0.0).to(tl.float32)
+        if HAS_MIN or ZERO_POINT != 8:
+            x_sum = tl.sum(x, axis=2)
+        dots = q4_word_dot_fp32(words, x)
+    return dots, x_sum
+
+
+@triton.jit
+def row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x, x_mask, mi,
+                 stride_xm, EVEN_K: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
+                 BF16_ASM: tl.constexpr):
+    """Row mi of x as it is (not rounded) against the GEMV's tile: [BLOCK_N, GROUPS], scaled (+ min · Σx)."""
+    d0, s0 = word_part(words0, x_ptr, x32_ptr, group_x, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
+                           HAS_MIN, BF16_ASM)
+    d1, s1 = word_part(words1, x_ptr, x32_ptr, group_x + 8, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
+                           HAS_MIN, BF16_ASM)
+    d2, s2 = word_part(words2, x_ptr, x32_ptr, group_x + 16, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
+                           HAS_MIN, BF16_ASM)
+    d3, s3 = word_part(words3, x_ptr, x32_ptr, group_x + 24, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,
+                           HAS_MIN, BF16_ASM)
+    part = scale * ((d0 + d1) + (d2 + d3))
+    if HAS_MIN or ZERO_POINT != 8:
+        part += low * ((s0 + s1) + (s2 + s3))
+    return part

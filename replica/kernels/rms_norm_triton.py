@@ -33,13 +33,16 @@ def _rms_norm_kernel(
     inner, stride_x0, stride_x1, stride_r0, stride_r1, hidden, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, FP8_MAX_: tl.constexpr,
     MIN_SCALE_: tl.constexpr, PDL: tl.constexpr,
+    EARLY: tl.constexpr,      # PDL: the weight (no kernel writes it) loaded before the wait (`pdl.EARLY_LOADS`)
 ):
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    if EARLY:
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     pdl.wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     outer_idx = row // inner
     inner_idx = row % inner
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
     x = tl.load(x_ptr + outer_idx * stride_x0 + inner_idx * stride_x1 + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + outer_idx * stride_r0 + inner_idx * stride_r1 + cols,
@@ -49,7 +52,8 @@ def _rms_norm_kernel(
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
     normed = (x32 * rstd).to(x.dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if not EARLY:
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if QUANT:
         # the bf16 row the unfused path would have stored, quantised per token
         y = (normed * weight).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -110,7 +114,7 @@ def _launch(x, residual, weight, eps, quant: bool = False):
             rows.shape[1], rows.stride(0), rows.stride(1),
             residual_rows.stride(0), residual_rows.stride(1), hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=quant, FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE,
-            **pdl.launch_options(rows.device), num_warps=4 if block <= 1024 else 8 if block <= 8192 else 16,
+            **pdl.launch_options(rows.device), EARLY=pdl.uses_pdl(rows.device) and pdl.EARLY_LOADS, num_warps=4 if block <= 1024 else 8 if block <= 8192 else 16,
         )
     return (Fp8Rows(q, scale, out_dtype) if quant else out), residual_out
 

@@ -34,15 +34,18 @@ GROUPS = 16           # 32-element groups a program: 512 columns (8 programs a r
 @triton.jit
 def _rms_norm_x8_kernel(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, codes_ptr, ds_ptr, sumsq_ptr,
                         hidden, num_groups, num_parts, stride_xm, stride_rm,
-                        HAS_RESIDUAL: tl.constexpr, GROUPS_: tl.constexpr, PDL: tl.constexpr):
-    pdl.wait_and_release(PDL)
-    m = tl.program_id(0).to(tl.int64)
+                        HAS_RESIDUAL: tl.constexpr, GROUPS_: tl.constexpr, PDL: tl.constexpr,
+                        EARLY: tl.constexpr):    # PDL: the weight loaded before the wait (`pdl.EARLY_LOADS`)
     p = tl.program_id(1)
     gs = p * GROUPS_ + tl.arange(0, GROUPS_)
     g_mask = gs < num_groups
     e = tl.arange(0, 32)
     offs = gs[:, None] * 32 + e[None, :]
     mask = g_mask[:, None]
+    if EARLY:      # no kernel writes it: its load no longer follows the stores below
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pdl.wait_and_release(PDL)
+    m = tl.program_id(0).to(tl.int64)
     x = tl.load(x_ptr + m * stride_xm + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + m * stride_rm + offs, mask=mask, other=0.0)
@@ -50,7 +53,8 @@ def _rms_norm_x8_kernel(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, codes
         tl.store(residual_out_ptr + m * hidden + offs, x, mask=mask)
     s = x.to(tl.float32)
     tl.store(sumsq_ptr + m * num_parts + p, tl.sum(tl.sum(s * s, axis=1), axis=0))
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if not EARLY:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     round_groups(s * w, codes_ptr + m * hidden, ds_ptr + 2 * m * num_groups, gs, g_mask)
 
 
@@ -84,7 +88,8 @@ def add_rms_norm_x8(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
         _rms_norm_x8_kernel[(num_rows, num_parts)](
             x, residual, weight, residual_out, out.codes, out.dx_sum, out.sumsq,
             hidden, num_groups, num_parts, x.stride(0), residual.stride(0),
-            HAS_RESIDUAL=residual_out is not x, GROUPS_=GROUPS, num_warps=4, **pdl.launch_options(x.device))
+            HAS_RESIDUAL=residual_out is not x, GROUPS_=GROUPS, num_warps=4, **pdl.launch_options(x.device),
+            EARLY=pdl.uses_pdl(x.device) and pdl.EARLY_LOADS)
     return out, residual_out
 
 

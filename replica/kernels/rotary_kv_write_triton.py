@@ -48,8 +48,10 @@ def _rotary_kv_write_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+    EARLY: tl.constexpr,      # PDL: positions, slots and cos/sin (no kernel of the step writes them) before the wait
 ):
-    pdl.wait_and_release(PDL)
+    if not EARLY:
+        pdl.wait_and_release(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -57,6 +59,8 @@ def _rotary_kv_write_kernel(
     row = cos_sin_ptr + position * stride_cos_sin
     cos = tl.load(row + dims, mask=dims < HALF, other=0.0)[None, :]
     sin = tl.load(row + HALF + dims, mask=dims < HALF, other=0.0)[None, :]
+    if EARLY:
+        pdl.wait_and_release(PDL)
     # q_out is contiguous [T, NUM_HEADS, 2 * HALF]
     _rotate_rows(q_ptr + token * stride_qt, q_out_ptr + token * (NUM_HEADS * 2 * HALF),
                  stride_qh, 2 * HALF, cos, sin, NUM_HEADS, HALF, BLOCK_H, BLOCK_HALF)
@@ -115,6 +119,7 @@ def apply_rotary_and_write_kv(
     if num_tokens == 0:
         return q_out
     half = head_dim // 2
+    launch = pdl.launch_options(q.device)
     _rotary_kv_write_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, q_out, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -123,6 +128,7 @@ def apply_rotary_and_write_kv(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=block_size,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), **pdl.launch_options(q.device), num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), **launch, EARLY=launch["PDL"] and pdl.EARLY_LOADS,
+        num_warps=4,
     )
     return q_out
