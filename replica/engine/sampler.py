@@ -23,6 +23,7 @@ import torch
 from replica.engine.sampling_rows import IS_GREEDY, MIN_P, TOP_K, TOP_P, RowParams
 from replica.engine.sequence import Sequence
 from replica.engine.structured_output import AllowedMask
+from replica.kernels import ops
 from replica.outputs import TokenLogprob
 
 _RING = 2     # host buffers in flight: a step's copy is read before the step after next reuses it
@@ -100,7 +101,7 @@ class Sampler:
         if allowed_mask is not None:      # structured outputs: forbidden tokens → -inf
             allowed_mask.apply(logits)
         logits = self._apply_penalties(logits, seqs)
-        tokens = logits.argmax(dim=-1)
+        tokens = ops.argmax(logits)
         if device_rows is not None:         # some rows sample at random
             tokens = self._sample_random(logits, seqs, tokens, self.row_params.host[rows], device_rows)
         host_tokens = self._tokens[slot][:num_rows]

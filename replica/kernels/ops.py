@@ -94,6 +94,14 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x: [S, V] → int64 [S], the index of each row's largest value (the first of equal ones;
+    NaN counts as the largest), as `x.argmax(dim=-1)`."""
+    if is_triton_enabled(x) and x.dim() == 2 and x.shape[1] > 0:
+        return _triton("argmax").argmax(x)
+    return x.argmax(dim=-1)
+
+
 def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                               k_cache: torch.Tensor, v_cache: torch.Tensor,
