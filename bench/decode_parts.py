@@ -1,0 +1,207 @@
+"""Where a 4-bit decode step's time goes, inside the model, and the decode GEMVs' tiles swept there.
+
+    python3 bench/decode_parts.py split --format Q4_0     # the step against its parts in CUDA graphs
+    python3 bench/decode_parts.py sweep --format Q4_0     # each projection's tiles, µs a layer
+    python3 bench/decode_parts.py sweep --tiles "2,128,1,4 4,128,1,4"   # rows,groups,split_k,warps
+
+One process, the Llama-3-8B shape with random weights in a GGUF format (bench/quant.py's
+formats: llama.cpp's types, the Q6_K head). One-matrix microbenchmarks replay a matrix that
+partly stays in the GPU's L2 between calls; here every graph runs over all layers' real packed
+weights in model order (4.5 GB for Q4_0), with PDL as in the decode graphs, so nothing does.
+
+split: W2 tok/s of the engine (bench/quant.py's decode_tok_per_s), then graphs of
+    the step's GEMVs alone (and each projection's, and the head's);
+    a load-only kernel over the same packed bytes in as many launches;
+    the same bytes in one launch (what the GPU streams).
+sweep: each projection as the model runs it (o and down with the residual add and the next norm;
+    a split-K plan's norm then hands gate_up bf16, which is rounded in the unit too), every tile
+    of --tiles (default: a grid around the defaults), µs a layer; the head's 8-bit tiles.
+Prints one JSON line per figure and writes them all to $OUT/decode_parts-<cmd>.json (else
+bench/results/decode-parts-<cmd>-<gpu>-<date>.json). Needs a CUDA GPU.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine import prompts, run  # noqa: E402
+from bench.quant import decode_tok_per_s, model_config  # noqa: E402
+from bench.quant_accuracy import GGUF_FORMATS, build_engine  # noqa: E402
+from replica.kernels import gguf_gemv_triton as gg, pdl  # noqa: E402
+from replica.kernels.gguf_gemv_x8_triton import quantize_x  # noqa: E402
+from replica.kernels.rms_norm_x8_triton import add_rms_norm_x8  # noqa: E402
+from replica.layers.quantized_linear import gate_up_act, linear, linear_add_norm  # noqa: E402
+
+DEFAULT_TILES = ("2,32,1,1 2,64,1,1 4,32,1,1 2,32,2,1 2,64,1,2 2,128,1,2 2,128,1,4 4,128,1,4 1,128,1,4 "
+                 "2,256,1,8 2,128,2,4")
+HEAD_TILES = "2,32,1,1 2,64,1,1 4,32,1,1 2,64,1,2 2,64,1,4 4,64,1,4"
+
+
+@triton.jit
+def _load_only_kernel(w_ptr, s_ptr, out_ptr, num_words, num_scales, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    # 4 x BLOCK int32 words and BLOCK 2-byte scales a program, folded into one word (kept live)
+    pdl.wait_and_release(PDL)
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for j in tl.static_range(4):
+        offs = (pid * 4 + j) * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(w_ptr + offs, mask=offs < num_words, other=0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    acc ^= tl.load(s_ptr + offs, mask=offs < num_scales, other=0).to(tl.int32)
+    tl.store(out_ptr + pid, tl.xor_sum(acc, axis=0))
+
+
+def load_only(words: torch.Tensor, scales: torch.Tensor, sink: torch.Tensor) -> None:
+    block = 1024
+    _load_only_kernel[(triton.cdiv(words.numel(), 4 * block),)](
+        words, scales, sink, words.numel(), scales.numel(), BLOCK=block, num_warps=4, **pdl.launch_options(words.device))
+
+
+def graph_ms(fn, replays: int = 50) -> float:
+    """Mean ms of one replay of fn captured in a CUDA graph, with PDL as in the decode graphs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), pdl.capturing_graphs():
+        fn()                                    # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with pdl.capturing_graphs(), torch.cuda.graph(graph):
+        fn()
+    for _ in range(5):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / replays, 4)
+
+
+def w2(engine, vocab: int) -> list[float]:
+    run(engine, [(p, 16) for p in prompts(8, [512] * 8, vocab, 9)])           # warm-up
+    return [decode_tok_per_s(engine, vocab) for _ in range(2)]
+
+
+def split(engine, cfg, emit) -> None:
+    model, dev = engine.model, torch.device("cuda")
+    x_hidden = quantize_x(torch.randn(1, cfg.hidden_size, device=dev, dtype=torch.bfloat16))
+    x_inter = quantize_x(torch.randn(1, cfg.intermediate_size, device=dev, dtype=torch.bfloat16))
+    head_x = torch.randn(1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    mats = [(name, getattr(layer, f"{name}_weight").packed, x_inter if name == "down" else x_hidden)
+            for layer in model.layers for name in ("qkv", "o", "gate_up", "down")]
+    mats.append(("head", model.lm_head.packed, head_x))
+    if any(p is None or p.bits != 4 for name, p, _ in mats if name != "head"):
+        raise SystemExit("split: every projection must be one 4-bit packed matrix (Q4_0 or Q4_K)")
+    num_bytes = sum(t.numel() * t.element_size() for _, p, _ in mats for t in (p.qweight, p.scales, p.mins)
+                    if t is not None)
+
+    def gemvs(names):
+        for name, packed, x in mats:
+            if name in names:
+                gg.gguf_gemv(x, packed, gated=name == "gate_up")
+    every = {"qkv", "o", "gate_up", "down", "head"}
+    figures = {"packed_GB": round(num_bytes / 1e9, 3), "gemvs_ms": graph_ms(lambda: gemvs(every))}
+    for name in sorted(every):
+        figures[f"{name}_ms"] = graph_ms(lambda: gemvs({name}))
+    sink = torch.empty(1 << 22, dtype=torch.int32, device=dev)
+    figures["load_only_same_launches_ms"] = graph_ms(lambda: [
+        load_only(p.qweight.view(torch.int32).reshape(-1), p.scales.reshape(-1).view(torch.int16), sink)
+        for _, p, _ in mats])
+    flat = torch.empty(num_bytes // 4, dtype=torch.int32, device=dev)
+    figures["load_only_one_launch_ms"] = graph_ms(lambda: load_only(flat, flat[:1024].view(torch.int16), sink))
+    figures["load_only_one_launch_TBps"] = round(num_bytes / figures["load_only_one_launch_ms"] / 1e9, 2)
+    figures["gemvs_TBps"] = round(num_bytes / figures["gemvs_ms"] / 1e9, 2)
+    emit("split", **figures)
+
+
+def sweep(engine, cfg, tiles: str, emit) -> None:
+    model, dev, eps = engine.model, torch.device("cuda"), cfg.rms_norm_eps
+    layers = model.layers
+    residual = torch.randn(1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    x_norm, _ = add_rms_norm_x8(torch.randn_like(residual), residual, layers[0].input_norm, eps)
+    x_attn = quantize_x(torch.randn_like(residual))
+    x_act = torch.randn(1, cfg.intermediate_size, device=dev, dtype=torch.bfloat16) * 0.1
+    x_act8 = quantize_x(x_act)
+
+    def rounded(pair):         # a split-K plan's fused norm returns bf16, which the next GEMV rounds
+        return pair[0] if not isinstance(pair[0], torch.Tensor) else quantize_x(pair[0])
+    units = {
+        "qkv": lambda layer, nxt: linear(x_norm, layer.qkv_weight),
+        "o": lambda layer, nxt: rounded(linear_add_norm(x_attn, layer.o_weight, residual, layer.post_norm, eps,
+                                                        layer.gate_up_weight)),
+        "gate_up": lambda layer, nxt: gate_up_act(x_norm, layer.gate_up_weight, layer.down_weight),
+        "down": lambda layer, nxt: rounded(linear_add_norm(x_act8 if layer.down_weight.packed.bits == 4 else x_act,
+                                                           layer.down_weight, residual, nxt.input_norm, eps,
+                                                           nxt.qkv_weight)),
+    }
+    pairs = list(zip(layers, layers[1:] + layers[:1]))
+    for name, unit in units.items():
+        keys = {(p.qtype, 1, *p.shape) for p in (getattr(layer, f"{name}_weight").packed for layer in layers)}
+        per_layer_us = {}
+        for tile in tiles.split():
+            config = gg.GemvConfig(*map(int, tile.split(",")))
+            gg.TUNED.clear()
+            gg.TUNED.update({key: config for key in keys})
+            try:
+                per_layer_us[tile] = round(graph_ms(lambda: [unit(layer, nxt) for layer, nxt in pairs])
+                                           * 1000 / len(layers), 2)
+            except (ValueError, ZeroDivisionError) as e:       # a tile this projection cannot take
+                per_layer_us[tile] = f"not run: {e}"[:80]
+        gg.TUNED.clear()
+        emit(f"sweep_{name}", unit="us a layer", **per_layer_us)
+    head = model.lm_head.packed
+    head_x = torch.randn(1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    head_us = {}
+    for tile in HEAD_TILES.split():
+        gg.TUNED.clear()
+        gg.TUNED[(head.qtype, 1, *head.shape)] = gg.GemvConfig(*map(int, tile.split(",")))
+        head_us[tile] = round(graph_ms(lambda: linear(head_x, model.lm_head)) * 1000, 1)
+    gg.TUNED.clear()
+    emit("sweep_head", unit="us", **head_us)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("split", "sweep"))
+    parser.add_argument("--format", default="Q4_0", choices=sorted(GGUF_FORMATS))
+    parser.add_argument("--tiles", default=DEFAULT_TILES, help="rows,groups,split_k,warps a tile, space-separated")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (CUDA graphs of the 8B model's decode parts)")
+    results = {"env": dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           date=datetime.date.today().isoformat(), format=args.format,
+                           command="python3 bench/decode_parts.py " + " ".join(sys.argv[1:]))}
+
+    def emit(what, **figures):
+        results[what] = figures
+        print(json.dumps({"what": what, **figures}), flush=True)
+    cfg = model_config("8b")
+    bf16 = build_engine(cfg, "bf16", "cuda", max_num_seqs=256, token_budget=8192)
+    emit("W2_bf16", tok_per_s=w2(bf16, cfg.vocab_size))
+    del bf16
+    torch.cuda.empty_cache()
+    engine = build_engine(cfg, args.format, "cuda", max_num_seqs=256, token_budget=8192)
+    emit(f"W2_{args.format}", tok_per_s=w2(engine, cfg.vocab_size))
+    if args.command == "split":
+        split(engine, cfg, emit)
+    else:
+        sweep(engine, cfg, args.tiles, emit)
+    out = Path(os.environ["OUT"]) / f"decode_parts-{args.command}.json" if os.environ.get("OUT") else (
+        Path(__file__).parent / "results"
+        / f"decode-parts-{args.command}-{results['env']['gpu'].replace(' ', '-')}-{results['env']['date']}.json")
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
