@@ -3,6 +3,7 @@
     python3 bench/decode_parts.py split --format Q4_0     # the step against its parts in CUDA graphs
     python3 bench/decode_parts.py sweep --format Q4_0     # each projection's tiles, µs a layer
     python3 bench/decode_parts.py sweep --tiles "2,128,1,4 4,128,1,4"   # rows,groups,split_k,warps
+    python3 bench/decode_parts.py ab --flag replica.models.llama.FUSE_DECODE_ROTARY --formats bf16,Q4_0
 
 One process, the Llama-3-8B shape with random weights in a GGUF format (bench/quant.py's
 formats: llama.cpp's types, the Q6_K head). One-matrix microbenchmarks replay a matrix that
@@ -16,11 +17,14 @@ split: W2 tok/s of the engine (bench/quant.py's decode_tok_per_s), then graphs o
 sweep: each projection as the model runs it (o and down with the residual add and the next norm;
     a split-K plan's norm then hands gate_up bf16, which is rounded in the unit too), every tile
     of --tiles (default: a grid around the defaults), µs a layer; the head's 8-bit tiles.
+ab: W2 of each format with a module-level switch on and off, twice, alternating, in one process
+    (the A/B each kernel change here was decided by).
 Prints one JSON line per figure and writes them all to $OUT/decode_parts-<cmd>.json (else
 bench/results/decode-parts-<cmd>-<gpu>-<date>.json). Needs a CUDA GPU.
 """
 import argparse
 import datetime
+import importlib
 import json
 import os
 import sys
@@ -169,10 +173,26 @@ def sweep(engine, cfg, tiles: str, emit) -> None:
     emit("sweep_head", unit="us", **head_us)
 
 
+def ab(flag: str, formats: str, vocab_cfg, emit) -> None:
+    module_name, _, name = flag.rpartition(".")
+    module = importlib.import_module(module_name)
+    if not isinstance(getattr(module, name, None), bool):
+        raise SystemExit(f"--flag: {flag} is not a module-level True/False switch")
+    for fmt in formats.split(","):
+        for step, value in enumerate((True, False, True, False)):
+            setattr(module, name, value)
+            engine = build_engine(vocab_cfg, fmt, "cuda", max_num_seqs=256, token_budget=8192)
+            emit(f"W2_{fmt}_{name}={value}_pass{step // 2 + 1}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
+            del engine
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("split", "sweep"))
+    parser.add_argument("command", choices=("split", "sweep", "ab"))
+    parser.add_argument("--flag", help="ab: a module-level switch, e.g. replica.models.llama.FUSE_DECODE_ROTARY")
+    parser.add_argument("--formats", default="bf16,Q4_0", help="ab: the formats, bf16 included")
     parser.add_argument("--format", default="Q4_0", choices=sorted(GGUF_FORMATS))
     parser.add_argument("--tiles", default=DEFAULT_TILES, help="rows,groups,split_k,warps a tile, space-separated")
     args = parser.parse_args()
@@ -186,6 +206,11 @@ def main() -> None:
         results[what] = figures
         print(json.dumps({"what": what, **figures}), flush=True)
     cfg = model_config("8b")
+    if args.command == "ab":
+        if not args.flag:
+            parser.error("ab: --flag is required")
+        ab(args.flag, args.formats, cfg, emit)
+        return write(args, results)
     bf16 = build_engine(cfg, "bf16", "cuda", max_num_seqs=256, token_budget=8192)
     emit("W2_bf16", tok_per_s=w2(bf16, cfg.vocab_size))
     del bf16
@@ -196,6 +221,10 @@ def main() -> None:
         split(engine, cfg, emit)
     else:
         sweep(engine, cfg, args.tiles, emit)
+    write(args, results)
+
+
+def write(args, results: dict) -> None:
     out = Path(os.environ["OUT"]) / f"decode_parts-{args.command}.json" if os.environ.get("OUT") else (
         Path(__file__).parent / "results"
         / f"decode-parts-{args.command}-{results['env']['gpu'].replace(' ', '-')}-{results['env']['date']}.json")

@@ -24,6 +24,7 @@ With `out_x8` the reduce also writes its head's output rounded to int8 per 32 el
 x, one launch a layer fewer at decode (the same codes bit for bit).
 """
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,6 +33,7 @@ import triton.language as tl
 from replica.kernels import gguf_gemv_x8_triton, pdl
 from replica.kernels.fp8_linear import FP8_DTYPE
 from replica.kernels.gguf_linear import XInt8
+from replica.kernels.kv_cache_write_triton import to_cache_dtype
 from replica.kernels.checks import (
     FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_kv_cache_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape, dot_precision, kv_as_f16,
@@ -41,6 +43,11 @@ LOG2_E = 1.4426950408889634
 MAX_SPLITS = 64
 _DEFAULT_BLOCK_N = 64
 _MIN_TOKENS_PER_SPLIT = _DEFAULT_BLOCK_N   # at least one whole tile per split
+
+
+@triton.jit
+def _rotate(x, x_partner, cos, sin, first_half):
+    return tl.where(first_half, x * cos - x_partner * sin, x * cos + x_partner * sin)
 
 
 @triton.jit
@@ -58,6 +65,9 @@ def _decode_split_kernel(
     EARLY: tl.constexpr,             # PDL: read the host-written operands before the wait (`pdl` module)
     LINE: tl.constexpr,              # cache elements in a 128-byte line (the first tile's prefetch)
     prefetch_programs,               # EARLY: programs below this (launch order) prefetch their first tile
+    ROTARY: tl.constexpr,            # q, k_new, v_new before rotary: rotate them, write the new K/V (`DecodeRotary`)
+    k_new_ptr, v_new_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
+    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
 ):
     if not EARLY:
         pdl.wait_and_release(PDL)
@@ -66,6 +76,17 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     # the length and the block table are copied in before the step: no kernel of it writes them
     seq_len = tl.load(seq_lens_ptr + seq)
+    if ROTARY:       # host-written too, and the rotary table is fixed
+        position = tl.load(positions_ptr + seq).to(tl.int64)
+        slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+        rot_dims = tl.arange(0, BLOCK_D)
+        # rotate_half: out[d] = x[d] cos[d mod half] ∓ x[d ± half] sin[d mod half], − in the first half
+        # (`_rotate`, written as the rotary kernel's x1 cos − x2 sin and x2 cos + x1 sin: the same bits)
+        partner = (rot_dims + HEAD_DIM // 2) % HEAD_DIM
+        first_half = rot_dims < HEAD_DIM // 2
+        cos = tl.load(cos_sin_ptr + position * stride_cs + rot_dims % (HEAD_DIM // 2), mask=rot_dims < HEAD_DIM)
+        sin = tl.load(cos_sin_ptr + position * stride_cs + HEAD_DIM // 2 + rot_dims % (HEAD_DIM // 2),
+                      mask=rot_dims < HEAD_DIM)
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
@@ -94,6 +115,22 @@ def _decode_split_kernel(
     d_mask = dims < HEAD_DIM
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_G, BLOCK_D]
+    if ROTARY:
+        q_partner = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + partner[None, :],
+                            mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        q = _rotate(q.to(tl.float32), q_partner, cos[None, :], sin[None, :], first_half[None, :]).to(q.dtype)
+        newest = seq_len - 1
+        if (newest >= start) & (newest < end) & (slot >= 0):      # the one split that holds the new token
+            k_row = k_new_ptr + seq * stride_knt + kv_head * stride_knh
+            k_new = _rotate(tl.load(k_row + dims, mask=d_mask, other=0.0).to(tl.float32),
+                            tl.load(k_row + partner, mask=d_mask, other=0.0).to(tl.float32), cos, sin, first_half)
+            v_new = tl.load(v_new_ptr + seq * stride_vnt + kv_head * stride_vnh + dims, mask=d_mask)
+            block_id, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            tl.store(k_head + block_id * stride_kb + offset * stride_ks + dims,
+                     to_cache_dtype(k_new, k_cache_ptr), mask=d_mask)
+            tl.store(v_head + block_id * stride_vb + offset * stride_vs + dims, to_cache_dtype(v_new, v_cache_ptr),
+                     mask=d_mask)
+        tl.debug_barrier()                                   # the program's loads below see the new row
     if KV_AS_F16:                                        # checks.kv_as_f16: K, V widen to fp16
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
@@ -190,12 +227,54 @@ def can_round_x8(num_splits: int, head_dim: int) -> bool:
     return num_splits > 1 and head_dim >= 32 and not head_dim & (head_dim - 1)
 
 
+@dataclass
+class DecodeRotary:
+    """The new token's key and value before rotary ([B, num_kv_heads, head_dim], last dim
+    contiguous), its position and cache slot ([B]; a negative slot writes nothing), and the rotary
+    table [max_positions, head_dim] float32 (cos | sin): what `paged_decode_attention` needs to
+    apply rotary and write the cache itself."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    @classmethod
+    def none(cls, q: torch.Tensor) -> "DecodeRotary":
+        # placeholders for a launch without rotary (never read)
+        return cls(q, q, q, q, q)
+
+    def check(self, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+        num_seqs, _, head_dim = q.shape
+        num_kv_heads = k_cache.shape[2]
+        if head_dim & (head_dim - 1):
+            raise ValueError(f"rotary: head_dim must be a power of two, got {head_dim}")
+        check_shape("rotary.k", self.k, (num_seqs, num_kv_heads, head_dim))
+        check_shape("rotary.v", self.v, (num_seqs, num_kv_heads, head_dim))
+        check_shape("rotary.positions", self.positions, (num_seqs,))
+        check_shape("rotary.slot_mapping", self.slot_mapping, (num_seqs,))
+        check_shape("rotary.cos_sin_cache", self.cos_sin_cache, (None, head_dim))
+        check_dtype("rotary.cos_sin_cache", self.cos_sin_cache, (torch.float32,))
+        check_dtype("rotary.positions", self.positions, INDEX_DTYPES)
+        check_dtype("rotary.slot_mapping", self.slot_mapping, INDEX_DTYPES)
+        check_same_dtype(q=q, k=self.k, v=self.v)
+        for name, t in (("rotary.k", self.k), ("rotary.v", self.v), ("rotary.cos_sin_cache", self.cos_sin_cache)):
+            check_last_dim_contiguous(name, t)
+
+    def launch_args(self) -> dict:
+        return dict(k_new_ptr=self.k, v_new_ptr=self.v, positions_ptr=self.positions, cos_sin_ptr=self.cos_sin_cache,
+                    slot_mapping_ptr=self.slot_mapping, stride_knt=self.k.stride(0),
+                    stride_knh=self.k.stride(1) if self.k.dim() > 1 else 0, stride_vnt=self.v.stride(0),
+                    stride_vnh=self.v.stride(1) if self.v.dim() > 1 else 0,
+                    stride_cs=self.cos_sin_cache.stride(0))
+
+
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
     max_seq_len: int | None = None, out: torch.Tensor | None = None,
     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-    out_x8: XInt8 | None = None,
+    out_x8: XInt8 | None = None, rotary: "DecodeRotary | None" = None,
 ) -> torch.Tensor:
     """One new token per sequence attends its whole cached context (its own key included, so
     write the cache first).
@@ -216,6 +295,10 @@ def paged_decode_attention(
 
     out_x8: also the output rounded for a 4-bit GEMV (`XInt8` [B, num_heads · head_dim], filled);
     needs num_splits > 1 (the reduce writes it) and head_dim a power of two ≥ 32.
+
+    rotary: q, and `rotary.k`, `rotary.v` (the new token's), come before rotary: the kernel rotates
+    q, and the split that holds the new token rotates k and writes it and v into the caches first
+    (what `rotary_kv_write_triton` does in a launch of its own). head_dim a power of two.
     """
     check_shape("q", q, (None, None, None))
     num_seqs, num_heads, head_dim = q.shape
@@ -257,6 +340,8 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
 
+    if rotary is not None:
+        rotary.check(q, k_cache)
     is_fp8_cache = k_cache.dtype == FP8_DTYPE
     block_n = block_n or (128 if is_fp8_cache else _DEFAULT_BLOCK_N)
     num_stages = num_stages or (3 if is_fp8_cache else 2)
@@ -283,6 +368,7 @@ def paged_decode_attention(
         IS_SINGLE_SPLIT=is_single_split, DOT_PRECISION=dot_precision(q.dtype),
         KV_AS_F16=kv_as_f16(q, k_cache), **launch, EARLY=launch["PDL"] and pdl.EARLY_LOADS,
         LINE=min(block_d, max(1, 128 // k_cache.element_size())), prefetch_programs=2 * _num_sms(q.device),
+        ROTARY=rotary is not None, **(rotary or DecodeRotary.none(q)).launch_args(),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not is_single_split:

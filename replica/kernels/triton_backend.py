@@ -8,6 +8,10 @@ through the prefill kernel. The prefill kernel's 64-row tiles hold 16 query toke
 a decode row there fills 4 rows of 64 and gets no KV split (bench/NOTES.md, "Where the rest of
 W1's and W3's targets goes").
 
+With `rotary` (the model's `FUSE_DECODE_ROTARY`) q and the new keys and values come before rotary:
+at decode the split kernel rotates them and writes the cache itself (one launch a layer fewer);
+otherwise the rotary + KV write kernel runs first.
+
 With `round_x8` (a 4-bit o_proj on int8 x next, at decode) the decode kernel's reduce also
 writes the output rounded for it, and forward returns that `XInt8` (one launch a layer fewer);
 where the step has no reduce (one split) it returns the tensor as usual.
@@ -20,7 +24,10 @@ before capturing so the grid depends only on static sizes, never on this step's 
 import torch
 
 from replica.kernels.gguf_linear import XInt8
-from replica.kernels.paged_decode_triton import can_round_x8, choose_num_splits, paged_decode_attention
+from replica.kernels.paged_decode_triton import (
+    DecodeRotary, can_round_x8, choose_num_splits, paged_decode_attention,
+)
+from replica.kernels.rotary_kv_write_triton import apply_rotary_and_write_kv
 from replica.kernels.paged_prefill_triton import paged_prefill_attention
 
 SPLIT_MIXED_DECODES = True   # a mixed step's leading decode rows through the decode kernel
@@ -28,10 +35,16 @@ SPLIT_MIXED_DECODES = True   # a mixed step's leading decode rows through the de
 
 class TritonAttentionBackend:
     name = "triton"
+    takes_decode_rotary = True     # forward(rotary=...): q and the new K/V before rotary
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
-                scale: float, out: torch.Tensor | None = None, round_x8: bool = False) -> torch.Tensor | XInt8:
+                scale: float, out: torch.Tensor | None = None, round_x8: bool = False,
+                rotary: DecodeRotary | None = None) -> torch.Tensor | XInt8:
         # q: [T, num_heads, head_dim] → out like q (allocated unless given), or its XInt8 [T, heads · head_dim]
+        if rotary is not None and not meta.is_decode_only:     # only the decode kernel rotates
+            q = apply_rotary_and_write_kv(q, rotary.k, rotary.v, rotary.positions, rotary.cos_sin_cache,
+                                          k_cache, v_cache, rotary.slot_mapping)
+            rotary = None
         if meta.is_decode_only:
             if meta.decode_num_splits is None:
                 meta.decode_num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], meta.max_seq_len,
@@ -42,7 +55,7 @@ class TritonAttentionBackend:
                 x8 = XInt8.empty(num_tokens, num_heads * head_dim, q.dtype, q.device)
             out = paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                num_splits=meta.decode_num_splits, out=out, out_x8=x8,
+                num_splits=meta.decode_num_splits, out=out, out_x8=x8, rotary=rotary,
             )
             return out if x8 is None else x8
         num_decodes = meta.num_decode_prefix if SPLIT_MIXED_DECODES else 0

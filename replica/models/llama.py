@@ -26,6 +26,10 @@ from replica.models.model_config import ModelConfig
 log = logging.getLogger(__name__)
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Decode steps hand attention q and the new keys and values before rotary, and the Triton decode
+# kernel rotates them and writes the cache (`paged_decode_triton.DecodeRotary`): one launch a layer
+# fewer. Off until measured on a GPU (bench/NOTES.md, "Runs waiting for a GPU").
+FUSE_DECODE_ROTARY = False
 
 
 class DecoderLayer:
@@ -176,17 +180,24 @@ class LlamaForCausalLM:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         # input_ids, positions: [T] → hidden states [T, hidden]
-        x, residual = self.piece(0, input_ids, None, positions, meta.slot_mapping, kv_caches)
+        defer = FUSE_DECODE_ROTARY and meta.is_decode_only and getattr(self.backend, "takes_decode_rotary", False)
+        x, residual = self.piece(0, input_ids, None, positions, meta.slot_mapping, kv_caches, defer)
         for i, (k_cache, v_cache) in enumerate(kv_caches):
+            rotary = {}
+            if defer:      # decode attention rotates q and the new key and writes the cache itself
+                from replica.kernels.paged_decode_triton import DecodeRotary
+                x, k, v = x
+                rotary["rotary"] = DecodeRotary(k, v, positions, self.cos_sin_cache, meta.slot_mapping)
             # the output may come rounded for a 4-bit o_proj on int8 x (`XInt8`)
             attn = self.backend.forward(x, k_cache, v_cache, meta, self.scale,
-                                        round_x8=attention_rounds_x8(self.layers[i].o_weight, x))
-            x, residual = self.piece(i + 1, attn, residual, positions, meta.slot_mapping, kv_caches)
+                                        round_x8=attention_rounds_x8(self.layers[i].o_weight, x), **rotary)
+            x, residual = self.piece(i + 1, attn, residual, positions, meta.slot_mapping, kv_caches, defer)
         return x
 
     @torch.inference_mode()
     def piece(self, i: int, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-              slot_mapping: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+              slot_mapping: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+              defer_rotary: bool = False):
         """The forward between two attentions, which reads nothing but its arguments (piecewise
         CUDA graphs capture each piece: `replica/engine/piecewise_graphs.py`).
 
@@ -194,7 +205,8 @@ class LlamaForCausalLM:
         4-bit o_proj) and the residual (piece 0: the input ids and None), runs layer i-1's o_proj
         and MLP, and ends with layer i's q after rotary, its K and V written to the cache: returns
         (q [T, heads, head_dim], residual [T, hidden]). The last piece (i = num_layers) ends with
-        the final norm instead: (hidden [T, hidden], residual).
+        the final norm instead: (hidden [T, hidden], residual). defer_rotary: ((q, k, v) before
+        rotary, residual), for a decode attention that applies it (`FUSE_DECODE_ROTARY`).
         """
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         num_tokens = x.shape[0]
@@ -224,6 +236,8 @@ class LlamaForCausalLM:
         if layer.q_norm is not None:
             q = ops.rms_norm(q, layer.q_norm, eps)
             k = ops.rms_norm(k, layer.k_norm, eps)
+        if defer_rotary:
+            return (q, k, v), residual
         # rotary and the KV-cache write in one kernel; attention then reads the cache
         k_cache, v_cache = kv_caches[i]
         q = ops.apply_rotary_and_write_kv(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache,

@@ -226,3 +226,27 @@ def test_int8_x_written_by_the_norms_and_attention_keeps_the_logits(fmt, monkeyp
         return ((a - b).norm() / b.norm()).item()
     assert rel(decode, decode_ref) < rel(decode_ref, logits["unrounded"][1]), (
         rel(decode, decode_ref), rel(decode_ref, logits["unrounded"][1]))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "Q4_0"])
+def test_rotary_inside_decode_attention_keeps_the_tokens(fmt, monkeypatch):
+    """`llama.FUSE_DECODE_ROTARY` (decode attention rotates q and the new key and writes the cache,
+    inside the decode graphs with PDL) gives the tokens of the separate rotary + KV write kernel."""
+    from bench.quant_accuracy import build_engine
+    from replica.models import llama
+    from replica.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 1024,
+        "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    prompts = _prompts(4, 2048, seed=7)
+    tokens = {}
+    for fused in (False, True):
+        monkeypatch.setattr(llama, "FUSE_DECODE_ROTARY", fused)
+        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=8, token_budget=2048,
+                              engine_args=dict(num_kv_blocks=512, max_model_len=1024))
+        tokens[fused] = _greedy_tokens(engine, prompts)
+        del engine
+        torch.cuda.empty_cache()
+    assert tokens[True] == tokens[False]

@@ -150,3 +150,32 @@ def test_the_reduce_writes_the_output_rounded_as_quantize_x_rounds_it():
     with pytest.raises(ValueError, match="needs num_splits > 1"):
         paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
                                batch.seq_lens, head_scale(64), num_splits=1, out_x8=out_x8)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_rotary_inside_the_split_equals_rotary_kernel_then_decode(num_splits):
+    """`rotary=`: the kernel rotates q and the new key, and writes the new key and value into the
+    caches itself; the same output and caches as rotary + KV write, then decode attention. A
+    padding row (seq_len 0, slot -1) writes nothing."""
+    from replica.kernels.paged_decode_triton import DecodeRotary
+    from replica.kernels.rotary_kv_write_triton import apply_rotary_and_write_kv
+    from tests.kernels.test_rotary import llama3_cos_sin_cache
+
+    batch = make_batch([1, 40, 130, 9], [1, 1, 1, 1], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32)
+    seq_lens, slots = batch.seq_lens.clone(), batch.slot_mapping.clone()
+    seq_lens[3], slots[3] = 0, -1                                  # a graph bucket's padding row
+    positions = (seq_lens.long() - 1).clamp(min=0)
+    cos_sin = llama3_cos_sin_cache(64, 256).to(DEVICE)
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    q_rot = apply_rotary_and_write_kv(batch.q, batch.k, batch.v, positions, cos_sin, k_cache, v_cache, slots)
+    expected = paged_decode_attention(q_rot, k_cache, v_cache, batch.block_tables, seq_lens, 0.125,
+                                      num_splits=num_splits, block_n=16)
+    fused_k, fused_v = batch.k_cache.clone(), batch.v_cache.clone()
+    got = paged_decode_attention(batch.q, fused_k, fused_v, batch.block_tables, seq_lens, 0.125,
+                                 num_splits=num_splits, block_n=16,
+                                 rotary=DecodeRotary(batch.k, batch.v, positions, cos_sin, slots))
+    torch.testing.assert_close(fused_k, k_cache, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused_v, v_cache, atol=0, rtol=0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused_k[batch.block_tables[3, 0]], batch.k_cache[batch.block_tables[3, 0]])

@@ -95,10 +95,13 @@ i = "i32"
 split = dict(q_ptr=p("bf16"), k_cache_ptr=p("bf16"), v_cache_ptr=p("bf16"), block_tables_ptr=p("i32"),
              seq_lens_ptr=p("i32"), out_ptr=p("bf16"), part_out_ptr=p("fp32"), part_lse_ptr=p("fp32"),
              scale_log2="fp32", num_splits=i, stride_qt=i, stride_qh=i, stride_kb=i, stride_ks=i, stride_kh=i,
-             stride_vb=i, stride_vs=i, stride_vh=i, stride_bt=i, stride_ot=i, stride_oh=i, prefetch_programs=i)
-out["early: decode split"] = early_accesses(pd._decode_split_kernel, split, dict(
-    BLOCK_SIZE=16, GROUP_SIZE=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, IS_SINGLE_SPLIT=False,
-    DOT_PRECISION="ieee", KV_AS_F16=False, PDL=True, EARLY=True, LINE=64), 4)
+             stride_vb=i, stride_vs=i, stride_vh=i, stride_bt=i, stride_ot=i, stride_oh=i, prefetch_programs=i,
+             k_new_ptr=p("bf16"), v_new_ptr=p("bf16"), positions_ptr=p("i64"), cos_sin_ptr=p("fp32"),
+             slot_mapping_ptr=p("i64"), stride_knt=i, stride_knh=i, stride_vnt=i, stride_vnh=i, stride_cs=i)
+for rotary in (False, True):
+    out[f"early: decode split, rotary={rotary}"] = early_accesses(pd._decode_split_kernel, split, dict(
+        BLOCK_SIZE=16, GROUP_SIZE=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, IS_SINGLE_SPLIT=False,
+        DOT_PRECISION="ieee", KV_AS_F16=False, PDL=True, EARLY=True, LINE=64, ROTARY=rotary), 4)
 rotary = dict(q_ptr=p("bf16"), k_ptr=p("bf16"), v_ptr=p("bf16"), positions_ptr=p("i64"), cos_sin_ptr=p("fp32"),
               q_out_ptr=p("bf16"), k_cache_ptr=p("bf16"), v_cache_ptr=p("bf16"), slot_mapping_ptr=p("i64"),
               stride_qt=i, stride_qh=i, stride_kt=i, stride_kh=i, stride_vt=i, stride_vh=i, stride_cos_sin=i,
@@ -153,7 +156,7 @@ def test_without_prefetch_the_ptx_has_none(ptx_positions):
 
 
 def test_decode_attention_reads_only_the_host_written_lengths_and_block_table_before_its_wait(ptx_positions):
-    found = ptx_positions["early: decode split"]
+    found = ptx_positions["early: decode split, rotary=False"]
     assert found["load"] and found["store"] == 0
     for origin in found["load"]:
         assert set(origin) <= {"seq_lens_ptr", "block_tables_ptr"}, origin
@@ -176,3 +179,12 @@ def test_the_norms_read_only_their_weight_before_their_wait(ptx_positions):
         found = ptx_positions[kernel]
         assert found["load"] and found["store"] == 0 and not found["prefetch"], kernel
         assert all(o == ["weight_ptr"] for o in found["load"]), (kernel, found["load"])
+
+
+def test_decode_attention_with_rotary_reads_positions_slots_and_the_table_before_its_wait_not_q_k_v(ptx_positions):
+    found = ptx_positions["early: decode split, rotary=True"]
+    assert found["store"] == 0
+    origins = {tuple(o) for o in found["load"]}
+    assert ("positions_ptr",) in origins and ("slot_mapping_ptr",) in origins, origins
+    allowed = {"seq_lens_ptr", "block_tables_ptr", "positions_ptr", "slot_mapping_ptr", "cos_sin_ptr"}
+    assert all(set(o) <= allowed for o in origins), origins

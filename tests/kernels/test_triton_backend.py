@@ -137,3 +137,41 @@ def test_decode_attention_hands_a_4_bit_o_proj_its_output_rounded_only_where_it_
     mixed = make_batch([30, 9], [6, 1], seed=11, num_heads=4, num_kv_heads=2, head_dim=64, block_size=4)
     assert isinstance(backend.forward(mixed.q, mixed.k_cache, mixed.v_cache, _meta(mixed, False), scale,
                                       round_x8=True), torch.Tensor)
+
+
+def test_a_decode_step_with_rotary_in_the_attention_kernel_equals_the_separate_rotary_kernel(monkeypatch):
+    """`llama.FUSE_DECODE_ROTARY`: the model hands decode attention q, k, v before rotary and the
+    split kernel rotates and writes the cache; the same hidden states and caches as the rotary +
+    KV write kernel before attention (a whole 2-layer model's decode step, 3 sequences)."""
+    from replica.models import llama
+    from replica.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5})
+    batch = make_batch([5, 33, 17], [1, 1, 1], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4,
+                       dtype=torch.float32, seed=21)
+    gen = torch.Generator().manual_seed(3)
+    model = llama.LlamaForCausalLM(cfg, torch.float32, batch.q.device, TritonAttentionBackend(), 128)
+    tensors = [model.embed, model.norm, model.lm_head] + [t for layer in model.layers for t, _, _ in layer.targets.values()]
+    for t in tensors:
+        t.copy_(torch.randn(t.shape, generator=gen) * 0.05 + (1.0 if t.dim() == 1 else 0.0))
+    input_ids = torch.randint(0, 64, (3,), generator=gen).to(batch.q.device)
+    positions = (batch.seq_lens - 1).long()
+    from replica.kernels import ops
+    separate = []
+    rotary_kernel = ops.apply_rotary_and_write_kv
+    monkeypatch.setattr(ops, "apply_rotary_and_write_kv", lambda *a: separate.append(1) or rotary_kernel(*a))
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setattr(llama, "FUSE_DECODE_ROTARY", fused)
+        separate.clear()
+        caches = [(batch.k_cache.clone(), batch.v_cache.clone()) for _ in model.layers]
+        hidden = model.forward(input_ids, positions, _meta(batch, is_decode_only=True), caches)
+        results[fused] = (hidden, caches)
+        assert len(separate) == (0 if fused else 2)
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    for (k_fused, v_fused), (k_sep, v_sep) in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(k_fused, k_sep, atol=1e-6, rtol=1e-6)
+        assert torch.equal(v_fused, v_sep)
