@@ -20,6 +20,23 @@ def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
             for length in torch.randint(1, 200, (n,), generator=gen)]
 
 
+def _tokens_with_switch(monkeypatch, module, name: str, cfg, fmt: str, prompts, after=None) -> dict:
+    """{True: tokens, False: tokens} of a small engine built with module.name set each way;
+    after(value) runs once that engine is done (the callers' spies)."""
+    from bench.quant_accuracy import build_engine
+    tokens = {}
+    for value in (True, False):
+        monkeypatch.setattr(module, name, value)
+        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=8, token_budget=2048,
+                              engine_args=dict(num_kv_blocks=512, max_model_len=1024))
+        tokens[value] = _greedy_tokens(engine, prompts)
+        del engine
+        torch.cuda.empty_cache()
+        if after is not None:
+            after(value)
+    return tokens
+
+
 def _greedy_tokens(engine, prompts) -> dict[str, list[int]]:
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, GREEDY)
@@ -114,7 +131,6 @@ def test_packed_gguf_and_an_fp8_cache_run_in_graphs_as_eagerly(fmt):
 def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
     """bf16 decode through the fused GGUF GEMV epilogues (silu·mul in gate_up's GEMV, split-K
     sums in the next norm) and PDL inside the graphs gives the tokens of the unfused kernels."""
-    from bench.quant_accuracy import build_engine
     from replica.kernels import gguf_gemv_triton, gguf_linear_triton, rms_norm_triton
     from replica.layers import quantized_linear
     from replica.models.model_config import ModelConfig
@@ -137,17 +153,11 @@ def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
             calls[_key] += 1
             return _fn(*args, **kwargs)
         monkeypatch.setattr(module, name, spy)
-    prompts = _prompts(4, 2048, seed=5)
-    tokens = {}
-    for fused in (True, False):
-        monkeypatch.setattr(quantized_linear, "FUSE_GGUF_EPILOGUES", fused)
-        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=8, token_budget=2048,
-                              engine_args=dict(num_kv_blocks=512, max_model_len=1024))
-        tokens[fused] = _greedy_tokens(engine, prompts)
-        del engine
-        torch.cuda.empty_cache()
+    def spied(fused):
         if fused:
             assert calls["gated"] > 0 and calls["sum_norm"] > 0, calls
+    tokens = _tokens_with_switch(monkeypatch, quantized_linear, "FUSE_GGUF_EPILOGUES", cfg, fmt,
+                                 _prompts(4, 2048, seed=5), after=spied)
     assert tokens[True] == tokens[False]
 
 
@@ -232,7 +242,6 @@ def test_int8_x_written_by_the_norms_and_attention_keeps_the_logits(fmt, monkeyp
 def test_rotary_inside_decode_attention_keeps_the_tokens(fmt, monkeypatch):
     """`llama.FUSE_DECODE_ROTARY` (decode attention rotates q and the new key and writes the cache,
     inside the decode graphs with PDL) gives the tokens of the separate rotary + KV write kernel."""
-    from bench.quant_accuracy import build_engine
     from replica.models import llama
     from replica.models.model_config import ModelConfig
 
@@ -240,13 +249,5 @@ def test_rotary_inside_decode_attention_keeps_the_tokens(fmt, monkeypatch):
         "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 1024,
         "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
         "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
-    prompts = _prompts(4, 2048, seed=7)
-    tokens = {}
-    for fused in (False, True):
-        monkeypatch.setattr(llama, "FUSE_DECODE_ROTARY", fused)
-        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=8, token_budget=2048,
-                              engine_args=dict(num_kv_blocks=512, max_model_len=1024))
-        tokens[fused] = _greedy_tokens(engine, prompts)
-        del engine
-        torch.cuda.empty_cache()
+    tokens = _tokens_with_switch(monkeypatch, llama, "FUSE_DECODE_ROTARY", cfg, fmt, _prompts(4, 2048, seed=7))
     assert tokens[True] == tokens[False]
