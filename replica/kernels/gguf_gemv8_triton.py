@@ -106,18 +106,6 @@ def _q8_row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, chu
 
 
 @triton.jit
-def _q8_load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, cs, c_mask, one,
-                  CHUNKS_PER_GROUP: tl.constexpr, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr):
-    """A lane's 16 codes of each row (4 words, one load) and their group's scale and min. The
-    scales' column goes through `one` (a runtime 1) so that the compiler does not vectorise them
-    across chunks, which would give them another layout than the words'."""
-    words0, words1, words2, words3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, cs, c_mask, EVEN_K)
-    s_offs = rows64[:, None] * stride_sn + ((cs * one) // CHUNKS_PER_GROUP)[None, :]
-    scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, c_mask, EVEN_K, HAS_MIN)
-    return words0, words1, words2, words3, scale, low
-
-
-@triton.jit
 def _q8_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, row_zero, cs,
              c_mask, stride_xm, M: tl.constexpr, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr):
     """The tile's products with each row of x, added to its accumulator [BLOCK_N, CHUNKS]."""
@@ -162,8 +150,8 @@ def q8_gemv_kernel(
     for c0 in range(c_start, c_end, CHUNKS):
         cs = c0 + c                                     # [CHUNKS] chunk indices
         c_mask = (cs < c_end)[None, :]
-        words0, words1, words2, words3, scale, low = _q8_load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn,
-                                                                   cs, c_mask, one, CHUNKS_PER_GROUP, EVEN_K, HAS_MIN)
+        words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
+            q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, cs, c_mask, one, CHUNKS_PER_GROUP, EVEN_K, HAS_MIN)
         tot0, tot1, tot2, tot3 = _q8_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low, x_ptr,
                                           x32_ptr, row_zero, cs, c_mask, stride_xm, M, EVEN_K, HAS_MIN, BF16_ASM)
 

@@ -109,8 +109,8 @@ def _q4_gemv_kernel(
     for g0 in range(g_start, g_end, GROUPS):
         gs = g0 + g                                     # [GROUPS] group indices
         g_mask = (gs < g_end)[None, :]
-        words0, words1, words2, words3, scale, low = _q4_load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn,
-                                                                   stride_sn, gs, g_mask, one, EVEN_K, HAS_MIN)
+        words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
+            q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN)
         tot0, tot1, tot2, tot3 = _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low,
                                           x_ptr, x2_ptr, row_zero, gs, g_mask, stride_xm, num_groups, one, M,
                                           EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
@@ -119,18 +119,6 @@ def _q4_gemv_kernel(
         tot0, tot1, tot2, tot3 = tot0 * rstd0, tot1 * rstd1, tot2 * rstd2, tot3 * rstd3
     linear_triton.gemv_store_rows(tot0, tot1, tot2, tot3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr,
                                   N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
-
-
-@triton.jit
-def _q4_load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, EVEN_K: tl.constexpr,
-                  HAS_MIN: tl.constexpr):
-    """A lane's group of each row: its 4 words in one 16-byte load, split in registers, and the
-    group's scale and min. The scales' column goes through `one` (a runtime 1) so that the compiler
-    does not vectorise them across groups, which would give them another layout than the words'."""
-    words0, words1, words2, words3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask, EVEN_K)
-    s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
-    scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, g_mask, EVEN_K, HAS_MIN)
-    return words0, words1, words2, words3, scale, low
 
 
 @triton.jit

@@ -263,10 +263,8 @@ class DecodeRotary:
 
     def launch_args(self) -> dict:
         return dict(k_new_ptr=self.k, v_new_ptr=self.v, positions_ptr=self.positions, cos_sin_ptr=self.cos_sin_cache,
-                    slot_mapping_ptr=self.slot_mapping, stride_knt=self.k.stride(0),
-                    stride_knh=self.k.stride(1) if self.k.dim() > 1 else 0, stride_vnt=self.v.stride(0),
-                    stride_vnh=self.v.stride(1) if self.v.dim() > 1 else 0,
-                    stride_cs=self.cos_sin_cache.stride(0))
+                    slot_mapping_ptr=self.slot_mapping, stride_knt=self.k.stride(0), stride_knh=self.k.stride(1),
+                    stride_vnt=self.v.stride(0), stride_vnh=self.v.stride(1), stride_cs=self.cos_sin_cache.stride(0))
 
 
 def paged_decode_attention(

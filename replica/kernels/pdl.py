@@ -22,7 +22,8 @@ weights stream from HBM during a short predecessor (a norm, attention's reduce) 
 it. Nothing the predecessor writes may be read, or prefetched, before the wait. What no kernel
 of the step writes at all (sequence lengths, block tables, positions, slots: copied in before the
 graph; the rotary table) may even be loaded before it, where a short kernel's chain of dependent
-loads starts there (`EARLY_LOADS`: decode attention's split, rotary + KV write).
+loads starts there (`EARLY_LOADS`: decode attention's split, rotary + KV write, the RMSNorms'
+weights).
 
 Where: PAGEFLEET_PDL=graphs (the default) inside the decode CUDA graphs only, where a step is
 hundreds of short kernels back to back; "all" in eager steps too; "0" nowhere. Never on the CPU

@@ -140,6 +140,18 @@ def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.conste
 
 
 @triton.jit
+def load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, lanes, lane_mask, one,
+              LANES_PER_SCALE: tl.constexpr, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr):
+    """A GEMV tile: each lane's 16 bytes of codes of each row (4 words, one load) and its group's
+    scale and min. The scales' column goes through `one` (a runtime 1) so that the compiler does
+    not vectorise them across lanes, which would give them another layout than the words'."""
+    words0, words1, words2, words3 = load_words4(q_ptr, rows64, stride_qn, lanes, lane_mask, EVEN_K)
+    s_offs = rows64[:, None] * stride_sn + ((lanes * one) // LANES_PER_SCALE)[None, :]
+    scale, low = load_scale_min(s_ptr, m_ptr, s_offs, lane_mask, EVEN_K, HAS_MIN)
+    return words0, words1, words2, words3, scale, low
+
+
+@triton.jit
 def load_scale_min(s_ptr, m_ptr, offs, lane_mask, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr):
     """Each lane's group scale and, for the types with one, its min (else 0.0), as fp32."""
     low = 0.0
@@ -165,7 +177,7 @@ def split4(t):
 
 @triton.jit
 def word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: tl.constexpr,
-                  ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr):
+              ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr):
     """One word of each (row, group) against row mi of x → (Σ of its 8 products (q − 8)·x, Σ of
     its 8 x when the group needs it), [BN, G] fp32 each. word_x: [BN, G], the word's first element."""
     x_sum = 0.0
@@ -199,7 +211,7 @@ def word_part(words, x_ptr, x32_ptr, word_x, x_mask, mi, stride_xm, EVEN_K: tl.c
 
 @triton.jit
 def row_part(words0, words1, words2, words3, scale, low, x_ptr, x32_ptr, group_x, x_mask, mi,
-                 stride_xm, EVEN_K: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
+             stride_xm, EVEN_K: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
                  BF16_ASM: tl.constexpr):
     """Row mi of x as it is (not rounded) against the GEMV's tile: [BLOCK_N, GROUPS], scaled (+ min · Σx)."""
     d0, s0 = word_part(words0, x_ptr, x32_ptr, group_x, x_mask, mi, stride_xm, EVEN_K, ZERO_POINT,

@@ -10,7 +10,7 @@ W1's and W3's targets goes").
 
 With `rotary` (the model's `FUSE_DECODE_ROTARY`) q and the new keys and values come before rotary:
 at decode the split kernel rotates them and writes the cache itself (one launch a layer fewer);
-otherwise the rotary + KV write kernel runs first.
+the model passes it for decode-only steps only.
 
 With `round_x8` (a 4-bit o_proj on int8 x next, at decode) the decode kernel's reduce also
 writes the output rounded for it, and forward returns that `XInt8` (one launch a layer fewer);
@@ -27,7 +27,6 @@ from replica.kernels.gguf_linear import XInt8
 from replica.kernels.paged_decode_triton import (
     DecodeRotary, can_round_x8, choose_num_splits, paged_decode_attention,
 )
-from replica.kernels.rotary_kv_write_triton import apply_rotary_and_write_kv
 from replica.kernels.paged_prefill_triton import paged_prefill_attention
 
 SPLIT_MIXED_DECODES = True   # a mixed step's leading decode rows through the decode kernel
@@ -41,10 +40,8 @@ class TritonAttentionBackend:
                 scale: float, out: torch.Tensor | None = None, round_x8: bool = False,
                 rotary: DecodeRotary | None = None) -> torch.Tensor | XInt8:
         # q: [T, num_heads, head_dim] → out like q (allocated unless given), or its XInt8 [T, heads · head_dim]
-        if rotary is not None and not meta.is_decode_only:     # only the decode kernel rotates
-            q = apply_rotary_and_write_kv(q, rotary.k, rotary.v, rotary.positions, rotary.cos_sin_cache,
-                                          k_cache, v_cache, rotary.slot_mapping)
-            rotary = None
+        if rotary is not None and not meta.is_decode_only:
+            raise ValueError("rotary: only a decode-only step's attention applies rotary (the decode kernel)")
         if meta.is_decode_only:
             if meta.decode_num_splits is None:
                 meta.decode_num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], meta.max_seq_len,

@@ -175,3 +175,14 @@ def test_a_decode_step_with_rotary_in_the_attention_kernel_equals_the_separate_r
     for (k_fused, v_fused), (k_sep, v_sep) in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(k_fused, k_sep, atol=1e-6, rtol=1e-6)
         assert torch.equal(v_fused, v_sep)
+
+
+def test_rotary_is_refused_outside_a_decode_only_step():
+    from replica.kernels.paged_decode_triton import DecodeRotary
+    batch = make_batch([9, 5], [3, 1], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4, seed=2)
+    rotary = DecodeRotary(batch.k, batch.v, batch.seq_lens.long(), batch.q.new_zeros(16, 64).float(),
+                          batch.slot_mapping)
+    import pytest
+    with pytest.raises(ValueError, match="decode-only"):
+        TritonAttentionBackend().forward(batch.q, batch.k_cache, batch.v_cache, _meta(batch, False), 0.125,
+                                         rotary=rotary)
