@@ -24,6 +24,7 @@ bench/results/decode-parts-<cmd>-<gpu>-<date>.json). Needs a CUDA GPU.
 """
 import argparse
 import datetime
+import gc
 import importlib
 import json
 import os
@@ -184,6 +185,7 @@ def ab(flag: str, formats: str, vocab_cfg, emit) -> None:
             engine = build_engine(vocab_cfg, fmt, "cuda", max_num_seqs=256, token_budget=8192)
             emit(f"W2_{fmt}_{name}={value}_pass{step // 2 + 1}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
             del engine
+            gc.collect()              # the engine's graphs and cache sit in reference cycles
             torch.cuda.empty_cache()
 
 

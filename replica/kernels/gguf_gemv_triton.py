@@ -337,10 +337,12 @@ def gguf_gemv(x: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | 
 
 
 def gguf_gemv_add_rms_norm(x: torch.Tensor | XInt8, packed: PackedGGUF, residual: torch.Tensor,
-                           norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                           norm_weight: torch.Tensor, eps: float,
+                           to_x8: bool = False) -> tuple[torch.Tensor | XInt8, torch.Tensor] | None:
     """x: [M ≤ ROWS_PER_LAUNCH, K] → (rms_norm(x @ W^T + residual), x @ W^T + residual), the
-    GEMV's split-K partials summed by the norm kernel itself (`rms_norm_triton`): one kernel
-    less than GEMV, sum, add + norm. None where the plan does not split K (nothing to fuse)."""
+    GEMV's split-K partials summed by the norm kernel itself (`rms_norm_triton`, or with to_x8
+    `rms_norm_x8_triton`, whose norm comes rounded for a 4-bit GEMV on int8 x): one kernel less
+    than GEMV, sum, add + norm. None where the plan does not split K (nothing to fuse)."""
     num_rows = x.shape[0]
     is_x8 = packed.bits == 4 and (isinstance(x, XInt8) or uses_x_int8(x))
     plan = _plan(num_rows, packed, x.device, None, is_x8)
@@ -349,4 +351,7 @@ def gguf_gemv_add_rms_norm(x: torch.Tensor | XInt8, packed: PackedGGUF, residual
     from replica.kernels.rms_norm_triton import split_k_sum_add_rms_norm
     partial = torch.empty(plan.split_k, num_rows, packed.shape[0], dtype=torch.float32, device=x.device)
     _launch(x, packed, None, partial[0], partial, plan, gated=False)   # om: only its stride is read
+    if to_x8:
+        from replica.kernels.rms_norm_x8_triton import add_rms_norm_x8
+        return add_rms_norm_x8(None, residual, norm_weight, eps, partial=partial)
     return split_k_sum_add_rms_norm(partial, residual, norm_weight, eps)

@@ -18,6 +18,7 @@ from replica.kernels.checks import (
     FLOAT_DTYPES, check_contiguous, check_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape,
 )
+from replica.kernels.gguf_linear import XInt8
 from replica.quantization.gguf_packed import PackedGGUF
 
 DEQUANT_CHUNK = 1 << 28     # elements of W dequantised at once (512 MiB in bf16)
@@ -106,12 +107,14 @@ def gguf_linear_gated(x: torch.Tensor, packed: PackedGGUF) -> torch.Tensor:
 
 
 def gguf_linear_add_rms_norm(x: torch.Tensor, packed: PackedGGUF, residual: torch.Tensor,
-                             norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                             norm_weight: torch.Tensor, eps: float,
+                             to_x8: bool = False) -> tuple[torch.Tensor | XInt8, torch.Tensor] | None:
     """(rms_norm(x @ W^T + residual), x @ W^T + residual) with the GEMV's split-K sum inside
-    the norm kernel, for up to `gguf_gemv_triton.GEMV_ROWS` rows; None where that does not apply
-    (more rows, or a plan without split K): the caller runs the unfused ops."""
+    the norm kernel (to_x8: the norm rounded as the next 4-bit GEMV's `XInt8`), for up to
+    `gguf_gemv_triton.GEMV_ROWS` rows; None where that does not apply (more rows, or a plan
+    without split K): the caller runs the unfused ops."""
     _check_x(x, packed)
     if x.shape[0] > gguf_gemv_triton.GEMV_ROWS:
         return None
     check_same_dtype(x=x, residual=residual)
-    return gguf_gemv_triton.gguf_gemv_add_rms_norm(x, packed, residual, norm_weight, eps)
+    return gguf_gemv_triton.gguf_gemv_add_rms_norm(x, packed, residual, norm_weight, eps, to_x8)

@@ -35,7 +35,8 @@ GROUPS = 16           # 32-element groups a program: 512 columns (8 programs a r
 def _rms_norm_x8_kernel(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, codes_ptr, ds_ptr, sumsq_ptr,
                         hidden, num_groups, num_parts, stride_xm, stride_rm,
                         HAS_RESIDUAL: tl.constexpr, GROUPS_: tl.constexpr, PDL: tl.constexpr,
-                        EARLY: tl.constexpr):    # PDL: the weight loaded before the wait (`pdl.EARLY_LOADS`)
+                        EARLY: tl.constexpr,     # PDL: the weight loaded before the wait (`pdl.EARLY_LOADS`)
+                        SPLIT_K: tl.constexpr):  # > 0: x is a GEMV's split-K partials [SPLIT_K, M, hidden] fp32
     p = tl.program_id(1)
     gs = p * GROUPS_ + tl.arange(0, GROUPS_)
     g_mask = gs < num_groups
@@ -46,7 +47,13 @@ def _rms_norm_x8_kernel(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, codes
         w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     pdl.wait_and_release(PDL)
     m = tl.program_id(0).to(tl.int64)
-    x = tl.load(x_ptr + m * stride_xm + offs, mask=mask, other=0.0)
+    if SPLIT_K > 0:    # summed in split order and rounded, as the GEMV's own sum kernel stores its output
+        acc = tl.zeros([GROUPS_, 32], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(x_ptr + (s * tl.num_programs(0) + m) * hidden + offs, mask=mask, other=0.0)
+        x = acc.to(residual_out_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + m * stride_rm + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
@@ -59,14 +66,31 @@ def _rms_norm_x8_kernel(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, codes
 
 
 def add_rms_norm_x8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                    eps: float) -> tuple[XInt8, torch.Tensor]:
+                    eps: float, partial: torch.Tensor | None = None) -> tuple[XInt8, torch.Tensor]:
     """x, residual: [M, K] (K a multiple of 32, last dim contiguous); weight: [K] →
     (RMSNorm(x + residual) · weight as the 4-bit GEMV's `XInt8`, x + residual); with residual
-    None, (RMSNorm(x) · weight, x)."""
+    None, (RMSNorm(x) · weight, x).
+
+    partial: instead of x, a GEMV's split-K partials [S, M, K] fp32 (contiguous), x being their
+    sum rounded to residual's dtype: the values of that GEMV's own sum kernel, one launch less.
+    x is then None, and residual is required."""
+    split_k = 0
+    if partial is not None:
+        if x is not None or residual is None:
+            raise ValueError("partial: pass x=None and a residual")
+        check_shape("partial", partial, (None, None, None))
+        check_dtype("partial", partial, (torch.float32,))
+        if not partial.is_contiguous():
+            raise ValueError("partial: must be contiguous")
+        check_same_device(partial=partial, residual=residual)
+        split_k = partial.shape[0]
+        x = residual     # shapes, dtype and device come from the residual; the kernel reads partial
     check_shape("x", x, (None, None))
     check_dtype("x", x, FLOAT_DTYPES)
     check_last_dim_contiguous("x", x)
     num_rows, hidden = x.shape
+    if partial is not None:
+        check_shape("partial", partial, (split_k, num_rows, hidden))
     if hidden % GROUP:
         raise ValueError(f"x: {hidden} columns is not a multiple of {GROUP}")
     check_shape("weight", weight, (hidden,))
@@ -86,10 +110,10 @@ def add_rms_norm_x8(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
     out = XInt8.empty(num_rows, hidden, torch.promote_types(weight.dtype, x.dtype), x.device, num_parts, eps)
     if num_rows:
         _rms_norm_x8_kernel[(num_rows, num_parts)](
-            x, residual, weight, residual_out, out.codes, out.dx_sum, out.sumsq,
+            x if partial is None else partial, residual, weight, residual_out, out.codes, out.dx_sum, out.sumsq,
             hidden, num_groups, num_parts, x.stride(0), residual.stride(0),
             HAS_RESIDUAL=residual_out is not x, GROUPS_=GROUPS, num_warps=4, **pdl.launch_options(x.device),
-            EARLY=pdl.uses_pdl(x.device) and pdl.EARLY_LOADS)
+            EARLY=pdl.uses_pdl(x.device) and pdl.EARLY_LOADS, SPLIT_K=split_k)
     return out, residual_out
 
 

@@ -199,17 +199,18 @@ class GGUFWeight:
         return x.shape[0] <= gguf_gemv_triton.GEMV_ROWS and gguf_gemv_triton.uses_x_int8(x)
 
     def apply_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                           eps: float, to_x8: bool = False) -> tuple[torch.Tensor | XInt8, torch.Tensor] | None:
         """(rms_norm(x @ W^T + residual), x @ W^T + residual), the GEMV's split-K sum done by the
-        norm kernel; None where the unfused path must run."""
+        norm kernel; with to_x8 the norm comes as the next 4-bit GEMV's `XInt8`, as `norm_for`
+        would write it. None where the unfused path must run."""
         packed = self._fusable(x)
         if packed is None:
             return None
         if isinstance(x, XInt8):
             from replica.kernels.gguf_gemv_triton import gguf_gemv_add_rms_norm
-            return gguf_gemv_add_rms_norm(x, packed, residual, norm_weight, eps)
+            return gguf_gemv_add_rms_norm(x, packed, residual, norm_weight, eps, to_x8)
         from replica.kernels.gguf_linear_triton import gguf_linear_add_rms_norm
-        return gguf_linear_add_rms_norm(x, packed, residual, norm_weight, eps)
+        return gguf_linear_add_rms_norm(x, packed, residual, norm_weight, eps, to_x8)
 
 
 def _join(parts: list[PackedGGUF]) -> PackedGGUF:
@@ -300,7 +301,9 @@ def linear_add_norm(x: torch.Tensor, weight, residual: torch.Tensor, norm_weight
     residual add and the next norm. A GGUF GEMV that splits K hands its partials to the norm
     kernel (o_proj and down_proj at decode: one launch less each)."""
     if FUSE_GGUF_EPILOGUES and isinstance(weight, GGUFWeight) and not isinstance(next_weight, Fp8Weight):
-        fused = weight.apply_add_rms_norm(x, residual, norm_weight, eps)
+        # the norm in the form norm_for would give it: rounded for a 4-bit GEMV on int8 x
+        to_x8 = FUSE_GGUF_X8_NORM and isinstance(next_weight, GGUFWeight) and next_weight.takes_x_int8(residual)
+        fused = weight.apply_add_rms_norm(x, residual, norm_weight, eps, to_x8)
         if fused is not None:
             return fused
     return norm_for(next_weight, linear(x, weight), residual, norm_weight, eps)

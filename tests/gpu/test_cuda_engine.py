@@ -131,7 +131,7 @@ def test_packed_gguf_and_an_fp8_cache_run_in_graphs_as_eagerly(fmt):
 def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
     """bf16 decode through the fused GGUF GEMV epilogues (silu·mul in gate_up's GEMV, split-K
     sums in the next norm) and PDL inside the graphs gives the tokens of the unfused kernels."""
-    from replica.kernels import gguf_gemv_triton, gguf_linear_triton, rms_norm_triton
+    from replica.kernels import gguf_gemv_triton, gguf_linear_triton, rms_norm_triton, rms_norm_x8_triton
     from replica.layers import quantized_linear
     from replica.models.model_config import ModelConfig
 
@@ -146,11 +146,14 @@ def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
         "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 4096,
         "intermediate_size": 8192, "num_hidden_layers": 2, "num_attention_heads": 32,
         "num_key_value_heads": 8, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    # the sum goes to the x8 norm where the next GEMV is 4-bit on int8 x, else to the bf16 one
     calls = {"gated": 0, "sum_norm": 0}
     for module, name, key in ((gguf_linear_triton, "gguf_linear_gated", "gated"),
-                              (rms_norm_triton, "split_k_sum_add_rms_norm", "sum_norm")):
-        def spy(*args, _fn=getattr(module, name), _key=key, **kwargs):
-            calls[_key] += 1
+                              (rms_norm_triton, "split_k_sum_add_rms_norm", "sum_norm"),
+                              (rms_norm_x8_triton, "add_rms_norm_x8", "sum_norm")):
+        def spy(*args, _fn=getattr(module, name), _key=key, _name=name, **kwargs):
+            if _name != "add_rms_norm_x8" or kwargs.get("partial") is not None:
+                calls[_key] += 1
             return _fn(*args, **kwargs)
         monkeypatch.setattr(module, name, spy)
     def spied(fused):

@@ -7,7 +7,9 @@ import torch
 from replica.kernels import gguf_gemv_triton
 from replica.kernels.gguf_gemv_triton import GemvConfig, gguf_gemv, gguf_gemv_add_rms_norm
 from replica.kernels.gguf_linear_triton import gguf_linear_add_rms_norm, gguf_linear_gated
+from replica.kernels.gguf_linear import XInt8
 from replica.kernels.rms_norm_triton import fused_add_rms_norm
+from replica.kernels.rms_norm_x8_triton import add_rms_norm_x8
 from replica.kernels.silu_mul_triton import silu_and_mul
 from replica.quantization.gguf_packed import pack
 from replica.quantization.gguf_quantize import quantize
@@ -64,6 +66,36 @@ def test_split_k_partials_summed_in_the_norm_equal_gemv_then_add_norm(qtype, k, 
     want_normed, want_residual = fused_add_rms_norm(gguf_gemv(x, packed, config=split), residual, weight, 1e-5)
     assert torch.equal(new_residual, want_residual)
     assert torch.equal(normed, want_normed)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+@pytest.mark.parametrize("num_rows,split_k", [(1, 2), (3, 4)])
+def test_split_k_partials_summed_in_the_x8_norm_equal_gemv_then_the_x8_norm(qtype, num_rows, split_k, monkeypatch):
+    """Before a 4-bit GEMV on int8 x the fused norm writes the same codes, scales and Σ s² as
+    the GEMV's own sum kernel followed by `add_rms_norm_x8` (what `norm_for` runs unfused)."""
+    n, k = 96, 512
+    packed = _packed(qtype, n, k, seed=k + num_rows)
+    gen = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, k, generator=gen).to(DTYPE).to(DEVICE)
+    residual = torch.randn(num_rows, n, generator=gen).to(DTYPE).to(DEVICE)
+    weight = (1 + 0.1 * torch.randn(n, generator=gen)).to(DTYPE).to(DEVICE)
+    split = GemvConfig(block_n=4, groups=2, split_k=split_k)
+    monkeypatch.setitem(gguf_gemv_triton.TUNED, (qtype, num_rows, n, k), split)
+    rounded, new_residual = gguf_linear_add_rms_norm(x, packed, residual, weight, 1e-5, to_x8=True)
+    want, want_residual = add_rms_norm_x8(gguf_gemv(x, packed, config=split), residual, weight, 1e-5)
+    assert isinstance(rounded, XInt8)
+    assert torch.equal(new_residual, want_residual)
+    for field in ("codes", "dx_sum", "sumsq"):
+        assert torch.equal(getattr(rounded, field), getattr(want, field)), field
+
+
+def test_the_x8_norm_takes_partials_only_beside_a_residual():
+    residual, weight = torch.zeros(1, 64).to(DTYPE).to(DEVICE), torch.ones(64).to(DTYPE).to(DEVICE)
+    partial = torch.zeros(2, 1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="x=None and a residual"):
+        add_rms_norm_x8(None, None, weight, 1e-5, partial=partial)
+    with pytest.raises(ValueError, match="partial"):
+        add_rms_norm_x8(None, residual, weight, 1e-5, partial=partial[:, :, :32])
 
 
 def test_add_norm_declines_where_the_gemv_does_not_split_k(monkeypatch):
