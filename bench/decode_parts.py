@@ -3,7 +3,8 @@
     python3 bench/decode_parts.py split --format Q4_0     # the step against its parts in CUDA graphs
     python3 bench/decode_parts.py sweep --format Q4_0     # each projection's tiles, µs a layer
     python3 bench/decode_parts.py sweep --tiles "2,128,1,4 4,128,1,4"   # rows,groups,split_k,warps
-    python3 bench/decode_parts.py ab --flag replica.models.llama.FUSE_DECODE_ROTARY --formats bf16,Q4_0
+    python3 bench/decode_parts.py ab --flag replica.models.llama.FUSE_DECODE_ROTARY \
+        --flag replica.kernels.decode_reduce_triton.FUSE_DECODE_REDUCE --formats bf16,Q4_0
 
 One process, the Llama-3-8B shape with random weights in a GGUF format (bench/quant.py's
 formats: llama.cpp's types, the Q6_K head). One-matrix microbenchmarks replay a matrix that
@@ -17,8 +18,9 @@ split: W2 tok/s of the engine (bench/quant.py's decode_tok_per_s), then graphs o
 sweep: each projection as the model runs it (o and down with the residual add and the next norm;
     a split-K plan's norm then hands gate_up bf16, which is rounded in the unit too), every tile
     of --tiles (default: a grid around the defaults), µs a layer; the head's 8-bit tiles.
-ab: W2 of each format with a module-level switch on and off, twice, alternating, in one process
-    (the A/B each kernel change here was decided by).
+ab: W2 of each format with module-level switches on and off (off, each alone, all), twice,
+    alternating, in one process and one engine a format, its decode graphs captured again for each
+    setting (the A/B each kernel change here was decided by).
 Prints one JSON line per figure and writes them all to $OUT/decode_parts-<cmd>.json (else
 bench/results/decode-parts-<cmd>-<gpu>-<date>.json). Needs a CUDA GPU.
 """
@@ -174,26 +176,41 @@ def sweep(engine, cfg, tiles: str, emit) -> None:
     emit("sweep_head", unit="us", **head_us)
 
 
-def ab(flag: str, formats: str, vocab_cfg, emit) -> None:
+def _switch(flag: str):
     module_name, _, name = flag.rpartition(".")
     module = importlib.import_module(module_name)
     if not isinstance(getattr(module, name, None), bool):
         raise SystemExit(f"--flag: {flag} is not a module-level True/False switch")
+    return module, name
+
+
+def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
+    """Per format one engine; then twice, alternating: all switches off, each one alone on, and
+    (with several) all on, the decode graphs captured again for each setting."""
+    switches = [_switch(flag) for flag in flags]
+    settings = [()] + [(i,) for i in range(len(switches))] + ([tuple(range(len(switches)))] if len(switches) > 1 else [])
     for fmt in formats.split(","):
-        for step, value in enumerate((True, False, True, False)):
-            setattr(module, name, value)
-            engine = build_engine(vocab_cfg, fmt, "cuda", max_num_seqs=256, token_budget=8192)
-            emit(f"W2_{fmt}_{name}={value}_pass{step // 2 + 1}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
-            del engine
-            gc.collect()              # the engine's graphs and cache sit in reference cycles
-            torch.cuda.empty_cache()
+        engine = build_engine(vocab_cfg, fmt, "cuda", max_num_seqs=8, token_budget=8192)
+        graphs = engine.runner.graphs
+        for pass_ in (1, 2):
+            for on in settings:
+                for i, (module, name) in enumerate(switches):
+                    setattr(module, name, i in on)
+                graphs.graphs.clear()       # the graphs' memory goes back to their pool, which captures again
+                graphs.capture()
+                label = "+".join(switches[i][1] for i in on) or "off"
+                emit(f"W2_{fmt}_{label}_pass{pass_}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
+        del engine, graphs
+        gc.collect()              # the engine's graphs and cache sit in reference cycles
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("split", "sweep", "ab"))
-    parser.add_argument("--flag", help="ab: a module-level switch, e.g. replica.models.llama.FUSE_DECODE_ROTARY")
+    parser.add_argument("--flag", action="append", help="ab: a module-level switch, e.g. "
+                        "replica.models.llama.FUSE_DECODE_ROTARY (repeat it for several)")
     parser.add_argument("--formats", default="bf16,Q4_0", help="ab: the formats, bf16 included")
     parser.add_argument("--format", default="Q4_0", choices=sorted(GGUF_FORMATS))
     parser.add_argument("--tiles", default=DEFAULT_TILES, help="rows,groups,split_k,warps a tile, space-separated")
