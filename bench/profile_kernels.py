@@ -16,7 +16,7 @@ kernels inside CUDA-graph replays; if it is far lower, rerun with --enforce-eage
 
 Categories (by kernel name): gemm (cuBLAS nvjet/sm90/cutlass/gemv, our skinny GEMM), prefill
 attention (our Triton `_prefill_kernel`; mixed steps run decode rows through it too), decode
-attention (`_decode_split_kernel` + `decode_reduce_kernel`), norm/rotary/silu/kv_write,
+attention (`_decode_split_kernel` + `_decode_reduce_kernel`), norm/rotary/silu/kv_write,
 sampling (argmax, softmax, top-k/top-p sort, exponential draws), memcpy/memset, other.
 FLOPs are counted from the steps' shapes (StepPlan), not from the profiler: GEMMs 2·m·n·k over
 every projection and the LM head's sampled rows; attention 4·heads·head_dim per (query, key)

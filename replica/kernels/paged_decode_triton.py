@@ -6,8 +6,7 @@ group (the group's rows padded to BLOCK_G ≥ 16 for the tensor cores), so each 
 from memory once per group, not once per query head. Each sequence's context is cut into
 `num_splits` equal runs of whole BLOCK_N tiles, computed in the kernel from that sequence's own
 length; a split writes its partial result (output normalised by its own softmax sum, and the
-log2-sum-exp of its scores) and a second kernel combines the splits (or, with
-`decode_reduce_triton.FUSE_DECODE_REDUCE`, the last split of each group to finish):
+log2-sum-exp of its scores) and a second kernel combines the splits:
 
     context  0 ........................................... seq_len
     splits   |  split 0  |  split 1  |  split 2  | (empty) |
@@ -31,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import decode_reduce_triton, pdl
+from replica.kernels import gguf_gemv_x8_triton, pdl
 from replica.kernels.fp8_linear import FP8_DTYPE
 from replica.kernels.gguf_linear import XInt8
 from replica.kernels.kv_cache_write_triton import to_cache_dtype
@@ -69,8 +68,6 @@ def _decode_split_kernel(
     ROTARY: tl.constexpr,            # q, k_new, v_new before rotary: rotate them, write the new K/V (`DecodeRotary`)
     k_new_ptr, v_new_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
-    FUSED_REDUCE: tl.constexpr,      # the group's last split combines (`decode_reduce_triton`)
-    counters_ptr, codes_ptr, ds_ptr, BLOCK_S: tl.constexpr, X8: tl.constexpr,
 ):
     if not EARLY:
         pdl.wait_and_release(PDL)
@@ -172,11 +169,36 @@ def _decode_split_kernel(
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
-        if FUSED_REDUCE:
-            decode_reduce_triton.last_split_reduces(
-                counters_ptr + seq * tl.num_programs(1) + kv_head, part_out_ptr, part_lse_ptr, out_ptr, codes_ptr,
-                ds_ptr, seq, kv_head, tl.num_programs(1) * GROUP_SIZE, num_splits, stride_ot, stride_oh,
-                GROUP_SIZE, HEAD_DIM, BLOCK_D, BLOCK_S, X8)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, codes_ptr, ds_ptr, num_splits, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl.wait_and_release(PDL)
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    s_mask = splits < num_splits
+    row = (seq * tl.num_programs(1) + head) * num_splits
+    lse = tl.load(part_lse_ptr + row + splits, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)   # every split empty (seq_len 0)
+    weights = tl.exp2(lse - lse_max)
+    denom = tl.sum(weights, 0)
+    denom = tl.where(denom > 0, denom, 1.0)
+    parts = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=s_mask[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    out = (tl.sum(parts * weights[:, None], 0) / denom).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out, mask=dims < HEAD_DIM)
+    if X8:     # HEAD_DIM == BLOCK_D, a multiple of 32: the head's groups of the row [heads · HEAD_DIM]
+        num_groups = tl.num_programs(1) * (HEAD_DIM // 32)
+        gs = head * (HEAD_DIM // 32) + tl.arange(0, HEAD_DIM // 32)
+        gguf_gemv_x8_triton.round_groups(tl.reshape(out.to(tl.float32), [HEAD_DIM // 32, 32]),
+                                         codes_ptr + seq * num_groups * 32, ds_ptr + 2 * seq * num_groups,
+                                         gs, gs < num_groups)
 
 
 @functools.cache
@@ -331,12 +353,6 @@ def paged_decode_attention(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(head_dim)
     launch = pdl.launch_options(q.device)
-    counters = None
-    if decode_reduce_triton.FUSE_DECODE_REDUCE and not is_single_split:
-        counters = decode_reduce_triton.arrival_counters(q.device, num_seqs * num_kv_heads)
-    reduce_args = dict(codes_ptr=out if out_x8 is None else out_x8.codes,
-                       ds_ptr=out if out_x8 is None else out_x8.dx_sum,
-                       BLOCK_S=triton.next_power_of_2(num_splits), X8=out_x8 is not None)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         scale * LOG2_E, num_splits,
@@ -351,13 +367,13 @@ def paged_decode_attention(
         KV_AS_F16=kv_as_f16(q, k_cache), **launch, EARLY=launch["PDL"] and pdl.EARLY_LOADS,
         LINE=min(block_d, max(1, 128 // k_cache.element_size())), prefetch_programs=2 * _num_sms(q.device),
         ROTARY=rotary is not None, **(rotary or DecodeRotary.none(q)).launch_args(),
-        FUSED_REDUCE=counters is not None, counters_ptr=out if counters is None else counters, **reduce_args,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not is_single_split and counters is None:
-        decode_reduce_triton.decode_reduce_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, reduce_args["codes_ptr"], reduce_args["ds_ptr"], num_splits,
-            out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=reduce_args["BLOCK_S"],
-            X8=reduce_args["X8"], **pdl.launch_options(q.device), num_warps=4,
+    if not is_single_split:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, out if out_x8 is None else out_x8.codes,
+            out if out_x8 is None else out_x8.dx_sum, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), X8=out_x8 is not None,
+            **pdl.launch_options(q.device), num_warps=4,
         )
     return out

@@ -254,19 +254,3 @@ def test_rotary_inside_decode_attention_keeps_the_tokens(fmt, monkeypatch):
         "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
     tokens = _tokens_with_switch(monkeypatch, llama, "FUSE_DECODE_ROTARY", cfg, fmt, _prompts(4, 2048, seed=7))
     assert tokens[True] == tokens[False]
-
-
-@pytest.mark.parametrize("fmt", ["bf16", "Q4_0"])
-def test_the_combine_inside_decode_attention_keeps_the_tokens(fmt, monkeypatch):
-    """`decode_reduce_triton.FUSE_DECODE_REDUCE` (each group's last split combines, inside the
-    decode graphs with PDL) gives the tokens of the reduce kernel."""
-    from replica.kernels import decode_reduce_triton
-    from replica.models.model_config import ModelConfig
-
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 1024,
-        "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
-    tokens = _tokens_with_switch(monkeypatch, decode_reduce_triton, "FUSE_DECODE_REDUCE", cfg, fmt,
-                                 _prompts(4, 2048, seed=11))
-    assert tokens[True] == tokens[False]

@@ -97,13 +97,11 @@ split = dict(q_ptr=p("bf16"), k_cache_ptr=p("bf16"), v_cache_ptr=p("bf16"), bloc
              scale_log2="fp32", num_splits=i, stride_qt=i, stride_qh=i, stride_kb=i, stride_ks=i, stride_kh=i,
              stride_vb=i, stride_vs=i, stride_vh=i, stride_bt=i, stride_ot=i, stride_oh=i, prefetch_programs=i,
              k_new_ptr=p("bf16"), v_new_ptr=p("bf16"), positions_ptr=p("i64"), cos_sin_ptr=p("fp32"),
-             slot_mapping_ptr=p("i64"), stride_knt=i, stride_knh=i, stride_vnt=i, stride_vnh=i, stride_cs=i,
-             counters_ptr=p("i32"), codes_ptr=p("i8"), ds_ptr=p("fp32"))
+             slot_mapping_ptr=p("i64"), stride_knt=i, stride_knh=i, stride_vnt=i, stride_vnh=i, stride_cs=i)
 for rotary in (False, True):
     out[f"early: decode split, rotary={rotary}"] = early_accesses(pd._decode_split_kernel, split, dict(
         BLOCK_SIZE=16, GROUP_SIZE=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, IS_SINGLE_SPLIT=False,
-        DOT_PRECISION="ieee", KV_AS_F16=False, PDL=True, EARLY=True, LINE=64, ROTARY=rotary,
-        FUSED_REDUCE=rotary, BLOCK_S=32, X8=True), 4)     # the combine inside: one variant each way
+        DOT_PRECISION="ieee", KV_AS_F16=False, PDL=True, EARLY=True, LINE=64, ROTARY=rotary), 4)
 rotary = dict(q_ptr=p("bf16"), k_ptr=p("bf16"), v_ptr=p("bf16"), positions_ptr=p("i64"), cos_sin_ptr=p("fp32"),
               q_out_ptr=p("bf16"), k_cache_ptr=p("bf16"), v_cache_ptr=p("bf16"), slot_mapping_ptr=p("i64"),
               stride_qt=i, stride_qh=i, stride_kt=i, stride_kh=i, stride_vt=i, stride_vh=i, stride_cos_sin=i,
@@ -122,7 +120,7 @@ norm_x8 = dict(x_ptr=p("bf16"), residual_ptr=p("bf16"), weight_ptr=p("bf16"), re
                codes_ptr=p("i8"), ds_ptr=p("fp32"), sumsq_ptr=p("fp32"), hidden=i, num_groups=i, num_parts=i,
                stride_xm=i, stride_rm=i)
 out["early: rms_norm_x8"] = early_accesses(rx._rms_norm_x8_kernel, norm_x8, dict(
-    HAS_RESIDUAL=True, GROUPS_=16, PDL=True, EARLY=True, SPLIT_K=0), 4)
+    HAS_RESIDUAL=True, GROUPS_=16, PDL=True, EARLY=True), 4)
 print(json.dumps(out))
 '''
 
