@@ -4,7 +4,7 @@
     python3 bench/decode_parts.py sweep --format Q4_0     # each projection's tiles, µs a layer
     python3 bench/decode_parts.py sweep --tiles "2,128,1,4 4,128,1,4"   # rows,groups,split_k,warps
     python3 bench/decode_parts.py ab --flag replica.models.llama.FUSE_DECODE_ROTARY \
-        --flag replica.kernels.decode_reduce_triton.FUSE_DECODE_REDUCE --formats bf16,Q4_0
+        --flag replica.kernels.gguf_gemv_triton.X_INT8 --formats bf16,Q4_0     # several: off, each, all
 
 One process, the Llama-3-8B shape with random weights in a GGUF format (bench/quant.py's
 formats: llama.cpp's types, the Q6_K head). One-matrix microbenchmarks replay a matrix that
