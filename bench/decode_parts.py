@@ -4,7 +4,7 @@
     python3 bench/decode_parts.py sweep --format Q4_0     # each projection's tiles, µs a layer
     python3 bench/decode_parts.py sweep --tiles "2,128,1,4 4,128,1,4"   # rows,groups,split_k,warps
     python3 bench/decode_parts.py ab --flag replica.models.llama.FUSE_DECODE_ROTARY \
-        --flag replica.kernels.gguf_gemv_triton.X_INT8 --formats bf16,Q4_0     # several: off, each, all
+        --flag replica.kernels.gguf_gemv_triton.PREFETCH_WHOLE_BYTES=16000000 --formats bf16,Q4_0
 
 One process, the Llama-3-8B shape with random weights in a GGUF format (bench/quant.py's
 formats: llama.cpp's types, the Q6_K head). One-matrix microbenchmarks replay a matrix that
@@ -177,11 +177,19 @@ def sweep(engine, cfg, tiles: str, emit) -> None:
 
 
 def _switch(flag: str):
+    """module.NAME (a bool: on is True, off False) or module.NAME=VALUE (an int: on is VALUE, off the
+    module's own value) → (module, NAME, on, off)."""
+    flag, _, value = flag.partition("=")
     module_name, _, name = flag.rpartition(".")
     module = importlib.import_module(module_name)
-    if not isinstance(getattr(module, name, None), bool):
+    current = getattr(module, name, None)
+    if value:
+        if not isinstance(current, int) or isinstance(current, bool):
+            raise SystemExit(f"--flag: {flag} is not a module-level int setting")
+        return module, name, int(value), current
+    if not isinstance(current, bool):
         raise SystemExit(f"--flag: {flag} is not a module-level True/False switch")
-    return module, name
+    return module, name, True, False
 
 
 def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
@@ -194,8 +202,8 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
         graphs = engine.runner.graphs
         for pass_ in (1, 2):
             for on in settings:
-                for i, (module, name) in enumerate(switches):
-                    setattr(module, name, i in on)
+                for i, (module, name, value_on, value_off) in enumerate(switches):
+                    setattr(module, name, value_on if i in on else value_off)
                 graphs.graphs.clear()       # the graphs' memory goes back to their pool, which captures again
                 graphs.capture()
                 label = "+".join(switches[i][1] for i in on) or "off"
@@ -210,7 +218,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("split", "sweep", "ab"))
     parser.add_argument("--flag", action="append", help="ab: a module-level switch, e.g. "
-                        "replica.models.llama.FUSE_DECODE_ROTARY (repeat it for several)")
+                        "replica.models.llama.FUSE_DECODE_ROTARY, or an int setting with its value on, e.g. "
+                        "replica.kernels.gguf_gemv_triton.PREFETCH_WHOLE_BYTES=16000000 (repeat for several)")
     parser.add_argument("--formats", default="bf16,Q4_0", help="ab: the formats, bf16 included")
     parser.add_argument("--format", default="Q4_0", choices=sorted(GGUF_FORMATS))
     parser.add_argument("--tiles", default=DEFAULT_TILES, help="rows,groups,split_k,warps a tile, space-separated")

@@ -47,8 +47,8 @@ def where(fn, sig, consts, num_warps):
             "early": early_accesses(fn, sig, consts, num_warps)}
 
 p = lambda t: "*" + t
-common = dict(prefetch_programs="i32", q_ptr=p("i32"), s_ptr=p("fp16"), m_ptr=p("fp16"), bias_ptr=p("bf16"),
-              out_ptr=p("bf16"), partial_ptr=p("fp32"), one="i32", stride_xm="i32", stride_qn="i32",
+common = dict(prefetch_programs="i32", prefetch_rounds="i32", q_ptr=p("i32"), s_ptr=p("fp16"), m_ptr=p("fp16"),
+              bias_ptr=p("bf16"), out_ptr=p("bf16"), partial_ptr=p("fp32"), one="i32", stride_xm="i32", stride_qn="i32",
               stride_sn="i32", stride_om="i32")
 q4 = dict(common, x_ptr=p("i32"), x2_ptr=p("i64"), sumsq_ptr=p("fp32"), N="i32", num_groups="i32",
           groups_per_split="i32", eps="fp32")
@@ -120,7 +120,7 @@ norm_x8 = dict(x_ptr=p("bf16"), residual_ptr=p("bf16"), weight_ptr=p("bf16"), re
                codes_ptr=p("i8"), ds_ptr=p("fp32"), sumsq_ptr=p("fp32"), hidden=i, num_groups=i, num_parts=i,
                stride_xm=i, stride_rm=i)
 out["early: rms_norm_x8"] = early_accesses(rx._rms_norm_x8_kernel, norm_x8, dict(
-    HAS_RESIDUAL=True, GROUPS_=16, PDL=True, EARLY=True), 4)
+    HAS_RESIDUAL=True, GROUPS_=16, PDL=True, EARLY=True, SPLIT_K=0), 4)
 print(json.dumps(out))
 '''
 
