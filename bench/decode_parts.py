@@ -196,7 +196,9 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
     """Per format one engine; then twice, alternating: all switches off, each one alone on, and
     (with several) all on, the decode graphs captured again for each setting."""
     switches = [_switch(flag) for flag in flags]
-    settings = [()] + [(i,) for i in range(len(switches))] + ([tuple(range(len(switches)))] if len(switches) > 1 else [])
+    settings = [()] + [(i,) for i in range(len(switches))]
+    if len({name for _, name, _, _ in switches}) > 1:       # all on, where they are different settings
+        settings.append(tuple(range(len(switches))))
     for fmt in formats.split(","):
         engine = build_engine(vocab_cfg, fmt, "cuda", max_num_seqs=8, token_budget=8192)
         graphs = engine.runner.graphs
@@ -206,7 +208,8 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
                     setattr(module, name, value_on if i in on else value_off)
                 graphs.graphs.clear()       # the graphs' memory goes back to their pool, which captures again
                 graphs.capture()
-                label = "+".join(switches[i][1] for i in on) or "off"
+                label = "+".join(name if value is True else f"{name}={value}"
+                                 for _, name, value, _ in (switches[i] for i in on)) or "off"
                 emit(f"W2_{fmt}_{label}_pass{pass_}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
         del engine, graphs
         gc.collect()              # the engine's graphs and cache sit in reference cycles
