@@ -204,8 +204,10 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
         graphs = engine.runner.graphs
         for pass_ in (1, 2):
             for on in settings:
-                for i, (module, name, value_on, value_off) in enumerate(switches):
-                    setattr(module, name, value_on if i in on else value_off)
+                for module, name, _, value_off in switches:
+                    setattr(module, name, value_off)
+                for module, name, value_on, _ in (switches[i] for i in on):
+                    setattr(module, name, value_on)
                 graphs.graphs.clear()       # the graphs' memory goes back to their pool, which captures again
                 graphs.capture()
                 label = "+".join(name if value is True else f"{name}={value}"
