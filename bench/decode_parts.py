@@ -4,7 +4,7 @@
     python3 bench/decode_parts.py sweep --format Q4_0     # each projection's tiles, µs a layer
     python3 bench/decode_parts.py sweep --tiles "2,128,1,4 4,128,1,4"   # rows,groups,split_k,warps
     python3 bench/decode_parts.py ab --flag replica.models.llama.FUSE_DECODE_ROTARY \
-        --flag replica.kernels.gguf_gemv_triton.PREFETCH_WHOLE_BYTES=16000000 --formats bf16,Q4_0
+        --flag replica.kernels.paged_decode_triton.MAX_SPLITS=16 --formats bf16,Q4_0
 
 One process, the Llama-3-8B shape with random weights in a GGUF format (bench/quant.py's
 formats: llama.cpp's types, the Q6_K head). One-matrix microbenchmarks replay a matrix that
@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("command", choices=("split", "sweep", "ab"))
     parser.add_argument("--flag", action="append", help="ab: a module-level switch, e.g. "
                         "replica.models.llama.FUSE_DECODE_ROTARY, or an int setting with its value on, e.g. "
-                        "replica.kernels.gguf_gemv_triton.PREFETCH_WHOLE_BYTES=16000000 (repeat for several)")
+                        "replica.kernels.paged_decode_triton.MAX_SPLITS=16 (repeat for several)")
     parser.add_argument("--formats", default="bf16,Q4_0", help="ab: the formats, bf16 included")
     parser.add_argument("--format", default="Q4_0", choices=sorted(GGUF_FORMATS))
     parser.add_argument("--tiles", default=DEFAULT_TILES, help="rows,groups,split_k,warps a tile, space-separated")

@@ -56,10 +56,8 @@ X_INT8: bool | None = None
 # Under PDL the first PREFETCH_WAVE programs an SM ask L2 for their weights before their wait
 # (`pdl.prefetch_l2`): W2 +0.8-1.1 % (4-bit formats); every program: -3-4 %. 0: none.
 PREFETCH_WAVE = 4
-# 4-bit matrices up to this many packed bytes (o_proj: 9.4 MB, qkv: 14 MB at 8B, Q4_0): the first
-# wave prefetches the whole matrix, so that its later programs read L2 (attention, before o_proj,
-# leaves HBM idle). 0: each program its own weights only.
-PREFETCH_WHOLE_BYTES = 0
+# Measured and dropped (bench/NOTES.md, "Three ways to fewer short kernels that lost"): the first wave
+# prefetching whole small matrices (o_proj's 9.4 MB during attention): W2 Q4_0 -1.8%, with qkv -4.6%.
 # The int8-x 4-bit GEMV's (rows, groups, warps) a program (`choose_gemv_config`)
 X_INT8_TILE = (2, 32, 1)
 X_INT8_WIDE_TILE = (2, 128, 4)
@@ -82,7 +80,6 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 def _q4_gemv_kernel(
     x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr, sumsq_ptr,
     N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om, eps, prefetch_programs,
-    prefetch_rounds,                 # PREFETCH: each such program also the weights of programs p + r · prefetch_programs
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr,          # x as it is: 0 exact fp32 products; 80 or 90 bf16x2 PTX for that arch
@@ -97,14 +94,9 @@ def _q4_gemv_kernel(
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
     if PREFETCH:
-        pid = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-        if pid < prefetch_programs:   # the first wave
+        if tl.program_id(0) + tl.program_id(1) * tl.num_programs(0) < prefetch_programs:   # the first wave
             q4_word_dot_triton.prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, g_start, g_end,
                                                GROUPS, 1, HAS_MIN)
-            for r in range(1, prefetch_rounds):      # (host: only SPLIT_K 1, rows in order)
-                later = tl.minimum((pid + r * prefetch_programs) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-                q4_word_dot_triton.prefetch_packed(q_ptr, s_ptr, m_ptr, later.to(tl.int64), stride_qn, stride_sn,
-                                                   g_start, g_end, GROUPS, 1, HAS_MIN)
     pdl.wait_and_release(PDL)
     if NUM_PARTS > 0:   # the norm's 1/rms first: its loads overlap the weights' instead of ending the program
         rstd0 = _row_rstd(sumsq_ptr, 0, num_groups, eps, NUM_PARTS, PARTS)
@@ -270,10 +262,6 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     launch = dict(num_warps=config.num_warps, num_stages=1, **pdl.launch_options(xm.device))
     launch["PREFETCH"] = PREFETCH_WAVE > 0 and launch["PDL"]
     prefetch_programs = PREFETCH_WAVE * _num_sms(xm.device) if launch["PREFETCH"] else 0
-    prefetch_rounds = 1
-    if (prefetch_programs and PREFETCH_WHOLE_BYTES and packed.num_bytes <= PREFETCH_WHOLE_BYTES
-            and plan.split_k == 1 and not gated and packed.bits == 4):
-        prefetch_rounds = triton.cdiv(triton.cdiv(n, config.block_n), prefetch_programs)
     qweight32 = packed.qweight.view(torch.int32)
     # gated: a program's BLOCK_N rows are BLOCK_N / 2 output columns' gate and up
     grid = (triton.cdiv(n // 2 if gated else n, config.block_n // 2 if gated else config.block_n), plan.split_k)
@@ -288,8 +276,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
         num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
         _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,
                               om if x8.sumsq is None else x8.sumsq, *shape, x8.codes.stride(0) // 4, *strides,
-                              x8.eps, prefetch_programs, prefetch_rounds, ZERO_POINT=packed.zero_point,
-                              GROUPS=plan.groups,
+                              x8.eps, prefetch_programs, ZERO_POINT=packed.zero_point, GROUPS=plan.groups,
                               BF16_ASM=0, X8=True, DP4A=om.is_cuda, NUM_PARTS=num_parts,
                               PARTS=triton.next_power_of_2(num_parts), **flags, **launch)
         return
@@ -299,8 +286,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     if packed.bits == 4:
         bf16_asm = _bf16x2_arch(xm.device) if USE_BF16_ASM and bf16_pairs else 0
         _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *scales, om, *shape,
-                              xm.stride(0), *strides, 0.0, prefetch_programs, prefetch_rounds,
-                              ZERO_POINT=packed.zero_point,
+                              xm.stride(0), *strides, 0.0, prefetch_programs, ZERO_POINT=packed.zero_point,
                               GROUPS=plan.groups, BF16_ASM=bf16_asm, X8=False, DP4A=False, NUM_PARTS=0, PARTS=1,
                               **flags, **launch)
     else:

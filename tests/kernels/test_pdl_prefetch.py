@@ -47,8 +47,8 @@ def where(fn, sig, consts, num_warps):
             "early": early_accesses(fn, sig, consts, num_warps)}
 
 p = lambda t: "*" + t
-common = dict(prefetch_programs="i32", prefetch_rounds="i32", q_ptr=p("i32"), s_ptr=p("fp16"), m_ptr=p("fp16"),
-              bias_ptr=p("bf16"), out_ptr=p("bf16"), partial_ptr=p("fp32"), one="i32", stride_xm="i32", stride_qn="i32",
+common = dict(prefetch_programs="i32", q_ptr=p("i32"), s_ptr=p("fp16"), m_ptr=p("fp16"), bias_ptr=p("bf16"),
+              out_ptr=p("bf16"), partial_ptr=p("fp32"), one="i32", stride_xm="i32", stride_qn="i32",
               stride_sn="i32", stride_om="i32")
 q4 = dict(common, x_ptr=p("i32"), x2_ptr=p("i64"), sumsq_ptr=p("fp32"), N="i32", num_groups="i32",
           groups_per_split="i32", eps="fp32")
