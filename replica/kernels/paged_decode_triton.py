@@ -41,6 +41,9 @@ from replica.kernels.checks import (
 
 LOG2_E = 1.4426950408889634
 MAX_SPLITS = 64
+# Splits past a sequence's context exit without storing, and the reduce reads only the others
+# (at batch 1, W2's ~600 tokens fill 10 of the graphs' 32 splits). Off until measured on a GPU.
+SKIP_EMPTY_SPLITS = False
 _DEFAULT_BLOCK_N = 64
 _MIN_TOKENS_PER_SPLIT = _DEFAULT_BLOCK_N   # at least one whole tile per split
 
@@ -68,6 +71,7 @@ def _decode_split_kernel(
     ROTARY: tl.constexpr,            # q, k_new, v_new before rotary: rotate them, write the new K/V (`DecodeRotary`)
     k_new_ptr, v_new_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
+    SKIP_EMPTY: tl.constexpr,        # a split past the context stores nothing (the reduce reads only the others)
 ):
     if not EARLY:
         pdl.wait_and_release(PDL)
@@ -107,6 +111,9 @@ def _decode_split_kernel(
                 pdl.prefetch_l2(k_head + (block_ids * stride_kb + pos % BLOCK_SIZE * stride_ks)[:, None] + lines)
                 pdl.prefetch_l2(v_head + (block_ids * stride_vb + pos % BLOCK_SIZE * stride_vs)[:, None] + lines)
         pdl.wait_and_release(PDL)
+    if SKIP_EMPTY:
+        if start >= end:
+            return
 
     groups = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -173,15 +180,21 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, codes_ptr, ds_ptr, num_splits, stride_ot, stride_oh,
+    part_out_ptr, part_lse_ptr, out_ptr, codes_ptr, ds_ptr, num_splits, stride_ot, stride_oh, seq_lens_ptr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, BLOCK_N: tl.constexpr,     # only the splits the context reaches (as the split kernel)
 ):
     pdl.wait_and_release(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
-    s_mask = splits < num_splits
+    if SKIP_EMPTY:
+        num_tiles = tl.cdiv(tl.load(seq_lens_ptr + seq), BLOCK_N)
+        tiles_per_split = tl.cdiv(num_tiles, num_splits)
+        s_mask = splits < tl.where(tiles_per_split > 0, tl.cdiv(num_tiles, tl.maximum(tiles_per_split, 1)), 0)
+    else:
+        s_mask = splits < num_splits
     row = (seq * tl.num_programs(1) + head) * num_splits
     lse = tl.load(part_lse_ptr + row + splits, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, 0)
@@ -367,13 +380,13 @@ def paged_decode_attention(
         KV_AS_F16=kv_as_f16(q, k_cache), **launch, EARLY=launch["PDL"] and pdl.EARLY_LOADS,
         LINE=min(block_d, max(1, 128 // k_cache.element_size())), prefetch_programs=2 * _num_sms(q.device),
         ROTARY=rotary is not None, **(rotary or DecodeRotary.none(q)).launch_args(),
-        num_warps=num_warps, num_stages=num_stages,
+        SKIP_EMPTY=SKIP_EMPTY_SPLITS and not is_single_split, num_warps=num_warps, num_stages=num_stages,
     )
     if not is_single_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out if out_x8 is None else out_x8.codes,
-            out if out_x8 is None else out_x8.dx_sum, num_splits, out.stride(0), out.stride(1),
+            out if out_x8 is None else out_x8.dx_sum, num_splits, out.stride(0), out.stride(1), seq_lens,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), X8=out_x8 is not None,
-            **pdl.launch_options(q.device), num_warps=4,
+            **pdl.launch_options(q.device), SKIP_EMPTY=SKIP_EMPTY_SPLITS, BLOCK_N=block_n, num_warps=4,
         )
     return out

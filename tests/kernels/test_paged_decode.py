@@ -179,3 +179,27 @@ def test_rotary_inside_the_split_equals_rotary_kernel_then_decode(num_splits):
     torch.testing.assert_close(fused_v, v_cache, atol=0, rtol=0)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(fused_k[batch.block_tables[3, 0]], batch.k_cache[batch.block_tables[3, 0]])
+
+
+@pytest.mark.parametrize("num_splits", [3, 8])
+def test_splits_past_the_context_skip_their_stores_and_the_reduce_skips_them(num_splits, monkeypatch):
+    """`SKIP_EMPTY_SPLITS`: the same output bit for bit (a seq_len 0 padding row: zeros), though the
+    empty splits' partials are never written (NaN there would otherwise reach the output)."""
+    from replica.kernels import paged_decode_triton
+
+    batch = make_batch([1, 40, 150, 9], [1] * 4, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, seed=4)
+    seq_lens = batch.seq_lens.clone()
+    seq_lens[3] = 0
+    want = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens, 0.125,
+                                  num_splits=num_splits, block_n=16)
+    monkeypatch.setattr(paged_decode_triton, "SKIP_EMPTY_SPLITS", True)
+    real_empty = torch.empty
+
+    def nan_partials(*shape, **kwargs):          # partials start as NaN: an unwritten one read would show
+        t = real_empty(*shape, **kwargs)
+        return t.fill_(float("nan")) if t.dtype == torch.float32 else t
+    monkeypatch.setattr(paged_decode_triton.torch, "empty", nan_partials)
+    got = paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens, 0.125,
+                                 num_splits=num_splits, block_n=16)
+    assert torch.equal(got, want)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
