@@ -208,8 +208,7 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
                     setattr(module, name, value_off)
                 for module, name, value_on, _ in (switches[i] for i in on):
                     setattr(module, name, value_on)
-                graphs.graphs.clear()       # the graphs' memory goes back to their pool, which captures again
-                graphs.capture()
+                graphs.capture()            # again, into the same pool
                 label = "+".join(name if value is True else f"{name}={value}"
                                  for _, name, value, _ in (switches[i] for i in on)) or "off"
                 emit(f"W2_{fmt}_{label}_pass{pass_}", tok_per_s=w2(engine, vocab_cfg.vocab_size))

@@ -5,7 +5,11 @@ static buffer that each step overwrites, and the graph replays the whole forward
 attention included) in one launch. Padding rows write their K/V into a scratch block that the
 block manager never hands out, and attend over that one slot; their outputs are ignored.
 The attention grid must not depend on this step's data, so the decode split count is fixed per
-bucket from max_model_len.
+graph from a static bound on the context: max_model_len, and for the small buckets whose count
+that bound raises (batch 1: 32 splits of the KV against 16 that a 1,024-token context can use) a
+second graph from SHORT_CONTEXT, replayed while every sequence of the step is that short. The
+split count never changes the result's correctness, only its speed (W2 on an H200: +1.2%,
+bench/NOTES.md, "Fewer splits for short contexts").
 """
 import logging
 
@@ -14,6 +18,9 @@ import torch
 from replica.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
+
+SHORT_CONTEXT = 1024           # tokens: the bound of the small buckets' second graph
+SHORT_CONTEXT_GRAPHS = True
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -41,40 +48,59 @@ class DecodeGraphs:
         self.block_tables = torch.full((max_bs, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_bs, model.cfg.hidden_size, dtype=model.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.short_graphs: dict[int, torch.cuda.CUDAGraph] = {}     # bucket → its SHORT_CONTEXT graph
         self.pool = None
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        from replica.kernels.paged_decode_triton import choose_num_splits
-
+    def _meta(self, bs: int, num_splits: int) -> AttentionMetadata:
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
             max_seq_len=self.max_model_len, is_decode_only=True, block_size=self.block_size)
-        meta.decode_num_splits = choose_num_splits(bs, self.model.cfg.num_kv_heads, self.max_model_len,
-                                                   self.model.device)
+        meta.decode_num_splits = num_splits
         return meta
+
+    def split_counts(self, bs: int) -> tuple[int, int | None]:
+        """The bucket's decode split count for any context, and for contexts ≤ SHORT_CONTEXT where
+        that is smaller (else None: one graph serves both)."""
+        from replica.kernels.paged_decode_triton import choose_num_splits
+        num_kv_heads, device = self.model.cfg.num_kv_heads, self.model.device
+        full = choose_num_splits(bs, num_kv_heads, self.max_model_len, device)
+        if not SHORT_CONTEXT_GRAPHS or SHORT_CONTEXT >= self.max_model_len:
+            return full, None
+        short = choose_num_splits(bs, num_kv_heads, SHORT_CONTEXT, device)
+        return full, (short if short < full else None)
 
     @torch.inference_mode()
     def capture(self) -> None:
+        """(Re)captures every bucket's graphs into the same pool (a graph captured before is
+        dropped first, its memory going back to the pool)."""
         from replica.kernels import pdl                # Triton: imported where graphs exist
 
+        self.graphs.clear()
+        self.short_graphs.clear()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), pdl.capturing_graphs():
             for bs in reversed(self.buckets):       # largest first, so smaller ones reuse its pool
-                meta = self._meta(bs)
-                for _ in range(2):                  # warm-up: Triton compiles, cuBLAS picks kernels
-                    self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.hidden[:bs] = self.model.forward(self.input_ids[:bs], self.positions[:bs],
-                                                          meta, self.kv_caches)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[bs] = graph
+                full, short = self.split_counts(bs)
+                self.graphs[bs] = self._capture(bs, full, stream)
+                if short is not None:
+                    self.short_graphs[bs] = self._capture(bs, short, stream)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        log.info("captured decode CUDA graphs for batch sizes %s (and for contexts up to %d tokens: %s)",
+                 self.buckets, SHORT_CONTEXT, sorted(self.short_graphs))
+
+    def _capture(self, bs: int, num_splits: int, stream) -> torch.cuda.CUDAGraph:
+        meta = self._meta(bs, num_splits)
+        for _ in range(2):                  # warm-up: Triton compiles, cuBLAS picks kernels
+            self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            self.hidden[:bs] = self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
@@ -99,7 +125,9 @@ class DecodeGraphs:
             self.block_tables[num_seqs:bs].fill_(self.scratch_slot // self.block_size)
         return bs
 
-    def replay(self, bs: int, num_seqs: int) -> torch.Tensor:
-        """Returns hidden states [num_seqs, hidden]."""
-        self.graphs[bs].replay()
+    def replay(self, bs: int, num_seqs: int, max_seq_len: int | None = None) -> torch.Tensor:
+        """Returns hidden states [num_seqs, hidden]; max_seq_len (host) picks the short-context
+        graph where the bucket has one."""
+        graph = self.short_graphs.get(bs) if max_seq_len is not None and max_seq_len <= SHORT_CONTEXT else None
+        (graph or self.graphs[bs]).replay()
         return self.hidden[:num_seqs]

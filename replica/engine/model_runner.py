@@ -134,7 +134,7 @@ class ModelRunner:
         if self.graphs is not None and max_query_len == 1 and self.graphs.can_run(num_seqs):
             bs = self.graphs.prepare(input_ids, positions, slots, seq_lens, tables)
             start = self._record()
-            hidden = self.graphs.replay(bs, num_seqs)
+            hidden = self.graphs.replay(bs, num_seqs, max_seq_len)
             logits = self.model.compute_logits(hidden.index_select(0, entries))
         else:
             meta = AttentionMetadata(

@@ -64,10 +64,12 @@ def test_fp32_greedy_tokens_equal_transformers_on_gpu(tmp_path, arch):
     assert llm.engine.runner.graphs is not None, "decode ran through CUDA graphs"
 
 
-def test_cuda_graphs_and_eager_give_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("max_model_len", [1024, 2048])
+def test_cuda_graphs_and_eager_give_the_same_tokens(tmp_path, max_model_len):
     # fp32: in bf16 the eager path's split-KV count (from this step's max_seq_len) and cuBLAS's
     # choice of kernel by exact batch size round differently from the padded graph, and random
-    # weights turn those last-bit differences into different near-tie tokens.
+    # weights turn those last-bit differences into different near-tie tokens. At 2048 the small
+    # buckets also have a graph for contexts up to SHORT_CONTEXT, which these prompts replay.
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816,
@@ -79,9 +81,11 @@ def test_cuda_graphs_and_eager_give_the_same_tokens(tmp_path):
     tokens = {}
     for eager in (False, True):
         engine = LLMEngine(EngineConfig(model="bench", device="cuda", dtype="float32", num_kv_blocks=2048,
-                                        max_model_len=1024, enforce_eager=eager),
+                                        max_model_len=max_model_len, enforce_eager=eager),
                            checkpoint=checkpoint_from_hf_model(hf))
         assert (engine.runner.graphs is None) == eager
+        if not eager:
+            assert bool(engine.runner.graphs.short_graphs) == (max_model_len > 1024)
         assert (engine.runner.piecewise is None) == eager, "mixed steps replay piecewise graphs"
         tokens[eager] = _greedy_tokens(engine, prompts)
         del engine
