@@ -82,8 +82,9 @@ def test_gguf_q4_0_beside_q4_k_gains_mins_and_stays_packed():
 def test_q4_k_m_qkv_keeps_q_k_in_q4_k_and_v_in_q6_k_as_two_segments(triton, monkeypatch):
     """llama.cpp's Q4_K_M gives attn_v Q6_K in half the layers: the fused qkv stays packed as
     two segments (q, k joined), each multiplied by its own kernel into one output."""
-    from replica.kernels import ops
+    from replica.kernels import gguf_gemv_triton, ops
     monkeypatch.setattr(ops, "is_triton_enabled", lambda x: triton)
+    monkeypatch.setattr(gguf_gemv_triton, "X_INT8", False)   # x as it is on a GPU too (not rounded to int8)
     device = DEVICE if triton else CPU              # Triton: the GPU, or the interpreter on the CPU
     parts = {"q": (0, 64, "Q4_K"), "k": (64, 32, "Q4_K"), "v": (96, 32, "Q6_K")}
     floats = {name: _randn(rows, 256, seed=10 + i) for i, (name, (_, rows, _)) in enumerate(parts.items())}

@@ -172,9 +172,12 @@ def test_a_decode_step_with_rotary_in_the_attention_kernel_equals_the_separate_r
         results[fused] = (hidden, caches)
         assert len(separate) == (0 if fused else 2)
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
-    for (k_fused, v_fused), (k_sep, v_sep) in zip(results[True][1], results[False][1]):
+    for layer, ((k_fused, v_fused), (k_sep, v_sep)) in enumerate(zip(results[True][1], results[False][1])):
         torch.testing.assert_close(k_fused, k_sep, atol=1e-6, rtol=1e-6)
-        assert torch.equal(v_fused, v_sep)
+        if layer == 0:      # copied as they are; a later layer's values follow the rotated keys' last bits
+            assert torch.equal(v_fused, v_sep)
+        else:
+            torch.testing.assert_close(v_fused, v_sep, atol=1e-5, rtol=1e-5)
 
 
 def test_rotary_is_refused_outside_a_decode_only_step():
