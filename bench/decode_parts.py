@@ -15,8 +15,8 @@ split: W2 tok/s of the engine (bench/quant.py's decode_tok_per_s), then graphs o
     the step's GEMVs alone (and each projection's, and the head's);
     a load-only kernel over the same packed bytes in as many launches;
     the same bytes in one launch (what the GPU streams).
-sweep: each projection as the model runs it (o and down with the residual add and the next norm;
-    a split-K plan's norm then hands gate_up bf16, which is rounded in the unit too), every tile
+sweep: each projection as the model runs it (o and down with the residual add and the next norm,
+    which a split-K plan's GEMV hands its partials to, as the model does), every tile
     of --tiles (default: a grid around the defaults), µs a layer; the head's 8-bit tiles.
 ab: W2 of each format with module-level switches on and off (off, each alone, all), twice,
     alternating, in one process and one engine a format, its decode graphs captured again for each
@@ -139,7 +139,7 @@ def sweep(engine, cfg, tiles: str, emit) -> None:
     x_act = torch.randn(1, cfg.intermediate_size, device=dev, dtype=torch.bfloat16) * 0.1
     x_act8 = quantize_x(x_act)
 
-    def rounded(pair):         # a split-K plan's fused norm returns bf16, which the next GEMV rounds
+    def rounded(pair):         # the norm's output as the next GEMV takes it (a bf16 one rounded here)
         return pair[0] if not isinstance(pair[0], torch.Tensor) else quantize_x(pair[0])
     units = {
         "qkv": lambda layer, nxt: linear(x_norm, layer.qkv_weight),
