@@ -239,6 +239,9 @@ class Load:
     def wait_for_ok(self, num_ok: int, since: float = 0.0, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self.ok(since)) < num_ok:
+            assert time.monotonic() < self._deadline and len(self.results) < self.max_requests, (
+                f"the load itself ended (max_s {self.max_s}, max_requests {self.max_requests}) before "
+                f"{num_ok} requests succeeded: give it more")
             assert time.monotonic() < deadline, f"only {len(self.ok(since))} of {num_ok} requests succeeded"
             time.sleep(0.05)
 

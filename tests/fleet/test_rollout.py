@@ -290,7 +290,8 @@ def test_swarm_update_is_swarms_own_rolling_update_gated_by_fleetctl(swarm, tiny
     """Swarm replaces the tasks (start-first, parallelism 1); fleetctl gates each new task with
     a real generation and moves its slot's NGINX address to it. A new task that passes Swarm's
     health check (/ready) but fails the generation makes fleetctl roll the service back."""
-    with MixedLoad(swarm.url, swarm.ssl_context()) as load:
+    # two updates and a rollback under load: over Load's default 180 s on a busy 2-core runner
+    with MixedLoad(swarm.url, swarm.ssl_context(), max_s=600) as load:
         load.wait_for_ok(10)
         report = swarm.json("update", "--model", str(tiny_model_v2))
         load.wait_for_ok(10, since=time.monotonic())
