@@ -9,7 +9,7 @@ graph from a static bound on the context: max_model_len, and for the small bucke
 that bound raises (batch 1: 32 splits of the KV against 16 that a 1,024-token context can use) a
 second graph from SHORT_CONTEXT, replayed while every sequence of the step is that short. The
 split count never changes the result's correctness, only its speed (W2 on an H200: +1.2%,
-bench/NOTES.md, "Fewer splits for short contexts").
+bench/NOTES.md, "Moving short kernels' work into their neighbours lost").
 """
 import logging
 

@@ -43,7 +43,7 @@ LOG2_E = 1.4426950408889634
 MAX_SPLITS = 64
 # Splits past a sequence's context exit without storing, and the reduce reads only the others
 # (at batch 1, W2's ~600 tokens fill 10 of the graphs' 32 splits): W2 on an H200 +0.5% (Q4_0),
-# +0.3% (bf16), bench/NOTES.md "Fewer splits for short contexts".
+# +0.3% (bf16), bench/NOTES.md "Moving short kernels' work into their neighbours lost".
 SKIP_EMPTY_SPLITS = True
 _DEFAULT_BLOCK_N = 64
 _MIN_TOKENS_PER_SPLIT = _DEFAULT_BLOCK_N   # at least one whole tile per split
