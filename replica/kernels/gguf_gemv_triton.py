@@ -56,8 +56,9 @@ X_INT8: bool | None = None
 # Under PDL the first PREFETCH_WAVE programs an SM ask L2 for their weights before their wait
 # (`pdl.prefetch_l2`): W2 +0.8-1.1 % (4-bit formats); every program: -3-4 %. 0: none.
 PREFETCH_WAVE = 4
-# Measured and dropped (bench/NOTES.md, "Moving short kernels' work into their neighbours lost"): the first wave
-# prefetching whole small matrices (o_proj's 9.4 MB during attention): W2 Q4_0 -1.8%, with qkv -4.6%.
+# Measured and dropped (bench/NOTES.md, "Moving short kernels' work into their neighbours
+# lost"): the first wave prefetching whole small matrices (o_proj's 9.4 MB during attention):
+# W2 Q4_0 -1.8%, with qkv -4.6%.
 # The int8-x 4-bit GEMV's (rows, groups, warps) a program (`choose_gemv_config`)
 X_INT8_TILE = (2, 32, 1)
 X_INT8_WIDE_TILE = (2, 128, 4)
