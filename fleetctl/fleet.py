@@ -300,6 +300,16 @@ class Fleet:
                     if rec.phase is Phase.SERVING:
                         rec.phase, rec.reason = Phase.STARTING, "replaced by the backend"
                         changes.append((rid, "out of NGINX until ready"))
+                elif self._restarted_in_place(rec, replica):
+                    # Docker's restart policy brought the crashed process back: it is loading,
+                    # so the watcher gives it the ready timeout, not restart_after_s
+                    changes.append((rid, f"restarted by {self.backend.name}"))
+                    if rec.phase is Phase.SERVING:  # crashed and back between two looks
+                        changes.append((rid, "out of NGINX until ready"))
+                    rec.phase, rec.reason = Phase.STARTING, f"restarted by {self.backend.name}"
+                    rec.started_at_s = replica.started_at_s
+                if replica is not None and replica.started_at_s:
+                    rec.process_seen = f"{replica.handle}@{replica.started_at_s!r}"
             if names_itself:
                 for rid, replica in seen.items():
                     if rid not in state.replicas and replica.port:
@@ -313,6 +323,13 @@ class Fleet:
         for rid, what in self.commit(change):
             self.event(rid, what)
         return seen
+
+    @staticmethod
+    def _restarted_in_place(rec: ReplicaRecord, replica: Replica) -> bool:
+        """The handle refresh saw before with a later process start, and not draining."""
+        handle, _, started_at_s = rec.process_seen.rpartition("@")
+        return (handle == replica.handle == rec.handle and replica.started_at_s > float(started_at_s or "inf")
+                and rec.phase is not Phase.DRAINING)
 
     def probe_active(self, state: FleetState) -> dict[str, Probe]:
         """/health and /ready of every active replica, in parallel: what converge and the watcher

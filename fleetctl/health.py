@@ -14,6 +14,7 @@ its reason (stdout and the state's logs/events.log):
 
 Docker and Swarm restart crashed containers themselves (restart policy); the watcher then only
 moves the replica out of NGINX and back in once it is ready (on Swarm, at its new task's address).
+A container Docker started again is loading: it gets the ready timeout, not `restart_after_s`.
 
 While `fleetctl update` runs, the watcher pauses: the update owns the replica set (it starts,
 gates and removes replicas itself, and a replica that passed /ready must still pass its test
@@ -112,7 +113,8 @@ class Watcher:
         out_for_s = now_s - self.out_since_s.setdefault(rec.id, rec.started_at_s)
         if rec.phase is Phase.FAILED and not result.is_healthy:
             return out_for_s > self.restart_after_s
-        return out_for_s > ready_timeout_s
+        # a process the backend started again after it left NGINX loads from its own start
+        return now_s - max(self.out_since_s[rec.id], rec.started_at_s) > ready_timeout_s
 
     def _restart_reason(self, rec, result: Probe, now_s: float) -> str:
         out_for_s = now_s - self.out_since_s.get(rec.id, rec.started_at_s)

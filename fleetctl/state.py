@@ -67,6 +67,9 @@ class ReplicaRecord:
     started_at_s: float = field(default_factory=time.time)
     num_restarts: int = 0
     group: str = DEFAULT_GROUP  # the model group it serves (fleetctl/groups.py)
+    # the process `refresh` last saw, "handle@start" (Docker's container id and StartedAt): the
+    # same handle with a later start means the backend restarted it in place
+    process_seen: str = ""
 
     @property
     def address(self) -> str:

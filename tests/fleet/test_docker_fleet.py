@@ -103,6 +103,7 @@ def test_docker_kill_9_under_load_docker_restarts_and_the_watcher_puts_it_back(c
     watcher.send_signal(signal.SIGTERM)
     log = watcher.communicate(timeout=30)[0]
     assert "r1: out of NGINX" in log and "r1: in NGINX (/ready 200)" in log
+    assert "r1: restarted by docker" in log  # loading under the ready timeout, not recreated
 
 
 def test_swarm_up_2_scale_3_scale_1_down_leaves_nothing_running(ctl, engine, tiny_model):

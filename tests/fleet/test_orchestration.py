@@ -188,6 +188,28 @@ def test_watcher_waits_for_a_backend_that_restarts_crashed_replicas_itself(tmp_p
     assert in_nginx(fleet, nginx) == ["r1", "r2"] and backend.stops() == []
 
 
+def test_watcher_gives_a_replica_the_backend_restarted_in_place_the_ready_timeout(tmp_path):
+    """Docker's restart policy keeps the container (same handle) and starts its process again; a
+    loading replica that outlasts restart_after_s (a slow machine) must not be recreated."""
+    backend = FakeBackend(BackendInfo(restarts_on_crash=True))
+    fleet, backend, nginx = start_serving(tmp_path, backend=backend)
+    watcher = Watcher(fleet, failure_threshold=1, restart_after_s=0.0)
+    watcher.tick()  # refresh notes each process's start
+    replica = backend.replicas["r1"]
+    backend.crash("r1")
+    watcher.tick()
+    assert phases(fleet)["r1"] == "failed" and in_nginx(fleet, nginx) == ["r2"]
+    replica.is_alive, replica.started_at_s = True, replica.started_at_s + 5  # back, still loading
+    for _ in range(3):
+        watcher.tick()
+    record = fleet.state_dir.load().replicas["r1"]
+    assert backend.stops() == [] and record.phase is Phase.STARTING
+    assert record.reason == "restarted by fake" and record.handle == replica.handle
+    replica.is_healthy = True  # loaded
+    watcher.tick()
+    assert in_nginx(fleet, nginx) == ["r1", "r2"] and backend.stops() == []
+
+
 def test_watcher_restarts_a_replica_not_ready_within_the_ready_timeout(tmp_path, models):
     fleet, backend, nginx = make_fleet(tmp_path, model=models[0], ready_timeout_s=0.001, num_replicas=1)
     backend.behave(models[0], NEVER_READY, GOOD)
