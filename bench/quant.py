@@ -75,13 +75,16 @@ def decode_tok_per_s(engine, vocab: int) -> float:
 # ---- engines ---------------------------------------------------------------------------------
 def bench_formats(args) -> None:
     from replica.kernels import gguf_gemv_triton as gg
+    from replica.quantization import gguf_packed
     cfg = model_config(args.size)
     vocab = cfg.vocab_size
-    runs = [(fmt, x, seqs) for fmt in args.formats.split(",")
+    runs = [(fmt, x, seqs, q6k) for fmt in args.formats.split(",")
             for x in (args.gguf_x.split(",") if fmt.startswith("Q") else ["auto"])
-            for seqs in map(int, args.max_num_seqs.split(","))]
-    for fmt, gguf_x, max_num_seqs in runs:
+            for seqs in map(int, args.max_num_seqs.split(","))
+            for q6k in (map(int, args.q6k_bits.split(",")) if fmt.startswith("Q") else [6])]
+    for fmt, gguf_x, max_num_seqs, q6k_bits in runs:
         gg.X_INT8 = {"auto": None, "int8": True, "bf16": False}[gguf_x]
+        gguf_packed.SIX_BIT_Q6_K = q6k_bits == 6
         for (qtype, n, k), config in quant_kernels.X8_BEST.get(gguf_x, {}).items():   # the sweep's winners, if run
             for m in range(1, gg.MAX_ROWS + 1):
                 gg.TUNED[(qtype, m, n, k)] = config
@@ -89,6 +92,7 @@ def bench_formats(args) -> None:
         engine = build_engine(cfg, fmt, "cuda", max_num_seqs=max_num_seqs, token_budget=args.token_budget,
                               engine_args=dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens))
         figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens, gguf_x=gguf_x, max_num_seqs=max_num_seqs,
+                       q6k_bits=q6k_bits,
                        weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
                        num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1))
         run(engine, [(p, 16) for p in prompts(8, [512] * 8, vocab, 9)])                  # warm-up
@@ -119,7 +123,8 @@ def bench_formats(args) -> None:
             figures["W3_steps_by_kind"] = w3["steps_by_kind"]
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         emit(f"format_{fmt}" + ("" if gguf_x == "auto" else f"_x_{gguf_x}")
-             + ("" if max_num_seqs == 256 else f"_seqs_{max_num_seqs}"), pdl=pdl.mode(), **figures)
+             + ("" if max_num_seqs == 256 else f"_seqs_{max_num_seqs}")
+             + ("" if q6k_bits == 6 else f"_q6k_{q6k_bits}"), pdl=pdl.mode(), **figures)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -169,6 +174,9 @@ def main() -> None:
     parser.add_argument("--gguf-x", default="auto",
                         help="4-bit GGUF decode GEMVs' x: auto (the engine's choice), int8 (dp4a), bf16; "
                              "several, comma-separated, run each")
+    parser.add_argument("--q6k-bits", default="6",
+                        help="GGUF formats: Q6_K tensors (the head) kept at 6 bits or widened to 8; "
+                             "several, comma-separated, run each")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -177,6 +185,8 @@ def main() -> None:
         parser.error(f"--formats: unknown {', '.join(sorted(unknown))} (have {', '.join(FORMATS)})")
     if not all(v.isdigit() and int(v) > 0 for v in args.max_num_seqs.split(",")):
         parser.error(f"--max-num-seqs: positive integers, comma-separated, got {args.max_num_seqs!r}")
+    if not args.q6k_bits or set(args.q6k_bits.split(",")) - {"6", "8"}:
+        parser.error(f"--q6k-bits: 6, 8 or both comma-separated, got {args.q6k_bits!r}")
     if not args.gguf_x or set(args.gguf_x.split(",")) - {"auto", "int8", "bf16"}:
         parser.error(f"--gguf-x: auto, int8, bf16 or a comma-separated list of them, got {args.gguf_x!r}")
     on_gpu = args.device == "cuda"

@@ -54,11 +54,49 @@ def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn,
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask3)
 
 
+@triton.jit
+def _gguf_dequant6_kernel(q_ptr, h_ptr, s_ptr, out_ptr, N, num_lanes, stride_qn, stride_hn, stride_sn, stride_on,
+                          BLOCK_N: tl.constexpr, LANES: tl.constexpr, PDL: tl.constexpr):
+    """The 6-bit layout: a lane is 32 elements (4 words of low nibbles, 2 words of top bits, two
+    scales); the 4-bit branch's decoding with each code's top bits ORed in."""
+    pdl.wait_and_release(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ls = tl.program_id(1) * LANES + tl.arange(0, LANES)
+    mask3 = ((rows < N)[:, None] & (ls < num_lanes)[None, :])[:, :, None]
+    rows64 = rows.to(tl.int64)
+    w = tl.arange(0, 4)                                   # the lane's 4-bit word; its half is w // 2
+    words = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (ls * 4)[None, :, None] + w[None, None, :],
+                    mask=mask3, other=0)[:, :, :, None]
+    half = (ls * 2)[None, :, None] + (w // 2)[None, None, :]
+    high = tl.load(h_ptr + rows64[:, None, None] * stride_hn + half, mask=mask3, other=0)[:, :, :, None]
+    scale = tl.load(s_ptr + rows64[:, None, None] * stride_sn + half, mask=mask3, other=0.0)
+    scale4 = scale.to(tl.float32)[:, :, :, None]
+    # element 2i of a word is nibble i, element 2i + 1 nibble 4 + i; nibble n's top bits sit at
+    # bit 8 (n // 2) + 2 (n % 2) of its half's word, + 4 for the half's second word
+    i = tl.arange(0, 4)[None, None, None, :]
+    top = 8 * (i // 2) + 2 * (i % 2) + 4 * (w % 2)[None, None, :, None]
+    even = ((words >> (4 * i)) & 0xF) | (((high >> top) & 0x3) << 4)
+    odd = ((words >> (16 + 4 * i)) & 0xF) | (((high >> (top + 16)) & 0x3) << 4)
+    w_f = tl.reshape(tl.join((even.to(tl.float32) - 32.0) * scale4, (odd.to(tl.float32) - 32.0) * scale4),
+                     [BLOCK_N, LANES, 32])
+    j32 = tl.arange(0, 32)
+    tl.store(out_ptr + rows64[:, None, None] * stride_on + (ls * 32)[None, :, None] + j32[None, None, :],
+             w_f.to(out_ptr.dtype.element_ty), mask=mask3)
+
+
 def dequantize(packed: PackedGGUF, dtype: torch.dtype) -> torch.Tensor:
     """The packed weight as a dense [N, K] tensor in `dtype` (same values as
     `gguf_packed.dequantize_packed`, computed in fp32 and rounded once)."""
     n, k = packed.shape
     out = torch.empty(n, k, dtype=dtype, device=packed.qweight.device)
+    if packed.bits == 6:
+        num_lanes, block_n, lanes = k // GROUP_SIZE, 16, 16
+        qweight, high = packed.qweight.view(torch.int32), packed.qhigh.view(torch.int32)
+        _gguf_dequant6_kernel[(triton.cdiv(n, block_n), triton.cdiv(num_lanes, lanes))](
+            qweight, high, packed.scales, out, n, num_lanes, qweight.stride(0), high.stride(0),
+            packed.scales.stride(0), out.stride(0), BLOCK_N=block_n, LANES=lanes,
+            **pdl.launch_options(out.device), num_warps=4)
+        return out
     num_groups = k // packed.group_size
     block_n, groups = 16, 16 * GROUP_SIZE // packed.group_size
     mins = packed.mins if packed.mins is not None else packed.scales

@@ -1,5 +1,5 @@
 """Triton, the 8-bit decode GEMV of GGUF weights kept packed (`replica/quantization/gguf_packed.py`:
-Q8_0's codes, and Q6_K's and the 5-bit types' widened to bytes), for 1..4 rows of x a launch
+Q8_0's codes, and the 5-bit types' and, with SIX_BIT_Q6_K off, Q6_K's widened to bytes), for 1..4 rows of x a launch
 (`gguf_gemv_triton.gguf_gemv` picks it and splits larger batches).
 
 A byte a weight halves the arithmetic a byte that the 4-bit kernel needs, but a plain tile

@@ -27,7 +27,8 @@ min term:
     Σ_i w_i x_i = scale · Σ_i (q_i − 8) x_i + (min + (8 − zero_point) · scale) · Σ_i x_i
 
 Rows of x (1..4, a constexpr) reuse each loaded word: the weight is read once whatever the
-batch. 8-bit (Q8_0, and Q6_K widened to bytes) has its own kernel of the same shape
+batch. 6-bit (Q6_K) runs this kernel on int8 x with SIX_BIT (`gguf_gemv_x8_triton.six_bit_tile`);
+8-bit (Q8_0, the 5-bit types and Q6_K widened to bytes) has its own kernel of the same shape
 (`gguf_gemv8_triton.py`). SPLIT_K > 1 writes fp32 partials [SPLIT_K, M, N], summed by
 linear_triton's split-K kernel or, with `gguf_gemv_add_rms_norm`, by the next RMSNorm. GATED
 (a [gate | up] projection) applies silu(gate) · up in the epilogue. The grid depends only on
@@ -79,8 +80,9 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 @triton.jit(do_not_specialize=["one"])
 def _q4_gemv_kernel(
-    x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr, sumsq_ptr,
+    x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr, sumsq_ptr, h_ptr,
     N, num_groups, groups_per_split, one, stride_xm, stride_qn, stride_sn, stride_om, eps, prefetch_programs,
+    stride_hn,
     ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr,          # x as it is: 0 exact fp32 products; 80 or 90 bf16x2 PTX for that arch
@@ -91,6 +93,7 @@ def _q4_gemv_kernel(
     PARTS: tl.constexpr,             # whose rstd scales the products (PARTS: a power of two ≥ NUM_PARTS); 0: none
     GATED: tl.constexpr, PDL: tl.constexpr,
     PREFETCH: tl.constexpr,          # PDL: programs below prefetch_programs (launch order) prefetch
+    SIX_BIT: tl.constexpr = False,   # X8, 6-bit codes: top bits at h_ptr, s_ptr the scales as int32 pairs
 ):
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
@@ -98,6 +101,8 @@ def _q4_gemv_kernel(
         if tl.program_id(0) + tl.program_id(1) * tl.num_programs(0) < prefetch_programs:   # the first wave
             q4_word_dot_triton.prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, g_start, g_end,
                                                GROUPS, 1, HAS_MIN)
+            if SIX_BIT:
+                gguf_gemv_x8_triton.prefetch_high(h_ptr, rows64, stride_hn, g_start, g_end, GROUPS)
     pdl.wait_and_release(PDL)
     if NUM_PARTS > 0:   # the norm's 1/rms first: its loads overlap the weights' instead of ending the program
         rstd0 = _row_rstd(sumsq_ptr, 0, num_groups, eps, NUM_PARTS, PARTS)
@@ -112,11 +117,16 @@ def _q4_gemv_kernel(
     for g0 in range(g_start, g_end, GROUPS):
         gs = g0 + g                                     # [GROUPS] group indices
         g_mask = (gs < g_end)[None, :]
-        words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
-            q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN)
-        tot0, tot1, tot2, tot3 = _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low,
-                                          x_ptr, x2_ptr, row_zero, gs, g_mask, stride_xm, num_groups, one, M,
-                                          EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
+        if SIX_BIT:
+            tot0, tot1, tot2, tot3 = gguf_gemv_x8_triton.six_bit_tile(
+                tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
+                one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A)
+        else:
+            words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
+                q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN)
+            tot0, tot1, tot2, tot3 = _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low,
+                                              x_ptr, x2_ptr, row_zero, gs, g_mask, stride_xm, num_groups, one, M,
+                                              EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
 
     if NUM_PARTS > 0:         # x was rounded before the norm's 1/rms: scale the dot products (before bias, SiLU)
         tot0, tot1, tot2, tot3 = tot0 * rstd0, tot1 * rstd1, tot2 * rstd2, tot3 * rstd3
@@ -189,6 +199,12 @@ def uses_x_int8(x: torch.Tensor) -> bool:
     return _has_dp4a(x.device) if X_INT8 is None else X_INT8
 
 
+def takes_x8(packed: PackedGGUF, x: torch.Tensor | XInt8) -> bool:
+    """Whether the GEMV multiplies `packed` with x rounded to int8: always at 6 bits (the only
+    kernel that reads them), at 4 where x comes rounded or X_INT8 says so."""
+    return packed.bits == 6 or (packed.bits == 4 and (isinstance(x, XInt8) or uses_x_int8(x)))
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -207,7 +223,7 @@ def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.d
     tuned = TUNED.get((qtype, num_rows, n, k))
     if tuned is not None:
         return tuned
-    if bits == 4 and x_int8:
+    if bits in (4, 6) and x_int8:
         block_n, groups, num_warps = X_INT8_TILE
         if triton.cdiv(n, block_n) < 32 * _num_sms(device):
             block_n, groups, num_warps = X_INT8_WIDE_TILE
@@ -219,7 +235,7 @@ def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.d
         block_n, groups, num_warps = 2, 64, 1
     else:
         block_n, groups, num_warps = 2, 64, 4
-    num_groups = k // (GROUP_SIZE if bits == 4 else gguf_gemv8_triton.CHUNK)
+    num_groups = k // (GROUP_SIZE if bits in (4, 6) else gguf_gemv8_triton.CHUNK)
     split_k = 1
     while (triton.cdiv(n, block_n) * split_k < 8 * _num_sms(device)
            and num_groups >= 2 * split_k * groups and split_k < 16):
@@ -244,7 +260,7 @@ def _plan(num_rows: int, packed: PackedGGUF, device: torch.device, config: GemvC
     n, k = packed.shape
     config = config or choose_gemv_config(num_rows, n, k, packed.bits, device, packed.qtype, x_int8)
     # lanes along K: 4-bit, one 32-element group each; 8-bit, one 16-code chunk each
-    lane_cols = GROUP_SIZE if packed.bits == 4 else gguf_gemv8_triton.CHUNK
+    lane_cols = GROUP_SIZE if packed.bits in (4, 6) else gguf_gemv8_triton.CHUNK
     num_groups = k // lane_cols
     groups = min(config.groups, triton.next_power_of_2(num_groups))
     num_tiles = triton.cdiv(num_groups, groups)
@@ -266,28 +282,31 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     qweight32 = packed.qweight.view(torch.int32)
     # gated: a program's BLOCK_N rows are BLOCK_N / 2 output columns' gate and up
     grid = (triton.cdiv(n // 2 if gated else n, config.block_n // 2 if gated else config.block_n), plan.split_k)
-    scales = (packed.scales, packed.mins if packed.mins is not None else packed.scales,
+    six_bit = packed.bits == 6            # its scales go as int32 pairs, one 4-byte load a lane
+    s_arg = packed.scales.view(torch.int32) if six_bit else packed.scales
+    scales = (s_arg, packed.mins if packed.mins is not None else packed.scales,
               bias if bias is not None else om, om, partial)
     shape = (n, plan.num_groups, plan.groups_per_split, 1)
-    strides = (qweight32.stride(0), packed.scales.stride(0), om.stride(0))
+    strides = (qweight32.stride(0), s_arg.stride(0), om.stride(0))
+    high = packed.qhigh.view(torch.int32) if six_bit else qweight32
     flags = dict(HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None, M=xm.shape[0],
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
         x8 = xm if isinstance(xm, XInt8) else gguf_gemv_x8_triton.quantize_x(xm)   # ~1.5 us at 1 row
         num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
         _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,
-                              om if x8.sumsq is None else x8.sumsq, *shape, x8.codes.stride(0) // 4, *strides,
-                              x8.eps, prefetch_programs, ZERO_POINT=packed.zero_point, GROUPS=plan.groups,
-                              BF16_ASM=0, X8=True, DP4A=om.is_cuda, NUM_PARTS=num_parts,
-                              PARTS=triton.next_power_of_2(num_parts), **flags, **launch)
+                              om if x8.sumsq is None else x8.sumsq, high, *shape, x8.codes.stride(0) // 4, *strides,
+                              x8.eps, prefetch_programs, high.stride(0), ZERO_POINT=packed.zero_point,
+                              GROUPS=plan.groups, BF16_ASM=0, X8=True, DP4A=om.is_cuda, NUM_PARTS=num_parts,
+                              PARTS=triton.next_power_of_2(num_parts), SIX_BIT=six_bit, **flags, **launch)
         return
     # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
     bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
                   and xm.data_ptr() % 4 == 0)
     if packed.bits == 4:
         bf16_asm = _bf16x2_arch(xm.device) if USE_BF16_ASM and bf16_pairs else 0
-        _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *scales, om, *shape,
-                              xm.stride(0), *strides, 0.0, prefetch_programs, ZERO_POINT=packed.zero_point,
+        _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *scales, om, high, *shape,
+                              xm.stride(0), *strides, 0.0, prefetch_programs, 0, ZERO_POINT=packed.zero_point,
                               GROUPS=plan.groups, BF16_ASM=bf16_asm, X8=False, DP4A=False, NUM_PARTS=0, PARTS=1,
                               **flags, **launch)
     else:
@@ -312,9 +331,9 @@ def gguf_gemv(x: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | 
     num_rows = x.shape[0]
     n = packed.shape[0]
     is_rounded = isinstance(x, XInt8)
-    if is_rounded and packed.bits != 4:
-        raise ValueError(f"x: rounded to int8 for a 4-bit matrix, but {packed.qtype} is {packed.bits}-bit")
-    plan = _plan(num_rows, packed, x.device, config, packed.bits == 4 and (is_rounded or uses_x_int8(x)))
+    if is_rounded and packed.bits not in (4, 6):
+        raise ValueError(f"x: rounded to int8 for a 4- or 6-bit matrix, but {packed.qtype} is {packed.bits}-bit")
+    plan = _plan(num_rows, packed, x.device, config, takes_x8(packed, x))
     if gated and plan.split_k > 1:
         from replica.kernels.silu_mul_triton import silu_and_mul
         act = silu_and_mul(gguf_gemv(x, packed, bias, config))
@@ -347,8 +366,7 @@ def gguf_gemv_add_rms_norm(x: torch.Tensor | XInt8, packed: PackedGGUF, residual
     `rms_norm_x8_triton`, whose norm comes rounded for a 4-bit GEMV on int8 x): one kernel less
     than GEMV, sum, add + norm. None where the plan does not split K (nothing to fuse)."""
     num_rows = x.shape[0]
-    is_x8 = packed.bits == 4 and (isinstance(x, XInt8) or uses_x_int8(x))
-    plan = _plan(num_rows, packed, x.device, None, is_x8)
+    plan = _plan(num_rows, packed, x.device, None, takes_x8(packed, x))
     if plan.split_k == 1 or num_rows > ROWS_PER_LAUNCH or num_rows == 0:
         return None
     from replica.kernels.rms_norm_triton import split_k_sum_add_rms_norm

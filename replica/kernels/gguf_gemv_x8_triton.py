@@ -1,5 +1,6 @@
-"""Triton: the int8 side of the 4-bit decode GEMV: x rounded to 8 bits, and the integer dot
-products (`dp4a`) of `gguf_gemv_triton._q4_gemv_kernel` with X8 set.
+"""Triton: the int8 side of the 4- and 6-bit decode GEMV: x rounded to 8 bits, and the integer
+dot products (`dp4a`) of `gguf_gemv_triton._q4_gemv_kernel` with X8 set (6-bit: `six_bit_tile`
+below, which the 6-bit layout always takes).
 
 The bf16 GEMV (`gguf_gemv_triton._q4_gemv_kernel`) turns every code into a bf16 and multiplies
 two elements an instruction: ~3 instructions an element, which at one row of x bounds it
@@ -111,14 +112,12 @@ def quantize_x(x: torch.Tensor) -> XInt8:
 def _word_dot_emulated(word, a, b):
     """dp4a's arithmetic in plain integer ops (the interpreter): Σ_j lo_j · a_j + hi_j · b_j over
     the word's 4 bytes j, a and b's bytes signed."""
-    acc = tl.zeros_like(word)
-    for j in tl.static_range(4):
-        lo = (word >> (8 * j)) & 0xF
-        hi = (word >> (8 * j + 4)) & 0xF
-        a_j = (a << (24 - 8 * j)) >> 24            # arithmetic shift: byte j, sign-extended
-        b_j = (b << (24 - 8 * j)) >> 24
-        acc += lo * a_j + hi * b_j
-    return acc
+    shift = (8 * tl.arange(0, 4))[None, None, :]     # byte j on a new last axis: few interpreter ops
+    lo = (word[:, :, None] >> shift) & 0xF
+    hi = (word[:, :, None] >> (shift + 4)) & 0xF
+    a_j = (a[:, :, None] << (24 - shift)) >> 24      # arithmetic shift: byte j, sign-extended
+    b_j = (b[:, :, None] << (24 - shift)) >> 24
+    return tl.sum(lo * a_j + hi * b_j, axis=2)
 
 
 @triton.jit
@@ -150,3 +149,134 @@ def row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, m
         dot = (_word_dot_emulated(w0, a0, b0) + _word_dot_emulated(w1, a1, b1)
                + _word_dot_emulated(w2, a2, b2) + _word_dot_emulated(w3, a3, b3))
     return scale * (dx * dot.to(tl.float32)) + low * xsum
+
+
+# 6-bit (Q6_K, `gguf_packed`'s 6-bit layout): half a lane (16 elements, one Q6_K scale) → the
+# int32 Σ (u − 32)·x8 over it. $1, $2: the half's two 4-bit words; $3: its word of top bits;
+# $4..$7: x8's A, B words of each. A shift and a mask put the top bits at bits 4-5 of each byte
+# beside the low nibbles (ptxas makes each AND-OR one LOP3); the zero point 32 comes off through
+# Σ x8, itself four dp4a against 0x01010101.
+_DOT_SIX_HALF_ASM = """{
+.reg .b32 u, t, acc, xs, ones;
+mov.b32 ones, 0x01010101;
+and.b32 u, $1, 0x0F0F0F0F;
+shl.b32 t, $3, 4;
+and.b32 t, t, 0x30303030;
+or.b32 u, u, t;
+dp4a.u32.s32 acc, u, $4, 0;
+shr.u32 u, $1, 4;
+and.b32 u, u, 0x0F0F0F0F;
+shl.b32 t, $3, 2;
+and.b32 t, t, 0x30303030;
+or.b32 u, u, t;
+dp4a.u32.s32 acc, u, $5, acc;
+and.b32 u, $2, 0x0F0F0F0F;
+and.b32 t, $3, 0x30303030;
+or.b32 u, u, t;
+dp4a.u32.s32 acc, u, $6, acc;
+shr.u32 u, $2, 4;
+and.b32 u, u, 0x0F0F0F0F;
+shr.u32 t, $3, 2;
+and.b32 t, t, 0x30303030;
+or.b32 u, u, t;
+dp4a.u32.s32 acc, u, $7, acc;
+dp4a.s32.s32 xs, ones, $4, 0;
+dp4a.s32.s32 xs, ones, $5, xs;
+dp4a.s32.s32 xs, ones, $6, xs;
+dp4a.s32.s32 xs, ones, $7, xs;
+shl.b32 xs, xs, 5;
+sub.s32 $0, acc, xs;
+}"""
+_DOT_SIX_HALF: tl.constexpr = tl.constexpr(_DOT_SIX_HALF_ASM)
+
+
+@triton.jit
+def _six_half_emulated(w_first, w_second, high, a_first, b_first, a_second, b_second):
+    """The PTX above in plain integer ops (the interpreter), bit for bit."""
+    shift = (8 * tl.arange(0, 4))[None, None, :]     # byte j on a new last axis
+    a1 = (a_first[:, :, None] << (24 - shift)) >> 24  # byte j, sign-extended
+    b1 = (b_first[:, :, None] << (24 - shift)) >> 24
+    a2 = (a_second[:, :, None] << (24 - shift)) >> 24
+    b2 = (b_second[:, :, None] << (24 - shift)) >> 24
+    w1, w2, top = w_first[:, :, None] >> shift, w_second[:, :, None] >> shift, high[:, :, None] >> shift
+    dot = ((((w1 & 0xF) | ((top & 0x3) << 4)) - 32) * a1 + ((((w1 >> 4) & 0xF) | (top & 0xC) << 2) - 32) * b1
+           + (((w2 & 0xF) | (top & 0x30)) - 32) * a2 + ((((w2 >> 4) & 0xF) | ((top >> 2) & 0x30)) - 32) * b2)
+    return tl.sum(dot, axis=2)
+
+
+@triton.jit
+def _half_scales(pair):
+    """An int32 of two fp16 scales (the lane's halves) → both as fp32."""
+    lo = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
+                 stride_xq, num_groups, one, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
+    """Row mi of x8 against the tile's 6-bit lanes → [BLOCK_N, GROUPS] fp32 (x's loads as `row_part`'s)."""
+    k4 = tl.arange(0, 4)
+    px = xq_ptr + mi * stride_xq + (row_zero + gs[None, :] * 8)[:, :, None] + k4[None, None, :]
+    x_offs = mi * num_groups + row_zero + (gs * one)[None, :]
+    if EVEN_K:
+        xa = tl.load(px)
+        xb = tl.load(px + 4)
+        ds = tl.load(ds_ptr + x_offs)
+    else:
+        xa = tl.load(px, mask=x_mask[:, :, None], other=0)
+        xb = tl.load(px + 4, mask=x_mask[:, :, None], other=0)
+        ds = tl.load(ds_ptr + x_offs, mask=x_mask, other=0)
+    dx = ds.to(tl.int32).to(tl.float32, bitcast=True)
+    a0, b0, a1, b1 = q4_word_dot_triton.split4(xa)
+    a2, b2, a3, b3 = q4_word_dot_triton.split4(xb)
+    if DP4A:
+        dot_a = tl.inline_asm_elementwise(_DOT_SIX_HALF, "=r,r,r,r,r,r,r,r", [w0, w1, high0, a0, b0, a1, b1],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        dot_b = tl.inline_asm_elementwise(_DOT_SIX_HALF, "=r,r,r,r,r,r,r,r", [w2, w3, high1, a2, b2, a3, b3],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        dot_a = _six_half_emulated(w0, w1, high0, a0, b0, a1, b1)
+        dot_b = _six_half_emulated(w2, w3, high1, a2, b2, a3, b3)
+    return dx * (scale_a * dot_a.to(tl.float32) + scale_b * dot_b.to(tl.float32))
+
+
+@triton.jit
+def six_bit_tile(tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
+                 one, xq_ptr, ds_ptr, row_zero, stride_xq, num_groups, M: tl.constexpr, EVEN_K: tl.constexpr,
+                 DP4A: tl.constexpr):
+    """A 6-bit GEMV tile: each lane's 4 words of low nibbles (one 16-byte load), its 2 words of top
+    bits (one 8-byte load, h_ptr int32 [N, K/16]) and its two scales (one 4-byte load, s_ptr the
+    fp16 scales seen as int32 [N, K/32]), times each row of x8, added to the accumulators."""
+    w0, w1, w2, w3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask, EVEN_K)
+    h_offs = rows64[:, None, None] * stride_hn + (gs * 2)[None, :, None] + tl.arange(0, 2)[None, None, :]
+    s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
+    if EVEN_K:
+        high0, high1 = tl.split(tl.load(h_ptr + h_offs))
+        pair = tl.load(s_ptr + s_offs)
+    else:
+        high0, high1 = tl.split(tl.load(h_ptr + h_offs, mask=g_mask[:, :, None], other=0))
+        pair = tl.load(s_ptr + s_offs, mask=g_mask, other=0)
+    scale_a, scale_b = _half_scales(pair)
+    x_mask = g_mask & (row_zero == 0)
+    tot0 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask, 0,
+                         stride_xq, num_groups, one, EVEN_K, DP4A)
+    if M > 1:
+        tot1 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask,
+                             1, stride_xq, num_groups, one, EVEN_K, DP4A)
+    if M > 2:
+        tot2 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask,
+                             2, stride_xq, num_groups, one, EVEN_K, DP4A)
+    if M > 3:
+        tot3 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask,
+                             3, stride_xq, num_groups, one, EVEN_K, DP4A)
+    return tot0, tot1, tot2, tot3
+
+
+@triton.jit
+def prefetch_high(h_ptr, rows64, stride_hn, start, end, LANES: tl.constexpr):
+    """The 6-bit lanes' top-bit words of [start, end), into L2 (as `prefetch_packed` does the rest)."""
+    lane = tl.arange(0, LANES)
+    for l0 in range(start, end, LANES):
+        lanes = tl.minimum(l0 + lane, end - 1)
+        pdl.prefetch_l2(h_ptr + rows64[:, None] * stride_hn + (lanes * 2)[None, :])

@@ -33,10 +33,14 @@ def check_packed(packed: PackedGGUF) -> None:
         check_shape("mins", packed.mins, (n, k // packed.group_size))
         check_dtype("mins", packed.mins, (torch.float16,))
         check_contiguous("mins", packed.mins)
-    if packed.bits == 4:
+    if packed.bits in (4, 6):
         check_shape("qweight", packed.qweight, (n, k // 2))
         check_dtype("qweight", packed.qweight, (torch.uint8,))
-    else:
+    if packed.bits == 6:
+        check_shape("qhigh", packed.qhigh, (n, k // 4))
+        check_dtype("qhigh", packed.qhigh, (torch.uint8,))
+        check_contiguous("qhigh", packed.qhigh)
+    if packed.bits == 8:
         check_shape("qweight", packed.qweight, (n, k))
         check_dtype("qweight", packed.qweight, (torch.int8,))
     check_contiguous("qweight", packed.qweight)

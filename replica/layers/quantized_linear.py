@@ -144,7 +144,7 @@ class GGUFWeight:
         return sum(part.num_bytes for _, part in self.parts + self.segments)
 
     def apply(self, x: torch.Tensor | XInt8, bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(x, XInt8):          # rounded by the norm before it for this 4-bit matrix (`norm_for`)
+        if isinstance(x, XInt8):          # rounded by the norm before it for this 4- or 6-bit matrix (`norm_for`)
             from replica.kernels.gguf_gemv_triton import gguf_gemv
             return gguf_gemv(x, self.segments[0][1], bias)
         if self.dense is not None:
@@ -190,13 +190,13 @@ class GGUFWeight:
         return gguf_linear_gated(x, packed)
 
     def takes_x_int8(self, x: torch.Tensor) -> bool:
-        """Whether x's rows reach this matrix's 4-bit GEMV with x rounded to int8, so that the norm
+        """Whether x's rows reach this matrix's 4- or 6-bit GEMV with x rounded to int8, so that the norm
         before it can write them rounded (`norm_for`)."""
         packed = self._fusable(x)
-        if packed is None or packed.bits != 4 or x.dim() != 2:
+        if packed is None or packed.bits not in (4, 6) or x.dim() != 2:
             return False
         from replica.kernels import gguf_gemv_triton
-        return x.shape[0] <= gguf_gemv_triton.GEMV_ROWS and gguf_gemv_triton.uses_x_int8(x)
+        return x.shape[0] <= gguf_gemv_triton.GEMV_ROWS and gguf_gemv_triton.takes_x8(packed, x)
 
     def apply_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                            eps: float, to_x8: bool = False) -> tuple[torch.Tensor | XInt8, torch.Tensor] | None:
@@ -220,8 +220,9 @@ def _join(parts: list[PackedGGUF]) -> PackedGGUF:
     if len({p.layout for p in parts}) > 1:
         parts = [with_mins(p) for p in parts]
     mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
+    qhigh = None if parts[0].qhigh is None else torch.cat([p.qhigh for p in parts])
     return PackedGGUF(parts[0].qtype, torch.cat([p.qweight for p in parts]),
-                      torch.cat([p.scales for p in parts]), mins)
+                      torch.cat([p.scales for p in parts]), mins, qhigh)
 
 
 def make_weight(quantization: str | None, num_rows: int, num_cols: int, dtype: torch.dtype,

@@ -11,16 +11,18 @@ each with one scale and, for the asymmetric types, one offset ("min"):
     Q4_1    4    32      0       yes     d, m
     Q4_K    4    32      0       yes     d·sc_j, -dmin·m_j  (the 256-superblock's 6-bit sub-scales folded in)
     Q8_0    8    32      0        -      d (q signed)
-    Q6_K    8    16      0        -      d·sc_j (q − 32 stored signed; the 256-superblock's int8 sub-scales folded in)
+    Q6_K    6    16     32        -      d·sc_j (the 256-superblock's int8 sub-scales folded in)
     Q5_0    8    32      0        -      d (q − 16 stored signed)
     Q5_1    8    32      0       yes     d, m
     Q5_K    8    32      0       yes     d·sc_j, -dmin·m_j (as Q4_K)
 
 Q6_K is what llama.cpp's Q4_K_M (Ollama's default) keeps for the output head and for attn_v and
-ffn_down in half the layers, and what its Q4_0 files keep for the output head; its 6-bit codes
-are widened to bytes here (9 bits a weight with the scales, 6.56 in the file, against 16 in bf16)
-so that the 8-bit kernels read them. The 5-bit types (Ollama's q5_K_M, q5_0, q5_1) are widened the
-same way (8.5 bits a weight, 9 with mins).
+ffn_down in half the layers, and what its Q4_0 files keep for the output head. Its 6-bit codes
+(0..63) stay 6 bits: their low nibbles in the 4-bit layout below, their top 2 bits in a second
+plane `qhigh` (7 bits a weight with the scales, 6.56 in the file; widened to bytes, as until
+2026-11-30 and still with SIX_BIT_Q6_K off, 9). The 6-bit GEMV rounds x to int8 and rebuilds each
+code as a byte for dp4a (`replica/kernels/gguf_gemv_x8_triton.py`). The 5-bit types (Ollama's
+q5_K_M, q5_0, q5_1) are widened to bytes (8.5 bits a weight, 9 with mins) for the 8-bit kernels.
 
 Layout (row-major, one row per output feature n):
 
@@ -36,6 +38,13 @@ Layout (row-major, one row per output feature n):
            (`replica/kernels/gguf_gemv_triton.py`) turns each such pair into bf16 codes with one
            LOP3 and multiplies it with x two elements an instruction. GGML's Q4_0/Q4_1 order
            (byte b of a block: elements b and b + 16) and Q4_K's are re-nibbled at repack.
+    6-bit  qweight: the codes' low nibbles, laid out as 4-bit; qhigh uint8 [N, K/4], seen as
+           int32 words of 16 elements (word h: the high 2 bits of 4-bit words 2h and 2h + 1).
+           Byte j of word h holds, from bit 0: word 2h's element A_j, its B_j, word 2h + 1's
+           A_j, its B_j, where A = (0, 4, 1, 5) and B = (2, 6, 3, 7) are the elements whose low
+           nibbles byte j of a 4-bit word holds (low nibble A_j, high B_j). So a shift and a mask
+           of word h put the top bits beside the bytes `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F`
+           of a 4-bit word: one OR makes the 4 codes bytes
     8-bit  qweight int8  [N, K]
     scales fp16 [N, K/G]; mins fp16 [N, K/G] or None
 
@@ -55,6 +64,8 @@ GROUP_SIZES = {"Q6_K": 16}
 BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (144, 256),
                "Q6_K": (210, 256), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q5_K": (176, 256)}
 EIGHT_BIT_TYPES = ("Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K")       # held as one signed byte a code
+# Q6_K packed at 6 bits (qweight + qhigh, zero point 32); False: widened to signed bytes
+SIX_BIT_Q6_K = True
 SUPPORTED_TYPES = tuple(BLOCK_BYTES)
 
 
@@ -84,14 +95,17 @@ class PackedGGUF:
     qweight: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None
+    qhigh: torch.Tensor | None = None       # 6-bit: the codes' top 2 bits
 
     @property
     def bits(self) -> int:
+        if self.qhigh is not None:
+            return 6
         return 8 if self.qtype in EIGHT_BIT_TYPES else 4
 
     @property
     def zero_point(self) -> int:
-        return 8 if self.qtype == "Q4_0" else 0
+        return 8 if self.qtype == "Q4_0" else 32 if self.qhigh is not None else 0
 
     @property
     def group_size(self) -> int:
@@ -104,11 +118,12 @@ class PackedGGUF:
     def rows(self, start: int, stop: int) -> "PackedGGUF":
         """Rows start..stop of the matrix, as views (every tensor is row-major)."""
         return PackedGGUF(self.qtype, self.qweight[start:stop], self.scales[start:stop],
-                          None if self.mins is None else self.mins[start:stop])
+                          None if self.mins is None else self.mins[start:stop],
+                          None if self.qhigh is None else self.qhigh[start:stop])
 
     @property
     def num_bytes(self) -> int:
-        tensors = [self.qweight, self.scales] + ([self.mins] if self.mins is not None else [])
+        tensors = [t for t in (self.qweight, self.scales, self.mins, self.qhigh) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
@@ -163,10 +178,23 @@ def _pack_q6_k(blocks: torch.Tensor, rows: int, cols: int) -> PackedGGUF:
     low = ((ql >> torch.tensor([0, 4], dtype=torch.uint8, device=ql.device)[:, None]) & 0x0F)
     high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qh.device)[:, None]) & 0x03
     codes = low.reshape(rows, -1, 2, 128) | (high.reshape(rows, -1, 2, 128) << 4)    # 0..63
-    qweight = (codes.view(torch.int8) - 32).reshape(rows, cols)     # uint8 < 64 reads the same as int8
     sub_scales = blocks[..., 192:208].contiguous().view(torch.int8).float()
     d = _fp16(blocks[..., 208:210]).float()[..., None]
-    return PackedGGUF("Q6_K", qweight, (d * sub_scales).reshape(rows, cols // 16).half(), None)
+    scales = (d * sub_scales).reshape(rows, cols // 16).half()
+    if SIX_BIT_Q6_K:
+        return pack_six_bit("Q6_K", codes.reshape(rows, cols), scales)
+    qweight = (codes.view(torch.int8) - 32).reshape(rows, cols)     # uint8 < 64 reads the same as int8
+    return PackedGGUF("Q6_K", qweight, scales, None)
+
+
+def pack_six_bit(qtype: str, codes: torch.Tensor, scales: torch.Tensor) -> PackedGGUF:
+    """codes uint8 [N, K] (0..63, element order; K a multiple of 32) → the 6-bit layout above."""
+    rows, cols = codes.shape
+    qweight = nibbles_from_values((codes & 0x0F).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE))
+    top = (codes >> 4).reshape(rows, cols // 16, 2, 8)              # [.., 4-bit word 2h + s, element]
+    pairs = top[..., [0, 4, 1, 5]] | (top[..., [2, 6, 3, 7]] << 2)  # [.., s, byte j]: A_j | B_j << 2
+    qhigh = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(rows, cols // 4)
+    return PackedGGUF(qtype, qweight, scales, None, qhigh.contiguous())
 
 
 def _pack_q5(qtype: str, blocks: torch.Tensor, rows: int, cols: int) -> PackedGGUF:
@@ -221,13 +249,23 @@ def q4_k_scale_min(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpack_values(packed: PackedGGUF) -> torch.Tensor:
-    """The integer codes in element order: [N, K] (4-bit: uint8 0..15; 8-bit: int8)."""
+    """The integer codes in element order: [N, K] (4-bit: uint8 0..15; 6-bit: uint8 0..63;
+    8-bit: int8)."""
     n, k = packed.shape
     if packed.bits == 8:
         return packed.qweight
     qbytes = packed.qweight.reshape(n, k // 8, 4)
     codes = torch.cat([qbytes & 0x0F, qbytes >> 4], dim=-1)     # elements 0, 4, 1, 5, 2, 6, 3, 7
-    return codes[..., [0, 2, 4, 6, 1, 3, 5, 7]].reshape(n, k)
+    codes = codes[..., [0, 2, 4, 6, 1, 3, 5, 7]].reshape(n, k)
+    if packed.bits == 6:
+        hbytes = packed.qhigh.reshape(n, k // 16, 1, 4)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=hbytes.device)[:, None]
+        top = (hbytes >> shifts) & 0x03                           # [.., (s, A|B), byte j]
+        top = top.reshape(n, k // 16, 2, 8)                       # per word s: A_0..A_3, B_0..B_3
+        order = torch.empty(8, dtype=torch.long)
+        order[[0, 4, 1, 5, 2, 6, 3, 7]] = torch.arange(8)
+        codes = codes | (top[..., order.to(hbytes.device)].reshape(n, k) << 4)
+    return codes
 
 
 def dequantize_packed(packed: PackedGGUF, dtype: torch.dtype = torch.float32) -> torch.Tensor:

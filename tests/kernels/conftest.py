@@ -5,7 +5,13 @@ hence this file sets TRITON_INTERPRET before the test modules import replica.ker
 If some other test imported a Triton kernel module first, it is reloaded here.
 Under the interpreter the tests use float32: Triton 3.9's interpreter computes bf16 `tl.dot`
 wrongly and rounds float32 → bf16 casts differently from the GPU, so bf16 is tested on CUDA only.
+
+The interpreter's integer-overflow sanitizer is switched off: it wraps every integer add, sub
+and mul in casts, comparisons and an assert, which doubled the kernel tests' time, and compiled
+kernels (what the engine runs) have no such check. An emulation that wrapped around would still
+fail its test: every kernel test compares values with a reference.
 """
+import dataclasses
 import importlib
 import os
 import sys
@@ -14,6 +20,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime import interpreter
+
+    @dataclasses.dataclass(frozen=True)
+    class _Options(interpreter.InterpreterOptions):
+        sanitize_overflow: bool = False
+
+    interpreter.InterpreterOptions = _Options
     for name in sorted(sys.modules):
         if name.startswith("replica.kernels.") and name.endswith("_triton"):
             importlib.reload(sys.modules[name])

@@ -1,4 +1,4 @@
-"""The 4-bit GEMV with x rounded to int8 (`gguf_gemv_x8_triton`, dp4a on CUDA, emulated under
+"""The 4- and 6-bit GEMV with x rounded to int8 (`gguf_gemv_x8_triton`, dp4a on CUDA, emulated under
 the interpreter): x's rounding against its torch reference and its error bound, and the GEMV
 against W times the rounded x (exact arithmetic up to the fp32 sums' order), through every path
 of the 4-bit GEMV: split-K, a partial tile, ragged N, bias, several rows, the gated epilogue and
@@ -61,14 +61,18 @@ def _rounded_x_reference(x: torch.Tensor, packed) -> torch.Tensor:
 
 if ON_GPU:
     CASES = [pytest.param(qtype, 1, n, k, None, marks=pytest.mark.gpu)
-             for qtype in ("Q4_0", "Q4_K") for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))]
+             for qtype in ("Q4_0", "Q4_K", "Q6_K") for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))]
+    CASES.append(pytest.param("Q6_K", 1, 128256, 4096, None, marks=pytest.mark.gpu))    # an output head
 else:
     G = GemvConfig
     CASES = [("Q4_0", 1, 40, 512, G(16, 4)),
              ("Q4_K", 3, 37, 256, G(8, 4, split_k=2)),     # ragged N, split-K
              ("Q4_0", 2, 24, 768, G(8, 16, split_k=2)),    # 24 groups: a partial tile
              ("Q4_K", 6, 24, 512, G(16, 8, split_k=3)),    # two launches (4 + 2 rows)
-             ("Q4_0", 1, 24, 256, None)]
+             ("Q4_0", 1, 24, 256, None),
+             ("Q6_K", 3, 37, 256, G(8, 4, split_k=2)),     # 6-bit: ragged N, split-K
+             ("Q6_K", 2, 24, 768, G(8, 16)),               # a partial tile
+             ("Q6_K", 1, 24, 512, None)]
 
 
 @pytest.mark.parametrize("qtype,num_rows,n,k,config", CASES)
@@ -89,7 +93,7 @@ def test_gemv_is_w_times_the_rounded_x(qtype, num_rows, n, k, config):
     assert ((out.cpu().double() - exact).norm() / exact.norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
 def test_gated_and_norm_epilogues_take_the_int8_x_too(qtype, monkeypatch):
     packed = _packed(qtype, 48, 256, seed=5)
     x = _x(2, 256, seed=2)

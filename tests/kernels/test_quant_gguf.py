@@ -1,6 +1,7 @@
 """GGUF weights kept packed: the repacked layout decodes to exactly what gguf's own `dequantize`
 gives (Q4_K and Q6_K within the documented fp16 rounding of their group scales), our GGML encoder writes
-gguf's bytes, the 4-bit nibbles sit where the kernels read them, and the Triton kernels match
+gguf's bytes, the 4-bit nibbles and the 6-bit codes' top bits sit where the kernels read them,
+Q6_K's 6 bits hold the codes its widened bytes held, and the Triton kernels match
 their torch reference: the group-wise GEMV (1..16 rows; 4-bit takes 4 a launch) and dequantise +
 cuBLAS (the default above GEMV_ROWS, a slice of rows at a time for a matrix as large as an output
 head), with split-K, ragged N, partial K tiles, a bias, and into a column slice of an output."""
@@ -8,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from replica.kernels.gguf_linear import gguf_linear_ref
+from replica.kernels.gguf_linear import dequantize_x_ref, gguf_linear_ref, quantize_x_ref
+from replica.kernels.gguf_gemv_triton import GEMV_ROWS
 from replica.kernels.gguf_dequant_triton import dequantize
 from replica.kernels.gguf_gemv_triton import GemvConfig
 from replica.kernels import gguf_linear_triton
 from replica.kernels.gguf_linear_triton import gguf_linear
+from replica.quantization import gguf_packed
 from replica.quantization.gguf_packed import (
-    GGUFTensor, dequantize_packed, nibbles_from_values, pack, unpack_values, with_mins,
+    GGUFTensor, dequantize_packed, nibbles_from_values, pack, pack_six_bit, unpack_values, with_mins,
 )
 from replica.quantization.gguf_quantize import quantize
 from tests.kernels.paged_batch import DEVICE, DTYPE, ON_GPU
@@ -77,13 +80,38 @@ def test_q6_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
     w = _weights(5, 512, seed=2)
     tensor = quantize(w, "Q6_K")
     packed = pack(tensor)
-    assert packed.group_size == 16 and packed.bits == 8 and packed.num_bytes * 8 == 9 * 5 * 512
+    assert packed.group_size == 16 and packed.bits == 6 and packed.num_bytes * 8 == 7 * 5 * 512
     ours, theirs = dequantize_packed(packed), _gguf_dequantize(tensor)
     # d·sc rounded to fp16 once: ≤ 2^-11 relative of the scale, times |q − 32| ≤ 32
     bound = (2.0 ** -11) * 32 * packed.scales.float().abs()
     assert ((ours - theirs).abs().reshape(5, -1, 16) <= bound[..., None] + 1e-12).all()
     assert ((theirs - w).norm() / w.norm()).item() < 0.03      # a sane 6-bit fit
     assert not torch.equal(ours[2], ours[3])
+
+
+def test_q6_k_at_6_bits_holds_the_codes_the_widened_bytes_hold(monkeypatch):
+    tensor = quantize(_weights(4, 512, seed=8), "Q6_K")
+    six = pack(tensor)
+    monkeypatch.setattr(gguf_packed, "SIX_BIT_Q6_K", False)
+    wide = pack(tensor)
+    assert (six.bits, six.zero_point, wide.bits, wide.zero_point) == (6, 32, 8, 0)
+    assert torch.equal(unpack_values(six).short() - 32, wide.qweight.short())
+    assert torch.equal(dequantize_packed(six), dequantize_packed(wide))
+    assert torch.equal(six.rows(1, 3).qhigh, six.qhigh[1:3]) and six.num_bytes * 8 == 7 * 4 * 512
+
+
+def test_a_codes_top_bits_sit_beside_its_low_nibbles_byte():
+    """The 6-bit layout the kernels read: the top bits of the code whose low nibble is nibble n
+    of 4-bit word t sit at bit 8 (n // 2) + 2 (n % 2) + 4 (t % 2) of top-bit word t // 2."""
+    codes = torch.randint(0, 64, (3, 64), dtype=torch.uint8)
+    packed = pack_six_bit("Q6_K", codes, torch.ones(3, 4, dtype=torch.float16))
+    words, high = packed.qweight.view(torch.int32), packed.qhigh.view(torch.int32)
+    for e in range(64):
+        t, nibble = e // 8, (e % 8) // 2 + 4 * (e % 2)
+        low = (words[:, t] >> (4 * nibble)) & 0xF
+        top = (high[:, t // 2] >> (8 * (nibble // 2) + 2 * (nibble % 2) + 4 * (t % 2))) & 0x3
+        assert torch.equal((low | (top << 4)).to(torch.uint8), codes[:, e])
+    assert torch.equal(unpack_values(packed), codes)
 
 
 @needs_gguf
@@ -174,6 +202,10 @@ def test_kernel_matches_torch_reference(qtype, num_rows, n, k, has_bias, config)
     bias = torch.randn(n, generator=gen).to(DTYPE).to(DEVICE) if has_bias else None
     out = gguf_linear(x, packed, bias, config=config)
     ref = gguf_linear_ref(x.double(), packed, None if bias is None else bias.double())
+    if packed.bits == 6 and (config is not None or num_rows <= GEMV_ROWS):   # the GEMV rounds x to int8
+        x8, dx, _ = quantize_x_ref(x.float().cpu())
+        x_hat = dequantize_x_ref(x8, dx).to(DEVICE).double()
+        ref = gguf_linear_ref(x_hat, packed, None if bias is None else bias.double())
     assert out.shape == (num_rows, n) and out.dtype == DTYPE
     assert not out.isnan().any()
     rel = ((out.double() - ref).norm() / ref.norm()).item()

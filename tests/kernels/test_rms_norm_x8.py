@@ -98,7 +98,7 @@ def test_gemv_on_the_norms_codes_is_w_times_the_normalised_rounded_x(qtype, num_
 
 def test_a_rounded_row_for_an_8_bit_matrix_is_refused():
     rounded, _ = add_rms_norm_x8(_rows(1, 64, seed=1), None, _rows(1, 64, seed=2)[0], EPS)
-    with pytest.raises(ValueError, match="4-bit matrix, but Q8_0 is 8-bit"):
+    with pytest.raises(ValueError, match="4- or 6-bit matrix, but Q8_0 is 8-bit"):
         gguf_gemv(rounded, _packed("Q8_0", 8, 64, seed=3))
 
 
