@@ -130,8 +130,9 @@ class Rollout:
                 raise FleetError(f"every replica already serves {weights_name(self.target)}; nothing to update")
 
             with fleet.transaction() as st:
+                # a step from the start: `status` may look before the first replica is started
                 st.update = UpdateProgress(self.target, self.from_model, num_total=num_done + len(old_ids),
-                                           num_done=num_done).claim()
+                                           num_done=num_done, step=f"{len(old_ids)} replica(s) to replace").claim()
         fleet.event("update", f"to {weights_name(self.target)}: {len(old_ids)} replica(s) to replace",
                     f"max-surge {self.options.max_surge}, max-unavailable {self.options.max_unavailable}")
         if leftovers:

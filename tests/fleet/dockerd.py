@@ -112,7 +112,15 @@ class Dockerd:
                         "--opt", f"com.docker.network.bridge.name={self.gw_bridge}",
                         "--opt", "com.docker.network.bridge.enable_icc=false",
                         "--opt", "com.docker.network.bridge.enable_ip_masquerade=false", "docker_gwbridge")
-        self.docker("swarm", "init", "--advertise-addr", "127.0.0.1", timeout=60)
+        # once seen failing on CI's busy 2 cores with nothing said: a second try, then its words
+        for attempt in range(2):
+            result = self.docker("swarm", "init", "--advertise-addr", "127.0.0.1", check=False, timeout=120)
+            if result.returncode == 0:
+                return
+            if self.docker("info", "--format", "{{.Swarm.LocalNodeState}}", check=False).stdout.strip() == "active":
+                return
+            time.sleep(5)
+        raise RuntimeError(f"docker swarm init failed: {result.stderr.strip()}\n{self.log_tail()}")
 
     def build_dev_image(self) -> str:
         """The replica image: an empty root filesystem; everything else is bind-mounted."""
