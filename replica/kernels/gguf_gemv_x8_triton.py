@@ -121,11 +121,10 @@ def _word_dot_emulated(word, a, b):
 
 
 @triton.jit
-def row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
-              stride_xq, num_groups, one, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
-    """Row mi of x8 against the tile's groups → [BLOCK_N, GROUPS] fp32. x8's group g is int32
-    words 8g .. 8g + 7 of its row: two 16-byte loads, (A, B) per weight word. (dx, xsum): one
-    8-byte load (ds_ptr: int64), its group index through `one` as the scales' (the words' layout)."""
+def _load_x8_lane(xq_ptr, ds_ptr, row_zero, gs, x_mask, mi, stride_xq, num_groups, one, EVEN_K: tl.constexpr):
+    """Row mi of x8 at the tile's groups: group g is int32 words 8g .. 8g + 7 of its row, two
+    16-byte loads split into the 8 words (A, B per weight word), and its (dx, xsum) as one int64
+    (ds_ptr: int64), its group index through `one` as the scales' (the words' layout)."""
     k4 = tl.arange(0, 4)
     px = xq_ptr + mi * stride_xq + (row_zero + gs[None, :] * 8)[:, :, None] + k4[None, None, :]
     x_offs = mi * num_groups + row_zero + (gs * one)[None, :]
@@ -137,10 +136,19 @@ def row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, m
         xa = tl.load(px, mask=x_mask[:, :, None], other=0)
         xb = tl.load(px + 4, mask=x_mask[:, :, None], other=0)
         ds = tl.load(ds_ptr + x_offs, mask=x_mask, other=0)
-    dx = ds.to(tl.int32).to(tl.float32, bitcast=True)               # low half: dx
-    xsum = (ds >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     a0, b0, a1, b1 = q4_word_dot_triton.split4(xa)
     a2, b2, a3, b3 = q4_word_dot_triton.split4(xb)
+    return a0, b0, a1, b1, a2, b2, a3, b3, ds
+
+
+@triton.jit
+def row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
+              stride_xq, num_groups, one, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
+    """Row mi of x8 against the tile's groups → [BLOCK_N, GROUPS] fp32."""
+    a0, b0, a1, b1, a2, b2, a3, b3, ds = _load_x8_lane(xq_ptr, ds_ptr, row_zero, gs, x_mask, mi, stride_xq,
+                                                        num_groups, one, EVEN_K)
+    dx = ds.to(tl.int32).to(tl.float32, bitcast=True)               # low half: dx
+    xsum = (ds >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     if DP4A:
         dot = tl.inline_asm_elementwise(_DOT_GROUP, "=r,r,r,r,r,r,r,r,r,r,r,r,r",
                                         [w0, w1, w2, w3, a0, b0, a1, b1, a2, b2, a3, b3],
@@ -215,21 +223,10 @@ def _half_scales(pair):
 @triton.jit
 def _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
                  stride_xq, num_groups, one, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
-    """Row mi of x8 against the tile's 6-bit lanes → [BLOCK_N, GROUPS] fp32 (x's loads as `row_part`'s)."""
-    k4 = tl.arange(0, 4)
-    px = xq_ptr + mi * stride_xq + (row_zero + gs[None, :] * 8)[:, :, None] + k4[None, None, :]
-    x_offs = mi * num_groups + row_zero + (gs * one)[None, :]
-    if EVEN_K:
-        xa = tl.load(px)
-        xb = tl.load(px + 4)
-        ds = tl.load(ds_ptr + x_offs)
-    else:
-        xa = tl.load(px, mask=x_mask[:, :, None], other=0)
-        xb = tl.load(px + 4, mask=x_mask[:, :, None], other=0)
-        ds = tl.load(ds_ptr + x_offs, mask=x_mask, other=0)
+    """Row mi of x8 against the tile's 6-bit lanes → [BLOCK_N, GROUPS] fp32."""
+    a0, b0, a1, b1, a2, b2, a3, b3, ds = _load_x8_lane(xq_ptr, ds_ptr, row_zero, gs, x_mask, mi, stride_xq,
+                                                        num_groups, one, EVEN_K)
     dx = ds.to(tl.int32).to(tl.float32, bitcast=True)
-    a0, b0, a1, b1 = q4_word_dot_triton.split4(xa)
-    a2, b2, a3, b3 = q4_word_dot_triton.split4(xb)
     if DP4A:
         dot_a = tl.inline_asm_elementwise(_DOT_SIX_HALF, "=r,r,r,r,r,r,r,r", [w0, w1, high0, a0, b0, a1, b1],
                                           dtype=tl.int32, is_pure=True, pack=1)
