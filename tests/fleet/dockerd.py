@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -112,9 +113,15 @@ class Dockerd:
                         "--opt", f"com.docker.network.bridge.name={self.gw_bridge}",
                         "--opt", "com.docker.network.bridge.enable_icc=false",
                         "--opt", "com.docker.network.bridge.enable_ip_masquerade=false", "docker_gwbridge")
-        # once seen failing on CI's busy 2 cores with nothing said: a second try, then its words
+        # The manager listens on a free port of its own, not Swarm's 2377: another swarm on the
+        # machine (a developer's, another test's daemon) holds that one ("address already in use"
+        # failed CI's runs here twice). One retry, then the daemon's words.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{sock.getsockname()[1]}"
         for attempt in range(2):
-            result = self.docker("swarm", "init", "--advertise-addr", "127.0.0.1", check=False, timeout=120)
+            result = self.docker("swarm", "init", "--listen-addr", address, "--advertise-addr", address,
+                                 check=False, timeout=120)
             if result.returncode == 0:
                 return
             if self.docker("info", "--format", "{{.Swarm.LocalNodeState}}", check=False).stdout.strip() == "active":
