@@ -115,15 +115,24 @@ def test_swarm_up_2_scale_3_scale_1_down_leaves_nothing_running(ctl, engine, tin
     assert spec["Mode"]["Replicated"]["Replicas"] == 2
     assert spec["UpdateConfig"]["Parallelism"] == 1 and spec["UpdateConfig"]["Order"] == "start-first"
     assert spec["TaskTemplate"]["RestartPolicy"]["Condition"] == "on-failure"
-    # NGINX points at the published addresses of the tasks Swarm wants running. A task that failed
-    # its start (a slow machine's health check) may still have its container up while it stops,
-    # beside its replacement: CI once listed 3 containers here, and fleetctl the 2 live ones.
+    # NGINX points at the published addresses of the running containers of the tasks Swarm wants
+    # running, once Swarm has settled. On a slow machine a task can fail its start (its health
+    # check) and still have its container up, and its task listed as wanted, while Swarm stops it
+    # beside its replacement: CI listed 3 containers here twice, with fleetctl routing to the 2
+    # newest. The stopping one goes within Swarm's stop grace; a wrong route never would.
     label = {"label": f"com.docker.swarm.service.name=pagefleet-{report['fleet_id']}"}
-    live = {t["Status"].get("ContainerStatus", {}).get("ContainerID")
-            for t in service.tasks(filters={"desired-state": "running"})}
-    published = {int(b["HostPort"]) for c in client.containers.list(filters=label) if c.id in live
-                 for b in c.ports["8000/tcp"]}
-    assert {int(r["address"].rsplit(":", 1)[1]) for r in report["replicas"]} == published
+    routed = {int(r["address"].rsplit(":", 1)[1]) for r in report["replicas"]}
+
+    def published() -> set[int]:
+        live = {t["Status"].get("ContainerStatus", {}).get("ContainerID")
+                for t in service.tasks(filters={"desired-state": "running"})}
+        return {int(b["HostPort"]) for c in client.containers.list(filters=label) if c.id in live
+                for b in c.ports["8000/tcp"]}
+
+    deadline = time.monotonic() + 90
+    while published() != routed and time.monotonic() < deadline:
+        time.sleep(1)
+    assert routed == published()
     assert served_text(ctl)
 
     assert ctl.json("scale", "3")["num_replicas_ready"] == 3
