@@ -18,11 +18,19 @@ gguf_linear_ref), which the GPU kernels are tested against; `--device cuda` runs
     python3 bench/quant_trained.py                      # CPU: 256 x 512-token prompts, ~25 min on 2 cores
     python3 bench/quant_trained.py --num-prompts 16 --prompt-len 64     # a quick look
     python3 bench/quant_trained.py --formats Q4_0 --x-int8   # 4-bit with x rounded to int8 per group
+    python3 bench/quant_trained.py --head-x-int8 --num-prompts 64    # the output head's x rounded
 
 --x-int8 rounds every 4-bit projection's input to int8 per 32-element group first, as the GPU's
 decode GEMV does for the 4-bit types with a min (`gguf_gemv_x8_triton`; on the CPU the torch
 reference of that rounding): the cost of x's rounding on a trained model. SmolLM2's rows allow
 Q4_0 only among our 4-bit encoders, and x's rounding error does not depend on W's type.
+
+--head-x-int8 measures the output head's share alone. A 6-bit (Q6_K) head's GEMV on the GPU
+takes x rounded to int8 per 32-element group too (one rounding, of the final norm's output), so
+only the head's logits move, step by step. One bf16 run records the head's input at the prefill
+and first decode steps; the logits of W times x rounded are compared with those of W times x. The
+rounding's error does not depend on W's type; SmolLM2's 576-wide rows cannot be Q6_K (256-column
+blocks), so W is its trained (tied) head as it is.
 
 Prompts: W1's shape (256 prompts of 512 tokens) cut from natural English, the Python reference
 manual's topics that ship with Python (`pydoc_data.topics`), and eight chat questions. Not W1's
@@ -104,6 +112,56 @@ def round_x_of_4bit_projections() -> None:
     quantized_linear.gguf_linear_ref = rounded
 
 
+def head_x_rounding(model: str, device: str, num_prompts: int, prompt_len: int) -> dict:
+    """Per prompt set, the prefill and first decode steps: top-1 agreement and logits error of
+    head(x rounded to int8 per group) against head(x), x the head's input recorded in one bf16
+    run (every prompt's row)."""
+    from bench.quant_accuracy import build_engine, compare
+    from replica.kernels.gguf_linear import dequantize_x_ref, quantize_x_ref
+    from replica.models.tokenizer import Tokenizer
+    from replica.sampling_params import SamplingParams
+    ckpt = open_checkpoint(model)
+    weights = [(name, t.float()) for name, t in ckpt.weights()]
+    tok = Tokenizer.load(ckpt.path, ckpt.format, [])
+    sets = [text_prompts(tok, num_prompts, prompt_len), chat_prompts(tok)]
+    budget = max(8192, max(map(len, sets[1])) * len(sets[1]))
+    results = {}
+    for prompts in sets:
+        engine = build_engine(ckpt.config, "bf16", device, max_num_seqs=max(16, len(prompts)), token_budget=budget,
+                              engine_args={"max_model_len": max(prompt_len, 512) + 8},
+                              base=lambda: iter(weights))
+        model_, execute = engine.runner.model, engine.runner.execute
+        head = model_.compute_logits
+        rows_of: dict[str, list[torch.Tensor]] = {}
+        step_ids: list[str] = []
+
+        def recording_execute(plan, *args, **kwargs):
+            step_ids[:] = [seq.request_id for seq, _ in plan.samplers]
+            return execute(plan, *args, **kwargs)
+
+        def recording_head(hidden):
+            # hidden: [rows that sample this step, hidden], in the plan's sampler order
+            if hidden.shape[0] != len(step_ids):
+                raise RuntimeError(f"head rows {hidden.shape[0]} != samplers {len(step_ids)}")
+            for rid, row in zip(step_ids, hidden):
+                rows_of.setdefault(rid, []).append(row.detach().clone())
+            return head(hidden)
+        engine.runner.execute, model_.compute_logits = recording_execute, recording_head
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        while engine.has_unfinished:
+            engine.step()
+        per_step = {}
+        for step, name in enumerate(("prefill", "decode")):
+            x = torch.stack([rows_of[str(i)][step] for i in range(len(prompts))])   # [P, hidden]
+            codes, dx, _ = quantize_x_ref(x.float())
+            got, ref = head(dequantize_x_ref(codes, dx).to(x.dtype)), head(x)
+            per_step |= {f"{name}_{k}": v for k, v in compare(got, ref).items()}
+        results[f"rows{len(prompts)}"] = per_step
+        del engine
+    return {"head_x_int8_vs_bf16": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="a GGUF file or HF folder (trained weights)")
@@ -112,11 +170,16 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--x-int8", action="store_true", help="4-bit projections' x rounded to int8 per group")
+    parser.add_argument("--head-x-int8", action="store_true",
+                        help="only the output head's x rounded to int8 per group (a Q6_K head's GEMV)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if args.x_int8:
         round_x_of_4bit_projections()
-    results = measure(args.model, args.device, args.formats.split(","), args.num_prompts, args.prompt_len)
+    if args.head_x_int8:
+        results = head_x_rounding(args.model, args.device, args.num_prompts, args.prompt_len)
+    else:
+        results = measure(args.model, args.device, args.formats.split(","), args.num_prompts, args.prompt_len)
     env = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else cpu_model(),
                num_threads=torch.get_num_threads(),
                torch=torch.__version__, python=platform.python_version(), date=datetime.date.today().isoformat(),
@@ -130,7 +193,8 @@ def main() -> None:
                 print(f"{name:<18}{key:<16}{names.get(rows, rows):<6}{json.dumps(row)}")
     out = Path(os.environ.get("OUT") or args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"quant-trained-{args.device}{'-x8' if args.x_int8 else ''}-{datetime.date.today().isoformat()}.json"
+    kind = "-headx8" if args.head_x_int8 else ("-x8" if args.x_int8 else "")
+    path = out / f"quant-trained-{args.device}{kind}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps({"env": env, "prompt_sets": names, "results": results}, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -3,14 +3,34 @@
 Tests marked `slow` (soaks, long end-to-end runs) are skipped unless asked for with `--run-slow`
 or PAGEFLEET_RUN_SLOW=1: CI runs the fast suite on 2 cores; the slow ones are run by hand or on
 bigger machines. Tests marked `gpu` skip themselves without CUDA.
+
+Replica's tokenizer cache (`replica/models/tokenizer_cache.py`) lives in a folder of this run,
+not in the home's ~/.cache, unless PAGEFLEET_CACHE_DIR is set: its first GGUF server builds the
+bundled model's tokenizer, the later ones load it.
 """
 import os
+import shutil
+import tempfile
 
 import pytest
 
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+_RUN_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    if "PAGEFLEET_CACHE_DIR" not in os.environ:
+        _RUN_CACHE.append(tempfile.mkdtemp(prefix="pagefleet-cache-"))
+        os.environ["PAGEFLEET_CACHE_DIR"] = _RUN_CACHE[0]
+
+
+def pytest_unconfigure(config):
+    for folder in _RUN_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

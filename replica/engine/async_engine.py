@@ -63,9 +63,7 @@ class AsyncEngine:
         self.model_path = checkpoint.path
         self.model_name = default_served_name(config.model)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
-        self.tokenizer = load_tokenizer(checkpoint)
         self.on_core_death: Callable[[], None] | None = None
-        self._processor = OutputProcessor(self.tokenizer)
         self._queues: dict[str, asyncio.Queue] = {}
         self._outbox = CoreInputs([], [], [])
         self._embed_calls: dict[int, asyncio.Future] = {}
@@ -77,10 +75,19 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task | None = None
         self._encoder = msgspec.msgpack.Encoder()
-        self._start_core()
+        self._spawn_core()
+        try:        # while the core imports torch and loads the weights
+            self.tokenizer = load_tokenizer(checkpoint)
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            self._close_core()
+            raise
+        self._processor = OutputProcessor(self.tokenizer)
+        self._await_core()
 
     # ---- the core process ----------------------------------------------------------------------
-    def _start_core(self) -> None:
+    def _spawn_core(self) -> None:
         self._ipc_dir = tempfile.mkdtemp(prefix="pagefleet-core-")
         input_addr, output_addr = f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out"
         self._zmq = zmq.Context()
@@ -100,6 +107,8 @@ class AsyncEngine:
             [sys.executable, "-m", "replica.engine.core_proc", input_addr, output_addr],
             stdin=subprocess.DEVNULL, env=env)
         self._to_core.send(self._encoder.encode(CoreStart(self.config)))
+
+    def _await_core(self) -> None:
         ready = self._wait_for_handshake()
         self.device = ready.device
         self.dtype = ready.dtype

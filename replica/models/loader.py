@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from replica.models.gguf_file import GGUFFile
 from replica.models.model_config import ModelConfig
 from replica.models.registry import resolve_model_path
 
@@ -35,6 +36,7 @@ class Checkpoint:
     path: Path
     format: str            # "hf" or "gguf"
     config: ModelConfig
+    gguf: GGUFFile | None = None   # a GGUF's index, read once by open_checkpoint
 
     def weights(self, device: torch.device | str = "cpu",
                 keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
@@ -45,7 +47,7 @@ class Checkpoint:
             return _hf_weights(self.path)
         if self.format == "dummy":
             return _dummy_weights(self.config, device)
-        return _gguf_weights(self.path, self.config, keep_quantized)
+        return _gguf_weights(self.gguf or GGUFFile(self.path), self.config, keep_quantized)
 
 
 def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
@@ -53,8 +55,9 @@ def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
     if path.is_file():
         if path.suffix != ".gguf" and not _has_gguf_magic(path):   # Ollama's blobs have no suffix
             raise ValueError(f"{path.name}: a model file must be GGUF; otherwise give a checkpoint folder")
-        fields, names = _read_gguf_header(path)
-        return Checkpoint(path, "gguf", ModelConfig.from_gguf_fields(fields, names))
+        index = GGUFFile(path)
+        return Checkpoint(path, "gguf", ModelConfig.from_gguf_fields(_config_fields(index), index.tensor_names),
+                          index)
     config = ModelConfig.from_hf_folder(path)
     if load_format == "dummy":
         return Checkpoint(path, "dummy", config)
@@ -110,41 +113,25 @@ def _dummy_weights(config: ModelConfig, device, seed: int = 0) -> Iterator[tuple
         yield prefix + "post_attention_layernorm.weight", torch.ones(h)
 
 
-def _gguf_reader(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as err:  # the reader raises many kinds on a truncated or foreign file
-        raise ValueError(f"{path.name} is not a readable GGUF file ({type(err).__name__}); "
-                         "re-download it") from None
-
-
-def _read_gguf_header(path: Path) -> tuple[dict, set[str]]:
-    reader = _gguf_reader(path)
-    fields = {}
-    for key, field in reader.fields.items():
-        if key == "tokenizer.ggml.tokens":
-            fields[key] = range(len(field.data))  # only its length is needed here
-            continue
-        if key.startswith("tokenizer.ggml.") and key not in (
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
-            continue
-        try:
-            fields[key] = field.contents()
-        except Exception:
-            continue
-    return fields, {t.name for t in reader.tensors}
+def _config_fields(index: GGUFFile) -> dict:
+    """The fields ModelConfig reads: all but the tokenizer's arrays, of which only the number of
+    tokens is needed (its vocabulary size when the architecture omits it)."""
+    fields = {k: v for k, v in index.fields.items() if not k.startswith("tokenizer.ggml.")}
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        if key in index.fields:
+            fields[key] = index.fields[key]
+    if "tokenizer.ggml.tokens" in index.fields:
+        fields["tokenizer.ggml.tokens"] = range(len(index.fields["tokenizer.ggml.tokens"]))
+    return fields
 
 
-def _gguf_weights(path: Path, config: ModelConfig,
+def _gguf_weights(index: GGUFFile, config: ModelConfig,
                   keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
     from replica.quantization.gguf_packed import SUPPORTED_TYPES, GGUFTensor
 
-    reader = _gguf_reader(path)
-    for tensor in reader.tensors:
+    for tensor in index.tensors:
         name = _gguf_to_hf_name(tensor.name)
         if name is None:
             continue
@@ -160,11 +147,7 @@ def _gguf_weights(path: Path, config: ModelConfig,
             rows, cols = int(tensor.shape[1]), int(tensor.shape[0])   # GGUF lists dims fastest first
             yield name, GGUFTensor(tensor.tensor_type.name, data.contiguous(), (rows, cols))
             continue
-        if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                                  gguf.GGMLQuantizationType.BF16):
-            array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
-        else:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)   # F32 is a view of the file
         weight = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # a writable copy
         if config.architecture == "llama":
             if name.endswith("q_proj.weight"):

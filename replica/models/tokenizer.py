@@ -1,10 +1,13 @@
 """Tokenizer, chat template and incremental detokenisation.
 
 The tokenizer comes from the checkpoint folder's tokenizer files or from the GGUF metadata
-(transformers builds a fast tokenizer from either); no model object of transformers is used.
+(transformers builds a fast tokenizer from either; a GGUF's is kept in `tokenizer_cache`); no
+model object of transformers is used.
 """
 import logging
 from pathlib import Path
+
+from replica.models import tokenizer_cache
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,11 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         if fmt == "gguf":
-            check_gguf_installed()
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            hf = tokenizer_cache.load(path)
+            if hf is None:
+                check_gguf_installed()
+                hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                tokenizer_cache.save(path, hf)
             tokenizer = cls(hf, eos_token_ids)
             if not tokenizer.has_chat_template:
                 tokenizer._use_ollama_template(path)

@@ -40,7 +40,7 @@ def test_batch_of_questions_each_answered(smollm2):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_a_gguf_without_an_installed_gguf_package_gets_an_error_that_says_pip_install_gguf(monkeypatch):
+def test_a_gguf_without_an_installed_gguf_package_gets_an_error_that_says_pip_install_gguf(monkeypatch, tmp_path):
     # A gguf-py folder on PYTHONPATH imports but has no distribution metadata; transformers then
     # fails with "Invalid version: 'N/A'" (seen on the GPU machine). The metadata lookup is patched
     # here because uninstalling the real package would break the other tests.
@@ -56,5 +56,6 @@ def test_a_gguf_without_an_installed_gguf_package_gets_an_error_that_says_pip_in
         return real_version(name)
 
     monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setenv("PAGEFLEET_CACHE_DIR", str(tmp_path))       # the tokenizer not built yet
     with pytest.raises(ValueError, match="pip install gguf"):
         Tokenizer.load(resolve_model_path("smollm2"), "gguf", [2])
