@@ -26,3 +26,14 @@ def test_x_rounded_to_int8_moves_the_4_bit_logits_a_little_and_no_further(monkey
     round_x_of_4bit_projections()
     same = measure("smollm2", "cpu", ["Q4_0"], num_prompts=2, prompt_len=16)["Q4_0"]["vs_same_weights"]["rows8"]
     assert 0.0 < same["prefill_rel_err"] < 0.03, same
+
+
+def test_the_output_heads_x_rounded_alone_moves_its_logits_a_little():
+    """--head-x-int8: the head's input (recorded in one bf16 run, prefill and first decode step)
+    rounded per 32-element group as a 6-bit head's GEMV takes it."""
+    from bench.quant_trained import head_x_rounding
+
+    result = head_x_rounding("smollm2", "cpu", num_prompts=2, prompt_len=16)["head_x_int8_vs_bf16"]
+    assert set(result) == {"rows2", "rows8"}
+    for step in ("prefill", "decode"):
+        assert 0.0 < result["rows8"][f"{step}_rel_err"] < 0.03, result

@@ -7,6 +7,7 @@ encoding of some weights. The mixtures follow llama.cpp's presets: Q4_K_M keeps 
 ffn_down and the output in Q6_K, Q4_K_S keeps the output in Q6_K, Q5_K_M keeps attn_v and ffn_down
 and the output in Q6_K.
 """
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -104,19 +105,27 @@ def write_tiny_gguf(path: Path, quant: str, seed: int = 0, tokenizer_from: Path 
 
 def _copy_tokenizer(writer, source: Path, chat_template: str | None) -> int:
     """Copies `tokenizer.ggml.*` from another GGUF (and a chat template only if given)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(source))
     num_tokens = 0
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.ggml."):
-            continue
-        value = field.contents()
+    for key, value, value_type, sub_type in _tokenizer_fields(source):
         if key == "tokenizer.ggml.tokens":
             num_tokens = len(value)
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, value_type, sub_type=sub_type)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     return num_tokens
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(source: Path) -> tuple:
+    """(key, value, type, element type) of a GGUF's tokenizer fields, read once a session:
+    gguf-py's reader takes seconds over a 49k-token vocabulary."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    fields = []
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml."):
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            fields.append((key, field.contents(), value_type, sub_type))
+    return tuple(fields)
