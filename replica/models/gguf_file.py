@@ -47,6 +47,8 @@ class GGUFFile:
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
+                if self.path.stat().st_size < 24:
+                    raise _FormatError("shorter than a GGUF header" if self.path.stat().st_size else "an empty file")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self.fields: dict[str, object] = {}
             self.tensors: list[TensorInfo] = []

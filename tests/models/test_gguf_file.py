@@ -44,6 +44,10 @@ def good(tmp_path_factory) -> bytes:
 
 
 def damaged(good: bytes, how: str) -> bytes:
+    if how == "empty":
+        return b""
+    if how == "shorter than a header":
+        return good[:20]
     if how == "not GGUF":
         return b"PK\x03\x04" + good[4:]
     if how == "version 1":
@@ -60,6 +64,7 @@ def damaged(good: bytes, how: str) -> bytes:
 
 
 @pytest.mark.parametrize("how, says", [
+    ("empty", "an empty file"), ("shorter than a header", "shorter than a GGUF header"),
     ("not GGUF", "no GGUF magic"), ("version 1", "GGUF version 1; versions 2 and 3 are read"),
     ("big-endian", "a big-endian GGUF"), ("cut in a string", "a string runs past the end of the file"),
     ("cut in a number", "it ends inside its header (truncated?)"),
