@@ -6,7 +6,7 @@ model's tokenizer arrays (SmolLM2: 49,152 tokens and 48,900 merges; Llama 3: 128
 280,147) cost it 5.7 s on SmolLM2's 98 MB file, and a replica read the header three times
 before it served. Here the same file takes well under a second. gguf-py still names the tensor types
 and dequantises (`gguf.quants`), and transformers still builds the tokenizer from the file
-(once: `replica.models.tokenizer` keeps what it built).
+(once: `replica.models.tokenizer_cache` keeps what it built).
 
 Layout (little-endian; GGUF versions 2 and 3):
 
@@ -47,8 +47,9 @@ class GGUFFile:
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
-                if self.path.stat().st_size < 24:
-                    raise _FormatError("shorter than a GGUF header" if self.path.stat().st_size else "an empty file")
+                size = self.path.stat().st_size
+                if size < 24:
+                    raise _FormatError("shorter than a GGUF header" if size else "an empty file")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self.fields: dict[str, object] = {}
             self.tensors: list[TensorInfo] = []
