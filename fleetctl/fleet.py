@@ -298,8 +298,11 @@ class Fleet:
                     rec.started_at_s = replica.started_at_s or time.time()
                     changes.append((rid, f"replaced by {self.backend.name}: now {replica.handle} at {rec.address}"))
                     if rec.phase is Phase.SERVING:
-                        rec.phase, rec.reason = Phase.STARTING, "replaced by the backend"
                         changes.append((rid, "out of NGINX until ready"))
+                    if rec.phase is not Phase.DRAINING:
+                        # the new task is loading, also when the old one had already left NGINX
+                        # (failed): the watcher gives it the ready timeout, not restart_after_s
+                        rec.phase, rec.reason = Phase.STARTING, "replaced by the backend"
                 elif self._restarted_in_place(rec, replica):
                     # Docker's restart policy brought the crashed process back: it is loading,
                     # so the watcher gives it the ready timeout, not restart_after_s

@@ -152,9 +152,12 @@ class SwarmBackend(Backend):
             if not port and is_alive:
                 port = self._local_port(task["ID"])
             rid = replica_id(group, slot)
+            # started_at_s: the task's creation, which stays put (its status timestamp moves at
+            # each state change, e.g. when its health check first passes, and Fleet.refresh would
+            # take that for a restart in place, which Swarm never does: it makes a new task)
             replicas[rid] = Replica(
                 rid, node_addrs.get(task.get("NodeID"), "127.0.0.1"), port, task["ID"][:12],
-                is_alive, parse_time(status.get("Timestamp")), state,
+                is_alive, parse_time(task.get("CreatedAt")), state,
                 {"task_id": task["ID"], "node_id": task.get("NodeID", ""), "group": group})
         return replicas
 

@@ -170,3 +170,4 @@ def test_swarm_kill_9_under_load_swarm_replaces_the_task_and_nginx_follows(ctl, 
     watcher.send_signal(signal.SIGTERM)
     log = watcher.communicate(timeout=30)[0]
     assert "r1: replaced by swarm" in log and "r1: in NGINX (/ready 200)" in log
+    assert "restarted by swarm" not in log and "r1: restarted" not in log  # Swarm's own task was waited for

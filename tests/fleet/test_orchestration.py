@@ -176,14 +176,20 @@ def test_watcher_restarts_a_dead_process_at_once(tmp_path):
 
 
 def test_watcher_waits_for_a_backend_that_restarts_crashed_replicas_itself(tmp_path):
+    """Swarm replaces a crashed task (a new handle and address); the new one loads for longer
+    than restart_after_s on a slow machine, and must get the ready timeout instead."""
     backend = FakeBackend(BackendInfo(restarts_on_crash=True))
     fleet, backend, nginx = start_serving(tmp_path, backend=backend)
-    watcher = Watcher(fleet, failure_threshold=1, restart_after_s=3600.0)
+    watcher = Watcher(fleet, failure_threshold=1, restart_after_s=0.0)
     backend.crash("r1")
     watcher.tick()
     assert backend.stops() == [] and in_nginx(fleet, nginx) == ["r2"]
     backend.start(backend.replicas["r1"].spec)  # the engine restarts it: a new handle and address
-    watcher.tick()  # the fleet takes the new address over; it must pass /ready again
+    backend.replicas["r1"].is_healthy = False  # still loading
+    for _ in range(3):
+        watcher.tick()  # the fleet takes the new address over; it must pass /ready again
+    assert phases(fleet)["r1"] == "starting" and backend.stops() == []
+    backend.replicas["r1"].is_healthy = True  # loaded
     watcher.tick()
     assert in_nginx(fleet, nginx) == ["r1", "r2"] and backend.stops() == []
 
