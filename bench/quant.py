@@ -72,6 +72,19 @@ def decode_tok_per_s(engine, vocab: int) -> float:
     return round(127 / (w2["last"]["0"] - w2["first"]["0"]), 1)
 
 
+def memory_figures(engine) -> dict:
+    """The KV sizing's figures (GiB): what the weights' tensors hold, what the allocator holds
+    beside them, the profiled activation peak; the KV budget the rule gave."""
+    profile = engine.memory_profile
+    if profile is None:
+        return {}
+    gib = lambda n: round(n / 2**30, 3)      # noqa: E731
+    return dict(allocated_after_weights_GiB=gib(profile.allocated_after_weights_bytes),
+                reserved_after_weights_GiB=gib(profile.reserved_after_weights_bytes),
+                activation_peak_GiB=gib(profile.activation_peak_bytes),
+                kv_budget_GiB=gib(profile.kv_budget_bytes))
+
+
 # ---- engines ---------------------------------------------------------------------------------
 def bench_formats(args) -> None:
     from replica.kernels import gguf_gemv_triton as gg
@@ -90,11 +103,13 @@ def bench_formats(args) -> None:
                 gg.TUNED[(qtype, m, n, k)] = config
         started = time.perf_counter()
         engine = build_engine(cfg, fmt, "cuda", max_num_seqs=max_num_seqs, token_budget=args.token_budget,
-                              engine_args=dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens))
+                              engine_args=dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens),
+                              on_host=args.weights_from_host)
         figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens, gguf_x=gguf_x, max_num_seqs=max_num_seqs,
-                       q6k_bits=q6k_bits,
+                       q6k_bits=q6k_bits, weights_from_host=args.weights_from_host,
                        weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
-                       num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1))
+                       num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1),
+                       **memory_figures(engine))
         run(engine, [(p, 16) for p in prompts(8, [512] * 8, vocab, 9)])                  # warm-up
         figures["W2_decode_tok_per_s"] = decode_tok_per_s(engine, vocab)
         if not args.quick:
@@ -177,6 +192,9 @@ def main() -> None:
     parser.add_argument("--q6k-bits", default="6",
                         help="GGUF formats: Q6_K tensors (the head) kept at 6 bits or widened to 8; "
                              "several, comma-separated, run each")
+    parser.add_argument("--weights-from-host", action="store_true",
+                        help="formats: build each format's weights in host memory first, so that the engine "
+                             "loads them as from a file (by default they are made and encoded on the GPU)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     sections = set(args.sections.split(","))

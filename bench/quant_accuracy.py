@@ -38,7 +38,7 @@ from replica.engine.engine import LLMEngine
 from replica.kernels.fp8_linear import quantize_rows_ref
 from replica.models.loader import InMemoryCheckpoint, _dummy_weights
 from replica.models.model_config import ModelConfig
-from replica.quantization.gguf_packed import dequantize_packed, pack
+from replica.quantization.gguf_packed import GGUFTensor, dequantize_packed, pack
 from replica.quantization.gguf_quantize import llama_cpp_mix, quantize
 from replica.sampling_params import SamplingParams
 
@@ -87,16 +87,31 @@ def checkpoint(cfg: ModelConfig, fmt: str, device, *, effective_of: str | None =
 
 
 def build_engine(cfg: ModelConfig, fmt: str, device: str, *, max_num_seqs: int, token_budget: int,
-                 engine_args: dict | None = None, **checkpoint_args) -> LLMEngine:
+                 engine_args: dict | None = None, on_host: bool = False, **checkpoint_args) -> LLMEngine:
     """fmt: a weight format, with "_kv8" appended for an FP8 KV cache (e.g. "fp8_kv8").
-    engine_args: further EngineConfig fields (tests: a small KV cache)."""
+    engine_args: further EngineConfig fields (tests: a small KV cache). on_host: every weight
+    made (and encoded) first and kept in host memory, so that the engine's load sees what a file
+    gives it and none of the encoder's device temporaries."""
     weights = fmt.removesuffix("_kv8")
     quantization = "gguf" if weights in GGUF_FORMATS else ("fp8" if weights == "fp8" else None)
     config = dict(model="bench", device=device, dtype="bfloat16", max_num_batched_tokens=token_budget,
                   max_num_seqs=max_num_seqs, max_model_len=4096, quantization=quantization,
                   kv_cache_dtype="fp8" if fmt.endswith("_kv8") else "auto")
+    ckpt = checkpoint(cfg, weights, device, **checkpoint_args)
     return LLMEngine(EngineConfig(**(config | (engine_args or {}))),
-                     checkpoint=checkpoint(cfg, weights, device, **checkpoint_args))
+                     checkpoint=host_copy(ckpt) if on_host else ckpt)
+
+
+def host_copy(ckpt: InMemoryCheckpoint) -> InMemoryCheckpoint:
+    """ckpt's weights materialised in host memory (GGUF blocks as GGUFTensors of host bytes)."""
+    def to_host(tensor):
+        if isinstance(tensor, GGUFTensor):
+            return GGUFTensor(tensor.qtype, tensor.data.cpu(), tensor.shape)
+        return tensor.cpu()
+    weights = [(name, to_host(tensor)) for name, tensor in ckpt.weights()]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return InMemoryCheckpoint(ckpt.config, lambda: iter(weights))
 
 
 def step_logits(engine: LLMEngine, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,6 +111,7 @@ class EngineCore:
         self.model = LlamaForCausalLM(cfg, self.dtype, self.device, backend, self.max_model_len,
                                       quantization=quantization)
         self.model.load_weights(checkpoint.weights(self.device, keep_quantized=quantization == "gguf"))
+        self.memory_profile = None          # set by the GPU's KV sizing (gpu_memory.MemoryProfile)
         num_blocks = self._resolve_num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

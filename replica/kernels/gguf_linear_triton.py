@@ -7,9 +7,12 @@
 - more rows (prefill, larger decode batches): the weight dequantised by a Triton kernel into
   x's dtype, then one cuBLAS GEMM. At 2048 rows that costs 1.05-1.14x bf16's time on an H200;
   a tiled dequantise-in-registers GEMM (this module's first kernel, removed) was 10-30x slower
-  (bench/results/quant-issue15b-H200-8b-2026-11-28.json). A matrix above DEQUANT_CHUNK
-  elements (an output head: 128k x 4096) is dequantised and multiplied a slice of rows at a time,
-  so its bf16 copy never exists whole.
+  (bench/results/quant-issue15b-H200-8b-2026-11-28.json). A matrix above DEQUANT_WHOLE
+  elements (an output head: 128k x 4096) is dequantised and multiplied DEQUANT_SLICE elements of
+  rows at a time, so its bf16 copy never exists whole. The slice is below the 8B's largest
+  projection (gate_up, 117M elements, dequantised whole), so that the head does not set the
+  profiled activation peak that the KV cache's budget is reduced by: 512 MiB slices made a
+  4-bit 8B's peak 0.53 GiB above bf16's (bench/results/quant-memory-H200-8b-2026-11-30.json).
 """
 import torch
 
@@ -21,7 +24,8 @@ from replica.kernels.checks import (
 from replica.kernels.gguf_linear import XInt8
 from replica.quantization.gguf_packed import PackedGGUF
 
-DEQUANT_CHUNK = 1 << 28     # elements of W dequantised at once (512 MiB in bf16)
+DEQUANT_WHOLE = 1 << 28     # elements of W up to which it is dequantised at once (512 MiB in bf16)
+DEQUANT_SLICE = 1 << 26     # elements a slice of a larger W (128 MiB in bf16)
 
 
 def check_packed(packed: PackedGGUF) -> None:
@@ -85,13 +89,14 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
         return gguf_gemv_triton.gguf_gemv(x, packed, bias, config, out)
     if num_rows <= gguf_gemv_triton.GEMV_ROWS:
         return gguf_gemv_triton.gguf_gemv(x, packed, bias, out=out)
-    rows_per_chunk = max(1, DEQUANT_CHUNK // k)
-    if out is None and n <= rows_per_chunk:
+    is_whole = n * k <= DEQUANT_WHOLE
+    if out is None and is_whole:
         return torch.nn.functional.linear(x, gguf_dequant_triton.dequantize(packed, x.dtype), bias)
     if out is None:
         out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
-    for start in range(0, n, rows_per_chunk):
-        stop = min(n, start + rows_per_chunk)
+    rows_per_slice = n if is_whole else max(1, DEQUANT_SLICE // k)
+    for start in range(0, n, rows_per_slice):
+        stop = min(n, start + rows_per_slice)
         w = gguf_dequant_triton.dequantize(packed.rows(start, stop), x.dtype)
         out[:, start:stop] = torch.nn.functional.linear(x, w, None if bias is None else bias[start:stop])
     return out

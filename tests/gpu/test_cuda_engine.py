@@ -103,6 +103,34 @@ def test_gpu_memory_profile_sizes_the_cache(tmp_path):
     assert torch.cuda.memory_allocated() < 0.3 * total + (512 << 20)
 
 
+def test_holes_in_torchs_allocator_do_not_shrink_the_kv_cache(tmp_path):
+    """Packed GGUF weights leave holes in the allocator's segments (raw bytes freed between the
+    tensors that stay). The budget counts live tensors: ~1 GiB of holes costs the cache only the
+    tensors that keep them open, not the holes."""
+    import gc
+    path = make_tiny_model(tmp_path / "m", "llama", with_tokenizer=False)
+    config = EngineConfig(model=str(path), device="cuda", gpu_memory_utilization=0.3, max_model_len=512)
+    engine = LLMEngine(config)
+    budget_without_holes = engine.memory_profile.kv_budget_bytes
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    # Each round: a new 64 MiB segment (no hole left is that large), freed, then a 33 MiB pin
+    # split from it (best fit: the older 31 MiB holes are too small), leaving a 31 MiB hole.
+    pins = []
+    for _ in range(32):
+        del_me = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        del del_me
+        pins.append(torch.empty(33 << 20, dtype=torch.uint8, device="cuda"))
+    engine = LLMEngine(config)
+    profile = engine.memory_profile
+    holes = profile.reserved_after_weights_bytes - profile.allocated_after_weights_bytes
+    assert holes > 768 << 20, "the setup left the holes it meant to"
+    pinned = 32 * (33 << 20)
+    assert abs(profile.kv_budget_bytes - (budget_without_holes - pinned)) < 128 << 20
+    del engine, pins
+
+
 @pytest.mark.parametrize("fmt", ["Q4_K_M", "Q5_K_M", "fp32_kv8"])
 def test_packed_gguf_and_an_fp8_cache_run_in_graphs_as_eagerly(fmt):
     """The GGUF formats as llama.cpp mixes them (8-bit Q6_K head and v/down, segments in qkv)

@@ -238,12 +238,17 @@ def test_a_large_matrix_is_dequantised_a_slice_of_rows_at_a_time(monkeypatch):
         seen_rows.append(packed.shape[0])
         return dequantize_rows(packed, dtype)
     monkeypatch.setattr(gguf_linear_triton.gguf_dequant_triton, "dequantize", recording)
-    monkeypatch.setattr(gguf_linear_triton, "DEQUANT_CHUNK", 16 * 256)     # 16 rows of K = 256
+    monkeypatch.setattr(gguf_linear_triton, "DEQUANT_WHOLE", 32 * 256)     # 32 rows of K = 256 at once
+    monkeypatch.setattr(gguf_linear_triton, "DEQUANT_SLICE", 16 * 256)     # then slices of 16 rows
     packed = pack(GGUFTensor("Q4_K", quantize(_weights(40, 256, 7), "Q4_K").data.to(DEVICE), (40, 256)))
     x = torch.randn(6, 256).to(DTYPE).to(DEVICE)
     bias = torch.randn(40).to(DTYPE).to(DEVICE)
     out = gguf_linear(x, packed, bias)
     assert seen_rows == [16, 16, 8]
+    seen_rows.clear()
+    whole = pack(GGUFTensor("Q4_K", quantize(_weights(32, 256, 8), "Q4_K").data.to(DEVICE), (32, 256)))
+    gguf_linear(x, whole)
+    assert seen_rows == [32]
     ref = gguf_linear_ref(x.double(), packed, bias.double())
     assert ((out.double() - ref).norm() / ref.norm()).item() < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
