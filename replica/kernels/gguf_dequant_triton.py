@@ -9,14 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.kernels import pdl
+from replica.kernels import pdl, q4_word_dot_triton
 from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 
 @triton.jit
 def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn, stride_sn, stride_on,
                          BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr,
+                         SUPER: tl.constexpr = False):
     pdl.wait_and_release(PDL)
     # GROUP: elements a scale covers (32; Q6_K's 8-bit codes 16)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -25,10 +26,14 @@ def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn,
     mask3 = mask2[:, :, None]
     rows64 = rows.to(tl.int64)
     s_offs = rows64[:, None] * stride_sn + gs[None, :]
-    scale = tl.load(s_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
-    if HAS_MIN:
+    if SUPER:         # Q4_K: sub-scales and their superblock's (d, -dmin), as the GEMV reads them
+        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, True, True)
+        scale, low = scale[:, :, None], low[:, :, None]
+    elif HAS_MIN:
+        scale = tl.load(s_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
         low = tl.load(m_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
     else:
+        scale = tl.load(s_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
         low = tl.zeros([1, 1, 1], dtype=tl.float32)
     if BITS == 4:
         # a group's 4 words to a lane (one 16-byte load); nibble i < 4 of a word holds its
@@ -99,12 +104,14 @@ def dequantize(packed: PackedGGUF, dtype: torch.dtype) -> torch.Tensor:
         return out
     num_groups = k // packed.group_size
     block_n, groups = 16, 16 * GROUP_SIZE // packed.group_size
-    mins = packed.mins if packed.mins is not None else packed.scales
+    is_super = packed.super_scales is not None
+    mins = (packed.super_scales.view(torch.int32) if is_super
+            else packed.mins if packed.mins is not None else packed.scales)
     qweight = packed.qweight.view(torch.int32) if packed.bits == 4 else packed.qweight
     _gguf_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(num_groups, groups))](
         qweight, packed.scales, mins, out, n, num_groups, qweight.stride(0),
         packed.scales.stride(0), out.stride(0),
-        BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.mins is not None,
+        BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.has_min, SUPER=is_super,
         BLOCK_N=block_n, GROUPS=groups, GROUP=packed.group_size, **pdl.launch_options(out.device), num_warps=4,
     )
     return out

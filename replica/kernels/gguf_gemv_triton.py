@@ -94,13 +94,14 @@ def _q4_gemv_kernel(
     GATED: tl.constexpr, PDL: tl.constexpr,
     PREFETCH: tl.constexpr,          # PDL: programs below prefetch_programs (launch order) prefetch
     SIX_BIT: tl.constexpr = False,   # X8, 6-bit codes: top bits at h_ptr, s_ptr the scales as int32 pairs
+    SUPER: tl.constexpr = False,     # Q4_K: s_ptr its int16 sub-scales, m_ptr its superblocks' (d, -dmin)
 ):
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
     if PREFETCH:
         if tl.program_id(0) + tl.program_id(1) * tl.num_programs(0) < prefetch_programs:   # the first wave
             q4_word_dot_triton.prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, g_start, g_end,
-                                               GROUPS, 1, HAS_MIN)
+                                               GROUPS, 1, HAS_MIN, SUPER)
             if SIX_BIT:
                 gguf_gemv_x8_triton.prefetch_high(h_ptr, rows64, stride_hn, g_start, g_end, GROUPS)
     pdl.wait_and_release(PDL)
@@ -123,7 +124,7 @@ def _q4_gemv_kernel(
                 one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A)
         else:
             words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
-                q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN)
+                q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER)
             tot0, tot1, tot2, tot3 = _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low,
                                               x_ptr, x2_ptr, row_zero, gs, g_mask, stride_xm, num_groups, one, M,
                                               EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
@@ -284,12 +285,14 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     grid = (triton.cdiv(n // 2 if gated else n, config.block_n // 2 if gated else config.block_n), plan.split_k)
     six_bit = packed.bits == 6            # its scales go as int32 pairs, one 4-byte load a lane
     s_arg = packed.scales.view(torch.int32) if six_bit else packed.scales
-    scales = (s_arg, packed.mins if packed.mins is not None else packed.scales,
+    m_arg = (packed.super_scales.view(torch.int32) if packed.super_scales is not None
+             else packed.mins if packed.mins is not None else packed.scales)
+    scales = (s_arg, m_arg,
               bias if bias is not None else om, om, partial)
     shape = (n, plan.num_groups, plan.groups_per_split, 1)
     strides = (qweight32.stride(0), s_arg.stride(0), om.stride(0))
     high = packed.qhigh.view(torch.int32) if six_bit else qweight32
-    flags = dict(HAS_MIN=packed.mins is not None, HAS_BIAS=bias is not None, M=xm.shape[0],
+    flags = dict(HAS_MIN=packed.has_min, HAS_BIAS=bias is not None, M=xm.shape[0],
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
         x8 = xm if isinstance(xm, XInt8) else gguf_gemv_x8_triton.quantize_x(xm)   # ~1.5 us at 1 row
@@ -298,7 +301,8 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
                               om if x8.sumsq is None else x8.sumsq, high, *shape, x8.codes.stride(0) // 4, *strides,
                               x8.eps, prefetch_programs, high.stride(0), ZERO_POINT=packed.zero_point,
                               GROUPS=plan.groups, BF16_ASM=0, X8=True, DP4A=om.is_cuda, NUM_PARTS=num_parts,
-                              PARTS=triton.next_power_of_2(num_parts), SIX_BIT=six_bit, **flags, **launch)
+                              PARTS=triton.next_power_of_2(num_parts), SIX_BIT=six_bit,
+                              SUPER=packed.super_scales is not None, **flags, **launch)
         return
     # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
     bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
@@ -308,7 +312,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
         _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *scales, om, high, *shape,
                               xm.stride(0), *strides, 0.0, prefetch_programs, 0, ZERO_POINT=packed.zero_point,
                               GROUPS=plan.groups, BF16_ASM=bf16_asm, X8=False, DP4A=False, NUM_PARTS=0, PARTS=1,
-                              **flags, **launch)
+                              SUPER=packed.super_scales is not None, **flags, **launch)
     else:
         gguf_gemv8_triton.q8_gemv_kernel[grid](
             xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *scales, *shape, xm.stride(0), *strides,

@@ -31,8 +31,12 @@ DEQUANT_SLICE = 1 << 26     # elements a slice of a larger W (128 MiB in bf16)
 def check_packed(packed: PackedGGUF) -> None:
     n, k = packed.shape
     check_shape("scales", packed.scales, (n, k // packed.group_size))
-    check_dtype("scales", packed.scales, (torch.float16,))
+    check_dtype("scales", packed.scales, (torch.int16,) if packed.super_scales is not None else (torch.float16,))
     check_contiguous("scales", packed.scales)
+    if packed.super_scales is not None:
+        check_shape("super_scales", packed.super_scales, (n, k // 256, 2))
+        check_dtype("super_scales", packed.super_scales, (torch.float16,))
+        check_contiguous("super_scales", packed.super_scales)
     if packed.mins is not None:
         check_shape("mins", packed.mins, (n, k // packed.group_size))
         check_dtype("mins", packed.mins, (torch.float16,))

@@ -112,7 +112,7 @@ def packed_gemv_lanes(N, per_split, total, BLOCK_N: tl.constexpr, LANES: tl.cons
 
 @triton.jit
 def prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, start, end, LANES: tl.constexpr,
-                    LANES_PER_SCALE: tl.constexpr, HAS_MIN: tl.constexpr):
+                    LANES_PER_SCALE: tl.constexpr, HAS_MIN: tl.constexpr, SUPER: tl.constexpr = False):
     """The program's weights, before its PDL wait: the 16-byte runs of lanes [start, end) of its
     rows (the addresses `load_words4` reads), their scales and mins, into L2 (`pdl.prefetch_l2`).
     The first wave of programs thus streams its weights while the kernel before it runs."""
@@ -122,7 +122,9 @@ def prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, start, en
         pdl.prefetch_l2(q_ptr + rows64[:, None] * stride_qn + (lanes * 4)[None, :])
         s_offs = rows64 * stride_sn + l0 // LANES_PER_SCALE       # a tile's scales: 64-128 bytes a row
         pdl.prefetch_l2(s_ptr + s_offs)
-        if HAS_MIN:
+        if SUPER:
+            pdl.prefetch_l2(m_ptr + (s_offs >> 3))
+        elif HAS_MIN:
             pdl.prefetch_l2(m_ptr + s_offs)
 
 
@@ -141,21 +143,36 @@ def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.conste
 
 @triton.jit
 def load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, lanes, lane_mask, one,
-              LANES_PER_SCALE: tl.constexpr, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr):
+              LANES_PER_SCALE: tl.constexpr, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr,
+              SUPER: tl.constexpr = False):
     """A GEMV tile: each lane's 16 bytes of codes of each row (4 words, one load) and its group's
     scale and min. The scales' column goes through `one` (a runtime 1) so that the compiler does
     not vectorise them across lanes, which would give them another layout than the words'."""
     words0, words1, words2, words3 = load_words4(q_ptr, rows64, stride_qn, lanes, lane_mask, EVEN_K)
     s_offs = rows64[:, None] * stride_sn + ((lanes * one) // LANES_PER_SCALE)[None, :]
-    scale, low = load_scale_min(s_ptr, m_ptr, s_offs, lane_mask, EVEN_K, HAS_MIN)
+    scale, low = load_scale_min(s_ptr, m_ptr, s_offs, lane_mask, EVEN_K, HAS_MIN, SUPER)
     return words0, words1, words2, words3, scale, low
 
 
 @triton.jit
-def load_scale_min(s_ptr, m_ptr, offs, lane_mask, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr):
-    """Each lane's group scale and, for the types with one, its min (else 0.0), as fp32."""
+def load_scale_min(s_ptr, m_ptr, offs, lane_mask, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr,
+                   SUPER: tl.constexpr = False):
+    """Each lane's group scale and, for the types with one, its min (else 0.0), as fp32.
+    SUPER (Q4_K): s_ptr the int16 sub-scales (sc | m << 8), m_ptr the superblocks' fp16 (d, -dmin)
+    as int32, a group's at its offset >> 3; the products d·sc, -dmin·m are exact in fp32."""
     low = 0.0
-    if EVEN_K:
+    if SUPER:
+        if EVEN_K:
+            sub = tl.load(s_ptr + offs).to(tl.int32)
+            pair = tl.load(m_ptr + (offs >> 3))
+        else:
+            sub = tl.load(s_ptr + offs, mask=lane_mask, other=0).to(tl.int32)
+            pair = tl.load(m_ptr + (offs >> 3), mask=lane_mask, other=0)
+        d = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        neg_dmin = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        scale = d * (sub & 0xFF).to(tl.float32)
+        low = neg_dmin * ((sub >> 8) & 0xFF).to(tl.float32)
+    elif EVEN_K:
         scale = tl.load(s_ptr + offs).to(tl.float32)
         if HAS_MIN:
             low = tl.load(m_ptr + offs).to(tl.float32)

@@ -219,10 +219,10 @@ def _join(parts: list[PackedGGUF]) -> PackedGGUF:
         return parts[0]
     if len({p.layout for p in parts}) > 1:
         parts = [with_mins(p) for p in parts]
-    mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
-    qhigh = None if parts[0].qhigh is None else torch.cat([p.qhigh for p in parts])
-    return PackedGGUF(parts[0].qtype, torch.cat([p.qweight for p in parts]),
-                      torch.cat([p.scales for p in parts]), mins, qhigh)
+    def cat(name: str) -> torch.Tensor | None:
+        first = getattr(parts[0], name)
+        return None if first is None else torch.cat([getattr(p, name) for p in parts])
+    return PackedGGUF(parts[0].qtype, cat("qweight"), cat("scales"), cat("mins"), cat("qhigh"), cat("super_scales"))
 
 
 def make_weight(quantization: str | None, num_rows: int, num_cols: int, dtype: torch.dtype,

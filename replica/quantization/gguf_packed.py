@@ -9,7 +9,7 @@ each with one scale and, for the asymmetric types, one offset ("min"):
     type   bits  G   zero_point  mins   from the GGML block
     Q4_0    4    32      8        -      d
     Q4_1    4    32      0       yes     d, m
-    Q4_K    4    32      0       yes     d·sc_j, -dmin·m_j  (the 256-superblock's 6-bit sub-scales folded in)
+    Q4_K    4    32      0       yes     d·sc_j, -dmin·m_j  (kept apart: see "Q4_K" below)
     Q8_0    8    32      0        -      d (q signed)
     Q6_K    6    16     32        -      d·sc_j (the 256-superblock's int8 sub-scales folded in)
     Q5_0    8    32      0        -      d (q − 16 stored signed)
@@ -47,12 +47,19 @@ Layout (row-major, one row per output feature n):
            of a 4-bit word: one OR makes the 4 codes bytes
     8-bit  qweight int8  [N, K]
     scales fp16 [N, K/G]; mins fp16 [N, K/G] or None
+    Q4_K   scales int16 [N, K/32]: a group's 6-bit sub-scale sc_j | its 6-bit sub-min m_j << 8;
+           super_scales fp16 [N, K/256, 2]: its 256-superblock's (d, -dmin); mins None. Row-major
+           and K a multiple of 256, so a group's superblock is at (its offset in scales) >> 3.
+           4.625 bits a weight, as GGML's 4.5 plus the sub-scales in bytes; the kernels compute
+           d·sc_j and -dmin·m_j in fp32 (exact). Folded into fp16 scales and mins per group, as
+           until 2026-11-30 and still where a fused projection mixes Q4_K with Q4_0/Q4_1 parts
+           (`with_mins`), it took 5 bits a weight: an 8B's weights 5.47 → 5.16 GiB, its decode
+           speed unchanged (bench/results/quant-q4k-layout-H200-8b-2026-11-30.json).
 
-Exactness: Q4_0, Q4_1 and Q8_0 keep GGML's fp16 d and m, so the dequantised values equal gguf's
-bit for bit (in fp32). Q4_K's group scale d·sc (fp16 × 6-bit int) is rounded to fp16 once at
-repack: a relative error ≤ 2⁻¹¹ of the group's scale, under 0.05 % of one quantisation step;
-Q6_K's d·sc (fp16 × int8) likewise. Q4_K repacked is 5.0 bits a weight (4.5 in the file): the kernels read one scale per group
-instead of decoding the 12-byte sub-scale field.
+Exactness: Q4_0, Q4_1, Q8_0 and Q4_K keep GGML's fp16 d and m (Q4_K's sub-scales as integers),
+so the dequantised values equal gguf's up to fp32 rounding. Q6_K's group scale d·sc (fp16 ×
+int8) is rounded to fp16 once at repack: a relative error ≤ 2⁻¹¹ of the group's scale, under
+0.05 % of one quantisation step; a flat Q4_K (`with_mins`) and Q5_K likewise.
 """
 from dataclasses import dataclass
 
@@ -96,6 +103,7 @@ class PackedGGUF:
     scales: torch.Tensor
     mins: torch.Tensor | None
     qhigh: torch.Tensor | None = None       # 6-bit: the codes' top 2 bits
+    super_scales: torch.Tensor | None = None    # Q4_K: (d, -dmin) a 256-superblock; scales its sub-scales
 
     @property
     def bits(self) -> int:
@@ -115,21 +123,34 @@ class PackedGGUF:
     def shape(self) -> tuple[int, int]:
         return self.scales.shape[0], self.scales.shape[1] * self.group_size
 
+    @property
+    def has_min(self) -> bool:
+        return self.mins is not None or self.super_scales is not None
+
     def rows(self, start: int, stop: int) -> "PackedGGUF":
         """Rows start..stop of the matrix, as views (every tensor is row-major)."""
-        return PackedGGUF(self.qtype, self.qweight[start:stop], self.scales[start:stop],
-                          None if self.mins is None else self.mins[start:stop],
-                          None if self.qhigh is None else self.qhigh[start:stop])
+        def part(t):
+            return None if t is None else t[start:stop]
+        return PackedGGUF(self.qtype, self.qweight[start:stop], self.scales[start:stop], part(self.mins),
+                          part(self.qhigh), part(self.super_scales))
 
     @property
     def num_bytes(self) -> int:
-        tensors = [t for t in (self.qweight, self.scales, self.mins, self.qhigh) if t is not None]
+        tensors = [t for t in (self.qweight, self.scales, self.mins, self.qhigh, self.super_scales) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
-    def layout(self) -> tuple[int, int, int, bool]:
+    def layout(self) -> tuple[int, int, int, bool, bool]:
         """Parts with the same layout can share one fused matrix (qkv, gate_up)."""
-        return self.bits, self.group_size, self.zero_point, self.mins is not None
+        return self.bits, self.group_size, self.zero_point, self.has_min, self.super_scales is not None
+
+    def group_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each group's (scale, min) as fp32 [N, K/G] (min None for the types without one)."""
+        if self.super_scales is None:
+            return self.scales.float(), None if self.mins is None else self.mins.float()
+        sub = self.scales.view(torch.uint8).reshape(*self.scales.shape, 2).float()     # (sc, m), little-endian
+        d_min = self.super_scales.float().repeat_interleave(8, dim=1)                  # [N, K/32, 2]
+        return d_min[..., 0] * sub[..., 0], d_min[..., 1] * sub[..., 1]
 
 
 def _fp16(raw: torch.Tensor) -> torch.Tensor:
@@ -159,14 +180,13 @@ def pack(tensor: GGUFTensor) -> PackedGGUF:
         return PackedGGUF(tensor.qtype, nibbles_from_values(values), _fp16(blocks[..., 0:2]), mins)
     # Q4_K: d, dmin (fp16), 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of nibbles where
     # byte 32c + l holds element 64c + l (sub-block 2c) low and 64c + 32 + l (sub-block 2c+1) high.
-    d = _fp16(blocks[..., 0:2]).float()[..., None]
-    dmin = _fp16(blocks[..., 2:4]).float()[..., None]
+    d_min = blocks[..., 0:4].contiguous().view(torch.float16).clone()       # [rows, superblocks, 2]
+    d_min[..., 1] = -d_min[..., 1]
     sc, mn = q4_k_scale_min(blocks[..., 4:16])
-    scales = (d * sc.float()).reshape(rows, groups).half()
-    mins = (-(dmin * mn.float())).reshape(rows, groups).half()
+    sub = torch.stack([sc, mn], dim=-1).reshape(rows, groups, 2).view(torch.int16).reshape(rows, groups)
     qs = blocks[..., 16:].reshape(rows, -1, 4, 32)
     values = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(rows, groups, GROUP_SIZE)
-    return PackedGGUF("Q4_K", nibbles_from_values(values), scales, mins)
+    return PackedGGUF("Q4_K", nibbles_from_values(values), sub.contiguous(), None, None, d_min.contiguous())
 
 
 def _pack_q6_k(blocks: torch.Tensor, rows: int, cols: int) -> PackedGGUF:
@@ -276,15 +296,20 @@ def dequantize_packed(packed: PackedGGUF, dtype: torch.dtype = torch.float32) ->
     w = unpack_values(packed).to(torch.float32).reshape(n, k // group, group)
     if packed.zero_point:
         w -= packed.zero_point
-    w *= packed.scales.float()[..., None]
-    if packed.mins is not None:
-        w += packed.mins.float()[..., None]
+    scales, mins = packed.group_scales()
+    w *= scales[..., None]
+    if mins is not None:
+        w += mins[..., None]
     return w.reshape(n, k).to(dtype)
 
 
 def with_mins(packed: PackedGGUF) -> PackedGGUF:
-    """A Q4_0 part re-expressed with explicit mins (-8·d, exact in fp16), so it can share a fused
-    matrix with Q4_1/Q4_K parts. Other layouts are returned unchanged."""
+    """A 4-bit part in the flat layout (fp16 scales and mins a group), so that it can share a
+    fused matrix with parts of other 4-bit types: Q4_0 gains explicit mins (-8·d, exact in fp16),
+    Q4_K's d·sc_j and -dmin·m_j are rounded to fp16. Other layouts are returned unchanged."""
+    if packed.super_scales is not None:
+        scales, mins = packed.group_scales()
+        return PackedGGUF(packed.qtype, packed.qweight, scales.half(), mins.half())
     if packed.qtype != "Q4_0":
         return packed
     return PackedGGUF("Q4_1", packed.qweight, packed.scales, -8 * packed.scales)

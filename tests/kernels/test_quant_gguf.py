@@ -52,15 +52,27 @@ def test_repacked_layout_decodes_exactly_as_gguf(qtype):
 
 
 @needs_gguf
-def test_q4_k_repacked_layout_decodes_as_gguf_within_fp16_group_scales():
+def test_q4_k_repacked_layout_decodes_exactly_as_gguf_in_4_625_bits_a_weight():
     w = _weights(5, 512, seed=2)
     tensor = quantize(w, "Q4_K")
     packed = pack(tensor)
-    ours, theirs = dequantize_packed(packed), _gguf_dequantize(tensor)
+    assert packed.num_bytes * 8 == 4.625 * 5 * 512      # nibbles, sub-scales in bytes, (d, dmin) a superblock
+    assert torch.equal(dequantize_packed(packed), _gguf_dequantize(tensor))
+    assert ((_gguf_dequantize(tensor) - w).norm() / w.norm()).item() < 0.1      # a sane 4-bit fit
+
+
+@needs_gguf
+def test_q4_k_in_the_flat_layout_decodes_as_gguf_within_fp16_group_scales():
+    """Where a fused projection mixes Q4_K with Q4_0/Q4_1 parts, Q4_K goes flat (`with_mins`)."""
+    w = _weights(5, 512, seed=2)
+    tensor = quantize(w, "Q4_K")
+    flat = with_mins(pack(tensor))
+    assert flat.super_scales is None and flat.num_bytes * 8 == 5 * 5 * 512
+    ours, theirs = dequantize_packed(flat), _gguf_dequantize(tensor)
     # d·sc and dmin·m rounded to fp16 once: ≤ 2^-11 relative of each, times |q| ≤ 15
-    bound = (2.0 ** -11) * (15 * packed.scales.float().abs() + packed.mins.float().abs())
+    bound = (2.0 ** -11) * (15 * flat.scales.float().abs() + flat.mins.float().abs())
     assert ((ours - theirs).abs().reshape(5, -1, 32) <= bound[..., None] + 1e-12).all()
-    assert ((theirs - w).norm() / w.norm()).item() < 0.1      # a sane 4-bit fit
+    assert not torch.equal(ours, theirs)
 
 
 @needs_gguf
