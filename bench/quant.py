@@ -44,9 +44,11 @@ from bench.quant_accuracy import accuracy, build_engine  # noqa: E402
 from replica.config import EngineConfig  # noqa: E402
 from replica.kernels import pdl  # noqa: E402
 from replica.models.model_config import ModelConfig  # noqa: E402
+from replica.quantization import gguf_packed  # noqa: E402
 from bench import quant_kernels  # noqa: E402
 
 RESULTS: dict = {}
+Q4_K_DEFAULT = gguf_packed.Q4_K_LAYOUT
 # "_kv8": the same weights with --kv-cache-dtype fp8
 FORMATS = ("bf16", "fp8", "fp8_kv8", "bf16_kv8", "Q4_K_M", "Q5_K_M", "Q4_K", "Q4_0")
 SIZES = SHAPES | {"tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -88,16 +90,17 @@ def memory_figures(engine) -> dict:
 # ---- engines ---------------------------------------------------------------------------------
 def bench_formats(args) -> None:
     from replica.kernels import gguf_gemv_triton as gg
-    from replica.quantization import gguf_packed
     cfg = model_config(args.size)
     vocab = cfg.vocab_size
-    runs = [(fmt, x, seqs, q6k) for fmt in args.formats.split(",")
+    runs = [(fmt, x, seqs, q6k, q4k) for fmt in args.formats.split(",")
             for x in (args.gguf_x.split(",") if fmt.startswith("Q") else ["auto"])
             for seqs in map(int, args.max_num_seqs.split(","))
-            for q6k in (map(int, args.q6k_bits.split(",")) if fmt.startswith("Q") else [6])]
-    for fmt, gguf_x, max_num_seqs, q6k_bits in runs:
+            for q6k in (map(int, args.q6k_bits.split(",")) if fmt.startswith("Q") else [6])
+            for q4k in (args.q4k_layout.split(",") if fmt.startswith("Q4_K") else [Q4_K_DEFAULT])]
+    for fmt, gguf_x, max_num_seqs, q6k_bits, q4k_layout in runs:
         gg.X_INT8 = {"auto": None, "int8": True, "bf16": False}[gguf_x]
         gguf_packed.SIX_BIT_Q6_K = q6k_bits == 6
+        gguf_packed.Q4_K_LAYOUT = q4k_layout
         for (qtype, n, k), config in quant_kernels.X8_BEST.get(gguf_x, {}).items():   # the sweep's winners, if run
             for m in range(1, gg.MAX_ROWS + 1):
                 gg.TUNED[(qtype, m, n, k)] = config
@@ -106,7 +109,7 @@ def bench_formats(args) -> None:
                               engine_args=dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens),
                               on_host=args.weights_from_host)
         figures = dict(cuda_graph_max_tokens=args.cuda_graph_max_tokens, gguf_x=gguf_x, max_num_seqs=max_num_seqs,
-                       q6k_bits=q6k_bits, weights_from_host=args.weights_from_host,
+                       q6k_bits=q6k_bits, q4k_layout=q4k_layout, weights_from_host=args.weights_from_host,
                        weights_GiB=round(engine.model.num_weight_bytes / 2**30, 2),
                        num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1),
                        **memory_figures(engine))
@@ -139,7 +142,8 @@ def bench_formats(args) -> None:
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         emit(f"format_{fmt}" + ("" if gguf_x == "auto" else f"_x_{gguf_x}")
              + ("" if max_num_seqs == 256 else f"_seqs_{max_num_seqs}")
-             + ("" if q6k_bits == 6 else f"_q6k_{q6k_bits}"), pdl=pdl.mode(), **figures)
+             + ("" if q6k_bits == 6 else f"_q6k_{q6k_bits}")
+             + ("" if q4k_layout == Q4_K_DEFAULT else f"_q4k_{q4k_layout}"), pdl=pdl.mode(), **figures)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -192,6 +196,8 @@ def main() -> None:
     parser.add_argument("--q6k-bits", default="6",
                         help="GGUF formats: Q6_K tensors (the head) kept at 6 bits or widened to 8; "
                              "several, comma-separated, run each")
+    parser.add_argument("--q4k-layout", default=Q4_K_DEFAULT,
+                        help="Q4_K formats: its scales' layout(s), of super, paired, flat (gguf_packed.Q4_K_LAYOUT)")
     parser.add_argument("--weights-from-host", action="store_true",
                         help="formats: build each format's weights in host memory first, so that the engine "
                              "loads them as from a file (by default they are made and encoded on the GPU)")
@@ -203,6 +209,8 @@ def main() -> None:
         parser.error(f"--formats: unknown {', '.join(sorted(unknown))} (have {', '.join(FORMATS)})")
     if not all(v.isdigit() and int(v) > 0 for v in args.max_num_seqs.split(",")):
         parser.error(f"--max-num-seqs: positive integers, comma-separated, got {args.max_num_seqs!r}")
+    if set(args.q4k_layout.split(",")) - {"paired", "super", "flat"}:
+        parser.error(f"--q4k-layout: paired, super, flat or several comma-separated, got {args.q4k_layout!r}")
     if not args.q6k_bits or set(args.q6k_bits.split(",")) - {"6", "8"}:
         parser.error(f"--q6k-bits: 6, 8 or both comma-separated, got {args.q6k_bits!r}")
     if not args.gguf_x or set(args.gguf_x.split(",")) - {"auto", "int8", "bf16"}:

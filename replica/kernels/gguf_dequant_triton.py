@@ -17,7 +17,7 @@ from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn, stride_sn, stride_on,
                          BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
                          BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr,
-                         SUPER: tl.constexpr = False):
+                         SUPER: tl.constexpr = False, PAIRED: tl.constexpr = False):
     pdl.wait_and_release(PDL)
     # GROUP: elements a scale covers (32; Q6_K's 8-bit codes 16)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -26,8 +26,8 @@ def _gguf_dequant_kernel(q_ptr, s_ptr, m_ptr, out_ptr, N, num_groups, stride_qn,
     mask3 = mask2[:, :, None]
     rows64 = rows.to(tl.int64)
     s_offs = rows64[:, None] * stride_sn + gs[None, :]
-    if SUPER:         # Q4_K: sub-scales and their superblock's (d, -dmin), as the GEMV reads them
-        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, True, True)
+    if SUPER or PAIRED:         # Q4_K's layouts, read as the GEMV reads them
+        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, True, SUPER, PAIRED)
         scale, low = scale[:, :, None], low[:, :, None]
     elif HAS_MIN:
         scale = tl.load(s_ptr + s_offs, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
@@ -112,6 +112,7 @@ def dequantize(packed: PackedGGUF, dtype: torch.dtype) -> torch.Tensor:
         qweight, packed.scales, mins, out, n, num_groups, qweight.stride(0),
         packed.scales.stride(0), out.stride(0),
         BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.has_min, SUPER=is_super,
+        PAIRED=packed.is_paired,
         BLOCK_N=block_n, GROUPS=groups, GROUP=packed.group_size, **pdl.launch_options(out.device), num_warps=4,
     )
     return out

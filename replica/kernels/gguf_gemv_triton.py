@@ -95,13 +95,14 @@ def _q4_gemv_kernel(
     PREFETCH: tl.constexpr,          # PDL: programs below prefetch_programs (launch order) prefetch
     SIX_BIT: tl.constexpr = False,   # X8, 6-bit codes: top bits at h_ptr, s_ptr the scales as int32 pairs
     SUPER: tl.constexpr = False,     # Q4_K: s_ptr its int16 sub-scales, m_ptr its superblocks' (d, -dmin)
+    PAIRED: tl.constexpr = False,    # s_ptr int32: a group's fp16 scale and min in one word
 ):
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
     if PREFETCH:
         if tl.program_id(0) + tl.program_id(1) * tl.num_programs(0) < prefetch_programs:   # the first wave
             q4_word_dot_triton.prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, g_start, g_end,
-                                               GROUPS, 1, HAS_MIN, SUPER)
+                                               GROUPS, 1, HAS_MIN, SUPER, PAIRED)
             if SIX_BIT:
                 gguf_gemv_x8_triton.prefetch_high(h_ptr, rows64, stride_hn, g_start, g_end, GROUPS)
     pdl.wait_and_release(PDL)
@@ -124,7 +125,8 @@ def _q4_gemv_kernel(
                 one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A)
         else:
             words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
-                q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER)
+                q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER,
+                PAIRED)
             tot0, tot1, tot2, tot3 = _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low,
                                               x_ptr, x2_ptr, row_zero, gs, g_mask, stride_xm, num_groups, one, M,
                                               EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
@@ -302,7 +304,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
                               x8.eps, prefetch_programs, high.stride(0), ZERO_POINT=packed.zero_point,
                               GROUPS=plan.groups, BF16_ASM=0, X8=True, DP4A=om.is_cuda, NUM_PARTS=num_parts,
                               PARTS=triton.next_power_of_2(num_parts), SIX_BIT=six_bit,
-                              SUPER=packed.super_scales is not None, **flags, **launch)
+                              SUPER=packed.super_scales is not None, PAIRED=packed.is_paired, **flags, **launch)
         return
     # the bf16 paths read x as 4-byte pairs: bf16 rows on an even stride, 4-aligned
     bf16_pairs = (xm.dtype == torch.bfloat16 and xm.is_cuda and xm.stride(0) % 2 == 0
@@ -312,7 +314,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
         _q4_gemv_kernel[grid](xm, xm.view(torch.int32) if bf16_asm else xm, qweight32, *scales, om, high, *shape,
                               xm.stride(0), *strides, 0.0, prefetch_programs, 0, ZERO_POINT=packed.zero_point,
                               GROUPS=plan.groups, BF16_ASM=bf16_asm, X8=False, DP4A=False, NUM_PARTS=0, PARTS=1,
-                              SUPER=packed.super_scales is not None, **flags, **launch)
+                              SUPER=packed.super_scales is not None, PAIRED=packed.is_paired, **flags, **launch)
     else:
         gguf_gemv8_triton.q8_gemv_kernel[grid](
             xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *scales, *shape, xm.stride(0), *strides,

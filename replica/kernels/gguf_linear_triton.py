@@ -31,7 +31,8 @@ DEQUANT_SLICE = 1 << 26     # elements a slice of a larger W (128 MiB in bf16)
 def check_packed(packed: PackedGGUF) -> None:
     n, k = packed.shape
     check_shape("scales", packed.scales, (n, k // packed.group_size))
-    check_dtype("scales", packed.scales, (torch.int16,) if packed.super_scales is not None else (torch.float16,))
+    check_dtype("scales", packed.scales, (torch.int16,) if packed.super_scales is not None
+                else (torch.int32,) if packed.is_paired else (torch.float16,))
     check_contiguous("scales", packed.scales)
     if packed.super_scales is not None:
         check_shape("super_scales", packed.super_scales, (n, k // 256, 2))

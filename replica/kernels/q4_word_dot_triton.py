@@ -112,7 +112,8 @@ def packed_gemv_lanes(N, per_split, total, BLOCK_N: tl.constexpr, LANES: tl.cons
 
 @triton.jit
 def prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, start, end, LANES: tl.constexpr,
-                    LANES_PER_SCALE: tl.constexpr, HAS_MIN: tl.constexpr, SUPER: tl.constexpr = False):
+                    LANES_PER_SCALE: tl.constexpr, HAS_MIN: tl.constexpr, SUPER: tl.constexpr = False,
+                    PAIRED: tl.constexpr = False):
     """The program's weights, before its PDL wait: the 16-byte runs of lanes [start, end) of its
     rows (the addresses `load_words4` reads), their scales and mins, into L2 (`pdl.prefetch_l2`).
     The first wave of programs thus streams its weights while the kernel before it runs."""
@@ -124,7 +125,7 @@ def prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, start, en
         pdl.prefetch_l2(s_ptr + s_offs)
         if SUPER:
             pdl.prefetch_l2(m_ptr + (s_offs >> 3))
-        elif HAS_MIN:
+        elif HAS_MIN and not PAIRED:
             pdl.prefetch_l2(m_ptr + s_offs)
 
 
@@ -144,24 +145,32 @@ def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.conste
 @triton.jit
 def load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, lanes, lane_mask, one,
               LANES_PER_SCALE: tl.constexpr, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr,
-              SUPER: tl.constexpr = False):
+              SUPER: tl.constexpr = False, PAIRED: tl.constexpr = False):
     """A GEMV tile: each lane's 16 bytes of codes of each row (4 words, one load) and its group's
     scale and min. The scales' column goes through `one` (a runtime 1) so that the compiler does
     not vectorise them across lanes, which would give them another layout than the words'."""
     words0, words1, words2, words3 = load_words4(q_ptr, rows64, stride_qn, lanes, lane_mask, EVEN_K)
     s_offs = rows64[:, None] * stride_sn + ((lanes * one) // LANES_PER_SCALE)[None, :]
-    scale, low = load_scale_min(s_ptr, m_ptr, s_offs, lane_mask, EVEN_K, HAS_MIN, SUPER)
+    scale, low = load_scale_min(s_ptr, m_ptr, s_offs, lane_mask, EVEN_K, HAS_MIN, SUPER, PAIRED)
     return words0, words1, words2, words3, scale, low
 
 
 @triton.jit
 def load_scale_min(s_ptr, m_ptr, offs, lane_mask, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr,
-                   SUPER: tl.constexpr = False):
+                   SUPER: tl.constexpr = False, PAIRED: tl.constexpr = False):
     """Each lane's group scale and, for the types with one, its min (else 0.0), as fp32.
     SUPER (Q4_K): s_ptr the int16 sub-scales (sc | m << 8), m_ptr the superblocks' fp16 (d, -dmin)
-    as int32, a group's at its offset >> 3; the products d·sc, -dmin·m are exact in fp32."""
+    as int32, a group's at its offset >> 3; the products d·sc, -dmin·m are exact in fp32.
+    PAIRED: s_ptr int32, a group's fp16 scale | its fp16 min << 16 (one load)."""
     low = 0.0
-    if SUPER:
+    if PAIRED:
+        if EVEN_K:
+            pair = tl.load(s_ptr + offs)
+        else:
+            pair = tl.load(s_ptr + offs, mask=lane_mask, other=0)
+        scale = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        low = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif SUPER:
         if EVEN_K:
             sub = tl.load(s_ptr + offs).to(tl.int32)
             pair = tl.load(m_ptr + (offs >> 3))

@@ -222,7 +222,8 @@ def _join(parts: list[PackedGGUF]) -> PackedGGUF:
     def cat(name: str) -> torch.Tensor | None:
         first = getattr(parts[0], name)
         return None if first is None else torch.cat([getattr(p, name) for p in parts])
-    return PackedGGUF(parts[0].qtype, cat("qweight"), cat("scales"), cat("mins"), cat("qhigh"), cat("super_scales"))
+    return PackedGGUF(parts[0].qtype, cat("qweight"), cat("scales"), cat("mins"), cat("qhigh"), cat("super_scales"),
+                      parts[0].is_paired)
 
 
 def make_weight(quantization: str | None, num_rows: int, num_cols: int, dtype: torch.dtype,

@@ -47,19 +47,24 @@ Layout (row-major, one row per output feature n):
            of a 4-bit word: one OR makes the 4 codes bytes
     8-bit  qweight int8  [N, K]
     scales fp16 [N, K/G]; mins fp16 [N, K/G] or None
-    Q4_K   scales int16 [N, K/32]: a group's 6-bit sub-scale sc_j | its 6-bit sub-min m_j << 8;
-           super_scales fp16 [N, K/256, 2]: its 256-superblock's (d, -dmin); mins None. Row-major
-           and K a multiple of 256, so a group's superblock is at (its offset in scales) >> 3.
-           4.625 bits a weight, as GGML's 4.5 plus the sub-scales in bytes; the kernels compute
-           d·sc_j and -dmin·m_j in fp32 (exact). Folded into fp16 scales and mins per group, as
-           until 2026-11-30 and still where a fused projection mixes Q4_K with Q4_0/Q4_1 parts
-           (`with_mins`), it took 5 bits a weight: an 8B's weights 5.47 → 5.16 GiB, its decode
-           speed unchanged (bench/results/quant-q4k-layout-H200-8b-2026-11-30.json).
+    Q4_K   three layouts (`Q4_K_LAYOUT`), one load a lane fastest:
+           "paired" (the default): scales int32 [N, K/32], a group's fp16 d·sc_j in the low half,
+             its fp16 -dmin·m_j in the high half, one 4-byte load a lane; mins None. 5 bits a weight.
+           "super": scales int16 [N, K/32], a group's 6-bit sub-scale sc_j | its 6-bit sub-min
+             m_j << 8; super_scales fp16 [N, K/256, 2], its 256-superblock's (d, -dmin); mins None.
+             Row-major and K a multiple of 256, so a group's superblock is at (its offset in
+             scales) >> 3. 4.625 bits a weight; the kernels form d·sc_j and -dmin·m_j in fp32, so
+             its values are gguf's exactly.
+           "flat": the two fp16 apart (scales, mins), two 2-byte loads a lane; 5 bits. What a
+             fused projection mixing Q4_K with Q4_0/Q4_1 parts uses (`with_mins`).
+           W2 on an 8B (H200, one process): paired 529.5 / 530.1 tok/s, flat 518.2, super 514.7 /
+           511.4 (bench/results/quant-q4k-layout-H200-8b-2026-11-30.json): a 1-row GEMV gains
+           more from one load fewer than from 0.31 GiB fewer bytes.
 
-Exactness: Q4_0, Q4_1, Q8_0 and Q4_K keep GGML's fp16 d and m (Q4_K's sub-scales as integers),
-so the dequantised values equal gguf's up to fp32 rounding. Q6_K's group scale d·sc (fp16 ×
-int8) is rounded to fp16 once at repack: a relative error ≤ 2⁻¹¹ of the group's scale, under
-0.05 % of one quantisation step; a flat Q4_K (`with_mins`) and Q5_K likewise.
+Exactness: Q4_0, Q4_1 and Q8_0 keep GGML's fp16 d and m, and "super" Q4_K its sub-scales as
+integers, so the dequantised values equal gguf's. The other Q4_K layouts' group scale d·sc
+(fp16 × 6-bit int) is rounded to fp16 once at repack: a relative error ≤ 2⁻¹¹ of the group's
+scale, under 0.05 % of one quantisation step; Q6_K's d·sc (fp16 × int8) and Q5_K's likewise.
 """
 from dataclasses import dataclass
 
@@ -73,6 +78,8 @@ BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (14
 EIGHT_BIT_TYPES = ("Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K")       # held as one signed byte a code
 # Q6_K packed at 6 bits (qweight + qhigh, zero point 32); False: widened to signed bytes
 SIX_BIT_Q6_K = True
+# Q4_K's scales: "paired", "super" or "flat" (above)
+Q4_K_LAYOUT = "paired"
 SUPPORTED_TYPES = tuple(BLOCK_BYTES)
 
 
@@ -104,6 +111,7 @@ class PackedGGUF:
     mins: torch.Tensor | None
     qhigh: torch.Tensor | None = None       # 6-bit: the codes' top 2 bits
     super_scales: torch.Tensor | None = None    # Q4_K: (d, -dmin) a 256-superblock; scales its sub-scales
+    is_paired: bool = False     # scales int32 [N, K/G]: a group's fp16 scale | its fp16 min << 16; mins None
 
     @property
     def bits(self) -> int:
@@ -125,14 +133,14 @@ class PackedGGUF:
 
     @property
     def has_min(self) -> bool:
-        return self.mins is not None or self.super_scales is not None
+        return self.mins is not None or self.super_scales is not None or self.is_paired
 
     def rows(self, start: int, stop: int) -> "PackedGGUF":
         """Rows start..stop of the matrix, as views (every tensor is row-major)."""
         def part(t):
             return None if t is None else t[start:stop]
         return PackedGGUF(self.qtype, self.qweight[start:stop], self.scales[start:stop], part(self.mins),
-                          part(self.qhigh), part(self.super_scales))
+                          part(self.qhigh), part(self.super_scales), self.is_paired)
 
     @property
     def num_bytes(self) -> int:
@@ -140,12 +148,16 @@ class PackedGGUF:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
-    def layout(self) -> tuple[int, int, int, bool, bool]:
+    def layout(self) -> tuple[int, int, int, bool, bool, bool]:
         """Parts with the same layout can share one fused matrix (qkv, gate_up)."""
-        return self.bits, self.group_size, self.zero_point, self.has_min, self.super_scales is not None
+        return (self.bits, self.group_size, self.zero_point, self.has_min, self.super_scales is not None,
+                self.is_paired)
 
     def group_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each group's (scale, min) as fp32 [N, K/G] (min None for the types without one)."""
+        if self.is_paired:
+            pair = self.scales.view(torch.float16).reshape(*self.scales.shape, 2).float()
+            return pair[..., 0], pair[..., 1]
         if self.super_scales is None:
             return self.scales.float(), None if self.mins is None else self.mins.float()
         sub = self.scales.view(torch.uint8).reshape(*self.scales.shape, 2).float()     # (sc, m), little-endian
@@ -186,7 +198,14 @@ def pack(tensor: GGUFTensor) -> PackedGGUF:
     sub = torch.stack([sc, mn], dim=-1).reshape(rows, groups, 2).view(torch.int16).reshape(rows, groups)
     qs = blocks[..., 16:].reshape(rows, -1, 4, 32)
     values = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(rows, groups, GROUP_SIZE)
-    return PackedGGUF("Q4_K", nibbles_from_values(values), sub.contiguous(), None, None, d_min.contiguous())
+    packed = PackedGGUF("Q4_K", nibbles_from_values(values), sub.contiguous(), None, None, d_min.contiguous())
+    if Q4_K_LAYOUT == "super":
+        return packed
+    flat = with_mins(packed)
+    if Q4_K_LAYOUT == "flat":
+        return flat
+    pairs = torch.stack([flat.scales, flat.mins], dim=-1).view(torch.int32).squeeze(-1)
+    return PackedGGUF("Q4_K", flat.qweight, pairs.contiguous(), None, is_paired=True)
 
 
 def _pack_q6_k(blocks: torch.Tensor, rows: int, cols: int) -> PackedGGUF:
@@ -307,7 +326,7 @@ def with_mins(packed: PackedGGUF) -> PackedGGUF:
     """A 4-bit part in the flat layout (fp16 scales and mins a group), so that it can share a
     fused matrix with parts of other 4-bit types: Q4_0 gains explicit mins (-8·d, exact in fp16),
     Q4_K's d·sc_j and -dmin·m_j are rounded to fp16. Other layouts are returned unchanged."""
-    if packed.super_scales is not None:
+    if packed.super_scales is not None or packed.is_paired:
         scales, mins = packed.group_scales()
         return PackedGGUF(packed.qtype, packed.qweight, scales.half(), mins.half())
     if packed.qtype != "Q4_0":

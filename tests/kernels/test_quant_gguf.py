@@ -52,7 +52,8 @@ def test_repacked_layout_decodes_exactly_as_gguf(qtype):
 
 
 @needs_gguf
-def test_q4_k_repacked_layout_decodes_exactly_as_gguf_in_4_625_bits_a_weight():
+def test_q4_k_super_layout_decodes_exactly_as_gguf_in_4_625_bits_a_weight(monkeypatch):
+    monkeypatch.setattr(gguf_packed, "Q4_K_LAYOUT", "super")
     w = _weights(5, 512, seed=2)
     tensor = quantize(w, "Q4_K")
     packed = pack(tensor)
@@ -62,17 +63,45 @@ def test_q4_k_repacked_layout_decodes_exactly_as_gguf_in_4_625_bits_a_weight():
 
 
 @needs_gguf
-def test_q4_k_in_the_flat_layout_decodes_as_gguf_within_fp16_group_scales():
-    """Where a fused projection mixes Q4_K with Q4_0/Q4_1 parts, Q4_K goes flat (`with_mins`)."""
+@pytest.mark.parametrize("layout", ["paired", "flat"])
+def test_q4_k_paired_and_flat_layouts_decode_as_gguf_within_fp16_group_scales(layout, monkeypatch):
+    """"paired" (the default) and "flat" (where a fused projection mixes Q4_K with Q4_0/Q4_1
+    parts, `with_mins`) hold the same fp16 group scales and mins."""
+    monkeypatch.setattr(gguf_packed, "Q4_K_LAYOUT", layout)
     w = _weights(5, 512, seed=2)
     tensor = quantize(w, "Q4_K")
-    flat = with_mins(pack(tensor))
-    assert flat.super_scales is None and flat.num_bytes * 8 == 5 * 5 * 512
-    ours, theirs = dequantize_packed(flat), _gguf_dequantize(tensor)
+    packed = pack(tensor)
+    assert packed.super_scales is None and packed.num_bytes * 8 == 5 * 5 * 512
+    assert packed.is_paired == (layout == "paired")
+    ours, theirs = dequantize_packed(packed), _gguf_dequantize(tensor)
     # d·sc and dmin·m rounded to fp16 once: ≤ 2^-11 relative of each, times |q| ≤ 15
-    bound = (2.0 ** -11) * (15 * flat.scales.float().abs() + flat.mins.float().abs())
+    scales, mins = packed.group_scales()
+    bound = (2.0 ** -11) * (15 * scales.abs() + mins.abs())
     assert ((ours - theirs).abs().reshape(5, -1, 32) <= bound[..., None] + 1e-12).all()
     assert not torch.equal(ours, theirs)
+    assert torch.equal(dequantize_packed(with_mins(packed)), ours)
+
+
+@pytest.mark.parametrize("layout", ["paired", "super", "flat"])
+def test_each_q4_k_layout_reaches_the_same_products_through_each_kernel(layout, monkeypatch):
+    """The GEMV (x as it is and x rounded to int8; a partial tile, split K) and the dequantiser
+    read each of Q4_K's scale layouts as the torch reference does."""
+    from replica.kernels.gguf_gemv_x8_triton import quantize_x
+    from replica.kernels.gguf_gemv_triton import gguf_gemv
+    monkeypatch.setattr(gguf_packed, "Q4_K_LAYOUT", layout)
+    tensor = quantize(_weights(24, 768, 5), "Q4_K")            # 24 groups a row: a partial tile
+    packed = pack(GGUFTensor("Q4_K", tensor.data.to(DEVICE), tensor.shape))
+    w = dequantize_packed(packed)
+    assert torch.equal(dequantize(packed, torch.float32), w)
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(5)).to(DTYPE).to(DEVICE)
+    out = gguf_linear(x, packed, config=GemvConfig(8, 16, split_k=2))
+    ref = x.double() @ w.double().T
+    assert ((out.double() - ref).norm() / ref.norm()).item() < (1e-5 if DTYPE == torch.float32 else 1e-2)
+    x8 = quantize_x(x[:2])
+    x_hat = dequantize_x_ref(x8.codes.cpu(), x8.dx.cpu()).to(DEVICE).double()
+    ref8 = x_hat @ w.double().T
+    out8 = gguf_gemv(x8, packed)
+    assert ((out8.double() - ref8).norm() / ref8.norm()).item() < (1e-6 if DTYPE == torch.float32 else 1e-2)
 
 
 @needs_gguf

@@ -62,7 +62,7 @@ def test_gguf_parts_of_one_layout_stay_packed():
     assert weight.dense is None and weight.packed.qtype == "Q4_K"
     expected = torch.cat([dequantize_packed(pack(quantize(w, "Q4_K"))) for w in (gate, up)])
     assert torch.equal(dequantize_packed(weight.packed), expected)
-    assert weight.num_bytes == 128 * 256 // 2 + 2 * 128 * 256 // 32 + 4 * 128 * 256 // 256    # 4.625 bits a weight
+    assert weight.num_bytes == 128 * 256 // 2 + 4 * 128 * 256 // 32      # 5 bits a weight: fp16 scale and min a group
     x = _randn(3, 256, seed=5)
     torch.testing.assert_close(linear(x, weight), F.linear(x, expected))
 
@@ -97,7 +97,7 @@ def test_q4_k_m_qkv_keeps_q_k_in_q4_k_and_v_in_q6_k_as_two_segments(triton, monk
     assert weight.dense is None and weight.packed is None
     assert [(offset, seg.qtype, seg.shape[0]) for offset, seg in weight.segments] == \
         [(0, "Q4_K", 96), (96, "Q6_K", 32)]
-    assert weight.num_bytes == 96 * 256 * 37 // 64 + 32 * 256 * 7 // 8      # Q4_K 4.625 bits, Q6_K 7
+    assert weight.num_bytes == 96 * 256 * 5 // 8 + 32 * 256 * 7 // 8      # Q4_K 5 bits, Q6_K 7
     expected = torch.cat([dequantize_packed(pack(quantize(floats[name], parts[name][2])))
                           for name in ("q", "k", "v")]).to(device)
     bias = _randn(128, seed=20).to(device)
