@@ -104,14 +104,11 @@ def dequantize(packed: PackedGGUF, dtype: torch.dtype) -> torch.Tensor:
         return out
     num_groups = k // packed.group_size
     block_n, groups = 16, 16 * GROUP_SIZE // packed.group_size
-    is_super = packed.super_scales is not None
-    mins = (packed.super_scales.view(torch.int32) if is_super
-            else packed.mins if packed.mins is not None else packed.scales)
     qweight = packed.qweight.view(torch.int32) if packed.bits == 4 else packed.qweight
     _gguf_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(num_groups, groups))](
-        qweight, packed.scales, mins, out, n, num_groups, qweight.stride(0),
+        qweight, packed.scales, packed.min_operand, out, n, num_groups, qweight.stride(0),
         packed.scales.stride(0), out.stride(0),
-        BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.has_min, SUPER=is_super,
+        BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.has_min, SUPER=packed.super_scales is not None,
         PAIRED=packed.is_paired,
         BLOCK_N=block_n, GROUPS=groups, GROUP=packed.group_size, **pdl.launch_options(out.device), num_warps=4,
     )

@@ -287,9 +287,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     grid = (triton.cdiv(n // 2 if gated else n, config.block_n // 2 if gated else config.block_n), plan.split_k)
     six_bit = packed.bits == 6            # its scales go as int32 pairs, one 4-byte load a lane
     s_arg = packed.scales.view(torch.int32) if six_bit else packed.scales
-    m_arg = (packed.super_scales.view(torch.int32) if packed.super_scales is not None
-             else packed.mins if packed.mins is not None else packed.scales)
-    scales = (s_arg, m_arg,
+    scales = (s_arg, packed.min_operand,
               bias if bias is not None else om, om, partial)
     shape = (n, plan.num_groups, plan.groups_per_split, 1)
     strides = (qweight32.stride(0), s_arg.stride(0), om.stride(0))

@@ -135,6 +135,14 @@ class PackedGGUF:
     def has_min(self) -> bool:
         return self.mins is not None or self.super_scales is not None or self.is_paired
 
+    @property
+    def min_operand(self) -> torch.Tensor:
+        """What the Triton kernels take as their mins pointer: the superblocks' (d, -dmin) as int32
+        ("super"), the mins, or, where there are none (or they sit in `scales`), the scales."""
+        if self.super_scales is not None:
+            return self.super_scales.view(torch.int32)
+        return self.mins if self.mins is not None else self.scales
+
     def rows(self, start: int, stop: int) -> "PackedGGUF":
         """Rows start..stop of the matrix, as views (every tensor is row-major)."""
         def part(t):
