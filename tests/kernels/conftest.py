@@ -27,6 +27,9 @@ if not torch.cuda.is_available():
         sanitize_overflow: bool = False
 
     interpreter.InterpreterOptions = _Options
+    # Triton 3.9 builds the interpreter's one builder, with its options, when the module is
+    # imported: the class above only reaches builders made later, so the options are replaced too.
+    interpreter.interpreter_builder.options = _Options()
     for name in sorted(sys.modules):
         if name.startswith("replica.kernels.") and name.endswith("_triton"):
             importlib.reload(sys.modules[name])
