@@ -4,8 +4,10 @@
 
 - up to `gguf_gemv_triton.GEMV_ROWS` rows of x (decode at small batch): the group-wise GEMV, the
   weight read once, packed;
-- more rows (prefill, larger decode batches): the weight dequantised by a Triton kernel into
-  x's dtype, then one cuBLAS GEMM. At 2048 rows that costs 1.05-1.14x bf16's time on an H200;
+- up to `gguf_mm_triton.MM_ROWS` rows (decode batches above that): the small-batch GEMM, W
+  decoded in registers and multiplied on the tensor cores, read once, packed;
+- more rows (prefill): the weight dequantised by a Triton kernel into x's dtype, then one
+  cuBLAS GEMM. At 2048 rows that costs 1.05-1.14x bf16's time on an H200;
   a tiled dequantise-in-registers GEMM (this module's first kernel, removed) was 10-30x slower
   (bench/results/quant-issue15b-H200-8b-2026-11-28.json). A matrix above DEQUANT_WHOLE
   elements (an output head: 128k x 4096) is dequantised and multiplied DEQUANT_SLICE elements of
@@ -16,7 +18,7 @@
 """
 import torch
 
-from replica.kernels import gguf_dequant_triton, gguf_gemv_triton
+from replica.kernels import gguf_dequant_triton, gguf_gemv_triton, gguf_mm_triton
 from replica.kernels.checks import (
     FLOAT_DTYPES, check_contiguous, check_dtype, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_shape,
@@ -94,6 +96,8 @@ def gguf_linear(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None =
         return gguf_gemv_triton.gguf_gemv(x, packed, bias, config, out)
     if num_rows <= gguf_gemv_triton.GEMV_ROWS:
         return gguf_gemv_triton.gguf_gemv(x, packed, bias, out=out)
+    if num_rows <= gguf_mm_triton.MM_ROWS:
+        return gguf_mm_triton.gguf_mm(x, packed, bias, out)
     is_whole = n * k <= DEQUANT_WHOLE
     if out is None and is_whole:
         return torch.nn.functional.linear(x, gguf_dequant_triton.dequantize(packed, x.dtype), bias)

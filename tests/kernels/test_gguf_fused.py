@@ -42,7 +42,7 @@ def test_gated_gemv_with_a_split_plan_runs_unfused_to_the_same_result():
                        silu_and_mul(gguf_gemv(x, packed, config=split)))
 
 
-def test_gated_entry_point_takes_the_dequantise_path_above_the_gemv_rows():
+def test_gated_entry_point_runs_unfused_above_the_gemv_rows():
     packed = _packed("Q4_0", 48, 256, seed=3)
     x = torch.randn(gguf_gemv_triton.GEMV_ROWS + 2, 256).to(DTYPE).to(DEVICE)
     from replica.kernels.gguf_linear_triton import gguf_linear

@@ -3,8 +3,8 @@ gives (Q4_K and Q6_K within the documented fp16 rounding of their group scales),
 gguf's bytes, the 4-bit nibbles and the 6-bit codes' top bits sit where the kernels read them,
 Q6_K's 6 bits hold the codes its widened bytes held, and the Triton kernels match
 their torch reference: the group-wise GEMV (1..16 rows; 4-bit takes 4 a launch) and dequantise +
-cuBLAS (the default above GEMV_ROWS, a slice of rows at a time for a matrix as large as an output
-head), with split-K, ragged N, partial K tiles, a bias, and into a column slice of an output."""
+cuBLAS (the default above MM_ROWS, a slice of rows at a time for a matrix as large as an output
+head; between GEMV_ROWS and MM_ROWS the small-batch GEMM, tests/kernels/test_gguf_mm.py), with split-K, ragged N, partial K tiles, a bias, and into a column slice of an output."""
 import numpy as np
 import pytest
 import torch
@@ -13,6 +13,7 @@ from replica.kernels.gguf_linear import dequantize_x_ref, gguf_linear_ref, quant
 from replica.kernels.gguf_gemv_triton import GEMV_ROWS
 from replica.kernels.gguf_dequant_triton import dequantize
 from replica.kernels.gguf_gemv_triton import GemvConfig
+from replica.kernels.gguf_mm_triton import MM_ROWS
 from replica.kernels import gguf_linear_triton
 from replica.kernels.gguf_linear_triton import gguf_linear
 from replica.quantization import gguf_packed
@@ -206,7 +207,7 @@ if ON_GPU:
 else:
     G = GemvConfig
     CASES = [
-        # the group-wise GEMV (1..16 rows, weight read once) and dequantise + GEMM
+        # the group-wise GEMV (1..16 rows, weight read once), the small-batch GEMM, dequantise + GEMM
         ("Q4_0", 1, 40, 512, False, G(16, 4)),
         ("Q4_1", 3, 37, 256, True, G(8, 4, split_k=2)),       # ragged N, split-K, bias
         ("Q4_K", 4, 24, 768, False, G(8, 16, split_k=2)),     # 24 groups: a partial tile
@@ -217,13 +218,14 @@ else:
         ("Q6_K", 2, 40, 256, True, G(16, 4, split_k=2)),       # 16-element groups
         ("Q6_K", 3, 24, 768, False, G(8, 32)),                 # 48 groups: a partial tile
         ("Q6_K", 1, 24, 512, True, None),
-        ("Q6_K", 9, 24, 512, False, None),                     # dequantise + GEMM
+        ("Q6_K", 9, 24, 512, False, None),                     # the small-batch GEMM
         ("Q5_K", 3, 24, 512, True, G(8, 32, split_k=2)),       # 8-bit codes with mins
         ("Q5_1", 2, 40, 96, False, G(16, 4)),                  # 3 groups: a partial tile
         ("Q5_0", 1, 24, 256, True, None),
-        ("Q5_K", 6, 24, 512, False, None),                     # dequantise + GEMM
+        ("Q5_K", 6, 24, 512, False, None),                     # the small-batch GEMM
+        ("Q5_K", MM_ROWS + 1, 24, 512, True, None),            # dequantise + GEMM
         ("Q4_K", 1, 24, 512, True, None),
-        ("Q4_0", 12, 40, 256, True, None),                     # dequantise + GEMM
+        ("Q4_0", 12, 40, 256, True, None),                     # the small-batch GEMM
     ]
 
 
@@ -260,7 +262,7 @@ def test_triton_dequantize_equals_torch_reference(qtype):
     assert torch.equal(dequantize(packed, torch.float32), dequantize_packed(packed, torch.float32))
 
 
-@pytest.mark.parametrize("num_rows", [1, 6])            # the GEMV, and dequantise + GEMM
+@pytest.mark.parametrize("num_rows", [1, 6, MM_ROWS + 1])   # the GEMV, the small-batch GEMM, dequantise + GEMM
 def test_results_land_in_a_column_slice_of_a_wider_output(num_rows):
     packed = pack(GGUFTensor("Q6_K", quantize(_weights(24, 256, 6), "Q6_K").data.to(DEVICE), (24, 256)))
     x = torch.randn(num_rows, 256).to(DTYPE).to(DEVICE)
@@ -282,7 +284,7 @@ def test_a_large_matrix_is_dequantised_a_slice_of_rows_at_a_time(monkeypatch):
     monkeypatch.setattr(gguf_linear_triton, "DEQUANT_WHOLE", 32 * 256)     # 32 rows of K = 256 at once
     monkeypatch.setattr(gguf_linear_triton, "DEQUANT_SLICE", 16 * 256)     # then slices of 16 rows
     packed = pack(GGUFTensor("Q4_K", quantize(_weights(40, 256, 7), "Q4_K").data.to(DEVICE), (40, 256)))
-    x = torch.randn(6, 256).to(DTYPE).to(DEVICE)
+    x = torch.randn(MM_ROWS + 1, 256).to(DTYPE).to(DEVICE)          # above the small-batch GEMM's rows
     bias = torch.randn(40).to(DTYPE).to(DEVICE)
     out = gguf_linear(x, packed, bias)
     assert seen_rows == [16, 16, 8]

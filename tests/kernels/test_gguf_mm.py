@@ -1,0 +1,86 @@
+"""The small-batch GGUF GEMM (`gguf_mm_triton`: W decoded in registers, multiplied with tl.dot)
+against the torch reference, for every packed layout: 4-bit with and without mins (Q4_K's
+paired, super and flat scales), 6-bit Q6_K and the 8-bit types (Q6_K widened to bytes: 16-element
+groups); split K, ragged N, a bias, rows padded to the MMA's 16 and to 32; and the entry point
+`gguf_linear` takes it between the GEMV's rows and MM_ROWS, dequantise + GEMM above."""
+import pytest
+import torch
+
+from replica.kernels import gguf_linear_triton, gguf_mm_triton
+from replica.kernels.gguf_gemv_triton import GEMV_ROWS
+from replica.kernels.gguf_linear import gguf_linear_ref
+from replica.kernels.gguf_mm_triton import MM_ROWS, MmConfig, gguf_mm
+from replica.quantization import gguf_packed
+from replica.quantization.gguf_packed import GGUFTensor, pack, with_mins
+from replica.quantization.gguf_quantize import quantize
+from tests.kernels.paged_batch import DEVICE, DTYPE
+
+
+def _packed(qtype: str, n: int, k: int, seed: int, layout: str = "paired", six_bit: bool = True):
+    if qtype == "Q4_1":                 # no encoder of ours: Q4_0 with explicit mins is a Q4_1 matrix
+        return with_mins(_packed("Q4_0", n, k, seed))
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    w[0, :64] = 0.0                                      # an all-zero group (scale 0)
+    tensor = quantize(w, qtype)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_packed, "Q4_K_LAYOUT", layout)
+        patch.setattr(gguf_packed, "SIX_BIT_Q6_K", six_bit)
+        return pack(GGUFTensor(qtype, tensor.data.to(DEVICE), tensor.shape))
+
+
+def _assert_matches_reference(out: torch.Tensor, x: torch.Tensor, packed, bias=None) -> None:
+    ref = gguf_linear_ref(x.double(), packed, None if bias is None else bias.double())
+    assert out.shape == ref.shape and out.dtype == x.dtype and not out.isnan().any()
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if x.dtype == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.parametrize("qtype, layout, six_bit", [
+    ("Q4_0", "paired", True), ("Q4_1", "paired", True), ("Q4_K", "paired", True), ("Q4_K", "super", True),
+    ("Q6_K", "paired", True), ("Q6_K", "paired", False), ("Q8_0", "paired", True), ("Q5_K", "paired", True),
+])
+def test_every_packed_layout_multiplies_as_its_dequantised_weights(qtype, layout, six_bit):
+    packed = _packed(qtype, 40, 512, seed=1, layout=layout, six_bit=six_bit)     # N = 40: a partial tile of 32
+    assert packed.bits == (4 if qtype.startswith("Q4") else 6 if six_bit and qtype == "Q6_K" else 8)
+    x = torch.randn(5, 512).to(DTYPE).to(DEVICE)
+    # 4 K tiles of 128 over 2 splits: partials summed; then one program along K
+    _assert_matches_reference(gguf_mm(x, packed, config=MmConfig(block_n=32, block_k=128, split_k=2)), x, packed)
+    _assert_matches_reference(gguf_mm(x, packed, config=MmConfig(block_n=32, block_k=512, split_k=1)), x, packed)
+
+
+def test_flat_q4_k_scales_and_a_bias_into_a_column_slice():
+    packed = with_mins(_packed("Q4_K", 48, 256, seed=2))
+    assert packed.mins is not None and not packed.is_paired
+    x = torch.randn(17, 256).to(DTYPE).to(DEVICE)                 # rows padded to 32
+    bias = torch.randn(48).to(DTYPE).to(DEVICE)
+    out = torch.full((17, 64), -7.0, dtype=DTYPE, device=DEVICE)
+    returned = gguf_mm(x, packed, bias, out=out[:, 8:56], config=MmConfig(block_n=16, block_k=64, split_k=3))
+    assert returned.data_ptr() == out[:, 8:56].data_ptr()
+    assert (out[:, :8] == -7).all() and (out[:, 56:] == -7).all()
+    _assert_matches_reference(out[:, 8:56], x, packed, bias)
+    _assert_matches_reference(gguf_mm(x, packed, bias, config=MmConfig(block_n=16, block_k=64, split_k=1)),
+                              x, packed, bias)
+
+
+def test_a_k_tile_that_does_not_divide_k_is_halved_until_it_does():
+    packed = _packed("Q4_0", 32, 96, seed=3)                       # 3 groups: tiles of 32
+    x = torch.randn(6, 96).to(DTYPE).to(DEVICE)
+    _assert_matches_reference(gguf_mm(x, packed, config=MmConfig(block_n=16, block_k=128, split_k=2)), x, packed)
+
+
+def test_gguf_linear_takes_the_gemm_between_the_gemv_rows_and_mm_rows(monkeypatch):
+    called = []
+    real = gguf_mm_triton.gguf_mm
+    monkeypatch.setattr(gguf_mm_triton, "gguf_mm", lambda *args, **kw: called.append(args[0].shape[0]) or real(*args, **kw))
+    packed = _packed("Q4_K", 32, 256, seed=4)
+    for num_rows in (GEMV_ROWS, GEMV_ROWS + 1, MM_ROWS, MM_ROWS + 1):
+        x = torch.randn(num_rows, 256).to(DTYPE).to(DEVICE)
+        _assert_matches_reference(gguf_linear_triton.gguf_linear(x, packed), x, packed)
+    assert called == [GEMV_ROWS + 1, MM_ROWS]
+
+
+def test_more_rows_than_mm_rows_are_refused():
+    packed = _packed("Q4_0", 16, 64, seed=5)
+    with pytest.raises(ValueError, match=f"at most {MM_ROWS} rows"):
+        gguf_mm(torch.randn(MM_ROWS + 1, 64).to(DTYPE).to(DEVICE), packed)
