@@ -4,12 +4,19 @@ the `RollingUpdates` protocol of backends/base.py; Swarm's service update).
 The backend replaces the replicas one at a time, each new one started before its old one stops
 (Swarm: parallelism 1, start-first, rollback on failure). fleetctl keeps the same guarantees as
 its own rollout (fleetctl/rollout.py): it gates each new replica (/ready, then one real
-generation) and only then moves that replica's NGINX address to it, in one reload. Swarm may
-stop the old one before that, as soon as its successor passes Swarm's own health check; the old
-one then drains, refusing new requests with 503, and NGINX passes those to another replica
-(`proxy_next_upstream ... http_503` in lb/nginx.conf.j2). When a gate fails, the backend reports a rollback or pause, or the time runs
-out, the backend is asked to roll back, fleetctl waits for it, brings NGINX to the replicas of
-the old spec, and the rollout's `roll_back` raises the one-line error.
+generation) and only then moves that replica's NGINX address to it, in one reload.
+
+Swarm stops a slot's old task as soon as its successor passes Swarm's own health check (/ready),
+which may come before fleetctl's gate. fleetctl polls which tasks the backend is stopping
+(`stopping_handles`) and takes each out of NGINX at once, in one reload; the reload's new workers
+hold no kept-alive connection to it. Until then the old task drains, refusing new requests with
+503, and NGINX passes those to another replica (`proxy_next_upstream ... http_503` in
+lb/nginx.conf.j2). A task the backend stops never enters NGINX again.
+
+When a gate fails, the backend reports a rollback or pause, or the time runs out, the backend is
+asked to roll back; fleetctl keeps taking out what the rollback stops, waits for it, takes over
+the tasks it left running (`Fleet.refresh`), puts each new one in NGINX only after /ready and the
+same gate, and the rollout's `roll_back` raises the one-line error.
 """
 from __future__ import annotations
 
@@ -42,16 +49,21 @@ def run_backend_update(rollout: "Rollout") -> None:
 
     def halt(error: FleetError) -> None:
         backend.roll_back_model(group)  # a no-op when the backend already rolls back
-        _follow_rollback(rollout, previous_update)
+        try:
+            _follow_rollback(rollout, previous_update)
+        except FleetError as exc:
+            rollout.roll_back(error, failure=str(exc))
         rollout.roll_back(error)
 
     while True:
         seen = backend.list()
+        take_out_stopping(fleet, group)
         state = fleet.state_dir.load()
         for rid, rec in state.replicas.items():
             replica = seen.get(rid) if rec.group == group else None
-            if replica is None or not replica.port or replica.handle == rec.handle or replica.handle in gated:
-                continue  # not replaced yet, or already moved
+            if replica is None or not replica.port or not replica.is_alive or replica.handle == rec.handle \
+                    or replica.handle in gated:
+                continue  # not replaced yet, already moved, or going away itself
             candidate = ReplicaRecord(rid, replica.host, replica.port, replica.handle, rec.gpu, rollout.target,
                                       group=group)
             if not fleet.http.probe(candidate.url, state.config.client_api_key).is_ready:
@@ -60,6 +72,8 @@ def run_backend_update(rollout: "Rollout") -> None:
                 rollout.check_generation(candidate, max(1.0, deadline - time.monotonic()))
             except FleetError as exc:
                 halt(exc)
+            if replica.handle in backend.stopping_handles(group):
+                continue  # stopped by the backend during its gate (its own rollback): never in NGINX
             gated.add(replica.handle)
             _repoint(fleet, rid, candidate)
             rollout.record(num_done=len(gated))
@@ -87,23 +101,55 @@ def _repoint(fleet, replica_id: str, new: ReplicaRecord) -> None:
     fleet.event(replica_id, f"now {new.handle} at {new.address} in NGINX", weights_name(new.model))
 
 
+def take_out_stopping(fleet, group: str) -> list[str]:
+    """Takes out of NGINX, in one reload, the group's replicas whose task the backend stops (or
+    has stopped) on its own; returns their ids. They stay out: the slot's next task has to pass
+    /ready and the gate to enter."""
+    stopping = fleet.backend.stopping_handles(group)
+    if not any(r.group == group and r.handle in stopping for r in fleet.state_dir.load().serving()):
+        return []  # the usual case: no lock taken, nothing written
+
+    def change(state: FleetState) -> list[ReplicaRecord]:
+        records = [r for r in state.serving() if r.group == group and r.handle in stopping]
+        for rec in records:
+            rec.phase, rec.reason = Phase.STARTING, f"{fleet.backend.name} stops its task {rec.handle}"
+        return records
+
+    records = fleet.commit(change)
+    for rec in records:
+        fleet.event(rec.id, "out of NGINX", f"{fleet.backend.name.capitalize()} stops its task {rec.handle} "
+                                            f"at {rec.address}")
+    return [r.id for r in records]
+
+
 def _follow_rollback(rollout: "Rollout", previous_update: str | None) -> None:
-    """Waits for the backend's rollback of this update (not an older one's status), then brings
-    NGINX to the replicas that run the old spec."""
+    """Waits for the backend's rollback of this update (not an older one's status), taking out of
+    NGINX whatever it stops meanwhile, then brings NGINX to the tasks that run the old spec: each
+    new one enters after /ready and the gate, as in the update."""
     fleet = rollout.fleet
     backend = fleet.backend
+    group = rollout.group
     deadline = time.monotonic() + fleet.state_dir.load().config.ready_timeout_s
     while time.monotonic() < deadline:
-        update = backend.update_status(rollout.group)
+        take_out_stopping(fleet, group)
+        update = backend.update_status(group)
         if update.get("StartedAt") != previous_update and \
                 update.get("State") in ("rollback_completed", "rollback_paused"):
             break
         time.sleep(POLL_S)
-    fleet.refresh()
+    fleet.refresh()  # each slot's record follows the task the backend runs for it now
+    take_out_stopping(fleet, group)
     with fleet.transaction() as state:  # every replica of the group runs the old spec again
         for rec in state.replicas.values():
-            if rec.group == rollout.group:
+            if rec.group == group:
                 rec.model = rollout.from_model
+
+    def gate(record: ReplicaRecord, seconds_left: float) -> None:
+        if record.handle in backend.stopping_handles(group):
+            raise FleetError(f"{backend.name.capitalize()} stops {record.id}'s task {record.handle} and runs "
+                             f"no other in its slot")
+        rollout.check_generation(record, seconds_left)
+
     state = fleet.state_dir.load()
-    fleet.wait_ready([r.id for r in state.active(rollout.group) if r.phase is not Phase.SERVING],
-                     state.config.ready_timeout_s)
+    fleet.wait_ready([r.id for r in state.active(group) if r.phase is not Phase.SERVING],
+                     state.config.ready_timeout_s, gate=gate)

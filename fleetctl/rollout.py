@@ -139,17 +139,17 @@ class Rollout:
             fleet.remove_replicas(leftovers, "left over from an interrupted update")
         return old_ids
 
-    def roll_back(self, error: FleetError) -> NoReturn:
+    def roll_back(self, error: FleetError, failure: str = "") -> NoReturn:
         """Moves every replica on the new weights back to the weights it replaced (newest
         first), then raises the one line that says what halted the update and where the fleet
-        stands."""
+        stands. `failure`: what already went wrong in a backend's own rollback."""
         fleet = self.fleet
         reason = " ".join(str(error).split())
         self.record(phase=UpdatePhase.ROLLING_BACK, reason=reason, step="rolling back")
         fleet.event("update", "halted, rolling back", reason)
-        failure = ""
+        failure = " ".join(failure.split())
         moved = [r.id for r in fleet.state_dir.load().active(self.group) if r.model == self.target]
-        for new_id in reversed(moved):
+        for new_id in reversed(moved if not failure else []):
             old_model = self.replaced.get(new_id, self.from_model)
             if old_model == self.target:
                 continue

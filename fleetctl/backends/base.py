@@ -82,6 +82,11 @@ class RollingUpdates(Protocol):
     def update_message(self, group: str = "default") -> str:
         """Why the last update stopped, in one line."""
 
+    def stopping_handles(self, group: str = "default") -> set[str]:
+        """Handles of the group's replicas that the backend stops, or has stopped, on its own
+        (Swarm stops a slot's old task once its successor is healthy, before fleetctl's gate
+        may have passed): fleetctl takes them out of NGINX and never puts them back."""
+
     def roll_back_model(self, group: str = "default") -> None:
         """Goes back to the spec before the last update (a no-op while already rolling back)."""
 

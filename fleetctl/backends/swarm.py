@@ -36,6 +36,9 @@ TASK_START_TIMEOUT_S = 120.0
 ROLLING_UPDATE = {"Parallelism": 1, "Order": "start-first", "FailureAction": "rollback", "Monitor": 10_000_000_000}
 # Task states in which the replica's process exists or is about to (it may still be loading).
 ALIVE_STATES = ("new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running")
+# Desired states of a task Swarm means to run ("ready": a restarted task waiting out its delay);
+# any later one (shutdown, remove, ...) means Swarm is stopping it.
+DESIRED_RUNNING = ("ready", "running")
 
 
 def replica_id(group: str, slot: int) -> str:
@@ -46,6 +49,11 @@ def replica_id(group: str, slot: int) -> str:
 def group_of(replica_id: str) -> str:
     group, sep, slot = replica_id.rpartition("-r")
     return group if sep and slot.isdigit() else DEFAULT_GROUP
+
+
+def _slot_order(task: dict) -> tuple[bool, str]:
+    """Which of a slot's tasks stands for it: one Swarm wants running, then the newest."""
+    return task.get("DesiredState") in DESIRED_RUNNING, task["CreatedAt"]
 
 
 def check_swarm_manager(client) -> None:
@@ -135,10 +143,13 @@ class SwarmBackend(Backend):
         return dict(sorted(replicas.items(), key=lambda item: (len(item[0]), item[0])))
 
     def _tasks_of(self, service, group: str, node_addrs: dict[str, str]) -> dict[str, Replica]:
+        # A slot's replica is its newest task that Swarm wants running; only a slot without one
+        # shows its newest task. (A rollback may keep an older task and shut down a newer one:
+        # the slot's replica is then the older, running one.)
         latest: dict[int, dict] = {}
         for task in service.tasks():
             slot = task.get("Slot")
-            if slot is not None and (slot not in latest or task["CreatedAt"] > latest[slot]["CreatedAt"]):
+            if slot is not None and (slot not in latest or _slot_order(task) > _slot_order(latest[slot])):
                 latest[slot] = task
         replicas = {}
         for slot, task in sorted(latest.items()):
@@ -146,7 +157,7 @@ class SwarmBackend(Backend):
                 continue
             status = task.get("Status", {})
             state = status.get("State", "")
-            is_alive = state in ALIVE_STATES and task.get("DesiredState") in ("running", "ready")
+            is_alive = state in ALIVE_STATES and task.get("DesiredState") in DESIRED_RUNNING
             ports = status.get("PortStatus", {}).get("Ports") or []
             port = next((p["PublishedPort"] for p in ports if p.get("TargetPort") == REPLICA_PORT_IN_CONTAINER), 0)
             if not port and is_alive:
@@ -228,6 +239,14 @@ class SwarmBackend(Backend):
         last = next((line.strip() for line in reversed(printed) if line.strip()), "")
         return "; ".join(part for part in (message, f"task {task['ID'][:12]}: {task['Status'].get('Err', '')}",
                                            last[:200]) if part)
+
+    def stopping_handles(self, group: str = DEFAULT_GROUP) -> set[str]:
+        """Handles of the group's tasks that Swarm stops or has stopped (desired state past
+        running): the old task of a slot in a start-first update once its successor is healthy,
+        and the new one that a rollback replaces."""
+        service = self._service(group)
+        return {task["ID"][:12] for task in (service.tasks() if service else [])
+                if task.get("DesiredState") not in DESIRED_RUNNING}
 
     def roll_back_model(self, group: str = DEFAULT_GROUP) -> None:
         """Asks Swarm to go back to the previous service spec (`docker service rollback`)."""

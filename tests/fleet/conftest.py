@@ -149,6 +149,26 @@ class FleetCtl:
 
 
 @pytest.fixture
+def fast_polls(monkeypatch):
+    """For the tests on tests/fleet/fakes.py: the fakes answer at once, so the fleet's polling
+    intervals need not wait for real replicas."""
+    from fleetctl import backend_update, fleet as fleet_mod
+
+    monkeypatch.setattr(fleet_mod, "POLL_S", 0.001)
+    monkeypatch.setattr(backend_update, "POLL_S", 0.001)
+
+
+@pytest.fixture
+def models(tmp_path) -> tuple[str, str]:
+    """Two checkpoint folders (weights M1 and M2) as `--model` paths; the fakes never read them."""
+    paths = []
+    for name in ("m1", "m2"):
+        (tmp_path / name).mkdir()
+        paths.append(str(tmp_path / name))
+    return paths[0], paths[1]
+
+
+@pytest.fixture
 def fleetctl(tmp_path):
     ctl = FleetCtl(tmp_path / "home")
     yield ctl

@@ -7,10 +7,12 @@ rendered NGINX config, `Rollout`, `Watcher`.
                     generation and crashes (`behave`, `crash`), and reads what was started and
                     stopped (`actions`)
   FakeRollingBackend  the same with the optional `RollingUpdates` protocol, replacing one
-                    replica per `update_status()` call as Swarm's start-first update does
+                    replica per `update_status()` call as Swarm's start-first update does: the
+                    replaced one drains (`stopping_handles`) and exits at the next call
   FakeReplicaHttp   answers probe / load / post_json for the fake replicas by address
   StubNginx         apply/stop/pid of NGINX: keeps every config it was given (`upstreams()`),
                     and can refuse one as `nginx -t` would (`reject_next`)
+  make_fleet, start_serving, run_update  a fleet on these fakes, serving, and updated
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from fleetctl.backends.base import Backend, BackendInfo, Replica, ReplicaSpec
 from fleetctl.config import FleetConfig
@@ -51,11 +54,12 @@ class FakeReplica:
     behaviour: Behaviour
     is_alive: bool = True
     is_healthy: bool = True
+    is_draining: bool = False  # stopped by its backend: /ready 503, new requests 503
     started_at_s: float = field(default_factory=time.time)
 
     @property
     def is_ready(self) -> bool:
-        return self.is_alive and self.is_healthy and self.behaviour.is_ready
+        return self.is_alive and self.is_healthy and self.behaviour.is_ready and not self.is_draining
 
 
 class FakeBackend(Backend):
@@ -120,6 +124,9 @@ class FakeBackend(Backend):
     def by_port(self, port: int) -> FakeReplica | None:
         return next((r for r in self.replicas.values() if r.port == port), None)
 
+    def address(self, replica_id: str) -> str:
+        return f"127.0.0.1:{self.replicas[replica_id].port}"
+
     @staticmethod
     def _replica(replica: FakeReplica) -> Replica:
         return Replica(replica.spec.id, "127.0.0.1", replica.port, replica.handle, replica.is_alive,
@@ -131,7 +138,9 @@ class FakeRollingBackend(FakeBackend):
     each `update_status()` call replaces one more replica with one of the new spec (a new
     handle and address, same id), then reports "completed"; `roll_back_model()` puts every
     replica back on the previous spec on the next call. `pause_after` replicas, the update
-    stops as Swarm's does when a new task fails its health check."""
+    stops as Swarm's does when a new task fails its health check. A replaced replica is not
+    gone at once: as Swarm's old task, it drains (`stopping_handles`) until the next
+    `update_status()` call, when it exits and `on_exit(its address)` is called."""
 
     name = "rolling"
     info = BackendInfo(restarts_on_crash=True, names_replicas_itself=True, has_rolling_update=True)
@@ -144,6 +153,8 @@ class FakeRollingBackend(FakeBackend):
         self._target: ReplicaSpec | None = None
         self._previous: dict[str, ReplicaSpec] = {}
         self._todo: list[str] = []
+        self.stopping: dict[str, FakeReplica] = {}  # handle → a replaced replica, draining
+        self.on_exit: Callable[[str], None] = lambda address: None
 
     def update_model(self, spec: ReplicaSpec) -> None:
         self._num_updates += 1
@@ -152,6 +163,10 @@ class FakeRollingBackend(FakeBackend):
         self.status = {"State": "updating", "StartedAt": f"update {self._num_updates}", "Message": ""}
 
     def update_status(self, group: str = "default") -> dict:
+        for handle, replica in list(self.stopping.items()):  # drained since the last call
+            del self.stopping[handle]
+            replica.is_alive = False
+            self.on_exit(f"127.0.0.1:{replica.port}")
         state = self.status.get("State")
         if state == "updating" and not self.stuck:
             num_done = len(self._previous) - len(self._todo)
@@ -176,8 +191,16 @@ class FakeRollingBackend(FakeBackend):
         if not self.status.get("State", "").startswith("rollback"):
             self.status = {**self.status, "State": "rollback_started"}
 
+    def stopping_handles(self, group: str = "default") -> set[str]:
+        return set(self.stopping)
+
+    def by_port(self, port: int) -> FakeReplica | None:
+        return super().by_port(port) or next((r for r in self.stopping.values() if r.port == port), None)
+
     def _replace(self, replica_id: str, spec: ReplicaSpec) -> None:
         old = self.replicas[replica_id]
+        old.is_draining = True
+        self.stopping[old.handle] = old
         self.start(spec)
         self.replicas[replica_id].started_at_s = old.started_at_s + 1
 
@@ -211,6 +234,8 @@ class FakeReplicaHttp(ReplicaHttp):
         replica = self._replica(url)
         if replica is None or not replica.is_alive:
             return 0, "connection refused"
+        if replica.is_draining:
+            return 503, {"error": {"message": "this replica is draining"}}
         if not replica.behaviour.can_generate:
             return 500, {"error": {"message": "this model has no tokenizer"}}
         return 200, {"usage": {"completion_tokens": body.get("max_tokens", 1)}}
@@ -259,3 +284,27 @@ def make_fleet(tmp_path: Path, backend: FakeBackend | None = None, **config) -> 
     backend = backend or FakeBackend()
     nginx = StubNginx(state_dir.nginx_dir)
     return Fleet(state_dir, backend=backend, nginx=nginx, http=FakeReplicaHttp(backend)), backend, nginx
+
+
+def start_serving(tmp_path: Path, num_replicas: int = 2, backend: FakeBackend | None = None,
+                  **config) -> tuple[Fleet, FakeBackend, StubNginx]:
+    """make_fleet, then `converge` to num_replicas serving replicas."""
+    from fleetctl.lifecycle import converge
+
+    fleet, backend, nginx = make_fleet(tmp_path, backend, **config)
+    converge(fleet, num_replicas, lambda num_ready, num_wanted: None)
+    return fleet, backend, nginx
+
+
+def run_update(fleet: Fleet, model: str, **options) -> list[tuple[int, int]]:
+    """`fleetctl update --model model` (the real Rollout); the (num_done, num_total) it reported."""
+    from fleetctl.rollout import Rollout, UpdateOptions
+
+    progress = []
+    Rollout(fleet, UpdateOptions(model, **options), lambda done, total: progress.append((done, total))).run()
+    return progress
+
+
+def weights(fleet: Fleet) -> dict[str, str]:
+    """Replica id → the folder name of the weights its record says it serves."""
+    return {r.id: Path(r.model).name for r in fleet.state_dir.load().sorted_replicas()}

@@ -5,36 +5,20 @@ files (test_local_fleet, test_rollout, test_docker_fleet) prove the real parts f
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from fleetctl import backend_update, fleet as fleet_mod
-from fleetctl.backends.base import BackendInfo, RollingUpdates
+from fleetctl.backends.base import BackendInfo
 from fleetctl.errors import FleetError, NginxConfigError, NotReadyError
 from fleetctl.health import Watcher
 from fleetctl.lifecycle import converge, down
-from fleetctl.rollout import Rollout, UpdateOptions
 from fleetctl.state import Phase, UpdatePhase, UpdateProgress
 from fleetctl.status import collect
-from tests.fleet.fakes import EXITS, GOOD, NEVER_READY, NO_TOKENS, FakeBackend, FakeRollingBackend, make_fleet
+from tests.fleet.fakes import (EXITS, GOOD, NEVER_READY, NO_TOKENS, FakeBackend, make_fleet, run_update,
+                               start_serving, weights)
 
 
-@pytest.fixture(autouse=True)
-def fast_polls(monkeypatch):
-    """The fakes answer at once; the fleet's polling intervals need not wait for real replicas."""
-    monkeypatch.setattr(fleet_mod, "POLL_S", 0.001)
-    monkeypatch.setattr(backend_update, "POLL_S", 0.001)
-
-
-@pytest.fixture
-def models(tmp_path) -> tuple[str, str]:
-    """Two checkpoint folders (weights M1 and M2) as `--model` paths; the fakes never read them."""
-    paths = []
-    for name in ("m1", "m2"):
-        (tmp_path / name).mkdir()
-        paths.append(str(tmp_path / name))
-    return paths[0], paths[1]
+pytestmark = pytest.mark.usefixtures("fast_polls")
 
 
 def phases(fleet) -> dict[str, str]:
@@ -45,16 +29,6 @@ def in_nginx(fleet, nginx) -> list[str]:
     """Replica ids behind the addresses of NGINX's last applied upstream, in order."""
     by_address = {r.address: r.id for r in fleet.state_dir.load().replicas.values()}
     return [by_address.get(address, address) for address in nginx.upstreams()]
-
-
-def weights(fleet) -> dict[str, str]:
-    return {r.id: Path(r.model).name for r in fleet.state_dir.load().sorted_replicas()}
-
-
-def start_serving(tmp_path, num_replicas: int = 2, backend=None, **config):
-    fleet, backend, nginx = make_fleet(tmp_path, backend, **config)
-    converge(fleet, num_replicas, lambda num_ready, num_wanted: None)
-    return fleet, backend, nginx
 
 
 # converge and scale -----------------------------------------------------------------------
@@ -266,12 +240,6 @@ def test_an_update_whose_owner_died_counts_as_interrupted(tmp_path):
 
 
 # rolling update ---------------------------------------------------------------------------
-def run_update(fleet, model: str, **options):
-    progress = []
-    Rollout(fleet, UpdateOptions(model, **options), lambda done, total: progress.append((done, total))).run()
-    return progress
-
-
 def test_update_with_surge_replaces_each_replica_new_one_first(tmp_path, models):
     m1, m2 = models
     fleet, backend, nginx = start_serving(tmp_path, model=m1)
@@ -362,35 +330,3 @@ def test_running_the_update_again_resumes_an_interrupted_one(tmp_path, models):
     assert progress[0] == (0, 3) and progress[-1] == (3, 3)
     assert set(weights(fleet).values()) == {"m1"} and len(fleet.state_dir.load().serving()) == 3
     assert "left over from an interrupted update" in fleet.state_dir.events_file.read_text()
-
-
-# a backend's own rolling update (RollingUpdates: Swarm) -------------------------------------
-def test_a_backend_with_its_own_rolling_update_is_gated_replica_by_replica(tmp_path, models):
-    m1, m2 = models
-    fleet, backend, nginx = start_serving(tmp_path, backend=FakeRollingBackend(), model=m1)
-    assert isinstance(backend, RollingUpdates)
-    progress = run_update(fleet, m2)
-    assert progress[-1] == (2, 2) and weights(fleet) == {"r1": "m2", "r2": "m2"}
-    assert sorted(nginx.upstreams()) == sorted(f"127.0.0.1:{r.port}" for r in backend.replicas.values())
-    assert fleet.state_dir.load().update.phase is UpdatePhase.DONE
-
-
-def test_a_backend_update_whose_new_replica_fails_its_gate_is_rolled_back_by_the_backend(tmp_path, models):
-    m1, m2 = models
-    fleet, backend, nginx = start_serving(tmp_path, backend=FakeRollingBackend(), model=m1)
-    backend.behave(m2, NO_TOKENS)
-    with pytest.raises(FleetError, match="failed its test generation.*NGINX serves only m1"):
-        run_update(fleet, m2)
-    assert backend.status["State"] == "rollback_completed"
-    assert {r.spec.model for r in backend.replicas.values()} == {m1} and weights(fleet) == {"r1": "m1", "r2": "m1"}
-    assert sorted(nginx.upstreams()) == sorted(f"127.0.0.1:{r.port}" for r in backend.replicas.values())
-
-
-@pytest.mark.parametrize("backend_kwargs, words", [({"pause_after": 1}, "Rolling paused the update: task: health"),
-                                                   ({"stuck": True}, "the Rolling update did not finish within 0 s per replica")])
-def test_a_backend_update_that_pauses_or_hangs_is_rolled_back(tmp_path, models, backend_kwargs, words):
-    m1, m2 = models
-    fleet, backend, nginx = start_serving(tmp_path, backend=FakeRollingBackend(**backend_kwargs), model=m1)
-    with pytest.raises(FleetError, match=f"halted and rolled back: {words}"):
-        run_update(fleet, m2, timeout_s=0.02)
-    assert {r.spec.model for r in backend.replicas.values()} == {m1} and len(fleet.state_dir.load().serving()) == 2
