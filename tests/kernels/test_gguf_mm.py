@@ -84,3 +84,4 @@ def test_more_rows_than_mm_rows_are_refused():
     packed = _packed("Q4_0", 16, 64, seed=5)
     with pytest.raises(ValueError, match=f"at most {MM_ROWS} rows"):
         gguf_mm(torch.randn(MM_ROWS + 1, 64).to(DTYPE).to(DEVICE), packed)
+
