@@ -10,9 +10,18 @@ The interpreter's integer-overflow sanitizer is switched off: it wraps every int
 and mul in casts, comparisons and an assert, which doubled the kernel tests' time, and compiled
 kernels (what the engine runs) have no such check. An emulation that wrapped around would still
 fail its test: every kernel test compares values with a reference.
+
+A launch patches `triton.language` with the interpreter's functions for the whole grid, and
+Triton 3.9 patches it again at every call of a @triton.jit helper inside the kernel (each call
+walks the language's members with `inspect.getmembers`: ~3 ms, a third of a GEMV test's time).
+Those patches are skipped here when the running launch (or an earlier helper of it: Triton
+never restores a helper's patch) already patched every language module the helper sees: the same
+modules, patched the same way. The helper then runs as Triton runs it.
 """
 import dataclasses
+import functools
 import importlib
+import inspect
 import os
 import sys
 
@@ -30,6 +39,38 @@ if not torch.cuda.is_available():
     # Triton 3.9 builds the interpreter's one builder, with its options, when the module is
     # imported: the class above only reaches builders made later, so the options are replaced too.
     interpreter.interpreter_builder.options = _Options()
+
+    _patched_langs: list[set[int]] = []      # per running launch: ids of the patched language modules
+
+    @functools.cache
+    def _langs(fn) -> frozenset[int]:
+        return frozenset(id(value) for value in fn.__globals__.values()
+                         if inspect.ismodule(value) and value in (interpreter.tl, interpreter.tl.core))
+
+    _launch = interpreter.GridExecutor.__call__
+    _device_call = interpreter.InterpretedFunction.__call__
+
+    def _launch_once_patched(self, *args, **kwargs):
+        _patched_langs.append(set(_langs(self.fn)))
+        try:
+            return _launch(self, *args, **kwargs)
+        finally:
+            _patched_langs.pop()
+
+    def _device_call_in_patched_launch(self, *args, **kwargs):
+        langs = _langs(self.fn)
+        if not _patched_langs or not langs <= _patched_langs[-1]:
+            if _patched_langs:               # Triton never restores what a helper's call patched
+                _patched_langs[-1].update(langs)
+            return _device_call(self, *args, **kwargs)
+        fn = self.rewrite()                  # InterpretedFunction.__call__ without its _patch_lang
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    interpreter.GridExecutor.__call__ = _launch_once_patched
+    interpreter.InterpretedFunction.__call__ = _device_call_in_patched_launch
     for name in sorted(sys.modules):
         if name.startswith("replica.kernels.") and name.endswith("_triton"):
             importlib.reload(sys.modules[name])
