@@ -154,7 +154,7 @@ class GGUFWeight:
             from replica.kernels.gguf_linear_triton import gguf_linear
         if len(self.segments) == 1:
             packed = self.segments[0][1]
-            # picks the GEMV or dequantise + cuBLAS
+            # picks the GEMV, the small-batch GEMM or dequantise + cuBLAS by rows
             return gguf_linear(x, packed, bias) if use_triton else gguf_linear_ref(x, packed, bias)
         # parts of different layouts (Q4_K_M's q, k in Q4_K beside v in Q6_K): one call each,
         # into column slices of one output

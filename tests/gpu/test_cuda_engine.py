@@ -160,6 +160,37 @@ def test_packed_gguf_and_an_fp8_cache_run_in_graphs_as_eagerly(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["Q4_K_M", "Q4_0"])
+def test_decode_batches_through_the_small_batch_gemm_keep_the_dequantise_paths_tokens(fmt, monkeypatch):
+    """12 sequences decode in batches of 5-12 rows: through `gguf_mm_triton` (in the CUDA graphs),
+    the same greedy tokens as dequantise + cuBLAS gives (fp32 activations: both exact to ~1e-6)."""
+    from bench.quant_accuracy import build_engine
+    from replica.kernels import gguf_gemv_triton, gguf_mm_triton
+    from replica.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 512,
+        "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    calls = []
+    real = gguf_mm_triton.gguf_mm
+    monkeypatch.setattr(gguf_mm_triton, "gguf_mm", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
+    tokens = {}
+    for mm_rows in (gguf_mm_triton.MM_ROWS, gguf_gemv_triton.GEMV_ROWS):
+        monkeypatch.setattr(gguf_mm_triton, "MM_ROWS", mm_rows)
+        engine = build_engine(cfg, fmt, "cuda", max_num_seqs=16, token_budget=2048,
+                              engine_args=dict(dtype="float32", num_kv_blocks=512, max_model_len=1024))
+        tokens[mm_rows] = _greedy_tokens(engine, _prompts(12, 2048, seed=7))
+        del engine
+        torch.cuda.empty_cache()
+        if mm_rows == gguf_gemv_triton.GEMV_ROWS:
+            assert not calls
+        else:
+            assert calls and max(calls) > gguf_gemv_triton.GEMV_ROWS
+            calls.clear()
+    assert tokens[gguf_mm_triton.MM_ROWS] == tokens[gguf_gemv_triton.GEMV_ROWS]
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K_M", "Q4_0"])
 def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
     """bf16 decode through the fused GGUF GEMV epilogues (silu·mul in gate_up's GEMV, split-K
     sums in the next norm) and PDL inside the graphs gives the tokens of the unfused kernels."""
