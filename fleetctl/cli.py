@@ -108,6 +108,10 @@ def _fleet(say=None) -> Fleet:
 @click.option("--env", multiple=True, help="Docker/Swarm: KEY=VALUE for the replica containers (repeat).")
 @click.option("--constraint", multiple=True, help="Swarm: placement constraint, e.g. node.labels.gpu==true (repeat).")
 @click.option("--docker-host", cls=ConfigOption, shown="$DOCKER_HOST or the local socket", help="Docker engine URL.")
+@click.option("--health-interval", cls=ConfigOption, type=float,
+              help="Swarm: seconds between the health checks (/ready) of a task; set when its service is created.")
+@click.option("--update-monitor", cls=ConfigOption, type=float,
+              help="Swarm: seconds Swarm watches each task an update started for a failure.")
 @click.option("--group", "-g", multiple=True, metavar="NAME=MODEL[,KEY=VALUE...]",
               help="A model group (repeat for several; NGINX routes by `model`): "
                    "NAME=MODEL[,replicas=N][,gpus=0:1][,served=NAME][,max_num_seqs=128...].")

@@ -64,6 +64,11 @@ class FleetConfig:
     mounts: list[str] = field(default_factory=list)  # extra host paths bind-mounted read-only
     env: dict[str, str] = field(default_factory=dict)
     constraints: list[str] = field(default_factory=list)  # Swarm placement constraints
+    # Swarm only, set on its service: how often Swarm's health check asks a task's /ready (a new
+    # task counts as started at its first 200), and how long Swarm watches each updated task for
+    # a failure before it calls the update completed.
+    health_interval_s: float = 3.0
+    update_monitor_s: float = 10.0
     docker_host: str = ""  # the engine the fleet lives on; empty: DOCKER_HOST or the default socket
     # Several models side by side (fleetctl/groups.py); empty: one group made of the fields above.
     groups: list[ModelGroup] = field(default_factory=list)
@@ -109,6 +114,8 @@ class FleetConfig:
         _check(self.device in ("", "cpu", "cuda"), f"--device must be cpu or cuda, not {self.device!r}")
         _check(self.read_timeout_s >= 1 and self.drain_timeout_s >= 0 and self.ready_timeout_s > 0,
                "timeouts must be positive")
+        _check(self.health_interval_s >= 0.1 and self.update_monitor_s >= 0.1,
+               "--health-interval and --update-monitor must be at least 0.1 seconds")
         _check(bool(self.replica_command), "--replica-command must not be empty")
         for gpu in self.gpus + [g for group in self.groups for g in group.gpus]:
             _check(re.fullmatch(r"[A-Za-z0-9-]+", gpu) is not None, f"--gpus entry {gpu!r} is not a GPU index or UUID")

@@ -23,6 +23,7 @@ UP_FIELDS = {
     "max_model_len": "max_model_len", "num_kv_blocks": "num_kv_blocks", "drain_timeout": "drain_timeout_s",
     "ready_timeout": "ready_timeout_s", "image": "image", "replica_command": "replica_command",
     "mount": "mounts", "env": "env", "group": "groups", "constraint": "constraints", "docker_host": "docker_host",
+    "health_interval": "health_interval_s", "update_monitor": "update_monitor_s",
 }
 
 

@@ -44,6 +44,7 @@ def test_down_without_a_fleet_is_fine(run):
     (["--model", "/nonexistent/model"], "not found: give a checkpoint folder"),
     (["--listen", "localhost"], "--listen must be an IP"),
     (["--tls-cert", "cert.pem"], "give both --tls-cert and --tls-key"),
+    (["--health-interval", "0"], "--health-interval and --update-monitor must be at least 0.1 seconds"),
 ])
 def test_invalid_up_options_fail_before_anything_starts(run, tmp_path, args, words):
     result = run("up", "--backend", "local", *args)

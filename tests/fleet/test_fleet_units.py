@@ -1,5 +1,6 @@
 """Small pure pieces of the fleet: GPU round-robin, the replica command line, state round-trips."""
 from fleetctl.backends.base import ReplicaSpec, replica_env, serve_args
+from fleetctl.backends.swarm import rolling_update
 from fleetctl.config import FleetConfig
 from fleetctl.fleet import Fleet
 from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
@@ -49,3 +50,11 @@ def test_state_round_trips_through_the_state_dir(tmp_path):
         loaded.replicas["r1"].phase = Phase.DRAINING
     assert state_dir.load().replicas["r1"].phase is Phase.DRAINING
     assert oct(state_dir.fleet_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_swarm_updates_default_to_a_10_s_monitor_and_3_s_health_checks():
+    config = FleetConfig()
+    assert (config.update_monitor_s, config.health_interval_s) == (10.0, 3.0)
+    assert rolling_update(config.update_monitor_s) == {"Parallelism": 1, "Order": "start-first",
+                                                       "FailureAction": "rollback", "Monitor": 10_000_000_000}
+    assert rolling_update(FleetConfig(update_monitor_s=2).update_monitor_s)["Monitor"] == 2_000_000_000

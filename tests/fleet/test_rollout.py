@@ -262,7 +262,10 @@ def test_rolling_update_under_load_drops_nothing_and_every_replica_serves_m2(fle
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model, tmp_path_factory):
-    """A single-node swarm on a private dockerd (tests/fleet/dockerd.py) running 2 replicas of M1."""
+    """A single-node swarm on a private dockerd (tests/fleet/dockerd.py) running 2 replicas of M1.
+    Swarm checks each task's /ready every second (3 s by default) and watches an updated task for
+    2 s (10 s by default): the updates below wait less for Swarm, and Swarm stops an old task
+    before fleetctl's gate has failed its successor more often."""
     from tests.fleet import dockerd as dockerd_mod
     from tests.fleet.test_docker_fleet import docker_up_args
 
@@ -272,7 +275,7 @@ def swarm(tiny_model, tmp_path_factory):
         daemon.start()
         daemon.build_dev_image()
         daemon.init_swarm()
-        ctl(*docker_up_args(ctl, tiny_model, 2, "swarm"))
+        ctl(*docker_up_args(ctl, tiny_model, 2, "swarm"), "--health-interval", "1", "--update-monitor", "2")
         yield ctl
     finally:
         ctl.cleanup()
