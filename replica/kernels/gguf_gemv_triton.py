@@ -1,5 +1,5 @@
 """Triton, GGUF weights kept packed (`replica/quantization/gguf_packed.py`): the decode GEMV for
-1..4 rows of x, and a dequantise-to-bf16 kernel for everything larger (then one cuBLAS GEMM).
+1..4 rows of x (more rows: `gguf_mm_triton`, then `gguf_dequant_triton` + cuBLAS).
 
 Decode reads each weight byte once, so its floor is packed bytes / memory bandwidth: at 4 bits
 an H200 must turn ~9 G weights a microsecond into products, so both the load instructions and
@@ -47,7 +47,9 @@ from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
 ROWS_PER_LAUNCH = 4   # the kernels' accumulators; more rows take several launches
-# rows up to which `gguf_linear_triton.gguf_linear` takes the GEMV, else dequantise + cuBLAS (H200)
+# rows up to which `gguf_linear_triton.gguf_linear` takes the GEMV, else the small-batch GEMM
+# (`gguf_mm_triton`). H200, Q4_0 8B decode step: 4 rows 3.7 ms here against 5.15 there
+# (bench/results/decode-batch-H200-8b-2026-11-30.json)
 GEMV_ROWS = 4
 USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else the exact fp32 path)
 # 4-bit: x rounded to int8 per 32-element group and multiplied with dp4a (`gguf_gemv_x8_triton`).
