@@ -3,7 +3,7 @@
 GEMM (`gguf_linear_triton.gguf_linear`). At 2048 rows that costs 1.05-1.14x bf16's time on an
 H200 (bench/results/quant-issue15b-H200-8b-2026-11-28.json); the dequantisation itself writes
 2.5-2.7 TB/s of bf16 (bench/results/quant-issue15c-H200-8b-2026-11-29.json).
-The tile decoders (`tile4`, `tile6`, `tile8`: a [BLOCK_N, K-tile] block of W in fp32) are shared
+The tile decoders (`tile`, by layout `tile4`, `tile6`, `tile8`: a [BLOCK_N, K-tile] block of W in fp32) are shared
 with the small-batch GEMM (`gguf_mm_triton`), which multiplies the tile where it is decoded.
 Reference: `gguf_packed.dequantize_packed`, bit for bit (fp32 arithmetic, rounded once).
 """
@@ -85,6 +85,23 @@ def tile6(q_ptr, h_ptr, s_ptr, rows64, n_mask, l0, num_lanes, stride_qn, stride_
 
 
 @triton.jit
+def tile(q_ptr, h_ptr, s_ptr, m_ptr, rows64, n_mask, k0, K, stride_qn, stride_hn, stride_sn, BITS: tl.constexpr,
+         ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr,
+         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of rows rows64, any packed layout → [BLOCK_N, BLOCK_K] fp32."""
+    if BITS == 4:
+        w = tile4(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_sn, ZERO_POINT,
+                  HAS_MIN, SUPER, PAIRED, BLOCK_N, BLOCK_K // 32)
+    elif BITS == 6:
+        w = tile6(q_ptr, h_ptr, s_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_hn, stride_sn,
+                  BLOCK_N, BLOCK_K // 32)
+    else:
+        w = tile8(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // GROUP, K // GROUP, stride_qn, stride_sn,
+                  ZERO_POINT, HAS_MIN, BLOCK_N, BLOCK_K // GROUP, GROUP)
+    return w
+
+
+@triton.jit
 def _gguf_dequant_kernel(q_ptr, h_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_qn, stride_hn, stride_sn, stride_on,
                          BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr,
@@ -95,15 +112,8 @@ def _gguf_dequant_kernel(q_ptr, h_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_qn, s
     n_mask = rows < N
     rows64 = rows.to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
-    if BITS == 4:
-        w = tile4(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_sn, ZERO_POINT,
-                  HAS_MIN, SUPER, PAIRED, BLOCK_N, BLOCK_K // 32)
-    elif BITS == 6:
-        w = tile6(q_ptr, h_ptr, s_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_hn, stride_sn,
-                  BLOCK_N, BLOCK_K // 32)
-    else:
-        w = tile8(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // GROUP, K // GROUP, stride_qn, stride_sn, ZERO_POINT,
-                  HAS_MIN, BLOCK_N, BLOCK_K // GROUP, GROUP)
+    w = tile(q_ptr, h_ptr, s_ptr, m_ptr, rows64, n_mask, k0, K, stride_qn, stride_hn, stride_sn, BITS, ZERO_POINT,
+             HAS_MIN, SUPER, PAIRED, GROUP, BLOCK_N, BLOCK_K)
     cols = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & (cols < K)[None, :])

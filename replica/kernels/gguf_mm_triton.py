@@ -9,7 +9,7 @@ on the tensor cores where it is decoded:
 
     program (n, k)   BLOCK_N rows of W × all M rows of x, over split k's range of K
     per K tile       W [BLOCK_N, BLOCK_K]: decoded in registers by the dequantiser's own tile
-                     decoders (`gguf_dequant_triton.tile4/6/8`, fp32, rounded once to x's dtype:
+                     decoders (`gguf_dequant_triton.tile`, fp32, rounded once to x's dtype:
                      the values dequantise + cuBLAS multiplies)
                      x [BLOCK_M, BLOCK_K]: M rows padded to BLOCK_M (≥ 16, the MMA's minimum)
                      acc [BLOCK_N, BLOCK_M] += W · xᵀ   (W is the MMA's wide operand: "swap AB")
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from replica.kernels import linear_triton, pdl
-from replica.kernels.gguf_dequant_triton import tile4, tile6, tile8, weight_operands
+from replica.kernels.gguf_dequant_triton import tile, weight_operands
 from replica.quantization.gguf_packed import PackedGGUF
 
 MM_ROWS = 64            # rows of x up to which `gguf_linear_triton.gguf_linear` takes this kernel
@@ -65,15 +65,8 @@ def _gguf_mm_kernel(x_ptr, q_ptr, h_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partia
     pdl.wait_and_release(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if BITS == 4:
-            w = tile4(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_sn, ZERO_POINT,
-                      HAS_MIN, SUPER, PAIRED, BLOCK_N, BLOCK_K // 32)
-        elif BITS == 6:
-            w = tile6(q_ptr, h_ptr, s_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_hn, stride_sn,
-                      BLOCK_N, BLOCK_K // 32)
-        else:
-            w = tile8(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // GROUP, K // GROUP, stride_qn, stride_sn,
-                      ZERO_POINT, HAS_MIN, BLOCK_N, BLOCK_K // GROUP, GROUP)
+        w = tile(q_ptr, h_ptr, s_ptr, m_ptr, rows64, n_mask, k0, K, stride_qn, stride_hn, stride_sn, BITS,
+                 ZERO_POINT, HAS_MIN, SUPER, PAIRED, GROUP, BLOCK_N, BLOCK_K)
         cols = k0 + tl.arange(0, BLOCK_K)
         # x row-major as it lies (a transposed load would fetch a 32-byte sector for each element)
         x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None], other=0.0)
