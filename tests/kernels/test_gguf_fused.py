@@ -37,7 +37,7 @@ def test_gated_gemv_is_silu_mul_of_the_plain_gemv(qtype, num_rows, intermediate,
 def test_gated_gemv_with_a_split_plan_runs_unfused_to_the_same_result():
     packed = _packed("Q4_K", 32, 512, seed=2)
     x = torch.randn(2, 512).to(DTYPE).to(DEVICE)
-    split = GemvConfig(block_n=4, groups=2, split_k=2)
+    split = GemvConfig(block_n=8, groups=4, split_k=2)      # 4 x 2 programs of 2 tiles
     assert torch.equal(gguf_gemv(x, packed, config=split, gated=True),
                        silu_and_mul(gguf_gemv(x, packed, config=split)))
 
@@ -60,7 +60,7 @@ def test_split_k_partials_summed_in_the_norm_equal_gemv_then_add_norm(qtype, num
     x = torch.randn(num_rows, k, generator=gen).to(DTYPE).to(DEVICE)
     residual = torch.randn(num_rows, n, generator=gen).to(DTYPE).to(DEVICE)
     weight = (1 + 0.1 * torch.randn(n, generator=gen)).to(DTYPE).to(DEVICE)
-    split = GemvConfig(block_n=4, groups=2, split_k=4)
+    split = GemvConfig(block_n=8, groups=2, split_k=4)      # 3 programs along N
     monkeypatch.setitem(gguf_gemv_triton.TUNED, (qtype, num_rows, n, k), split)
     normed, new_residual = gguf_linear_add_rms_norm(x, packed, residual, weight, 1e-5)
     want_normed, want_residual = fused_add_rms_norm(gguf_gemv(x, packed, config=split), residual, weight, 1e-5)
@@ -79,7 +79,7 @@ def test_split_k_partials_summed_in_the_x8_norm_equal_gemv_then_the_x8_norm(qtyp
     x = torch.randn(num_rows, k, generator=gen).to(DTYPE).to(DEVICE)
     residual = torch.randn(num_rows, n, generator=gen).to(DTYPE).to(DEVICE)
     weight = (1 + 0.1 * torch.randn(n, generator=gen)).to(DTYPE).to(DEVICE)
-    split = GemvConfig(block_n=4, groups=2, split_k=split_k)
+    split = GemvConfig(block_n=16, groups=2, split_k=split_k)      # 4 programs along N
     monkeypatch.setitem(gguf_gemv_triton.TUNED, (qtype, num_rows, n, k), split)
     rounded, new_residual = gguf_linear_add_rms_norm(x, packed, residual, weight, 1e-5, to_x8=True)
     want, want_residual = add_rms_norm_x8(gguf_gemv(x, packed, config=split), residual, weight, 1e-5)

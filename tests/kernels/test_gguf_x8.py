@@ -95,12 +95,14 @@ def test_gemv_is_w_times_the_rounded_x(qtype, num_rows, n, k, config):
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
 def test_gated_and_norm_epilogues_take_the_int8_x_too(qtype, monkeypatch):
+    # Tiles as large as keep several programs (the interpreter's time grows with their number):
+    # gated 6 programs of 4 gate and 4 up rows, 2 tiles along K; split 3 x 4 programs of 16 rows.
     packed = _packed(qtype, 48, 256, seed=5)
     x = _x(2, 256, seed=2)
-    config = GemvConfig(block_n=4, groups=4, split_k=1)
+    config = GemvConfig(block_n=8, groups=4, split_k=1)
     assert torch.equal(gguf_gemv(x, packed, config=config, gated=True),
                        silu_and_mul(gguf_gemv(x, packed, config=config)))
-    split = GemvConfig(block_n=4, groups=2, split_k=4)
+    split = GemvConfig(block_n=16, groups=2, split_k=4)
     monkeypatch.setitem(gguf_gemv_triton.TUNED, (qtype, 2, 48, 256), split)
     residual = torch.randn(2, 48).to(DTYPE).to(DEVICE)
     weight = torch.ones(48).to(DTYPE).to(DEVICE)
