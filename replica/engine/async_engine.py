@@ -17,11 +17,7 @@ and `on_core_death` (set by the server) runs, so that the replica exits non-zero
 """
 import asyncio
 import logging
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from replica.config import EngineConfig
+from replica.engine.core_launch import CoreLaunch
 from replica.engine.core import load_tokenizer, resolve_max_model_len, validate_request
 from replica.engine.messages import (HANDSHAKE, AddRequest, CoreFailed, CoreInputs, CoreOutputs,
                                      CoreStart, EmbedRequest, SeqStop)
@@ -54,9 +51,10 @@ class QueueFullError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig):
-        """Starts the core process and waits until it has loaded the model. Raises ValueError
-        for settings the core refused, RuntimeError when it failed otherwise."""
+    def __init__(self, config: EngineConfig, launch: CoreLaunch | None = None):
+        """Starts the core process (or takes one started early, `launch`, which stays the caller's
+        to kill if this raises) and waits until it has loaded the model. Raises ValueError for
+        settings the core refused, RuntimeError when it failed otherwise."""
         self.config = config
         checkpoint = open_checkpoint(config.model, config.load_format)
         self.model_config = checkpoint.config
@@ -75,7 +73,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task | None = None
         self._encoder = msgspec.msgpack.Encoder()
-        self._spawn_core()
+        self._spawn_core(launch)
         try:        # while the core imports torch and loads the weights
             self.tokenizer = load_tokenizer(checkpoint)
         except BaseException:
@@ -87,25 +85,10 @@ class AsyncEngine:
         self._await_core()
 
     # ---- the core process ----------------------------------------------------------------------
-    def _spawn_core(self) -> None:
-        self._ipc_dir = tempfile.mkdtemp(prefix="pagefleet-core-")
-        input_addr, output_addr = f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out"
-        self._zmq = zmq.Context()
-        self._to_core = self._zmq.socket(zmq.PUSH)
-        self._to_core.setsockopt(zmq.SNDHWM, 0)
-        self._to_core.setsockopt(zmq.LINGER, 0)
-        self._to_core.bind(input_addr)
-        self._from_core = self._zmq.socket(zmq.PULL)
-        self._from_core.setsockopt(zmq.LINGER, 0)
-        self._from_core.bind(output_addr)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.config.resolve_device().type == "cpu":
-            # Two processes now share the cores: OpenMP workers that spin at barriers (libgomp's
-            # default) starve the server's event loop and each other; passive workers sleep.
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "replica.engine.core_proc", input_addr, output_addr],
-            stdin=subprocess.DEVNULL, env=env)
+    def _spawn_core(self, launch: CoreLaunch | None) -> None:
+        self._launch = launch or CoreLaunch(is_omp_passive=self.config.resolve_device().type == "cpu")
+        self._to_core, self._from_core = self._launch.to_core, self._launch.from_core
+        self.process = self._launch.process
         self._to_core.send(self._encoder.encode(CoreStart(self.config)))
 
     def _await_core(self) -> None:
@@ -134,10 +117,7 @@ class AsyncEngine:
         return reply
 
     def _close_core(self) -> None:
-        self._to_core.close(linger=0)
-        self._from_core.close(linger=0)
-        self._zmq.term()
-        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+        self._launch.close()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:

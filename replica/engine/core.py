@@ -10,6 +10,7 @@ the same process.
 """
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,8 +102,11 @@ class EngineCore:
         self.model_config = cfg = checkpoint.config
         self.model_path = checkpoint.path
         self.model_name = default_served_name(config.model)
-        self.tokenizer = load_tokenizer(checkpoint)
-        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
+        # The tokenizer (transformers' import and its build: ~3 s on 2 CPU cores) loads on a thread
+        # while the weights load and the KV cache is sized; the sampler is the first to need it.
+        tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        tokenizer_future = tokenizer_pool.submit(load_tokenizer, checkpoint)
+        tokenizer_pool.shutdown(wait=False)
         self.max_model_len = resolve_max_model_len(config, cfg)
         kernel_backend = config.resolve_kernel_backend(self.device)
         ops.select_kernel_backend(kernel_backend)
@@ -122,6 +126,8 @@ class EngineCore:
                              and not config.enforce_eager),
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_piecewise_tokens=config.cuda_graph_max_tokens)
+        self.tokenizer = tokenizer_future.result()
+        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
         self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, config.seed, self.device,
                                max_num_rows=config.max_num_seqs)
         self.structured = (StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids, self.device)

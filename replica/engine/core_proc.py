@@ -56,9 +56,10 @@ def main(argv: list[str]) -> int:
     outputs.setsockopt(zmq.SNDHWM, 0)
     outputs.connect(output_addr)
     encoder = msgspec.msgpack.Encoder()
-    start = msgspec.msgpack.decode(inputs.recv(), type=CoreStart)
-
+    # torch and the model code first: `replica serve` starts this process before its own imports
+    # (`core_launch.py`), so the two import at once while the server gets to its `CoreStart`
     from replica.engine.core import EngineCore
+    start = msgspec.msgpack.decode(inputs.recv(), type=CoreStart)
     try:
         core = EngineCore(start.config)
     except ValueError as err:

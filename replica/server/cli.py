@@ -137,21 +137,31 @@ async def serve(engine, config: ServerConfig) -> int:
     return lifecycle.exit_code
 
 
+def _has_nvidia_gpu() -> bool:
+    """What `--device auto` will find, told without importing torch: the NVIDIA driver's device."""
+    return os.path.exists("/dev/nvidiactl")
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Until the event loop owns the signals, a SIGTERM during loading just ends the process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from replica.engine.core_launch import CoreLaunch
+    # the core process first: its imports run beside this process's (it dies with this one)
+    launch = CoreLaunch(is_omp_passive=args.device == "cpu" or (args.device == "auto" and not _has_nvidia_gpu()))
     try:
         server_config, engine_config = _configs(args)
     except ValueError as err:
+        launch.kill()
         print(f"replica serve: {err}", file=sys.stderr)
         return 2
     from replica.engine.async_engine import AsyncEngine
     try:
-        engine = AsyncEngine(engine_config)      # starts the engine core process; waits for the model
+        engine = AsyncEngine(engine_config, launch)      # the core loads the model; waits for it
     except (ValueError, RuntimeError) as err:
+        launch.kill()
         print(f"replica serve: {err}", file=sys.stderr)
         return 1
     try:

@@ -100,3 +100,26 @@ def test_ctrl_c_on_the_process_group_drains_with_the_core_still_serving(tiny_mod
         assert wait_for(lambda: not is_running(pid), 10)
     finally:
         server.stop()
+
+
+def test_a_replica_that_cannot_start_leaves_no_core_and_no_socket_folder(tiny_model, tmp_path):
+    """`replica serve` starts the core before it checks its settings or opens the model (so
+    that the two processes import at once): a refusal ends that core and removes its sockets."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    for args, exit_code in ((tiny_server_args(tiny_model, "--max-queue", "-1"), 2),
+                            (tiny_server_args(tmp_path / "no-such-model"), 1)):
+        server = ServerProcess(args, tmp_path / "server.log", env={"TMPDIR": str(tmp)})
+        assert server.proc.wait(120) == exit_code, server.log_tail()
+        server.stop()
+        assert sorted(p.name for p in tmp.iterdir()) == [], "the core's socket folder was left"
+        orphans = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(tmp).encode()
+                   in _cmdline(p)]
+        assert orphans == [], "an engine core outlived the refused replica"
+
+
+def _cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:          # ended meanwhile
+        return b""
