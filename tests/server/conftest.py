@@ -75,6 +75,17 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
+def ollama_store(tmp_path_factory) -> Path:
+    """The test store of tests/models/ollama_store_builder.py (the bundled model's blob under
+    `smollm2:135m` and `myorg/assistant:v1`), one for the modules that serve from it: a replica
+    keys its tokenizer cache on the blob's path, so the second server loads what the first built
+    (11 s on 2 cores) instead of building it again from a copy of the same file."""
+    from tests.models.ollama_store_builder import build_test_store
+
+    return build_test_store(tmp_path_factory.mktemp("ollama") / "models")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 

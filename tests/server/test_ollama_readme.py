@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 
-from tests.models.ollama_store_builder import build_test_store
 from tests.server.conftest import REPO_ROOT, ServerProcess
 
 
@@ -20,12 +19,11 @@ def _section_blocks(language: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    store = build_test_store(tmp_path_factory.mktemp("ollama") / "models")
+def server(ollama_store, tmp_path_factory):
     server = ServerProcess(["--model", "smollm2:135m", "--max-model-len", "512",
                             "--num-kv-blocks", "64", "--dtype", "float32"],
                            tmp_path_factory.mktemp("logs") / "smollm2-135m.log",
-                           env={"OLLAMA_MODELS": str(store)})
+                           env={"OLLAMA_MODELS": str(ollama_store)})
     try:
         yield server.wait_ready()
     finally:

@@ -11,16 +11,15 @@ import openai
 import pytest
 
 from replica.models.ollama_store import open_model
-from tests.models.ollama_store_builder import (ASSISTANT_NAME, ASSISTANT_SYSTEM, CHATML_GO_TEMPLATE,
-                                               build_test_store)
+from tests.models.ollama_store_builder import ASSISTANT_NAME, ASSISTANT_SYSTEM, CHATML_GO_TEMPLATE
 from tests.server.conftest import ServerProcess
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return build_test_store(tmp_path_factory.mktemp("ollama") / "models")
+def store(ollama_store):
+    return ollama_store
 
 
 @pytest.fixture(scope="module")
