@@ -12,7 +12,20 @@ def smollm2():
     return LLM("smollm2", max_model_len=2048, dtype="float32")  # exact vs transformers fp32
 
 
-def test_greedy_chat_answer_equals_transformers_and_is_sensible(smollm2):
+def _transformers_parses_the_gguf_once(monkeypatch) -> None:
+    """transformers' from_pretrained parses the GGUF with gguf-py twice (config, then weights;
+    ~8 s each over SmolLM2's 49k-token vocabulary on 2 cores) and builds gguf-py's tensor-name map
+    again for every tensor: both memoised for this test (the file does not change), half the
+    reference's load time. The reference model is the same: its tokens are compared exactly."""
+    import functools
+
+    import gguf
+
+    monkeypatch.setattr(gguf, "GGUFReader", functools.cache(gguf.GGUFReader))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+
+
+def test_greedy_chat_answer_equals_transformers_and_is_sensible(smollm2, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     tok = smollm2.tokenizer
@@ -23,6 +36,7 @@ def test_greedy_chat_answer_equals_transformers_and_is_sensible(smollm2):
     assert answer.finish_reason == "stop"
 
     gguf = resolve_model_path("smollm2")
+    _transformers_parses_the_gguf_once(monkeypatch)
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
     assert answer.token_ids == ref
