@@ -86,17 +86,25 @@ def test_k_quant_mixes_stay_packed_output_head_included_and_compute_the_dequanti
     """Ollama's default Q4_K_M (and q5_K_M) with --quantization gguf: q, k, gate, up and o in
     Q4_K (Q5_K), v and down in Q6_K, the output head in Q6_K, all kept packed (qkv as two
     segments), and the first two steps' logits those of the same file dequantised on load (the
-    packed scales are rounded to fp16 once: a few 1e-4 apart)."""
+    packed scales are rounded to fp16 once: a few 1e-4 apart).
+    The engines take the file's weights as their core's load reads them (blocks kept packed
+    for gguf), in memory: token-id prompts need no tokenizer, whose build from a GGUF copying
+    SmolLM2's vocabulary took 10 s a file. tests/engine/test_quantization.py serves a GGUF path
+    with --quantization gguf."""
     from bench.quant_accuracy import compare, step_logits
     from replica.layers.quantized_linear import GGUFWeight
-    from replica.models.registry import resolve_model_path
 
     qkv_segments, main_type, bits = _PACKED_MIXES[quant]
-    path = str(write_tiny_gguf(gguf_dir / f"tiny-{quant}-tokenizer.gguf", quant,
-                               tokenizer_from=resolve_model_path("smollm2")))    # an engine needs one
-    engines = {q: LLMEngine(EngineConfig(model=path, dtype="float32", device="cpu", quantization=q,
-                                         num_kv_blocks=16, block_size=16, max_model_len=64))
-               for q in ("gguf", None)}
+    checkpoint = open_checkpoint(str(gguf_dir / f"tiny-{quant}.gguf"))
+
+    def engine(quantization: str | None) -> LLMEngine:
+        def weights():
+            return checkpoint.weights("cpu", keep_quantized=quantization == "gguf")
+        return LLMEngine(EngineConfig(model=f"tiny-{quant}", dtype="float32", device="cpu",
+                                      quantization=quantization, num_kv_blocks=16, block_size=16,
+                                      max_model_len=64),
+                         checkpoint=InMemoryCheckpoint(checkpoint.config, weights))
+    engines = {q: engine(q) for q in ("gguf", None)}
     model = engines["gguf"].model
     layer = model.layers[0]
     assert [(seg.qtype, seg.shape[0]) for _, seg in layer.qkv_weight.segments] == qkv_segments
