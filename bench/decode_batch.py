@@ -19,7 +19,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import prompts, run  # noqa: E402
+from bench.engine import prompts, run, write_results  # noqa: E402
 from bench.quant import model_config  # noqa: E402
 from bench.quant_accuracy import GGUF_FORMATS, build_engine  # noqa: E402
 from replica.kernels import gguf_gemv_triton as gg, gguf_mm_triton as mm  # noqa: E402
@@ -95,11 +94,7 @@ def main() -> None:
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    out = (Path(os.environ["OUT"]) / "decode_batch.json" if os.environ.get("OUT") else
-           Path(__file__).parent / "results"
-           / f"decode-batch-{results['env']['gpu'].replace(' ', '-')}-{results['env']['date']}.json")
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    write_results(results, "decode_batch", "decode-batch")
 
 
 if __name__ == "__main__":

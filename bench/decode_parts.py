@@ -29,7 +29,6 @@ import datetime
 import gc
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import prompts, run  # noqa: E402
+from bench.engine import prompts, run, write_results  # noqa: E402
 from bench.quant import decode_tok_per_s, model_config  # noqa: E402
 from bench.quant_accuracy import GGUF_FORMATS, build_engine  # noqa: E402
 from replica.kernels import gguf_gemv_triton as gg, pdl  # noqa: E402
@@ -257,11 +256,7 @@ def main() -> None:
 
 
 def write(args, results: dict) -> None:
-    out = Path(os.environ["OUT"]) / f"decode_parts-{args.command}.json" if os.environ.get("OUT") else (
-        Path(__file__).parent / "results"
-        / f"decode-parts-{args.command}-{results['env']['gpu'].replace(' ', '-')}-{results['env']['date']}.json")
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    write_results(results, f"decode_parts-{args.command}", f"decode-parts-{args.command}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,17 @@ SHAPES = {
 RESULTS: dict = {}
 
 
+def write_results(results: dict, out_name: str, result_name: str) -> Path:
+    """results (with results["env"]'s gpu and date) as JSON: $OUT/<out_name>.json where $OUT is set
+    (a device call's folder), else bench/results/<result_name>-<gpu>-<date>.json."""
+    env = results["env"]
+    out = (Path(os.environ["OUT"]) / f"{out_name}.json" if os.environ.get("OUT") else
+           Path(__file__).parent / "results" / f"{result_name}-{env['gpu'].replace(' ', '-')}-{env['date']}.json")
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return out
+
+
 def emit(name: str, **values) -> None:
     RESULTS[name] = values
     print(json.dumps({"what": name, **values}), flush=True)

@@ -37,6 +37,15 @@ def _tokens_with_switch(monkeypatch, module, name: str, cfg, fmt: str, prompts, 
     return tokens
 
 
+def _llama(hidden: int, intermediate: int, num_layers: int, num_heads: int = 8, num_kv_heads: int = 2):
+    """A random Llama's config for the engine tests: vocab 2048, contexts up to 1024."""
+    from replica.models.model_config import ModelConfig
+    return ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+
+
 def _greedy_tokens(engine, prompts) -> dict[str, list[int]]:
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, GREEDY)
@@ -137,12 +146,8 @@ def test_packed_gguf_and_an_fp8_cache_run_in_graphs_as_eagerly(fmt):
     and the FP8 KV cache: decode through CUDA graphs gives the eager path's tokens (fp32
     activations: the GEMVs' exact products, no near-tie rounding)."""
     from bench.quant_accuracy import build_engine
-    from replica.models.model_config import ModelConfig
 
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 512,
-        "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8,
-        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    cfg = _llama(512, 1024, 8)
     prompts = _prompts(24, 2048, seed=3)
     tokens = {}
     for eager in (False, True):
@@ -165,12 +170,8 @@ def test_decode_batches_through_the_small_batch_gemm_keep_the_dequantise_paths_t
     the same greedy tokens as dequantise + cuBLAS gives (fp32 activations: both exact to ~1e-6)."""
     from bench.quant_accuracy import build_engine
     from replica.kernels import gguf_gemv_triton, gguf_mm_triton
-    from replica.models.model_config import ModelConfig
 
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 512,
-        "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    cfg = _llama(512, 1024, 4)
     calls = []
     real = gguf_mm_triton.gguf_mm
     monkeypatch.setattr(gguf_mm_triton, "gguf_mm", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
@@ -196,7 +197,6 @@ def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
     sums in the next norm) and PDL inside the graphs gives the tokens of the unfused kernels."""
     from replica.kernels import gguf_gemv_triton, gguf_linear_triton, rms_norm_triton, rms_norm_x8_triton
     from replica.layers import quantized_linear
-    from replica.models.model_config import ModelConfig
 
     # o_proj's and down_proj's GEMVs split K in 2 (the default tiles split none at these shapes),
     # so that their partials go through the norm's sum; every type of both formats, 1-4 rows
@@ -205,10 +205,7 @@ def test_fused_gguf_epilogues_and_pdl_graphs_keep_the_tokens(fmt, monkeypatch):
         for rows in range(1, 5):
             for n, k in ((4096, 4096), (4096, 8192)):
                 monkeypatch.setitem(gguf_gemv_triton.TUNED, (qtype, rows, n, k), split)
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 4096,
-        "intermediate_size": 8192, "num_hidden_layers": 2, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    cfg = _llama(4096, 8192, 2, num_heads=32, num_kv_heads=8)
     # the sum goes to the x8 norm where the next GEMV is 4-bit on int8 x, else to the bf16 one
     calls = {"gated": 0, "sum_norm": 0}
     for module, name, key in ((gguf_linear_triton, "gguf_linear_gated", "gated"),
@@ -233,12 +230,8 @@ def test_piecewise_graph_replays_equal_the_same_pieces_run_eagerly(fmt, monkeypa
     eagerly through the same padded buffers (same kernels, same shapes): the same tokens, in each
     weight format, while every step with a prefill chunk goes through the pieces."""
     from bench.quant_accuracy import build_engine
-    from replica.models.model_config import ModelConfig
 
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 1024,
-        "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    cfg = _llama(1024, 2048, 4)
     engine = build_engine(cfg, fmt, "cuda", max_num_seqs=16, token_budget=256,
                           engine_args=dict(num_kv_blocks=512, max_model_len=1024,
                                            enable_prefix_caching=False))   # the same steps twice
@@ -274,12 +267,8 @@ def test_int8_x_written_by_the_norms_and_attention_keeps_the_logits(fmt, monkeyp
     from bench.quant_accuracy import build_engine, step_logits
     from replica.kernels import gguf_gemv_triton, rms_norm_x8_triton
     from replica.layers import quantized_linear
-    from replica.models.model_config import ModelConfig
 
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 1024,
-        "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    cfg = _llama(1024, 2048, 4)
     calls = []
     norm = rms_norm_x8_triton.add_rms_norm_x8
     monkeypatch.setattr(rms_norm_x8_triton, "add_rms_norm_x8", lambda *a, **k: calls.append(1) or norm(*a, **k))
@@ -309,11 +298,7 @@ def test_rotary_inside_decode_attention_keeps_the_tokens(fmt, monkeypatch):
     """`llama.FUSE_DECODE_ROTARY` (decode attention rotates q and the new key and writes the cache,
     inside the decode graphs with PDL) gives the tokens of the separate rotary + KV write kernel."""
     from replica.models import llama
-    from replica.models.model_config import ModelConfig
 
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 2048, "hidden_size": 1024,
-        "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5})
+    cfg = _llama(1024, 2048, 4)
     tokens = _tokens_with_switch(monkeypatch, llama, "FUSE_DECODE_ROTARY", cfg, fmt, _prompts(4, 2048, seed=7))
     assert tokens[True] == tokens[False]
