@@ -44,7 +44,7 @@ def decode_figures(engine, batch: int, vocab: int, seed: int) -> dict:
 
 def apply(setting: str) -> None:
     """Module settings back to their defaults, then the setting's keys."""
-    gg.GEMV_ROWS, mm.MM_ROWS, mm.DEFAULT, mm.PROGRAMS_PER_SM = DEFAULTS
+    gg.GEMV_ROWS, mm.MM_ROWS, mm.DEFAULT, mm.PROGRAMS_PER_SM, mm.DECODE_16 = DEFAULTS
     for item in filter(None, setting.split(",")):
         key, _, value = item.partition("=")
         if key == "gemv_rows":
@@ -53,14 +53,16 @@ def apply(setting: str) -> None:
             mm.MM_ROWS = int(value)
         elif key == "ppsm":
             mm.PROGRAMS_PER_SM = int(value)
+        elif key == "decode16":
+            mm.DECODE_16 = bool(int(value))
         elif key == "mm":
             block_n, block_k, warps, stages = map(int, value.split("x"))
             mm.DEFAULT = mm.MmConfig(block_n, block_k, 0, warps, stages)
         else:
-            raise SystemExit(f"--setting: unknown key {key!r} (gemv_rows, mm_rows, mm, ppsm)")
+            raise SystemExit(f"--setting: unknown key {key!r} (gemv_rows, mm_rows, mm, ppsm, decode16)")
 
 
-DEFAULTS = (gg.GEMV_ROWS, mm.MM_ROWS, mm.DEFAULT, mm.PROGRAMS_PER_SM)
+DEFAULTS = (gg.GEMV_ROWS, mm.MM_ROWS, mm.DEFAULT, mm.PROGRAMS_PER_SM, mm.DECODE_16)
 
 
 def main() -> None:

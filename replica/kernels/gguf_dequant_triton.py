@@ -42,6 +42,42 @@ def tile4(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride
 
 
 @triton.jit
+def tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride_sn, ZERO_POINT: tl.constexpr,
+             HAS_MIN: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr, BLOCK_N: tl.constexpr,
+             GROUPS: tl.constexpr, DTYPE: tl.constexpr):
+    """`tile4` decoded straight into a 16-bit DTYPE (bf16 or fp16), two codes an instruction, for
+    the tensor-core GEMM: no int→float conversions (quarter-rate on the SM), no fp32 → 16-bit
+    rounding. `(word >> 4i) & 0x000F000F` holds elements 2i and 2i + 1 in its two halves; ORed
+    with the bits of BASE (2^7 in bf16, 2^10 in fp16, whose last mantissa bit is worth 1) each
+    half is the 16-bit number BASE + code, exactly. Then (v - BASE - zero point) is exact and
+    · scale (+ min) runs as bf16x2 / fp16x2 arithmetic. The scale and min are rounded to DTYPE
+    first: fp16 Q4_0 equals `tile4` rounded to fp16 bit for bit; bf16 differs by the scale's
+    rounding (≤ 2^-9 relative, far below the 4-bit codes' own error)."""
+    gs = g0 + tl.arange(0, GROUPS)
+    mask2 = n_mask[:, None] & (gs < num_groups)[None, :]
+    s_offs = rows64[:, None] * stride_sn + gs[None, :]
+    scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, HAS_MIN, SUPER, PAIRED)
+    w = tl.arange(0, 4)
+    i = tl.arange(0, 4)
+    words = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None] + w[None, None, :],
+                    mask=mask2[:, :, None], other=0)[:, :, :, None]
+    if DTYPE == tl.bfloat16:
+        base_bits: tl.constexpr = 0x43004300
+        base: tl.constexpr = 128.0
+    else:
+        base_bits: tl.constexpr = 0x64006400
+        base: tl.constexpr = 1024.0
+    pairs = ((words >> (4 * i)[None, None, None, :]) & 0x000F000F) | base_bits
+    even = (pairs & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+    odd = (pairs >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
+    codes = tl.reshape(tl.join(even, odd), [BLOCK_N, GROUPS, 32]) - (base + ZERO_POINT)
+    out = codes * scale.to(DTYPE)[:, :, None]
+    if HAS_MIN:
+        out += low.to(DTYPE)[:, :, None]
+    return tl.reshape(out, [BLOCK_N, GROUPS * 32])
+
+
+@triton.jit
 def tile8(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride_sn, ZERO_POINT: tl.constexpr,
           HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
     """8-bit (one signed byte a code, GROUP of them a scale): groups g0 .. g0 + GROUPS →
@@ -82,6 +118,34 @@ def tile6(q_ptr, h_ptr, s_ptr, rows64, n_mask, l0, num_lanes, stride_qn, stride_
     odd = ((words >> (16 + 4 * i)) & 0xF) | (((high >> (top + 16)) & 0x3) << 4)
     return tl.reshape(tl.join((even.to(tl.float32) - 32.0) * scale4, (odd.to(tl.float32) - 32.0) * scale4),
                       [BLOCK_N, LANES * 32])
+
+
+@triton.jit
+def tile6_16(q_ptr, h_ptr, s_ptr, rows64, n_mask, l0, num_lanes, stride_qn, stride_hn, stride_sn,
+             BLOCK_N: tl.constexpr, LANES: tl.constexpr, DTYPE: tl.constexpr):
+    """`tile6` decoded straight into a 16-bit DTYPE as `tile4_16` decodes 4-bit codes: a pair's
+    top bits sit 16 bits apart in the plane's word, so one shift and mask give both halves'."""
+    ls = l0 + tl.arange(0, LANES)
+    mask3 = (n_mask[:, None] & (ls < num_lanes)[None, :])[:, :, None]
+    w = tl.arange(0, 4)
+    words = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (ls * 4)[None, :, None] + w[None, None, :],
+                    mask=mask3, other=0)[:, :, :, None]
+    half = (ls * 2)[None, :, None] + (w // 2)[None, None, :]
+    high = tl.load(h_ptr + rows64[:, None, None] * stride_hn + half, mask=mask3, other=0)[:, :, :, None]
+    scale = tl.load(s_ptr + rows64[:, None, None] * stride_sn + half, mask=mask3, other=0.0)
+    if DTYPE == tl.bfloat16:
+        base_bits: tl.constexpr = 0x43004300
+        base: tl.constexpr = 128.0
+    else:
+        base_bits: tl.constexpr = 0x64006400
+        base: tl.constexpr = 1024.0
+    i = tl.arange(0, 4)[None, None, None, :]
+    top = 8 * (i // 2) + 2 * (i % 2) + 4 * (w % 2)[None, None, :, None]
+    pairs = ((words >> (4 * i)) & 0x000F000F) | (((high >> top) & 0x00030003) << 4) | base_bits
+    even = (pairs & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+    odd = (pairs >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
+    codes = tl.reshape(tl.join(even, odd), [BLOCK_N, LANES, 4, 8]) - (base + 32.0)
+    return tl.reshape(codes * scale.to(DTYPE)[:, :, :, None], [BLOCK_N, LANES * 32])
 
 
 @triton.jit

@@ -27,10 +27,12 @@ import triton
 import triton.language as tl
 
 from replica.kernels import linear_triton, pdl
-from replica.kernels.gguf_dequant_triton import tile, weight_operands
+from replica.kernels.gguf_dequant_triton import tile, tile4_16, tile6_16, weight_operands
 from replica.quantization.gguf_packed import PackedGGUF
 
 MM_ROWS = 64            # rows of x up to which `gguf_linear_triton.gguf_linear` takes this kernel
+# 4- and 6-bit codes decoded straight into x's 16-bit dtype (`tile4_16`, `tile6_16`); False: fp32 decode rounded once
+DECODE_16 = True
 PROGRAMS_PER_SM = 8     # split K until the grid has this many programs an SM (4: W2-batch-8 5.51 ms, 8: 5.29)
 
 
@@ -54,7 +56,7 @@ def _gguf_mm_kernel(x_ptr, q_ptr, h_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partia
                     BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, SUPER: tl.constexpr,
                     PAIRED: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                    IEEE: tl.constexpr, PDL: tl.constexpr):
+                    IEEE: tl.constexpr, DECODE_16: tl.constexpr, PDL: tl.constexpr):
     # K is a multiple of BLOCK_K and k_per_split of BLOCK_K: no mask along K
     rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
@@ -65,8 +67,15 @@ def _gguf_mm_kernel(x_ptr, q_ptr, h_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partia
     pdl.wait_and_release(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        w = tile(q_ptr, h_ptr, s_ptr, m_ptr, rows64, n_mask, k0, K, stride_qn, stride_hn, stride_sn, BITS,
-                 ZERO_POINT, HAS_MIN, SUPER, PAIRED, GROUP, BLOCK_N, BLOCK_K)
+        if BITS == 4 and DECODE_16:           # 16-bit x: codes decoded two an instruction
+            w = tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_sn,
+                         ZERO_POINT, HAS_MIN, SUPER, PAIRED, BLOCK_N, BLOCK_K // 32, x_ptr.dtype.element_ty)
+        elif BITS == 6 and DECODE_16:
+            w = tile6_16(q_ptr, h_ptr, s_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_hn, stride_sn,
+                         BLOCK_N, BLOCK_K // 32, x_ptr.dtype.element_ty)
+        else:
+            w = tile(q_ptr, h_ptr, s_ptr, m_ptr, rows64, n_mask, k0, K, stride_qn, stride_hn, stride_sn, BITS,
+                     ZERO_POINT, HAS_MIN, SUPER, PAIRED, GROUP, BLOCK_N, BLOCK_K)
         cols = k0 + tl.arange(0, BLOCK_K)
         # x row-major as it lies (a transposed load would fetch a 32-byte sector for each element)
         x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None], other=0.0)
@@ -133,7 +142,8 @@ def gguf_mm(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = Non
         out.stride(0), BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.has_min,
         SUPER=packed.super_scales is not None, PAIRED=packed.is_paired, GROUP=packed.group_size,
         HAS_BIAS=bias is not None, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=plan.block_k,
-        SPLIT_K=plan.split_k, IEEE=x.dtype == torch.float32, num_warps=config.num_warps,
+        SPLIT_K=plan.split_k, IEEE=x.dtype == torch.float32,
+        DECODE_16=DECODE_16 and x.dtype != torch.float32, num_warps=config.num_warps,
         num_stages=config.num_stages, **launch)
     if plan.split_k > 1:
         block = 1024

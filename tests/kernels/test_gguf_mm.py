@@ -6,12 +6,16 @@ groups); split K, ragged N, a bias, rows padded to the MMA's 16 and to 32; and t
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 from replica.kernels import gguf_linear_triton, gguf_mm_triton
+from replica.kernels.gguf_dequant_triton import tile4_16, tile6_16, weight_operands
 from replica.kernels.gguf_gemv_triton import GEMV_ROWS
 from replica.kernels.gguf_linear import gguf_linear_ref
 from replica.kernels.gguf_mm_triton import MM_ROWS, MmConfig, gguf_mm
 from replica.quantization import gguf_packed
-from replica.quantization.gguf_packed import GGUFTensor, pack, with_mins
+from replica.quantization.gguf_packed import GGUFTensor, dequantize_packed, pack, with_mins
 from replica.quantization.gguf_quantize import quantize
 from tests.kernels.paged_batch import DEVICE, DTYPE
 
@@ -36,14 +40,17 @@ def _assert_matches_reference(out: torch.Tensor, x: torch.Tensor, packed, bias=N
     assert rel < (1e-5 if x.dtype == torch.float32 else 1e-2), rel
 
 
+@pytest.mark.parametrize("dtype", [DTYPE, torch.float16], ids=["model_dtype", "fp16"])
 @pytest.mark.parametrize("qtype, layout, six_bit", [
     ("Q4_0", "paired", True), ("Q4_1", "paired", True), ("Q4_K", "paired", True), ("Q4_K", "super", True),
     ("Q6_K", "paired", True), ("Q6_K", "paired", False), ("Q8_0", "paired", True), ("Q5_K", "paired", True),
 ])
-def test_every_packed_layout_multiplies_as_its_dequantised_weights(qtype, layout, six_bit):
+def test_every_packed_layout_multiplies_as_its_dequantised_weights(qtype, layout, six_bit, dtype):
+    """fp16 x takes the 4-bit layouts through `tile4_16` on the CPU too (bf16 only on a GPU: the
+    interpreter's bf16 bit casts are not faithful)."""
     packed = _packed(qtype, 40, 512, seed=1, layout=layout, six_bit=six_bit)     # N = 40: a partial tile of 32
     assert packed.bits == (4 if qtype.startswith("Q4") else 6 if six_bit and qtype == "Q6_K" else 8)
-    x = torch.randn(5, 512).to(DTYPE).to(DEVICE)
+    x = torch.randn(5, 512).to(dtype).to(DEVICE)
     # 4 K tiles of 128 over 2 splits: partials summed; then one program along K
     _assert_matches_reference(gguf_mm(x, packed, config=MmConfig(block_n=32, block_k=128, split_k=2)), x, packed)
     _assert_matches_reference(gguf_mm(x, packed, config=MmConfig(block_n=32, block_k=512, split_k=1)), x, packed)
@@ -85,3 +92,39 @@ def test_more_rows_than_mm_rows_are_refused():
     with pytest.raises(ValueError, match=f"at most {MM_ROWS} rows"):
         gguf_mm(torch.randn(MM_ROWS + 1, 64).to(DTYPE).to(DEVICE), packed)
 
+
+
+@triton.jit
+def _decode_16_kernel(q_ptr, h_ptr, s_ptr, m_ptr, out_ptr, N, K, stride_qn, stride_hn, stride_sn,
+                      BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, PAIRED: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    if BITS == 4:
+        w = tile4_16(q_ptr, s_ptr, m_ptr, rows.to(tl.int64), rows < N, k0 // 32, K // 32, stride_qn, stride_sn,
+                     ZERO_POINT, HAS_MIN, False, PAIRED, BLOCK_N, BLOCK_K // 32, out_ptr.dtype.element_ty)
+    else:
+        w = tile6_16(q_ptr, h_ptr, s_ptr, rows.to(tl.int64), rows < N, k0 // 32, K // 32, stride_qn, stride_hn,
+                     stride_sn, BLOCK_N, BLOCK_K // 32, out_ptr.dtype.element_ty)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], w, mask=(rows < N)[:, None])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q6_K", "Q4_1", "Q4_K"])
+def test_the_16_bit_decoders_give_the_dequantised_weights_rounded_to_fp16(qtype):
+    """BASE + code ORed into each 16-bit half, minus BASE and the zero point, times the scale:
+    Q4_0 and 6-bit Q6_K (fp16 scales) equal the fp32 dequantisation rounded to fp16 bit for bit;
+    with a min, an unfused multiply-add (the interpreter's) rounds code · scale before the min
+    is added: an error within one fp16 rounding of the row's largest values."""
+    packed = _packed(qtype, 40, 256, seed=6)
+    assert packed.bits == (6 if qtype == "Q6_K" else 4)
+    qweight, high, scales, mins = weight_operands(packed)
+    out = torch.full((40, 256), float("nan"), dtype=torch.float16, device=DEVICE)
+    _decode_16_kernel[(3, 2)](qweight, high, scales, mins, out, 40, 256, qweight.stride(0), high.stride(0),
+                              scales.stride(0), BITS=packed.bits, ZERO_POINT=packed.zero_point,
+                              HAS_MIN=packed.has_min, PAIRED=packed.is_paired, BLOCK_N=16, BLOCK_K=128)
+    ref = dequantize_packed(packed).to(torch.float16).to(DEVICE)
+    if not packed.has_min:
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out, ref, rtol=2 ** -10, atol=2 ** -10 * ref.abs().max().item())
