@@ -42,9 +42,20 @@ def tile4(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride
 
 
 @triton.jit
+def load_fp16_pairs(ptr, offs, mask):
+    """fp16 values 2j and 2j + 1 from one 4-byte load at int32 offset j: [...] → [..., 2]. A
+    GEMM's loop pipelines its loads with cp.async, which copies 4, 8 or 16 bytes: a 2-byte scale
+    load is left synchronous, and each K tile would wait a memory round trip for its scales."""
+    words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + offs, mask=mask, other=0)
+    lo = (words & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    hi = ((words >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
 def tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride_sn, ZERO_POINT: tl.constexpr,
              HAS_MIN: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr, BLOCK_N: tl.constexpr,
-             GROUPS: tl.constexpr, DTYPE: tl.constexpr):
+             GROUPS: tl.constexpr, DTYPE: tl.constexpr, SCALE_PAIRS: tl.constexpr = False):
     """`tile4` decoded straight into a 16-bit DTYPE (bf16 or fp16), two codes an instruction, for
     the tensor-core GEMM: no int→float conversions (quarter-rate on the SM), no fp32 → 16-bit
     rounding. `(word >> 4i) & 0x000F000F` holds elements 2i and 2i + 1 in its two halves; ORed
@@ -52,11 +63,21 @@ def tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, str
     half is the 16-bit number BASE + code, exactly. Then (v - BASE - zero point) is exact and
     · scale (+ min) runs as bf16x2 / fp16x2 arithmetic. The scale and min are rounded to DTYPE
     first: fp16 Q4_0 equals `tile4` rounded to fp16 bit for bit; bf16 differs by the scale's
-    rounding (≤ 2^-9 relative, far below the 4-bit codes' own error)."""
+    rounding (≤ 2^-9 relative, far below the 4-bit codes' own error). SCALE_PAIRS: fp16 scales
+    (and mins) read two groups a 4-byte load (`load_fp16_pairs`; even groups a row and GROUPS)."""
     gs = g0 + tl.arange(0, GROUPS)
     mask2 = n_mask[:, None] & (gs < num_groups)[None, :]
-    s_offs = rows64[:, None] * stride_sn + gs[None, :]
-    scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, HAS_MIN, SUPER, PAIRED)
+    if SCALE_PAIRS:
+        ps = g0 // 2 + tl.arange(0, GROUPS // 2)
+        p_offs = rows64[:, None] * (stride_sn // 2) + ps[None, :]
+        p_mask = n_mask[:, None] & (ps < num_groups // 2)[None, :]
+        scale = tl.reshape(load_fp16_pairs(s_ptr, p_offs, p_mask), [BLOCK_N, GROUPS])
+        low = 0.0
+        if HAS_MIN:
+            low = tl.reshape(load_fp16_pairs(m_ptr, p_offs, p_mask), [BLOCK_N, GROUPS])
+    else:
+        s_offs = rows64[:, None] * stride_sn + gs[None, :]
+        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, HAS_MIN, SUPER, PAIRED)
     w = tl.arange(0, 4)
     i = tl.arange(0, 4)
     words = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None] + w[None, None, :],
@@ -79,13 +100,23 @@ def tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, str
 
 @triton.jit
 def tile8(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride_sn, ZERO_POINT: tl.constexpr,
-          HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+          HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr,
+          SCALE_PAIRS: tl.constexpr = False):
     """8-bit (one signed byte a code, GROUP of them a scale): groups g0 .. g0 + GROUPS →
-    [BLOCK_N, GROUPS · GROUP] fp32."""
+    [BLOCK_N, GROUPS · GROUP] fp32. SCALE_PAIRS as in `tile4_16`."""
     gs = g0 + tl.arange(0, GROUPS)
     mask2 = n_mask[:, None] & (gs < num_groups)[None, :]
-    scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, rows64[:, None] * stride_sn + gs[None, :], mask2,
-                                                   False, HAS_MIN)
+    if SCALE_PAIRS:
+        ps = g0 // 2 + tl.arange(0, GROUPS // 2)
+        p_offs = rows64[:, None] * (stride_sn // 2) + ps[None, :]
+        p_mask = n_mask[:, None] & (ps < num_groups // 2)[None, :]
+        scale = tl.reshape(load_fp16_pairs(s_ptr, p_offs, p_mask), [BLOCK_N, GROUPS]).to(tl.float32)
+        low = 0.0
+        if HAS_MIN:
+            low = tl.reshape(load_fp16_pairs(m_ptr, p_offs, p_mask), [BLOCK_N, GROUPS]).to(tl.float32)
+    else:
+        scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, rows64[:, None] * stride_sn + gs[None, :],
+                                                       mask2, False, HAS_MIN)
     j = tl.arange(0, GROUP)
     codes = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * GROUP)[None, :, None] + j[None, None, :],
                     mask=mask2[:, :, None], other=0)
@@ -122,9 +153,10 @@ def tile6(q_ptr, h_ptr, s_ptr, rows64, n_mask, l0, num_lanes, stride_qn, stride_
 
 @triton.jit
 def tile6_16(q_ptr, h_ptr, s_ptr, rows64, n_mask, l0, num_lanes, stride_qn, stride_hn, stride_sn,
-             BLOCK_N: tl.constexpr, LANES: tl.constexpr, DTYPE: tl.constexpr):
+             BLOCK_N: tl.constexpr, LANES: tl.constexpr, DTYPE: tl.constexpr, SCALE_PAIRS: tl.constexpr = False):
     """`tile6` decoded straight into a 16-bit DTYPE as `tile4_16` decodes 4-bit codes: a pair's
-    top bits sit 16 bits apart in the plane's word, so one shift and mask give both halves'."""
+    top bits sit 16 bits apart in the plane's word, so one shift and mask give both halves'.
+    SCALE_PAIRS: a lane's two fp16 scales in one 4-byte load (`load_fp16_pairs`)."""
     ls = l0 + tl.arange(0, LANES)
     mask3 = (n_mask[:, None] & (ls < num_lanes)[None, :])[:, :, None]
     w = tl.arange(0, 4)
@@ -132,7 +164,11 @@ def tile6_16(q_ptr, h_ptr, s_ptr, rows64, n_mask, l0, num_lanes, stride_qn, stri
                     mask=mask3, other=0)[:, :, :, None]
     half = (ls * 2)[None, :, None] + (w // 2)[None, None, :]
     high = tl.load(h_ptr + rows64[:, None, None] * stride_hn + half, mask=mask3, other=0)[:, :, :, None]
-    scale = tl.load(s_ptr + rows64[:, None, None] * stride_sn + half, mask=mask3, other=0.0)
+    if SCALE_PAIRS:                                       # [BLOCK_N, LANES, 2 halves, 1]
+        scale = load_fp16_pairs(s_ptr, rows64[:, None] * (stride_sn // 2) + ls[None, :],
+                                n_mask[:, None] & (ls < num_lanes)[None, :])[:, :, :, None]
+    else:                                                 # [BLOCK_N, LANES, 4 words]
+        scale = tl.load(s_ptr + rows64[:, None, None] * stride_sn + half, mask=mask3, other=0.0)
     if DTYPE == tl.bfloat16:
         base_bits: tl.constexpr = 0x43004300
         base: tl.constexpr = 128.0
@@ -144,15 +180,22 @@ def tile6_16(q_ptr, h_ptr, s_ptr, rows64, n_mask, l0, num_lanes, stride_qn, stri
     pairs = ((words >> (4 * i)) & 0x000F000F) | (((high >> top) & 0x00030003) << 4) | base_bits
     even = (pairs & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
     odd = (pairs >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
-    codes = tl.reshape(tl.join(even, odd), [BLOCK_N, LANES, 4, 8]) - (base + 32.0)
-    return tl.reshape(codes * scale.to(DTYPE)[:, :, :, None], [BLOCK_N, LANES * 32])
+    if SCALE_PAIRS:                                       # word w is in half w // 2
+        codes = tl.reshape(tl.join(even, odd), [BLOCK_N, LANES, 2, 16]) - (base + 32.0)
+        out = codes * scale.to(DTYPE)
+    else:
+        codes = tl.reshape(tl.join(even, odd), [BLOCK_N, LANES, 4, 8]) - (base + 32.0)
+        out = codes * scale.to(DTYPE)[:, :, :, None]
+    return tl.reshape(out, [BLOCK_N, LANES * 32])
 
 
 @triton.jit
 def tile(q_ptr, h_ptr, s_ptr, m_ptr, rows64, n_mask, k0, K, stride_qn, stride_hn, stride_sn, BITS: tl.constexpr,
          ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr,
-         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns k0 .. k0 + BLOCK_K of rows rows64, any packed layout → [BLOCK_N, BLOCK_K] fp32."""
+         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PAIRS: tl.constexpr = False):
+    """Columns k0 .. k0 + BLOCK_K of rows rows64, any packed layout → [BLOCK_N, BLOCK_K] fp32.
+    SCALE_PAIRS: the 8-bit types' fp16 scales read two a load (the 4- and 6-bit layouts' pairs
+    are read by their 16-bit decoders)."""
     if BITS == 4:
         w = tile4(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_sn, ZERO_POINT,
                   HAS_MIN, SUPER, PAIRED, BLOCK_N, BLOCK_K // 32)
@@ -161,7 +204,7 @@ def tile(q_ptr, h_ptr, s_ptr, m_ptr, rows64, n_mask, k0, K, stride_qn, stride_hn
                   BLOCK_N, BLOCK_K // 32)
     else:
         w = tile8(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // GROUP, K // GROUP, stride_qn, stride_sn,
-                  ZERO_POINT, HAS_MIN, BLOCK_N, BLOCK_K // GROUP, GROUP)
+                  ZERO_POINT, HAS_MIN, BLOCK_N, BLOCK_K // GROUP, GROUP, SCALE_PAIRS)
     return w
 
 

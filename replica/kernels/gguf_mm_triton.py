@@ -33,6 +33,8 @@ from replica.quantization.gguf_packed import PackedGGUF
 MM_ROWS = 64            # rows of x up to which `gguf_linear_triton.gguf_linear` takes this kernel
 # 4- and 6-bit codes decoded straight into x's 16-bit dtype (`tile4_16`, `tile6_16`); False: fp32 decode rounded once
 DECODE_16 = True
+# fp16 scales read two a 4-byte load, which the loop's pipeliner copies ahead (`load_fp16_pairs`)
+SCALE_PAIRS = True
 PROGRAMS_PER_SM = 8     # split K until the grid has this many programs an SM (4: W2-batch-8 5.51 ms, 8: 5.29)
 
 
@@ -56,7 +58,7 @@ def _gguf_mm_kernel(x_ptr, q_ptr, h_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partia
                     BITS: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, SUPER: tl.constexpr,
                     PAIRED: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                    IEEE: tl.constexpr, DECODE_16: tl.constexpr, PDL: tl.constexpr):
+                    IEEE: tl.constexpr, DECODE_16: tl.constexpr, SCALE_PAIRS: tl.constexpr, PDL: tl.constexpr):
     # K is a multiple of BLOCK_K and k_per_split of BLOCK_K: no mask along K
     rows, n_mask, rows64 = linear_triton.gemv_program_rows(N, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
@@ -69,13 +71,14 @@ def _gguf_mm_kernel(x_ptr, q_ptr, h_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partia
     for k0 in range(k_start, k_end, BLOCK_K):
         if BITS == 4 and DECODE_16:           # 16-bit x: codes decoded two an instruction
             w = tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_sn,
-                         ZERO_POINT, HAS_MIN, SUPER, PAIRED, BLOCK_N, BLOCK_K // 32, x_ptr.dtype.element_ty)
+                         ZERO_POINT, HAS_MIN, SUPER, PAIRED, BLOCK_N, BLOCK_K // 32, x_ptr.dtype.element_ty,
+                         SCALE_PAIRS)
         elif BITS == 6 and DECODE_16:
             w = tile6_16(q_ptr, h_ptr, s_ptr, rows64, n_mask, k0 // 32, K // 32, stride_qn, stride_hn, stride_sn,
-                         BLOCK_N, BLOCK_K // 32, x_ptr.dtype.element_ty)
+                         BLOCK_N, BLOCK_K // 32, x_ptr.dtype.element_ty, SCALE_PAIRS)
         else:
             w = tile(q_ptr, h_ptr, s_ptr, m_ptr, rows64, n_mask, k0, K, stride_qn, stride_hn, stride_sn, BITS,
-                     ZERO_POINT, HAS_MIN, SUPER, PAIRED, GROUP, BLOCK_N, BLOCK_K)
+                     ZERO_POINT, HAS_MIN, SUPER, PAIRED, GROUP, BLOCK_N, BLOCK_K, SCALE_PAIRS and BITS == 8)
         cols = k0 + tl.arange(0, BLOCK_K)
         # x row-major as it lies (a transposed load would fetch a 32-byte sector for each element)
         x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None], other=0.0)
@@ -118,6 +121,20 @@ def _plan(num_rows: int, packed: PackedGGUF, config: MmConfig, device: torch.dev
     return _Plan(max(16, triton.next_power_of_2(num_rows)), block_k, triton.cdiv(k, k_per_split), k_per_split)
 
 
+def _scale_pairs_fit(packed: PackedGGUF, block_k: int) -> bool:
+    """Whether the tile decoders can read the fp16 scales (and mins) in pairs: a tile's groups
+    and a row's groups even, every pair 4-byte aligned (a 6-bit lane's two scales always are,
+    rows being multiples of 32)."""
+    if packed.is_paired or packed.super_scales is not None:
+        return False
+    tensors = [packed.scales] + ([packed.min_operand] if packed.has_min else [])
+    group = 32 if packed.bits == 4 else packed.group_size
+    groups_even = packed.bits == 6 or (block_k // group >= 2 and block_k // group % 2 == 0
+                                       and packed.shape[1] // group % 2 == 0)
+    return groups_even and all(t.dtype == torch.float16 and t.stride(0) % 2 == 0 and t.data_ptr() % 4 == 0
+                               for t in tensors)
+
+
 def gguf_mm(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = None,
             out: torch.Tensor | None = None, config: MmConfig | None = None) -> torch.Tensor:
     """x: [M ≤ MM_ROWS, K] (checked by the caller, `gguf_linear_triton.gguf_linear`) → [M, N] in
@@ -135,6 +152,7 @@ def gguf_mm(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = Non
     partial = (torch.empty(plan.split_k, num_rows, n, dtype=torch.float32, device=x.device)
                if plan.split_k > 1 else out)
     qweight, high, scales, mins = weight_operands(packed)
+    decode_16 = DECODE_16 and x.dtype != torch.float32
     launch = pdl.launch_options(x.device)
     _gguf_mm_kernel[(triton.cdiv(n, config.block_n), plan.split_k)](
         x, qweight, high, scales, mins, bias if bias is not None else out, out, partial,
@@ -143,7 +161,8 @@ def gguf_mm(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = Non
         SUPER=packed.super_scales is not None, PAIRED=packed.is_paired, GROUP=packed.group_size,
         HAS_BIAS=bias is not None, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=plan.block_k,
         SPLIT_K=plan.split_k, IEEE=x.dtype == torch.float32,
-        DECODE_16=DECODE_16 and x.dtype != torch.float32, num_warps=config.num_warps,
+        DECODE_16=decode_16, SCALE_PAIRS=SCALE_PAIRS and (decode_16 or packed.bits == 8) and _scale_pairs_fit(packed, plan.block_k),
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **launch)
     if plan.split_k > 1:
         block = 1024

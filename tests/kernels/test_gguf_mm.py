@@ -128,3 +128,29 @@ def test_the_16_bit_decoders_give_the_dequantised_weights_rounded_to_fp16(qtype)
         assert torch.equal(out, ref)
     else:
         torch.testing.assert_close(out, ref, rtol=2 ** -10, atol=2 ** -10 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype, six_bit", [("Q4_0", True), ("Q4_1", True), ("Q6_K", True), ("Q6_K", False),
+                                            ("Q8_0", True)])
+def test_fp16_scales_read_in_pairs_give_the_same_products(qtype, six_bit, monkeypatch):
+    """`load_fp16_pairs` (two fp16 scales a 4-byte load, so the loop's pipeliner prefetches
+    them) changes where the scales come from, not the arithmetic: equal bit for bit, for the
+    4- and 6-bit 16-bit decoders and the 8-bit types' fp32 one (Q6_K widened: 16-element groups)."""
+    packed = _packed(qtype, 40, 512, seed=7, six_bit=six_bit)
+    assert gguf_mm_triton._scale_pairs_fit(packed, 128)
+    x = torch.randn(6, 512).to(torch.float16).to(DEVICE)
+    config = MmConfig(block_n=32, block_k=128, split_k=2)
+    paired = gguf_mm(x, packed, config=config)
+    monkeypatch.setattr(gguf_mm_triton, "SCALE_PAIRS", False)
+    assert torch.equal(paired, gguf_mm(x, packed, config=config))
+    _assert_matches_reference(paired, x, packed)
+
+
+def test_scales_that_cannot_be_paired_are_read_one_by_one():
+    q4_k = _packed("Q4_K", 32, 256, seed=8)                        # one int32 word a group already
+    odd_groups = _packed("Q4_0", 32, 96, seed=8)                   # 3 groups a row
+    assert not gguf_mm_triton._scale_pairs_fit(q4_k, 128)
+    assert not gguf_mm_triton._scale_pairs_fit(odd_groups, 32)
+    x = torch.randn(5, 96).to(torch.float16).to(DEVICE)
+    _assert_matches_reference(gguf_mm(x, odd_groups, config=MmConfig(block_n=16, block_k=32, split_k=1)),
+                              x, odd_groups)
