@@ -134,7 +134,7 @@ def test_the_16_bit_decoders_give_the_dequantised_weights_rounded_to_fp16(qtype)
                                             ("Q8_0", True)])
 def test_fp16_scales_read_in_pairs_give_the_same_products(qtype, six_bit, monkeypatch):
     """`load_fp16_pairs` (two fp16 scales a 4-byte load, so the loop's pipeliner prefetches
-    them) changes where the scales come from, not the arithmetic: equal bit for bit, for the
+    them) changes where the scales come from, not the arithmetic: the same products, for the
     4- and 6-bit 16-bit decoders and the 8-bit types' fp32 one (Q6_K widened: 16-element groups)."""
     packed = _packed(qtype, 40, 512, seed=7, six_bit=six_bit)
     assert gguf_mm_triton._scale_pairs_fit(packed, 128)
@@ -142,7 +142,11 @@ def test_fp16_scales_read_in_pairs_give_the_same_products(qtype, six_bit, monkey
     config = MmConfig(block_n=32, block_k=128, split_k=2)
     paired = gguf_mm(x, packed, config=config)
     monkeypatch.setattr(gguf_mm_triton, "SCALE_PAIRS", False)
-    assert torch.equal(paired, gguf_mm(x, packed, config=config))
+    single = gguf_mm(x, packed, config=config)
+    # the two compiled loops may order the MMA's k-steps differently (seen on an H200: one fp16
+    # ulp in one of 240 outputs); a scale taken from the wrong half would change most of them
+    torch.testing.assert_close(paired, single, rtol=2 ** -9, atol=1e-6)
+    assert (paired == single).float().mean().item() > 0.97
     _assert_matches_reference(paired, x, packed)
 
 
