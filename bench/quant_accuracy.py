@@ -156,15 +156,18 @@ def compare_steps(got: tuple, ref: tuple) -> dict:
 
 
 def accuracy(cfg: ModelConfig, device: str, formats, prompt_sets: list[list[list[int]]], *,
-             token_budget: int = 8192, engine_args: dict | None = None, base=None) -> dict:
+             token_budget: int = 8192, engine_args: dict | None = None, base=None,
+             bf16_steps=step_logits) -> dict:
     """{'noise_floor_1pct': ..., fmt: {'vs_same_weights': ..., 'vs_bf16': ...}}, each a
     comparison per prompt set (keyed `rows<n>`: the decode step runs n rows, which picks the
     kernels, e.g. 2 rows the GEMVs and 8 rows GGUF's dequantise + cuBLAS on the GPU).
-    base: the float weights to start from (`checkpoint`'s), the seeded dummy ones by default."""
+    base: the float weights to start from (`checkpoint`'s), the seeded dummy ones by default.
+    bf16_steps: runs the bf16 reference's steps in place of `step_logits` (same arguments and
+    result), e.g. to record more of that run than its logits."""
     args = dict(max_num_seqs=max(16, *map(len, prompt_sets)), token_budget=token_budget,
                 engine_args=engine_args)
 
-    def logits_of(fmt, eager=False, **ckpt):
+    def logits_of(fmt, eager=False, steps=step_logits, **ckpt):
         ckpt.setdefault("base", base)
         from replica.quantization import methods
         refuse = methods.fp8_device_error
@@ -177,7 +180,7 @@ def accuracy(cfg: ModelConfig, device: str, formats, prompt_sets: list[list[list
                 {"enforce_eager": True, "kernel_backend": "torch"} if eager else {})}), **ckpt)
         finally:
             methods.fp8_device_error = refuse
-        result = [step_logits(engine, prompts) for prompts in prompt_sets]
+        result = [steps(engine, prompts) for prompts in prompt_sets]
         del engine
         gc.collect()                     # the engine holds reference cycles: free its KV cache now
         if device != "cpu":
@@ -186,7 +189,7 @@ def accuracy(cfg: ModelConfig, device: str, formats, prompt_sets: list[list[list
 
     def per_set(got, ref):
         return {f"rows{len(p)}": compare_steps(g, r) for p, g, r in zip(prompt_sets, got, ref)}
-    bf16 = logits_of("bf16")
+    bf16 = logits_of("bf16", steps=bf16_steps)
     results = {"noise_floor_1pct": per_set(logits_of("bf16", noise=0.01), bf16)}
     if device != "cpu":
         # the torch paths (PAGEFLEET_DISABLE_TRITON, eager) on the same device: how far kernels

@@ -55,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.quant_accuracy import accuracy  # noqa: E402
+from bench.quant_accuracy import accuracy, compare, step_logits  # noqa: E402
 from bench.vs_llamacpp_report import cpu_model  # noqa: E402
 from replica.models.loader import open_checkpoint  # noqa: E402
 
@@ -81,21 +81,31 @@ def chat_prompts(tok) -> list[list[int]]:
     return [tok.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
-def measure(model: str, device: str, formats, num_prompts: int, prompt_len: int) -> dict:
+def trained_inputs(model: str, num_prompts: int, prompt_len: int):
+    """(checkpoint, its weights as floats, the two prompt sets, a step budget that prefills a
+    whole set in one step, the engines' extra config)."""
     ckpt = open_checkpoint(model)
     weights = [(name, t.float()) for name, t in ckpt.weights()]       # once: every engine starts from these
+    from replica.models.tokenizer import Tokenizer
+    tok = Tokenizer.load(ckpt.path, ckpt.format, [])
+    sets = [text_prompts(tok, num_prompts, prompt_len), chat_prompts(tok)]
+    budget = max(8192, max(map(len, sets[1])) * len(sets[1]))
+    return ckpt, weights, sets, budget, {"max_model_len": max(prompt_len, 512) + 8}
+
+
+def measure(model: str, device: str, formats, num_prompts: int, prompt_len: int, head_x: bool = False) -> dict:
+    """head_x: also `head_x_rounding`'s figures, recorded in the bf16 reference run (one run fewer)."""
+    ckpt, weights, sets, budget, engine_args = trained_inputs(model, num_prompts, prompt_len)
     cfg = ckpt.config
     if "Q4_K" in formats and (cfg.hidden_size % 256 or cfg.intermediate_size % 256):
         # K-quants pack 256 columns a block: SmolLM2-135M's 576-wide rows cannot be Q4_K
         print(f"Q4_K skipped: rows of {cfg.hidden_size} / {cfg.intermediate_size} columns are not "
               "multiples of its 256-column blocks")
         formats = [f for f in formats if f != "Q4_K"]
-    from replica.models.tokenizer import Tokenizer
-    tok = Tokenizer.load(ckpt.path, ckpt.format, [])
-    sets = [text_prompts(tok, num_prompts, prompt_len), chat_prompts(tok)]
-    budget = max(8192, max(map(len, sets[1])) * len(sets[1]))
-    return accuracy(cfg, device, formats, sets, token_budget=budget, base=lambda: iter(weights),
-                    engine_args={"max_model_len": max(prompt_len, 512) + 8})
+    head_steps = HeadXRounding()
+    results = accuracy(cfg, device, formats, sets, token_budget=budget, base=lambda: iter(weights),
+                       engine_args=engine_args, bf16_steps=head_steps if head_x else step_logits)
+    return results | ({"head_x_int8_vs_bf16": head_steps.results} if head_x else {})
 
 
 def round_x_of_4bit_projections() -> None:
@@ -112,24 +122,16 @@ def round_x_of_4bit_projections() -> None:
     quantized_linear.gguf_linear_ref = rounded
 
 
-def head_x_rounding(model: str, device: str, num_prompts: int, prompt_len: int) -> dict:
-    """Per prompt set, the prefill and first decode steps: top-1 agreement and logits error of
-    head(x rounded to int8 per group) against head(x), x the head's input recorded in one bf16
-    run (every prompt's row)."""
-    from bench.quant_accuracy import build_engine, compare
-    from replica.kernels.gguf_linear import dequantize_x_ref, quantize_x_ref
-    from replica.models.tokenizer import Tokenizer
-    from replica.sampling_params import SamplingParams
-    ckpt = open_checkpoint(model)
-    weights = [(name, t.float()) for name, t in ckpt.weights()]
-    tok = Tokenizer.load(ckpt.path, ckpt.format, [])
-    sets = [text_prompts(tok, num_prompts, prompt_len), chat_prompts(tok)]
-    budget = max(8192, max(map(len, sets[1])) * len(sets[1]))
-    results = {}
-    for prompts in sets:
-        engine = build_engine(ckpt.config, "bf16", device, max_num_seqs=max(16, len(prompts)), token_budget=budget,
-                              engine_args={"max_model_len": max(prompt_len, 512) + 8},
-                              base=lambda: iter(weights))
+class HeadXRounding:
+    """`step_logits` (same arguments and result) that also records the output head's input at
+    the prefill and first decode steps, every prompt's row, and keeps per prompt set (`rows<n>`)
+    the top-1 agreement and logits error of head(x rounded to int8 per group) against head(x)."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict] = {}
+
+    def __call__(self, engine, prompts: list[list[int]]):
+        from replica.kernels.gguf_linear import dequantize_x_ref, quantize_x_ref
         model_, execute = engine.runner.model, engine.runner.execute
         head = model_.compute_logits
         rows_of: dict[str, list[torch.Tensor]] = {}
@@ -147,19 +149,30 @@ def head_x_rounding(model: str, device: str, num_prompts: int, prompt_len: int) 
                 rows_of.setdefault(rid, []).append(row.detach().clone())
             return head(hidden)
         engine.runner.execute, model_.compute_logits = recording_execute, recording_head
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-        while engine.has_unfinished:
-            engine.step()
+        try:
+            logits = step_logits(engine, prompts)
+        finally:
+            engine.runner.execute, model_.compute_logits = execute, head
         per_step = {}
         for step, name in enumerate(("prefill", "decode")):
             x = torch.stack([rows_of[str(i)][step] for i in range(len(prompts))])   # [P, hidden]
             codes, dx, _ = quantize_x_ref(x.float())
             got, ref = head(dequantize_x_ref(codes, dx).to(x.dtype)), head(x)
             per_step |= {f"{name}_{k}": v for k, v in compare(got, ref).items()}
-        results[f"rows{len(prompts)}"] = per_step
-        del engine
-    return {"head_x_int8_vs_bf16": results}
+        self.results[f"rows{len(prompts)}"] = per_step
+        return logits
+
+
+def head_x_rounding(model: str, device: str, num_prompts: int, prompt_len: int) -> dict:
+    """`HeadXRounding`'s figures per prompt set from one bf16 run, x the head's input."""
+    from bench.quant_accuracy import build_engine
+    ckpt, weights, sets, budget, engine_args = trained_inputs(model, num_prompts, prompt_len)
+    engine = build_engine(ckpt.config, "bf16", device, max_num_seqs=max(16, *map(len, sets)), token_budget=budget,
+                          engine_args=engine_args, base=lambda: iter(weights))
+    head_steps = HeadXRounding()
+    for prompts in sets:
+        head_steps(engine, prompts)
+    return {"head_x_int8_vs_bf16": head_steps.results}
 
 
 def main() -> None:
