@@ -8,7 +8,7 @@ and the small-batch GEMM's tiles.
 
 A setting (GGUF formats; commas between keys): gemv_rows=N, mm_rows=N (4: no small-batch GEMM,
 dequantise + cuBLAS above the GEMV), mm=BLOCK_NxBLOCK_KxWARPSxSTAGES (its default config),
-ppsm=N (split K until N programs an SM), decode16=0 (the GEMM's fp32 decode), pairs=0 (its fp16
+ppsm=N (split K until N programs an SM, at every batch), decode16=0 (the GEMM's fp32 decode), pairs=0 (its fp16
 scales read one by one). One engine a format (Llama-3-8B shape, random weights,
 bench/quant.py's GGUF types), its decode graphs captured again for each setting. Per batch B: B
 requests of 512 prompt tokens, 128 out each, submitted at once (one prefill step, then decode
@@ -45,7 +45,7 @@ def decode_figures(engine, batch: int, vocab: int, seed: int) -> dict:
 
 def apply(setting: str) -> None:
     """Module settings back to their defaults, then the setting's keys."""
-    gg.GEMV_ROWS, mm.MM_ROWS, mm.DEFAULT, mm.PROGRAMS_PER_SM, mm.DECODE_16, mm.SCALE_PAIRS = DEFAULTS
+    gg.GEMV_ROWS, mm.MM_ROWS, mm.DEFAULT, mm.PROGRAMS_PER_SM, mm.PROGRAMS_PER_SM_WIDE, mm.DECODE_16, mm.SCALE_PAIRS = DEFAULTS
     for item in filter(None, setting.split(",")):
         key, _, value = item.partition("=")
         if key == "gemv_rows":
@@ -53,7 +53,7 @@ def apply(setting: str) -> None:
         elif key == "mm_rows":
             mm.MM_ROWS = int(value)
         elif key == "ppsm":
-            mm.PROGRAMS_PER_SM = int(value)
+            mm.PROGRAMS_PER_SM = mm.PROGRAMS_PER_SM_WIDE = int(value)
         elif key == "pairs":
             mm.SCALE_PAIRS = bool(int(value))
         elif key == "decode16":
@@ -65,7 +65,8 @@ def apply(setting: str) -> None:
             raise SystemExit(f"--setting: unknown key {key!r} (gemv_rows, mm_rows, mm, ppsm, decode16, pairs)")
 
 
-DEFAULTS = (gg.GEMV_ROWS, mm.MM_ROWS, mm.DEFAULT, mm.PROGRAMS_PER_SM, mm.DECODE_16, mm.SCALE_PAIRS)
+DEFAULTS = (gg.GEMV_ROWS, mm.MM_ROWS, mm.DEFAULT, mm.PROGRAMS_PER_SM, mm.PROGRAMS_PER_SM_WIDE, mm.DECODE_16,
+            mm.SCALE_PAIRS)
 
 
 def main() -> None:

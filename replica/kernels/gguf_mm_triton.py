@@ -13,7 +13,8 @@ on the tensor cores where it is decoded:
                      the values dequantise + cuBLAS multiplies)
                      x [BLOCK_M, BLOCK_K]: M rows padded to BLOCK_M (≥ 16, the MMA's minimum)
                      acc [BLOCK_N, BLOCK_M] += W · xᵀ   (W is the MMA's wide operand: "swap AB")
-    split K          while the grid has fewer than PROGRAMS_PER_SM programs an SM: fp32 partials
+    split K          while the grid has fewer than PROGRAMS_PER_SM programs an SM (_WIDE above
+                     WIDE_ROWS rows): fp32 partials
                      [SPLIT_K, M, N] summed by linear_triton's split-K kernel
 
 The grid depends only on shapes: launches are valid inside a CUDA graph.
@@ -35,7 +36,12 @@ MM_ROWS = 64            # rows of x up to which `gguf_linear_triton.gguf_linear`
 DECODE_16 = True
 # fp16 scales read two a 4-byte load, which the loop's pipeliner copies ahead (`load_fp16_pairs`)
 SCALE_PAIRS = True
-PROGRAMS_PER_SM = 8     # split K until the grid has this many programs an SM (4: W2-batch-8 5.51 ms, 8: 5.29)
+# split K until the grid has this many programs an SM: 8 up to WIDE_ROWS rows of x, 4 above
+# (H200 8B step, the same process, 8 → 4: Q4_0 at batch 64 7.34 → 7.13 and 7.29 → 7.18 ms, Q4_K_M
+# 8.98 → 8.64 and 8.91 → 8.66; at 32 once better, once not: 5.45 → 5.38, 5.39 → 5.47; at 8 worse)
+PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM_WIDE = 4
+WIDE_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,8 @@ def _plan(num_rows: int, packed: PackedGGUF, config: MmConfig, device: torch.dev
     split_k = config.split_k
     if split_k == 0:
         split_k = 1
-        while (triton.cdiv(n, config.block_n) * split_k < PROGRAMS_PER_SM * _num_sms(device)
+        per_sm = PROGRAMS_PER_SM if num_rows <= WIDE_ROWS else PROGRAMS_PER_SM_WIDE
+        while (triton.cdiv(n, config.block_n) * split_k < per_sm * _num_sms(device)
                and num_tiles >= 2 * split_k and split_k < 16):
             split_k *= 2
     k_per_split = triton.cdiv(num_tiles, min(split_k, num_tiles)) * block_k

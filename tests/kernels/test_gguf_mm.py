@@ -158,3 +158,14 @@ def test_scales_that_cannot_be_paired_are_read_one_by_one():
     x = torch.randn(5, 96).to(torch.float16).to(DEVICE)
     _assert_matches_reference(gguf_mm(x, odd_groups, config=MmConfig(block_n=16, block_k=32, split_k=1)),
                               x, odd_groups)
+
+
+def test_batches_above_wide_rows_split_k_to_fewer_programs_an_sm():
+    """Split K until PROGRAMS_PER_SM programs an SM up to WIDE_ROWS rows of x, PROGRAMS_PER_SM_WIDE
+    above (the CPU counts 8 SMs): 4 programs of 64 rows need 16 splits for 64 programs, 8 for 32."""
+    packed = _packed("Q4_0", 256, 4096, seed=9)
+    cpu = torch.device("cpu")
+    narrow = gguf_mm_triton._plan(gguf_mm_triton.WIDE_ROWS, packed, gguf_mm_triton.DEFAULT, cpu)
+    wide = gguf_mm_triton._plan(gguf_mm_triton.WIDE_ROWS + 1, packed, gguf_mm_triton.DEFAULT, cpu)
+    assert (narrow.split_k, wide.split_k) == (16, 8)
+    assert (narrow.k_per_split, wide.k_per_split) == (256, 512)
