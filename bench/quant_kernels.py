@@ -95,7 +95,7 @@ def bench_gguf_kernels(cfg: ModelConfig, sweep: bool, emit) -> None:
             gemv_rows = min(gemv_rows, (crossover[0] // 2) if crossover else 8)
             emit(f"kernel_{qtype}_{label}", n=n, k=k, **{key: (round(v, 2) if isinstance(v, float) else v)
                                                        for key, v in figures.items()})
-            del packed, bf16
+            packed = bf16 = None         # free the GPU copies before the next shape
     gg.GEMV_ROWS = gemv_rows             # the engines below use the measured crossover
     emit("gguf_gemv_rows", measured=gemv_rows)
     torch.cuda.empty_cache()
@@ -145,7 +145,7 @@ def bench_fp8_kernels(cfg: ModelConfig, sweep: bool, emit) -> None:
                 if dot_us >= mm_us + quant_us:
                     dot_rows = min(dot_rows, m // 2)
         emit(f"kernel_fp8_{label}", n=n, k=k, **row)
-        del w, w_q
+        w = w_q = None               # free the GPU copies before the next shape
     fg.DOT_ROWS = max(dot_rows, fg.GEMV_ROWS)   # the engines below use the measured crossover
     emit("fp8_dot_rows", measured=fg.DOT_ROWS)
     torch.cuda.empty_cache()
@@ -167,13 +167,13 @@ def bench_gguf8_kernels(cfg: ModelConfig, sweep: bool, emit) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for qtype in ("Q6_K", "Q8_0"):
         for label, (n, k) in shapes.items():
-            packed, bf16, figures, (us, _) = _gemv_one_row(qtype, n, k, gen, probes(n, k))
+            packed, _, figures, (us, _) = _gemv_one_row(qtype, n, k, gen, probes(n, k))
             figures["weights_TBps"] = packed.num_bytes / (us * 1e-6) / 1e12
             figures["bf16_TBps"] = 2 * n * k / (figures["bf16_us"] * 1e-6) / 1e12
             figures["speedup_vs_bf16"] = figures["bf16_us"] / us
             emit(f"kernel8_{qtype}_{label}", n=n, k=k, bytes=packed.num_bytes,
                  **{key: (round(v, 2) if isinstance(v, float) else v) for key, v in figures.items()})
-            del packed, bf16
+            packed = None                # free the GPU copy before the next shape
     torch.cuda.empty_cache()
 
 
@@ -223,7 +223,7 @@ def bench_x8_kernels(cfg: ModelConfig, sweep: bool, emit) -> None:
                 figures["int8_over_bf16_x"] = figures["x_bf16_us"] / figures["x_int8_us"]
                 emit(f"kernel_x8_{qtype}_{label}", n=n, k=k, bytes=packed.num_bytes,
                      **{key: (round(v, 2) if isinstance(v, float) else v) for key, v in figures.items()})
-                del packed, bf16
+                packed = bf16 = None         # free the GPU copies before the next shape
     finally:
         gg.X_INT8 = saved
     torch.cuda.empty_cache()

@@ -2,7 +2,6 @@
 
 Block size 4 throughout, so a 10-token prompt fills blocks 0 and 1 and half of block 2.
 """
-import pytest
 
 from replica.engine.block_manager import BlockManager
 from replica.engine.sequence import Sequence

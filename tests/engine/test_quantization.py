@@ -2,7 +2,6 @@
 refuses devices without FP8 tensor cores, FP8 checkpoints (compressed-tensors, per channel or
 per tensor) load as they are and give the logits of quantising the float checkpoint on load, and
 the bundled SmolLM2 GGUF served with its weights packed still answers the test question."""
-import json
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from replica.engine.llm import LLM
 from replica.kernels.fp8_linear import FP8_MAX, quantize_rows_ref
 from replica.layers.quantized_linear import GGUFWeight, weight_bytes
 from replica.quantization import methods
-from replica.quantization.gguf_packed import GGUFTensor
 from replica.sampling_params import SamplingParams
 from tests.engine.conftest import TINY_ENGINE, copy_checkpoint
 from tests.tiny_models import make_tiny_model

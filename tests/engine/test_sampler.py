@@ -4,7 +4,6 @@ hand computation, min_tokens, temperature statistics, and seeds that ignore batc
 """
 import math
 
-import pytest
 import torch
 
 from replica.engine.sampler import Sampler, apply_min_p, apply_top_k_top_p

@@ -7,7 +7,6 @@ the engine does after the forward (finish_step, then one sampled token per sampl
 import itertools
 import random
 
-import pytest
 
 from replica.config import EngineConfig
 from replica.engine.block_manager import BlockManager
