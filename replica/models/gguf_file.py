@@ -18,6 +18,7 @@ Layout (little-endian; GGUF versions 2 and 3):
 
     string: length u64 | UTF-8 bytes;  array: element type u32 | count u64 | elements
 """
+import hashlib
 import mmap
 import struct
 from dataclasses import dataclass
@@ -144,6 +145,54 @@ class GGUFFile:
             item, pos = self._value(item_type, pos)
             items.append(item)
         return items, pos
+
+
+def metadata_digest(path: Path) -> str:
+    """sha256 of the file's header and key/value fields: everything but the tensor table and the
+    data, read without decoding a value (strings are skipped by their lengths). Two files with
+    the same digest carry the same tokenizer, chat template and model settings. SmolLM2's 1.8 MB
+    of fields take about 30 ms, a 128k-token vocabulary about 0.1 s; the weights are never read."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != MAGIC:
+            raise _FormatError(f"{Path(path).name} has no GGUF magic")
+        try:
+            num_fields = struct.unpack_from("<Q", buf, 16)[0]
+            pos = 24
+            for _ in range(num_fields):
+                pos = _skip_string(buf, pos)
+                pos = _skip_value(buf, struct.unpack_from("<I", buf, pos)[0], pos + 4)
+        except (struct.error, OverflowError):     # a length or offset past the end
+            pos = len(buf) + 1
+        if pos > len(buf):
+            raise _FormatError(f"{Path(path).name}'s fields run past the end of the file (truncated?)")
+        return hashlib.sha256(buf[:pos]).hexdigest()
+
+
+def _skip_string(buf, pos: int) -> int:
+    return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
+
+
+def _skip_value(buf, value_type: int, pos: int) -> int:
+    if value_type in _SCALARS:
+        return pos + struct.calcsize("<" + _SCALARS[value_type])
+    if value_type == _STRING:
+        return _skip_string(buf, pos)
+    if value_type != _ARRAY:
+        raise _FormatError(f"unknown value type {value_type}")
+    item_type, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if count > len(buf) - pos:            # every element takes a byte at least: a damaged count
+        raise _FormatError("an array runs past the end of the file (truncated?)")
+    if item_type in _SCALARS:
+        return pos + count * struct.calcsize("<" + _SCALARS[item_type])
+    if item_type == _STRING:              # the vocabulary and merges: the loop that costs
+        unpack = struct.unpack_from
+        for _ in range(count):
+            pos += 8 + unpack("<Q", buf, pos)[0]
+        return pos
+    for _ in range(count):
+        pos = _skip_value(buf, item_type, pos)
+    return pos
 
 
 class _FormatError(ValueError):

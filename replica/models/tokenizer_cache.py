@@ -5,9 +5,14 @@ SmolLM2's 49k tokens on 2 cores, more for Llama 3's 128k), and a replica builds 
 the server and in its engine core. The fast tokenizer it builds is saved with `save_pretrained`
 and loaded back from those files on every later start (a fraction of a second).
 
-The key is the file's resolved path, size and modification time, and the versions of
-transformers and tokenizers: a changed file or library builds again. Where the cache cannot be
-written (a read-only home in a container), the tokenizer is built each time, as before.
+The key is the file's content, not its path: a digest of its header and key/value fields (the
+vocabulary, merges, special tokens and chat template, and the architecture and name, which pick
+transformers' converter; `gguf_file.metadata_digest`, about 30 ms for SmolLM2, the weights never
+read), with the versions of transformers and tokenizers. So copies of one file at other paths
+(an Ollama blob, a test's copy, another quantisation's file with the same fields) share an entry,
+and a file changed in place gets a new one, whatever its modification time says. A file whose
+fields cannot be read has no entry: it is built (and its error reported) as before. Where the
+cache cannot be written (a read-only home in a container), the tokenizer is built each time.
 
 Location: $PAGEFLEET_CACHE_DIR, else $XDG_CACHE_HOME/pagefleet, else ~/.cache/pagefleet; the
 tokenizers under tokenizers/<key>/.
@@ -19,6 +24,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from replica.models.gguf_file import metadata_digest
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +40,10 @@ def cache_root() -> Path:
 
 
 def entry_for(gguf_path: Path) -> Path:
-    """The cache folder of this file's tokenizer (which may not exist yet)."""
-    resolved = gguf_path.resolve()
-    stat = resolved.stat()
+    """The cache folder of this file's tokenizer (which may not exist yet). ValueError or
+    OSError for a file whose fields cannot be read."""
     versions = [importlib.metadata.version(d) for d in ("transformers", "tokenizers")]
-    key = "|".join([str(resolved), str(stat.st_size), str(stat.st_mtime_ns), *versions])
+    key = "|".join(["gguf-fields", metadata_digest(gguf_path), *versions])
     return cache_root() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -47,6 +53,9 @@ def load(gguf_path: Path):
 
     try:
         entry = entry_for(gguf_path)
+    except (OSError, ValueError):      # no key: the build reads the file and says what is wrong
+        return None
+    try:
         if not (entry / _MARKER).is_file():
             return None
         return AutoTokenizer.from_pretrained(str(entry))

@@ -1,12 +1,17 @@
 """A GGUF's tokenizer is built by transformers once, then loaded from replica's cache: the same
-tokens, special tokens and chat template, and a cache that cannot be used costs only time."""
+tokens, special tokens and chat template, and a cache that cannot be used costs only time.
+The cache is keyed on the file's fields, not its path: copies share an entry, a file changed in
+place never gets the old one."""
 import logging
 import os
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from replica.models import tokenizer_cache
+from replica.models.gguf_file import GGUFFile, metadata_digest
 from replica.models.registry import resolve_model_path
 from replica.models.tokenizer import Tokenizer
 
@@ -61,27 +66,79 @@ def test_the_second_load_comes_from_the_cache_and_tokenizes_the_same(built, monk
         built.eos_token_ids, built.bos_token, built.vocab_size)
 
 
-def test_a_changed_file_gets_its_own_entry(built, tmp_path):
-    copy = tmp_path / "model.gguf"
-    shutil.copyfile(resolve_model_path("smollm2"), copy)
-    before = tokenizer_cache.entry_for(copy)
-    os.utime(copy, ns=(1, 1))
-    assert tokenizer_cache.entry_for(copy) != before
-    assert tokenizer_cache.entry_for(copy) != tokenizer_cache.entry_for(resolve_model_path("smollm2"))
+def write_small_gguf(path: Path, eos_token_id: int = 257, weight: float = 0.0) -> Path:
+    """A GGUF with a byte-level BPE vocabulary of 261 tokens and one tensor (a few kB)."""
+    import gguf
+
+    tokens = [chr(0x100 + i) for i in range(256)] + ["<s>", "</s>", "ab", "cd", "abcd"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("small-vocab")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3, 3, 1, 1, 1])
+    writer.add_token_merges(["a b", "c d", "ab cd"])
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(eos_token_id)
+    writer.add_tensor("token_embd.weight", np.full((len(tokens), 8), weight, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_metadata_digest_covers_every_field_and_no_weight(tmp_path):
+    a = write_small_gguf(tmp_path / "a.gguf")
+    other_weights = write_small_gguf(tmp_path / "w.gguf", weight=1.0)
+    other_eos = write_small_gguf(tmp_path / "e.gguf", eos_token_id=256)
+    assert a.read_bytes() != other_weights.read_bytes()
+    assert metadata_digest(a) == metadata_digest(other_weights)
+    assert metadata_digest(a) != metadata_digest(other_eos)
+    assert GGUFFile(a).fields["tokenizer.ggml.eos_token_id"] == 257      # the files are what they say
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(a.read_bytes()[:2000])                          # inside the vocabulary
+    with pytest.raises(ValueError, match="past the end of the file"):
+        metadata_digest(truncated)
+
+
+def test_copies_of_one_file_share_its_entry_wherever_they_are(built, tmp_path, monkeypatch):
+    original = resolve_model_path("smollm2")
+    copies = [tmp_path / "model.gguf", tmp_path / "blobs" / ("sha256-" + "0" * 64)]
+    for copy in copies:
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copyfile(original, copy)
+        assert tokenizer_cache.entry_for(copy) == tokenizer_cache.entry_for(original)
+    refuse_gguf_builds(monkeypatch)
+    assert Tokenizer.load(copies[1], "gguf", []).encode(TEXTS[0]) == built.encode(TEXTS[0])
+
+
+def test_a_file_changed_in_place_is_never_served_the_old_tokenizer(built, tmp_path):
+    path = write_small_gguf(tmp_path / "model.gguf", eos_token_id=257)
+    tokenizer_cache.save(path, built.hf)           # what a build from the first file left
+    assert tokenizer_cache.load(path) is not None
+    times = path.stat()
+    write_small_gguf(path, eos_token_id=256)       # same path, same size, the same times set back
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (times.st_size, times.st_mtime_ns)
+    assert tokenizer_cache.load(path) is None
 
 
 def test_a_damaged_entry_is_ignored_with_a_warning(built, tmp_path, caplog):
-    copy = tmp_path / "model.gguf"
-    shutil.copyfile(resolve_model_path("smollm2"), copy)
-    entry = tokenizer_cache.entry_for(copy)
-    shutil.copytree(tokenizer_cache.entry_for(resolve_model_path("smollm2")), entry)
-    assert tokenizer_cache.load(copy) is not None
-    (entry / "tokenizer.json").write_text("{ not json")
+    path = write_small_gguf(tmp_path / "model.gguf")
+    tokenizer_cache.save(path, built.hf)
+    assert tokenizer_cache.load(path) is not None
+    (tokenizer_cache.entry_for(path) / "tokenizer.json").write_text("{ not json")
     with caplog.at_level(logging.WARNING):
-        assert tokenizer_cache.load(copy) is None
+        assert tokenizer_cache.load(path) is None
     assert "the cached tokenizer of model.gguf is unreadable" in caplog.text
-    tokenizer_cache.save(copy, built.hf)             # a rebuilt one replaces it
-    assert tokenizer_cache.load(copy).encode(TEXTS[0]) == built.encode(TEXTS[0])
+    tokenizer_cache.save(path, built.hf)             # a rebuilt one replaces it
+    assert tokenizer_cache.load(path).encode(TEXTS[0]) == built.encode(TEXTS[0])
+
+
+def test_a_file_whose_fields_cannot_be_read_has_no_entry(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\xff" * 40)
+    assert tokenizer_cache.load(broken) is None     # the build then says what is wrong
 
 
 def test_a_cache_that_cannot_be_written_is_skipped(built, tmp_path, monkeypatch, caplog):

@@ -77,9 +77,9 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def ollama_store(tmp_path_factory) -> Path:
     """The test store of tests/models/ollama_store_builder.py (the bundled model's blob under
-    `smollm2:135m` and `myorg/assistant:v1`), one for the modules that serve from it: a replica
-    keys its tokenizer cache on the blob's path, so the second server loads what the first built
-    (11 s on 2 cores) instead of building it again from a copy of the same file."""
+    `smollm2:135m` and `myorg/assistant:v1`), one for the modules that serve from it (the blob
+    is a copy of the bundled file, so its tokenizer comes from the same cache entry: the
+    cache is keyed on the file's fields, not its path)."""
     from tests.models.ollama_store_builder import build_test_store
 
     return build_test_store(tmp_path_factory.mktemp("ollama") / "models")
