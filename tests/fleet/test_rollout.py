@@ -184,7 +184,9 @@ def test_update_and_bench_have_help_with_examples(command):
 
 def run_update_watching_status(ctl: FleetCtl, model: Path, tmp_path: Path) -> tuple[dict, list[dict], str]:
     """`fleetctl update --model M --json`, polling `fleetctl status` meanwhile: (its report, the
-    update progress that `status --json` showed while it ran, one `status` table of then)."""
+    update progress that `status --json` showed while it ran, one `status` table of then). One
+    poll a second: each is a Python process, and polling without a pause kept one of two cores
+    busy, slowing the replicas the update starts."""
     out, err = tmp_path / "update.out", tmp_path / "update.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "fleetctl", "update", "--model", str(model), "--json"],
@@ -197,6 +199,7 @@ def run_update_watching_status(ctl: FleetCtl, model: Path, tmp_path: Path) -> tu
                     seen.append(update)
                     if not table:
                         table = ctl("status", check=False).stdout
+                time.sleep(1.0)
             assert proc.wait(timeout=240) == 0, err.read_text()[-3000:]
         finally:
             if proc.poll() is None:
