@@ -53,28 +53,53 @@ def load_fp16_pairs(ptr, offs, mask):
 
 
 @triton.jit
+def load_scale_min_pairs(s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_sn, HAS_MIN: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """Groups g0 .. g0 + GROUPS' fp16 scales (and mins, else 0.0) read two a load: [BLOCK_N,
+    GROUPS] fp16. g0, GROUPS and each row's groups are even."""
+    ps = g0 // 2 + tl.arange(0, GROUPS // 2)
+    p_offs = rows64[:, None] * (stride_sn // 2) + ps[None, :]
+    p_mask = n_mask[:, None] & (ps < num_groups // 2)[None, :]
+    scale = tl.reshape(load_fp16_pairs(s_ptr, p_offs, p_mask), [BLOCK_N, GROUPS])
+    low = 0.0
+    if HAS_MIN:
+        low = tl.reshape(load_fp16_pairs(m_ptr, p_offs, p_mask), [BLOCK_N, GROUPS])
+    return scale, low
+
+
+@triton.jit
+def codes_16(pairs, ZERO_POINT: tl.constexpr, DTYPE: tl.constexpr):
+    """int32 words holding two codes < 128, one a 16-bit half → [..., 2] DTYPE (code - ZERO_POINT),
+    exactly: ORed with the bits of BASE (2^7 in bf16, 2^10 in fp16, whose last mantissa bit is
+    worth 1) each half is the number BASE + code."""
+    if DTYPE == tl.bfloat16:
+        base_bits: tl.constexpr = 0x43004300
+        base: tl.constexpr = 128.0
+    else:
+        base_bits: tl.constexpr = 0x64006400
+        base: tl.constexpr = 1024.0
+    pairs = pairs | base_bits
+    even = (pairs & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+    odd = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+    return tl.join(even, odd) - (base + ZERO_POINT)
+
+
+@triton.jit
 def tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride_sn, ZERO_POINT: tl.constexpr,
              HAS_MIN: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr, BLOCK_N: tl.constexpr,
              GROUPS: tl.constexpr, DTYPE: tl.constexpr, SCALE_PAIRS: tl.constexpr = False):
     """`tile4` decoded straight into a 16-bit DTYPE (bf16 or fp16), two codes an instruction, for
     the tensor-core GEMM: no int→float conversions (quarter-rate on the SM), no fp32 → 16-bit
-    rounding. `(word >> 4i) & 0x000F000F` holds elements 2i and 2i + 1 in its two halves; ORed
-    with the bits of BASE (2^7 in bf16, 2^10 in fp16, whose last mantissa bit is worth 1) each
-    half is the 16-bit number BASE + code, exactly. Then (v - BASE - zero point) is exact and
-    · scale (+ min) runs as bf16x2 / fp16x2 arithmetic. The scale and min are rounded to DTYPE
+    rounding. `(word >> 4i) & 0x000F000F` holds elements 2i and 2i + 1 in its two halves, which
+    `codes_16` makes exact 16-bit numbers; · scale (+ min) runs as bf16x2 / fp16x2 arithmetic. The scale and min are rounded to DTYPE
     first: fp16 Q4_0 equals `tile4` rounded to fp16 bit for bit; bf16 differs by the scale's
     rounding (≤ 2^-9 relative, far below the 4-bit codes' own error). SCALE_PAIRS: fp16 scales
     (and mins) read two groups a 4-byte load (`load_fp16_pairs`; even groups a row and GROUPS)."""
     gs = g0 + tl.arange(0, GROUPS)
     mask2 = n_mask[:, None] & (gs < num_groups)[None, :]
     if SCALE_PAIRS:
-        ps = g0 // 2 + tl.arange(0, GROUPS // 2)
-        p_offs = rows64[:, None] * (stride_sn // 2) + ps[None, :]
-        p_mask = n_mask[:, None] & (ps < num_groups // 2)[None, :]
-        scale = tl.reshape(load_fp16_pairs(s_ptr, p_offs, p_mask), [BLOCK_N, GROUPS])
-        low = 0.0
-        if HAS_MIN:
-            low = tl.reshape(load_fp16_pairs(m_ptr, p_offs, p_mask), [BLOCK_N, GROUPS])
+        scale, low = load_scale_min_pairs(s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_sn, HAS_MIN,
+                                          BLOCK_N, GROUPS)
     else:
         s_offs = rows64[:, None] * stride_sn + gs[None, :]
         scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, HAS_MIN, SUPER, PAIRED)
@@ -82,16 +107,8 @@ def tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, str
     i = tl.arange(0, 4)
     words = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None] + w[None, None, :],
                     mask=mask2[:, :, None], other=0)[:, :, :, None]
-    if DTYPE == tl.bfloat16:
-        base_bits: tl.constexpr = 0x43004300
-        base: tl.constexpr = 128.0
-    else:
-        base_bits: tl.constexpr = 0x64006400
-        base: tl.constexpr = 1024.0
-    pairs = ((words >> (4 * i)[None, None, None, :]) & 0x000F000F) | base_bits
-    even = (pairs & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
-    odd = (pairs >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
-    codes = tl.reshape(tl.join(even, odd), [BLOCK_N, GROUPS, 32]) - (base + ZERO_POINT)
+    codes = tl.reshape(codes_16((words >> (4 * i)[None, None, None, :]) & 0x000F000F, ZERO_POINT, DTYPE),
+                       [BLOCK_N, GROUPS, 32])
     out = codes * scale.to(DTYPE)[:, :, None]
     if HAS_MIN:
         out += low.to(DTYPE)[:, :, None]
@@ -107,13 +124,11 @@ def tile8(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride
     gs = g0 + tl.arange(0, GROUPS)
     mask2 = n_mask[:, None] & (gs < num_groups)[None, :]
     if SCALE_PAIRS:
-        ps = g0 // 2 + tl.arange(0, GROUPS // 2)
-        p_offs = rows64[:, None] * (stride_sn // 2) + ps[None, :]
-        p_mask = n_mask[:, None] & (ps < num_groups // 2)[None, :]
-        scale = tl.reshape(load_fp16_pairs(s_ptr, p_offs, p_mask), [BLOCK_N, GROUPS]).to(tl.float32)
-        low = 0.0
+        scale, low = load_scale_min_pairs(s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_sn, HAS_MIN,
+                                          BLOCK_N, GROUPS)
+        scale = scale.to(tl.float32)
         if HAS_MIN:
-            low = tl.reshape(load_fp16_pairs(m_ptr, p_offs, p_mask), [BLOCK_N, GROUPS]).to(tl.float32)
+            low = low.to(tl.float32)
     else:
         scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, rows64[:, None] * stride_sn + gs[None, :],
                                                        mask2, False, HAS_MIN)
@@ -169,23 +184,13 @@ def tile6_16(q_ptr, h_ptr, s_ptr, rows64, n_mask, l0, num_lanes, stride_qn, stri
                                 n_mask[:, None] & (ls < num_lanes)[None, :])[:, :, :, None]
     else:                                                 # [BLOCK_N, LANES, 4 words]
         scale = tl.load(s_ptr + rows64[:, None, None] * stride_sn + half, mask=mask3, other=0.0)
-    if DTYPE == tl.bfloat16:
-        base_bits: tl.constexpr = 0x43004300
-        base: tl.constexpr = 128.0
-    else:
-        base_bits: tl.constexpr = 0x64006400
-        base: tl.constexpr = 1024.0
     i = tl.arange(0, 4)[None, None, None, :]
     top = 8 * (i // 2) + 2 * (i % 2) + 4 * (w % 2)[None, None, :, None]
-    pairs = ((words >> (4 * i)) & 0x000F000F) | (((high >> top) & 0x00030003) << 4) | base_bits
-    even = (pairs & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
-    odd = (pairs >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
+    codes = codes_16(((words >> (4 * i)) & 0x000F000F) | (((high >> top) & 0x00030003) << 4), 32, DTYPE)
     if SCALE_PAIRS:                                       # word w is in half w // 2
-        codes = tl.reshape(tl.join(even, odd), [BLOCK_N, LANES, 2, 16]) - (base + 32.0)
-        out = codes * scale.to(DTYPE)
+        out = tl.reshape(codes, [BLOCK_N, LANES, 2, 16]) * scale.to(DTYPE)
     else:
-        codes = tl.reshape(tl.join(even, odd), [BLOCK_N, LANES, 4, 8]) - (base + 32.0)
-        out = codes * scale.to(DTYPE)[:, :, :, None]
+        out = tl.reshape(codes, [BLOCK_N, LANES, 4, 8]) * scale.to(DTYPE)[:, :, :, None]
     return tl.reshape(out, [BLOCK_N, LANES * 32])
 
 
