@@ -16,6 +16,15 @@ from replica.quantization.gguf_packed import PackedGGUF
 
 
 @triton.jit
+def _group_words(q_ptr, rows64, gs, mask2, stride_qn):
+    """The 4-bit layout's 4 int32 words of each group gs (one 16-byte load a lane), masked groups
+    zero: [BLOCK_N, GROUPS, 4 words, 1]."""
+    w = tl.arange(0, 4)
+    return tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None] + w[None, None, :],
+                   mask=mask2[:, :, None], other=0)[:, :, :, None]
+
+
+@triton.jit
 def tile4(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride_sn, ZERO_POINT: tl.constexpr,
           HAS_MIN: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr, BLOCK_N: tl.constexpr,
           GROUPS: tl.constexpr):
@@ -28,10 +37,8 @@ def tile4(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, stride
     s_offs = rows64[:, None] * stride_sn + gs[None, :]
     # Q4_K's layouts are read as the GEMV reads them (HAS_MIN is set for them)
     scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, HAS_MIN, SUPER, PAIRED)
-    w = tl.arange(0, 4)
     i = tl.arange(0, 4)
-    words = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None] + w[None, None, :],
-                    mask=mask2[:, :, None], other=0)[:, :, :, None]
+    words = _group_words(q_ptr, rows64, gs, mask2, stride_qn)
     scale4 = scale[:, :, None, None]
     even = (((words >> (4 * i)[None, None, None, :]) & 0xF).to(tl.float32) - ZERO_POINT) * scale4
     odd = (((words >> (16 + 4 * i)[None, None, None, :]) & 0xF).to(tl.float32) - ZERO_POINT) * scale4
@@ -103,10 +110,8 @@ def tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, str
     else:
         s_offs = rows64[:, None] * stride_sn + gs[None, :]
         scale, low = q4_word_dot_triton.load_scale_min(s_ptr, m_ptr, s_offs, mask2, False, HAS_MIN, SUPER, PAIRED)
-    w = tl.arange(0, 4)
     i = tl.arange(0, 4)
-    words = tl.load(q_ptr + rows64[:, None, None] * stride_qn + (gs * 4)[None, :, None] + w[None, None, :],
-                    mask=mask2[:, :, None], other=0)[:, :, :, None]
+    words = _group_words(q_ptr, rows64, gs, mask2, stride_qn)
     codes = tl.reshape(codes_16((words >> (4 * i)[None, None, None, :]) & 0x000F000F, ZERO_POINT, DTYPE),
                        [BLOCK_N, GROUPS, 32])
     out = codes * scale.to(DTYPE)[:, :, None]
