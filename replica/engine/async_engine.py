@@ -40,10 +40,6 @@ from replica.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 _STARTUP_POLL_MS = 200
-# The core reads `shutdown` between steps and exits at once (no teardown: core_proc.py); one that
-# has not within this is stuck and is killed. fleetctl gives a replica 5 s beyond its drain before
-# Docker or Swarm kill it, and the server's own stop needs about 1 s of those.
-_CORE_EXIT_WAIT_S = 3.0
 
 
 class EngineDeadError(RuntimeError):
@@ -140,7 +136,7 @@ class AsyncEngine:
         if self.process.poll() is None:
             try:
                 self._to_core.send(self._encoder.encode(CoreInputs(shutdown=True)), zmq.NOBLOCK)
-                await asyncio.to_thread(self.process.wait, _CORE_EXIT_WAIT_S)
+                await asyncio.to_thread(self.process.wait, 10)
             except (zmq.ZMQError, subprocess.TimeoutExpired):
                 self.process.kill()
                 await asyncio.to_thread(self.process.wait)
