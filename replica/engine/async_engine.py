@@ -70,7 +70,6 @@ class AsyncEngine:
         self._num_adds_since_stats = 0
         self._error: BaseException | None = None
         self._is_shutting_down = False
-        self._is_refusing = False           # abort_all ran: the replica is stopping
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task | None = None
         self._encoder = msgspec.msgpack.Encoder()
@@ -170,7 +169,7 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        if not self.is_alive or self._is_refusing:
+        if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         self.validate(prompt_token_ids, params)
         if request_id in self._queues:
@@ -210,16 +209,6 @@ class AsyncEngine:
             queue.put_nowait(last)
         self._outbox.stops.append(SeqStop(request_id, None, "abort"))
         self._schedule_flush()
-
-    def abort_all(self) -> int:
-        """Stops the engine taking work (`generate` raises EngineDeadError from now on) and
-        aborts every open request, whose consumers get their last output at once; the count.
-        The drain's end: streams then close with finish_reason "abort" instead of being cut."""
-        self._is_refusing = True
-        request_ids = list(self._queues)
-        for request_id in request_ids:
-            self.abort(request_id)
-        return len(request_ids)
 
     def stats(self) -> EngineStats:
         return self._stats
