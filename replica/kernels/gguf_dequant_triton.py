@@ -98,10 +98,11 @@ def tile4_16(q_ptr, s_ptr, m_ptr, rows64, n_mask, g0, num_groups, stride_qn, str
     """`tile4` decoded straight into a 16-bit DTYPE (bf16 or fp16), two codes an instruction, for
     the tensor-core GEMM: no int→float conversions (quarter-rate on the SM), no fp32 → 16-bit
     rounding. `(word >> 4i) & 0x000F000F` holds elements 2i and 2i + 1 in its two halves, which
-    `codes_16` makes exact 16-bit numbers; · scale (+ min) runs as bf16x2 / fp16x2 arithmetic. The scale and min are rounded to DTYPE
-    first: fp16 Q4_0 equals `tile4` rounded to fp16 bit for bit; bf16 differs by the scale's
-    rounding (≤ 2^-9 relative, far below the 4-bit codes' own error). SCALE_PAIRS: fp16 scales
-    (and mins) read two groups a 4-byte load (`load_fp16_pairs`; even groups a row and GROUPS)."""
+    `codes_16` makes exact 16-bit numbers; · scale (+ min) runs as bf16x2 / fp16x2 arithmetic.
+    The scale and min are rounded to DTYPE first: fp16 Q4_0 equals `tile4` rounded to fp16 bit
+    for bit; bf16 differs by the scale's rounding (≤ 2^-9 relative, far below the 4-bit codes'
+    own error). SCALE_PAIRS: fp16 scales (and mins) read two groups a 4-byte load
+    (`load_scale_min_pairs`; even groups a row and GROUPS)."""
     gs = g0 + tl.arange(0, GROUPS)
     mask2 = n_mask[:, None] & (gs < num_groups)[None, :]
     if SCALE_PAIRS:

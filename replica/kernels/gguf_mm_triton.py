@@ -160,6 +160,8 @@ def gguf_mm(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = Non
                if plan.split_k > 1 else out)
     qweight, high, scales, mins = weight_operands(packed)
     decode_16 = DECODE_16 and x.dtype != torch.float32
+    # the 16-bit decoders read paired scales for 4 and 6 bits; the fp32 decoder for 8 bits only
+    scale_pairs = SCALE_PAIRS and (decode_16 or packed.bits == 8) and _scale_pairs_fit(packed, plan.block_k)
     launch = pdl.launch_options(x.device)
     _gguf_mm_kernel[(triton.cdiv(n, config.block_n), plan.split_k)](
         x, qweight, high, scales, mins, bias if bias is not None else out, out, partial,
@@ -167,10 +169,8 @@ def gguf_mm(x: torch.Tensor, packed: PackedGGUF, bias: torch.Tensor | None = Non
         out.stride(0), BITS=packed.bits, ZERO_POINT=packed.zero_point, HAS_MIN=packed.has_min,
         SUPER=packed.super_scales is not None, PAIRED=packed.is_paired, GROUP=packed.group_size,
         HAS_BIAS=bias is not None, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=plan.block_k,
-        SPLIT_K=plan.split_k, IEEE=x.dtype == torch.float32,
-        DECODE_16=decode_16, SCALE_PAIRS=SCALE_PAIRS and (decode_16 or packed.bits == 8) and _scale_pairs_fit(packed, plan.block_k),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch)
+        SPLIT_K=plan.split_k, IEEE=x.dtype == torch.float32, DECODE_16=decode_16, SCALE_PAIRS=scale_pairs,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch)
     if plan.split_k > 1:
         block = 1024
         linear_triton._split_k_sum_kernel[(num_rows, triton.cdiv(n, block))](

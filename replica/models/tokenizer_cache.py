@@ -9,10 +9,11 @@ The key is the file's content, not its path: a digest of its header and key/valu
 vocabulary, merges, special tokens and chat template, and the architecture and name, which pick
 transformers' converter; `gguf_file.metadata_digest`, about 30 ms for SmolLM2, the weights never
 read), with the versions of transformers and tokenizers. So copies of one file at other paths
-(an Ollama blob, a test's copy, another quantisation's file with the same fields) share an entry,
-and a file changed in place gets a new one, whatever its modification time says. A file whose
-fields cannot be read has no entry: it is built (and its error reported) as before. Where the
-cache cannot be written (a read-only home in a container), the tokenizer is built each time.
+(an Ollama blob, a test's copy) share an entry; another quantisation of the same model does not
+(its general.file_type differs). A file changed in place gets a new one, whatever its
+modification time says. A file whose fields cannot be read has no entry: it is built (and its
+error reported) as before. Where the cache cannot be written (a read-only home in a container),
+the tokenizer is built each time.
 
 Location: $PAGEFLEET_CACHE_DIR, else $XDG_CACHE_HOME/pagefleet, else ~/.cache/pagefleet; the
 tokenizers under tokenizers/<key>/.
