@@ -64,6 +64,13 @@ class Dockerd:
         bridge_args = []
         if shutil.which("ip"):  # without iproute2: Docker's default bridge names (docker0)
             _ip("link", "add", "name", self.bridge, "type", "bridge")
+            # A fixed MAC, as Docker gives the bridges it makes itself. Without one, Linux gives
+            # a bridge the lowest MAC among its ports, so it changes when a container's veth
+            # leaves; the other containers keep the gateway's old MAC in their ARP cache, and
+            # everything they send to the host (answers to NGINX through docker-proxy) is lost
+            # until that entry is probed again, 20 s and more. A Swarm update under load saw
+            # requests hang for that long (client timeouts, then 502s).
+            _ip("link", "set", self.bridge, "address", _local_mac())
             _ip("addr", "add", self.bridge_cidr, "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
             bridge_args = ["--bridge", self.bridge]
@@ -157,6 +164,13 @@ class Dockerd:
 
 def _ip(*args: str, check: bool = True) -> None:
     subprocess.run(["ip", *args], capture_output=True, check=check)
+
+
+def _local_mac() -> str:
+    """A random unicast, locally administered MAC (first octet x2, x6, xA or xE)."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
 
 
 def available() -> str:
