@@ -40,6 +40,10 @@ from replica.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 _STARTUP_POLL_MS = 200
+# The core reads `shutdown` between steps and exits at once (no teardown: core_proc.py); one that
+# has not within this is stuck and is killed. fleetctl gives a replica 5 s beyond its drain before
+# Docker or Swarm kill it, and the server's own stop needs about 1 s of those.
+_CORE_EXIT_WAIT_S = 3.0
 
 
 class EngineDeadError(RuntimeError):
@@ -70,6 +74,7 @@ class AsyncEngine:
         self._num_adds_since_stats = 0
         self._error: BaseException | None = None
         self._is_shutting_down = False
+        self._is_refusing = False           # abort_all ran: the replica is stopping
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task | None = None
         self._encoder = msgspec.msgpack.Encoder()
@@ -135,7 +140,7 @@ class AsyncEngine:
         if self.process.poll() is None:
             try:
                 self._to_core.send(self._encoder.encode(CoreInputs(shutdown=True)), zmq.NOBLOCK)
-                await asyncio.to_thread(self.process.wait, 10)
+                await asyncio.to_thread(self.process.wait, _CORE_EXIT_WAIT_S)
             except (zmq.ZMQError, subprocess.TimeoutExpired):
                 self.process.kill()
                 await asyncio.to_thread(self.process.wait)
@@ -169,7 +174,7 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        if not self.is_alive:
+        if not self.is_alive or self._is_refusing:
             raise EngineDeadError("the engine is not running")
         self.validate(prompt_token_ids, params)
         if request_id in self._queues:
@@ -209,6 +214,16 @@ class AsyncEngine:
             queue.put_nowait(last)
         self._outbox.stops.append(SeqStop(request_id, None, "abort"))
         self._schedule_flush()
+
+    def abort_all(self) -> int:
+        """Stops the engine taking work (`generate` raises EngineDeadError from now on) and
+        aborts every open request, whose consumers get their last output at once; the count.
+        The drain's end: streams then close with finish_reason "abort" instead of being cut."""
+        self._is_refusing = True
+        request_ids = list(self._queues)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return len(request_ids)
 
     def stats(self) -> EngineStats:
         return self._stats

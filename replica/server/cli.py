@@ -5,6 +5,11 @@
   replica serve --served-model-name chat --api-key "$KEY" --drain-timeout 60
   PAGEFLEET_API_KEYS=k1,k2 replica serve          # keys from the environment
 
+SIGTERM/SIGINT: /ready turns 503 and new work gets 503, requests in flight run on for up to
+--drain-timeout seconds, then those left are aborted (their streams end with finish_reason
+"abort"), the engine core stops and the process exits; idle, within a fraction of a second.
+A second SIGTERM/SIGINT ends the drain at once.
+
 Exit codes: 0 after a drain (SIGTERM/SIGINT), 2 for invalid settings, 1 when the port cannot
 be bound, the model cannot be loaded, or the engine core process died while serving.
 """
@@ -40,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds SIGTERM waits for requests in flight (default 30)")
+                   help="seconds SIGTERM waits for requests in flight before aborting them "
+                        "(default 30; keep it under the stop grace period of Docker or Swarm)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's, "
                    "capped at 8192)")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: sized from memory)")
@@ -107,9 +113,15 @@ def _configs(args: argparse.Namespace):
     return server, engine
 
 
+# After the drain (or its timeout) the aborted requests' handlers write their last event; this
+# bounds that wait, so that a stop takes at most drain_timeout_s plus about a second.
+ABORT_GRACE_S = 1.0
+
+
 async def serve(engine, config: ServerConfig) -> int:
     """Serves until SIGTERM/SIGINT, then drains: refuse new work, let requests in flight end
-    (up to the drain timeout), cancel the rest (which aborts them in the engine), stop."""
+    (up to the drain timeout, or until a second signal), abort the rest (their streams end with
+    finish_reason "abort"), stop the engine core, stop."""
     from replica.server.app import build_app
     from replica.server.serving import REPLICA
 
@@ -117,6 +129,7 @@ async def serve(engine, config: ServerConfig) -> int:
     lifecycle = app[REPLICA].lifecycle
     engine.on_core_death = lambda: lifecycle.fail("the engine core process died")
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its request.
+    # shutdown_timeout: what a handler still running after the drain and its abort gets.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.25)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
@@ -130,8 +143,10 @@ async def serve(engine, config: ServerConfig) -> int:
     log.info("serving %s on http://%s:%d", app[REPLICA].served_model_name, config.host, config.port)
     await lifecycle.wait_for_stop()
     if not await lifecycle.drain(config.drain_timeout_s):
-        log.warning("drain timeout (%.0f s): aborting %d request(s)", config.drain_timeout_s,
-                    lifecycle.num_in_flight)
+        num_aborted = engine.abort_all()
+        log.warning("drain ended with %d request(s) in flight: %d aborted",
+                    lifecycle.num_in_flight, num_aborted)
+        await lifecycle.drain(ABORT_GRACE_S, can_be_cut=False)
     await runner.cleanup()
     log.info("stopped")
     return lifecycle.exit_code
@@ -142,29 +157,52 @@ def _has_nvidia_gpu() -> bool:
     return os.path.exists("/dev/nvidiactl")
 
 
+def exit_now(code: int) -> None:
+    """Ends the process once serving is over, without finalising the interpreter: with torch
+    and transformers imported that took 1-3 s on 2 CPU cores (module teardown and the last
+    garbage collection), which a stopping replica spent after its work was done. By then the
+    engine core has exited, the sockets are closed and the logs are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _stop_while_loading(signum, frame) -> None:
+    raise SystemExit(0)         # unwinds to `main`, which ends the core process and exits
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Until the event loop owns the signals, a SIGTERM during loading just ends the process.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Until the event loop owns the signals, SIGTERM or SIGINT during loading ends the process
+    # (nothing is in flight to drain).
+    signal.signal(signal.SIGTERM, _stop_while_loading)
+    signal.signal(signal.SIGINT, _stop_while_loading)
     from replica.engine.core_launch import CoreLaunch
     # the core process first: its imports run beside this process's (it dies with this one)
     launch = CoreLaunch(is_omp_passive=args.device == "cpu" or (args.device == "auto" and not _has_nvidia_gpu()))
     try:
-        server_config, engine_config = _configs(args)
-    except ValueError as err:
+        try:
+            server_config, engine_config = _configs(args)
+        except ValueError as err:
+            return _refuse(launch, err, 2)
+        from replica.engine.async_engine import AsyncEngine
+        try:
+            engine = AsyncEngine(engine_config, launch)      # the core loads the model; waits for it
+        except (ValueError, RuntimeError) as err:
+            return _refuse(launch, err, 1)
+        code = asyncio.run(serve(engine, server_config))
+    except SystemExit:          # a signal before the event loop's handlers took over
         launch.kill()
-        print(f"replica serve: {err}", file=sys.stderr)
-        return 2
-    from replica.engine.async_engine import AsyncEngine
-    try:
-        engine = AsyncEngine(engine_config, launch)      # the core loads the model; waits for it
-    except (ValueError, RuntimeError) as err:
-        launch.kill()
-        print(f"replica serve: {err}", file=sys.stderr)
-        return 1
-    try:
-        return asyncio.run(serve(engine, server_config))
-    except KeyboardInterrupt:        # a second Ctrl-C before the handlers were installed
-        return 0
+        log.info("stopped before serving")
+        code = 0
+    exit_now(code)
+    return code                 # not reached
+
+
+def _refuse(launch, err: Exception, code: int) -> int:
+    launch.kill()
+    print(f"replica serve: {err}", file=sys.stderr)
+    return code

@@ -1,10 +1,12 @@
 """Readiness, requests in flight, and the drain that SIGTERM/SIGINT start.
 
 States, in order: loading → ready → draining → stopped.
-- `/ready` answers 200 only in `ready`; `/health` follows the engine thread, not this state.
+- `/ready` answers 200 only in `ready`; `/health` follows the engine process, not this state.
 - In `draining` new work is refused with 503 while requests already admitted run to the end,
-  for at most `drain_timeout_s`; those still running then are aborted (their blocks freed)
-  and the process exits 0.
+  for at most `drain_timeout_s`; those still running then are aborted (their streams end with
+  finish_reason "abort", their blocks freed) and the process exits 0.
+- A second SIGTERM/SIGINT during the drain ends it at once (the operator's "stop now", as a
+  second Ctrl-C does in vLLM and uvicorn): the same abort, without the wait.
 """
 import asyncio
 import enum
@@ -30,6 +32,7 @@ class Lifecycle:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop_requested = asyncio.Event()
+        self._drain_cut = asyncio.Event()      # set by a second stop request
 
     @property
     def is_ready(self) -> bool:
@@ -60,10 +63,14 @@ class Lifecycle:
             loop.add_signal_handler(sig, self.request_stop, sig)
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
+        name = signal.Signals(sig).name if sig is not None else "stop"
         if self.phase < Phase.DRAINING:
-            name = signal.Signals(sig).name if sig is not None else "stop"
             log.info("%s: draining %d request(s) in flight", name, self.num_in_flight)
             self.phase = Phase.DRAINING
+        elif not self._drain_cut.is_set():
+            log.warning("%s again: ending the drain now (%d request(s) in flight are aborted)",
+                        name, self.num_in_flight)
+            self._drain_cut.set()
         self._stop_requested.set()
 
     def fail(self, reason: str) -> None:
@@ -71,15 +78,21 @@ class Lifecycle:
         fleetctl, Docker or Swarm restarts it."""
         log.error("%s: stopping with exit code 1", reason)
         self.exit_code = 1
+        self._drain_cut.set()          # every request of the dead engine has failed already
         self.request_stop()
 
     async def wait_for_stop(self) -> None:
         await self._stop_requested.wait()
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Waits until nothing is in flight; False when the timeout came first."""
+    async def drain(self, timeout_s: float, can_be_cut: bool = True) -> bool:
+        """Waits until nothing is in flight; False when the timeout (or, if `can_be_cut`, a
+        second stop request) came first."""
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if can_be_cut:
+            waits.append(asyncio.ensure_future(self._drain_cut.wait()))
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            return False
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self._idle.is_set()

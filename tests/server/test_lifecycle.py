@@ -149,26 +149,28 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(one_seq_server):
     assert one_seq_server.proc.wait(30) == 0
 
 
-def test_drain_timeout_cuts_long_requests_and_still_exits_0(tiny_model, tmp_path):
+def test_drain_timeout_aborts_long_requests_cleanly_and_still_exits_0(tiny_model, tmp_path):
     server = ServerProcess(tiny_server_args(tiny_model, "--api-key", API_KEY,
                                             "--drain-timeout", "0"), tmp_path / "cut.log")
     server.wait_ready()
     finishes: list = []
+    lines: list[str] = []
     try:
         with httpx.Client(headers=AUTH, timeout=60) as client:
             with client.stream("POST", server.url + "/v1/completions",
                                json={**LONG, "n": 8, "stream": True}) as r:
                 for line in r.iter_lines():
-                    if not finishes:
+                    if not lines:
                         server.signal(signal.SIGTERM)      # after the first event
-                        finishes.append(None)
+                    lines.append(line)
                     if line.startswith("data: {"):
-                        finishes.append(json.loads(line[6:])["choices"][0]["finish_reason"])
-    except httpx.HTTPError:
-        pass                                   # the server closed the stream mid-body
+                        finishes += [c["finish_reason"] for c in json.loads(line[6:])["choices"]]
     finally:
         started_s = time.monotonic()
         assert server.proc.wait(20) == 0
         server.stop()
     assert time.monotonic() - started_s < 10
+    # the samples still running are aborted: the stream ends whole, not cut mid-body
+    assert [line for line in lines if line][-1] == "data: [DONE]"
+    assert "abort" in finishes
     assert finishes.count("length") < 8, "all samples ran to the end despite the drain timeout"
