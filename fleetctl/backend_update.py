@@ -9,9 +9,10 @@ generation) and only then moves that replica's NGINX address to it, in one reloa
 Swarm stops a slot's old task as soon as its successor passes Swarm's own health check (/ready),
 which may come before fleetctl's gate. fleetctl polls which tasks the backend is stopping
 (`stopping_handles`) and takes each out of NGINX at once, in one reload; the reload's new workers
-hold no kept-alive connection to it. Until then the old task drains, refusing new requests with
-503, and NGINX passes those to another replica (`proxy_next_upstream ... http_503` in
-lb/nginx.conf.j2). A task the backend stops never enters NGINX again.
+hold no kept-alive connection to it. The polling goes on while a gate runs (`_gate`): under load
+a gate's generation can take tens of seconds. Until the reload the old task drains, refusing new
+requests with 503, and NGINX passes those to another replica (`proxy_next_upstream ... http_503`
+in lb/nginx.conf.j2). A task the backend stops never enters NGINX again.
 
 When a gate fails, the backend reports a rollback or pause, or the time runs out, the backend is
 asked to roll back; fleetctl keeps taking out what the rollback stops, waits for it, takes over
@@ -21,6 +22,7 @@ same gate, and the rollout's `roll_back` raises the one-line error.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from fleetctl.errors import FleetError
@@ -69,7 +71,7 @@ def run_backend_update(rollout: "Rollout") -> None:
             if not fleet.http.probe(candidate.url, state.config.client_api_key).is_ready:
                 continue
             try:
-                rollout.check_generation(candidate, max(1.0, deadline - time.monotonic()))
+                _gate(rollout, candidate, max(1.0, deadline - time.monotonic()))
             except FleetError as exc:
                 halt(exc)
             if replica.handle in backend.stopping_handles(group):
@@ -88,6 +90,18 @@ def run_backend_update(rollout: "Rollout") -> None:
         if time.monotonic() > deadline:
             halt(FleetError(f"the {who} update did not finish within {timeout_s:.0f} s per replica"))
         time.sleep(POLL_S)
+
+
+def _gate(rollout: "Rollout", record: ReplicaRecord, seconds_left: float) -> None:
+    """The rollout's gate of a new replica (one real generation), on a thread, while this one
+    goes on taking out of NGINX what the backend stops meanwhile: Swarm's own health check may
+    pass, and Swarm stop the slot's old task, during a gate that takes seconds under load.
+    Raises the gate's FleetError."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate") as pool:
+        gate = pool.submit(rollout.check_generation, record, seconds_left)
+        while not wait([gate], timeout=POLL_S).done:
+            take_out_stopping(rollout.fleet, rollout.group)
+        gate.result()
 
 
 def _repoint(fleet, replica_id: str, new: ReplicaRecord) -> None:
@@ -148,7 +162,7 @@ def _follow_rollback(rollout: "Rollout", previous_update: str | None) -> None:
         if record.handle in backend.stopping_handles(group):
             raise FleetError(f"{backend.name.capitalize()} stops {record.id}'s task {record.handle} and runs "
                              f"no other in its slot")
-        rollout.check_generation(record, seconds_left)
+        _gate(rollout, record, seconds_left)
 
     state = fleet.state_dir.load()
     fleet.wait_ready([r.id for r in state.active(group) if r.phase is not Phase.SERVING],

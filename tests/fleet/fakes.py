@@ -140,14 +140,19 @@ class FakeRollingBackend(FakeBackend):
     replica back on the previous spec on the next call. `pause_after` replicas, the update
     stops as Swarm's does when a new task fails its health check. A replaced replica is not
     gone at once: as Swarm's old task, it drains (`stopping_handles`) until the next
-    `update_status()` call, when it exits and `on_exit(its address)` is called."""
+    `update_status()` call, when it exits and `on_exit(its address)` is called.
+    `stops_old_during_gate`: the old replica is stopped only when fleetctl's gate of its
+    successor has begun (Swarm's own health check passing while that gate runs), and
+    `on_stop_during_gate(the old replica)` is then called on the gate's thread."""
 
     name = "rolling"
     info = BackendInfo(restarts_on_crash=True, names_replicas_itself=True, has_rolling_update=True)
 
-    def __init__(self, pause_after: int | None = None, stuck: bool = False):
+    def __init__(self, pause_after: int | None = None, stuck: bool = False, stops_old_during_gate: bool = False):
         super().__init__()
-        self.pause_after, self.stuck = pause_after, stuck
+        self.pause_after, self.stuck, self.stops_old_during_gate = pause_after, stuck, stops_old_during_gate
+        self.old_of: dict[str, FakeReplica] = {}  # a new replica's handle → the one it replaces, not stopped yet
+        self.on_stop_during_gate: Callable[[FakeReplica], None] = lambda old: None
         self.status: dict = {}
         self._num_updates = 0
         self._target: ReplicaSpec | None = None
@@ -199,10 +204,22 @@ class FakeRollingBackend(FakeBackend):
 
     def _replace(self, replica_id: str, spec: ReplicaSpec) -> None:
         old = self.replicas[replica_id]
-        old.is_draining = True
-        self.stopping[old.handle] = old
         self.start(spec)
         self.replicas[replica_id].started_at_s = old.started_at_s + 1
+        if self.stops_old_during_gate:
+            self.old_of[self.replicas[replica_id].handle] = old
+        else:
+            self._stop(old)
+
+    def gate_begins(self, new: FakeReplica) -> None:
+        old = self.old_of.pop(new.handle, None)
+        if old is not None:
+            self._stop(old)
+            self.on_stop_during_gate(old)
+
+    def _stop(self, old: FakeReplica) -> None:
+        old.is_draining = True
+        self.stopping[old.handle] = old
 
 
 class FakeReplicaHttp(ReplicaHttp):
@@ -234,6 +251,8 @@ class FakeReplicaHttp(ReplicaHttp):
         replica = self._replica(url)
         if replica is None or not replica.is_alive:
             return 0, "connection refused"
+        if isinstance(self.backend, FakeRollingBackend):
+            self.backend.gate_begins(replica)
         if replica.is_draining:
             return 503, {"error": {"message": "this replica is draining"}}
         if not replica.behaviour.can_generate:

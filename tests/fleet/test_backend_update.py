@@ -4,6 +4,8 @@ new replica and follow the backend's rollback, in milliseconds. The real Swarm r
 tests/fleet/test_rollout.py."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fleetctl.backends.base import RollingUpdates
@@ -75,3 +77,26 @@ def test_a_task_the_backend_stops_leaves_nginx_before_it_exits_and_the_rollback_
     entered = next(i for i, e in enumerate(events) if "r1: in NGINX" in e and i > gate)
     assert gate < entered and "r1: out of NGINX (Rolling stops its task" in "\n".join(events)
     assert fleet.state_dir.load().replicas["r1"].handle == rolled_back_r1
+
+
+def test_a_task_the_backend_stops_during_its_successors_gate_leaves_nginx_before_that_gate_ends(tmp_path, models):
+    """Swarm's own health check may pass, and Swarm stop the slot's old task, while fleetctl's
+    gate of the new task is still generating (tens of seconds on a loaded machine): the old task
+    leaves NGINX during that gate, not after it. Each gate here waits (5 s at most) for that."""
+    m1, m2 = models
+    backend = FakeRollingBackend(stops_old_during_gate=True)
+    fleet, backend, nginx = start_serving(tmp_path, backend=backend, model=m1)
+    left_during_gate: dict[str, bool] = {}
+
+    def gate_waits_for_nginx(old) -> None:
+        address = f"127.0.0.1:{old.port}"
+        deadline = time.monotonic() + 5.0
+        while address in nginx.upstreams() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        left_during_gate[address] = address not in nginx.upstreams()
+
+    backend.on_stop_during_gate = gate_waits_for_nginx
+    run_update(fleet, m2)
+    assert len(left_during_gate) == 2 and all(left_during_gate.values()), left_during_gate
+    assert weights(fleet) == {"r1": "m2", "r2": "m2"}
+    assert sorted(nginx.upstreams()) == sorted(backend.address(rid) for rid in ("r1", "r2"))
