@@ -124,6 +124,9 @@ class FakeBackend(Backend):
     def by_port(self, port: int) -> FakeReplica | None:
         return next((r for r in self.replicas.values() if r.port == port), None)
 
+    def gate_begins(self, new: FakeReplica) -> None:
+        """A POST (fleetctl's gate) reached `new`; FakeRollingBackend may stop its predecessor."""
+
     def address(self, replica_id: str) -> str:
         return f"127.0.0.1:{self.replicas[replica_id].port}"
 
@@ -251,8 +254,7 @@ class FakeReplicaHttp(ReplicaHttp):
         replica = self._replica(url)
         if replica is None or not replica.is_alive:
             return 0, "connection refused"
-        if isinstance(self.backend, FakeRollingBackend):
-            self.backend.gate_begins(replica)
+        self.backend.gate_begins(replica)
         if replica.is_draining:
             return 503, {"error": {"message": "this replica is draining"}}
         if not replica.behaviour.can_generate:
