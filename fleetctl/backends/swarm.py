@@ -58,6 +58,16 @@ def group_of(replica_id: str) -> str:
     return group if sep and slot.isdigit() else DEFAULT_GROUP
 
 
+def ipv4_host_port(bindings: list[dict]) -> int:
+    """The host port of a container's IPv4 binding (docker's `container.ports` entries, e.g.
+    {"HostIp": "0.0.0.0", "HostPort": "32768"}). Docker publishes on 0.0.0.0 and [::] and,
+    when the IPv4 port is taken, retries IPv4 alone, so the two can differ; fleetctl and NGINX
+    reach replicas at the node's IPv4 address. 0 when there is none."""
+    ipv4 = [b for b in bindings if ":" not in (b.get("HostIp") or "")]
+    chosen = ipv4 or bindings
+    return int(chosen[0]["HostPort"]) if chosen else 0
+
+
 def rolling_update(update_monitor_s: float) -> dict:
     """Swarm's UpdateConfig: replace one task at a time, start the new one first, and roll back a
     failed update; each new task is watched for update_monitor_s (--update-monitor)."""
@@ -191,8 +201,9 @@ class SwarmBackend(Backend):
         only once its health check passed; the container has them from its start, and fleetctl
         does its own /ready gating."""
         for container in self.client.containers.list(filters={"label": f"com.docker.swarm.task.id={task_id}"}):
-            for binding in (container.ports.get(f"{REPLICA_PORT_IN_CONTAINER}/tcp") or []):
-                return int(binding["HostPort"])
+            port = ipv4_host_port(container.ports.get(f"{REPLICA_PORT_IN_CONTAINER}/tcp") or [])
+            if port:
+                return port
         return 0
 
     def logs(self, replica_id: str, follow: bool = False, tail: int = 200) -> Iterator[str]:

@@ -1,6 +1,6 @@
 """Small pure pieces of the fleet: GPU round-robin, the replica command line, state round-trips."""
 from fleetctl.backends.base import ReplicaSpec, replica_env, serve_args
-from fleetctl.backends.swarm import rolling_update
+from fleetctl.backends.swarm import ipv4_host_port, rolling_update
 from fleetctl.config import FleetConfig
 from fleetctl.fleet import Fleet
 from fleetctl.state import FleetState, Phase, ReplicaRecord, StateDir
@@ -58,3 +58,12 @@ def test_swarm_updates_default_to_a_10_s_monitor_and_3_s_health_checks():
     assert rolling_update(config.update_monitor_s) == {"Parallelism": 1, "Order": "start-first",
                                                        "FailureAction": "rollback", "Monitor": 10_000_000_000}
     assert rolling_update(FleetConfig(update_monitor_s=2).update_monitor_s)["Monitor"] == 2_000_000_000
+
+
+def test_a_swarm_task_is_reached_at_its_ipv4_binding_when_docker_gave_ipv6_another_port():
+    # docker's order: [::] may come first, and its port differs when the IPv4 one was taken
+    bindings = [{"HostIp": "::", "HostPort": "32771"}, {"HostIp": "0.0.0.0", "HostPort": "32772"}]
+    assert ipv4_host_port(bindings) == 32772
+    assert ipv4_host_port([{"HostIp": "::", "HostPort": "32771"}]) == 32771   # an IPv6-only engine
+    assert ipv4_host_port([]) == 0
+
