@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 
 missing=()
+# Debian's python3 leaves out venv's ensurepip (package python3-venv) and, on a minimal image, python3 itself
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
 command -v nginx >/dev/null || missing+=(nginx)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v dockerd >/dev/null || missing+=(docker.io)
