@@ -181,3 +181,19 @@ def available() -> str:
     if os.geteuid() != 0:
         return "dockerd needs root"
     return ""
+
+
+def docker_up_args(ctl, model, num_replicas: int, backend: str) -> list[str]:
+    """`fleetctl up` arguments (ctl: conftest.FleetCtl) for replicas of this engine's image, with
+    the host's Python and the project bind-mounted."""
+    args = ctl.up_args(model, num_replicas, backend, "--image", IMAGE, "--replica-command", replica_command())
+    for path in dev_mounts():
+        args += ["--mount", path]
+    for env in ("PYTHONPATH=" + str(REPO_ROOT), "OMP_NUM_THREADS=1", "HF_HUB_OFFLINE=1"):
+        args += ["--env", env]
+    return args
+
+
+def fleet_containers(client, fleet_id: str, all_states: bool = True) -> list:
+    return client.containers.list(all=all_states, filters={"label": f"pagefleet.fleet={fleet_id}"})
+

@@ -1,8 +1,6 @@
-"""One real replica of the tiny model behind NGINX rendered from the fleet's template, without
-fleetctl: what the reload-race and abuse tests drive (fixtures `replica`, module-wide, and
-`front`). 127.0.0.1 only."""
-import pytest
-
+"""NGINX rendered from the fleet's template without fleetctl: `Front`, one real replica of the
+tiny model behind it, which the reload-race and abuse tests drive (conftest's fixtures `replica`,
+module-wide, and `front`), and `make_config` / `rendered` for the template tests. 127.0.0.1 only."""
 from fleetctl.config import FleetConfig
 from fleetctl.nginx import Nginx, Upstream, render, site_context
 from fleetctl.tls import ensure_tls
@@ -39,19 +37,16 @@ class Front:
         assert self.nginx.apply(self._text()) == "reloaded"
 
 
-@pytest.fixture(scope="module")
-def replica(tiny_model, tmp_path_factory):
-    server = ServerProcess(["--model", str(tiny_model), "--served-model-name", SERVED_NAME, "--api-key", API_KEY,
-                            "--max-model-len", "256", "--num-kv-blocks", "64"],
-                           tmp_path_factory.mktemp("front") / "replica.log", env={"OMP_NUM_THREADS": "1"})
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+UPSTREAMS = [Upstream("r1", "127.0.0.1:9"), Upstream("r2", "127.0.0.1:10")]  # nothing listens there
 
 
-@pytest.fixture
-def front(tmp_path, replica):
-    front = Front(tmp_path, replica)
-    yield front
-    front.nginx.stop(timeout_s=5)
+def make_config(**overrides) -> FleetConfig:
+    https_port, http_port, internal_port = free_ports(3)
+    return FleetConfig(https_port=https_port, http_port=http_port, internal_port=internal_port,
+                       api_keys=["test-key-abc"], **overrides)
+
+
+def rendered(tmp_path, config: FleetConfig, upstreams=UPSTREAMS, template=None) -> str:
+    tls = ensure_tls(tmp_path / "tls", ["localhost", "127.0.0.1"])
+    return render(site_context(config, "test", upstreams, tls, tmp_path / "nginx"), template)
+

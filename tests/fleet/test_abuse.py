@@ -15,7 +15,7 @@ import pytest
 
 from tests.fleet.client_loops import ClientLoops
 from tests.fleet.conftest import SERVED_NAME
-from tests.fleet.front import API_KEY, front, replica  # noqa: F401 (fixtures)
+from tests.fleet.front import API_KEY
 
 HEADER_TIMEOUT_S = 10  # client_header_timeout in lb/nginx.conf.j2
 LEGIT = ("openai-no-retries", "ollama", "httpx")

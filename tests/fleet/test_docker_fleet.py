@@ -4,66 +4,30 @@ import os
 import signal
 import time
 
-import docker
 import httpx
 import pytest
 
 from tests.fleet import dockerd as dockerd_mod
-from tests.fleet.conftest import API_KEY, SERVED_NAME, FleetCtl, Load, is_running
+from tests.fleet.conftest import API_KEY, SERVED_NAME, FleetCtl, is_running
+from tests.fleet.load import Load
 
 pytestmark = pytest.mark.skipif(bool(dockerd_mod.available()), reason=dockerd_mod.available() or "")
 
 
-@pytest.fixture(scope="module")
-def engine():
-    daemon = dockerd_mod.Dockerd()
-    try:
-        daemon.start()
-        daemon.build_dev_image()
-        daemon.init_swarm()
-        client = docker.DockerClient(base_url=daemon.host)
-        yield daemon, client
-        client.close()
-    finally:
-        daemon.stop()
-
-
-@pytest.fixture
-def ctl(engine, tmp_path):
-    daemon, _ = engine
-    fleet = FleetCtl(tmp_path / "home", env={"DOCKER_HOST": daemon.host})
-    yield fleet
-    fleet.cleanup()
-
-
-def docker_up_args(ctl: FleetCtl, model, num_replicas: int, backend: str) -> list[str]:
-    args = ctl.up_args(model, num_replicas, backend, "--image", dockerd_mod.IMAGE,
-                       "--replica-command", dockerd_mod.replica_command())
-    for path in dockerd_mod.dev_mounts():
-        args += ["--mount", path]
-    for env in ("PYTHONPATH=" + str(dockerd_mod.REPO_ROOT), "OMP_NUM_THREADS=1", "HF_HUB_OFFLINE=1"):
-        args += ["--env", env]
-    return args
-
-
-def fleet_containers(client, fleet_id: str, all_states: bool = True) -> list:
-    return client.containers.list(all=all_states, filters={"label": f"pagefleet.fleet={fleet_id}"})
-
-
-def served_text(ctl: FleetCtl) -> str:
-    with httpx.Client(verify=ctl.ssl_context(), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-        response = client.post(f"{ctl.url}/v1/completions", json={"model": SERVED_NAME, "prompt": "Hi",
+def served_text(docker_ctl: FleetCtl) -> str:
+    with httpx.Client(verify=docker_ctl.ssl_context(), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        response = client.post(f"{docker_ctl.url}/v1/completions", json={"model": SERVED_NAME, "prompt": "Hi",
                                                                      "max_tokens": 4})
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
 
 
-def test_docker_up_2_scale_3_scale_1_down_leaves_nothing_running(ctl, engine, tiny_model):
-    _, client = engine
-    report = ctl.json(*docker_up_args(ctl, tiny_model, 2, "docker"))
+def test_docker_up_2_scale_3_scale_1_down_leaves_nothing_running(docker_ctl, docker_engine, tiny_model):
+    _, client = docker_engine
+    report = docker_ctl.json(*dockerd_mod.docker_up_args(docker_ctl, tiny_model, 2, "docker"))
     assert report["num_replicas_ready"] == 2 and report["backend"] == "docker"
     fleet_id = report["fleet_id"]
-    containers = fleet_containers(client, fleet_id)
+    containers = dockerd_mod.fleet_containers(client, fleet_id)
     assert sorted(c.labels["pagefleet.replica"] for c in containers) == ["r1", "r2"]
     for container in containers:
         host = container.attrs["HostConfig"]
@@ -71,29 +35,29 @@ def test_docker_up_2_scale_3_scale_1_down_leaves_nothing_running(ctl, engine, ti
         assert host["PortBindings"]["8000/tcp"][0]["HostIp"] == "127.0.0.1"
         model_mount = next(m for m in container.attrs["Mounts"] if m["Destination"] == f"/models/{SERVED_NAME}")
         assert model_mount["RW"] is False
-    assert served_text(ctl)
+    assert served_text(docker_ctl)
 
-    assert ctl.json("scale", "3")["num_replicas_ready"] == 3
-    assert len(fleet_containers(client, fleet_id)) == 3
-    assert ctl.json("scale", "1")["num_replicas_ready"] == 1
-    assert [c.labels["pagefleet.replica"] for c in fleet_containers(client, fleet_id)] == ["r1"]
-    assert served_text(ctl)
+    assert docker_ctl.json("scale", "3")["num_replicas_ready"] == 3
+    assert len(dockerd_mod.fleet_containers(client, fleet_id)) == 3
+    assert docker_ctl.json("scale", "1")["num_replicas_ready"] == 1
+    assert [c.labels["pagefleet.replica"] for c in dockerd_mod.fleet_containers(client, fleet_id)] == ["r1"]
+    assert served_text(docker_ctl)
 
-    nginx_pid = ctl.nginx_pid()
-    assert ctl.json("down")["stopped"] == ["r1"]
-    assert fleet_containers(client, fleet_id) == [] and not is_running(nginx_pid)
+    nginx_pid = docker_ctl.nginx_pid()
+    assert docker_ctl.json("down")["stopped"] == ["r1"]
+    assert dockerd_mod.fleet_containers(client, fleet_id) == [] and not is_running(nginx_pid)
 
 
-def test_docker_kill_9_under_load_docker_restarts_and_the_watcher_puts_it_back(ctl, engine, tiny_model):
-    _, client = engine
-    report = ctl.json(*docker_up_args(ctl, tiny_model, 2, "docker"))
-    watcher = ctl.popen("watch", "--interval", "0.5", "--threshold", "1")
+def test_docker_kill_9_under_load_docker_restarts_and_the_watcher_puts_it_back(docker_ctl, docker_engine, tiny_model):
+    _, client = docker_engine
+    report = docker_ctl.json(*dockerd_mod.docker_up_args(docker_ctl, tiny_model, 2, "docker"))
+    watcher = docker_ctl.popen("watch", "--interval", "0.5", "--threshold", "1")
     victim = client.containers.get(report["replicas"][0]["handle"])
-    with Load(ctl.url, ctl.ssl_context(), num_clients=4) as load:
+    with Load(docker_ctl.url, docker_ctl.ssl_context(), num_clients=4) as load:
         load.wait_for_ok(20)
         t_kill = time.monotonic()
         os.kill(victim.attrs["State"]["Pid"], signal.SIGKILL)  # a crash, not `docker kill`
-        restored = ctl.wait_status(lambda r: r["num_replicas_ready"] == 2 and time.monotonic() > t_kill + 3, 120)
+        restored = docker_ctl.wait_status(lambda r: r["num_replicas_ready"] == 2 and time.monotonic() > t_kill + 3, 120)
         load.wait_for_ok(20, since=time.monotonic())
     assert restored["num_replicas_ready"] == 2
     victim.reload()
@@ -106,9 +70,9 @@ def test_docker_kill_9_under_load_docker_restarts_and_the_watcher_puts_it_back(c
     assert "r1: restarted by docker" in log  # loading under the ready timeout, not recreated
 
 
-def test_swarm_up_2_scale_3_scale_1_down_leaves_nothing_running(ctl, engine, tiny_model):
-    _, client = engine
-    report = ctl.json(*docker_up_args(ctl, tiny_model, 2, "swarm"))
+def test_swarm_up_2_scale_3_scale_1_down_leaves_nothing_running(docker_ctl, docker_engine, tiny_model):
+    _, client = docker_engine
+    report = docker_ctl.json(*dockerd_mod.docker_up_args(docker_ctl, tiny_model, 2, "swarm"))
     assert report["num_replicas_ready"] == 2 and report["backend"] == "swarm"
     service = client.services.get(f"pagefleet-{report['fleet_id']}")
     spec = service.attrs["Spec"]
@@ -136,35 +100,35 @@ def test_swarm_up_2_scale_3_scale_1_down_leaves_nothing_running(ctl, engine, tin
     while published() != routed and time.monotonic() < deadline:
         time.sleep(1)
     assert routed == published()
-    assert served_text(ctl)
+    assert served_text(docker_ctl)
 
-    assert ctl.json("scale", "3")["num_replicas_ready"] == 3
-    scaled_down = ctl.json("scale", "1")
+    assert docker_ctl.json("scale", "3")["num_replicas_ready"] == 3
+    scaled_down = docker_ctl.json("scale", "1")
     assert scaled_down["num_replicas_ready"] == 1 and [r["id"] for r in scaled_down["replicas"]] == ["r1"]
     service.reload()
     assert service.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 1
-    assert served_text(ctl)
+    assert served_text(docker_ctl)
 
-    ctl("down")
+    docker_ctl("down")
     assert client.services.list(filters={"name": f"pagefleet-{report['fleet_id']}"}) == []
     assert client.containers.list(all=True, filters=label) == []
 
 
-def test_swarm_kill_9_under_load_swarm_replaces_the_task_and_nginx_follows(ctl, engine, tiny_model):
-    _, client = engine
-    report = ctl.json(*docker_up_args(ctl, tiny_model, 2, "swarm"))
-    watcher = ctl.popen("watch", "--interval", "0.5", "--threshold", "1")
+def test_swarm_kill_9_under_load_swarm_replaces_the_task_and_nginx_follows(docker_ctl, docker_engine, tiny_model):
+    _, client = docker_engine
+    report = docker_ctl.json(*dockerd_mod.docker_up_args(docker_ctl, tiny_model, 2, "swarm"))
+    watcher = docker_ctl.popen("watch", "--interval", "0.5", "--threshold", "1")
     old_address = report["replicas"][0]["address"]
     label = {"label": "com.docker.swarm.task.id"}
     victim = next(c for c in client.containers.list(filters=label)
                   if c.labels["com.docker.swarm.task.id"].startswith(report["replicas"][0]["handle"]))
     # Swarm's replacement task took over 120 s once on a slow 2-core runner: wait up to 240 s,
     # with the load running that long
-    with Load(ctl.url, ctl.ssl_context(), num_clients=4, max_s=420) as load:
+    with Load(docker_ctl.url, docker_ctl.ssl_context(), num_clients=4, max_s=420) as load:
         load.wait_for_ok(20)
         t_kill = time.monotonic()
         os.kill(victim.attrs["State"]["Pid"], signal.SIGKILL)
-        restored = ctl.wait_status(
+        restored = docker_ctl.wait_status(
             lambda r: r["num_replicas_ready"] == 2 and r["replicas"][0]["address"] != old_address, 240)
         load.wait_for_ok(20, since=time.monotonic())
     assert restored["num_replicas_ready"] == 2 and len(restored["replicas"]) == 2

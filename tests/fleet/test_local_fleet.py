@@ -12,7 +12,8 @@ import ollama
 import pytest
 from openai import OpenAI
 
-from tests.fleet.conftest import API_KEY, REPO_ROOT, SERVED_NAME, FleetCtl, Load, is_running
+from tests.fleet.conftest import API_KEY, REPO_ROOT, SERVED_NAME, FleetCtl, is_running
+from tests.fleet.load import Load
 
 
 @pytest.fixture(scope="module")

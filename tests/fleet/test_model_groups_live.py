@@ -9,7 +9,8 @@ import ollama
 import pytest
 import yaml
 
-from tests.fleet.conftest import API_KEY, SERVED_NAME, FleetCtl, is_unanswered_stale_connection
+from tests.fleet.conftest import API_KEY, SERVED_NAME, FleetCtl
+from tests.fleet.load import is_unanswered_stale_connection
 
 OTHER_NAME = "tiny-two"
 

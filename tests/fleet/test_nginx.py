@@ -8,35 +8,9 @@ import warnings
 import httpx
 import pytest
 
-from fleetctl.config import FleetConfig
 from fleetctl.errors import NginxConfigError
-from fleetctl.nginx import DEFAULT_TEMPLATE, Nginx, Upstream, render, site_context
-from fleetctl.tls import ensure_tls
-from tests.fleet.conftest import free_ports
-
-UPSTREAMS = [Upstream("r1", "127.0.0.1:9"), Upstream("r2", "127.0.0.1:10")]  # nothing listens there
-
-
-def make_config(**overrides) -> FleetConfig:
-    https_port, http_port, internal_port = free_ports(3)
-    return FleetConfig(https_port=https_port, http_port=http_port, internal_port=internal_port,
-                       api_keys=["test-key-abc"], **overrides)
-
-
-def rendered(tmp_path, config: FleetConfig, upstreams=UPSTREAMS, template=None) -> str:
-    tls = ensure_tls(tmp_path / "tls", ["localhost", "127.0.0.1"])
-    return render(site_context(config, "test", upstreams, tls, tmp_path / "nginx"), template)
-
-
-@pytest.fixture
-def running(tmp_path):
-    """NGINX started from the default template; yields (nginx, config)."""
-    config = make_config()
-    nginx = Nginx(tmp_path / "nginx")
-    assert nginx.apply(rendered(tmp_path, config)) == "started"
-    yield nginx, config
-    nginx.stop(timeout_s=5)
-
+from fleetctl.nginx import DEFAULT_TEMPLATE, Nginx
+from tests.fleet.front import UPSTREAMS, make_config, rendered
 
 @pytest.mark.parametrize("routing", ["least_conn", "session"])
 @pytest.mark.parametrize("num_upstreams", [0, 1, 2])

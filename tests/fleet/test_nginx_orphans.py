@@ -7,7 +7,6 @@ import time
 
 from fleetctl import procs
 from fleetctl.nginx_orphans import config_ports, orphan_workers
-from tests.fleet.test_nginx import running  # noqa: F401 (fixture: NGINX started from the template)
 
 
 def kill_master(nginx) -> list[int]:

@@ -9,7 +9,7 @@ import pytest
 from fleetctl.errors import ConfigError
 from fleetctl.nginx import Nginx
 from tests.fleet.conftest import free_ports
-from tests.fleet.test_nginx import make_config, rendered
+from tests.fleet.front import make_config, rendered
 
 
 def test_ollama_port_listens_on_loopback_and_answers_like_ollama(tmp_path):

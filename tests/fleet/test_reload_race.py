@@ -19,7 +19,7 @@ import pytest
 
 from tests.fleet.client_loops import KINDS, ClientLoops
 from tests.fleet.conftest import SERVED_NAME
-from tests.fleet.front import API_KEY, Front, front, replica  # noqa: F401 (fixtures)
+from tests.fleet.front import API_KEY, Front
 
 
 def reload_under_load(front: Front, kinds, num_reloads: int, gap_s: float) -> ClientLoops:

@@ -29,7 +29,8 @@ from fleetctl.config import FleetConfig
 from fleetctl.fleet import Fleet
 from fleetctl.health import Watcher
 from fleetctl.state import FleetState, StateDir, UpdatePhase, UpdateProgress
-from tests.fleet.conftest import API_KEY, REPO_ROOT, SERVED_NAME, FleetCtl, MixedLoad, is_running
+from tests.fleet.conftest import API_KEY, REPO_ROOT, SERVED_NAME, FleetCtl, is_running
+from tests.fleet.load import MixedLoad
 from tests.tiny_models import make_tiny_model
 
 
@@ -264,25 +265,20 @@ def test_rolling_update_under_load_drops_nothing_and_every_replica_serves_m2(fle
 
 
 @pytest.fixture(scope="module")
-def swarm(tiny_model, tmp_path_factory):
-    """A single-node swarm on a private dockerd (tests/fleet/dockerd.py) running 2 replicas of M1.
-    Swarm checks each task's /ready every second (3 s by default) and watches an updated task for
-    2 s (10 s by default): the updates below wait less for Swarm, and Swarm stops an old task
-    before fleetctl's gate has failed its successor more often."""
-    from tests.fleet import dockerd as dockerd_mod
-    from tests.fleet.test_docker_fleet import docker_up_args
+def swarm(docker_engine, tiny_model, tmp_path_factory):
+    """2 replicas of M1 on the single-node swarm of conftest's `docker_engine`. Swarm checks each
+    task's /ready every second (3 s by default) and watches an updated task for 2 s (10 s by
+    default): the updates below wait less for Swarm, and Swarm stops an old task before
+    fleetctl's gate has failed its successor more often."""
+    from tests.fleet.dockerd import docker_up_args
 
-    daemon = dockerd_mod.Dockerd()
+    daemon, _ = docker_engine
     ctl = FleetCtl(tmp_path_factory.mktemp("rollout-swarm") / "home", env={"DOCKER_HOST": daemon.host})
     try:
-        daemon.start()
-        daemon.build_dev_image()
-        daemon.init_swarm()
         ctl(*docker_up_args(ctl, tiny_model, 2, "swarm"), "--health-interval", "1", "--update-monitor", "2")
         yield ctl
     finally:
         ctl.cleanup()
-        daemon.stop()
 
 
 def _dockerd_unavailable() -> str:
