@@ -21,6 +21,8 @@ import httpx
 import ollama
 import openai
 
+from tests.fleet.load import ClientThreads
+
 KINDS = ("openai", "openai-no-retries", "ollama", "httpx", "aiohttp", "curl-http1.1", "curl-http2", "loadgen")
 NUM_CURL_REQUESTS_PER_PROCESS = 20
 
@@ -32,7 +34,7 @@ class Tally:
     num_unsent_retries: int = 0  # the load generator's re-sends (fleetctl.loadgen.is_unsent)
 
 
-class ClientLoops:
+class ClientLoops(ClientThreads):
     """`with ClientLoops(url, ca, model, api_key, kinds): ...` runs one thread per kind until
     the block ends; `tallies[kind]` says how many succeeded and what failed."""
 
@@ -42,22 +44,15 @@ class ClientLoops:
         self.tallies = {kind: Tally() for kind in self.kinds}
         self.body = {"model": model, "prompt": "hi", "max_tokens": 1, "temperature": 0}
         self.body_file = (body_dir or self.ca_file.parent) / "client-loop-body.json"
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        super().__init__()
+
+    def _targets(self) -> list[tuple]:
+        return [(self._guarded, (kind,)) for kind in self.kinds]
 
     def __enter__(self) -> "ClientLoops":
         self.body_file.write_text(json.dumps(self.body))
-        for kind in self.kinds:
-            thread = threading.Thread(target=self._guarded, args=(kind,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
+        return super().__enter__()
 
     def num_failed(self) -> int:
         return sum(len(t.errors) for t in self.tallies.values())

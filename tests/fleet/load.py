@@ -14,6 +14,30 @@ import openai
 from tests.fleet.conftest import API_KEY, SERVED_NAME
 
 
+class ClientThreads:
+    """Client threads from `__enter__` until `__exit__`: `_targets()` lists each thread's
+    (function, args); the functions end when `_stop` is set, and `__exit__` joins them."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _targets(self) -> list[tuple]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for target, args in self._targets():
+            thread = threading.Thread(target=target, args=args, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
 @dataclass
 class Result:
     t_start: float
@@ -27,7 +51,7 @@ class Result:
         return self.status == 200
 
 
-class Load:
+class Load(ClientThreads):
     """A steady load of small completions through NGINX from `num_clients` threads, one request
     in flight each, against 127.0.0.1 only; bounded by max_s and max_requests."""
 
@@ -38,21 +62,14 @@ class Load:
         self.results: list[Result] = []
         self.num_stale_connection_retries = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        super().__init__()
+
+    def _targets(self) -> list[tuple]:
+        return [(self._client, (index,)) for index in range(self.num_clients)]
 
     def __enter__(self) -> "Load":
         self._deadline = time.monotonic() + self.max_s
-        for index in range(self.num_clients):
-            thread = threading.Thread(target=self._client, args=(index,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
+        return super().__enter__()
 
     def _client(self, index: int) -> None:
         body = {"model": SERVED_NAME, "prompt": f"client {index} says", "max_tokens": 4, "temperature": 0}
