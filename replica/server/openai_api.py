@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models and
+/v1/models/{model}.
 
 Shapes follow OpenAI's: ids `cmpl-…` / `chatcmpl-…`, one choice per (prompt, sample) with
 `index = prompt_index * n + sample_index`, usage counting each prompt once and every sampled
@@ -268,6 +269,14 @@ async def _stream_chat(request, replica, body, head, outputs, is_parsing: bool) 
 async def list_models(request: web.Request) -> web.Response:
     replica: Replica = request.app[REPLICA]
     return web.json_response({"object": "list", "data": [model_card(replica)]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """The served model by its name (the openai client's `models.retrieve`); any other name is
+    the 404 that a request naming it gets. Names may hold slashes (`org/model`)."""
+    replica: Replica = request.app[REPLICA]
+    replica.check_model(request.match_info["model"])
+    return web.json_response(model_card(replica))
 
 
 def model_card(replica: Replica) -> dict:

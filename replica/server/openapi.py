@@ -84,7 +84,11 @@ def build_openapi(config: ServerConfig, served_name: str) -> dict:
     _pin_model_names(schemas, served_name)
     paths: dict = {}
     for route in documented:
-        paths.setdefault(route.path, {})[route.method] = _operation(route, bool(config.api_keys))
+        op = _operation(route, bool(config.api_keys))
+        if "{model}" in route.path:
+            op["parameters"] = [{"name": "model", "in": "path", "required": True,
+                                 "schema": {"type": "string", "enum": [served_name, f"{served_name}:latest"]}}]
+        paths.setdefault(route.path, {})[route.method] = op
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "pagefleet replica", "version": config.version,

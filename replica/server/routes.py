@@ -4,6 +4,7 @@ both built from `ROUTES`, so neither can fall behind the other.
 To add a route, add a row: method, path, summary, handler, and the pydantic bodies that the
 document describes (request None: no body; `is_open`: no API key, no drain gate).
 """
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ ROUTES = (
           openai.ChatCompletionResponse, "text/event-stream"),
     Route("get", "/v1/models", "The served model (OpenAI)", openai_api.list_models, None,
           openai.ModelList),
+    Route("get", "/v1/models/{model}", "The served model by its name (OpenAI)", openai_api.retrieve_model,
+          None, openai.ModelCard),
     Route("post", "/api/generate", "Generate (Ollama)", ollama_api.generate,
           ollama.OllamaGenerateRequest, ollama.OllamaGenerateResponse, "application/x-ndjson"),
     Route("post", "/api/chat", "Chat (Ollama)", ollama_api.chat, ollama.OllamaChatRequest,
@@ -75,7 +78,8 @@ OPEN_PATHS = frozenset(r.path for r in ROUTES if r.is_open)
 
 def add_routes(app: web.Application) -> None:
     for route in ROUTES:
+        path = re.sub(r"\{(\w+)\}", r"{\1:.+}", route.path)   # a path parameter may hold slashes
         if route.method == "get":
-            app.router.add_get(route.path, route.handler)      # HEAD too, as aiohttp does
+            app.router.add_get(path, route.handler)      # HEAD too, as aiohttp does
         else:
-            app.router.add_route(route.method.upper(), route.path, route.handler)
+            app.router.add_route(route.method.upper(), path, route.handler)

@@ -47,6 +47,7 @@ def test_openai_client_gets_completions_through_nginx(openai_client):
         model=SERVED_NAME, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0)
     assert chat.choices[0].message.content and chat.usage.completion_tokens == 8
     assert [m.id for m in openai_client.models.list()] == [SERVED_NAME]
+    assert openai_client.models.retrieve(SERVED_NAME).id == SERVED_NAME
 
 
 def test_stream_chunks_arrive_one_by_one_through_nginx(openai_client):

@@ -66,6 +66,9 @@ def test_an_unknown_model_is_answered_by_nginx_with_the_list(http):
 def test_model_lists_name_both_groups(http):
     assert sorted(m["id"] for m in http.get("/v1/models").json()["data"]) == sorted([SERVED_NAME, OTHER_NAME])
     assert sorted(m["name"] for m in http.get("/api/tags").json()["models"]) == sorted([SERVED_NAME, OTHER_NAME])
+    for name in (SERVED_NAME, OTHER_NAME):        # GET /v1/models/{name}: routed by its path to its group
+        assert http.get(f"/v1/models/{name}").json()["id"] == name
+    assert http.get("/v1/models/gpt-9").status_code == 404
 
 
 def test_scaling_one_group_leaves_the_others_replica_alone(fleet, http):

@@ -27,6 +27,16 @@ def test_models_lists_the_served_name(client):
     assert models[0].model_extra["root"] == "tiny-llama"      # the weights' folder
 
 
+def test_retrieve_gives_the_served_model_and_404_for_any_other_name(client):
+    model = client.models.retrieve(TINY_NAME)
+    assert (model.id, model.object) == (TINY_NAME, "model")
+    assert client.models.retrieve(f"{TINY_NAME}:latest").id == TINY_NAME      # Ollama's spelling
+    for name in ("gpt-4o", "org/tiny-llama"):                                 # a slash stays one name
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve(name)
+        assert err.value.code == "model_not_found" and TINY_NAME in err.value.message
+
+
 def test_completion_shape_and_usage(client):
     out = client.completions.create(model=TINY_NAME, prompt="The sky is", max_tokens=5,
                                     temperature=0)

@@ -45,7 +45,8 @@ def test_document_lists_every_route_with_its_bodies(http):
 def test_every_documented_route_is_served(http):
     """No route in the document answers 404 or 405 (the router and ROUTES agree)."""
     for route in ROUTES:
-        r = http.request(route.method.upper(), route.path, json={} if route.request else None)
+        path = route.path.replace("{model}", TINY_NAME)           # the one name a path parameter takes
+        r = http.request(route.method.upper(), path, json={} if route.request else None)
         assert r.status_code not in (404, 405), route.path
 
 
