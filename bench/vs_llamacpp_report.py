@@ -35,7 +35,11 @@ def load_average() -> list[float]:
 
 
 def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    """"unknown" outside a git checkout, or where git is not installed (a minimal Debian)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    except OSError:
+        return "unknown"
     return out.stdout.strip() or "unknown"
 
 

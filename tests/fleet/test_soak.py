@@ -2,7 +2,9 @@
 mixed streaming and non-streaming completions through HTTPS at concurrency 64 for 10 minutes
 (PAGEFLEET_SOAK_S to change it): no request fails, each replica's RSS after warm-up drifts by
 2% at most, and every replica ends with no request running and its KV cache free."""
+import contextlib
 import os
+import signal
 
 import pytest
 
@@ -48,6 +50,7 @@ def test_a_replica_is_measured_as_its_whole_process_tree_server_and_engine_core(
         assert sum(rss_bytes(pid) for pid in tree) > rss_bytes(parent.pid) + (64 << 20) - (1 << 20)
     finally:
         for pid in process_tree(parent.pid)[::-1]:
-            subprocess.run(["kill", "-9", str(pid)])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         parent.wait()
     assert process_tree(parent.pid) == []
