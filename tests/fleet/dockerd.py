@@ -31,12 +31,12 @@ PYTHON_PREFIX = Path(os.path.realpath(sys.base_prefix))
 
 
 def dev_mounts() -> list[str]:
-    paths = ["/usr", str(REPO_ROOT)]
-    if not str(PYTHON_PREFIX).startswith("/usr/"):
-        paths.append(str(PYTHON_PREFIX))
-    venv = Path(sys.prefix).resolve()
-    if not str(venv).startswith(str(REPO_ROOT)):
-        paths.append(str(venv))
+    """/usr, the project, and the Python installation and venv where neither holds them. Each
+    once: Debian's own Python is /usr itself, and Docker refuses a mount point given twice."""
+    paths: list[str] = []
+    for path in ("/usr", str(REPO_ROOT), str(PYTHON_PREFIX), str(Path(sys.prefix).resolve())):
+        if not any(path == p or path.startswith(p + "/") for p in paths):
+            paths.append(path)
     return paths
 
 
