@@ -172,7 +172,6 @@ def fleetctl(tmp_path):
     ctl.cleanup()
 
 
-
 @pytest.fixture
 def running(tmp_path):
     """NGINX started from the default template (upstreams where nothing listens); yields
@@ -240,6 +239,7 @@ def docker_ctl(docker_engine, tmp_path):
     ctl = FleetCtl(tmp_path / "home", env={"DOCKER_HOST": daemon.host})
     yield ctl
     ctl.cleanup()
+
 
 def is_running(pid: int) -> bool:
     try:

@@ -196,4 +196,3 @@ def docker_up_args(ctl, model, num_replicas: int, backend: str) -> list[str]:
 
 def fleet_containers(client, fleet_id: str, all_states: bool = True) -> list:
     return client.containers.list(all=all_states, filters={"label": f"pagefleet.fleet={fleet_id}"})
-
