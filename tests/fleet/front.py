@@ -49,4 +49,3 @@ def make_config(**overrides) -> FleetConfig:
 def rendered(tmp_path, config: FleetConfig, upstreams=UPSTREAMS, template=None) -> str:
     tls = ensure_tls(tmp_path / "tls", ["localhost", "127.0.0.1"])
     return render(site_context(config, "test", upstreams, tls, tmp_path / "nginx"), template)
-

@@ -66,4 +66,3 @@ def test_a_swarm_task_is_reached_at_its_ipv4_binding_when_docker_gave_ipv6_anoth
     assert ipv4_host_port(bindings) == 32772
     assert ipv4_host_port([{"HostIp": "::", "HostPort": "32771"}]) == 32771   # an IPv6-only engine
     assert ipv4_host_port([]) == 0
-

@@ -12,6 +12,7 @@ from fleetctl.errors import NginxConfigError
 from fleetctl.nginx import DEFAULT_TEMPLATE, Nginx
 from tests.fleet.front import UPSTREAMS, make_config, rendered
 
+
 @pytest.mark.parametrize("routing", ["least_conn", "session"])
 @pytest.mark.parametrize("num_upstreams", [0, 1, 2])
 def test_rendered_config_passes_nginx_t(tmp_path, routing, num_upstreams):
