@@ -18,6 +18,12 @@ split: W2 tok/s of the engine (bench/quant.py's decode_tok_per_s), then graphs o
 sweep: each projection as the model runs it (o and down with the residual add and the next norm,
     which a split-K plan's GEMV hands its partials to, as the model does), every tile
     of --tiles (default: a grid around the defaults), µs a layer; the head's 8-bit tiles.
+step: where a W2 decode step's time goes on the GPU's stream: the decode graph's replay, the
+    logits after it (index_select, the head, the float copy), and the rest of the cycle until the
+    next replay starts (the sampler, the copies and gathers that fill the graph's inputs), from
+    CUDA events around each replay in a W2 run; the graph replayed back to back alone; and 4 steps
+    under torch.profiler: each operation's share of the critical path (the time from the end of
+    the operation before it to its own end; under PDL a kernel's start is not when it works).
 ab: W2 of each format with module-level switches on and off (off, each alone, all), twice,
     alternating, in one process and one engine a format, its decode graphs captured again for each
     setting (the A/B each kernel change here was decided by).
@@ -39,6 +45,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import prompts, run, write_results  # noqa: E402
+from replica.sampling_params import SamplingParams  # noqa: E402
 from bench.quant import decode_tok_per_s, model_config  # noqa: E402
 from bench.quant_accuracy import GGUF_FORMATS, build_engine  # noqa: E402
 from replica.kernels import gguf_gemv_triton as gg, pdl  # noqa: E402
@@ -127,6 +134,85 @@ def split(engine, cfg, emit) -> None:
     figures["load_only_one_launch_TBps"] = round(num_bytes / figures["load_only_one_launch_ms"] / 1e9, 2)
     figures["gemvs_TBps"] = round(num_bytes / figures["gemvs_ms"] / 1e9, 2)
     emit("split", **figures)
+
+
+def step(engine, fmt: str, vocab: int, emit) -> None:
+    """A W2 run's decode cycle split by CUDA events, the graph alone, and a profiled timeline."""
+    runner, graphs = engine.runner, engine.runner.graphs
+    marks = []              # per decode step: (replay start, replay end, logits launched) events
+    replay, execute = graphs.replay, runner.execute
+
+    def event():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def timed_replay(*args, **kwargs):
+        marks.append([event()])
+        hidden = replay(*args, **kwargs)
+        marks[-1].append(event())
+        return hidden
+
+    def timed_execute(plan, *args, **kwargs):
+        logits = execute(plan, *args, **kwargs)
+        if marks and len(marks[-1]) == 2:
+            marks[-1].append(event())
+        return logits
+    graphs.replay, runner.execute = timed_replay, timed_execute
+    try:
+        tok_per_s = w2(engine, vocab)
+        marks.clear()
+        decode_tok_per_s(engine, vocab)
+        torch.cuda.synchronize()
+    finally:
+        graphs.replay, runner.execute = replay, execute
+    steady = marks[8:-1]            # the last replay has no next one
+    mean = lambda xs: round(sum(xs) / len(xs) * 1e3, 2)      # noqa: E731 (ms → µs)
+    cycle = [a[0].elapsed_time(b[0]) for a, b in zip(steady, marks[9:])]
+    in_graph = [m[0].elapsed_time(m[1]) for m in steady]
+    logits = [m[1].elapsed_time(m[2]) for m in steady]
+    bs, context = graphs.buckets[0], 600       # the short-context graph W2 replays (its inputs: the last step's)
+    stream = torch.cuda.current_stream()
+    graphs.replay(bs, 1, context)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(100):
+        graphs.replay(bs, 1, context)
+    end.record(stream)
+    torch.cuda.synchronize()
+    timeline = trace(engine, vocab)
+    emit(f"step_{fmt}", tok_per_s=tok_per_s, steps=len(cycle), cycle_us=mean(cycle), graph_us=mean(in_graph),
+         logits_us=mean(logits), rest_us=round(mean(cycle) - mean(in_graph) - mean(logits), 2),
+         graph_alone_back_to_back_us=round(start.elapsed_time(end) / 100 * 1e3, 2),
+         critical_path_us_a_step=critical_path(timeline, num_steps=4), timeline=timeline)
+
+
+def critical_path(timeline: list, num_steps: int) -> dict:
+    """Per operation name: (calls a step, µs a step on the critical path, µs a call), the
+    critical-path time of an operation being its end minus the end of the operation before it."""
+    shares: dict[str, list[float]] = {}
+    for (_, start, dur), (name, start2, dur2) in zip(timeline, timeline[1:]):
+        shares.setdefault(name, []).append(start2 + dur2 - (start + dur))
+    return {name: (round(len(v) / num_steps, 1), round(sum(v) / num_steps, 1), round(sum(v) / len(v), 2))
+            for name, v in sorted(shares.items(), key=lambda kv: -sum(kv[1]))}
+
+
+def trace(engine, vocab: int) -> list:
+    """The GPU's operations of 4 decode steps (torch.profiler): [name, start µs from the first, µs]."""
+    from torch.profiler import ProfilerActivity, profile
+    engine.add_request("trace", prompts(1, [512], vocab, 3)[0],
+                       SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    for _ in range(30):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished:
+        engine.step()
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    t0 = events[0].time_range.start if events else 0
+    return [[e.name[:60], round(e.time_range.start - t0, 1), round(e.time_range.elapsed_us(), 1)] for e in events]
 
 
 def sweep(engine, cfg, tiles: str, emit) -> None:
@@ -219,7 +305,7 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("split", "sweep", "ab"))
+    parser.add_argument("command", choices=("split", "sweep", "ab", "step"))
     parser.add_argument("--flag", action="append", help="ab: a module-level switch, e.g. "
                         "replica.models.llama.FUSE_DECODE_ROTARY, or an int setting with its value on, e.g. "
                         "replica.kernels.paged_decode_triton.MAX_SPLITS=16 (repeat for several)")
@@ -235,12 +321,21 @@ def main() -> None:
 
     def emit(what, **figures):
         results[what] = figures
-        print(json.dumps({"what": what, **figures}), flush=True)
+        short = {k: v for k, v in figures.items() if not (isinstance(v, list) and len(v) > 20)}   # timelines
+        print(json.dumps({"what": what, **short}), flush=True)
     cfg = model_config("8b")
     if args.command == "ab":
         if not args.flag:
             parser.error("ab: --flag is required")
         ab(args.flag, args.formats, cfg, emit)
+        return write(args, results)
+    if args.command == "step":
+        for fmt in args.formats.split(","):
+            engine = build_engine(cfg, fmt, "cuda", max_num_seqs=8, token_budget=8192)
+            step(engine, fmt, cfg.vocab_size, emit)
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
         return write(args, results)
     bf16 = build_engine(cfg, "bf16", "cuda", max_num_seqs=256, token_budget=8192)
     emit("W2_bf16", tok_per_s=w2(bf16, cfg.vocab_size))
