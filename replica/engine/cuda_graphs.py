@@ -2,7 +2,10 @@
 
 Decode steps have static shapes once the batch is padded to a bucket: every input lives in a
 static buffer that each step overwrites, and the graph replays the whole forward (all layers,
-attention included) in one launch. Padding rows write their K/V into a scratch block that the
+attention included) in one launch. The token ids, positions, slots and sequence lengths are
+views of the runner's upload buffers (`inputs64`, `inputs32`): the step's host-to-device copy
+writes them where the graph reads them, with no device-to-device copy between (each is ~2 µs of
+a step's critical path, bench/NOTES.md, "What a W2 step spends outside the layers"). Padding rows write their K/V into a scratch block that the
 block manager never hands out, and attend over that one slot; their outputs are ignored.
 The attention grid must not depend on this step's data, so the decode split count is fixed per
 graph from a static bound on the context: max_model_len, and for the small buckets whose count
@@ -13,6 +16,7 @@ bench/NOTES.md, "Moving short kernels' work into their neighbours lost").
 """
 import logging
 
+import numpy as np
 import torch
 
 from replica.layers.attention import AttentionMetadata
@@ -21,6 +25,11 @@ log = logging.getLogger(__name__)
 
 SHORT_CONTEXT = 1024           # tokens: the bound of the small buckets' second graph
 SHORT_CONTEXT_GRAPHS = True
+# Buckets up to this many rows also compute the logits inside the graph (x's rounding and the
+# head chained under PDL after the final norm, instead of launched after the replay): every row
+# of a decode step samples, so the runner takes them as they are. Larger buckets (the head as a
+# GEMM, and [bs, vocab] fp32 held by the graph pool) leave them to the runner. 0: none.
+LOGITS_IN_GRAPH_ROWS = 4
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -31,7 +40,9 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, scratch_block: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int):
+                 max_model_len: int, inputs64: torch.Tensor | None = None, inputs32: torch.Tensor | None = None):
+        """inputs64: [3, max_bs] int64 (token ids, positions, slots), inputs32: [max_bs] int32
+        (sequence lengths), on the device; None: the graphs' own."""
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -40,15 +51,22 @@ class DecodeGraphs:
         self.buckets = bucket_sizes(max_num_seqs)
         max_bs, device = self.buckets[-1], model.device
         max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+        if inputs64 is None:
+            inputs64 = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
+            inputs32 = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        if inputs64.shape != (3, max_bs) or inputs32 is None or inputs32.shape != (max_bs,):
+            raise ValueError(f"inputs64 must be [3, {max_bs}] and inputs32 [{max_bs}]")
+        self.input_ids, self.positions, self.slot_mapping = inputs64
+        self.seq_lens = inputs32
+        self.slot_mapping.fill_(self.scratch_slot)
+        self.seq_lens.fill_(1)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.full((max_bs, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_bs, model.cfg.hidden_size, dtype=model.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.short_graphs: dict[int, torch.cuda.CUDAGraph] = {}     # bucket → its SHORT_CONTEXT graph
+        self.logits: dict[int, torch.Tensor] = {}     # id(graph) → the float32 logits [bs, vocab] it writes
+        self.last_logits: torch.Tensor | None = None  # the logits of the graph replayed last, if it has them
         self.pool = None
 
     def _meta(self, bs: int, num_splits: int) -> AttentionMetadata:
@@ -78,6 +96,7 @@ class DecodeGraphs:
 
         self.graphs.clear()
         self.short_graphs.clear()
+        self.logits.clear()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), pdl.capturing_graphs():
@@ -95,9 +114,14 @@ class DecodeGraphs:
         meta = self._meta(bs, num_splits)
         for _ in range(2):                  # warm-up: Triton compiles, cuBLAS picks kernels
             self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
+            if bs <= LOGITS_IN_GRAPH_ROWS:
+                self.model.compute_logits(self.hidden[:bs])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            self.hidden[:bs] = self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
+            hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
+            if bs <= LOGITS_IN_GRAPH_ROWS:          # before the copy below, which would break the PDL chain
+                self.logits[id(graph)] = self.model.compute_logits(hidden)
+            self.hidden[:bs] = hidden
         if self.pool is None:
             self.pool = graph.pool()
         return graph
@@ -105,13 +129,38 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
+    def bucket(self, num_seqs: int) -> int:
+        return next(b for b in self.buckets if b >= num_seqs)
+
+    def host_inputs(self, input_ids, positions, slots, seq_lens, bs: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The step's host arrays padded to the bucket (padding rows take the scratch slot and a
+        context of 1), as the upload writes them into `inputs64`'s rows and `inputs32`."""
+        import numpy as np
+        num_seqs = len(input_ids)
+
+        def padded(values, fill, dtype):
+            out = np.full(bs, fill, dtype=dtype)
+            out[:num_seqs] = values
+            return out
+        return ([padded(input_ids, 0, np.int64), padded(positions, 0, np.int64),
+                 padded(slots, self.scratch_slot, np.int64)], padded(seq_lens, 1, np.int32))
+
+    def prepare_tables(self, table: torch.Tensor, rows: torch.Tensor, bs: int) -> None:
+        """The scheduled rows of the persistent block table (`table` [rows, max_blocks]; `rows`
+        [N] on the device) into the static one; padding rows get the scratch block."""
+        num_seqs = len(rows)
+        torch.index_select(table, 0, rows, out=self.block_tables[:num_seqs])
+        if bs > num_seqs:
+            self.block_tables[num_seqs:bs].fill_(self.scratch_slot // self.block_size)
+
     def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 seq_lens: torch.Tensor, tables: torch.Tensor) -> int:
-        """Fills the static inputs from this step's device tensors (rows beyond them are padding
-        that attends over the scratch slot); returns the bucket to replay. No host sync."""
+        """Fills the static inputs from device tensors (benchmarks; the runner writes them with
+        its upload instead): rows beyond them are padding that attends over the scratch slot.
+        Returns the bucket to replay. No host sync."""
         # input_ids, positions, slots: [N] int64; seq_lens: [N] int32; tables: [N, width] int32
         num_seqs, width = tables.shape
-        bs = next(b for b in self.buckets if b >= num_seqs)
+        bs = self.bucket(num_seqs)
         self.input_ids[:num_seqs].copy_(input_ids)
         self.positions[:num_seqs].copy_(positions)
         self.slot_mapping[:num_seqs].copy_(slots)
@@ -126,8 +175,12 @@ class DecodeGraphs:
         return bs
 
     def replay(self, bs: int, num_seqs: int, max_seq_len: int | None = None) -> torch.Tensor:
-        """Returns hidden states [num_seqs, hidden]; max_seq_len (host) picks the short-context
-        graph where the bucket has one."""
+        """Returns hidden states [num_seqs, hidden], and sets `last_logits` (the graph's float32
+        logits [num_seqs, vocab], or None where its bucket leaves them to the caller); max_seq_len
+        (host) picks the short-context graph where the bucket has one."""
         graph = self.short_graphs.get(bs) if max_seq_len is not None and max_seq_len <= SHORT_CONTEXT else None
-        (graph or self.graphs[bs]).replay()
+        graph = graph or self.graphs[bs]
+        graph.replay()
+        logits = self.logits.get(id(graph))
+        self.last_logits = None if logits is None else logits[:num_seqs]
         return self.hidden[:num_seqs]

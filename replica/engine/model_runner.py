@@ -33,16 +33,23 @@ _RING = 2     # host buffers in flight: one is filled while the other's copy may
 class StepBuffers:
     """Host staging for one step's integer inputs and its device copies.
 
-    int64 row: input_ids [T] | positions [T] | slots [T] | sample entries [S] | gather dst [G] |
-    gather src [G] | scheduled rows [B] | block-table update indices [U]; int32 row:
-    query_start [B+1] | seq_lens [B] | block-table update values [U].
+    int64 row: [graph head: input_ids | positions | slots, R each] | input_ids [T] | positions [T] |
+    slots [T] | sample entries [S] | gather dst [G] | gather src [G] | scheduled rows [B] |
+    block-table update indices [U]; int32 row: [graph head: seq_lens, R] | query_start [B+1] |
+    seq_lens [B] | block-table update values [U].
+    The heads (R = graph_rows) are the decode CUDA graphs' inputs (`graph_inputs`): a graph step
+    uploads its ids, positions, slots and lengths there, padded to its bucket, and nothing else
+    copies them; the parts after the heads serve every step.
     """
 
-    def __init__(self, device: torch.device, max_tokens: int, max_seqs: int, max_updates: int):
+    def __init__(self, device: torch.device, max_tokens: int, max_seqs: int, max_updates: int,
+                 graph_rows: int = 0):
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.size64 = 3 * max_tokens + 4 * max_seqs + max_updates
-        self.size32 = 2 * max_seqs + 1 + max_updates
+        self.graph_rows = graph_rows
+        self.head64, self.head32 = 3 * graph_rows, graph_rows
+        self.size64 = self.head64 + 3 * max_tokens + 4 * max_seqs + max_updates
+        self.size32 = self.head32 + 2 * max_seqs + 1 + max_updates
         pin = self.is_cuda
         self.host64 = [torch.zeros(self.size64, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
         self.host32 = [torch.zeros(self.size32, dtype=torch.int32, pin_memory=pin) for _ in range(_RING)]
@@ -50,22 +57,35 @@ class StepBuffers:
         self.dev32 = torch.zeros(self.size32, dtype=torch.int32, device=device)
         self.step = 0
 
-    def upload(self, parts64: list[np.ndarray], parts32: list[np.ndarray]) -> tuple[list, list]:
-        """Copies the parts to the device in two transfers; returns device views of each part."""
+    def graph_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device heads: [3, R] int64 (ids, positions, slots) and [R] int32 (lengths)."""
+        return self.dev64[:self.head64].view(3, self.graph_rows), self.dev32[:self.head32]
+
+    def upload(self, parts64: list[np.ndarray], parts32: list[np.ndarray],
+               head: tuple[list[np.ndarray], np.ndarray] | None = None) -> tuple[list, list]:
+        """Copies the parts to the device in two transfers; returns device views of each part.
+        head: a graph step's ([ids, positions, slots], lengths), each [bs ≤ R], written at the
+        start of the heads' rows in the same transfers."""
         slot = self.step % _RING
         self.step += 1
         views = []
-        for parts, host, dev in ((parts64, self.host64[slot], self.dev64),
-                                 (parts32, self.host32[slot], self.dev32)):
+        heads = (head[0], [head[1]]) if head is not None else ([], [])
+        for parts, host, dev, start, rows in ((parts64, self.host64[slot], self.dev64, self.head64, heads[0]),
+                                              (parts32, self.host32[slot], self.dev32, self.head32, heads[1])):
             sizes = [len(p) for p in parts]
             total = sum(sizes)
             if not self.is_cuda:          # the CPU computes from the host arrays directly
                 flat = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=host.numpy().dtype))
                 views.append(list(flat.split(sizes)))
                 continue
-            np.concatenate(parts, out=host.numpy()[:total])
-            dev[:total].copy_(host[:total], non_blocking=True)
-            views.append(list(dev[:total].split(sizes)))
+            staged = host.numpy()
+            np.concatenate(parts, out=staged[start:start + total])
+            for r, values in enumerate(rows):           # a head row r starts at r · R
+                staged[r * self.graph_rows:r * self.graph_rows + len(values)] = values
+            first = 0 if rows else start
+            if start + total > first:
+                dev[first:start + total].copy_(host[first:start + total], non_blocking=True)
+            views.append(list(dev[start:start + total].split(sizes)))
         return views[0], views[1]
 
 
@@ -92,7 +112,7 @@ class ModelRunner:
         # a step holds at most the token budget, plus one decode token per sequence beyond it; a
         # step's block-table changes are at most every row's whole table
         self.buffers = StepBuffers(self.device, max_num_batched_tokens + max_num_seqs, 2 * max_num_seqs,
-                                   max_num_seqs * max_blocks)
+                                   max_num_seqs * max_blocks, graph_rows=max_num_seqs if use_cuda_graphs else 0)
         # Benchmarks set this to a list to collect (start, end) CUDA events around each step's GPU
         # work (forward and logits), which gives the GPU's idle share between steps.
         self.step_events: list | None = None
@@ -100,7 +120,7 @@ class ModelRunner:
         if use_cuda_graphs:
             from replica.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, self.kv_caches, num_blocks, block_size, max_num_seqs,
-                                       max_model_len)
+                                       max_model_len, *self.buffers.graph_inputs())
             self.graphs.capture()
             max_tokens = min(max_piecewise_tokens, max_num_batched_tokens + max_num_seqs)
             if max_tokens > 0:
@@ -124,19 +144,30 @@ class ModelRunner:
             raw = self.kv_cache.view(torch.uint8)       # as bytes: index_put has no float8 kernels
             raw[:, :, dst] = raw[:, :, src]
         parts64, parts32, width, max_query_len, max_seq_len, num_decode_prefix = self._flatten(plan, prev_rows)
-        (input_ids, positions, slots, entries, gather_dst, gather_src, rows, update_index), \
-            (query_start, seq_lens, update_values) = self.buffers.upload(parts64, parts32)
-        if len(gather_dst):
-            input_ids[gather_dst] = prev_tokens[gather_src]
-        self.block_table.scatter(update_index, update_values)
-        tables = self.block_table.rows(rows, width)
         num_seqs = len(plan.scheduled)
-        if self.graphs is not None and max_query_len == 1 and self.graphs.can_run(num_seqs):
-            bs = self.graphs.prepare(input_ids, positions, slots, seq_lens, tables)
+        use_graph = self.graphs is not None and max_query_len == 1 and self.graphs.can_run(num_seqs)
+        head = None
+        if use_graph:           # ids, positions, slots and lengths go straight to the graph's inputs
+            bs = self.graphs.bucket(num_seqs)
+            entries_host = parts64[3]     # the graph's own logits serve when each row samples once, in order
+            every_row_samples = len(entries_host) == num_seqs and bool((entries_host == np.arange(num_seqs)).all())
+            head = self.graphs.host_inputs(*parts64[:3], parts32[1], bs)
+            none64, none32 = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+            parts64[:3], parts32[:2] = [none64] * 3, [none32] * 2
+        (input_ids, positions, slots, entries, gather_dst, gather_src, rows, update_index), \
+            (query_start, seq_lens, update_values) = self.buffers.upload(parts64, parts32, head)
+        if len(gather_dst):
+            (self.graphs.input_ids if use_graph else input_ids)[gather_dst] = prev_tokens[gather_src]
+        self.block_table.scatter(update_index, update_values)
+        if use_graph:
+            self.graphs.prepare_tables(self.block_table.device_table, rows, bs)
             start = self._record()
             hidden = self.graphs.replay(bs, num_seqs, max_seq_len)
-            logits = self.model.compute_logits(hidden.index_select(0, entries))
+            logits = self.graphs.last_logits
+            if logits is None or not every_row_samples:
+                logits = self.model.compute_logits(hidden.index_select(0, entries))
         else:
+            tables = self.block_table.rows(rows, width)
             meta = AttentionMetadata(
                 slot_mapping=slots, query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,
                 max_query_len=max_query_len, max_seq_len=max_seq_len,
