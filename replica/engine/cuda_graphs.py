@@ -62,10 +62,12 @@ class DecodeGraphs:
         self.seq_lens.fill_(1)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.full((max_bs, max_blocks), scratch_block, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(max_bs, model.cfg.hidden_size, dtype=model.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.short_graphs: dict[int, torch.cuda.CUDAGraph] = {}     # bucket → its SHORT_CONTEXT graph
-        self.logits: dict[int, torch.Tensor] = {}     # id(graph) → the float32 logits [bs, vocab] it writes
+        # id(graph) → the hidden states [bs, hidden] and the float32 logits [bs, vocab] it writes:
+        # tensors of the graphs' pool, kept alive (so no other capture reuses them) and read in place
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}
         self.last_logits: torch.Tensor | None = None  # the logits of the graph replayed last, if it has them
         self.pool = None
 
@@ -96,6 +98,7 @@ class DecodeGraphs:
 
         self.graphs.clear()
         self.short_graphs.clear()
+        self.hidden.clear()
         self.logits.clear()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -114,14 +117,15 @@ class DecodeGraphs:
         meta = self._meta(bs, num_splits)
         for _ in range(2):                  # warm-up: Triton compiles, cuBLAS picks kernels
             self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
+            hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
             if bs <= LOGITS_IN_GRAPH_ROWS:
-                self.model.compute_logits(self.hidden[:bs])
+                self.model.compute_logits(hidden)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
-            if bs <= LOGITS_IN_GRAPH_ROWS:          # before the copy below, which would break the PDL chain
+            self.hidden[id(graph)] = hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], meta,
+                                                                 self.kv_caches)
+            if bs <= LOGITS_IN_GRAPH_ROWS:
                 self.logits[id(graph)] = self.model.compute_logits(hidden)
-            self.hidden[:bs] = hidden
         if self.pool is None:
             self.pool = graph.pool()
         return graph
@@ -183,4 +187,4 @@ class DecodeGraphs:
         graph.replay()
         logits = self.logits.get(id(graph))
         self.last_logits = None if logits is None else logits[:num_seqs]
-        return self.hidden[:num_seqs]
+        return self.hidden[id(graph)][:num_seqs]

@@ -145,6 +145,7 @@ class ModelRunner:
             raw[:, :, dst] = raw[:, :, src]
         parts64, parts32, width, max_query_len, max_seq_len, num_decode_prefix = self._flatten(plan, prev_rows)
         num_seqs = len(plan.scheduled)
+        is_prefix = bool((parts64[4] == np.arange(len(parts64[4]))).all())     # gather dst: rows 0..G-1
         use_graph = self.graphs is not None and max_query_len == 1 and self.graphs.can_run(num_seqs)
         head = None
         if use_graph:           # ids, positions, slots and lengths go straight to the graph's inputs
@@ -156,8 +157,13 @@ class ModelRunner:
             parts64[:3], parts32[:2] = [none64] * 3, [none32] * 2
         (input_ids, positions, slots, entries, gather_dst, gather_src, rows, update_index), \
             (query_start, seq_lens, update_values) = self.buffers.upload(parts64, parts32, head)
-        if len(gather_dst):
-            (self.graphs.input_ids if use_graph else input_ids)[gather_dst] = prev_tokens[gather_src]
+        num_gathered = len(gather_dst)
+        if num_gathered:          # placeholder tokens: the previous step's samples, still on the device
+            ids = self.graphs.input_ids if use_graph else input_ids
+            if is_prefix:         # steady decode, every row waiting, in order: one gather kernel
+                torch.index_select(prev_tokens, 0, gather_src, out=ids[:num_gathered])
+            else:
+                ids[gather_dst] = prev_tokens[gather_src]
         self.block_table.scatter(update_index, update_values)
         if use_graph:
             self.graphs.prepare_tables(self.block_table.device_table, rows, bs)

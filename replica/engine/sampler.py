@@ -12,7 +12,10 @@ once when a sequence takes its row, gathered on the device for the rows a step s
 
 `sample_async` launches everything and returns a `SampledBatch` without waiting for the device: the
 token ids stay on the device for the next step's inputs (overlap scheduling) while a copy to
-pinned host memory runs; `SampledBatch.to_host()` waits for that copy alone. Per-sequence
+pinned host memory runs; `SampledBatch.to_host()` waits for that copy alone. On CUDA that copy
+runs on a stream of its own, so the next step's kernels need not wait behind it (a device-to-host
+copy and its hand-over to the copy engine are ~10 µs of a batch-1 step, bench/NOTES.md, "What a
+W2 step spends outside the layers"). Per-sequence
 Python runs only for rows that ask for penalties, min_tokens or a seed.
 """
 from dataclasses import dataclass
@@ -27,6 +30,9 @@ from replica.kernels import ops
 from replica.outputs import TokenLogprob
 
 _RING = 2     # host buffers in flight: a step's copy is read before the step after next reuses it
+# CUDA: the sampled tokens' copy to the host on a stream of its own (above). False: on the
+# compute stream, behind which the next step's kernels wait (A/B).
+COPY_STREAM = True
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Sampler:
         self.is_cuda = device.type == "cuda"
         self._step = 0
         self.row_params = RowParams(max_num_rows, vocab_size, device)
+        self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._allocate(max_num_rows)
 
     def _allocate(self, num_rows: int) -> None:
@@ -105,6 +112,16 @@ class Sampler:
         if device_rows is not None:         # some rows sample at random
             tokens = self._sample_random(logits, seqs, tokens, self.row_params.host[rows], device_rows)
         host_tokens = self._tokens[slot][:num_rows]
+        if self.is_cuda and raw_logprobs is None and COPY_STREAM:    # on its own stream, after the tokens
+            sampled = torch.cuda.Event()
+            sampled.record()
+            self._copy_stream.wait_event(sampled)
+            with torch.cuda.stream(self._copy_stream):
+                host_tokens.copy_(tokens, non_blocking=True)
+            tokens.record_stream(self._copy_stream)     # not reused before the copy has read it
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+            return SampledBatch(tokens, host_tokens, ready, [], [])
         host_tokens.copy_(tokens, non_blocking=self.is_cuda)
         batch = SampledBatch(tokens, host_tokens, None, logprob_rows,
                              [params[i].logprobs for i in logprob_rows])

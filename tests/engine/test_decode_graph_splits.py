@@ -35,16 +35,25 @@ def test_no_short_context_graph_when_switched_off_or_the_model_is_short(monkeypa
     assert _graphs(4096).split_counts(1) == (16, None)
 
 
-def test_replay_takes_the_short_graph_only_while_every_context_fits():
+def test_replay_takes_the_short_graph_only_while_every_context_fits_and_returns_its_outputs():
     graphs = _graphs(4096)
     replayed = []
-    graphs.graphs[1] = SimpleNamespace(replay=lambda: replayed.append("full"))
-    graphs.short_graphs[1] = SimpleNamespace(replay=lambda: replayed.append("short"))
-    graphs.graphs[2] = SimpleNamespace(replay=lambda: replayed.append("full 2"))
-    graphs.replay(1, 1, cuda_graphs.SHORT_CONTEXT)
-    graphs.replay(1, 1, cuda_graphs.SHORT_CONTEXT + 1)
+
+    def fake(bucket: dict, bs: int, name: str, with_logits: bool):
+        bucket[bs] = graph = SimpleNamespace(replay=lambda: replayed.append(name))
+        graphs.hidden[id(graph)] = torch.full((bs, 8), float(len(graphs.hidden)))
+        if with_logits:
+            graphs.logits[id(graph)] = torch.full((bs, 3), -float(len(graphs.hidden)))
+    fake(graphs.graphs, 1, "full", True)
+    fake(graphs.short_graphs, 1, "short", True)
+    fake(graphs.graphs, 2, "full 2", False)
+    assert graphs.replay(1, 1, cuda_graphs.SHORT_CONTEXT).tolist() == [[1.0] * 8]
+    assert graphs.last_logits.tolist() == [[-2.0] * 3]
+    assert graphs.replay(1, 1, cuda_graphs.SHORT_CONTEXT + 1).tolist() == [[0.0] * 8]
+    assert graphs.last_logits.tolist() == [[-1.0] * 3]
     graphs.replay(1, 1)
-    graphs.replay(2, 2, 10)                          # a bucket without one
+    assert graphs.replay(2, 1, 10).shape == (1, 8)              # a bucket without one: its one graph, a row
+    assert graphs.last_logits is None                           # ... which leaves the logits to the runner
     assert replayed == ["short", "full", "full", "full 2"]
 
 
