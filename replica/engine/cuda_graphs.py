@@ -5,8 +5,9 @@ static buffer that each step overwrites, and the graph replays the whole forward
 attention included) in one launch. The token ids, positions, slots and sequence lengths are
 views of the runner's upload buffers (`inputs64`, `inputs32`): the step's host-to-device copy
 writes them where the graph reads them, with no device-to-device copy between (each is ~2 µs of
-a step's critical path, bench/NOTES.md, "What a W2 step spends outside the layers"). Padding rows write their K/V into a scratch block that the
-block manager never hands out, and attend over that one slot; their outputs are ignored.
+a step's critical path, bench/NOTES.md, "What a W2 step spends outside the layers"). Padding
+rows write their K/V into a scratch block that the block manager never hands out, and attend
+over that one slot; their outputs are ignored.
 The attention grid must not depend on this step's data, so the decode split count is fixed per
 graph from a static bound on the context: max_model_len, and for the small buckets whose count
 that bound raises (batch 1: 32 splits of the KV against 16 that a 1,024-token context can use) a
@@ -116,7 +117,6 @@ class DecodeGraphs:
     def _capture(self, bs: int, num_splits: int, stream) -> torch.cuda.CUDAGraph:
         meta = self._meta(bs, num_splits)
         for _ in range(2):                  # warm-up: Triton compiles, cuBLAS picks kernels
-            self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
             hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], meta, self.kv_caches)
             if bs <= LOGITS_IN_GRAPH_ROWS:
                 self.model.compute_logits(hidden)
@@ -139,7 +139,6 @@ class DecodeGraphs:
     def host_inputs(self, input_ids, positions, slots, seq_lens, bs: int) -> tuple[list[np.ndarray], np.ndarray]:
         """The step's host arrays padded to the bucket (padding rows take the scratch slot and a
         context of 1), as the upload writes them into `inputs64`'s rows and `inputs32`."""
-        import numpy as np
         num_seqs = len(input_ids)
 
         def padded(values, fill, dtype):
