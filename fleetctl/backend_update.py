@@ -88,7 +88,9 @@ def run_backend_update(rollout: "Rollout") -> None:
         if status == "completed" and len(gated) >= len(state.active(group)):
             return
         if time.monotonic() > deadline:
-            halt(FleetError(f"the {who} update did not finish within {timeout_s:.0f} s per replica"))
+            why = backend.update_message(group)
+            halt(FleetError(f"the {who} update did not finish within {timeout_s:.0f} s per replica"
+                            + (f": {why}" if why else "")))
         time.sleep(POLL_S)
 
 

@@ -6,7 +6,7 @@ Both are plain Engine API endpoints, so they are sent through the SDK's own low-
 (`client.api`: its session, base URL, TLS and error types), whose request helpers are
 underscore methods. This module is the only place fleetctl touches them; if a docker-py
 release renames them, only this file changes. Also here: Docker's timestamps as epoch seconds,
-which both Docker backends read.
+which both Docker backends read, and a container's health check in one line.
 """
 from __future__ import annotations
 
@@ -35,6 +35,27 @@ class EngineApi:
         api = self.api
         api._raise_for_status(api._post_json(api._url("/services/{0}/update", service_id), data=spec,
                                              params={"version": version, "rollback": "previous"}))
+
+
+def health_report(api, container_id: str) -> str:
+    """A container's Docker health check in one line while it is not healthy: its status and its
+    newest check's exit code and last line of output (e.g. "exec: ... no such file or directory"
+    from an image whose check cannot run); "" when healthy, without a check, or not found (a
+    task on another node: its engine is not this client's)."""
+    import docker
+
+    try:
+        health = (api.inspect_container(container_id).get("State") or {}).get("Health")
+    except docker.errors.APIError:
+        return ""
+    if not health or health.get("Status") == "healthy":
+        return ""
+    report = f"health check {health.get('Status', '?')}"
+    if health.get("Log"):
+        last = health["Log"][-1]
+        output = (last.get("Output") or "").strip().splitlines()
+        report += f" (exit {last.get('ExitCode')}" + (f": {output[-1][:200]})" if output else ")")
+    return report
 
 
 def lines(chunks: Iterator[bytes]) -> Iterator[str]:

@@ -23,7 +23,7 @@ from typing import Iterator
 from fleetctl.backends.base import (REPLICA_PORT_IN_CONTAINER, Backend, BackendInfo, Replica, ReplicaSpec, replica_env,
                                     serve_args)
 from fleetctl.backends.docker import LABEL_FLEET, LABEL_MODEL, connect, extra_mounts, model_mount
-from fleetctl.backends.docker_api import EngineApi, lines, parse_time
+from fleetctl.backends.docker_api import EngineApi, health_report, lines, parse_time
 from fleetctl.config import FleetConfig
 from fleetctl.errors import FleetError, UnavailableError
 from fleetctl.groups import DEFAULT_GROUP
@@ -248,13 +248,21 @@ class SwarmBackend(Backend):
         return (service.attrs.get("UpdateStatus") or {}) if service else {}
 
     def update_message(self, group: str = DEFAULT_GROUP) -> str:
-        """Why the last update stopped, in one line: Swarm's message, and the newest failed
-        task's error with the last line it printed."""
+        """Why the last update stopped or does not move on, in one line: Swarm's message, the
+        newest failed task's error with the last line it printed, and the newest running task's
+        Docker health check while it is not healthy (Swarm waits for "healthy")."""
         service = self._service(group)
         if service is None:
             return ""
         message = (service.attrs.get("UpdateStatus") or {}).get("Message", "")
-        failed = [t for t in service.tasks() if t.get("Status", {}).get("State") in ("failed", "rejected")]
+        tasks = service.tasks()
+        running = [t for t in tasks if t.get("DesiredState") == "running"
+                   and t.get("Status", {}).get("ContainerStatus", {}).get("ContainerID")]
+        if running:
+            task = max(running, key=lambda t: t["CreatedAt"])
+            health = health_report(self.client.api, task["Status"]["ContainerStatus"]["ContainerID"])
+            message = "; ".join(part for part in (message, health and f"task {task['ID'][:12]}: {health}") if part)
+        failed = [t for t in tasks if t.get("Status", {}).get("State") in ("failed", "rejected")]
         if not failed:
             return message
         task = max(failed, key=lambda t: t["CreatedAt"])

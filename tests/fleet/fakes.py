@@ -168,7 +168,9 @@ class FakeRollingBackend(FakeBackend):
         self._num_updates += 1
         self._target, self._previous = spec, {rid: r.spec for rid, r in self.replicas.items()}
         self._todo = sorted(self.replicas)
-        self.status = {"State": "updating", "StartedAt": f"update {self._num_updates}", "Message": ""}
+        # stuck: a new task whose health check never passes, as Swarm then reports it (update_message)
+        self.status = {"State": "updating", "StartedAt": f"update {self._num_updates}",
+                       "Message": "task t1: health check starting (exit -1: no such file)" if self.stuck else ""}
 
     def update_status(self, group: str = "default") -> dict:
         for handle, replica in list(self.stopping.items()):  # drained since the last call
