@@ -145,13 +145,13 @@ class ModelRunner:
             raw[:, :, dst] = raw[:, :, src]
         parts64, parts32, width, max_query_len, max_seq_len, num_decode_prefix = self._flatten(plan, prev_rows)
         num_seqs = len(plan.scheduled)
-        is_prefix = bool((parts64[4] == np.arange(len(parts64[4]))).all())     # gather dst: rows 0..G-1
+        is_gather_prefix = bool((parts64[4] == np.arange(len(parts64[4]))).all())   # gather dst: rows 0..G-1
         use_graph = self.graphs is not None and max_query_len == 1 and self.graphs.can_run(num_seqs)
         head = None
         if use_graph:           # ids, positions, slots and lengths go straight to the graph's inputs
             bs = self.graphs.bucket(num_seqs)
             entries_host = parts64[3]     # the graph's own logits serve when each row samples once, in order
-            every_row_samples = len(entries_host) == num_seqs and bool((entries_host == np.arange(num_seqs)).all())
+            is_each_row_sampled = len(entries_host) == num_seqs and bool((entries_host == np.arange(num_seqs)).all())
             head = self.graphs.host_inputs(*parts64[:3], parts32[1], bs)
             none64, none32 = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
             parts64[:3], parts32[:2] = [none64] * 3, [none32] * 2
@@ -160,7 +160,7 @@ class ModelRunner:
         num_gathered = len(gather_dst)
         if num_gathered:          # placeholder tokens: the previous step's samples, still on the device
             ids = self.graphs.input_ids if use_graph else input_ids
-            if is_prefix:         # steady decode, every row waiting, in order: one gather kernel
+            if is_gather_prefix:  # steady decode, every row waiting, in order: one gather kernel
                 torch.index_select(prev_tokens, 0, gather_src, out=ids[:num_gathered])
             else:
                 ids[gather_dst] = prev_tokens[gather_src]
@@ -170,7 +170,7 @@ class ModelRunner:
             start = self._record()
             hidden = self.graphs.replay(bs, num_seqs, max_seq_len)
             logits = self.graphs.last_logits
-            if logits is None or not every_row_samples:
+            if logits is None or not is_each_row_sampled:
                 logits = self.model.compute_logits(hidden.index_select(0, entries))
         else:
             tables = self.block_table.rows(rows, width)
