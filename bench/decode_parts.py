@@ -2,7 +2,7 @@
 
     python3 bench/decode_parts.py split --format Q4_0     # the step against its parts in CUDA graphs
     python3 bench/decode_parts.py sweep --format Q4_0     # each projection's tiles, µs a layer
-    python3 bench/decode_parts.py sweep --tiles "2,128,1,4 4,128,1,4"   # rows,groups,split_k,warps
+    python3 bench/decode_parts.py sweep --tiles "2,128,1,4 2,64,1,1,1"   # rows,groups,split_k,warps[,unroll]
     python3 bench/decode_parts.py ab --flag replica.models.llama.FUSE_DECODE_ROTARY \
         --flag replica.kernels.paged_decode_triton.MAX_SPLITS=16 --formats bf16,Q4_0
 
@@ -223,7 +223,11 @@ def trace(engine, vocab: int) -> list:
     return [[e.name[:60], round(e.time_range.start - t0, 1), round(e.time_range.elapsed_us(), 1)] for e in events]
 
 
-def sweep(engine, cfg, tiles: str, emit) -> None:
+def sweep(engine, cfg, tiles: str, flags: list[str], emit) -> None:
+    """Each tile as is and, with --flag, with those switches on too (key "tile+NAME=VALUE")."""
+    switches = [_switch(flag) for flag in flags]
+    label = "+".join(name if on is True else f"{name}={on}" for _, name, on, _ in switches)
+    states = [("", False)] + ([("+" + label, True)] if switches else [])
     model, dev, eps = engine.model, torch.device("cuda"), cfg.rms_norm_eps
     layers = model.layers
     residual = torch.randn(1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
@@ -251,11 +255,16 @@ def sweep(engine, cfg, tiles: str, emit) -> None:
             config = gg.GemvConfig(*map(int, tile.split(",")))
             gg.TUNED.clear()
             gg.TUNED.update({key: config for key in keys})
-            try:
-                per_layer_us[tile] = round(graph_ms(lambda: [unit(layer, nxt) for layer, nxt in pairs])
-                                           * 1000 / len(layers), 2)
-            except (ValueError, ZeroDivisionError) as e:       # a tile this projection cannot take
-                per_layer_us[tile] = f"not run: {e}"[:80]
+            for suffix, is_on in states:
+                for module, flag, on, off in switches:
+                    setattr(module, flag, on if is_on else off)
+                try:
+                    per_layer_us[tile + suffix] = round(graph_ms(lambda: [unit(layer, nxt) for layer, nxt in pairs])
+                                                        * 1000 / len(layers), 2)
+                except (ValueError, ZeroDivisionError) as e:       # a tile this projection cannot take
+                    per_layer_us[tile + suffix] = f"not run: {e}"[:80]
+        for module, flag, _, off in switches:
+            setattr(module, flag, off)
         gg.TUNED.clear()
         emit(f"sweep_{name}", unit="us a layer", **per_layer_us)
     head = model.lm_head.packed
@@ -264,7 +273,12 @@ def sweep(engine, cfg, tiles: str, emit) -> None:
     for tile in HEAD_TILES.split():
         gg.TUNED.clear()
         gg.TUNED[(head.qtype, 1, *head.shape)] = gg.GemvConfig(*map(int, tile.split(",")))
-        head_us[tile] = round(graph_ms(lambda: linear(head_x, model.lm_head)) * 1000, 1)
+        for suffix, is_on in states:
+            for module, name, on, off in switches:
+                setattr(module, name, on if is_on else off)
+            head_us[tile + suffix] = round(graph_ms(lambda: linear(head_x, model.lm_head)) * 1000, 1)
+    for module, name, _, off in switches:
+        setattr(module, name, off)
     gg.TUNED.clear()
     emit("sweep_head", unit="us", **head_us)
 
@@ -314,12 +328,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("split", "sweep", "ab", "step"))
-    parser.add_argument("--flag", action="append", help="ab: a module-level switch, e.g. "
+    parser.add_argument("--flag", action="append", help="ab, sweep: a module-level switch, e.g. "
                         "replica.models.llama.FUSE_DECODE_ROTARY, or an int setting with its value on, e.g. "
                         "replica.kernels.paged_decode_triton.MAX_SPLITS=16 (repeat for several)")
     parser.add_argument("--formats", default="bf16,Q4_0", help="ab: the formats, bf16 included")
     parser.add_argument("--format", default="Q4_0", choices=sorted(GGUF_FORMATS))
-    parser.add_argument("--tiles", default=DEFAULT_TILES, help="rows,groups,split_k,warps a tile, space-separated")
+    parser.add_argument("--tiles", default=DEFAULT_TILES,
+                        help="rows,groups,split_k,warps[,unroll: 1] a tile, space-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (CUDA graphs of the 8B model's decode parts)")
@@ -348,13 +363,14 @@ def main() -> None:
     bf16 = build_engine(cfg, "bf16", "cuda", max_num_seqs=256, token_budget=8192)
     emit("W2_bf16", tok_per_s=w2(bf16, cfg.vocab_size))
     del bf16
+    gc.collect()              # the engine's graphs and cache sit in reference cycles
     torch.cuda.empty_cache()
     engine = build_engine(cfg, args.format, "cuda", max_num_seqs=256, token_budget=8192)
     emit(f"W2_{args.format}", tok_per_s=w2(engine, cfg.vocab_size))
     if args.command == "split":
         split(engine, cfg, emit)
     else:
-        sweep(engine, cfg, args.tiles, emit)
+        sweep(engine, cfg, args.tiles, args.flag or [], emit)
     write(args, results)
 
 

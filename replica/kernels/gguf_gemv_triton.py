@@ -35,15 +35,16 @@ linear_triton's split-K kernel or, with `gguf_gemv_add_rms_norm`, by the next RM
 shapes: launches are valid inside a CUDA graph.
 """
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from replica.kernels import gguf_gemv8_triton, gguf_gemv_x8_triton, linear_triton, pdl, q4_word_dot_triton
+from replica.kernels.gguf_gemv_plan import MAX_UNROLLED_TILES, GemvPlan, num_sms, plan_gemv
+from replica.kernels.gguf_gemv_plan import TUNED, GemvConfig, choose_gemv_config  # noqa: F401 (the GEMV's API)
 from replica.kernels.gguf_linear import XInt8
-from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
+from replica.quantization.gguf_packed import PackedGGUF
 
 MAX_ROWS = 16         # rows of x the GEMV takes (its cost grows with the rows)
 ROWS_PER_LAUNCH = 4   # the kernels' accumulators; more rows take several launches
@@ -62,24 +63,6 @@ PREFETCH_WAVE = 4
 # Measured and dropped (bench/NOTES.md, "Moving short kernels' work into their neighbours
 # lost"): the first wave prefetching whole small matrices (o_proj's 9.4 MB during attention):
 # W2 Q4_0 -1.8%, with qkv -4.6%.
-# The int8-x 4-bit GEMV's (rows, groups, warps) a program (`choose_gemv_config`)
-X_INT8_TILE = (2, 32, 1)
-X_INT8_WIDE_TILE = (2, 128, 4)
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    block_n: int          # rows of W a program owns
-    groups: int           # lanes along K a tile (a power of two): 32-column groups (4-bit),
-                          # 16-column chunks (8-bit)
-    split_k: int = 1
-    num_warps: int = 4
-
-
-# (GGML type, rows of x, N, K) → config, filled by a measured sweep (bench/quant.py).
-TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
-
-
 @triton.jit(do_not_specialize=["one"])
 def _q4_gemv_kernel(
     x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, bias_ptr, out_ptr, partial_ptr, sumsq_ptr, h_ptr,
@@ -98,6 +81,7 @@ def _q4_gemv_kernel(
     SIX_BIT: tl.constexpr = False,   # X8, 6-bit codes: top bits at h_ptr, s_ptr the scales as int32 pairs
     SUPER: tl.constexpr = False,     # Q4_K: s_ptr its int16 sub-scales, m_ptr its superblocks' (d, -dmin)
     PAIRED: tl.constexpr = False,    # s_ptr int32: a group's fp16 scale and min in one word
+    TILES: tl.constexpr = 0,         # > 0: the split's tiles, unrolled (every load issued up front); 0: a loop
 ):
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
@@ -118,25 +102,40 @@ def _q4_gemv_kernel(
     tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot2 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot3 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    for g0 in range(g_start, g_end, GROUPS):
-        gs = g0 + g                                     # [GROUPS] group indices
-        g_mask = (gs < g_end)[None, :]
-        if SIX_BIT:
-            tot0, tot1, tot2, tot3 = gguf_gemv_x8_triton.six_bit_tile(
-                tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
-                one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A)
-        else:
-            words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
-                q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER,
-                PAIRED)
-            tot0, tot1, tot2, tot3 = _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low,
-                                              x_ptr, x2_ptr, row_zero, gs, g_mask, stride_xm, num_groups, one, M,
-                                              EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
+    if TILES > 0:
+        for t in tl.static_range(TILES):
+            tot0, tot1, tot2, tot3 = _tile_step(
+                tot0, tot1, tot2, tot3, g_start + t * GROUPS + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
+                rows64, row_zero, stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M, EVEN_K,
+                ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED)
+    else:
+        for g0 in range(g_start, g_end, GROUPS):
+            tot0, tot1, tot2, tot3 = _tile_step(
+                tot0, tot1, tot2, tot3, g0 + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
+                rows64, row_zero, stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M, EVEN_K,
+                ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED)
 
     if NUM_PARTS > 0:         # x was rounded before the norm's 1/rms: scale the dot products (before bias, SiLU)
         tot0, tot1, tot2, tot3 = tot0 * rstd0, tot1 * rstd1, tot2 * rstd2, tot3 * rstd3
     linear_triton.gemv_store_rows(tot0, tot1, tot2, tot3, rows, n_mask, pid_k, bias_ptr, out_ptr, partial_ptr,
                                   N, stride_om, M, HAS_BIAS, SPLIT_K, GATED)
+
+
+@triton.jit
+def _tile_step(tot0, tot1, tot2, tot3, gs, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr, rows64, row_zero,
+               stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M: tl.constexpr, EVEN_K: tl.constexpr,
+               ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr, X8: tl.constexpr,
+               DP4A: tl.constexpr, SIX_BIT: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr):
+    """One tile (groups gs of the program's rows) added to the accumulators."""
+    g_mask = (gs < g_end)[None, :]
+    if SIX_BIT:
+        return gguf_gemv_x8_triton.six_bit_tile(
+            tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
+            one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A)
+    words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
+        q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER, PAIRED)
+    return _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs,
+                    g_mask, stride_xm, num_groups, one, M, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
 
 
 @triton.jit
@@ -210,80 +209,15 @@ def takes_x8(packed: PackedGGUF, x: torch.Tensor | XInt8) -> bool:
     return packed.bits == 6 or (packed.bits == 4 and (isinstance(x, XInt8) or uses_x_int8(x)))
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.device,
-                       qtype: str = "", x_int8: bool = False) -> GemvConfig:
-    """A measured entry of TUNED, else the winners of a sweep inside the model on an H200 (8B
-    shapes; a lane: a 32-element group, or a 16-byte chunk of 8-bit codes; bench/NOTES.md, "Where a
-    4-bit W2 step goes"): where rows give ≥ 32 one-warp programs an SM (gate_up, the head),
-    2 rows x 32 groups (4-bit int8 x) or 64 chunks (8-bit) a warp; else 4 warps over 2 rows x 128
-    groups (4 rows if ≥ 8 programs an SM remain: qkv), or 2 x 64 chunks (8-bit). bf16 x: 4 x 64 in
-    4 warps. Split-K while the grid has fewer than ~8 programs an SM (none at the 8B shapes)."""
-    tuned = TUNED.get((qtype, num_rows, n, k))
-    if tuned is not None:
-        return tuned
-    if bits in (4, 6) and x_int8:
-        block_n, groups, num_warps = X_INT8_TILE
-        if triton.cdiv(n, block_n) < 32 * _num_sms(device):
-            block_n, groups, num_warps = X_INT8_WIDE_TILE
-            if triton.cdiv(n, 2 * block_n) >= 8 * _num_sms(device):
-                block_n *= 2
-    elif bits == 4:
-        block_n, groups, num_warps = 4, 64, 4
-    elif triton.cdiv(n, 2) >= 32 * _num_sms(device):
-        block_n, groups, num_warps = 2, 64, 1
-    else:
-        block_n, groups, num_warps = 2, 64, 4
-    num_groups = k // (GROUP_SIZE if bits in (4, 6) else gguf_gemv8_triton.CHUNK)
-    split_k = 1
-    while (triton.cdiv(n, block_n) * split_k < 8 * _num_sms(device)
-           and num_groups >= 2 * split_k * groups and split_k < 16):
-        split_k *= 2
-    return GemvConfig(block_n, groups, split_k, num_warps=num_warps)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """A GEMV launch's shape-derived parameters."""
-    config: GemvConfig
-    num_groups: int          # lanes' units along K: 32-element groups (4-bit), 16-code chunks (8-bit)
-    groups: int
-    groups_per_split: int
-    split_k: int
-    even_k: bool
-    x_int8: bool             # 4-bit: x rounded to int8 (`gguf_gemv_x8_triton`)
-
-
-def _plan(num_rows: int, packed: PackedGGUF, device: torch.device, config: GemvConfig | None,
-          x_int8: bool) -> _Plan:
-    n, k = packed.shape
-    config = config or choose_gemv_config(num_rows, n, k, packed.bits, device, packed.qtype, x_int8)
-    # lanes along K: 4-bit, one 32-element group each; 8-bit, one 16-code chunk each
-    lane_cols = GROUP_SIZE if packed.bits in (4, 6) else gguf_gemv8_triton.CHUNK
-    num_groups = k // lane_cols
-    groups = min(config.groups, triton.next_power_of_2(num_groups))
-    num_tiles = triton.cdiv(num_groups, groups)
-    split_k = max(1, min(config.split_k, num_tiles))
-    groups_per_split = triton.cdiv(num_tiles, split_k) * groups
-    split_k = triton.cdiv(num_groups, groups_per_split)                 # no empty split
-    return _Plan(config, num_groups, groups, groups_per_split, split_k, num_groups % groups == 0, x_int8)
-
-
 def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | None, om: torch.Tensor,
-            partial: torch.Tensor, plan: _Plan, gated: bool) -> None:
+            partial: torch.Tensor, plan: GemvPlan, gated: bool) -> None:
     """One GEMV launch for up to ROWS_PER_LAUNCH rows xm (a tensor, or already rounded): into
     om, or (split K) into partial."""
     n = packed.shape[0]
     config = plan.config
     launch = dict(num_warps=config.num_warps, num_stages=1, **pdl.launch_options(xm.device))
     launch["PREFETCH"] = PREFETCH_WAVE > 0 and launch["PDL"]
-    prefetch_programs = PREFETCH_WAVE * _num_sms(xm.device) if launch["PREFETCH"] else 0
+    prefetch_programs = PREFETCH_WAVE * num_sms(xm.device) if launch["PREFETCH"] else 0
     qweight32 = packed.qweight.view(torch.int32)
     # gated: a program's BLOCK_N rows are BLOCK_N / 2 output columns' gate and up
     grid = (triton.cdiv(n // 2 if gated else n, config.block_n // 2 if gated else config.block_n), plan.split_k)
@@ -297,6 +231,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     flags = dict(HAS_MIN=packed.has_min, HAS_BIAS=bias is not None, M=xm.shape[0],
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
+        flags["TILES"] = plan.unrolled_tiles(MAX_UNROLLED_TILES) if config.unroll else 0
         x8 = xm if isinstance(xm, XInt8) else gguf_gemv_x8_triton.quantize_x(xm)   # ~1.5 us at 1 row
         num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
         _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,
@@ -339,7 +274,7 @@ def gguf_gemv(x: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | 
     is_rounded = isinstance(x, XInt8)
     if is_rounded and packed.bits not in (4, 6):
         raise ValueError(f"x: rounded to int8 for a 4- or 6-bit matrix, but {packed.qtype} is {packed.bits}-bit")
-    plan = _plan(num_rows, packed, x.device, config, takes_x8(packed, x))
+    plan = plan_gemv(num_rows, packed, x.device, config, takes_x8(packed, x))
     if gated and plan.split_k > 1:
         from replica.kernels.silu_mul_triton import silu_and_mul
         act = silu_and_mul(gguf_gemv(x, packed, bias, config))
@@ -372,7 +307,7 @@ def gguf_gemv_add_rms_norm(x: torch.Tensor | XInt8, packed: PackedGGUF, residual
     `rms_norm_x8_triton`, whose norm comes rounded for a 4-bit GEMV on int8 x): one kernel less
     than GEMV, sum, add + norm. None where the plan does not split K (nothing to fuse)."""
     num_rows = x.shape[0]
-    plan = _plan(num_rows, packed, x.device, None, takes_x8(packed, x))
+    plan = plan_gemv(num_rows, packed, x.device, None, takes_x8(packed, x))
     if plan.split_k == 1 or num_rows > ROWS_PER_LAUNCH or num_rows == 0:
         return None
     from replica.kernels.rms_norm_triton import split_k_sum_add_rms_norm

@@ -21,9 +21,10 @@ i.e. exactly W times x rounded (x̂ = dx · x8): the only error is x's rounding,
 the same for every type (Q4_K's min term uses the same x̂, so it cancels as it should).
 
 The GEMV keeps the bf16 kernel's lanes, split-K and gated epilogue, with this module's
-`row_part` for the products. Its default tile differs: programs of one warp over 2 rows x 32
-groups, one lane a thread (`gguf_gemv_triton.X_INT8_TILE`; W2 Q4_0 469 tok/s against 427 with
-4 warps over 4 rows x 64 groups). x is rounded by `quantize_x` (~1.5 us at one row) only before
+`row_part` for the products. Its default tiles differ: programs of one warp, one lane a thread,
+each taking a 4,096-column row whole with its tiles unrolled (`gguf_gemv_plan.choose_gemv_config`;
+W2 Q4_0 469 tok/s against 427 with 4 warps over 4 rows x 64 groups, then 597 against 565 with
+the tiles unrolled). x is rounded by `quantize_x` (~1.5 us at one row) only before
 down_proj: the RMSNorm before qkv and gate_up writes it rounded in several programs a row
 (`rms_norm_x8_triton`; a one-program norm doing so was slower, commit 06edf0b), and decode
 attention's reduce writes o_proj's (`paged_decode_triton`): W2 Q4_0 481 against 470 tok/s.

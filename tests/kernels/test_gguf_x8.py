@@ -3,10 +3,12 @@ the interpreter): x's rounding against its torch reference and its error bound, 
 against W times the rounded x (exact arithmetic up to the fp32 sums' order), through every path
 of the 4-bit GEMV: split-K, a partial tile, ragged N, bias, several rows, the gated epilogue and
 the split-K sum inside the next RMSNorm."""
+import dataclasses
+
 import pytest
 import torch
 
-from replica.kernels import gguf_gemv_triton
+from replica.kernels import gguf_gemv_plan, gguf_gemv_triton
 from replica.kernels.gguf_gemv_triton import GemvConfig, gguf_gemv
 from replica.kernels.gguf_gemv_x8_triton import quantize_x
 from replica.kernels.gguf_linear import dequantize_x_ref, quantize_x_ref
@@ -112,3 +114,24 @@ def test_gated_and_norm_epilogues_take_the_int8_x_too(qtype, monkeypatch):
     ref = _rounded_x_reference(x, packed) + residual.cpu().double()
     assert ((new_residual.cpu().double() - ref).norm() / ref.norm()).item() < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
+
+
+@pytest.mark.parametrize("qtype,num_rows,n,k,config", [c for c in CASES if not ON_GPU])
+def test_unrolled_tiles_give_the_loops_sums_bit_for_bit(qtype, num_rows, n, k, config):
+    packed = _packed(qtype, n, k, seed=n + k)
+    x = _x(num_rows, k, seed=num_rows)
+    looped = gguf_gemv(x, packed, config=config)
+    unrolled = dataclasses.replace(config or gguf_gemv_triton.choose_gemv_config(num_rows, n, k, packed.bits, DEVICE),
+                                   unroll=True)
+    assert torch.equal(gguf_gemv(x, packed, config=unrolled), looped)
+
+
+def test_only_splits_of_equal_tile_counts_unroll():
+    plan = gguf_gemv_plan.plan_gemv
+    cpu = torch.device("cpu")
+    even = plan(1, _packed("Q4_0", 24, 768, 1), cpu, GemvConfig(8, 4, split_k=2), True)    # 24 groups: 6 tiles, 3 a split
+    assert (even.split_k, even.unrolled_tiles(16), even.unrolled_tiles(2)) == (2, 3, 0)
+    ragged = plan(1, _packed("Q4_0", 24, 768, 1), cpu, GemvConfig(8, 16, split_k=2), True)  # 2 tiles, the 2nd partial
+    assert (ragged.split_k, ragged.unrolled_tiles(16)) == (2, 1)
+    uneven = plan(1, _packed("Q4_0", 24, 640, 1), cpu, GemvConfig(8, 4, split_k=2), True)   # 5 tiles: 3 + 2
+    assert (uneven.split_k, uneven.unrolled_tiles(16)) == (2, 0)
