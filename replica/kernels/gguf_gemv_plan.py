@@ -15,8 +15,9 @@ from replica.quantization.gguf_packed import GROUP_SIZE, PackedGGUF
 # The int8-x 6-bit GEMV's (rows, groups, warps) a program (`choose_gemv_config`)
 X_INT8_TILE = (2, 32, 1)
 X_INT8_WIDE_TILE = (2, 128, 4)
-# 4-bit, int8 x, rows longer than 4,096 columns (down_proj): tiles a loop iteration takes, unrolled
-LONG_ROW_UNROLL = 1
+# A config with unroll runs a split of at most MAX_UNROLLED_TILES tiles unrolled (`_q4_gemv_kernel`'s
+# TILES): a lane issues every tile's loads before its first product.
+MAX_UNROLLED_TILES = 16
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,7 @@ class GemvConfig:
                           # 16-column chunks (8-bit)
     split_k: int = 1
     num_warps: int = 4
-    unroll: int = 1       # 4- and 6-bit, int8 x: tiles a loop iteration takes, unrolled, so that a lane
-                          # issues their loads before its first product (1: one tile an iteration)
+    unroll: bool = False  # a split's tiles unrolled (when its splits have equal tile counts)
 
 
 # (GGML type, rows of x, N, K) → config, filled by a measured sweep (bench/quant.py).
@@ -57,17 +57,17 @@ def choose_gemv_config(num_rows: int, n: int, k: int, bits: int, device: torch.d
     tuned = TUNED.get((qtype, num_rows, n, k))
     if tuned is not None:
         return tuned
-    unroll = 1
+    unroll = False
     num_groups = k // (GROUP_SIZE if bits in (4, 6) else gguf_gemv8_triton.CHUNK)
     split_k = 1
     if bits == 4 and x_int8:
-        num_warps = 1
-        if num_groups > 128:
-            block_n, groups, split_k, unroll = 2, 32, 2, LONG_ROW_UNROLL
+        num_warps, unroll = 1, num_groups <= 128
+        if not unroll:
+            block_n, groups, split_k = 2, 32, 2
         elif triton.cdiv(n, 4) >= 32 * num_sms(device):
-            block_n, groups, unroll = 4, 32, 4
+            block_n, groups = 4, 32
         else:
-            block_n, groups, unroll = 2, 64, 2
+            block_n, groups = 2, 64
     elif bits == 6 and x_int8:
         block_n, groups, num_warps = X_INT8_TILE
         if triton.cdiv(n, block_n) < 32 * num_sms(device):
@@ -95,15 +95,11 @@ class GemvPlan:
     even_k: bool
     x_int8: bool             # 4-bit: x rounded to int8 (`gguf_gemv_x8_triton`)
 
-    def step(self, unroll: int) -> tuple[int, bool]:
-        """(tiles a loop iteration takes, EVEN_K) for a config's unroll: at most a split's tiles;
-        unmasked loads only where every iteration's tiles lie inside its split."""
+    def unrolled_tiles(self, max_tiles: int) -> int:
+        """Tiles a split, when every split has that many and it is at most max_tiles; else 0."""
+        num_tiles = triton.cdiv(self.num_groups, self.groups)
         tiles = self.groups_per_split // self.groups
-        step = max(1, min(unroll, tiles))
-        if step == 1:
-            return 1, self.even_k
-        equal_splits = triton.cdiv(self.num_groups, self.groups) == tiles * self.split_k
-        return step, self.even_k and equal_splits and tiles % step == 0
+        return tiles if tiles <= max_tiles and num_tiles == tiles * self.split_k else 0
 
 
 def plan_gemv(num_rows: int, packed: PackedGGUF, device: torch.device, config: GemvConfig | None,

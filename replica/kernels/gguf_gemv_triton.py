@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from replica.kernels import gguf_gemv8_triton, gguf_gemv_x8_triton, linear_triton, pdl, q4_word_dot_triton
-from replica.kernels.gguf_gemv_plan import GemvPlan, num_sms, plan_gemv
+from replica.kernels.gguf_gemv_plan import MAX_UNROLLED_TILES, GemvPlan, num_sms, plan_gemv
 from replica.kernels.gguf_gemv_plan import TUNED, GemvConfig, choose_gemv_config  # noqa: F401 (the GEMV's API)
 from replica.kernels.gguf_linear import XInt8
 from replica.quantization.gguf_packed import PackedGGUF
@@ -81,7 +81,7 @@ def _q4_gemv_kernel(
     SIX_BIT: tl.constexpr = False,   # X8, 6-bit codes: top bits at h_ptr, s_ptr the scales as int32 pairs
     SUPER: tl.constexpr = False,     # Q4_K: s_ptr its int16 sub-scales, m_ptr its superblocks' (d, -dmin)
     PAIRED: tl.constexpr = False,    # s_ptr int32: a group's fp16 scale and min in one word
-    STEP: tl.constexpr = 1,          # tiles a loop iteration takes, unrolled (`GemvConfig.unroll`)
+    TILES: tl.constexpr = 0,         # > 0: the split's tiles, unrolled (every load issued up front); 0: a loop
 ):
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
@@ -102,10 +102,16 @@ def _q4_gemv_kernel(
     tot1 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot2 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     tot3 = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    for g0 in range(g_start, g_end, GROUPS * STEP):
-        for t in tl.static_range(STEP):     # STEP tiles' loads issued before their products
+    if TILES > 0:
+        for t in tl.static_range(TILES):
             tot0, tot1, tot2, tot3 = _tile_step(
-                tot0, tot1, tot2, tot3, g0 + t * GROUPS + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
+                tot0, tot1, tot2, tot3, g_start + t * GROUPS + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
+                rows64, row_zero, stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M, EVEN_K,
+                ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED)
+    else:
+        for g0 in range(g_start, g_end, GROUPS):
+            tot0, tot1, tot2, tot3 = _tile_step(
+                tot0, tot1, tot2, tot3, g0 + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
                 rows64, row_zero, stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M, EVEN_K,
                 ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED)
 
@@ -225,7 +231,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
     flags = dict(HAS_MIN=packed.has_min, HAS_BIAS=bias is not None, M=xm.shape[0],
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
-        flags["STEP"], flags["EVEN_K"] = plan.step(config.unroll)
+        flags["TILES"] = plan.unrolled_tiles(MAX_UNROLLED_TILES) if config.unroll else 0
         x8 = xm if isinstance(xm, XInt8) else gguf_gemv_x8_triton.quantize_x(xm)   # ~1.5 us at 1 row
         num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
         _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,

@@ -117,22 +117,21 @@ def test_gated_and_norm_epilogues_take_the_int8_x_too(qtype, monkeypatch):
 
 
 @pytest.mark.parametrize("qtype,num_rows,n,k,config", [c for c in CASES if not ON_GPU])
-@pytest.mark.parametrize("unroll", [2, 3, 16])
-def test_unrolled_tiles_give_the_loops_sums_bit_for_bit(qtype, num_rows, n, k, config, unroll):
+def test_unrolled_tiles_give_the_loops_sums_bit_for_bit(qtype, num_rows, n, k, config):
     packed = _packed(qtype, n, k, seed=n + k)
     x = _x(num_rows, k, seed=num_rows)
-    config = config or gguf_gemv_triton.choose_gemv_config(num_rows, n, k, packed.bits, DEVICE, x_int8=True)
-    looped = gguf_gemv(x, packed, config=dataclasses.replace(config, unroll=1))
-    assert torch.equal(gguf_gemv(x, packed, config=dataclasses.replace(config, unroll=unroll)), looped)
+    looped = gguf_gemv(x, packed, config=config)
+    unrolled = dataclasses.replace(config or gguf_gemv_triton.choose_gemv_config(num_rows, n, k, packed.bits, DEVICE),
+                                   unroll=True)
+    assert torch.equal(gguf_gemv(x, packed, config=unrolled), looped)
 
 
-def test_unmasked_loads_only_where_every_iteration_stays_inside_its_split():
+def test_only_splits_of_equal_tile_counts_unroll():
     plan = gguf_gemv_plan.plan_gemv
     cpu = torch.device("cpu")
-    even = plan(1, _packed("Q4_0", 24, 768, 1), cpu, GemvConfig(8, 4, split_k=2), True)    # 6 tiles, 3 a split
-    assert (even.split_k, even.step(1), even.step(3), even.step(16), even.step(2)) == (
-        2, (1, True), (3, True), (3, True), (2, False))
+    even = plan(1, _packed("Q4_0", 24, 768, 1), cpu, GemvConfig(8, 4, split_k=2), True)    # 24 groups: 6 tiles, 3 a split
+    assert (even.split_k, even.unrolled_tiles(16), even.unrolled_tiles(2)) == (2, 3, 0)
     ragged = plan(1, _packed("Q4_0", 24, 768, 1), cpu, GemvConfig(8, 16, split_k=2), True)  # 2 tiles, the 2nd partial
-    assert (ragged.split_k, ragged.step(1), ragged.step(4)) == (2, (1, False), (1, False))
+    assert (ragged.split_k, ragged.unrolled_tiles(16)) == (2, 1)
     uneven = plan(1, _packed("Q4_0", 24, 640, 1), cpu, GemvConfig(8, 4, split_k=2), True)   # 5 tiles: 3 + 2
-    assert (uneven.split_k, uneven.step(1), uneven.step(3)) == (2, (1, True), (3, False))
+    assert (uneven.split_k, uneven.unrolled_tiles(16)) == (2, 0)

@@ -84,11 +84,11 @@ def early_accesses(fn, sig, consts, num_warps):
 
 out = {}
 for prefetch in (True, False):
-    for step in (1, 4):        # a tile an iteration, and 4 unrolled
-        out[f"q4 gated, int8 x from the norm, step={step}, prefetch={prefetch}"] = where(gg._q4_gemv_kernel, q4, dict(
+    for tiles in (0, 4):       # the loop, and 4 tiles unrolled
+        out[f"q4 gated, int8 x from the norm, tiles={tiles}, prefetch={prefetch}"] = where(gg._q4_gemv_kernel, q4, dict(
             ZERO_POINT=8, HAS_MIN=True, HAS_BIAS=False, M=1, BLOCK_N=4, GROUPS=32, SPLIT_K=1, EVEN_K=False,
             BF16_ASM=0, X8=True, DP4A=True, NUM_PARTS=8, PARTS=8, GATED=True, PDL=True, PREFETCH=prefetch,
-            STEP=step), 1)
+            TILES=tiles), 1)
     out[f"q8, bf16 x, prefetch={prefetch}"] = where(g8.q8_gemv_kernel, q8, dict(
         CHUNKS_PER_GROUP=2, HAS_MIN=False, HAS_BIAS=False, M=2, BLOCK_N=4, CHUNKS=32, SPLIT_K=1, EVEN_K=True,
         BF16_ASM=True, GATED=False, PDL=True, PREFETCH=prefetch), 4)
