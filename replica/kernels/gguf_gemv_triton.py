@@ -58,8 +58,9 @@ USE_BF16_ASM = True   # 4-bit, bf16 x on CUDA: the bf16x2 word products (else th
 # against 452 with bf16 x); True: also under the interpreter, which emulates dp4a; False: never.
 X_INT8: bool | None = None
 # Under PDL the first PREFETCH_WAVE programs an SM ask L2 for their weights before their wait
-# (`pdl.prefetch_l2`): W2 +0.8-1.1 % (4-bit formats); every program: -3-4 %. 0: none.
-PREFETCH_WAVE = 4
+# (`pdl.prefetch_l2`): W2 +0.8-1.1 % (4-bit formats); every program: -3-4 %. 0: none. With the
+# unrolled one-warp tiles, W2 Q4_0: 0 593.6, 2 601.6, 3 600.5, 4 597.5, 8 579.6 tok/s.
+PREFETCH_WAVE = 2
 # Measured and dropped (bench/NOTES.md, "Moving short kernels' work into their neighbours
 # lost"): the first wave prefetching whole small matrices (o_proj's 9.4 MB during attention):
 # W2 Q4_0 -1.8%, with qkv -4.6%.
