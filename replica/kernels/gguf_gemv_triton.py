@@ -61,6 +61,10 @@ X_INT8: bool | None = None
 # (`pdl.prefetch_l2`): W2 +0.8-1.1 % (4-bit formats); every program: -3-4 %. 0: none. With the
 # unrolled one-warp tiles, W2 Q4_0: 0 593.6, 2 601.6, 3 600.5, 4 597.5, 8 579.6 tok/s.
 PREFETCH_WAVE = 2
+# The int8-x GEMV's code loads, read once a step while every program reads x: 1 evicted first from
+# L1 and L2 (`eviction_policy`), 2 cached in L2 only (.cg); 0 no hint. W2 Q4_0 (one process): none
+# 601.0, evict-first 608.4, L2 only 601.6 tok/s.
+STREAM_WEIGHTS = 1
 # Measured and dropped (bench/NOTES.md, "Moving short kernels' work into their neighbours
 # lost"): the first wave prefetching whole small matrices (o_proj's 9.4 MB during attention):
 # W2 Q4_0 -1.8%, with qkv -4.6%.
@@ -83,6 +87,7 @@ def _q4_gemv_kernel(
     SUPER: tl.constexpr = False,     # Q4_K: s_ptr its int16 sub-scales, m_ptr its superblocks' (d, -dmin)
     PAIRED: tl.constexpr = False,    # s_ptr int32: a group's fp16 scale and min in one word
     TILES: tl.constexpr = 0,         # > 0: the split's tiles, unrolled (every load issued up front); 0: a loop
+    STREAM: tl.constexpr = 0,        # the codes' loads: `q4_word_dot_triton.load_words4`'s cache hints
 ):
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
@@ -108,13 +113,13 @@ def _q4_gemv_kernel(
             tot0, tot1, tot2, tot3 = _tile_step(
                 tot0, tot1, tot2, tot3, g_start + t * GROUPS + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
                 rows64, row_zero, stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M, EVEN_K,
-                ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED)
+                ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED, STREAM)
     else:
         for g0 in range(g_start, g_end, GROUPS):
             tot0, tot1, tot2, tot3 = _tile_step(
                 tot0, tot1, tot2, tot3, g0 + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
                 rows64, row_zero, stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M, EVEN_K,
-                ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED)
+                ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED, STREAM)
 
     if NUM_PARTS > 0:         # x was rounded before the norm's 1/rms: scale the dot products (before bias, SiLU)
         tot0, tot1, tot2, tot3 = tot0 * rstd0, tot1 * rstd1, tot2 * rstd2, tot3 * rstd3
@@ -126,7 +131,8 @@ def _q4_gemv_kernel(
 def _tile_step(tot0, tot1, tot2, tot3, gs, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr, rows64, row_zero,
                stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M: tl.constexpr, EVEN_K: tl.constexpr,
                ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr, X8: tl.constexpr,
-               DP4A: tl.constexpr, SIX_BIT: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr):
+               DP4A: tl.constexpr, SIX_BIT: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr,
+               STREAM: tl.constexpr):
     """One tile (groups gs of the program's rows) added to the accumulators."""
     g_mask = (gs < g_end)[None, :]
     if SIX_BIT:
@@ -134,7 +140,7 @@ def _tile_step(tot0, tot1, tot2, tot3, gs, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m
             tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
             one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A)
     words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
-        q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER, PAIRED)
+        q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER, PAIRED, STREAM)
     return _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs,
                     g_mask, stride_xm, num_groups, one, M, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
 
@@ -233,6 +239,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
         flags["TILES"] = plan.unrolled_tiles(MAX_UNROLLED_TILES) if config.unroll else 0
+        flags["STREAM"] = STREAM_WEIGHTS if om.is_cuda else 0
         x8 = xm if isinstance(xm, XInt8) else gguf_gemv_x8_triton.quantize_x(xm)   # ~1.5 us at 1 row
         num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
         _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,
