@@ -24,6 +24,9 @@ import triton.language as tl
 from replica.kernels import linear_triton, pdl, q4_word_dot_triton
 
 CHUNK = 16            # codes a lane loads at once (16 bytes)
+# the codes' loads evicted first from L1 and L2 (`q4_word_dot_triton.load_words4`'s STREAM 1): not yet
+# measured on a GPU (the 4-bit kernel's gained 1.2%: bench/NOTES.md, "Weights evicted first")
+STREAM_WEIGHTS = False
 
 # One word of 4 signed 8-bit codes times 2 bf16 pairs of x → the fp32 sum of the 4 products.
 _Q8_WORD_DOT_ASM = """{
@@ -133,6 +136,7 @@ def q8_gemv_kernel(
     BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
     PREFETCH: tl.constexpr,          # PDL: programs below prefetch_programs (launch order) prefetch
+    STREAM: tl.constexpr = 0,        # the codes' loads: `q4_word_dot_triton.load_words4`'s cache hints
 ):
     # q_ptr: the codes as int32 words (4 a word); stride_qn in words
     rows, n_mask, rows64, row_zero, c, c_start, c_end = q4_word_dot_triton.packed_gemv_lanes(
@@ -151,7 +155,8 @@ def q8_gemv_kernel(
         cs = c0 + c                                     # [CHUNKS] chunk indices
         c_mask = (cs < c_end)[None, :]
         words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
-            q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, cs, c_mask, one, CHUNKS_PER_GROUP, EVEN_K, HAS_MIN)
+            q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, cs, c_mask, one, CHUNKS_PER_GROUP, EVEN_K, HAS_MIN,
+            STREAM=STREAM)
         tot0, tot1, tot2, tot3 = _q8_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low, x_ptr,
                                           x32_ptr, row_zero, cs, c_mask, stride_xm, M, EVEN_K, HAS_MIN, BF16_ASM)
 

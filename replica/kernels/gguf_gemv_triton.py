@@ -65,6 +65,8 @@ PREFETCH_WAVE = 2
 # L1 and L2 (`eviction_policy`), 2 cached in L2 only (.cg); 0 no hint. W2 Q4_0 (one process): none
 # 601.0, evict-first 608.4, L2 only 601.6 tok/s.
 STREAM_WEIGHTS = 1
+# The same evict-first hint for the 6-bit codes (the Q6_K head, Q4_K_M's Q6_K layers): not yet measured.
+STREAM_SIX_BIT = False
 # Measured and dropped (bench/NOTES.md, "Moving short kernels' work into their neighbours
 # lost"): the first wave prefetching whole small matrices (o_proj's 9.4 MB during attention):
 # W2 Q4_0 -1.8%, with qkv -4.6%.
@@ -138,7 +140,7 @@ def _tile_step(tot0, tot1, tot2, tot3, gs, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m
     if SIX_BIT:
         return gguf_gemv_x8_triton.six_bit_tile(
             tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
-            one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A)
+            one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A, STREAM)
     words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
         q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER, PAIRED, STREAM)
     return _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs,
@@ -239,7 +241,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
         flags["TILES"] = plan.unrolled_tiles(MAX_UNROLLED_TILES) if config.unroll else 0
-        flags["STREAM"] = STREAM_WEIGHTS if om.is_cuda else 0
+        flags["STREAM"] = (int(STREAM_SIX_BIT) if six_bit else STREAM_WEIGHTS) if om.is_cuda else 0
         x8 = xm if isinstance(xm, XInt8) else gguf_gemv_x8_triton.quantize_x(xm)   # ~1.5 us at 1 row
         num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
         _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,
@@ -262,7 +264,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
         gguf_gemv8_triton.q8_gemv_kernel[grid](
             xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *scales, *shape, xm.stride(0), *strides,
             prefetch_programs, CHUNKS_PER_GROUP=packed.group_size // gguf_gemv8_triton.CHUNK, CHUNKS=plan.groups,
-            BF16_ASM=bf16_pairs, **flags, **launch)
+            BF16_ASM=bf16_pairs, STREAM=int(gguf_gemv8_triton.STREAM_WEIGHTS and om.is_cuda), **flags, **launch)
 
 
 def _rows(x: torch.Tensor | XInt8, start: int, stop: int) -> torch.Tensor | XInt8:

@@ -35,6 +35,9 @@ from replica.kernels.checks import (
 )
 
 MAX_ROWS = 8   # rows of x this kernel is for; larger batches go to cuBLAS (F.linear)
+# the weights' loads evicted first from L1 and L2 (read once a step, x by every program): not yet
+# measured on a GPU (the 4-bit GEMV's codes gained 1.2%: bench/NOTES.md, "Weights evicted first")
+STREAM_WEIGHTS = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    STREAM: tl.constexpr = False,     # the weights' loads evicted first (STREAM_WEIGHTS)
 ):
     pdl.wait_and_release(PDL)
     pid_n = tl.program_id(0)
@@ -70,11 +74,12 @@ def _skinny_linear_kernel(
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k in range(0, k_per_split, BLOCK_K):
+        policy: tl.constexpr = "evict_first" if STREAM else ""
         if EVEN_N and EVEN_K:
-            w = tl.load(w_ptrs)
+            w = tl.load(w_ptrs, eviction_policy=policy)
         else:
             k_mask = (offs_k + k) < K
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=policy)
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         else:
@@ -263,7 +268,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         HAS_BIAS=bias is not None, USE_DOT=use_dot, BLOCK_M=block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % k_per_split == 0,
-        DOT_PRECISION=dot_precision(x.dtype),
+        DOT_PRECISION=dot_precision(x.dtype), STREAM=STREAM_WEIGHTS and x.is_cuda,
         **pdl.launch_options(x.device), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:

@@ -10,7 +10,9 @@ The invariants:
 - rotary + KV write, decode attention's split and the RMSNorms load before the wait only what no
   kernel of the step writes (`pdl.EARLY_LOADS`): positions, slots, the rotary table; sequence
   lengths and block tables, and attention prefetches K and V; the norm's weight. Which kernel argument a load's address comes from is
-  followed through the PTX's registers from the `ld.param` that read it."""
+  followed through the PTX's registers from the `ld.param` that read it.
+Also which loads carry the weights' cache hint (evicted first: the codes and bf16 weights, read once
+a step), and that each switch for it reaches the compiled loads."""
 import json
 import os
 import subprocess
@@ -93,6 +95,27 @@ for prefetch in (True, False):
     out[f"q8, bf16 x, prefetch={prefetch}"] = where(g8.q8_gemv_kernel, q8, dict(
         CHUNKS_PER_GROUP=2, HAS_MIN=False, HAS_BIAS=False, M=2, BLOCK_N=4, CHUNKS=32, SPLIT_K=1, EVEN_K=True,
         BF16_ASM=True, GATED=False, PDL=True, PREFETCH=prefetch), 4)
+
+# the weights' cache hint, each switch on and off (the compiled loads, not the speed)
+six = dict(q4, h_ptr=p("i32"), stride_hn="i32", s_ptr=p("i32"))      # 6-bit scales: int32 pairs
+from replica.kernels import linear_triton as lt
+skinny = dict(x_ptr=p("bf16"), w_ptr=p("bf16"), bias_ptr=p("bf16"), out_ptr=p("bf16"), partial_ptr=p("fp32"),
+              M="i32", N="i32", K="i32", k_per_split="i32", stride_xm="i32", stride_wn="i32", stride_om="i32")
+for stream in (0, 1):
+    out[f"hint: q4, stream={stream}"] = where(gg._q4_gemv_kernel, q4, dict(
+        ZERO_POINT=8, HAS_MIN=False, HAS_BIAS=False, M=1, BLOCK_N=2, GROUPS=64, SPLIT_K=1, EVEN_K=True,
+        BF16_ASM=0, X8=True, DP4A=True, NUM_PARTS=0, PARTS=1, GATED=False, PDL=True, PREFETCH=False,
+        TILES=2, STREAM=stream), 1)
+    out[f"hint: six-bit, stream={stream}"] = where(gg._q4_gemv_kernel, six, dict(
+        ZERO_POINT=32, HAS_MIN=False, HAS_BIAS=False, M=1, BLOCK_N=2, GROUPS=32, SPLIT_K=1, EVEN_K=True,
+        BF16_ASM=0, X8=True, DP4A=True, NUM_PARTS=0, PARTS=1, GATED=False, PDL=True, PREFETCH=False,
+        SIX_BIT=True, TILES=0, STREAM=stream), 1)
+    out[f"hint: q8, stream={stream}"] = where(g8.q8_gemv_kernel, q8, dict(
+        CHUNKS_PER_GROUP=2, HAS_MIN=False, HAS_BIAS=False, M=1, BLOCK_N=2, CHUNKS=64, SPLIT_K=1, EVEN_K=True,
+        BF16_ASM=True, GATED=False, PDL=True, PREFETCH=False, STREAM=stream), 1)
+    out[f"hint: bf16, stream={stream}"] = where(lt._skinny_linear_kernel, skinny, dict(
+        HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, EVEN_N=True, EVEN_K=True,
+        DOT_PRECISION="ieee", PDL=True, STREAM=bool(stream)), 8)
 
 i = "i32"
 split = dict(q_ptr=p("bf16"), k_cache_ptr=p("bf16"), v_cache_ptr=p("bf16"), block_tables_ptr=p("i32"),
@@ -200,3 +223,10 @@ def test_the_int8_x_gemvs_code_loads_are_evicted_first(ptx_positions):
         if kernel.startswith("q4 gated"):
             assert at["evict_first"], kernel
             assert len(at["load"]) > len(at["evict_first"]), f"{kernel}: x's and the scales' loads evicted first too"
+
+
+def test_each_weights_hint_switch_reaches_the_compiled_loads(ptx_positions):
+    for kind in ("q4", "six-bit", "q8", "bf16"):
+        on, off = ptx_positions[f"hint: {kind}, stream=1"], ptx_positions[f"hint: {kind}, stream=0"]
+        assert on["evict_first"] and not off["evict_first"], kind
+        assert len(on["load"]) == len(off["load"]), kind          # the same loads, only hinted
