@@ -27,12 +27,11 @@ class GemvConfig:
                           # 16-column chunks (8-bit)
     split_k: int = 1
     num_warps: int = 4
-    unroll: bool = False  # a split's tiles unrolled (when its splits have equal tile counts)
+    unroll: bool = False  # int8 x: a split's tiles unrolled (when its splits have equal tile counts)
 
 
 # (GGML type, rows of x, N, K) → config, filled by a measured sweep (bench/quant.py).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
-
 
 
 @functools.cache
@@ -103,7 +102,9 @@ class GemvPlan:
 
 
 def plan_gemv(num_rows: int, packed: PackedGGUF, device: torch.device, config: GemvConfig | None,
-          x_int8: bool) -> GemvPlan:
+              x_int8: bool) -> GemvPlan:
+    """The launch's plan for `packed` at num_rows rows of x: config (else `choose_gemv_config`'s),
+    K cut into whole tiles, split-K without an empty split."""
     n, k = packed.shape
     config = config or choose_gemv_config(num_rows, n, k, packed.bits, device, packed.qtype, x_int8)
     # lanes along K: 4-bit, one 32-element group each; 8-bit, one 16-code chunk each
