@@ -226,8 +226,7 @@ def trace(engine, vocab: int) -> list:
 def sweep(engine, cfg, tiles: str, flags: list[str], emit) -> None:
     """Each tile as is and, with --flag, with those switches on too (key "tile+NAME=VALUE")."""
     switches = [_switch(flag) for flag in flags]
-    label = "+".join(name if on is True else f"{name}={on}" for _, name, on, _ in switches)
-    states = [("", False)] + ([("+" + label, True)] if switches else [])
+    states = [("", False)] + ([("+" + _label(switches, tuple(range(len(switches)))), True)] if switches else [])
     model, dev, eps = engine.model, torch.device("cuda"), cfg.rms_norm_eps
     layers = model.layers
     residual = torch.randn(1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
@@ -299,12 +298,21 @@ def _switch(flag: str):
     return module, name, True, False
 
 
+def _label(switches: list, on: tuple) -> str:
+    """The settings in `on` as NAME or NAME=VALUE, a name that several modules share as module.NAME."""
+    def shown(module, name):
+        shared = sum(1 for m, n, _, _ in switches if n == name and m is not module) > 0
+        return f"{module.__name__.rpartition('.')[2]}.{name}" if shared else name
+    return "+".join(shown(m, n) if value is True else f"{shown(m, n)}={value}"
+                    for m, n, value, _ in (switches[i] for i in on)) or "off"
+
+
 def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
     """Per format one engine; then twice, alternating: all switches off, each one alone on, and
     (with several) all on, the decode graphs captured again for each setting."""
     switches = [_switch(flag) for flag in flags]
     settings = [()] + [(i,) for i in range(len(switches))]
-    if len({name for _, name, _, _ in switches}) > 1:       # all on, where they are different settings
+    if len({(module, name) for module, name, _, _ in switches}) > 1:     # all on, where they are different settings
         settings.append(tuple(range(len(switches))))
     for fmt in formats.split(","):
         engine = build_engine(vocab_cfg, fmt, "cuda", max_num_seqs=8, token_budget=8192)
@@ -316,9 +324,7 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
                 for module, name, value_on, _ in (switches[i] for i in on):
                     setattr(module, name, value_on)
                 graphs.capture()            # again, into the same pool
-                label = "+".join(name if value is True else f"{name}={value}"
-                                 for _, name, value, _ in (switches[i] for i in on)) or "off"
-                emit(f"W2_{fmt}_{label}_pass{pass_}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
+                emit(f"W2_{fmt}_{_label(switches, on)}_pass{pass_}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
         del engine, graphs
         gc.collect()              # the engine's graphs and cache sit in reference cycles
         torch.cuda.empty_cache()

@@ -38,6 +38,9 @@ MAX_ROWS = 8   # rows of x this kernel is for; larger batches go to cuBLAS (F.li
 # the weights' loads evicted first from L1 and L2 (read once a step, x by every program): not yet
 # measured on a GPU (the 4-bit GEMV's codes gained 1.2%: bench/NOTES.md, "Weights evicted first")
 STREAM_WEIGHTS = False
+# a split of at most this many BLOCK_K tiles runs them as straight-line code (the 4-bit GEMV gained
+# 5.7% so: bench/NOTES.md, "The 4-bit GEMV's tiles unrolled"); 0: the loop. Not yet measured here.
+UNROLL_TILES = 0
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ def _skinny_linear_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     STREAM: tl.constexpr = False,     # the weights' loads evicted first (STREAM_WEIGHTS)
+    TILES: tl.constexpr = 0,          # > 0: a split's BLOCK_K tiles unrolled (UNROLL_TILES); 0: a loop
 ):
     pdl.wait_and_release(PDL)
     pid_n = tl.program_id(0)
@@ -73,23 +77,16 @@ def _skinny_linear_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in range(0, k_per_split, BLOCK_K):
-        policy: tl.constexpr = "evict_first" if STREAM else ""
-        if EVEN_N and EVEN_K:
-            w = tl.load(w_ptrs, eviction_policy=policy)
-        else:
-            k_mask = (offs_k + k) < K
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=policy)
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-        else:
-            x = tl.load(x_ptrs, mask=m_mask[:, None] & ((offs_k + k) < K)[None, :], other=0.0)
-        if USE_DOT:
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
-        else:
-            acc += w.to(tl.float32) * x.to(tl.float32)      # x: [1, BLOCK_K], broadcast over rows
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+    if TILES > 0:       # straight-line: every tile's loads issued before the first product
+        for t in tl.static_range(TILES):
+            acc = _skinny_tile(acc, w_ptrs + t * BLOCK_K, x_ptrs + t * BLOCK_K, t * BLOCK_K, offs_k, n_mask, m_mask,
+                               K, USE_DOT, EVEN_N, EVEN_K, DOT_PRECISION, STREAM)
+    else:
+        for k in range(0, k_per_split, BLOCK_K):
+            acc = _skinny_tile(acc, w_ptrs, x_ptrs, k, offs_k, n_mask, m_mask, K, USE_DOT, EVEN_N, EVEN_K,
+                               DOT_PRECISION, STREAM)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
 
     if USE_DOT:
         result = acc                                        # [BLOCK_N, BLOCK_M]
@@ -105,6 +102,25 @@ def _skinny_linear_kernel(
     else:
         # partial: [SPLIT_K, M, N] fp32, summed by _split_k_sum_kernel
         tl.store(partial_ptr + (pid_k * M + ms[None, :]) * N + rows[:, None], result, mask=out_mask)
+
+
+@triton.jit
+def _skinny_tile(acc, w_ptrs, x_ptrs, k, offs_k, n_mask, m_mask, K, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM: tl.constexpr):
+    """One BLOCK_K tile of W (rows) against x, k columns into the split, added to acc."""
+    policy: tl.constexpr = "evict_first" if STREAM else ""
+    if EVEN_N and EVEN_K:
+        w = tl.load(w_ptrs, eviction_policy=policy)
+    else:
+        k_mask = (offs_k + k) < K
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=policy)
+    if EVEN_K:
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+    else:
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & ((offs_k + k) < K)[None, :], other=0.0)
+    if USE_DOT:
+        return tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    return acc + w.to(tl.float32) * x.to(tl.float32)      # x: [1, BLOCK_K], broadcast over rows
 
 
 @triton.jit
@@ -269,6 +285,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % k_per_split == 0,
         DOT_PRECISION=dot_precision(x.dtype), STREAM=STREAM_WEIGHTS and x.is_cuda,
+        TILES=k_per_split // config.block_k if k_per_split // config.block_k <= UNROLL_TILES else 0,
         **pdl.launch_options(x.device), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from replica.kernels import linear_triton
 from replica.kernels.linear_triton import LinearConfig, choose_config, skinny_linear
 from tests.kernels.paged_batch import DEVICE, DTYPE, ON_GPU
 
@@ -49,6 +50,17 @@ def test_matches_float64_reference(num_rows, n, k, has_bias, config):
     # float32 inputs: float32 rounding of the sums; 16-bit: the output's one rounding (~4e-3)
     assert _relative_error(out, ref) < (1e-5 if DTYPE == torch.float32 else 1e-2)
 
+
+
+@pytest.mark.parametrize("num_rows,n,k,has_bias,config", [c for c in CASES if c[4] is not None])
+def test_unrolled_tiles_give_the_loops_sums_bit_for_bit(num_rows, n, k, has_bias, config, monkeypatch):
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(num_rows, k, generator=gen).to(DTYPE).to(DEVICE)
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(DTYPE).to(DEVICE)
+    bias = torch.randn(n, generator=gen).to(DTYPE).to(DEVICE) if has_bias else None
+    looped = skinny_linear(x, weight, bias, config=config)
+    monkeypatch.setattr(linear_triton, "UNROLL_TILES", 16)
+    assert torch.equal(skinny_linear(x, weight, bias, config=config), looped)
 
 def test_strided_rows_of_x():
     # x as a row-strided view (every other row of a bigger buffer), last dim contiguous
