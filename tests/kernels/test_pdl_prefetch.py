@@ -115,7 +115,10 @@ for stream in (0, 1):
         BF16_ASM=True, GATED=False, PDL=True, PREFETCH=False, STREAM=stream), 1)
     out[f"hint: bf16, stream={stream}"] = where(lt._skinny_linear_kernel, skinny, dict(
         HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, EVEN_N=True, EVEN_K=True,
-        DOT_PRECISION="ieee", PDL=True, STREAM=bool(stream)), 8)
+        DOT_PRECISION="ieee", PDL=True, STREAM=bool(stream), TILES=0), 8)
+out["bf16, 2 tiles unrolled"] = where(lt._skinny_linear_kernel, skinny, dict(
+    HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, EVEN_N=True, EVEN_K=True,
+    DOT_PRECISION="ieee", PDL=True, STREAM=False, TILES=2), 8)
 
 i = "i32"
 split = dict(q_ptr=p("bf16"), k_cache_ptr=p("bf16"), v_cache_ptr=p("bf16"), block_tables_ptr=p("i32"),
@@ -230,3 +233,8 @@ def test_each_weights_hint_switch_reaches_the_compiled_loads(ptx_positions):
         on, off = ptx_positions[f"hint: {kind}, stream=1"], ptx_positions[f"hint: {kind}, stream=0"]
         assert on["evict_first"] and not off["evict_first"], kind
         assert len(on["load"]) == len(off["load"]), kind          # the same loads, only hinted
+
+
+def test_bf16s_unrolled_tiles_are_straight_line_code(ptx_positions):
+    # the loop's body loads one tile; two unrolled tiles load twice as much, with no loop around
+    assert len(ptx_positions["bf16, 2 tiles unrolled"]["load"]) == 2 * len(ptx_positions["hint: bf16, stream=0"]["load"])
