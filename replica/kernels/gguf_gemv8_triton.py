@@ -24,7 +24,7 @@ import triton.language as tl
 from replica.kernels import linear_triton, pdl, q4_word_dot_triton
 
 CHUNK = 16            # codes a lane loads at once (16 bytes)
-# the codes' loads evicted first from L1 and L2 (`q4_word_dot_triton.load_words4`'s STREAM 1): not yet
+# the codes' loads evicted first from L1 and L2 (`q4_word_dot_triton.load_words4`'s STREAM): not yet
 # measured on a GPU (the 4-bit kernel's gained 1.2%: bench/NOTES.md, "Weights evicted first")
 STREAM_WEIGHTS = False
 
@@ -136,7 +136,7 @@ def q8_gemv_kernel(
     BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BF16_ASM: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
     PREFETCH: tl.constexpr,          # PDL: programs below prefetch_programs (launch order) prefetch
-    STREAM: tl.constexpr = 0,        # the codes' loads: `q4_word_dot_triton.load_words4`'s cache hints
+    STREAM: tl.constexpr = False,    # the codes' loads evicted first (`q4_word_dot_triton.load_words4`)
 ):
     # q_ptr: the codes as int32 words (4 a word); stride_qn in words
     rows, n_mask, rows64, row_zero, c, c_start, c_end = q4_word_dot_triton.packed_gemv_lanes(

@@ -61,10 +61,10 @@ X_INT8: bool | None = None
 # (`pdl.prefetch_l2`): W2 +0.8-1.1 % (4-bit formats); every program: -3-4 %. 0: none. With the
 # unrolled one-warp tiles, W2 Q4_0: 0 593.6, 2 601.6, 3 600.5, 4 597.5, 8 579.6 tok/s.
 PREFETCH_WAVE = 2
-# The int8-x GEMV's code loads, read once a step while every program reads x: 1 evicted first from
-# L1 and L2 (`eviction_policy`), 2 cached in L2 only (.cg); 0 no hint. W2 Q4_0 (one process): none
-# 601.0, evict-first 608.4, L2 only 601.6 tok/s.
-STREAM_WEIGHTS = 1
+# The int8-x GEMV's code loads, read once a step while every program reads x, evicted first from L1
+# and L2 (`eviction_policy`). W2 Q4_0 (one process): no hint 601.0, evict-first 608.4, cached in L2
+# only (.cg, measured and removed) 601.6 tok/s.
+STREAM_WEIGHTS = True
 # The same evict-first hint for the 6-bit codes (the Q6_K head, Q4_K_M's Q6_K layers): not yet measured.
 STREAM_SIX_BIT = False
 # Measured and dropped (bench/NOTES.md, "Moving short kernels' work into their neighbours
@@ -89,7 +89,7 @@ def _q4_gemv_kernel(
     SUPER: tl.constexpr = False,     # Q4_K: s_ptr its int16 sub-scales, m_ptr its superblocks' (d, -dmin)
     PAIRED: tl.constexpr = False,    # s_ptr int32: a group's fp16 scale and min in one word
     TILES: tl.constexpr = 0,         # > 0: the split's tiles, unrolled (every load issued up front); 0: a loop
-    STREAM: tl.constexpr = 0,        # the codes' loads: `q4_word_dot_triton.load_words4`'s cache hints
+    STREAM: tl.constexpr = False,    # the codes' loads evicted first (`q4_word_dot_triton.load_words4`)
 ):
     rows, n_mask, rows64, row_zero, g, g_start, g_end = q4_word_dot_triton.packed_gemv_lanes(
         N, groups_per_split, num_groups, BLOCK_N, GROUPS, GATED)
@@ -241,7 +241,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:
         flags["TILES"] = plan.unrolled_tiles(MAX_UNROLLED_TILES) if config.unroll else 0
-        flags["STREAM"] = (int(STREAM_SIX_BIT) if six_bit else STREAM_WEIGHTS) if om.is_cuda else 0
+        flags["STREAM"] = (STREAM_SIX_BIT if six_bit else STREAM_WEIGHTS) and om.is_cuda
         x8 = xm if isinstance(xm, XInt8) else gguf_gemv_x8_triton.quantize_x(xm)   # ~1.5 us at 1 row
         num_parts = 0 if x8.sumsq is None else x8.sumsq.shape[1]
         _q4_gemv_kernel[grid](x8.codes.view(torch.int32), x8.dx_sum.view(torch.int64), qweight32, *scales,
@@ -264,7 +264,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
         gguf_gemv8_triton.q8_gemv_kernel[grid](
             xm, xm.view(torch.int32) if bf16_pairs else xm, qweight32, *scales, *shape, xm.stride(0), *strides,
             prefetch_programs, CHUNKS_PER_GROUP=packed.group_size // gguf_gemv8_triton.CHUNK, CHUNKS=plan.groups,
-            BF16_ASM=bf16_pairs, STREAM=int(gguf_gemv8_triton.STREAM_WEIGHTS and om.is_cuda), **flags, **launch)
+            BF16_ASM=bf16_pairs, STREAM=gguf_gemv8_triton.STREAM_WEIGHTS and om.is_cuda, **flags, **launch)
 
 
 def _rows(x: torch.Tensor | XInt8, start: int, stop: int) -> torch.Tensor | XInt8:

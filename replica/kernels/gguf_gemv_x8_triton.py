@@ -242,7 +242,7 @@ def _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr,
 @triton.jit
 def six_bit_tile(tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
                  one, xq_ptr, ds_ptr, row_zero, stride_xq, num_groups, M: tl.constexpr, EVEN_K: tl.constexpr,
-                 DP4A: tl.constexpr, STREAM: tl.constexpr = 0):
+                 DP4A: tl.constexpr, STREAM: tl.constexpr = False):
     """A 6-bit GEMV tile: each lane's 4 words of low nibbles (one 16-byte load), its 2 words of top
     bits (one 8-byte load, h_ptr int32 [N, K/16]) and its two scales (one 4-byte load, s_ptr the
     fp16 scales seen as int32 [N, K/32]), times each row of x8, added to the accumulators."""

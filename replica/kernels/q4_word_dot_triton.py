@@ -130,27 +130,24 @@ def prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, start, en
 
 
 @triton.jit
-def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.constexpr, STREAM: tl.constexpr = 0):
+def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.constexpr, STREAM: tl.constexpr = False):
     """Each lane's 16 bytes of its row (int32 words 4·lane .. 4·lane + 3) in one load, split
-    into its 4 words in registers: 4 × [BLOCK_N, LANES] int32. STREAM (codes are read once a step):
-    1 evicted first from L1 and L2, 2 cached in L2 only (.cg); 0 no hint."""
+    into its 4 words in registers: 4 × [BLOCK_N, LANES] int32. STREAM: the codes are read once a
+    step, so they are evicted first from L1 and L2."""
     w = tl.arange(0, 4)
     offs = rows64[:, None, None] * stride_qn + (lane_idx * 4)[None, :, None] + w[None, None, :]
-    mask = None if EVEN_K else lane_mask[:, :, None]
-    other = None if EVEN_K else 0
-    if STREAM == 2:
-        words4 = tl.load(q_ptr + offs, mask=mask, other=other, cache_modifier=".cg")
-    elif STREAM == 1:
-        words4 = tl.load(q_ptr + offs, mask=mask, other=other, eviction_policy="evict_first")
+    policy: tl.constexpr = "evict_first" if STREAM else ""
+    if EVEN_K:
+        words4 = tl.load(q_ptr + offs, eviction_policy=policy)
     else:
-        words4 = tl.load(q_ptr + offs, mask=mask, other=other)
+        words4 = tl.load(q_ptr + offs, mask=lane_mask[:, :, None], other=0, eviction_policy=policy)
     return split4(words4)
 
 
 @triton.jit
 def load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, lanes, lane_mask, one,
               LANES_PER_SCALE: tl.constexpr, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr,
-              SUPER: tl.constexpr = False, PAIRED: tl.constexpr = False, STREAM: tl.constexpr = 0):
+              SUPER: tl.constexpr = False, PAIRED: tl.constexpr = False, STREAM: tl.constexpr = False):
     """A GEMV tile: each lane's 16 bytes of codes of each row (4 words, one load) and its group's
     scale and min. The scales' column goes through `one` (a runtime 1) so that the compiler does
     not vectorise them across lanes, which would give them another layout than the words'."""

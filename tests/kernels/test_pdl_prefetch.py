@@ -101,7 +101,7 @@ six = dict(q4, h_ptr=p("i32"), stride_hn="i32", s_ptr=p("i32"))      # 6-bit sca
 from replica.kernels import linear_triton as lt
 skinny = dict(x_ptr=p("bf16"), w_ptr=p("bf16"), bias_ptr=p("bf16"), out_ptr=p("bf16"), partial_ptr=p("fp32"),
               M="i32", N="i32", K="i32", k_per_split="i32", stride_xm="i32", stride_wn="i32", stride_om="i32")
-for stream in (0, 1):
+for stream in (False, True):
     out[f"hint: q4, stream={stream}"] = where(gg._q4_gemv_kernel, q4, dict(
         ZERO_POINT=8, HAS_MIN=False, HAS_BIAS=False, M=1, BLOCK_N=2, GROUPS=64, SPLIT_K=1, EVEN_K=True,
         BF16_ASM=0, X8=True, DP4A=True, NUM_PARTS=0, PARTS=1, GATED=False, PDL=True, PREFETCH=False,
@@ -115,7 +115,7 @@ for stream in (0, 1):
         BF16_ASM=True, GATED=False, PDL=True, PREFETCH=False, STREAM=stream), 1)
     out[f"hint: bf16, stream={stream}"] = where(lt._skinny_linear_kernel, skinny, dict(
         HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, EVEN_N=True, EVEN_K=True,
-        DOT_PRECISION="ieee", PDL=True, STREAM=bool(stream), TILES=0), 8)
+        DOT_PRECISION="ieee", PDL=True, STREAM=stream, TILES=0), 8)
 out["bf16, 2 tiles unrolled"] = where(lt._skinny_linear_kernel, skinny, dict(
     HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, EVEN_N=True, EVEN_K=True,
     DOT_PRECISION="ieee", PDL=True, STREAM=False, TILES=2), 8)
@@ -230,11 +230,11 @@ def test_the_int8_x_gemvs_code_loads_are_evicted_first(ptx_positions):
 
 def test_each_weights_hint_switch_reaches_the_compiled_loads(ptx_positions):
     for kind in ("q4", "six-bit", "q8", "bf16"):
-        on, off = ptx_positions[f"hint: {kind}, stream=1"], ptx_positions[f"hint: {kind}, stream=0"]
+        on, off = ptx_positions[f"hint: {kind}, stream=True"], ptx_positions[f"hint: {kind}, stream=False"]
         assert on["evict_first"] and not off["evict_first"], kind
         assert len(on["load"]) == len(off["load"]), kind          # the same loads, only hinted
 
 
 def test_bf16s_unrolled_tiles_are_straight_line_code(ptx_positions):
     # the loop's body loads one tile; two unrolled tiles load twice as much, with no loop around
-    assert len(ptx_positions["bf16, 2 tiles unrolled"]["load"]) == 2 * len(ptx_positions["hint: bf16, stream=0"]["load"])
+    assert len(ptx_positions["bf16, 2 tiles unrolled"]["load"]) == 2 * len(ptx_positions["hint: bf16, stream=False"]["load"])
