@@ -325,6 +325,8 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
                     setattr(module, name, value_on)
                 graphs.capture()            # again, into the same pool
                 emit(f"W2_{fmt}_{_label(switches, on)}_pass{pass_}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
+        for module, name, _, value_off in switches:      # the next format's engine is built with all off
+            setattr(module, name, value_off)
         del engine, graphs
         gc.collect()              # the engine's graphs and cache sit in reference cycles
         torch.cuda.empty_cache()

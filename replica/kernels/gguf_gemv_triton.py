@@ -65,7 +65,8 @@ PREFETCH_WAVE = 2
 # and L2 (`eviction_policy`). W2 Q4_0 (one process): no hint 601.0, evict-first 608.4, cached in L2
 # only (.cg, measured and removed) 601.6 tok/s.
 STREAM_WEIGHTS = True
-# The same evict-first hint for the 6-bit codes (the Q6_K head, Q4_K_M's Q6_K layers): not yet measured.
+# The same evict-first hint for the 6-bit codes (the Q6_K head, Q4_K_M's Q6_K layers): W2 Q4_K 586.2
+# against 586.3 tok/s without (bench/results/decode-parts-ab-six-bit-stream-H200-2026-12-01.json), so off.
 STREAM_SIX_BIT = False
 # Measured and dropped (bench/NOTES.md, "Moving short kernels' work into their neighbours
 # lost"): the first wave prefetching whole small matrices (o_proj's 9.4 MB during attention):

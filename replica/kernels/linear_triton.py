@@ -35,12 +35,12 @@ from replica.kernels.checks import (
 )
 
 MAX_ROWS = 8   # rows of x this kernel is for; larger batches go to cuBLAS (F.linear)
-# the weights' loads evicted first from L1 and L2 (read once a step, x by every program): not yet
-# measured on a GPU (the 4-bit GEMV's codes gained 1.2%: bench/NOTES.md, "Weights evicted first")
-STREAM_WEIGHTS = False
-# a split of at most this many BLOCK_K tiles runs them as straight-line code (the 4-bit GEMV gained
-# 5.7% so: bench/NOTES.md, "The 4-bit GEMV's tiles unrolled"); 0: the loop. Not yet measured here.
-UNROLL_TILES = 0
+# The weights' loads evicted first from L1 and L2 (read once a step, x by every program), and a
+# split of at most UNROLL_TILES BLOCK_K tiles run as straight-line code (0: the loop), as the 4-bit
+# GEMV does. W2 bf16 on an 8B, H200, one process (bench/results/decode-parts-ab-bf16-stream-unroll-
+# H200-2026-12-01.json): neither 243.7, evict-first 246.8, unrolled 245.1, both 248.7 tok/s.
+STREAM_WEIGHTS = True
+UNROLL_TILES = 8
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,12 @@ def _skinny_tile(acc, w_ptrs, x_ptrs, k, offs_k, n_mask, m_mask, K, USE_DOT: tl.
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
     else:
         x = tl.load(x_ptrs, mask=m_mask[:, None] & ((offs_k + k) < K)[None, :], other=0.0)
+    # one return: Triton compiles the statements after a constexpr branch's return too
     if USE_DOT:
-        return tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
-    return acc + w.to(tl.float32) * x.to(tl.float32)      # x: [1, BLOCK_K], broadcast over rows
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    else:
+        acc += w.to(tl.float32) * x.to(tl.float32)         # x: [1, BLOCK_K], broadcast over rows
+    return acc
 
 
 @triton.jit

@@ -47,7 +47,7 @@ def where(fn, sig, consts, num_warps):
     find = lambda text: [i for i, line in enumerate(lines) if text in line and not line.lstrip().startswith("//")]
     return {"wait": find("griddepcontrol.wait"), "prefetch": find("prefetch.global.L2"), "load": find("ld.global"),
             "early": early_accesses(fn, sig, consts, num_warps),
-            "evict_first": find("ld.global.L1::evict_first")}
+            "evict_first": find("ld.global.L1::evict_first"), "mma": find("mma")}
 
 p = lambda t: "*" + t
 common = dict(prefetch_programs="i32", q_ptr=p("i32"), s_ptr=p("fp16"), m_ptr=p("fp16"), bias_ptr=p("bf16"),
@@ -119,6 +119,10 @@ for stream in (False, True):
 out["bf16, 2 tiles unrolled"] = where(lt._skinny_linear_kernel, skinny, dict(
     HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, EVEN_N=True, EVEN_K=True,
     DOT_PRECISION="ieee", PDL=True, STREAM=False, TILES=2), 8)
+for tiles in (0, 2):          # several rows of x: the dot path (a kernel that only the GPU compiles)
+    out[f"bf16 dot, tiles={tiles}"] = where(lt._skinny_linear_kernel, skinny, dict(
+        HAS_BIAS=False, USE_DOT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, EVEN_N=True, EVEN_K=True,
+        DOT_PRECISION="ieee", PDL=True, STREAM=True, TILES=tiles), 4)
 
 i = "i32"
 split = dict(q_ptr=p("bf16"), k_cache_ptr=p("bf16"), v_cache_ptr=p("bf16"), block_tables_ptr=p("i32"),
@@ -238,3 +242,11 @@ def test_each_weights_hint_switch_reaches_the_compiled_loads(ptx_positions):
 def test_bf16s_unrolled_tiles_are_straight_line_code(ptx_positions):
     # the loop's body loads one tile; two unrolled tiles load twice as much, with no loop around
     assert len(ptx_positions["bf16, 2 tiles unrolled"]["load"]) == 2 * len(ptx_positions["hint: bf16, stream=False"]["load"])
+
+
+def test_the_bf16_gemv_for_several_rows_of_x_compiles_to_tensor_core_products(ptx_positions):
+    # the dot path runs only on a GPU (the interpreter executes Python, which compiled a helper that
+    # Triton itself rejected for this specialisation: the tests passed while the GPU failed)
+    for tiles in (0, 2):
+        assert ptx_positions[f"bf16 dot, tiles={tiles}"]["mma"]
+    assert not ptx_positions["hint: bf16, stream=False"]["mma"]
