@@ -17,6 +17,10 @@ walks the language's members with `inspect.getmembers`: ~3 ms, a third of a GEMV
 Those patches are skipped here when the running launch (or an earlier helper of it: Triton
 never restores a helper's patch) already patched every language module the helper sees: the same
 modules, patched the same way. The helper then runs as Triton runs it.
+
+Each interpreted launch is also recorded (`sm90_specs`): `test_sm90_compile`, which runs last,
+compiles every specialisation the run met for sm_90, since the interpreter accepts code that
+Triton's compiler rejects.
 """
 import dataclasses
 import functools
@@ -69,6 +73,18 @@ if not torch.cuda.is_available():
         except Exception as e:
             raise interpreter.InterpreterError(repr(e)) from e
 
+    from tests.kernels import sm90_specs
+    _run = interpreter.InterpretedFunction.run
+
+    def _recorded_run(self, *args, grid, warmup, **kwargs):
+        """Each launch's specialisation, for `test_sm90_compile` (never fails a launch)."""
+        try:
+            sm90_specs.record(self.fn, args, kwargs)
+        except Exception:                    # noqa: BLE001 (an untyped launch is left out)
+            pass
+        return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interpreter.InterpretedFunction.run = _recorded_run
     interpreter.GridExecutor.__call__ = _launch_once_patched
     interpreter.InterpretedFunction.__call__ = _device_call_in_patched_launch
     for name in sorted(sys.modules):
