@@ -4,8 +4,9 @@ CI has no GPU, so the kernel tests run Triton's interpreter, which executes a ke
 that Triton's compiler rejects can pass them (a helper returning early inside a constexpr branch
 did, 2026-12-01, and broke bf16 steps of several rows on every GPU). `record` (installed by
 conftest.py around the interpreter's launches) keeps each launch's kernel, argument types,
-constexpr values and warps; `compile_all` compiles each distinct one for sm_90 as the GPU would
-(PTX, then ptxas), in a child process without the interpreter.
+constexpr values and warps, and the same with the GPU-only switches on (`gpu_flavour`);
+`compile_all` compiles each distinct one for sm_90 as the GPU would (PTX, then ptxas), in a child
+process without the interpreter.
 """
 import inspect
 import json
@@ -61,6 +62,21 @@ def record(fn, args: tuple, kwargs: dict) -> None:
             return
     options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
     recorded.add(json.dumps([fn.__module__, fn.__name__, types, constexprs, options], sort_keys=True))
+    recorded.add(json.dumps([fn.__module__, fn.__name__, types, gpu_flavour(constexprs), options], sort_keys=True))
+
+
+# switches that only a GPU turns on (PDL and what it allows, dp4a, cache hints): each launch is also
+# compiled with them on, so that their code compiles though no CPU test runs it
+GPU_ONLY = {"PDL": True, "DP4A": True, "STREAM": True}
+UNDER_PDL = {"PREFETCH": True, "EARLY": True}
+
+
+def gpu_flavour(constexprs: dict) -> dict:
+    """constexprs with the GPU-only switches they have turned on."""
+    flavoured = {k: GPU_ONLY.get(k, v) if isinstance(v, bool) else v for k, v in constexprs.items()}
+    if flavoured.get("PDL"):
+        flavoured.update({k: on for k, on in UNDER_PDL.items() if isinstance(flavoured.get(k), bool)})
+    return flavoured
 
 
 _CHILD = r'''
