@@ -46,6 +46,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import prompts, run, write_results  # noqa: E402
+from bench.gpu_clocks import GpuClocks  # noqa: E402
 from replica.sampling_params import SamplingParams  # noqa: E402
 from bench.quant import decode_tok_per_s, model_config  # noqa: E402
 from bench.quant_accuracy import GGUF_FORMATS, build_engine  # noqa: E402
@@ -324,7 +325,9 @@ def ab(flags: list[str], formats: str, vocab_cfg, emit) -> None:
                 for module, name, value_on, _ in (switches[i] for i in on):
                     setattr(module, name, value_on)
                 graphs.capture()            # again, into the same pool
-                emit(f"W2_{fmt}_{_label(switches, on)}_pass{pass_}", tok_per_s=w2(engine, vocab_cfg.vocab_size))
+                with GpuClocks() as clocks:
+                    tok_per_s = w2(engine, vocab_cfg.vocab_size)
+                emit(f"W2_{fmt}_{_label(switches, on)}_pass{pass_}", tok_per_s=tok_per_s, gpu_clocks=clocks.summary())
         for module, name, _, value_off in switches:      # the next format's engine is built with all off
             setattr(module, name, value_off)
         del engine, graphs

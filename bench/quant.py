@@ -15,8 +15,9 @@ prefill through Triton dequantise + cuBLAS; FP8 (weight-only GEMV ≤ 8 rows, W8
 accuracy: `bench/quant_accuracy.py` (why "vs bf16 on the original weights" cannot find a bug on
 random weights, and what can: each format against bf16 running its effective weights).
 formats ("_kv8": the same weights with an FP8 KV cache, `--kv-cache-dtype fp8`): per format the
-weights' bytes on the GPU and the KV blocks that leaves; W2 decode tok/s
-(one request, 512 prompt tokens, 128 out); W1 and W3 requests/s (--quick: W2 only).
+weights' bytes on the GPU and the KV blocks that leaves; W2 decode tok/s (one request, 512 prompt
+tokens, 128 out; the median of 5 runs, with the GPU's clocks meanwhile); W1 and W3 requests/s
+(--quick: W2 only).
 
 GGUF weights come from the dummy bf16 weights through our own torch Q4_K / Q4_0 / Q6_K encoder
 (`replica/quantization/gguf_quantize.py`, checked against the gguf package's decoder in
@@ -31,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import SHAPES, prompts, run  # noqa: E402
+from bench.gpu_clocks import GpuClocks  # noqa: E402
 from bench.quant_accuracy import accuracy, build_engine  # noqa: E402
 from replica.config import EngineConfig  # noqa: E402
 from replica.kernels import pdl  # noqa: E402
@@ -72,6 +75,17 @@ def model_config(size: str) -> ModelConfig:
 def decode_tok_per_s(engine, vocab: int) -> float:
     w2 = run(engine, [(prompts(1, [512], vocab, 1)[0], 128)])
     return round(127 / (w2["last"]["0"] - w2["first"]["0"]), 1)
+
+
+W2_RUNS = 5
+
+
+def w2_figures(engine, vocab: int) -> dict:
+    """W2 decode tok/s: the median of W2_RUNS runs (each 0.2-0.5 s), every run, and what the GPU's
+    clocks did meanwhile (`GpuClocks`): one slow run, or a whole slow format, shows which it was."""
+    with GpuClocks() as clocks:
+        runs = [decode_tok_per_s(engine, vocab) for _ in range(W2_RUNS)]
+    return {"W2_decode_tok_per_s": statistics.median(runs), "W2_runs": runs, "W2_gpu_clocks": clocks.summary()}
 
 
 def memory_figures(engine) -> dict:
@@ -114,7 +128,7 @@ def bench_formats(args) -> None:
                        num_kv_blocks=engine.block_manager.num_blocks, load_s=round(time.perf_counter() - started, 1),
                        **memory_figures(engine))
         run(engine, [(p, 16) for p in prompts(8, [512] * 8, vocab, 9)])                  # warm-up
-        figures["W2_decode_tok_per_s"] = decode_tok_per_s(engine, vocab)
+        figures.update(w2_figures(engine, vocab))
         if not args.quick:
             w1_prompts = prompts(256, [512] * 256, vocab, 2)
             gen = torch.Generator().manual_seed(0)
