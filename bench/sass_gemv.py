@@ -8,6 +8,7 @@ stderr.
     python bench/sass_gemv.py gate_up Q4_K STREAM=false    # any constexpr overridden (JSON values)
     PYTHONPATH=/tmp/t36:. python bench/sass_gemv.py down   # another Triton (pip install --target),
                                                            # e.g. the GPU machine's 3.6
+    MAXNREG=56 python bench/sass_gemv.py gate_up           # ptxas's register cap (spills show as LDL/STL)
 
 The tiles are `gguf_gemv_plan.choose_gemv_config`'s for one row at the 8B shapes on an H200. Checked
 against the H200: ncu's SASS of an eager qkv launch there (no PDL; bench/results/ncu-decode-q4_0-
@@ -57,7 +58,10 @@ def compile_projection(proj: str, fmt: str, overrides: dict):
     src = ASTSource(fn=kernel, signature={name: types.get(name, "constexpr") for name in names},
                     constexprs={(names.index(key),): value for key, value in constexprs.items()},
                     attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, num_stages=1))
+    options = dict(num_warps=1, num_stages=1)
+    if os.environ.get("MAXNREG"):
+        options["maxnreg"] = int(os.environ["MAXNREG"])
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def sass(compiled) -> tuple[list[str], str]:
