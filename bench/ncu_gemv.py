@@ -21,8 +21,7 @@ from replica.kernels.gguf_gemv_triton import gguf_gemv  # noqa: E402
 from replica.kernels.gguf_gemv_x8_triton import quantize_x  # noqa: E402
 from replica.quantization.gguf_packed import pack  # noqa: E402
 from replica.quantization.gguf_quantize import quantize  # noqa: E402
-
-PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+from bench.sass_gemv import PROJECTIONS  # noqa: E402
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ stderr.
                                                            # e.g. the GPU machine's 3.6
     MAXNREG=56 python bench/sass_gemv.py gate_up           # ptxas's register cap (spills show as LDL/STL)
 
-The tiles are `gguf_gemv_plan.choose_gemv_config`'s for one row at the 8B shapes on an H200. Checked
+The tiles are those `gguf_gemv_plan.choose_gemv_config` and `plan_gemv` give one row at the 8B
+shapes on an H200 (132 SMs), as `gguf_gemv_triton._launch` takes them. Checked
 against the H200: ncu's SASS of an eager qkv launch there (no PDL; bench/results/ncu-decode-q4_0-
 qkv-sass-*.csv) has 434 instructions besides NOPs and this script's with PDL=false PREFETCH=false and
 Triton 3.6 has 432, with the same interleaving of code loads and products; Triton 3.9 differs more.
@@ -22,33 +23,42 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from replica.kernels import gguf_gemv_triton  # noqa: E402
+from replica.kernels import gguf_gemv_plan, gguf_gemv_triton  # noqa: E402
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-# (rows, groups, split_k, unrolled): the H200's default tiles at one row of x
-TILES = {"qkv": (2, 64, 1, True), "o": (2, 64, 1, True), "gate_up": (4, 32, 1, True), "down": (2, 32, 2, False)}
+# Llama-3-8B's decode projections (N, K), [gate | up] fused as the model runs it
+PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+H200_SMS = 132
 SIZE_ARGS = ("N", "num_groups", "groups_per_split", "stride_xm", "stride_qn", "stride_sn", "stride_om", "stride_hn")
 
 
+def h200_plan(proj: str, fmt: str) -> gguf_gemv_plan.GemvPlan:
+    """The plan the GEMV takes for one row of x on an H200 (no GPU here: its SM count is given)."""
+    n, k = PROJECTIONS[proj]
+    gguf_gemv_plan.num_sms = lambda device: H200_SMS      # this process only compiles, for an H200
+    packed = SimpleNamespace(shape=(n, k), bits=4, qtype=fmt)
+    return gguf_gemv_plan.plan_gemv(1, packed, torch.device("cuda"), None, x_int8=True)
+
+
 def compile_projection(proj: str, fmt: str, overrides: dict):
-    n, k = SHAPES[proj]
-    rows, groups, split_k, unrolled = TILES[proj]
-    num_groups = k // 32
+    plan = h200_plan(proj, fmt)
+    unrolled = plan.unrolled_tiles(gguf_gemv_plan.MAX_UNROLLED_TILES) if plan.config.unroll else 0
     is_q4k = fmt == "Q4_K"
     normed = proj in ("qkv", "gate_up")           # x from the RMSNorm that writes int8 x: its 1/rms here
-    constexprs = dict(ZERO_POINT=0 if is_q4k else 8, HAS_MIN=is_q4k, HAS_BIAS=False, M=1, BLOCK_N=rows,
-                      GROUPS=groups, SPLIT_K=split_k, EVEN_K=True, BF16_ASM=0, X8=True, DP4A=True,
-                      NUM_PARTS=4 if normed else 0, PARTS=4 if normed else 1, GATED=proj == "gate_up", PDL=True,
-                      PREFETCH=True, SIX_BIT=False, SUPER=False, PAIRED=is_q4k,
-                      TILES=num_groups // split_k // groups if unrolled else 0, STREAM=True) | overrides
-    out_type = "*bf16" if split_k == 1 else "*fp32"
+    constexprs = dict(ZERO_POINT=0 if is_q4k else 8, HAS_MIN=is_q4k, HAS_BIAS=False, M=1,
+                      BLOCK_N=plan.config.block_n, GROUPS=plan.groups, SPLIT_K=plan.split_k, EVEN_K=plan.even_k,
+                      BF16_ASM=0, X8=True, DP4A=True, NUM_PARTS=4 if normed else 0, PARTS=4 if normed else 1,
+                      GATED=proj == "gate_up", PDL=True, PREFETCH=True, SIX_BIT=False, SUPER=False, PAIRED=is_q4k,
+                      TILES=unrolled, STREAM=True) | overrides
+    out_type = "*bf16" if plan.split_k == 1 else "*fp32"
     types = dict(x_ptr="*i32", x2_ptr="*i64", q_ptr="*i32", s_ptr="*i32" if is_q4k else "*fp16", m_ptr="*fp16",
                  bias_ptr="*bf16", out_ptr=out_type, partial_ptr=out_type, sumsq_ptr="*fp32", h_ptr="*i32",
                  eps="fp32", prefetch_programs="i32", one="i32") | {name: "i32" for name in SIZE_ARGS}
@@ -58,7 +68,7 @@ def compile_projection(proj: str, fmt: str, overrides: dict):
     src = ASTSource(fn=kernel, signature={name: types.get(name, "constexpr") for name in names},
                     constexprs={(names.index(key),): value for key, value in constexprs.items()},
                     attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
-    options = dict(num_warps=1, num_stages=1)
+    options = dict(num_warps=plan.config.num_warps, num_stages=1)
     if os.environ.get("MAXNREG"):
         options["maxnreg"] = int(os.environ["MAXNREG"])
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
@@ -82,8 +92,8 @@ def sass(compiled) -> tuple[list[str], str]:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in SHAPES:
-        raise SystemExit(f"usage: bench/sass_gemv.py {{{','.join(SHAPES)}}} [Q4_0|Q4_K] [CONSTEXPR=JSON ...]")
+    if len(sys.argv) < 2 or sys.argv[1] not in PROJECTIONS:
+        raise SystemExit(f"usage: bench/sass_gemv.py {{{','.join(PROJECTIONS)}}} [Q4_0|Q4_K] [CONSTEXPR=JSON ...]")
     fmt = sys.argv[2] if len(sys.argv) > 2 and "=" not in sys.argv[2] else "Q4_0"
     overrides = {key: json.loads(value) for key, value in (a.split("=", 1) for a in sys.argv[2:] if "=" in a)}
     lines, usage = sass(compile_projection(sys.argv[1], fmt, overrides))
