@@ -114,13 +114,13 @@ def _q4_gemv_kernel(
     if TILES > 0:
         for t in tl.static_range(TILES):
             tot0, tot1, tot2, tot3 = _tile_step(
-                tot0, tot1, tot2, tot3, g_start + t * GROUPS + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
+                tot0, tot1, tot2, tot3, g_start + t * GROUPS, g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
                 rows64, row_zero, stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M, EVEN_K,
                 ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED, STREAM)
     else:
         for g0 in range(g_start, g_end, GROUPS):
             tot0, tot1, tot2, tot3 = _tile_step(
-                tot0, tot1, tot2, tot3, g0 + g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
+                tot0, tot1, tot2, tot3, g0, g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr,
                 rows64, row_zero, stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M, EVEN_K,
                 ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A, SIX_BIT, SUPER, PAIRED, STREAM)
 
@@ -131,19 +131,22 @@ def _q4_gemv_kernel(
 
 
 @triton.jit
-def _tile_step(tot0, tot1, tot2, tot3, gs, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr, rows64, row_zero,
+def _tile_step(tot0, tot1, tot2, tot3, g0, g, g_end, x_ptr, x2_ptr, q_ptr, s_ptr, m_ptr, h_ptr, rows64, row_zero,
                stride_qn, stride_sn, stride_hn, stride_xm, num_groups, one, M: tl.constexpr, EVEN_K: tl.constexpr,
                ZERO_POINT: tl.constexpr, HAS_MIN: tl.constexpr, BF16_ASM: tl.constexpr, X8: tl.constexpr,
                DP4A: tl.constexpr, SIX_BIT: tl.constexpr, SUPER: tl.constexpr, PAIRED: tl.constexpr,
                STREAM: tl.constexpr):
-    """One tile (groups gs of the program's rows) added to the accumulators."""
+    """One tile (groups gs = g0 + g of the program's rows) added to the accumulators."""
+    gs = g0 + g
     g_mask = (gs < g_end)[None, :]
     if SIX_BIT:
         return gguf_gemv_x8_triton.six_bit_tile(
             tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
-            one, x_ptr, x2_ptr, row_zero, stride_xm, num_groups, M, EVEN_K, DP4A, STREAM)
+            one, x_ptr, x2_ptr, stride_xm, num_groups, M, EVEN_K, DP4A, STREAM, g0)
+    # int8 x: lane-major tiles (`load_words4`), a thread's x loaded once for all its rows
     words0, words1, words2, words3, scale, low = q4_word_dot_triton.load_tile(
-        q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER, PAIRED, STREAM)
+        q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, gs, g_mask, one, 1, EVEN_K, HAS_MIN, SUPER, PAIRED, STREAM,
+        X8, g0)
     return _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs,
                     g_mask, stride_xm, num_groups, one, M, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
 
@@ -160,7 +163,7 @@ def _q4_tile(tot0, tot1, tot2, tot3, words0, words1, words2, words3, scale, low,
         # less and do not cancel against the min term); the rest of (q − zero_point)·scale + min
         # is a per-group constant times Σx: (min + (8 − zero_point)·scale)
         low = low + (8 - ZERO_POINT) * scale
-    x_mask = g_mask & (row_zero == 0)
+    x_mask = g_mask if X8 else g_mask & (row_zero == 0)      # int8 x: [1, GROUPS], else the tile's shape
     tot0 += _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero, gs, x_mask, 0,
                     stride_xm, num_groups, one, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM, X8, DP4A)
     if M > 1:
@@ -189,8 +192,8 @@ def _q4_row(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero,
             BF16_ASM: tl.constexpr, X8: tl.constexpr, DP4A: tl.constexpr):
     """Row mi of x against the tile: [BLOCK_N, GROUPS] fp32, scaled, with the min term."""
     if X8:
-        return gguf_gemv_x8_triton.row_part(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, row_zero,
-                                            gs, x_mask, mi, stride_xm, num_groups, one, EVEN_K, DP4A)
+        return gguf_gemv_x8_triton.row_part(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, gs, x_mask, mi,
+                                            stride_xm, num_groups, one, EVEN_K, DP4A)
     group_x = row_zero + gs[None, :] * 32           # [BN, G]: first element of each group
     return q4_word_dot_triton.row_part(words0, words1, words2, words3, scale, low, x_ptr, x2_ptr, group_x, x_mask,
                                        mi, stride_xm, EVEN_K, ZERO_POINT, HAS_MIN, BF16_ASM)
@@ -237,7 +240,7 @@ def _launch(xm: torch.Tensor | XInt8, packed: PackedGGUF, bias: torch.Tensor | N
               bias if bias is not None else om, om, partial)
     shape = (n, plan.num_groups, plan.groups_per_split, 1)
     strides = (qweight32.stride(0), s_arg.stride(0), om.stride(0))
-    high = packed.qhigh.view(torch.int32) if six_bit else qweight32
+    high = packed.qhigh.view(torch.int64) if six_bit else qweight32     # 6-bit: a lane's 2 words of top bits
     flags = dict(HAS_MIN=packed.has_min, HAS_BIAS=bias is not None, M=xm.shape[0],
                  BLOCK_N=config.block_n, SPLIT_K=plan.split_k, EVEN_K=plan.even_k, GATED=gated)
     if plan.x_int8:

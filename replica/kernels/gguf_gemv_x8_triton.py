@@ -21,7 +21,10 @@ i.e. exactly W times x rounded (x̂ = dx · x8): the only error is x's rounding,
 the same for every type (Q4_K's min term uses the same x̂, so it cancels as it should).
 
 The GEMV keeps the bf16 kernel's lanes, split-K and gated epilogue, with this module's
-`row_part` for the products. Its default tiles differ: programs of one warp, one lane a thread,
+`row_part` for the products. Its tiles are lane-major (`q4_word_dot_triton.load_words4` with
+LANE_MAJOR): a thread holds one group of every row of its tile and loads that group's x once
+(row-major tiles loaded it once a row: W2 Q4_0 609 → 637 tok/s, bench/NOTES.md "x loaded once a
+thread"). Its default tiles differ: programs of one warp, one lane a thread,
 each taking a 4,096-column row whole with its tiles unrolled (`gguf_gemv_plan.choose_gemv_config`;
 W2 Q4_0 469 tok/s against 427 with 4 warps over 4 rows x 64 groups, then 597 against 565 with
 the tiles unrolled). x is rounded by `quantize_x` (~1.5 us at one row) only before
@@ -122,13 +125,14 @@ def _word_dot_emulated(word, a, b):
 
 
 @triton.jit
-def _load_x8_lane(xq_ptr, ds_ptr, row_zero, gs, x_mask, mi, stride_xq, num_groups, one, EVEN_K: tl.constexpr):
-    """Row mi of x8 at the tile's groups: group g is int32 words 8g .. 8g + 7 of its row, two
-    16-byte loads split into the 8 words (A, B per weight word), and its (dx, xsum) as one int64
-    (ds_ptr: int64), its group index through `one` as the scales' (the words' layout)."""
+def _load_x8_lane(xq_ptr, ds_ptr, gs, x_mask, mi, stride_xq, num_groups, one, EVEN_K: tl.constexpr):
+    """Row mi of x8 at the tile's groups, [1, LANES] each: group g is int32 words 8g .. 8g + 7 of its
+    row, two 16-byte loads split into the 8 words (A, B per weight word), and its (dx, xsum) as one
+    int64 (ds_ptr: int64), its group index through `one` as the scales'. Loaded once a thread: with
+    the lane-major tiles (`q4_word_dot_triton.load_words4`) a thread holds one lane of every row."""
     k4 = tl.arange(0, 4)
-    px = xq_ptr + mi * stride_xq + (row_zero + gs[None, :] * 8)[:, :, None] + k4[None, None, :]
-    x_offs = mi * num_groups + row_zero + (gs * one)[None, :]
+    px = xq_ptr + mi * stride_xq + (gs * 8)[None, :, None] + k4[None, None, :]      # [1, LANES, 4]
+    x_offs = mi * num_groups + (gs * one)[None, :]
     if EVEN_K:
         xa = tl.load(px)
         xb = tl.load(px + 4)
@@ -143,11 +147,11 @@ def _load_x8_lane(xq_ptr, ds_ptr, row_zero, gs, x_mask, mi, stride_xq, num_group
 
 
 @triton.jit
-def row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
-              stride_xq, num_groups, one, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
-    """Row mi of x8 against the tile's groups → [BLOCK_N, GROUPS] fp32."""
-    a0, b0, a1, b1, a2, b2, a3, b3, ds = _load_x8_lane(xq_ptr, ds_ptr, row_zero, gs, x_mask, mi, stride_xq,
-                                                        num_groups, one, EVEN_K)
+def row_part(w0, w1, w2, w3, scale, low, xq_ptr, ds_ptr, gs, x_mask, mi, stride_xq, num_groups, one,
+             EVEN_K: tl.constexpr, DP4A: tl.constexpr):
+    """Row mi of x8 against the tile's groups → [BLOCK_N, GROUPS] fp32 (x_mask: [1, GROUPS])."""
+    a0, b0, a1, b1, a2, b2, a3, b3, ds = _load_x8_lane(xq_ptr, ds_ptr, gs, x_mask, mi, stride_xq, num_groups, one,
+                                                        EVEN_K)
     dx = ds.to(tl.int32).to(tl.float32, bitcast=True)               # low half: dx
     xsum = (ds >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     if DP4A:
@@ -222,11 +226,11 @@ def _half_scales(pair):
 
 
 @triton.jit
-def _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask, mi,
+def _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, gs, x_mask, mi,
                  stride_xq, num_groups, one, EVEN_K: tl.constexpr, DP4A: tl.constexpr):
     """Row mi of x8 against the tile's 6-bit lanes → [BLOCK_N, GROUPS] fp32."""
-    a0, b0, a1, b1, a2, b2, a3, b3, ds = _load_x8_lane(xq_ptr, ds_ptr, row_zero, gs, x_mask, mi, stride_xq,
-                                                        num_groups, one, EVEN_K)
+    a0, b0, a1, b1, a2, b2, a3, b3, ds = _load_x8_lane(xq_ptr, ds_ptr, gs, x_mask, mi, stride_xq, num_groups, one,
+                                                        EVEN_K)
     dx = ds.to(tl.int32).to(tl.float32, bitcast=True)
     if DP4A:
         dot_a = tl.inline_asm_elementwise(_DOT_SIX_HALF, "=r,r,r,r,r,r,r,r", [w0, w1, high0, a0, b0, a1, b1],
@@ -241,40 +245,44 @@ def _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr,
 
 @triton.jit
 def six_bit_tile(tot0, tot1, tot2, tot3, q_ptr, h_ptr, s_ptr, rows64, stride_qn, stride_hn, stride_sn, gs, g_mask,
-                 one, xq_ptr, ds_ptr, row_zero, stride_xq, num_groups, M: tl.constexpr, EVEN_K: tl.constexpr,
-                 DP4A: tl.constexpr, STREAM: tl.constexpr = False):
-    """A 6-bit GEMV tile: each lane's 4 words of low nibbles (one 16-byte load), its 2 words of top
-    bits (one 8-byte load, h_ptr int32 [N, K/16]) and its two scales (one 4-byte load, s_ptr the
-    fp16 scales seen as int32 [N, K/32]), times each row of x8, added to the accumulators."""
-    w0, w1, w2, w3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask, EVEN_K, STREAM)
-    h_offs = rows64[:, None, None] * stride_hn + (gs * 2)[None, :, None] + tl.arange(0, 2)[None, None, :]
-    s_offs = rows64[:, None] * stride_sn + (gs * one)[None, :]
+                 one, xq_ptr, ds_ptr, stride_xq, num_groups, M: tl.constexpr, EVEN_K: tl.constexpr,
+                 DP4A: tl.constexpr, STREAM: tl.constexpr, g0):
+    """A 6-bit GEMV tile (lanes gs = g0 + tl.arange): each lane's 4 words of low nibbles (one 16-byte
+    load), its 2 words of top bits (one 8-byte load, h_ptr int64 [N, K/32]) and its two scales (one
+    4-byte load, s_ptr the fp16 scales seen as int32 [N, K/32]), times each row of x8, added to the
+    accumulators. Lane-major, as `q4_word_dot_triton.load_tile` with LANE_MAJOR: the codes as a
+    contiguous run along the lanes, the top bits and scales contiguous but unaligned (`one - 1`)."""
+    w0, w1, w2, w3 = q4_word_dot_triton.load_words4(q_ptr, rows64, stride_qn, gs, g_mask, EVEN_K, STREAM, True, g0)
+    offs = rows64[:, None] * stride_sn + (gs + (one - 1))[None, :]
+    h_offs = rows64[:, None] * stride_hn + (gs + (one - 1))[None, :]
     if EVEN_K:
-        high0, high1 = tl.split(tl.load(h_ptr + h_offs))
-        pair = tl.load(s_ptr + s_offs)
+        high = tl.load(h_ptr + h_offs)
+        pair = tl.load(s_ptr + offs)
     else:
-        high0, high1 = tl.split(tl.load(h_ptr + h_offs, mask=g_mask[:, :, None], other=0))
-        pair = tl.load(s_ptr + s_offs, mask=g_mask, other=0)
+        high = tl.load(h_ptr + h_offs, mask=g_mask, other=0)
+        pair = tl.load(s_ptr + offs, mask=g_mask, other=0)
+    high0 = high.to(tl.int32)                  # the low word (truncation keeps its bits)
+    high1 = (high >> 32).to(tl.int32)
     scale_a, scale_b = _half_scales(pair)
-    x_mask = g_mask & (row_zero == 0)
-    tot0 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask, 0,
+    tot0 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, gs, g_mask, 0,
                          stride_xq, num_groups, one, EVEN_K, DP4A)
     if M > 1:
-        tot1 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask,
-                             1, stride_xq, num_groups, one, EVEN_K, DP4A)
+        tot1 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, gs, g_mask, 1,
+                             stride_xq, num_groups, one, EVEN_K, DP4A)
     if M > 2:
-        tot2 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask,
-                             2, stride_xq, num_groups, one, EVEN_K, DP4A)
+        tot2 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, gs, g_mask, 2,
+                             stride_xq, num_groups, one, EVEN_K, DP4A)
     if M > 3:
-        tot3 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, row_zero, gs, x_mask,
-                             3, stride_xq, num_groups, one, EVEN_K, DP4A)
+        tot3 += _six_bit_row(w0, w1, w2, w3, high0, high1, scale_a, scale_b, xq_ptr, ds_ptr, gs, g_mask, 3,
+                             stride_xq, num_groups, one, EVEN_K, DP4A)
     return tot0, tot1, tot2, tot3
 
 
 @triton.jit
 def prefetch_high(h_ptr, rows64, stride_hn, start, end, LANES: tl.constexpr):
-    """The 6-bit lanes' top-bit words of [start, end), into L2 (as `prefetch_packed` does the rest)."""
+    """The 6-bit lanes' top bits (h_ptr int64, a lane's two words) of [start, end), into L2 (as
+    `prefetch_packed` does the rest)."""
     lane = tl.arange(0, LANES)
     for l0 in range(start, end, LANES):
         lanes = tl.minimum(l0 + lane, end - 1)
-        pdl.prefetch_l2(h_ptr + rows64[:, None] * stride_hn + (lanes * 2)[None, :])
+        pdl.prefetch_l2(h_ptr + rows64[:, None] * stride_hn + lanes[None, :])

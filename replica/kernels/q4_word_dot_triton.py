@@ -130,13 +130,32 @@ def prefetch_packed(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, start, en
 
 
 @triton.jit
-def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.constexpr, STREAM: tl.constexpr = False):
+def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.constexpr, STREAM: tl.constexpr = False,
+                LANE_MAJOR: tl.constexpr = False, lane0=0):
     """Each lane's 16 bytes of its row (int32 words 4·lane .. 4·lane + 3) in one load, split
     into its 4 words in registers: 4 × [BLOCK_N, LANES] int32. STREAM: the codes are read once a
-    step, so they are evicted first from L1 and L2."""
+    step, so they are evicted first from L1 and L2.
+
+    Which thread holds which (row, lane) is the compiler's choice, made for each load from its
+    addresses' contiguity. Built [BLOCK_N, LANES, 4], rows and lanes are equally non-contiguous, and
+    Triton breaks the tie by dimension order (3.6 gave rows threads first: a thread held one row of
+    several lanes). LANE_MAJOR builds the load [BLOCK_N, LANES·4], a contiguous run along the lanes
+    (lanes are contiguous when lane_idx is, as the GEMVs' are), so in any version the threads go
+    along the lanes, 16 bytes each, and a thread holds one lane of every row: what x needs once.
+    LANE_MAJOR takes the lanes as lane0 + tl.arange (lane0 a scalar; lane_idx is that tensor)."""
+    policy: tl.constexpr = "evict_first" if STREAM else ""
+    if LANE_MAJOR:
+        words = tl.arange(0, 4 * lane_idx.shape[0])
+        offs = rows64[:, None] * stride_qn + (lane0 * 4 + words)[None, :]
+        if EVEN_K:
+            flat = tl.load(q_ptr + offs, eviction_policy=policy)
+        else:
+            word_mask = (tl.reshape(tl.broadcast_to(lane_mask[:, :, None], [lane_mask.shape[0], lane_mask.shape[1], 4]),
+                                    [lane_mask.shape[0], 4 * lane_mask.shape[1]]))
+            flat = tl.load(q_ptr + offs, mask=word_mask, other=0, eviction_policy=policy)
+        return split4(tl.reshape(flat, [rows64.shape[0], lane_idx.shape[0], 4]))
     w = tl.arange(0, 4)
     offs = rows64[:, None, None] * stride_qn + (lane_idx * 4)[None, :, None] + w[None, None, :]
-    policy: tl.constexpr = "evict_first" if STREAM else ""
     if EVEN_K:
         words4 = tl.load(q_ptr + offs, eviction_policy=policy)
     else:
@@ -147,12 +166,21 @@ def load_words4(q_ptr, rows64, stride_qn, lane_idx, lane_mask, EVEN_K: tl.conste
 @triton.jit
 def load_tile(q_ptr, s_ptr, m_ptr, rows64, stride_qn, stride_sn, lanes, lane_mask, one,
               LANES_PER_SCALE: tl.constexpr, EVEN_K: tl.constexpr, HAS_MIN: tl.constexpr,
-              SUPER: tl.constexpr = False, PAIRED: tl.constexpr = False, STREAM: tl.constexpr = False):
+              SUPER: tl.constexpr = False, PAIRED: tl.constexpr = False, STREAM: tl.constexpr = False,
+              LANE_MAJOR: tl.constexpr = False, lane0=0):
     """A GEMV tile: each lane's 16 bytes of codes of each row (4 words, one load) and its group's
     scale and min. The scales' column goes through `one` (a runtime 1) so that the compiler does
-    not vectorise them across lanes, which would give them another layout than the words'."""
-    words0, words1, words2, words3 = load_words4(q_ptr, rows64, stride_qn, lanes, lane_mask, EVEN_K, STREAM)
-    s_offs = rows64[:, None] * stride_sn + ((lanes * one) // LANES_PER_SCALE)[None, :]
+    not vectorise them across lanes, which would give them another layout than the words'.
+    LANE_MAJOR (`load_words4`; lanes contiguous, one lane a scale): the scales' columns stay
+    contiguous, so that their threads too go along the lanes, but `one - 1` hides their alignment,
+    so that each thread loads one."""
+    words0, words1, words2, words3 = load_words4(q_ptr, rows64, stride_qn, lanes, lane_mask, EVEN_K, STREAM,
+                                                 LANE_MAJOR, lane0)
+    if LANE_MAJOR:
+        tl.static_assert(LANES_PER_SCALE == 1, "lane-major tiles: one scale a lane")
+        s_offs = rows64[:, None] * stride_sn + (lanes + (one - 1))[None, :]
+    else:
+        s_offs = rows64[:, None] * stride_sn + ((lanes * one) // LANES_PER_SCALE)[None, :]
     scale, low = load_scale_min(s_ptr, m_ptr, s_offs, lane_mask, EVEN_K, HAS_MIN, SUPER, PAIRED)
     return words0, words1, words2, words3, scale, low
 
