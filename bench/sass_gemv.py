@@ -15,6 +15,7 @@ shapes on an H200 (132 SMs), as `gguf_gemv_triton._launch` takes them. Checked
 against the H200: ncu's SASS of an eager qkv launch there (no PDL; bench/results/ncu-decode-q4_0-
 qkv-sass-*.csv) has 434 instructions besides NOPs and this script's with PDL=false PREFETCH=false and
 Triton 3.6 has 432, with the same interleaving of code loads and products; Triton 3.9 differs more.
+(That was before the tiles became lane-major; bench/NOTES.md, "x loaded once a thread".)
 """
 import json
 import os
