@@ -1,11 +1,12 @@
-"""The 4-bit decode GEMV (`gguf_gemv_triton._q4_gemv_kernel`, int8 x) compiled offline for sm_90 with
-one 8B projection's specialisation, as the GPU's JIT would specialise it (16-divisible pointers and
+"""The 4-bit decode GEMV (`gguf_gemv_triton._q4_gemv_kernel`, int8 x; at 6 bits for the Q6_K output
+head) compiled offline for sm_90 with one 8B projection's specialisation, as the GPU's JIT would specialise it (16-divisible pointers and
 sizes), and its SASS printed: no GPU needed, so a change to the kernel's instruction stream can be
 looked at before a device run. Prints the SASS, then a summary (registers, instructions, loads) to
 stderr.
 
     python bench/sass_gemv.py qkv                          # Q4_0's qkv_proj, the default tile
     python bench/sass_gemv.py gate_up Q4_K STREAM=false    # any constexpr overridden (JSON values)
+    python bench/sass_gemv.py head                         # the Q6_K head (6-bit lanes)
     PYTHONPATH=/tmp/t36:. python bench/sass_gemv.py down   # another Triton (pip install --target),
                                                            # e.g. the GPU machine's 3.6
     MAXNREG=56 python bench/sass_gemv.py gate_up           # ptxas's register cap (spills show as LDL/STL)
@@ -35,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from replica.kernels import gguf_gemv_plan, gguf_gemv_triton  # noqa: E402
 
-# Llama-3-8B's decode projections (N, K), [gate | up] fused as the model runs it
-PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# Llama-3-8B's decode projections (N, K), [gate | up] fused as the model runs it; "head": the output
+# head, Q6_K (llama.cpp keeps it so in every format here), the same kernel at 6 bits
+PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+               "head": (128256, 4096)}
 H200_SMS = 132
 SIZE_ARGS = ("N", "num_groups", "groups_per_split", "stride_xm", "stride_qn", "stride_sn", "stride_om", "stride_hn")
 
@@ -45,23 +48,25 @@ def h200_plan(proj: str, fmt: str) -> gguf_gemv_plan.GemvPlan:
     """The plan the GEMV takes for one row of x on an H200 (no GPU here: its SM count is given)."""
     n, k = PROJECTIONS[proj]
     gguf_gemv_plan.num_sms = lambda device: H200_SMS      # this process only compiles, for an H200
-    packed = SimpleNamespace(shape=(n, k), bits=4, qtype=fmt)
+    packed = SimpleNamespace(shape=(n, k), bits=6 if proj == "head" else 4, qtype="Q6_K" if proj == "head" else fmt)
     return gguf_gemv_plan.plan_gemv(1, packed, torch.device("cuda"), None, x_int8=True)
 
 
 def compile_projection(proj: str, fmt: str, overrides: dict):
     plan = h200_plan(proj, fmt)
     unrolled = plan.unrolled_tiles(gguf_gemv_plan.MAX_UNROLLED_TILES) if plan.config.unroll else 0
-    is_q4k = fmt == "Q4_K"
+    six_bit = proj == "head"
+    is_q4k = fmt == "Q4_K" and not six_bit
     normed = proj in ("qkv", "gate_up")           # x from the RMSNorm that writes int8 x: its 1/rms here
-    constexprs = dict(ZERO_POINT=0 if is_q4k else 8, HAS_MIN=is_q4k, HAS_BIAS=False, M=1,
+    constexprs = dict(ZERO_POINT=32 if six_bit else 0 if is_q4k else 8, HAS_MIN=is_q4k, HAS_BIAS=False, M=1,
                       BLOCK_N=plan.config.block_n, GROUPS=plan.groups, SPLIT_K=plan.split_k, EVEN_K=plan.even_k,
                       BF16_ASM=0, X8=True, DP4A=True, NUM_PARTS=4 if normed else 0, PARTS=4 if normed else 1,
-                      GATED=proj == "gate_up", PDL=True, PREFETCH=True, SIX_BIT=False, SUPER=False, PAIRED=is_q4k,
-                      TILES=unrolled, STREAM=True) | overrides
+                      GATED=proj == "gate_up", PDL=True, PREFETCH=True, SIX_BIT=six_bit, SUPER=False, PAIRED=is_q4k,
+                      TILES=unrolled, STREAM=gguf_gemv_triton.STREAM_SIX_BIT if six_bit else True) | overrides
     out_type = "*bf16" if plan.split_k == 1 else "*fp32"
-    types = dict(x_ptr="*i32", x2_ptr="*i64", q_ptr="*i32", s_ptr="*i32" if is_q4k else "*fp16", m_ptr="*fp16",
-                 bias_ptr="*bf16", out_ptr=out_type, partial_ptr=out_type, sumsq_ptr="*fp32", h_ptr="*i32",
+    types = dict(x_ptr="*i32", x2_ptr="*i64", q_ptr="*i32", s_ptr="*i32" if is_q4k or six_bit else "*fp16",
+                 m_ptr="*fp16", bias_ptr="*bf16", out_ptr=out_type, partial_ptr=out_type, sumsq_ptr="*fp32",
+                 h_ptr="*i64" if six_bit else "*i32",
                  eps="fp32", prefetch_programs="i32", one="i32") | {name: "i32" for name in SIZE_ARGS}
     kernel = gguf_gemv_triton._q4_gemv_kernel
     names = kernel.arg_names
@@ -98,12 +103,13 @@ def main() -> None:
     fmt = sys.argv[2] if len(sys.argv) > 2 and "=" not in sys.argv[2] else "Q4_0"
     overrides = {key: json.loads(value) for key, value in (a.split("=", 1) for a in sys.argv[2:] if "=" in a)}
     lines, usage = sass(compile_projection(sys.argv[1], fmt, overrides))
+    fmt = "Q6_K" if sys.argv[1] == "head" else fmt
     print("\n".join(lines))
     real = [line for line in lines if not line.startswith("NOP")]
     first_product = next((i for i, line in enumerate(real) if line.startswith("IDP")), len(real))
     codes = [i for i, line in enumerate(real) if line.startswith("LDG.E.EF")]
     print(f"triton {triton.__version__}, {sys.argv[1]} {fmt}: {usage}; {len(real)} instructions, "
-          f"{sum(line.startswith('IDP') for line in real)} dp4a, {len(codes)} code loads, "
+          f"{sum(line.startswith('IDP') for line in real)} dp4a, {len(codes)} evict-first code loads, "
           f"{sum(i < first_product for i in codes)} of them before the first dp4a", file=sys.stderr)
 
 
