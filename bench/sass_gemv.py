@@ -1,8 +1,8 @@
 """The 4-bit decode GEMV (`gguf_gemv_triton._q4_gemv_kernel`, int8 x; at 6 bits for the Q6_K output
-head) compiled offline for sm_90 with one 8B projection's specialisation, as the GPU's JIT would specialise it (16-divisible pointers and
-sizes), and its SASS printed: no GPU needed, so a change to the kernel's instruction stream can be
-looked at before a device run. Prints the SASS, then a summary (registers, instructions, loads) to
-stderr.
+head) compiled offline for sm_90 with one 8B projection's specialisation, as the GPU's JIT would
+specialise it (16-divisible pointers and sizes), and its SASS printed: no GPU needed, so a change
+to the kernel's instruction stream can be looked at before a device run. Prints the SASS, then a
+summary (registers, instructions, loads) to stderr.
 
     python bench/sass_gemv.py qkv                          # Q4_0's qkv_proj, the default tile
     python bench/sass_gemv.py gate_up Q4_K STREAM=false    # any constexpr overridden (JSON values)
